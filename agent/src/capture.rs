@@ -1,0 +1,63 @@
+//! Keeps the capture maps equal to the policy in force: enrolled pods (by pod cgroup id) and
+//! captured service addresses.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use aviary_abi::SockAddr;
+use tracing::{info, warn};
+
+use crate::{cgroup::PodCgroups, ebpf::maps::CaptureTable, state::SnapshotRx};
+
+/// Pods enrolled before their cgroup exists are looked for again this often.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+pub async fn run(mut snapshots: SnapshotRx, mut table: CaptureTable, mut cgroups: PodCgroups) {
+    let mut waiting_for_cgroup = BTreeSet::new();
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = retry.tick(), if !waiting_for_cgroup.is_empty() => {},
+        }
+        let snapshot = snapshots.borrow_and_update().clone();
+        if snapshot.generation == 0 {
+            continue;
+        }
+        let mut pods = BTreeSet::new();
+        let mut missing = BTreeSet::new();
+        for pod in snapshot.policy.enrolled.values() {
+            match cgroups.id_of(&pod.uid) {
+                Some(id) => {
+                    pods.insert(id);
+                }
+                None => {
+                    if !waiting_for_cgroup.contains(&pod.uid) {
+                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), uid = %pod.uid, "enrolled pod has no cgroup yet; it is captured once it starts");
+                    }
+                    missing.insert(pod.uid.clone());
+                }
+            }
+        }
+        waiting_for_cgroup = missing;
+        let services: BTreeSet<SockAddr> = snapshot
+            .policy
+            .captured
+            .iter()
+            .map(|&addr| addr.into())
+            .collect();
+        match table.sync(&pods, &services) {
+            Ok(changes) if !changes.is_empty() => info!(
+                generation = snapshot.generation,
+                pods_added = changes.pods_added,
+                pods_removed = changes.pods_removed,
+                services_added = changes.services_added,
+                services_removed = changes.services_removed,
+                "capture maps updated"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "updating the capture maps failed; retrying")
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Flags and environment, turned into a [`Config`].
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
+
+use clap::{Parser, ValueEnum};
+
+/// The socket mark on the proxy's own upstream sockets. Istio and ztunnel use 1337 (0x539) for
+/// the same purpose; Aviary uses its own value so the two never take each other's traffic.
+pub const DEFAULT_PROXY_MARK: u32 = 0xa71a;
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "aviary-agent",
+    version,
+    about = "Aviary: sidecarless eBPF service-mesh agent"
+)]
+pub struct Args {
+    /// Read policy (Namespaces, Pods, Services) from Kubernetes YAML in this file or directory
+    /// instead of the API server; reloads on change.
+    #[arg(long, env = "AVIARY_LOCAL")]
+    pub local: Option<PathBuf>,
+
+    /// This node's name: only pods scheduled here are enrolled. In local mode, leave it unset to
+    /// treat every pod in the files as local.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// The cgroup v2 directory that holds the node's pod cgroups (the kubelet's kubepods root).
+    /// The capture programs are attached here.
+    #[arg(
+        long,
+        env = "AVIARY_CGROUP_ROOT",
+        default_value = "/sys/fs/cgroup/unified/kubepods"
+    )]
+    pub cgroup_root: PathBuf,
+
+    /// The bpf filesystem; mounted if nothing is mounted there.
+    #[arg(long, env = "AVIARY_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+
+    /// Directory name under the bpf filesystem for Aviary's pinned maps and links.
+    #[arg(long, env = "AVIARY_PIN_NAME", default_value = "aviary")]
+    pub pin_name: String,
+
+    /// The IPv4 address at which pods reach this node's proxy (the node's address).
+    #[arg(long, env = "AVIARY_PROXY_IP")]
+    pub proxy_ip: Ipv4Addr,
+
+    /// The IPv6 address at which pods reach the proxy; without it only IPv4 services (and
+    /// v4-mapped connects) are captured.
+    #[arg(long, env = "AVIARY_PROXY_IP6")]
+    pub proxy_ip6: Option<Ipv6Addr>,
+
+    /// Port of the outbound proxy listener.
+    #[arg(long, env = "AVIARY_OUTBOUND_PORT", default_value_t = DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    /// Socket mark of the proxy's upstream sockets (decimal or 0x-hex).
+    #[arg(long, env = "AVIARY_PROXY_MARK", value_parser = parse_mark, default_value = "0xa71a")]
+    pub proxy_mark: u32,
+
+    /// Socket-to-socket fast path (sk_msg) for pod<->proxy traffic.
+    #[arg(long, env = "AVIARY_SK_MSG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sk_msg: bool,
+
+    /// Log format.
+    #[arg(long, env = "AVIARY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("the mark must not be 0: unmarked sockets would count as the proxy's".into()),
+        Ok(mark) => Ok(mark),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+/// Where policy comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    Local(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub policy: PolicySource,
+    pub node_name: Option<String>,
+    pub cgroup_root: PathBuf,
+    pub bpffs: PathBuf,
+    pub pin_dir: PathBuf,
+    pub proxy_v4: Ipv4Addr,
+    pub proxy_v6: Option<Ipv6Addr>,
+    pub outbound_port: u16,
+    pub proxy_mark: u32,
+    pub sk_msg: bool,
+    pub log_format: LogFormat,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = anyhow::Error;
+
+    fn try_from(args: Args) -> anyhow::Result<Self> {
+        let policy = match args.local {
+            Some(path) => PolicySource::Local(path),
+            None => anyhow::bail!(
+                "no policy source: pass --local PATH (Kubernetes YAML); the API server source is \
+                 not built yet"
+            ),
+        };
+        if args.pin_name.is_empty() || args.pin_name.contains('/') {
+            anyhow::bail!(
+                "--pin-name must be a single directory name, got {:?}",
+                args.pin_name
+            );
+        }
+        Ok(Self {
+            policy,
+            node_name: args.node_name,
+            cgroup_root: args.cgroup_root,
+            pin_dir: args.bpffs.join(&args.pin_name),
+            bpffs: args.bpffs,
+            proxy_v4: args.proxy_ip,
+            proxy_v6: args.proxy_ip6,
+            outbound_port: args.outbound_port,
+            proxy_mark: args.proxy_mark,
+            sk_msg: args.sk_msg,
+            log_format: args.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Config> {
+        Config::try_from(Args::try_parse_from([&["aviary-agent"], args].concat())?)
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = parse(&["--local", "p.yaml", "--proxy-ip", "10.0.0.1"]).unwrap();
+        assert_eq!(cfg.policy, PolicySource::Local("p.yaml".into()));
+        assert_eq!(cfg.pin_dir, PathBuf::from("/sys/fs/bpf/aviary"));
+        assert_eq!(cfg.outbound_port, 15001);
+        assert_eq!(cfg.proxy_mark, DEFAULT_PROXY_MARK);
+        assert!(cfg.sk_msg);
+    }
+
+    #[test]
+    fn marks_parse_in_hex_and_decimal_but_not_zero() {
+        assert_eq!(parse_mark("0x539"), Ok(1337));
+        assert_eq!(parse_mark("1337"), Ok(1337));
+        assert!(parse_mark("0").is_err());
+        assert!(parse_mark("mark").is_err());
+    }
+
+    #[test]
+    fn sk_msg_can_be_switched_off() {
+        let cfg = parse(&[
+            "--local",
+            "p",
+            "--proxy-ip",
+            "10.0.0.1",
+            "--sk-msg",
+            "false",
+        ])
+        .unwrap();
+        assert!(!cfg.sk_msg);
+    }
+
+    #[test]
+    fn a_policy_source_is_required() {
+        let err = parse(&["--proxy-ip", "10.0.0.1"]).unwrap_err();
+        assert!(err.to_string().contains("--local"), "{err}");
+    }
+
+    #[test]
+    fn pin_name_is_one_directory() {
+        assert!(parse(&[
+            "--local",
+            "p",
+            "--proxy-ip",
+            "10.0.0.1",
+            "--pin-name",
+            "a/b"
+        ])
+        .is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! Aviary's node agent: eBPF capture, the node proxy, and policy from Kubernetes objects.
+#![forbid(unsafe_code)]
+
+pub mod capture;
+pub mod cgroup;
+pub mod config;
+pub mod ebpf;
+pub mod policy;
+pub mod proxy;
+pub mod run;
+pub mod state;

@@ -1,0 +1,44 @@
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use aviary_agent::config::{Args, Config, LogFormat};
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cfg = match Config::try_from(Args::parse()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("aviary-agent: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(cfg.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("aviary-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(aviary_agent::run::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the cause and its remedy, no backtrace.
+            eprintln!("aviary-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AVIARY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,267 @@
+//! Local mode: the same Kubernetes objects, read from YAML files instead of the API server.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{anyhow, Context as _};
+use serde::Deserialize as _;
+use tracing::{debug, warn};
+
+use super::Object;
+
+/// How often files are checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Parses multi-document Kubernetes YAML (or JSON). `kind: List` documents are unpacked; kinds
+/// Aviary does not use are skipped, so a directory of ordinary manifests works as it is.
+pub fn parse_documents(text: &str) -> anyhow::Result<Vec<Object>> {
+    let mut objects = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(document)
+            .with_context(|| format!("document {}", index + 1))?;
+        if !value.is_null() {
+            collect(value, &mut objects).with_context(|| format!("document {}", index + 1))?;
+        }
+    }
+    Ok(objects)
+}
+
+fn collect(value: serde_yaml::Value, out: &mut Vec<Object>) -> anyhow::Result<()> {
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    let object = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let items = value.get("items").cloned().unwrap_or_default();
+            let items: Vec<serde_yaml::Value> =
+                serde_yaml::from_value(items).context("List items")?;
+            return items.into_iter().try_for_each(|item| collect(item, out));
+        }
+        ("v1", "Namespace") => Object::Namespace(Box::new(serde_yaml::from_value(value)?)),
+        ("v1", "Pod") => Object::Pod(Box::new(serde_yaml::from_value(value)?)),
+        ("v1", "Service") => Object::Service(Box::new(serde_yaml::from_value(value)?)),
+        ("", _) | (_, "") => {
+            return Err(anyhow!(
+                "not a Kubernetes object: apiVersion and kind are required"
+            ))
+        }
+        _ => {
+            debug!(%api_version, %kind, "skipping a kind Aviary does not use");
+            return Ok(());
+        }
+    };
+    out.push(object);
+    Ok(())
+}
+
+/// A file or directory of manifests, reread when a file changes. A file that fails to parse
+/// keeps contributing its last good objects until it is fixed.
+pub struct LocalSource {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, LoadedFile>,
+    listed_once: bool,
+}
+
+struct LoadedFile {
+    stamp: (SystemTime, u64),
+    objects: Vec<Object>,
+}
+
+impl LocalSource {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            files: BTreeMap::new(),
+            listed_once: false,
+        }
+    }
+
+    /// Rereads what changed. Returns every object when anything changed (always on the first
+    /// call), None otherwise.
+    pub fn poll(&mut self) -> Option<Vec<Object>> {
+        let mut changed = !self.listed_once;
+        self.listed_once = true;
+        let paths = match manifest_files(&self.root) {
+            Ok(paths) => paths,
+            Err(e) => {
+                warn!(path = %self.root.display(), error = %format!("{e:#}"), "cannot list policy files; keeping the last good policy");
+                return changed.then(|| self.objects());
+            }
+        };
+        let before = self.files.len();
+        self.files.retain(|path, _| paths.contains(path));
+        changed |= self.files.len() != before;
+
+        for path in paths {
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            let stamp = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            match fs::read_to_string(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| parse_documents(&t))
+            {
+                Ok(objects) => {
+                    self.files.insert(path, LoadedFile { stamp, objects });
+                    changed = true;
+                }
+                Err(e) => {
+                    warn!(file = %path.display(), error = %format!("{e:#}"), "policy file rejected; its last good version stays in force");
+                    // Remember the stamp so the same broken contents are not reported again,
+                    // but keep the objects of the last good read.
+                    let objects = self
+                        .files
+                        .remove(&path)
+                        .map(|f| f.objects)
+                        .unwrap_or_default();
+                    self.files.insert(path, LoadedFile { stamp, objects });
+                }
+            }
+        }
+        changed.then(|| self.objects())
+    }
+
+    fn objects(&self) -> Vec<Object> {
+        self.files
+            .values()
+            .flat_map(|f| f.objects.iter().cloned())
+            .collect()
+    }
+}
+
+/// The manifest files at `root`: the file itself, or the .yaml/.yml/.json files below a
+/// directory (hidden files, such as editors' swap files, are skipped), in a stable order.
+fn manifest_files(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let meta = fs::metadata(root).with_context(|| format!("reading {}", root.display()))?;
+    if meta.is_file() {
+        return Ok(vec![root.to_owned()]);
+    }
+    let mut files = Vec::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                dirs.push(path);
+            } else if [".yaml", ".yml", ".json"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+            {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("aviary-local-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn names(objects: &[Object]) -> Vec<String> {
+        objects.iter().map(|o| o.key().to_string()).collect()
+    }
+
+    #[test]
+    fn parses_multi_document_yaml_lists_and_skips_other_kinds() {
+        let text = format!(
+            "{NS}---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\n\
+             apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {{name: s, namespace: shop}}\n"
+        );
+        assert_eq!(
+            names(&parse_documents(&text).unwrap()),
+            ["Namespace/shop", "Service/shop/s"]
+        );
+    }
+
+    #[test]
+    fn broken_documents_are_errors_that_say_where() {
+        let err = parse_documents(&format!("{NS}---\nkind: [unclosed\n")).unwrap_err();
+        assert!(format!("{err:#}").starts_with("document 2"), "{err:#}");
+        let err = parse_documents("metadata: {name: x}\n").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("apiVersion and kind are required"),
+            "{err:#}"
+        );
+        let err = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: 7}\nspec: 3\n")
+            .unwrap_err();
+        assert!(format!("{err:#}").starts_with("document 1"), "{err:#}");
+    }
+
+    #[test]
+    fn reloads_changes_and_keeps_the_last_good_version_of_a_broken_file() {
+        let dir = temp_dir("reload");
+        fs::write(dir.join("ns.yaml"), NS).unwrap();
+        fs::write(dir.join(".ns.yaml.swp"), "garbage").unwrap();
+        let mut source = LocalSource::new(dir.clone());
+        assert_eq!(names(&source.poll().unwrap()), ["Namespace/shop"]);
+        assert!(source.poll().is_none(), "nothing changed");
+
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: shop}\n";
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        fs::write(dir.join("sub/svc.yml"), svc).unwrap();
+        assert_eq!(
+            names(&source.poll().unwrap()),
+            ["Namespace/shop", "Service/shop/s"]
+        );
+
+        // Broken: the file's last good objects stay.
+        fs::write(
+            dir.join("sub/svc.yml"),
+            "apiVersion: v1\nkind: Service\nmetadata: [\n",
+        )
+        .unwrap();
+        assert!(source.poll().is_none());
+        assert_eq!(
+            names(&source.objects()),
+            ["Namespace/shop", "Service/shop/s"]
+        );
+
+        fs::remove_file(dir.join("sub/svc.yml")).unwrap();
+        assert_eq!(names(&source.poll().unwrap()), ["Namespace/shop"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_path_yields_nothing_and_recovers() {
+        let dir = temp_dir("missing");
+        let file = dir.join("later.yaml");
+        let mut source = LocalSource::new(file.clone());
+        assert_eq!(source.poll().unwrap(), Vec::new());
+        fs::write(&file, NS).unwrap();
+        assert_eq!(names(&source.poll().unwrap()), ["Namespace/shop"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,556 @@
+//! Policy: Kubernetes objects in, a compiled [`Policy`] out.
+//!
+//! Sources (files now, the API server later) feed a [`Store`], which refuses invalid objects and
+//! keeps the last good version of each. [`compile`] is the one pure function from the store to
+//! what the datapath enforces.
+
+pub mod local;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use serde::Serialize;
+
+/// On a Namespace, enrols its pods; on a Pod, overrides its namespace.
+pub const CAPTURE_ANNOTATION: &str = "aviary.dev/capture";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            Kind::Namespace => write!(f, "Namespace/{}", self.name),
+            kind => write!(f, "{kind:?}/{}/{}", self.namespace, self.name),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+}
+
+impl Object {
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Self::Namespace(o) => &o.metadata,
+            Self::Pod(o) => &o.metadata,
+            Self::Service(o) => &o.metadata,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Namespace(_) => Kind::Namespace,
+            Self::Pod(_) => Kind::Pod,
+            Self::Service(_) => Kind::Service,
+        }
+    }
+
+    /// Namespaced objects without a namespace are in "default", as kubectl would put them.
+    pub fn key(&self) -> ObjectKey {
+        let meta = self.meta();
+        let namespace = match self.kind() {
+            Kind::Namespace => String::new(),
+            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        };
+        ObjectKey {
+            kind: self.kind(),
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Why the object cannot be used, if it cannot.
+    fn validate(&self) -> Result<(), String> {
+        let meta = self.meta();
+        if meta.name.as_deref().unwrap_or_default().is_empty() {
+            return Err("metadata.name is missing".into());
+        }
+        if let Some(value) = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CAPTURE_ANNOTATION))
+        {
+            Capture::parse(value)?;
+        }
+        match self {
+            Self::Namespace(_) => Ok(()),
+            Self::Pod(pod) => match pod.metadata.uid.as_deref() {
+                Some(uid) if !uid.is_empty() => Ok(()),
+                _ => Err("metadata.uid is missing: it names the pod's cgroup".into()),
+            },
+            Self::Service(svc) => service_addresses(svc).map(drop),
+        }
+    }
+}
+
+/// An object a source offered that the store refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub key: ObjectKey,
+    pub reason: String,
+    /// Whether an earlier good version stays in force.
+    pub kept_previous: bool,
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} rejected: {}", self.key, self.reason)?;
+        if self.kept_previous {
+            write!(f, " (its last good version stays in force)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The objects policy is compiled from: only valid ones, the last good version of each.
+#[derive(Debug, Default, Clone)]
+pub struct Store {
+    objects: BTreeMap<ObjectKey, Object>,
+}
+
+impl Store {
+    /// Adds or replaces an object; an invalid one is refused and the previous version kept.
+    pub fn upsert(&mut self, object: Object) -> Result<(), Rejected> {
+        let key = object.key();
+        if let Err(reason) = object.validate() {
+            return Err(Rejected {
+                kept_previous: self.objects.contains_key(&key),
+                key,
+                reason,
+            });
+        }
+        self.objects.insert(key, object);
+        Ok(())
+    }
+
+    pub fn remove(&mut self, key: &ObjectKey) {
+        self.objects.remove(key);
+    }
+
+    /// Makes the store hold what a complete listing holds: objects not listed are removed, and
+    /// each listed one is upserted. Returns the refusals.
+    pub fn replace_all(&mut self, objects: Vec<Object>) -> Vec<Rejected> {
+        let listed: BTreeSet<ObjectKey> = objects.iter().map(Object::key).collect();
+        self.objects.retain(|key, _| listed.contains(key));
+        objects
+            .into_iter()
+            .filter_map(|object| self.upsert(object).err())
+            .collect()
+    }
+
+    fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        self.objects.values().filter_map(|o| match o {
+            Object::Namespace(ns) => Some(ns.as_ref()),
+            _ => None,
+        })
+    }
+
+    fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.objects.values().filter_map(|o| match o {
+            Object::Pod(pod) => Some(pod.as_ref()),
+            _ => None,
+        })
+    }
+
+    fn services(&self) -> impl Iterator<Item = &Service> {
+        self.objects.values().filter_map(|o| match o {
+            Object::Service(svc) => Some(svc.as_ref()),
+            _ => None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    Enabled,
+    Disabled,
+}
+
+impl Capture {
+    fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "enabled" => Ok(Self::Enabled),
+            "disabled" => Ok(Self::Disabled),
+            other => Err(format!(
+                "annotation {CAPTURE_ANNOTATION} must be \"enabled\" or \"disabled\", not {other:?}"
+            )),
+        }
+    }
+
+    fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<Self> {
+        let value = meta.annotations.as_ref()?.get(CAPTURE_ANNOTATION)?;
+        Self::parse(value).ok()
+    }
+}
+
+/// A pod whose outbound connections are captured.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct EnrolledPod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// What the datapath enforces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Enrolled pods on this node, by UID.
+    pub enrolled: BTreeMap<String, EnrolledPod>,
+    /// Service addresses (ClusterIP:port, TCP) whose connects are captured.
+    pub captured: BTreeSet<SocketAddr>,
+}
+
+impl Policy {
+    /// One line describing what changed from `before`, or None if nothing did.
+    pub fn describe_change(&self, before: &Policy) -> Option<String> {
+        let mut parts = Vec::new();
+        for (uid, pod) in &self.enrolled {
+            if !before.enrolled.contains_key(uid) {
+                parts.push(format!("enrolled Pod/{}/{}", pod.namespace, pod.name));
+            }
+        }
+        for (uid, pod) in &before.enrolled {
+            if !self.enrolled.contains_key(uid) {
+                parts.push(format!("unenrolled Pod/{}/{}", pod.namespace, pod.name));
+            }
+        }
+        let added = self.captured.difference(&before.captured).count();
+        let removed = before.captured.difference(&self.captured).count();
+        if added > 0 {
+            parts.push(format!("+{added} captured service addresses"));
+        }
+        if removed > 0 {
+            parts.push(format!("-{removed} captured service addresses"));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
+
+/// Compiles the store into the policy for the node `node` (every pod counts as local when None,
+/// as in local mode without a node name).
+pub fn compile(store: &Store, node: Option<&str>) -> Policy {
+    let namespace_capture: BTreeMap<&str, Capture> = store
+        .namespaces()
+        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, Capture::of(&ns.metadata)?)))
+        .collect();
+
+    let enrolled = store
+        .pods()
+        .filter(|pod| is_local(pod, node) && is_running(pod))
+        .filter(|pod| {
+            !pod.spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false)
+        })
+        .filter_map(|pod| {
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+            let capture =
+                Capture::of(&pod.metadata).or_else(|| namespace_capture.get(namespace).copied());
+            (capture == Some(Capture::Enabled)).then(|| EnrolledPod {
+                namespace: namespace.to_owned(),
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                uid: pod.metadata.uid.clone().unwrap_or_default(),
+            })
+        })
+        .map(|pod| (pod.uid.clone(), pod))
+        .collect();
+
+    let captured = store
+        .services()
+        .filter_map(|svc| service_addresses(svc).ok())
+        .flatten()
+        .collect();
+
+    Policy { enrolled, captured }
+}
+
+fn is_local(pod: &Pod, node: Option<&str>) -> bool {
+    match node {
+        None => true,
+        Some(node) => pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node),
+    }
+}
+
+/// Pods that have finished hold no connections worth capturing.
+fn is_running(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    !matches!(phase, Some("Succeeded") | Some("Failed"))
+}
+
+/// The TCP addresses a Service's ClusterIPs answer on. Headless and ExternalName services have
+/// none; a malformed address or port makes the whole Service invalid.
+fn service_addresses(svc: &Service) -> Result<Vec<SocketAddr>, String> {
+    let Some(spec) = &svc.spec else {
+        return Ok(Vec::new());
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(Vec::new());
+    }
+    let mut ips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.as_deref());
+    }
+    let mut addresses = Vec::new();
+    for ip in ips {
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("spec.clusterIPs holds {ip:?}, which is not an IP address"))?;
+        for port in spec.ports.iter().flatten() {
+            if !(1..=65535).contains(&port.port) {
+                return Err(format!(
+                    "spec.ports has port {}, outside 1-65535",
+                    port.port
+                ));
+            }
+            if port.protocol.as_deref().unwrap_or("TCP") == "TCP" {
+                addresses.push(SocketAddr::new(ip, port.port as u16));
+            }
+        }
+    }
+    Ok(addresses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objects(yaml: &str) -> Vec<Object> {
+        local::parse_documents(yaml).expect("test YAML parses")
+    }
+
+    fn store(yaml: &str) -> Store {
+        let mut store = Store::default();
+        let rejected = store.replace_all(objects(yaml));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        store
+    }
+
+    fn enrolled_names(policy: &Policy) -> Vec<String> {
+        policy
+            .enrolled
+            .values()
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect()
+    }
+
+    const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, annotations: {aviary.dev/capture: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: 00000000-0000-4000-8000-000000000001}
+spec: {nodeName: node-a, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: shop, uid: 00000000-0000-4000-8000-000000000002,
+           annotations: {aviary.dev/capture: disabled}}
+spec: {nodeName: node-a, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-in, namespace: plain, uid: 00000000-0000-4000-8000-000000000003,
+           annotations: {aviary.dev/capture: enabled}}
+spec: {nodeName: node-a, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bystander, namespace: plain, uid: 00000000-0000-4000-8000-000000000004}
+spec: {nodeName: node-a, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: elsewhere, namespace: shop, uid: 00000000-0000-4000-8000-000000000005}
+spec: {nodeName: node-b, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: shop, uid: 00000000-0000-4000-8000-000000000006}
+spec: {nodeName: node-a, hostNetwork: true, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: shop, uid: 00000000-0000-4000-8000-000000000007}
+spec: {nodeName: node-a, containers: []}
+status: {phase: Succeeded}
+"#;
+
+    #[test]
+    fn enrollment_follows_namespace_and_pod_annotations() {
+        let policy = compile(&store(BASE), Some("node-a"));
+        assert_eq!(enrolled_names(&policy), ["shop/web", "plain/opted-in"]);
+        assert_eq!(
+            policy.enrolled["00000000-0000-4000-8000-000000000001"].uid,
+            "00000000-0000-4000-8000-000000000001"
+        );
+    }
+
+    #[test]
+    fn without_a_node_name_every_pod_is_local() {
+        let policy = compile(&store(BASE), None);
+        assert_eq!(
+            enrolled_names(&policy),
+            ["shop/web", "shop/elsewhere", "plain/opted-in"]
+        );
+    }
+
+    #[test]
+    fn services_are_captured_on_every_cluster_ip_and_tcp_port() {
+        let policy = compile(
+            &store(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00::a"]
+  ports: [{port: 80}, {port: 53, protocol: UDP}, {port: 443, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: shop}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external, namespace: shop}
+spec: {type: ExternalName, externalName: example.invalid, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: shop}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 8080}]}
+"#,
+            ),
+            None,
+        );
+        let captured: Vec<String> = policy.captured.iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            captured,
+            [
+                "10.96.0.10:80",
+                "10.96.0.10:443",
+                "10.96.0.11:8080",
+                "[fd00::a]:80",
+                "[fd00::a]:443"
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_objects_are_refused_and_the_last_good_version_kept() {
+        let mut store = store(BASE);
+        let bad = objects(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, annotations: {aviary.dev/capture: "yes please"}}
+"#,
+        );
+        let rejected = store.upsert(bad.into_iter().next().unwrap()).unwrap_err();
+        assert!(rejected.kept_previous);
+        assert!(
+            rejected.reason.contains("\"enabled\" or \"disabled\""),
+            "{}",
+            rejected.reason
+        );
+        assert_eq!(rejected.key.to_string(), "Namespace/shop");
+        // The namespace's previous (enabled) version still enrols its pods.
+        assert!(enrolled_names(&compile(&store, Some("node-a"))).contains(&"shop/web".into()));
+    }
+
+    #[test]
+    fn pods_without_uid_and_services_with_bad_addresses_are_refused() {
+        let mut store = Store::default();
+        let rejected = store.replace_all(objects(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: nouid, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad, namespace: shop}
+spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badport, namespace: shop}
+spec: {clusterIP: 10.96.0.3, ports: [{port: 70000}]}
+"#,
+        ));
+        let reasons: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(reasons[0].contains("metadata.uid"), "{reasons:?}");
+        assert!(reasons[1].contains("not an IP address"), "{reasons:?}");
+        assert!(reasons[2].contains("outside 1-65535"), "{reasons:?}");
+        assert!(!rejected[0].kept_previous);
+        assert_eq!(compile(&store, None), Policy::default());
+    }
+
+    #[test]
+    fn replace_all_removes_objects_no_longer_listed() {
+        let mut store = store(BASE);
+        store.replace_all(objects(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: 00000000-0000-4000-8000-000000000001}
+spec: {containers: []}
+"#,
+        ));
+        // The namespace that enrolled web is gone, so web is no longer enrolled.
+        assert_eq!(compile(&store, None), Policy::default());
+    }
+
+    #[test]
+    fn changes_are_described_in_one_line() {
+        let before = compile(&store(BASE), Some("node-a"));
+        let mut after = before.clone();
+        after
+            .enrolled
+            .remove("00000000-0000-4000-8000-000000000003");
+        after.captured.insert("10.96.0.1:443".parse().unwrap());
+        assert_eq!(
+            after.describe_change(&before).unwrap(),
+            "unenrolled Pod/plain/opted-in, +1 captured service addresses"
+        );
+        assert_eq!(before.describe_change(&before), None);
+    }
+}

@@ -1,0 +1,3 @@
+//! The node proxy.
+
+pub mod outbound;

@@ -1,0 +1,116 @@
+//! Wires the agent together: datapath, proxy, policy source, and shutdown on SIGTERM/SIGINT.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use aviary_abi::{LISTENER_V4, LISTENER_V6};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+use crate::{
+    capture,
+    cgroup::PodCgroups,
+    config::{Config, PolicySource},
+    ebpf::{
+        maps::{CaptureTable, Listeners, OrigDstTable, Stats},
+        Datapath, DatapathConfig,
+    },
+    policy::{self, Store},
+    proxy::outbound::{self, Outbound},
+    state::Publisher,
+};
+
+/// How often the eBPF counters are logged, when they changed.
+const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let datapath = Datapath::load(&DatapathConfig::from_config(&cfg))?;
+    let result = serve(&cfg, &datapath).await;
+    if let Ok(stats) = Stats::open(datapath.pin_dir()) {
+        log_counters(&stats, &mut Vec::new());
+    }
+    datapath.shutdown();
+    result
+}
+
+async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
+    let pins = datapath.pin_dir();
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+
+    let outbound = Arc::new(Outbound {
+        orig_dst: OrigDstTable::open(pins)?,
+        mark: cfg.proxy_mark,
+    });
+    let mut listeners = Listeners::open(pins)?;
+    let v4 = outbound::bind_v4(cfg.outbound_port).with_context(|| {
+        format!(
+            "binding the outbound listener on port {}",
+            cfg.outbound_port
+        )
+    })?;
+    listeners.register(LISTENER_V4, &v4)?;
+    tokio::spawn(outbound.clone().serve(v4));
+    if cfg.proxy_v6.is_some() {
+        let v6 = outbound::bind_v6(cfg.outbound_port).with_context(|| {
+            format!(
+                "binding the IPv6 outbound listener on port {}",
+                cfg.outbound_port
+            )
+        })?;
+        listeners.register(LISTENER_V6, &v6)?;
+        tokio::spawn(outbound.serve(v6));
+    }
+
+    let (publisher, snapshots) = Publisher::new(cfg.node_name.clone());
+    let PolicySource::Local(path) = &cfg.policy;
+    tokio::spawn(watch_local(path.clone(), publisher));
+    tokio::spawn(capture::run(
+        snapshots,
+        CaptureTable::open(pins)?,
+        PodCgroups::new(cfg.cgroup_root.clone()),
+    ));
+    let stats = Stats::open(pins)?;
+    tokio::spawn(async move {
+        let mut last = Vec::new();
+        let mut tick = tokio::time::interval(COUNTER_LOG_INTERVAL);
+        loop {
+            tick.tick().await;
+            log_counters(&stats, &mut last);
+        }
+    });
+
+    info!(port = cfg.outbound_port, proxy_ip = %cfg.proxy_v4, "agent ready");
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM: shutting down"),
+        _ = interrupt.recv() => info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}
+
+async fn watch_local(path: std::path::PathBuf, publisher: Publisher) {
+    let mut source = policy::local::LocalSource::new(path);
+    let mut store = Store::default();
+    let mut tick = tokio::time::interval(policy::local::POLL_INTERVAL);
+    loop {
+        tick.tick().await;
+        let Some(objects) = source.poll() else {
+            continue;
+        };
+        for rejected in store.replace_all(objects) {
+            tracing::warn!("{rejected}");
+        }
+        publisher.publish(&store);
+    }
+}
+
+fn log_counters(stats: &Stats, last: &mut Vec<(&'static str, u64)>) {
+    let Ok(counters) = stats.counters() else {
+        return;
+    };
+    if counters != *last {
+        let line: Vec<String> = counters.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        info!("eBPF counters: {}", line.join(" "));
+        *last = counters;
+    }
+}
