@@ -349,7 +349,7 @@ mod tests {
     fn verifier_rejections_quote_the_log_on_one_line() {
         let err = ProgramError::LoadError {
             io_error: io::Error::from_raw_os_error(libc::EINVAL),
-            verifier_log: aya::VerifierLog::new(
+            verifier_log: aya_obj::VerifierLog::new(
                 "0: r1 = 0\n1: invalid access\nprocessed 2 insns".into(),
             ),
         };

@@ -413,7 +413,7 @@ status: {phase: Succeeded}
     #[test]
     fn enrollment_follows_namespace_and_pod_annotations() {
         let policy = compile(&store(BASE), Some("node-a"));
-        assert_eq!(enrolled_names(&policy), ["shop/web", "plain/opted-in"]);
+        assert_eq!(enrolled_names(&policy), ["plain/opted-in", "shop/web"]);
         assert_eq!(
             policy.enrolled["00000000-0000-4000-8000-000000000001"].uid,
             "00000000-0000-4000-8000-000000000001"
