@@ -355,11 +355,13 @@ mod tests {
     }
 
     fn enrolled_names(policy: &Policy) -> Vec<String> {
-        policy
+        let mut names: Vec<String> = policy
             .enrolled
             .values()
             .map(|p| format!("{}/{}", p.namespace, p.name))
-            .collect()
+            .collect();
+        names.sort();
+        names
     }
 
     const BASE: &str = r#"
