@@ -427,7 +427,7 @@ status: {phase: Succeeded}
         let policy = compile(&store(BASE), None);
         assert_eq!(
             enrolled_names(&policy),
-            ["shop/web", "shop/elsewhere", "plain/opted-in"]
+            ["plain/opted-in", "shop/elsewhere", "shop/web"]
         );
     }
 
