@@ -1,1 +1,662 @@
+//! A test node built from network namespaces, veth pairs and cgroups, with pods laid out the
+//! way a kubelet lays them out, and the real agent running on it.
+//!
+//! - The node is a network namespace with a bridge (10.244.1.1/24). The agent runs there, in
+//!   the cgroup of its own pod, as a DaemonSet pod would on a real node. The node namespace has
+//!   no default route and an `unreachable` route for the service range, so nothing a test sends
+//!   can leave the machine.
+//! - A pod is a network namespace with `eth0` on the bridge, plus a cgroup
+//!   `<root>/pod<uid>/<container>` under a test kubepods root.
+//! - Service VIPs exist only inside the node: a backend pod holds the VIP on its loopback, and
+//!   the node routes the VIP to it (what kube-proxy's DNAT achieves on a real node).
+//!
+//! Everything created is removed on drop, also when a test panics; resources left by a test
+//! process that was killed are swept by the next one.
+#![forbid(unsafe_code)]
 
+pub mod policy;
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use aviary_agent::ebpf::maps::{CaptureTable, Stats};
+
+/// The cgroup v2 mount on the test machines.
+pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// The node's address on the pod bridge; pods reach the proxy here.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+/// The service range, unreachable inside the node except for the VIPs a test adds.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// Prefix of every name the harness creates, followed by the owning process id.
+const PREFIX: &str = "avt";
+
+/// Privileged tests run one at a time in a process: they measure node-wide counters.
+static SERIAL: Mutex<()> = Mutex::new(());
+static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+
+/// Whether privileged tests can run here. Outside CI a test without privileges is skipped with
+/// a message; under CI=true it fails, so that CI never passes without running it.
+pub fn privileged() -> bool {
+    let missing = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root".to_owned())
+    } else if !Path::new(CGROUP2).join("cgroup.procs").exists() {
+        Some(format!("no cgroup v2 hierarchy at {CGROUP2}"))
+    } else if Command::new("ip").arg("-V").output().is_err() {
+        Some("the `ip` command (iproute2) is missing; run `cargo xtask setup`".to_owned())
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("privileged test cannot run under CI=true: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED privileged test: {why}");
+            false
+        }
+    }
+}
+
+/// Runs a command and returns its stdout; fails with its stderr.
+pub fn sh(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A binary of this workspace, from the target directory these tests were built into.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build --bins`, which `cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+fn ns_path(name: &str) -> PathBuf {
+    PathBuf::from("/var/run/netns").join(name)
+}
+
+/// Removes what killed test processes left behind: every harness name carries its owner's pid.
+fn sweep_stale() {
+    let stale = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            return false;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        !pid.is_empty() && !Path::new("/proc").join(&pid).exists()
+    };
+    for ns in sh(&["ip", "netns", "list"]).unwrap_or_default().lines() {
+        let name = ns.split_whitespace().next().unwrap_or_default();
+        if stale(name) {
+            let _ = sh(&["ip", "netns", "del", name]);
+        }
+    }
+    for dir in [CGROUP2, BPFFS] {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if stale(&entry.file_name().to_string_lossy()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+}
+
+/// Removes a cgroup or bpffs tree: cgroups must be removed bottom-up with rmdir.
+fn remove_tree(path: &Path) {
+    if path.starts_with(CGROUP2) {
+        let _ = fs::write(path.join("cgroup.kill"), "1");
+        let mut dirs = vec![path.to_owned()];
+        let mut all = Vec::new();
+        while let Some(dir) = dirs.pop() {
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(entry.path());
+                }
+            }
+            all.push(dir);
+        }
+        for dir in all.iter().rev() {
+            // Killed processes take a moment to leave their cgroup.
+            for _ in 0..50 {
+                if fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    } else {
+        let _ = fs::remove_dir_all(path);
+    }
+}
+
+pub struct Node {
+    pub id: String,
+    pub netns: String,
+    cgroup_base: PathBuf,
+    /// The kubepods-style root the agent attaches to.
+    pub cgroup_root: PathBuf,
+    pub pin_name: String,
+    pub policy_dir: PathBuf,
+    pods: Mutex<Vec<String>>,
+    children: Mutex<Vec<Child>>,
+    next_host: AtomicU32,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Node {
+    /// A fresh node, or None when privileged tests are skipped (see [`privileged`]).
+    pub fn new() -> Option<Node> {
+        if !privileged() {
+            return None;
+        }
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        sweep_stale();
+        let id = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            NEXT_NODE.fetch_add(1, Ordering::Relaxed)
+        );
+        let cgroup_base = Path::new(CGROUP2).join(&id);
+        let node = Node {
+            netns: format!("{id}-node"),
+            cgroup_root: cgroup_base.join("kubepods"),
+            cgroup_base,
+            pin_name: id.clone(),
+            policy_dir: std::env::temp_dir().join(format!("{id}-policy")),
+            pods: Mutex::new(Vec::new()),
+            children: Mutex::new(Vec::new()),
+            next_host: AtomicU32::new(10),
+            id,
+            _serial: serial,
+        };
+        node.build().expect("building the test node");
+        Some(node)
+    }
+
+    fn build(&self) -> anyhow::Result<()> {
+        fs::create_dir_all(&self.cgroup_root)?;
+        fs::create_dir_all(&self.policy_dir)?;
+        let ns = self.netns.as_str();
+        sh(&["ip", "netns", "add", ns])?;
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        sh(&["ip", "-n", ns, "link", "add", "br0", "type", "bridge"])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
+        sh(&["ip", "-n", ns, "link", "set", "br0", "up"])?;
+        sh(&["ip", "-n", ns, "route", "add", "unreachable", SERVICE_CIDR])?;
+        self.sysctls(ns, &["net.ipv4.ip_forward=1"])?;
+        Ok(())
+    }
+
+    /// Sysctls for a namespace that opens many short connections.
+    fn sysctls(&self, ns: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["ip", "netns", "exec", ns, "sysctl", "-qw"];
+        args.extend([
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ]);
+        args.extend(extra);
+        sh(&args).map(drop)
+    }
+
+    /// A pod on the bridge with a cgroup `pod<uid>/<name>` under the root.
+    pub fn add_pod(&self, name: &str) -> Pod {
+        assert!(
+            name.len() <= 12,
+            "pod names make interface names: keep them short"
+        );
+        let host = self.next_host.fetch_add(1, Ordering::Relaxed);
+        let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), host);
+        let pod = Pod {
+            name: name.to_owned(),
+            ip: Ipv4Addr::new(10, 244, 1, host as u8),
+            netns: format!("{}-{name}", self.id),
+            cgroup: self.cgroup_root.join(format!("pod{uid}")).join(name),
+            uid,
+        };
+        self.build_pod(&pod)
+            .unwrap_or_else(|e| panic!("building pod {name}: {e:#}"));
+        pod
+    }
+
+    fn build_pod(&self, pod: &Pod) -> anyhow::Result<()> {
+        let (node, ns) = (self.netns.as_str(), pod.netns.as_str());
+        let veth = format!("v{}", pod.name);
+        sh(&["ip", "netns", "add", ns])?;
+        self.pods.lock().unwrap().push(ns.to_owned());
+        sh(&[
+            "ip", "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+            "netns", ns,
+        ])?;
+        sh(&[
+            "ip", "-n", node, "link", "set", &veth, "master", "br0", "up",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", pod.ip),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_IP.to_string(),
+        ])?;
+        self.sysctls(ns, &[])?;
+        fs::create_dir_all(&pod.cgroup)?;
+        Ok(())
+    }
+
+    /// Makes `vip` answer on `backend`: the backend holds it, and the node routes it there.
+    pub fn add_vip(&self, vip: Ipv4Addr, backend: &Pod) {
+        sh(&[
+            "ip",
+            "-n",
+            &backend.netns,
+            "addr",
+            "add",
+            &format!("{vip}/32"),
+            "dev",
+            "lo",
+        ])
+        .unwrap();
+        sh(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "route",
+            "add",
+            &format!("{vip}/32"),
+            "via",
+            &backend.ip.to_string(),
+        ])
+        .unwrap();
+    }
+
+    /// A command run as a process of `pod` (its cgroup, its network namespace).
+    pub fn command_in(&self, netns: &str, cgroup: &Path, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(workspace_bin("aviary-testpod"));
+        cmd.arg("exec")
+            .arg("--netns")
+            .arg(ns_path(netns))
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--")
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
+    fn testpod(&self, pod: &Pod, args: &[&str]) -> Command {
+        self.command_in(
+            &pod.netns,
+            &pod.cgroup,
+            &workspace_bin("aviary-testpod"),
+            args,
+        )
+    }
+
+    /// Starts the greeting/echo backend in `pod`, waiting until it listens.
+    pub fn serve(&self, pod: &Pod, port: u16, udp_port: Option<u16>) {
+        let port_arg = port.to_string();
+        let mut args = vec!["serve", "--name", &pod.name, "--port", &port_arg];
+        let udp_arg = udp_port.map(|p| p.to_string());
+        if let Some(udp) = &udp_arg {
+            args.extend(["--udp-port", udp]);
+        }
+        let mut child = self
+            .testpod(pod, &args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(
+            first.starts_with("serving"),
+            "backend {} did not start: {first:?}",
+            pod.name
+        );
+        self.children.lock().unwrap().push(child);
+    }
+
+    /// Runs a client in `pod` to completion (bounded by `timeout`).
+    pub fn run(&self, pod: &Pod, args: &[&str], timeout: Duration) -> Output {
+        let child = self
+            .testpod(pod, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_output(child, timeout)
+    }
+
+    /// One connection through which every [`Session::echo`] passes.
+    pub fn session(&self, pod: &Pod, addr: SocketAddr) -> Session {
+        let mut child = self
+            .testpod(pod, &["session", &addr.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut greeting = String::new();
+        stdout.read_line(&mut greeting).unwrap();
+        Session {
+            greeting: Greeting::parse(&greeting).unwrap_or_else(|e| panic!("{e:#}")),
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Writes the policy directory's single file, atomically (the agent never sees half of it).
+    pub fn write_policy(&self, yaml: &str) {
+        let tmp = self.policy_dir.join(".policy.yaml.tmp");
+        fs::write(&tmp, yaml).unwrap();
+        fs::rename(&tmp, self.policy_dir.join("policy.yaml")).unwrap();
+    }
+
+    /// The agent pod's container cgroup: inside the attach root, as on a real node, so that
+    /// sock_ops sees the proxy's sockets.
+    pub fn agent_cgroup(&self) -> PathBuf {
+        self.cgroup_root
+            .join(format!("pod{}", self.agent_uid()))
+            .join("agent")
+    }
+
+    pub fn agent_uid(&self) -> String {
+        format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), 1)
+    }
+
+    /// Starts the agent on this node, in local mode over `policy_dir`, and waits until it is
+    /// ready.
+    pub fn start_agent(&self, extra: &[&str]) -> Agent {
+        let cgroup = self.agent_cgroup();
+        fs::create_dir_all(&cgroup).unwrap();
+        let policy_dir = self.policy_dir.to_string_lossy().into_owned();
+        let root = self.cgroup_root.to_string_lossy().into_owned();
+        let node_ip = NODE_IP.to_string();
+        let mut args = vec![
+            "--local",
+            &policy_dir,
+            "--proxy-ip",
+            &node_ip,
+            "--cgroup-root",
+            &root,
+            "--pin-name",
+            &self.pin_name,
+        ];
+        args.extend(extra);
+        let child = self
+            .command_in(&self.netns, &cgroup, &workspace_bin("aviary-agent"), &args)
+            .env("AVIARY_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let agent = Agent::new(child, Path::new(BPFFS).join(&self.pin_name));
+        agent.wait_for_log("agent ready", Duration::from_secs(30));
+        agent
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for mut child in self.children.lock().unwrap().drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in self.pods.lock().unwrap().drain(..) {
+            let _ = sh(&["ip", "netns", "del", &ns]);
+        }
+        let _ = sh(&["ip", "netns", "del", &self.netns]);
+        remove_tree(&self.cgroup_base);
+        remove_tree(&Path::new(BPFFS).join(&self.pin_name));
+        let _ = fs::remove_dir_all(&self.policy_dir);
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub uid: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    /// The container's cgroup; its parent is the pod-level cgroup.
+    pub cgroup: PathBuf,
+}
+
+impl Pod {
+    /// The pod-level cgroup id, as the agent enrols it.
+    pub fn cgroup_id(&self) -> u64 {
+        aviary_agent::cgroup::cgroup_id(self.cgroup.parent().unwrap()).unwrap()
+    }
+}
+
+fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "command timed out after {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// What a backend says first on each connection: who it is and the addresses it sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    pub name: String,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl Greeting {
+    pub fn parse(line: &str) -> anyhow::Result<Self> {
+        let parse = || -> Option<Self> {
+            let rest = line.trim().strip_prefix("hello from ")?;
+            let mut words = rest.split(' ');
+            let name = words.next()?.to_owned();
+            let peer = words.next()?.strip_prefix("peer=")?.parse().ok()?;
+            let local = words.next()?.strip_prefix("local=")?.parse().ok()?;
+            Some(Self { name, peer, local })
+        };
+        parse().with_context(|| format!("not a greeting: {line:?}"))
+    }
+
+    /// The greeting printed first by `aviary-testpod connect`.
+    pub fn of(output: &Output) -> Self {
+        assert!(
+            output.status.success(),
+            "client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        Self::parse(stdout.lines().next().unwrap_or_default()).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
+
+pub struct Session {
+    pub greeting: Greeting,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Session {
+    /// Sends a line through the connection and returns its echo.
+    pub fn echo(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        let mut echo = String::new();
+        self.stdout.read_line(&mut echo).unwrap();
+        echo.trim_end().to_owned()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent process, with its log lines.
+pub struct Agent {
+    child: Option<Child>,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub pin_dir: PathBuf,
+}
+
+impl Agent {
+    fn new(mut child: Child, pin_dir: PathBuf) -> Self {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child: Some(child),
+            logs,
+            pin_dir,
+        }
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let found = wait_until(timeout, || {
+            self.logs().into_iter().find(|l| l.contains(needle))
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "the agent never logged {needle:?}; logs:\n{}",
+                self.logs().join("\n")
+            )
+        })
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats::open(&self.pin_dir).expect("opening the agent's pinned counters")
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.stats().counter(name).unwrap()
+    }
+
+    /// Waits until the agent's maps enrol exactly `pods` and capture `services` addresses.
+    pub fn wait_for_capture(&self, pods: &[&Pod], services: usize) {
+        let want: std::collections::BTreeSet<u64> = pods.iter().map(|p| p.cgroup_id()).collect();
+        let table = CaptureTable::open(&self.pin_dir).unwrap();
+        let ok = wait_until(Duration::from_secs(10), || {
+            let enrolled = table.enrolled().ok()?;
+            let captured = table.services().ok()?.len();
+            (enrolled == want && captured == services).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "capture maps never matched; logs:\n{}",
+            self.logs().join("\n")
+        );
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        )
+        .unwrap();
+        child.wait().unwrap()
+    }
+
+    /// SIGKILL: no chance to clean up, as when the agent crashes.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("agent already stopped");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.terminate();
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it returns Some or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

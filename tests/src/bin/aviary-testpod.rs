@@ -1,0 +1,225 @@
+//! The processes of the test harness's pods.
+//!
+//! - `exec`: joins a cgroup, then a network namespace, then runs a program: a container's
+//!   process, placed the way a container runtime places it.
+//! - `serve`: a backend that greets each TCP connection with its name and the addresses it
+//!   sees, then echoes; it also echoes UDP datagrams.
+//! - `connect`, `session`, `udp`: clients.
+#![forbid(unsafe_code)]
+
+use std::{
+    ffi::CString,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join `cgroup` (a cgroup v2 directory), then `netns` (a namespace file), then exec.
+    Exec {
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Greet and echo on TCP `port`; echo datagrams on UDP `udp_port`.
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        udp_port: Option<u16>,
+    },
+    /// Open `count` connections (`parallel` at a time); on each, read the greeting, send a
+    /// line and check its echo. Prints the first greeting, then "ok <count>".
+    Connect {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        parallel: u64,
+    },
+    /// One connection: print the greeting, then echo each stdin line through it.
+    Session { addr: SocketAddr },
+    /// Send one datagram and print the reply.
+    Udp { addr: SocketAddr },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse().command) {
+        eprintln!("aviary-testpod: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Exec {
+            netns,
+            cgroup,
+            command,
+        } => exec(netns, cgroup, command),
+        Command::Serve {
+            name,
+            port,
+            udp_port,
+        } => serve(name, port, udp_port),
+        Command::Connect {
+            addr,
+            count,
+            parallel,
+        } => connect_many(addr, count, parallel),
+        Command::Session { addr } => session(addr),
+        Command::Udp { addr } => udp(addr),
+    }
+}
+
+fn exec(netns: PathBuf, cgroup: PathBuf, command: Vec<String>) -> anyhow::Result<()> {
+    // The cgroup first: inside the namespace, /sys may not show the cgroup v2 mount.
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+    let ns = std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+    let args: Vec<CString> = command
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()?;
+    let err = nix::unistd::execvp(&args[0], &args).unwrap_err();
+    bail!("exec {}: {err}", command[0])
+}
+
+fn serve(name: String, port: u16, udp_port: Option<u16>) -> anyhow::Result<()> {
+    if let Some(udp_port) = udp_port {
+        let socket = UdpSocket::bind(("0.0.0.0", udp_port))?;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let reply = format!("udp from {from}: {}", String::from_utf8_lossy(&buf[..n]));
+                let _ = socket.send_to(reply.as_bytes(), from);
+            }
+        });
+    }
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    println!("serving {name} on {port}");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+                return;
+            };
+            if writeln!(stream, "hello from {name} peer={peer} local={local}").is_err() {
+                return;
+            }
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Greeting line, then one echoed line.
+fn exchange(addr: SocketAddr, payload: &str) -> anyhow::Result<String> {
+    let stream =
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut greeting = String::new();
+    reader
+        .read_line(&mut greeting)
+        .context("reading the greeting")?;
+    if greeting.is_empty() {
+        bail!("connection to {addr} closed before the greeting");
+    }
+    (&stream).write_all(format!("{payload}\n").as_bytes())?;
+    let mut echo = String::new();
+    reader.read_line(&mut echo).context("reading the echo")?;
+    if echo.trim_end() != payload {
+        bail!("echo mismatch: sent {payload:?}, got {echo:?}");
+    }
+    Ok(greeting.trim_end().to_owned())
+}
+
+fn connect_many(addr: SocketAddr, count: u64, parallel: u64) -> anyhow::Result<()> {
+    println!("{}", exchange(addr, "first")?);
+    let next = AtomicU64::new(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..parallel.max(1))
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            return Ok(());
+                        }
+                        exchange(addr, &format!("payload {i}"))
+                            .with_context(|| format!("connection {i}"))?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("worker panicked"))
+    })?;
+    println!("ok {count}");
+    Ok(())
+}
+
+fn session(addr: SocketAddr) -> anyhow::Result<()> {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    print!("{line}");
+    std::io::stdout().flush()?;
+    for input in std::io::stdin().lines() {
+        (&stream).write_all(format!("{}\n", input?).as_bytes())?;
+        line.clear();
+        reader.read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("connection closed");
+        }
+        print!("{line}");
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+fn udp(addr: SocketAddr) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.send_to(b"ping", addr)?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket
+        .recv_from(&mut buf)
+        .context("waiting for the reply")?;
+    println!("{}", String::from_utf8_lossy(&buf[..n]));
+    Ok(())
+}
