@@ -14,6 +14,15 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cfg.log_format);
+    // A parent may hand down a signal mask that blocks these; the agent must always be able to
+    // shut down cleanly (unpinning everything) when asked.
+    let shutdown = nix::sys::signal::SigSet::from_iter([
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ]);
+    if let Err(e) = shutdown.thread_unblock() {
+        tracing::warn!(error = %e, "could not unblock SIGTERM and SIGINT");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -86,13 +86,14 @@ pub fn sh(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A binary of this workspace, from the target directory these tests were built into.
+/// A binary of this workspace, from the target directory the caller was built into (tests run
+/// from `target/<profile>/deps`, binaries from `target/<profile>`).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
+    let mut profile_dir = exe.parent().expect("the executable's directory");
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir.parent().expect("target/<profile>");
+    }
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
@@ -238,12 +239,15 @@ impl Node {
 
     /// A pod on the bridge with a cgroup `pod<uid>/<name>` under the root.
     pub fn add_pod(&self, name: &str) -> Pod {
-        assert!(
-            name.len() <= 12,
-            "pod names make interface names: keep them short"
-        );
-        let host = self.next_host.fetch_add(1, Ordering::Relaxed);
+        let host = self.next_host.load(Ordering::Relaxed);
         let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), host);
+        self.add_pod_with_uid(name, &uid)
+    }
+
+    /// A pod whose UID is given, e.g. by a manifest.
+    pub fn add_pod_with_uid(&self, name: &str, uid: &str) -> Pod {
+        let host = self.next_host.fetch_add(1, Ordering::Relaxed);
+        let uid = uid.to_owned();
         let pod = Pod {
             name: name.to_owned(),
             ip: Ipv4Addr::new(10, 244, 1, host as u8),
@@ -258,7 +262,8 @@ impl Node {
 
     fn build_pod(&self, pod: &Pod) -> anyhow::Result<()> {
         let (node, ns) = (self.netns.as_str(), pod.netns.as_str());
-        let veth = format!("v{}", pod.name);
+        // Named by address: interface names are limited to 15 bytes, pod names are not.
+        let veth = format!("veth{}", pod.ip.octets()[3]);
         sh(&["ip", "netns", "add", ns])?;
         self.pods.lock().unwrap().push(ns.to_owned());
         sh(&[
@@ -420,8 +425,17 @@ impl Node {
     }
 
     /// Starts the agent on this node, in local mode over `policy_dir`, and waits until it is
-    /// ready.
+    /// ready. Its log lines are echoed to stderr (the test's output).
     pub fn start_agent(&self, extra: &[&str]) -> Agent {
+        self.spawn_agent(extra, true)
+    }
+
+    /// The same, keeping the log lines to itself (the demo prints its own progress).
+    pub fn start_agent_quietly(&self, extra: &[&str]) -> Agent {
+        self.spawn_agent(extra, false)
+    }
+
+    fn spawn_agent(&self, extra: &[&str], echo_logs: bool) -> Agent {
         let cgroup = self.agent_cgroup();
         fs::create_dir_all(&cgroup).unwrap();
         let policy_dir = self.policy_dir.to_string_lossy().into_owned();
@@ -444,7 +458,7 @@ impl Node {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let agent = Agent::new(child, Path::new(BPFFS).join(&self.pin_name));
+        let agent = Agent::new(child, Path::new(BPFFS).join(&self.pin_name), echo_logs);
         agent.wait_for_log("agent ready", Duration::from_secs(30));
         agent
     }
@@ -563,13 +577,15 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn new(mut child: Child, pin_dir: PathBuf) -> Self {
+    fn new(mut child: Child, pin_dir: PathBuf, echo_logs: bool) -> Self {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[agent] {line}");
+                if echo_logs {
+                    eprintln!("[agent] {line}");
+                }
                 sink.lock().unwrap().push(line);
             }
         });
@@ -620,15 +636,27 @@ impl Agent {
         );
     }
 
-    /// SIGTERM, then the exit status.
+    /// SIGTERM, then the exit status; the test fails if the agent does not exit in time.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("agent already stopped");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::SIGTERM,
-        )
-        .unwrap();
-        child.wait().unwrap()
+        self.stop().unwrap_or_else(|| {
+            panic!(
+                "the agent ignored SIGTERM for 10 s; logs:\n{}",
+                self.logs().join("\n")
+            )
+        })
+    }
+
+    /// SIGTERM, then SIGKILL if the agent has not exited after 10 s (None then).
+    fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
+        let status = wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
     }
 
     /// SIGKILL: no chance to clean up, as when the agent crashes.
@@ -641,9 +669,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.terminate();
-        }
+        self.stop();
     }
 }
 

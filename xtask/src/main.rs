@@ -1,1 +1,190 @@
-fn main() {}
+//! `cargo xtask setup|build|lint|test|demo|bench`: everything the project needs, from a fresh
+//! machine, in one place. Each command does its own set-up first.
+#![forbid(unsafe_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.10.1";
+const NIGHTLY: &str = "nightly";
+
+#[derive(Parser)]
+#[command(about = "Aviary's build, test, demo and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs (idempotent): nightly rust-src, bpf-linker, iproute2.
+    Setup,
+    /// Build the agent (release).
+    Build,
+    /// cargo fmt --check and cargo clippy -D warnings.
+    Lint,
+    /// Every test: unit tests, then the privileged end-to-end tests (as root).
+    Test {
+        /// Extra arguments for cargo test (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The demo, in local mode on a node built from network namespaces (as root).
+    Demo {
+        /// A short run (CI).
+        #[arg(long)]
+        short: bool,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse().task) {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "aviary-agent"])
+        }
+        Task::Lint => {
+            setup()?;
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+        }
+        Task::Test { args } => {
+            setup()?;
+            // The end-to-end tests run the workspace's binaries (agent, test pods).
+            cargo(&["build", "--bins"])?;
+            let mut test = vec!["test"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&test)
+        }
+        Task::Demo { short } => {
+            setup()?;
+            cargo(&["build", "--bins"])?;
+            let mut demo = Command::new(target_dir().join("debug/aviary-demo"));
+            if short {
+                demo.arg("--short");
+            }
+            status(&mut demo)
+        }
+    }
+}
+
+fn setup() -> anyhow::Result<()> {
+    ensure_nightly_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_iproute2()
+}
+
+fn ensure_nightly_rust_src() -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
+        eprintln!("xtask: installing the nightly toolchain (the eBPF programs need it)");
+        status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to nightly (build-std for bpfel-unknown-none)");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            NIGHTLY,
+        ]))?;
+    }
+    Ok(())
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    let current = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = current {
+        if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (it uses the nightly's LLVM)");
+    status(Command::new("cargo").args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        "--force",
+    ]))
+}
+
+/// The test harness and the demo build network namespaces with `ip`.
+fn ensure_iproute2() -> anyhow::Result<()> {
+    if Command::new("ip").arg("-V").output().is_ok() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("the `ip` command is missing; install iproute2 (as root: apt-get install iproute2)");
+    }
+    eprintln!("xtask: installing iproute2");
+    status(Command::new("apt-get").arg("update"))?;
+    status(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "iproute2"]))
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    status(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(workspace_root());
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -8,11 +8,15 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::BTreeMap,
     ffi::CString,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
 
@@ -48,7 +52,8 @@ enum Command {
         udp_port: Option<u16>,
     },
     /// Open `count` connections (`parallel` at a time); on each, read the greeting, send a
-    /// line and check its echo. Prints the first greeting, then "ok <count>".
+    /// line and check its echo. Prints the first greeting, then "ok <count>", then how many
+    /// greetings named each peer address ("peer <ip> <n>").
     Connect {
         addr: SocketAddr,
         #[arg(long, default_value_t = 1)]
@@ -161,8 +166,21 @@ fn exchange(addr: SocketAddr, payload: &str) -> anyhow::Result<String> {
     Ok(greeting.trim_end().to_owned())
 }
 
+/// The peer address a greeting names.
+fn peer_of(greeting: &str) -> String {
+    let peer = greeting
+        .split(' ')
+        .find_map(|w| w.strip_prefix("peer="))
+        .unwrap_or("?");
+    peer.parse::<SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| peer.to_owned())
+}
+
 fn connect_many(addr: SocketAddr, count: u64, parallel: u64) -> anyhow::Result<()> {
-    println!("{}", exchange(addr, "first")?);
+    let first = exchange(addr, "first")?;
+    println!("{first}");
+    let peers = Mutex::new(BTreeMap::from([(peer_of(&first), 1u64)]));
     let next = AtomicU64::new(1);
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..parallel.max(1))
@@ -173,8 +191,9 @@ fn connect_many(addr: SocketAddr, count: u64, parallel: u64) -> anyhow::Result<(
                         if i >= count {
                             return Ok(());
                         }
-                        exchange(addr, &format!("payload {i}"))
+                        let greeting = exchange(addr, &format!("payload {i}"))
                             .with_context(|| format!("connection {i}"))?;
+                        *peers.lock().unwrap().entry(peer_of(&greeting)).or_default() += 1;
                     }
                 })
             })
@@ -184,6 +203,9 @@ fn connect_many(addr: SocketAddr, count: u64, parallel: u64) -> anyhow::Result<(
             .try_for_each(|w| w.join().expect("worker panicked"))
     })?;
     println!("ok {count}");
+    for (peer, n) in peers.into_inner().unwrap() {
+        println!("peer {peer} {n}");
+    }
     Ok(())
 }
 
