@@ -7,8 +7,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
 /// Levels below the root at which a pod's cgroup may sit: `pod<uid>` (Guaranteed),
 /// `burstable/pod<uid>`, and the systemd driver's `kubepods-burstable.slice/...pod<uid>.slice`.
 const POD_SEARCH_DEPTH: usize = 3;
@@ -22,7 +20,7 @@ pub fn ensure_cgroup2(path: &Path) -> anyhow::Result<()> {
             path.display()
         )
     })?;
-    if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+    if stat.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
         anyhow::bail!(
             "cgroup root {} is not on cgroup v2; Aviary needs the unified hierarchy (mount cgroup2, \
              e.g. boot with systemd.unified_cgroup_hierarchy=1) and --cgroup-root pointing into it",

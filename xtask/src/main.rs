@@ -26,7 +26,7 @@ enum Task {
     Setup,
     /// Build the agent (release).
     Build,
-    /// cargo fmt --check and cargo clippy -D warnings.
+    /// cargo fmt --check and cargo clippy -D warnings, for the host crates and the programs.
     Lint,
     /// Every test: unit tests, then the privileged end-to-end tests (as root).
     Test {
@@ -59,7 +59,21 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Lint => {
             setup()?;
             cargo(&["fmt", "--all", "--", "--check"])?;
-            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            // The programs only build for the BPF target, with the nightly toolchain.
+            status(Command::new("cargo").args([
+                &format!("+{NIGHTLY}"),
+                "clippy",
+                "-p",
+                "aviary-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]))
         }
         Task::Test { args } => {
             setup()?;

@@ -37,8 +37,6 @@ const SK_MSG: &str = "aviary_sk_msg";
 /// cgroup ids in connect programs, and sk_msg on TCP.
 const MIN_KERNEL: (u32, u32) = (5, 10);
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Cgroup programs attach through bpf_link (Linux 5.7+), which takes no attach flags and always
 /// runs alongside other programs on the same cgroup (a CNI's, a security agent's).
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
@@ -222,7 +220,8 @@ fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
 
 fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
     let mounted = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        nix::sys::statfs::statfs(p)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
     };
     if mounted(path) {
         return Ok(());

@@ -92,7 +92,7 @@ fn caller_enrolled() -> bool {
             return false;
         }
         // SAFETY: the value is only tested for presence.
-        if unsafe { ENROLLED.get(&id) }.is_some() {
+        if unsafe { ENROLLED.get(id) }.is_some() {
             return true;
         }
     }
@@ -140,7 +140,7 @@ fn capture(ctx: &SockAddrContext, dst: &SockAddr, slot: u32) -> Option<&'static 
     }
     // SAFETY: helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIG_BY_COOKIE.insert(&cookie, dst, 0).is_err() {
+    if ORIG_BY_COOKIE.insert(cookie, dst, 0).is_err() {
         // Without a recorded destination the proxy would refuse the connection: go direct.
         count(counter::CONNECT_NOT_RECORDED);
         return None;
@@ -243,9 +243,9 @@ pub fn aviary_sock_ops(ctx: SockOpsContext) -> u32 {
             // SAFETY: helper call on the program's own context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             // SAFETY: the value is copied out before the entry is removed.
-            if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied() {
-                let _ = ORIG_BY_COOKIE.remove(&cookie);
-                if ORIG_DST.insert(&key, &orig, 0).is_ok() {
+            if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(cookie) }.copied() {
+                let _ = ORIG_BY_COOKIE.remove(cookie);
+                if ORIG_DST.insert(key, orig, 0).is_ok() {
                     count(counter::ORIG_DST_RECORDED);
                     watch_close(&ctx);
                 }
@@ -253,7 +253,7 @@ pub fn aviary_sock_ops(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // SAFETY: the value is only tested for presence.
-            if sk_msg_enabled() && unsafe { ORIG_DST.get(&key) }.is_some() {
+            if sk_msg_enabled() && unsafe { ORIG_DST.get(key) }.is_some() {
                 // SAFETY: the context is a full socket at this callback.
                 let _ = SOCKETS.update(key, unsafe { &mut *ctx.ops }, 0);
             }
@@ -268,12 +268,10 @@ pub fn aviary_sock_ops(ctx: SockOpsContext) -> u32 {
                 }
             }
         }
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                // The SockHash drops closed sockets by itself.
-                let _ = ORIG_DST.remove(&key);
-                let _ = MSG_BYPASS.remove(&key);
-            }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // The SockHash drops closed sockets by itself.
+            let _ = ORIG_DST.remove(key);
+            let _ = MSG_BYPASS.remove(key);
         }
         _ => {}
     }
@@ -296,7 +294,7 @@ pub fn aviary_sk_msg(ctx: SkMsgContext) -> u32 {
         _ => return SK_PASS,
     };
     // SAFETY: the value is only tested for presence.
-    if unsafe { MSG_BYPASS.get(&own) }.is_some() {
+    if unsafe { MSG_BYPASS.get(own) }.is_some() {
         return SK_PASS;
     }
     let peer = own.reversed();
@@ -305,7 +303,7 @@ pub fn aviary_sk_msg(ctx: SkMsgContext) -> u32 {
     } else {
         // The peer's end is not in the SockHash (yet). These bytes go by TCP, and so must every
         // later byte on this connection, or the peer could read them out of order.
-        let _ = MSG_BYPASS.insert(&own, &1, 0);
+        let _ = MSG_BYPASS.insert(own, 1, 0);
         count(counter::SK_MSG_FALLBACK);
     }
     SK_PASS
