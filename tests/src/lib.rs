@@ -19,7 +19,7 @@ pub mod policy;
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -37,8 +37,10 @@ pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// The node's address on the pod bridge; pods reach the proxy here.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
-/// The service range, unreachable inside the node except for the VIPs a test adds.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
+/// The service ranges, unreachable inside the node except for the VIPs a test adds.
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const SERVICE_CIDR6: &str = "fd00:96::/108";
 /// Prefix of every name the harness creates, followed by the owning process id.
 const PREFIX: &str = "avt";
 
@@ -101,6 +103,11 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// `ip -n <ns> <args>`.
+fn ip_in(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    sh(&[&["ip", "-n", ns], args].concat())
 }
 
 fn ns_path(name: &str) -> PathBuf {
@@ -208,21 +215,28 @@ impl Node {
         fs::create_dir_all(&self.policy_dir)?;
         let ns = self.netns.as_str();
         sh(&["ip", "netns", "add", ns])?;
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        sh(&["ip", "-n", ns, "link", "add", "br0", "type", "bridge"])?;
-        sh(&[
-            "ip",
-            "-n",
+        ip_in(ns, &["link", "set", "lo", "up"])?;
+        ip_in(ns, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(ns, &["addr", "add", &format!("{NODE_IP}/24"), "dev", "br0"])?;
+        // nodad: IPv6 addresses are usable at once, without duplicate address detection.
+        ip_in(
             ns,
-            "addr",
-            "add",
-            &format!("{NODE_IP}/24"),
-            "dev",
-            "br0",
-        ])?;
-        sh(&["ip", "-n", ns, "link", "set", "br0", "up"])?;
-        sh(&["ip", "-n", ns, "route", "add", "unreachable", SERVICE_CIDR])?;
-        self.sysctls(ns, &["net.ipv4.ip_forward=1"])?;
+            &[
+                "addr",
+                "add",
+                &format!("{NODE_IP6}/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ],
+        )?;
+        ip_in(ns, &["link", "set", "br0", "up"])?;
+        ip_in(ns, &["route", "add", "unreachable", SERVICE_CIDR])?;
+        ip_in(ns, &["route", "add", "unreachable", SERVICE_CIDR6])?;
+        self.sysctls(
+            ns,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
         Ok(())
     }
 
@@ -251,6 +265,7 @@ impl Node {
         let pod = Pod {
             name: name.to_owned(),
             ip: Ipv4Addr::new(10, 244, 1, host as u8),
+            ip6: Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, host as u16),
             netns: format!("{}-{name}", self.id),
             cgroup: self.cgroup_root.join(format!("pod{uid}")).join(name),
             uid,
@@ -266,63 +281,95 @@ impl Node {
         let veth = format!("veth{}", pod.ip.octets()[3]);
         sh(&["ip", "netns", "add", ns])?;
         self.pods.lock().unwrap().push(ns.to_owned());
-        sh(&[
-            "ip", "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-            "netns", ns,
-        ])?;
-        sh(&[
-            "ip", "-n", node, "link", "set", &veth, "master", "br0", "up",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
+        // A fixed MAC per pod, so the node can pin its IPv6 neighbour entry (below).
+        let mac = format!("02:00:00:00:00:{:02x}", pod.ip.octets()[3]);
+        ip_in(
+            node,
+            &[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "address", &mac,
+                "netns", ns,
+            ],
+        )?;
+        // Neighbour discovery from the bridge device to a pod does not complete in these
+        // namespaces (its solicitations go unanswered), so the node's entry is static, as a
+        // routed CNI would install it.
+        ip_in(
+            node,
+            &[
+                "neigh",
+                "add",
+                &pod.ip6.to_string(),
+                "lladdr",
+                &mac,
+                "dev",
+                "br0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        ip_in(node, &["link", "set", &veth, "master", "br0", "up"])?;
+        let (ip4, ip6) = (format!("{}/24", pod.ip), format!("{}/64", pod.ip6));
+        ip_in(ns, &["addr", "add", &ip4, "dev", "eth0"])?;
+        ip_in(ns, &["addr", "add", &ip6, "dev", "eth0", "nodad"])?;
+        ip_in(ns, &["link", "set", "eth0", "up"])?;
+        ip_in(ns, &["link", "set", "lo", "up"])?;
+        ip_in(
             ns,
-            "addr",
-            "add",
-            &format!("{}/24", pod.ip),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
+            &["route", "add", "default", "via", &NODE_IP.to_string()],
+        )?;
+        ip_in(
             ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &NODE_IP.to_string(),
-        ])?;
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &NODE_IP6.to_string(),
+            ],
+        )?;
         self.sysctls(ns, &[])?;
         fs::create_dir_all(&pod.cgroup)?;
         Ok(())
     }
 
+    /// Makes the IPv6 `vip` answer on `backend`.
+    pub fn add_vip6(&self, vip: Ipv6Addr, backend: &Pod) {
+        ip_in(
+            &backend.netns,
+            &["addr", "add", &format!("{vip}/128"), "dev", "lo", "nodad"],
+        )
+        .unwrap();
+        ip_in(
+            &self.netns,
+            &[
+                "route",
+                "add",
+                &format!("{vip}/128"),
+                "via",
+                &backend.ip6.to_string(),
+            ],
+        )
+        .unwrap();
+    }
+
     /// Makes `vip` answer on `backend`: the backend holds it, and the node routes it there.
     pub fn add_vip(&self, vip: Ipv4Addr, backend: &Pod) {
-        sh(&[
-            "ip",
-            "-n",
+        ip_in(
             &backend.netns,
-            "addr",
-            "add",
-            &format!("{vip}/32"),
-            "dev",
-            "lo",
-        ])
+            &["addr", "add", &format!("{vip}/32"), "dev", "lo"],
+        )
         .unwrap();
-        sh(&[
-            "ip",
-            "-n",
+        ip_in(
             &self.netns,
-            "route",
-            "add",
-            &format!("{vip}/32"),
-            "via",
-            &backend.ip.to_string(),
-        ])
+            &[
+                "route",
+                "add",
+                &format!("{vip}/32"),
+                "via",
+                &backend.ip.to_string(),
+            ],
+        )
         .unwrap();
     }
 
@@ -484,6 +531,7 @@ pub struct Pod {
     pub name: String,
     pub uid: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub netns: String,
     /// The container's cgroup; its parent is the pod-level cgroup.
     pub cgroup: PathBuf,

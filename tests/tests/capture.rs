@@ -225,3 +225,38 @@ fn the_proxys_upstream_connection_is_not_captured_even_if_its_pod_is_enrolled() 
     assert_eq!(agent.counter("connect_captured"), 1);
     assert_eq!(agent.counter("connect_own_traffic"), 1);
 }
+
+#[test]
+fn ipv6_services_are_captured_through_the_ipv6_listener() {
+    let Some(s) = setup() else { return };
+    let vip6: std::net::Ipv6Addr = "fd00:96::a".parse().unwrap();
+    s.node.add_vip6(vip6, &s.a);
+    let v6_service = policy::service("a6", "shop", vip6.into(), &[(80, "TCP")]);
+    s.node
+        .write_policy(&policy_yaml(&s, Some("enabled"), &[v6_service]));
+    let agent = s
+        .node
+        .start_agent(&["--proxy-ip6", &aviary_tests::NODE_IP6.to_string()]);
+    agent.wait_for_capture(&[&s.client], 3);
+
+    let to = SocketAddr::new(vip6.into(), 80);
+    let direct = connect(&s, &s.other, to);
+    assert_eq!(
+        direct.peer.ip(),
+        IpAddr::V6(s.other.ip6),
+        "not direct: {direct:?}"
+    );
+    let via = connect(&s, &s.client, to);
+    assert_eq!(via.name, "a");
+    assert_eq!(
+        via.peer.ip(),
+        IpAddr::V6(aviary_tests::NODE_IP6),
+        "not proxied: {via:?}"
+    );
+    assert_eq!(
+        via.local, to,
+        "the proxy forwarded to the original IPv6 destination"
+    );
+    assert_eq!(agent.counter("connect_captured"), 1);
+    assert_eq!(agent.stats().occupancy().unwrap().orig_dst, 0);
+}

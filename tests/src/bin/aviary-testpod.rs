@@ -112,16 +112,21 @@ fn exec(netns: PathBuf, cgroup: PathBuf, command: Vec<String>) -> anyhow::Result
 
 fn serve(name: String, port: u16, udp_port: Option<u16>) -> anyhow::Result<()> {
     if let Some(udp_port) = udp_port {
-        let socket = UdpSocket::bind(("0.0.0.0", udp_port))?;
+        // Dual-stack: IPv4 peers arrive v4-mapped and are printed as IPv4.
+        let socket = UdpSocket::bind(("::", udp_port))?;
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                let reply = format!("udp from {from}: {}", String::from_utf8_lossy(&buf[..n]));
+                let reply = format!(
+                    "udp from {}: {}",
+                    canonical(from),
+                    String::from_utf8_lossy(&buf[..n])
+                );
                 let _ = socket.send_to(reply.as_bytes(), from);
             }
         });
     }
-    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    let listener = TcpListener::bind(("::", port))?;
     println!("serving {name} on {port}");
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
@@ -130,6 +135,7 @@ fn serve(name: String, port: u16, udp_port: Option<u16>) -> anyhow::Result<()> {
             let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
                 return;
             };
+            let (peer, local) = (canonical(peer), canonical(local));
             if writeln!(stream, "hello from {name} peer={peer} local={local}").is_err() {
                 return;
             }
@@ -142,6 +148,11 @@ fn serve(name: String, port: u16, udp_port: Option<u16>) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// A v4-mapped address as the IPv4 address it is.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Greeting line, then one echoed line.
