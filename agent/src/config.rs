@@ -63,8 +63,10 @@ pub struct Args {
     #[arg(long, env = "AVIARY_PROXY_MARK", value_parser = parse_mark, default_value = "0xa71a")]
     pub proxy_mark: u32,
 
-    /// Socket-to-socket fast path (sk_msg) for pod<->proxy traffic.
-    #[arg(long, env = "AVIARY_SK_MSG", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Socket-to-socket fast path (sk_msg) for pod<->proxy traffic. Off by default: a socket
+    /// in a SockHash reads through the kernel's tcp_bpf_recvmsg, which can return EAGAIN to a
+    /// blocking read (see the README).
+    #[arg(long, env = "AVIARY_SK_MSG", default_value_t = false, action = clap::ArgAction::Set)]
     pub sk_msg: bool,
 
     /// Log format.
@@ -159,7 +161,7 @@ mod tests {
         assert_eq!(cfg.pin_dir, PathBuf::from("/sys/fs/bpf/aviary"));
         assert_eq!(cfg.outbound_port, 15001);
         assert_eq!(cfg.proxy_mark, DEFAULT_PROXY_MARK);
-        assert!(cfg.sk_msg);
+        assert!(!cfg.sk_msg);
     }
 
     #[test]
@@ -171,17 +173,9 @@ mod tests {
     }
 
     #[test]
-    fn sk_msg_can_be_switched_off() {
-        let cfg = parse(&[
-            "--local",
-            "p",
-            "--proxy-ip",
-            "10.0.0.1",
-            "--sk-msg",
-            "false",
-        ])
-        .unwrap();
-        assert!(!cfg.sk_msg);
+    fn sk_msg_can_be_switched_on() {
+        let cfg = parse(&["--local", "p", "--proxy-ip", "10.0.0.1", "--sk-msg", "true"]).unwrap();
+        assert!(cfg.sk_msg);
     }
 
     #[test]

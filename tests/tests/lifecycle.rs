@@ -45,7 +45,8 @@ fn no_map_entry_is_left_after_100k_connections() {
     let Some((node, client)) = setup() else {
         return;
     };
-    let agent = node.start_agent(&[]);
+    // With the fast path on, so that every map, SOCKETS included, is exercised.
+    let agent = node.start_agent(&["--sk-msg", "true"]);
     agent.wait_for_capture(&[&client], 1);
 
     let out = node.run(
@@ -72,11 +73,11 @@ fn no_map_entry_is_left_after_100k_connections() {
 }
 
 #[test]
-fn sk_msg_can_be_switched_off() {
+fn sk_msg_is_off_by_default() {
     let Some((node, client)) = setup() else {
         return;
     };
-    let agent = node.start_agent(&["--sk-msg", "false"]);
+    let agent = node.start_agent(&[]);
     agent.wait_for_capture(&[&client], 1);
 
     let mut session = node.session(&client, vip());
@@ -208,4 +209,28 @@ fn load_failures_end_the_agent_with_one_line_naming_cause_and_remedy() {
     assert_eq!(code, 2);
     assert!(stderr.contains("--local"), "{stderr}");
     assert!(!std::path::Path::new("/sys/fs/bpf/avt-load-failure").exists());
+}
+
+/// A reader thread and a writer thread on one blocking socket: the pattern that the sk_msg fast
+/// path breaks (spurious EAGAIN from read), and the reason it is off by default.
+#[test]
+fn bulk_streams_with_a_reader_and_a_writer_thread_arrive_intact() {
+    let Some((node, client)) = setup() else {
+        return;
+    };
+    let agent = node.start_agent(&[]);
+    agent.wait_for_capture(&[&client], 1);
+    for _ in 0..3 {
+        let out = node.run(
+            &client,
+            &["load", "stream", &vip().to_string(), "--secs", "1"],
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(agent.counter("connect_captured"), 3);
 }

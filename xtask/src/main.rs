@@ -31,7 +31,7 @@ enum Task {
     /// Every test: unit tests, then the privileged end-to-end tests (as root).
     Test {
         /// Extra arguments for cargo test (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// The demo, in local mode on a node built from network namespaces (as root).
@@ -39,6 +39,12 @@ enum Task {
         /// A short run (CI).
         #[arg(long)]
         short: bool,
+    },
+    /// The benchmark: the data path against direct connections, in one run (as root).
+    Bench {
+        /// Arguments for the benchmark (e.g. --secs 10).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -91,6 +97,11 @@ fn run(task: Task) -> anyhow::Result<()> {
                 demo.arg("--short");
             }
             status(&mut demo)
+        }
+        Task::Bench { args } => {
+            setup()?;
+            cargo(&["build", "--release", "--bins"])?;
+            status(Command::new(target_dir().join("release/aviary-bench")).args(args))
         }
     }
 }

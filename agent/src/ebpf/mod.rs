@@ -380,7 +380,7 @@ mod tests {
         let cfg = DatapathConfig::from_config(&Config::try_from(args).unwrap());
         assert_eq!(cfg.programs.proxy_v4.to_ne_bytes(), [10, 244, 1, 1]);
         assert_eq!(cfg.programs.proxy_port, 15001);
-        assert_eq!(cfg.programs.flags, CONFIG_SK_MSG | CONFIG_IPV6);
+        assert_eq!(cfg.programs.flags, CONFIG_IPV6);
         assert_eq!(cfg.programs.proxy_v6[3].to_ne_bytes(), [0, 0, 0, 1]);
     }
 }

@@ -17,7 +17,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
@@ -65,6 +65,43 @@ enum Command {
     Session { addr: SocketAddr },
     /// Send one datagram and print the reply.
     Udp { addr: SocketAddr },
+    /// Load for the benchmark; each mode runs for `secs` and prints one line of results.
+    Load {
+        #[command(subcommand)]
+        mode: Load,
+    },
+}
+
+#[derive(Subcommand)]
+enum Load {
+    /// `conns` keep-alive connections, each sending 64-byte requests and awaiting the echo.
+    Rr {
+        addr: SocketAddr,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// `parallel` workers, each opening a new connection per request.
+    Crr {
+        addr: SocketAddr,
+        #[arg(long)]
+        parallel: usize,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// One connection streaming 64 KiB writes while reading the echo.
+    Stream {
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// connect() alone, timed, to a listener of this process on loopback: what the connect
+    /// programs add to a connection they do not capture.
+    ConnectLocal {
+        #[arg(long)]
+        count: u32,
+    },
 }
 
 fn main() {
@@ -93,6 +130,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => connect_many(addr, count, parallel),
         Command::Session { addr } => session(addr),
         Command::Udp { addr } => udp(addr),
+        Command::Load { mode } => load(mode),
     }
 }
 
@@ -255,4 +293,123 @@ fn udp(addr: SocketAddr) -> anyhow::Result<()> {
         .context("waiting for the reply")?;
     println!("{}", String::from_utf8_lossy(&buf[..n]));
     Ok(())
+}
+
+fn load(mode: Load) -> anyhow::Result<()> {
+    match mode {
+        Load::Rr { addr, conns, secs } => {
+            let latencies = workers(conns, secs, |deadline| {
+                let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+                stream.set_nodelay(true)?;
+                stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                let mut reader = BufReader::new(stream.try_clone()?);
+                reader.read_line(&mut String::new())?;
+                let (request, mut reply) = ([b'x'; 64], [0u8; 64]);
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let start = Instant::now();
+                    (&stream).write_all(&request)?;
+                    reader.read_exact(&mut reply)?;
+                    latencies.push(start.elapsed());
+                }
+                Ok(latencies)
+            })?;
+            report("rr", secs, latencies);
+        }
+        Load::Crr {
+            addr,
+            parallel,
+            secs,
+        } => {
+            let latencies = workers(parallel, secs, |deadline| {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let start = Instant::now();
+                    exchange(addr, "request")?;
+                    latencies.push(start.elapsed());
+                }
+                Ok(latencies)
+            })?;
+            report("crr", secs, latencies);
+        }
+        Load::Stream { addr, secs } => {
+            let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+            stream.set_read_timeout(Some(IO_TIMEOUT))?;
+            let mut reader = BufReader::new(stream.try_clone()?);
+            reader.read_line(&mut String::new())?;
+            let deadline = Instant::now() + Duration::from_secs_f64(secs);
+            let writer = std::thread::spawn(move || -> anyhow::Result<u64> {
+                let chunk = vec![b'y'; 64 * 1024];
+                let mut sent = 0u64;
+                while Instant::now() < deadline {
+                    (&stream).write_all(&chunk).context("stream write")?;
+                    sent += chunk.len() as u64;
+                }
+                stream.shutdown(std::net::Shutdown::Write)?;
+                Ok(sent)
+            });
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut received = 0u64;
+            loop {
+                let n = reader.read(&mut buf).context("stream read")?;
+                if n == 0 {
+                    break;
+                }
+                received += n as u64;
+            }
+            let sent = writer.join().expect("writer panicked")?;
+            if sent != received {
+                bail!("sent {sent} bytes, {received} came back");
+            }
+            println!("stream bytes={received} secs={secs}");
+        }
+        Load::ConnectLocal { count } => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            std::thread::spawn(move || listener.incoming().for_each(drop));
+            let mut samples = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let start = Instant::now();
+                let stream = TcpStream::connect(addr)?;
+                samples.push(start.elapsed());
+                drop(stream);
+            }
+            samples.sort_unstable();
+            let median = samples.get(samples.len() / 2).copied().unwrap_or_default();
+            println!("connect count={count} median_ns={}", median.as_nanos());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `n` workers until `secs` pass; returns every latency they measured.
+fn workers(
+    n: usize,
+    secs: f64,
+    work: impl Fn(Instant) -> anyhow::Result<Vec<Duration>> + Sync,
+) -> anyhow::Result<Vec<Duration>> {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n).map(|_| scope.spawn(|| work(deadline))).collect();
+        let mut all = Vec::new();
+        for handle in handles {
+            all.extend(handle.join().expect("worker panicked")?);
+        }
+        Ok(all)
+    })
+}
+
+fn report(mode: &str, secs: f64, mut latencies: Vec<Duration>) {
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+    };
+    let us = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
+    println!(
+        "{mode} requests={} secs={secs} p50_us={:.1} p99_us={:.1}",
+        latencies.len(),
+        us(pct(0.50)),
+        us(pct(0.99))
+    );
 }
