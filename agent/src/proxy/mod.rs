@@ -1,3 +1,6 @@
 //! The node proxy.
 
+pub mod balance;
 pub mod outbound;
+pub mod route;
+pub mod split;

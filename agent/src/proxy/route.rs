@@ -1,0 +1,494 @@
+//! The proxy's routing table: for each captured service port, ordered rules that match requests
+//! and send them to weighted backends. Immutable; a new table replaces the old one whole.
+//!
+//! Matching follows the Gateway API's HTTPRoute semantics, because that is what policy is made
+//! of: a rule matches when any of its matches does; a match holds when all of its conditions do;
+//! path prefixes match whole segments; header names are case-insensitive.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use regex::Regex;
+
+/// Everything the proxy knows about captured services, by ClusterIP:port.
+#[derive(Debug, Default, Clone)]
+pub struct RouteTable {
+    pub services: HashMap<SocketAddr, Arc<ServiceRoutes>>,
+}
+
+impl RouteTable {
+    pub fn service(&self, addr: &SocketAddr) -> Option<&Arc<ServiceRoutes>> {
+        self.services.get(addr)
+    }
+}
+
+/// How a service port's traffic is read, from its Service's `appProtocol` or detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AppProtocol {
+    #[default]
+    Detect,
+    Http1,
+    Http2,
+    Opaque,
+}
+
+impl AppProtocol {
+    /// A Service port's `appProtocol`: `http`, `kubernetes.io/h2c` and `tcp` decide; anything
+    /// else (or nothing) leaves the proxy to detect.
+    pub fn from_app_protocol(value: Option<&str>) -> Self {
+        match value {
+            Some("http") => Self::Http1,
+            Some("kubernetes.io/h2c") => Self::Http2,
+            Some("tcp") => Self::Opaque,
+            _ => Self::Detect,
+        }
+    }
+}
+
+/// One service port: its identity, how to read it, and its rules.
+#[derive(Debug, Clone)]
+pub struct ServiceRoutes {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    pub protocol: AppProtocol,
+    /// Ordered; the first rule with a matching request wins. A request no rule matches gets
+    /// 404, as in the Gateway API; a service without rules passes through to `default`.
+    pub rules: Vec<Rule>,
+    /// The service's own endpoints, for traffic no route governs.
+    pub default: Arc<Backend>,
+}
+
+impl ServiceRoutes {
+    /// The first rule matching the request, or None when rules exist and none matches.
+    pub fn route(&self, req: &RequestView<'_>) -> Option<&Rule> {
+        self.rules.iter().find(|rule| rule.matches(req))
+    }
+}
+
+/// The parts of a request that rules look at.
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Rule {
+    /// Any of these; none means every request.
+    pub matches: Vec<RequestMatch>,
+    pub backends: Vec<WeightedBackend>,
+    pub mirror: Option<Mirror>,
+    /// The whole request, retries included (HTTPRoute `timeouts.request`).
+    pub timeout: Option<Duration>,
+    /// One attempt to a backend (HTTPRoute `timeouts.backendRequest`).
+    pub backend_timeout: Option<Duration>,
+    pub request_headers: HeaderModifier,
+    pub response_headers: HeaderModifier,
+}
+
+impl Rule {
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(req))
+    }
+
+    /// The weights, in backend order, for a weighted pick.
+    pub fn weights(&self) -> impl Iterator<Item = u32> + '_ {
+        self.backends.iter().map(|b| b.weight)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    pub path: Option<PathMatch>,
+    pub method: Option<Method>,
+    pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
+}
+
+impl RequestMatch {
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.path.as_ref().is_none_or(|p| p.matches(req.path))
+            && self.method.as_ref().is_none_or(|m| m == req.method)
+            && self.headers.iter().all(|h| h.matches(req.headers))
+            && self.query.iter().all(|q| q.matches(req.query))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    /// Whole path segments: `/api` matches `/api`, `/api/` and `/api/v1`, not `/apis`.
+    Prefix(String),
+    Regex(Regex),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(exact) => path == exact,
+            Self::Prefix(prefix) => {
+                let prefix = prefix.trim_end_matches('/');
+                prefix.is_empty()
+                    || path
+                        .strip_prefix(prefix)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+            Self::Regex(re) => re.is_match(path),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum StringMatch {
+    Exact(String),
+    /// Anchored only where the pattern anchors itself, as Envoy's RE2 matching does for
+    /// Gateway API routes (Flagger writes `^(.*?;)?(canary=always)(;.*)?$` for cookies).
+    Regex(Regex),
+}
+
+impl StringMatch {
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(exact) => value == exact,
+            Self::Regex(re) => re.is_match(value),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    pub name: HeaderName,
+    pub value: StringMatch,
+}
+
+impl HeaderMatch {
+    /// Several values of one header are matched as one, joined the way HTTP joins them (`; `
+    /// for Cookie, `,` otherwise), so a cookie match sees every cookie.
+    fn matches(&self, headers: &HeaderMap) -> bool {
+        let mut values = headers
+            .get_all(&self.name)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let Some(first) = values.next() else {
+            return false;
+        };
+        let rest: Vec<&str> = values.collect();
+        if rest.is_empty() {
+            return self.value.matches(first);
+        }
+        let separator = if self.name == http::header::COOKIE {
+            "; "
+        } else {
+            ","
+        };
+        let joined = std::iter::once(first)
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join(separator);
+        self.value.matches(&joined)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: StringMatch,
+}
+
+impl QueryMatch {
+    /// The first occurrence of the parameter counts, as in the Gateway API.
+    fn matches(&self, query: Option<&str>) -> bool {
+        let Some(query) = query else { return false };
+        query
+            .split('&')
+            .filter_map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (name == self.name).then_some(value)
+            })
+            .next()
+            .is_some_and(|value| self.value.matches(value))
+    }
+}
+
+/// Header changes applied to a request before it leaves, or to a response before it returns.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderModifier {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderModifier {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// In the Gateway API's order: set, add, remove.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+        for name in &self.remove {
+            headers.remove(name);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WeightedBackend {
+    pub backend: BackendRef,
+    pub weight: u32,
+    pub request_headers: HeaderModifier,
+    pub response_headers: HeaderModifier,
+}
+
+/// A backend a rule names. One that could not be resolved still takes its share of traffic,
+/// which fails with 500, as the Gateway API requires.
+#[derive(Debug, Clone)]
+pub enum BackendRef {
+    Service(Arc<Backend>),
+    Invalid { name: String, reason: String },
+}
+
+impl BackendRef {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Service(b) => &b.name,
+            Self::Invalid { name, .. } => name,
+        }
+    }
+}
+
+/// A set of endpoints behind one name (a Service, e.g. `podinfo-canary`).
+#[derive(Debug)]
+pub struct Backend {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    pub endpoints: Vec<Arc<Endpoint>>,
+}
+
+/// One endpoint, with the load statistics the balancer keeps for it. The statistics outlive
+/// routing table swaps: a new table reuses the Endpoint of an address the old one had.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub load: super::balance::Load,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            load: Default::default(),
+        })
+    }
+}
+
+/// A copy of matching requests sent to another backend, whose response is discarded.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub backend: Arc<Backend>,
+    /// The share of requests mirrored: numerator / denominator (percent is n/100).
+    pub numerator: u32,
+    pub denominator: u32,
+    pub safe_methods: SafeMethods,
+}
+
+/// Which requests may be mirrored. Mirroring a request that changes state would do the change
+/// twice, so only idempotent methods are, unless the policy declares more.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SafeMethods {
+    /// Beyond GET, HEAD, OPTIONS and TRACE (e.g. PUT, DELETE).
+    pub extra: Vec<Method>,
+    /// Any method whose request carries an `Idempotency-Key` header.
+    pub idempotency_key: bool,
+}
+
+impl SafeMethods {
+    pub fn allows(&self, method: &Method, headers: &HeaderMap) -> bool {
+        matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        ) || self.extra.contains(method)
+            || (self.idempotency_key && headers.contains_key("idempotency-key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view<'a>(
+        method: &'a Method,
+        path: &'a str,
+        query: Option<&'a str>,
+        headers: &'a HeaderMap,
+    ) -> RequestView<'a> {
+        RequestView {
+            method,
+            path,
+            query,
+            headers,
+        }
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        let prefix = PathMatch::Prefix("/api".into());
+        for path in ["/api", "/api/", "/api/v1"] {
+            assert!(prefix.matches(path), "{path}");
+        }
+        assert!(!prefix.matches("/apis"));
+        assert!(PathMatch::Prefix("/api/".into()).matches("/api/v1"));
+        assert!(PathMatch::Prefix("/".into()).matches("/anything"));
+        assert!(PathMatch::Exact("/a".into()).matches("/a"));
+        assert!(!PathMatch::Exact("/a".into()).matches("/a/"));
+    }
+
+    #[test]
+    fn flaggers_cookie_regex_matches_among_other_cookies() {
+        let m = HeaderMatch {
+            name: http::header::COOKIE,
+            value: StringMatch::Regex(Regex::new("^(.*?;)?(canary=always)(;.*)?$").unwrap()),
+        };
+        // Flagger's pattern wants the cookie first, or right after a bare ';' (as Envoy does,
+        // a space after the ';' does not match it).
+        for cookies in [
+            "canary=always",
+            "canary=always; session=1",
+            "session=1;canary=always;theme=dark",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("cookie", cookies.parse().unwrap());
+            assert!(m.matches(&headers), "{cookies}");
+        }
+        // Split over two Cookie headers (HTTP/2 sends one per cookie), joined with "; ".
+        let mut split = HeaderMap::new();
+        split.append("cookie", "canary=always".parse().unwrap());
+        split.append("cookie", "session=1".parse().unwrap());
+        assert!(m.matches(&split));
+        let mut other = HeaderMap::new();
+        other.insert("cookie", "canary=never".parse().unwrap());
+        assert!(!m.matches(&other));
+        assert!(!m.matches(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn a_match_needs_all_its_conditions_a_rule_any_of_its_matches() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-user", "beta".parse().unwrap());
+        let m = RequestMatch {
+            path: Some(PathMatch::Prefix("/api".into())),
+            method: Some(Method::GET),
+            headers: vec![HeaderMatch {
+                name: HeaderName::from_static("x-user"),
+                value: StringMatch::Exact("beta".into()),
+            }],
+            query: vec![QueryMatch {
+                name: "v".into(),
+                value: StringMatch::Exact("2".into()),
+            }],
+        };
+        assert!(m.matches(&view(&Method::GET, "/api/x", Some("a=1&v=2"), &headers)));
+        assert!(!m.matches(&view(&Method::POST, "/api/x", Some("v=2"), &headers)));
+        assert!(!m.matches(&view(&Method::GET, "/web", Some("v=2"), &headers)));
+        assert!(!m.matches(&view(&Method::GET, "/api", Some("v=3"), &headers)));
+        assert!(!m.matches(&view(&Method::GET, "/api", None, &headers)));
+        assert!(!m.matches(&view(&Method::GET, "/api", Some("v=2"), &HeaderMap::new())));
+
+        let rule = Rule {
+            matches: vec![
+                m,
+                RequestMatch {
+                    method: Some(Method::DELETE),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert!(rule.matches(&view(&Method::DELETE, "/other", None, &HeaderMap::new())));
+        assert!(Rule::default().matches(&view(&Method::PUT, "/", None, &HeaderMap::new())));
+    }
+
+    #[test]
+    fn the_first_query_parameter_counts() {
+        let q = QueryMatch {
+            name: "v".into(),
+            value: StringMatch::Exact("1".into()),
+        };
+        assert!(q.matches(Some("v=1&v=2")));
+        assert!(!q.matches(Some("v=2&v=1")));
+        assert!(!q.matches(Some("vv=1")));
+    }
+
+    #[test]
+    fn header_modifiers_set_add_then_remove() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", "old".parse().unwrap());
+        headers.insert("x-gone", "1".parse().unwrap());
+        let modifier = HeaderModifier {
+            set: vec![(
+                HeaderName::from_static("x-a"),
+                HeaderValue::from_static("new"),
+            )],
+            add: vec![(
+                HeaderName::from_static("x-b"),
+                HeaderValue::from_static("1"),
+            )],
+            remove: vec![HeaderName::from_static("x-gone")],
+        };
+        modifier.apply(&mut headers);
+        assert_eq!(headers["x-a"], "new");
+        assert_eq!(headers["x-b"], "1");
+        assert!(!headers.contains_key("x-gone"));
+    }
+
+    #[test]
+    fn only_idempotent_methods_are_safe_to_mirror_unless_declared() {
+        let none = HeaderMap::new();
+        let default = SafeMethods::default();
+        for m in [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE] {
+            assert!(default.allows(&m, &none), "{m}");
+        }
+        for m in [Method::POST, Method::PATCH, Method::PUT, Method::DELETE] {
+            assert!(!default.allows(&m, &none), "{m}");
+        }
+        let opted = SafeMethods {
+            extra: vec![Method::PUT],
+            idempotency_key: true,
+        };
+        assert!(opted.allows(&Method::PUT, &none));
+        assert!(!opted.allows(&Method::DELETE, &none));
+        let mut keyed = HeaderMap::new();
+        keyed.insert("idempotency-key", "abc".parse().unwrap());
+        assert!(opted.allows(&Method::POST, &keyed));
+        assert!(!default.allows(&Method::POST, &keyed));
+    }
+
+    #[test]
+    fn app_protocols() {
+        assert_eq!(
+            AppProtocol::from_app_protocol(Some("http")),
+            AppProtocol::Http1
+        );
+        assert_eq!(
+            AppProtocol::from_app_protocol(Some("kubernetes.io/h2c")),
+            AppProtocol::Http2
+        );
+        assert_eq!(
+            AppProtocol::from_app_protocol(Some("tcp")),
+            AppProtocol::Opaque
+        );
+        assert_eq!(
+            AppProtocol::from_app_protocol(Some("grpc")),
+            AppProtocol::Detect
+        );
+        assert_eq!(AppProtocol::from_app_protocol(None), AppProtocol::Detect);
+    }
+}
