@@ -3,6 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use aviary_abi::{LISTENER_V4, LISTENER_V6};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
@@ -16,7 +17,12 @@ use crate::{
         Datapath, DatapathConfig,
     },
     policy::{self, Store},
-    proxy::outbound::{self, Outbound},
+    proxy::{
+        detect::DETECT_TIMEOUT,
+        http::{HttpConfig, HttpProxy},
+        outbound::{self, Outbound},
+        route::RouteTable,
+    },
     state::Publisher,
 };
 
@@ -38,9 +44,18 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
 
+    // Routes come with policy from Kubernetes; until then every service passes through.
+    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let outbound = Arc::new(Outbound {
         orig_dst: OrigDstTable::open(pins)?,
         mark: cfg.proxy_mark,
+        http: Arc::new(HttpProxy::new(
+            HttpConfig::default(),
+            routes.clone(),
+            cfg.proxy_mark,
+        )),
+        routes,
+        detect_timeout: DETECT_TIMEOUT,
     });
     let mut listeners = Listeners::open(pins)?;
     let v4 = outbound::bind_v4(cfg.outbound_port).with_context(|| {

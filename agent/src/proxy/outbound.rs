@@ -1,16 +1,30 @@
 //! The outbound listener (port 15001): takes the connections the programs captured, recovers
-//! each one's original destination and moves bytes to it.
+//! each one's original destination, and applies the routing table to it.
+//!
+//! - A destination with no entry in the table passes through, byte for byte, to where the pod
+//!   aimed it.
+//! - HTTP (detected, or declared by the Service port's appProtocol) is proxied per request.
+//! - Opaque TCP is split per connection by the weights of the service's catch-all rule.
 
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
+use super::{
+    balance,
+    detect::{detect, Detected},
+    http::HttpProxy,
+    route::{AppProtocol, Backend, BackendRef, RouteTable, ServiceRoutes},
+    split::{pick_weighted, with_rng},
+};
 use crate::ebpf::maps::OrigDstTable;
 
 const BACKLOG: u32 = 4096;
@@ -39,6 +53,10 @@ pub struct Outbound {
     pub orig_dst: OrigDstTable,
     /// Marks the proxy's upstream sockets so the programs never capture them.
     pub mark: u32,
+    /// Replaced whole when policy changes; read without a lock (shared with `http`).
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub http: Arc<HttpProxy>,
+    pub detect_timeout: Duration,
 }
 
 impl Outbound {
@@ -52,13 +70,14 @@ impl Outbound {
                 // Out of file descriptors or a connection reset before accept: keep serving.
                 Err(e) => {
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
         }
     }
 
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let _ = client.set_nodelay(true);
         let Some(dst) = client
             .local_addr()
             .ok()
@@ -69,7 +88,28 @@ impl Outbound {
             let _ = client.set_zero_linger();
             return;
         };
-        let mut upstream = match self.connect(dst).await {
+        let Some(service) = self.routes.load().service(&dst).cloned() else {
+            return self.splice(client, peer, dst).await;
+        };
+        let detected = match service.protocol {
+            AppProtocol::Http1 | AppProtocol::Http2 => Detected::Http,
+            AppProtocol::Opaque => Detected::Opaque,
+            AppProtocol::Detect => detect(&client, self.detect_timeout).await,
+        };
+        match detected {
+            Detected::Http => self.http.clone().serve(client, dst, peer).await,
+            Detected::Opaque => match tcp_target(&service) {
+                Some(target) => self.splice(client, peer, target).await,
+                None => {
+                    debug!(%peer, %dst, "no endpoint for an opaque connection");
+                    let _ = client.set_zero_linger();
+                }
+            },
+        }
+    }
+
+    async fn splice(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let mut upstream = match super::connect_marked(dst, self.mark).await {
             Ok(upstream) => upstream,
             Err(e) => {
                 debug!(%peer, %dst, error = %e, "upstream connect failed");
@@ -82,15 +122,20 @@ impl Outbound {
             Err(e) => debug!(%peer, %dst, error = %e, "connection ended with an error"),
         }
     }
+}
 
-    async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let socket = match dst {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        setsockopt(&socket, sockopt::Mark, &self.mark)?;
-        let stream = socket.connect(dst).await?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    }
+/// An opaque connection's endpoint: split by the weights of the first rule that matches every
+/// request (matches on HTTP attributes mean nothing to raw bytes), else the service's own.
+fn tcp_target(service: &ServiceRoutes) -> Option<SocketAddr> {
+    let backend: Arc<Backend> = match service.rules.iter().find(|rule| rule.matches.is_empty()) {
+        Some(rule) => {
+            let index = with_rng(|rng| pick_weighted(rule.weights(), rng))?;
+            match &rule.backends[index].backend {
+                BackendRef::Service(backend) => backend.clone(),
+                BackendRef::Invalid { .. } => return None,
+            }
+        }
+        None => service.default.clone(),
+    };
+    with_rng(|rng| balance::pick(&backend.endpoints, None, rng)).map(|endpoint| endpoint.addr)
 }

@@ -94,7 +94,7 @@ impl Rule {
     }
 
     /// The weights, in backend order, for a weighted pick.
-    pub fn weights(&self) -> impl Iterator<Item = u32> + '_ {
+    pub fn weights(&self) -> impl Iterator<Item = u32> + Clone + '_ {
         self.backends.iter().map(|b| b.weight)
     }
 }
@@ -298,6 +298,8 @@ pub struct Mirror {
     pub numerator: u32,
     pub denominator: u32,
     pub safe_methods: SafeMethods,
+    /// Bounds the mirror's requests in flight; beyond it a mirror is dropped, and counted.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Which requests may be mirrored. Mirroring a request that changes state would do the change

@@ -1,0 +1,575 @@
+//! HTTP/1.1 and HTTP/2 proxying with per-request policy: route matching, weighted splits, header
+//! filters, timeouts, one retry on connect errors, and mirroring of idempotent requests.
+//!
+//! Forwarding headers: like Envoy, the proxy appends the client's address to `x-forwarded-for`
+//! and sets `x-forwarded-proto` when absent; trace context (`traceparent`, `tracestate`) passes
+//! untouched. Hop-by-hop headers are removed in both directions.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{
+    balance::{self, InFlight},
+    route::{
+        Backend, BackendRef, Mirror, RequestView, RouteTable, Rule, ServiceRoutes, WeightedBackend,
+    },
+    split::{pick_weighted, sampled, with_rng},
+};
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Marks mirrored requests, so a backend (and its metrics) can tell them apart.
+pub const MIRROR_HEADER: &str = "x-aviary-mirror";
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Request bodies up to this size are buffered, so they can be mirrored or retried.
+    pub body_buffer_limit: usize,
+    /// Mirrored requests in flight per mirror backend; more are dropped (and counted).
+    pub mirror_in_flight: usize,
+    pub mirror_timeout: Duration,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            body_buffer_limit: 1024 * 1024,
+            mirror_in_flight: 100,
+            mirror_timeout: Duration::from_secs(10),
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// What happened to each request that a mirror rule applied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorOutcome {
+    Sent,
+    SkippedNotIdempotent,
+    SkippedBodyTooLarge,
+    DroppedOverload,
+    Failed,
+    TimedOut,
+}
+
+impl MirrorOutcome {
+    pub const ALL: [MirrorOutcome; 6] = [
+        Self::Sent,
+        Self::SkippedNotIdempotent,
+        Self::SkippedBodyTooLarge,
+        Self::DroppedOverload,
+        Self::Failed,
+        Self::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::SkippedNotIdempotent => "skipped_not_idempotent",
+            Self::SkippedBodyTooLarge => "skipped_body_too_large",
+            Self::DroppedOverload => "dropped_overload",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// Mirror outcomes and the mirrors' responses (their status and latency), for the metrics.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    outcomes: [AtomicU64; 6],
+    responses_by_class: [AtomicU64; 6],
+    latency_us_total: AtomicU64,
+}
+
+impl MirrorStats {
+    fn record(&self, outcome: MirrorOutcome) {
+        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn record_response(&self, status: StatusCode, latency: Duration) {
+        let class = usize::from(status.as_u16() / 100).min(5);
+        self.responses_by_class[class].fetch_add(1, Ordering::Relaxed);
+        self.latency_us_total
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn outcome(&self, outcome: MirrorOutcome) -> u64 {
+        self.outcomes[outcome as usize].load(Ordering::Relaxed)
+    }
+
+    /// Mirror responses whose status was `class`xx.
+    pub fn responses(&self, class: u16) -> u64 {
+        self.responses_by_class[usize::from(class).min(5)].load(Ordering::Relaxed)
+    }
+}
+
+/// Connects upstream sockets with the proxy's mark, so the capture programs leave them alone.
+#[derive(Debug, Clone, Copy)]
+pub struct MarkedConnector {
+    pub mark: u32,
+}
+
+impl tower_service::Service<Uri> for MarkedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mark = self.mark;
+        Box::pin(async move {
+            // Upstream URIs always carry the endpoint's socket address.
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("not an endpoint: {uri}"),
+                    )
+                })?;
+            Ok(TokioIo::new(super::connect_marked(addr, mark).await?))
+        })
+    }
+}
+
+pub struct HttpProxy {
+    cfg: HttpConfig,
+    /// Looked up per request, so a policy change applies to the next request on every open
+    /// connection.
+    routes: Arc<ArcSwap<RouteTable>>,
+    h1: Client<MarkedConnector, ProxyBody>,
+    h2: Client<MarkedConnector, ProxyBody>,
+    server: auto::Builder<TokioExecutor>,
+    pub mirror_stats: Arc<MirrorStats>,
+}
+
+/// A request body the proxy holds whole (so it can send it again), or one it streams.
+enum RequestBody {
+    Buffered(Bytes),
+    Streaming(Incoming),
+}
+
+impl HttpProxy {
+    pub fn new(cfg: HttpConfig, routes: Arc<ArcSwap<RouteTable>>, mark: u32) -> Self {
+        let connector = MarkedConnector { mark };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(Duration::from_secs(60));
+        let h1 = builder.build(connector);
+        let h2 = builder.clone().http2_only(true).build(connector);
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .max_headers(cfg.max_headers)
+            .max_buf_size(cfg.max_header_bytes.max(8192));
+        server
+            .http2()
+            .max_header_list_size(cfg.max_header_bytes as u32);
+        Self {
+            cfg,
+            routes,
+            h1,
+            h2,
+            server,
+            mirror_stats: Arc::default(),
+        }
+    }
+
+    /// Serves one client connection to the service at `dst` (HTTP/1.1 or HTTP/2, told apart
+    /// by the HTTP/2 preface). A malformed request gets 400 and its connection closes; other
+    /// connections carry on.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, dst: SocketAddr, peer: SocketAddr) {
+        let this = self.clone();
+        let handler = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            async move {
+                let table = this.routes.load();
+                let response = match table.service(&dst) {
+                    Some(service) => this.handle(req, service, peer).await,
+                    None => error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("{dst} is no longer routed"),
+                    ),
+                };
+                Ok::<_, Infallible>(response)
+            }
+        });
+        if let Err(e) = self
+            .server
+            .serve_connection(TokioIo::new(stream), handler)
+            .await
+        {
+            debug!(%peer, error = %e, "HTTP connection ended with an error");
+        }
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        service: &ServiceRoutes,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let view = RequestView {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        };
+        let rule = if service.rules.is_empty() {
+            None
+        } else {
+            match service.route(&view) {
+                Some(rule) => Some(rule),
+                None => return error(StatusCode::NOT_FOUND, "no route matches the request"),
+            }
+        };
+        let (backend, weighted) = match rule.map(choose_backend) {
+            None => (service.default.clone(), None),
+            Some(Ok((backend, weighted))) => (backend, Some(weighted)),
+            Some(Err(response)) => return response,
+        };
+
+        remove_hop_by_hop(&mut parts.headers);
+        add_forwarding_headers(&mut parts.headers, peer);
+        if let Some(rule) = rule {
+            rule.request_headers.apply(&mut parts.headers);
+        }
+        if let Some(weighted) = weighted {
+            weighted.request_headers.apply(&mut parts.headers);
+        }
+
+        let body = self.read_body(body).await;
+        if let Some(mirror) = rule.and_then(|r| r.mirror.as_ref()) {
+            self.mirror(mirror, &parts, &body);
+        }
+
+        let attempt = self.forward(&parts, body, &backend, rule);
+        let response = match rule.and_then(|r| r.timeout) {
+            Some(limit) => match tokio::time::timeout(limit, attempt).await {
+                Ok(response) => response,
+                Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "the request timed out"),
+            },
+            None => attempt.await,
+        };
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        if let Some(rule) = rule {
+            rule.response_headers.apply(&mut parts.headers);
+        }
+        if let Some(weighted) = weighted {
+            weighted.response_headers.apply(&mut parts.headers);
+        }
+        Response::from_parts(parts, body)
+    }
+
+    /// Buffers a body whose length is known and within the limit; streams any other.
+    async fn read_body(&self, body: Incoming) -> RequestBody {
+        let small = body.is_end_stream()
+            || body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= self.cfg.body_buffer_limit as u64);
+        if !small {
+            return RequestBody::Streaming(body);
+        }
+        match body.collect().await {
+            Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
+            // The client went away mid-body; the request fails upstream as it would have.
+            Err(_) => RequestBody::Buffered(Bytes::new()),
+        }
+    }
+
+    /// Sends the request to an endpoint of `backend`; retries once on another endpoint when the
+    /// connect fails and the request is idempotent and held whole.
+    async fn forward(
+        &self,
+        parts: &http::request::Parts,
+        body: RequestBody,
+        backend: &Backend,
+        rule: Option<&Rule>,
+    ) -> Response<ProxyBody> {
+        let retryable = matches!(body, RequestBody::Buffered(_)) && is_idempotent(&parts.method);
+        let mut body = Some(body);
+        let mut failed: Option<Arc<super::route::Endpoint>> = None;
+        loop {
+            let Some(endpoint) =
+                with_rng(|rng| balance::pick(&backend.endpoints, failed.as_ref(), rng))
+            else {
+                return match failed {
+                    Some(_) => error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("no endpoint of {} accepted a connection", backend.name),
+                    ),
+                    None => error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("{} has no endpoints", backend.name),
+                    ),
+                };
+            };
+            let attempt_body = match body.take().expect("a body for each attempt") {
+                RequestBody::Buffered(bytes) => {
+                    body = Some(RequestBody::Buffered(bytes.clone()));
+                    full(bytes)
+                }
+                RequestBody::Streaming(incoming) => incoming.boxed(),
+            };
+            let request = upstream_request(parts, endpoint.addr, attempt_body);
+            let client = if parts.version == Version::HTTP_2 {
+                &self.h2
+            } else {
+                &self.h1
+            };
+            let in_flight = InFlight::start(endpoint.clone());
+            let sent = client.request(request);
+            let result = match rule.and_then(|r| r.backend_timeout) {
+                Some(limit) => match tokio::time::timeout(limit, sent).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        return error(StatusCode::GATEWAY_TIMEOUT, "the backend request timed out")
+                    }
+                },
+                None => sent.await,
+            };
+            match result {
+                Ok(response) => {
+                    in_flight.done();
+                    return response.map(|body| body.boxed());
+                }
+                Err(e) if e.is_connect() && retryable && failed.is_none() => {
+                    debug!(endpoint = %endpoint.addr, error = %e, "connect failed; retrying on another endpoint");
+                    failed = Some(endpoint);
+                }
+                Err(e) if e.is_connect() => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("connecting to {} failed: {e}", endpoint.addr),
+                    )
+                }
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("{} failed: {e}", endpoint.addr),
+                    )
+                }
+            }
+        }
+    }
+
+    /// Sends a copy of the request to the mirror backend, in the background: the primary never
+    /// waits for it, and nothing about the mirror reaches the client.
+    fn mirror(&self, mirror: &Mirror, parts: &http::request::Parts, body: &RequestBody) {
+        if !with_rng(|rng| sampled(mirror.numerator, mirror.denominator, rng)) {
+            return;
+        }
+        if !mirror.safe_methods.allows(&parts.method, &parts.headers) {
+            return self
+                .mirror_stats
+                .record(MirrorOutcome::SkippedNotIdempotent);
+        }
+        let RequestBody::Buffered(bytes) = body else {
+            return self.mirror_stats.record(MirrorOutcome::SkippedBodyTooLarge);
+        };
+        let Ok(permit) = mirror.in_flight.clone().try_acquire_owned() else {
+            return self.mirror_stats.record(MirrorOutcome::DroppedOverload);
+        };
+        let Some(endpoint) = with_rng(|rng| balance::pick(&mirror.backend.endpoints, None, rng))
+        else {
+            return self.mirror_stats.record(MirrorOutcome::Failed);
+        };
+        let mut request = upstream_request(parts, endpoint.addr, full(bytes.clone()));
+        let host = mirror_host(&mirror.backend);
+        request.headers_mut().insert(header::HOST, host);
+        request
+            .headers_mut()
+            .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
+        let client = if parts.version == Version::HTTP_2 {
+            self.h2.clone()
+        } else {
+            self.h1.clone()
+        };
+        let timeout = self.cfg.mirror_timeout;
+        let stats = self.mirror_stats.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let start = Instant::now();
+            let exchange = async {
+                let response = client.request(request).await?;
+                let status = response.status();
+                // Read the whole response, then drop it: measured, never seen.
+                response.into_body().collect().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status)
+            };
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok(status)) => {
+                    stats.record(MirrorOutcome::Sent);
+                    stats.record_response(status, start.elapsed());
+                }
+                Ok(Err(_)) => stats.record(MirrorOutcome::Failed),
+                Err(_) => stats.record(MirrorOutcome::TimedOut),
+            }
+        });
+    }
+}
+
+/// Picks a rule's backend by weight; answers 500 for a share that has no backend.
+fn choose_backend(rule: &Rule) -> Result<(Arc<Backend>, &WeightedBackend), Response<ProxyBody>> {
+    let Some(index) = with_rng(|rng| pick_weighted(rule.weights(), rng)) else {
+        return Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "every backend of the matching route has weight 0",
+        ));
+    };
+    let weighted = &rule.backends[index];
+    match &weighted.backend {
+        BackendRef::Service(backend) => Ok((backend.clone(), weighted)),
+        BackendRef::Invalid { name, reason } => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("backend {name} is unavailable: {reason}"),
+        )),
+    }
+}
+
+fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// The request as it goes to `endpoint`: same method, path, headers and version.
+fn upstream_request(
+    parts: &http::request::Parts,
+    endpoint: SocketAddr,
+    body: ProxyBody,
+) -> Request<ProxyBody> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = format!("http://{endpoint}{path}");
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri
+        .parse()
+        .expect("an endpoint and a valid path make a valid URI");
+    *request.version_mut() = if parts.version == Version::HTTP_2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    *request.headers_mut() = parts.headers.clone();
+    if parts.version == Version::HTTP_2 && !request.headers().contains_key(header::HOST) {
+        // HTTP/2 carries the host in :authority, which now names the endpoint.
+        if let Some(authority) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            request.headers_mut().insert(header::HOST, authority);
+        }
+    }
+    request
+}
+
+/// The Host a mirror backend is addressed by: its Service's cluster DNS name.
+fn mirror_host(backend: &Backend) -> HeaderValue {
+    let host = match backend.port {
+        80 => format!("{}.{}.svc.cluster.local", backend.name, backend.namespace),
+        port => format!(
+            "{}.{}.svc.cluster.local:{port}",
+            backend.name, backend.namespace
+        ),
+    };
+    HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("mirror"))
+}
+
+/// GET, HEAD, OPTIONS, TRACE, PUT and DELETE are idempotent (RFC 9110); only these are retried.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+];
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr) {
+    let client = peer.ip().to_canonical().to_string();
+    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {client}"),
+        None => client,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        headers.insert("x-forwarded-for", value);
+    }
+    headers
+        .entry("x-forwarded-proto")
+        .or_insert(HeaderValue::from_static("http"));
+}
+
+/// An answer the proxy makes itself, marked so that it can be told from a backend's.
+fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(Bytes::from(format!("aviary: {message}\n"))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert("x-aviary-error", HeaderValue::from_static("1"));
+    response
+}
