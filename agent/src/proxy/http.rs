@@ -260,7 +260,7 @@ impl HttpProxy {
         let (backend, weighted) = match rule.map(choose_backend) {
             None => (service.default.clone(), None),
             Some(Ok((backend, weighted))) => (backend, Some(weighted)),
-            Some(Err(response)) => return response,
+            Some(Err(why)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &why),
         };
 
         remove_hop_by_hop(&mut parts.headers);
@@ -324,16 +324,19 @@ impl HttpProxy {
     ) -> Response<ProxyBody> {
         let retryable = matches!(body, RequestBody::Buffered(_)) && is_idempotent(&parts.method);
         let mut body = Some(body);
-        let mut failed: Option<Arc<super::route::Endpoint>> = None;
+        // The endpoint whose connect failed, and why.
+        let mut failed: Option<(
+            Arc<super::route::Endpoint>,
+            hyper_util::client::legacy::Error,
+        )> = None;
         loop {
-            let Some(endpoint) =
-                with_rng(|rng| balance::pick(&backend.endpoints, failed.as_ref(), rng))
+            let skip = failed.as_ref().map(|(endpoint, _)| endpoint);
+            let Some(endpoint) = with_rng(|rng| balance::pick(&backend.endpoints, skip, rng))
             else {
                 return match failed {
-                    Some(_) => error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("no endpoint of {} accepted a connection", backend.name),
-                    ),
+                    Some((endpoint, e)) => {
+                        connect_failed(endpoint.addr, &e, "; no other endpoint to retry on")
+                    }
                     None => error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &format!("{} has no endpoints", backend.name),
@@ -371,14 +374,9 @@ impl HttpProxy {
                 }
                 Err(e) if e.is_connect() && retryable && failed.is_none() => {
                     debug!(endpoint = %endpoint.addr, error = %e, "connect failed; retrying on another endpoint");
-                    failed = Some(endpoint);
+                    failed = Some((endpoint, e));
                 }
-                Err(e) if e.is_connect() => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("connecting to {} failed: {e}", endpoint.addr),
-                    )
-                }
+                Err(e) if e.is_connect() => return connect_failed(endpoint.addr, &e, ""),
                 Err(e) => {
                     return error(
                         StatusCode::BAD_GATEWAY,
@@ -445,21 +443,31 @@ impl HttpProxy {
     }
 }
 
-/// Picks a rule's backend by weight; answers 500 for a share that has no backend.
-fn choose_backend(rule: &Rule) -> Result<(Arc<Backend>, &WeightedBackend), Response<ProxyBody>> {
+fn connect_failed(
+    addr: SocketAddr,
+    e: &hyper_util::client::legacy::Error,
+    note: &str,
+) -> Response<ProxyBody> {
+    // The connector's own error says why (refused, unreachable), under hyper's wrapper.
+    let cause = std::error::Error::source(e).map_or_else(|| e.to_string(), |c| c.to_string());
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("connecting to {addr} failed: {cause}{note}"),
+    )
+}
+
+/// Picks a rule's backend by weight. A share with no backend is an error (the client gets 500,
+/// as the Gateway API requires), described here.
+fn choose_backend(rule: &Rule) -> Result<(Arc<Backend>, &WeightedBackend), String> {
     let Some(index) = with_rng(|rng| pick_weighted(rule.weights(), rng)) else {
-        return Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "every backend of the matching route has weight 0",
-        ));
+        return Err("every backend of the matching route has weight 0".into());
     };
     let weighted = &rule.backends[index];
     match &weighted.backend {
         BackendRef::Service(backend) => Ok((backend.clone(), weighted)),
-        BackendRef::Invalid { name, reason } => Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("backend {name} is unavailable: {reason}"),
-        )),
+        BackendRef::Invalid { name, reason } => {
+            Err(format!("backend {name} is unavailable: {reason}"))
+        }
     }
 }
 

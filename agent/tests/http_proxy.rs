@@ -1,0 +1,769 @@
+//! The HTTP proxy against real hyper backends and clients on loopback: splits per request on
+//! one connection, A/B matches, errors, timeouts, retries, mirroring and hygiene.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use aviary_agent::proxy::{
+    http::{HttpConfig, HttpProxy, MirrorOutcome},
+    route::{
+        AppProtocol, Backend, BackendRef, Endpoint, HeaderMatch, HeaderModifier, Mirror,
+        RequestMatch, RouteTable, Rule, SafeMethods, ServiceRoutes, StringMatch, WeightedBackend,
+    },
+};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+const SERVICE: &str = "10.96.0.10:80";
+
+/// What a backend saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: Method,
+    headers: HeaderMap,
+    body_len: usize,
+}
+
+/// A real HTTP backend (HTTP/1.1 and HTTP/2) that names itself in `x-backend`, records every
+/// request, and sleeps for `delay` before answering.
+struct TestBackend {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+async fn backend(name: &'static str, delay: Duration) -> TestBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let record = record.clone();
+            tokio::spawn(async move {
+                let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        record.lock().unwrap().push(Seen {
+                            method: parts.method,
+                            headers: parts.headers,
+                            body_len: body.len(),
+                        });
+                        tokio::time::sleep(delay).await;
+                        let response = Response::builder()
+                            .header("x-backend", name)
+                            .header("connection", "x-hop")
+                            .header("x-hop", "1")
+                            .body(Full::new(Bytes::from(name)))
+                            .unwrap();
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), handler)
+                    .await;
+            });
+        }
+    });
+    TestBackend { addr, seen }
+}
+
+impl TestBackend {
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn service_backend(name: &str, endpoints: &[SocketAddr]) -> Arc<Backend> {
+    Arc::new(Backend {
+        namespace: "shop".into(),
+        name: name.into(),
+        port: 80,
+        endpoints: endpoints.iter().map(|&a| Endpoint::new(a)).collect(),
+    })
+}
+
+fn weighted(backend: &Arc<Backend>, weight: u32) -> WeightedBackend {
+    WeightedBackend {
+        backend: BackendRef::Service(backend.clone()),
+        weight,
+        request_headers: HeaderModifier::default(),
+        response_headers: HeaderModifier::default(),
+    }
+}
+
+fn service(rules: Vec<Rule>, default: Arc<Backend>) -> ServiceRoutes {
+    ServiceRoutes {
+        namespace: "shop".into(),
+        name: "podinfo".into(),
+        port: 80,
+        protocol: AppProtocol::Detect,
+        rules,
+        default,
+    }
+}
+
+/// The proxy on loopback, serving every connection as traffic to SERVICE.
+struct TestProxy {
+    addr: SocketAddr,
+    routes: Arc<ArcSwap<RouteTable>>,
+    proxy: Arc<HttpProxy>,
+}
+
+async fn start_proxy_with(cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
+    let table = RouteTable {
+        services: HashMap::from([(SERVICE.parse().unwrap(), Arc::new(routes))]),
+    };
+    let routes = Arc::new(ArcSwap::from_pointee(table));
+    // Mark 0: no socket mark (that needs CAP_NET_ADMIN, and nothing captures here).
+    let proxy = Arc::new(HttpProxy::new(cfg, routes.clone(), 0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = proxy.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = listener.accept().await.unwrap();
+            tokio::spawn(
+                serving
+                    .clone()
+                    .serve(stream, SERVICE.parse().unwrap(), peer),
+            );
+        }
+    });
+    TestProxy {
+        addr,
+        routes,
+        proxy,
+    }
+}
+
+async fn start_proxy(routes: ServiceRoutes) -> TestProxy {
+    start_proxy_with(HttpConfig::default(), routes).await
+}
+
+/// One HTTP/1.1 keep-alive connection to the proxy.
+async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "podinfo.shop")
+        .body(Full::default())
+        .unwrap()
+}
+
+fn request(method: Method, path: &str, body: &[u8]) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "podinfo.shop")
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap()
+}
+
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> (StatusCode, HeaderMap, String) {
+    sender.ready().await.unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+fn backend_of(headers: &HeaderMap) -> String {
+    headers
+        .get("x-backend")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+async fn split_setup() -> (TestBackend, TestBackend, ServiceRoutes) {
+    let (primary, canary) = (
+        backend("primary", Duration::ZERO).await,
+        backend("canary", Duration::ZERO).await,
+    );
+    let p = service_backend("podinfo-primary", &[primary.addr]);
+    let c = service_backend("podinfo-canary", &[canary.addr]);
+    let rule = Rule {
+        backends: vec![weighted(&p, 90), weighted(&c, 10)],
+        ..Default::default()
+    };
+    (primary, canary, service(vec![rule], p))
+}
+
+#[tokio::test]
+async fn one_http1_connection_sees_the_split_per_request() {
+    let (_primary, _canary, routes) = split_setup().await;
+    let proxy = start_proxy(routes).await;
+    let mut conn = h1(proxy.addr).await;
+    let mut canary = 0;
+    for _ in 0..2000 {
+        let (status, headers, _) = send(&mut conn, get("/")).await;
+        assert_eq!(status, StatusCode::OK);
+        canary += usize::from(backend_of(&headers) == "canary");
+    }
+    // 10% of 2000 is 200, with a standard deviation of 13.4: ±60 is ±4.5 sigma.
+    assert!((140..=260).contains(&canary), "canary got {canary} of 2000");
+}
+
+#[tokio::test]
+async fn one_http2_connection_sees_the_split_per_stream() {
+    let (_primary, _canary, routes) = split_setup().await;
+    let proxy = start_proxy(routes).await;
+    let mut conn = h2(proxy.addr).await;
+    let mut canary = 0;
+    for _ in 0..1000 {
+        conn.ready().await.unwrap();
+        let response = conn
+            .send_request(get("http://podinfo.shop/"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        canary += usize::from(backend_of(response.headers()) == "canary");
+    }
+    // 100 expected, standard deviation 9.5.
+    assert!((55..=145).contains(&canary), "canary got {canary} of 1000");
+}
+
+#[tokio::test]
+async fn a_weight_change_applies_to_the_next_request_on_the_same_connection() {
+    let (_primary, _canary, routes) = split_setup().await;
+    let proxy = start_proxy(routes.clone()).await;
+    let mut conn = h1(proxy.addr).await;
+    send(&mut conn, get("/")).await;
+
+    let mut promoted = routes;
+    let canary_only = promoted.rules[0]
+        .backends
+        .iter()
+        .map(|b| b.backend.clone())
+        .collect::<Vec<_>>();
+    promoted.rules[0].backends = vec![
+        WeightedBackend {
+            weight: 0,
+            ..weighted_ref(&canary_only[0])
+        },
+        WeightedBackend {
+            weight: 100,
+            ..weighted_ref(&canary_only[1])
+        },
+    ];
+    proxy.routes.store(Arc::new(RouteTable {
+        services: HashMap::from([(SERVICE.parse().unwrap(), Arc::new(promoted))]),
+    }));
+    for _ in 0..100 {
+        let (status, headers, _) = send(&mut conn, get("/")).await;
+        assert_eq!(
+            (status, backend_of(&headers).as_str()),
+            (StatusCode::OK, "canary")
+        );
+    }
+}
+
+fn weighted_ref(backend: &BackendRef) -> WeightedBackend {
+    WeightedBackend {
+        backend: backend.clone(),
+        weight: 1,
+        request_headers: HeaderModifier::default(),
+        response_headers: HeaderModifier::default(),
+    }
+}
+
+#[tokio::test]
+async fn header_and_cookie_matches_route_ab_traffic() {
+    let (primary, canary) = (
+        backend("primary", Duration::ZERO).await,
+        backend("canary", Duration::ZERO).await,
+    );
+    let p = service_backend("podinfo-primary", &[primary.addr]);
+    let c = service_backend("podinfo-canary", &[canary.addr]);
+    let cookie = RequestMatch {
+        headers: vec![HeaderMatch {
+            name: http::header::COOKIE,
+            value: StringMatch::Regex(regex::Regex::new("^(.*?;)?(canary=always)(;.*)?$").unwrap()),
+        }],
+        ..Default::default()
+    };
+    let header = RequestMatch {
+        headers: vec![HeaderMatch {
+            name: "x-canary".parse().unwrap(),
+            value: StringMatch::Exact("insider".into()),
+        }],
+        ..Default::default()
+    };
+    let rules = vec![
+        Rule {
+            matches: vec![cookie, header],
+            backends: vec![weighted(&c, 100)],
+            ..Default::default()
+        },
+        Rule {
+            backends: vec![weighted(&p, 100)],
+            ..Default::default()
+        },
+    ];
+    let proxy = start_proxy(service(rules, p)).await;
+    let mut conn = h1(proxy.addr).await;
+    let with = |name: &'static str, value: &'static str| {
+        let mut req = get("/");
+        req.headers_mut().insert(name, value.parse().unwrap());
+        req
+    };
+    let cases = [
+        (with("cookie", "canary=always"), "canary"),
+        (with("cookie", "user=1;canary=always"), "canary"),
+        (with("cookie", "canary=never"), "primary"),
+        (with("x-canary", "insider"), "canary"),
+        (with("x-canary", "outsider"), "primary"),
+        (get("/"), "primary"),
+    ];
+    for (req, want) in cases {
+        let (_, headers, _) = send(&mut conn, req).await;
+        assert_eq!(backend_of(&headers), want);
+    }
+}
+
+#[tokio::test]
+async fn the_proxy_answers_what_it_cannot_route_with_a_clear_status() {
+    let primary = backend("primary", Duration::ZERO).await;
+    let p = service_backend("podinfo-primary", &[primary.addr]);
+    let nobody = service_backend("podinfo-empty", &[]);
+    let only_posts = RequestMatch {
+        method: Some(Method::POST),
+        ..Default::default()
+    };
+    let by_path = |path: &str| RequestMatch {
+        path: Some(aviary_agent::proxy::route::PathMatch::Prefix(path.into())),
+        ..Default::default()
+    };
+    let rules = vec![
+        Rule {
+            matches: vec![by_path("/zero")],
+            backends: vec![weighted(&p, 0)],
+            ..Default::default()
+        },
+        Rule {
+            matches: vec![by_path("/missing")],
+            backends: vec![WeightedBackend {
+                backend: BackendRef::Invalid {
+                    name: "ghost".into(),
+                    reason: "Service not found".into(),
+                },
+                ..weighted(&p, 1)
+            }],
+            ..Default::default()
+        },
+        Rule {
+            matches: vec![by_path("/empty")],
+            backends: vec![weighted(&nobody, 1)],
+            ..Default::default()
+        },
+        Rule {
+            matches: vec![only_posts],
+            backends: vec![weighted(&p, 1)],
+            ..Default::default()
+        },
+    ];
+    let proxy = start_proxy(service(rules, p)).await;
+    let mut conn = h1(proxy.addr).await;
+    let cases = [
+        ("/zero", StatusCode::INTERNAL_SERVER_ERROR, "weight 0"),
+        (
+            "/missing",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ghost is unavailable: Service not found",
+        ),
+        (
+            "/empty",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "podinfo-empty has no endpoints",
+        ),
+        ("/other", StatusCode::NOT_FOUND, "no route matches"),
+    ];
+    for (path, status, text) in cases {
+        let (got, headers, body) = send(&mut conn, get(path)).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(body.contains(text), "{path}: {body}");
+        assert_eq!(headers["x-aviary-error"], "1");
+    }
+    assert_eq!(
+        send(&mut conn, request(Method::POST, "/other", b"x"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn timeouts_answer_504() {
+    let slow = backend("slow", Duration::from_millis(500)).await;
+    let b = service_backend("slow", &[slow.addr]);
+    let per_try = Rule {
+        backends: vec![weighted(&b, 1)],
+        backend_timeout: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let proxy = start_proxy(service(vec![per_try], b.clone())).await;
+    let start = Instant::now();
+    let (status, _, body) = send(&mut h1(proxy.addr).await, get("/")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(start.elapsed() < Duration::from_millis(450));
+
+    let whole = Rule {
+        backends: vec![weighted(&b, 1)],
+        timeout: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let proxy = start_proxy(service(vec![whole], b)).await;
+    assert_eq!(
+        send(&mut h1(proxy.addr).await, get("/")).await.0,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+}
+
+/// An address nothing listens on.
+async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn connect_errors_are_retried_once_on_another_endpoint_for_idempotent_requests_only() {
+    let live = backend("live", Duration::ZERO).await;
+    let dead = closed_port().await;
+    let b = service_backend("podinfo", &[dead, live.addr]);
+    let proxy = start_proxy(service(
+        vec![Rule {
+            backends: vec![weighted(&b, 1)],
+            ..Default::default()
+        }],
+        b,
+    ))
+    .await;
+    let mut conn = h1(proxy.addr).await;
+    for _ in 0..50 {
+        assert_eq!(send(&mut conn, get("/")).await.0, StatusCode::OK);
+    }
+    // POST is not retried: when the balancer picks the dead endpoint, the client gets 503.
+    let mut statuses = Vec::new();
+    for _ in 0..50 {
+        statuses.push(send(&mut conn, request(Method::POST, "/", b"x")).await.0);
+    }
+    assert!(statuses
+        .iter()
+        .all(|s| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE));
+
+    let all_dead = service_backend("podinfo", &[dead]);
+    let proxy = start_proxy(service(vec![], all_dead)).await;
+    let (status, _, body) = send(&mut h1(proxy.addr).await, get("/")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body.contains(&format!("connecting to {dead} failed")),
+        "{body}"
+    );
+    assert!(body.contains("no other endpoint"), "{body}");
+}
+
+fn mirrored(backend: &Arc<Backend>, percent: u32, safe: SafeMethods, in_flight: usize) -> Mirror {
+    Mirror {
+        backend: backend.clone(),
+        numerator: percent,
+        denominator: 100,
+        safe_methods: safe,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
+    }
+}
+
+async fn wait_for(mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "condition not met in time");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn only_idempotent_requests_are_mirrored() {
+    let (primary, shadow) = (
+        backend("primary", Duration::ZERO).await,
+        backend("shadow", Duration::ZERO).await,
+    );
+    let p = service_backend("podinfo-primary", &[primary.addr]);
+    let s = service_backend("podinfo-shadow", &[shadow.addr]);
+    let rule = Rule {
+        backends: vec![weighted(&p, 1)],
+        mirror: Some(mirrored(&s, 100, SafeMethods::default(), 100)),
+        ..Default::default()
+    };
+    let proxy = start_proxy(service(vec![rule], p)).await;
+    let mut conn = h1(proxy.addr).await;
+    for method in [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::POST,
+        Method::PATCH,
+        Method::PUT,
+        Method::DELETE,
+    ] {
+        let (status, _, _) = send(&mut conn, request(method.clone(), "/", b"")).await;
+        assert_eq!(status, StatusCode::OK, "{method}");
+    }
+    wait_for(|| shadow.seen().len() == 3).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let seen = shadow.seen();
+    let methods: Vec<&Method> = seen.iter().map(|s| &s.method).collect();
+    assert_eq!(methods, [&Method::GET, &Method::HEAD, &Method::OPTIONS]);
+    for s in &seen {
+        assert_eq!(s.headers["x-aviary-mirror"], "1");
+        assert_eq!(s.headers["host"], "podinfo-shadow.shop.svc.cluster.local");
+    }
+    let stats = &proxy.proxy.mirror_stats;
+    assert_eq!(stats.outcome(MirrorOutcome::Sent), 3);
+    assert_eq!(stats.outcome(MirrorOutcome::SkippedNotIdempotent), 4);
+    assert_eq!(stats.responses(2), 3);
+    // The primary saw every request, and no mirror marker.
+    assert_eq!(primary.seen().len(), 7);
+    assert!(primary
+        .seen()
+        .iter()
+        .all(|s| !s.headers.contains_key("x-aviary-mirror")));
+}
+
+#[tokio::test]
+async fn declared_methods_are_mirrored_and_large_bodies_are_not() {
+    let (primary, shadow) = (
+        backend("primary", Duration::ZERO).await,
+        backend("shadow", Duration::ZERO).await,
+    );
+    let p = service_backend("podinfo-primary", &[primary.addr]);
+    let s = service_backend("podinfo-shadow", &[shadow.addr]);
+    let safe = SafeMethods {
+        extra: vec![Method::PUT],
+        idempotency_key: true,
+    };
+    let rule = Rule {
+        backends: vec![weighted(&p, 1)],
+        mirror: Some(mirrored(&s, 100, safe, 100)),
+        ..Default::default()
+    };
+    let cfg = HttpConfig {
+        body_buffer_limit: 1024,
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(cfg, service(vec![rule], p)).await;
+    let mut conn = h1(proxy.addr).await;
+
+    send(&mut conn, request(Method::PUT, "/", b"small")).await;
+    let mut keyed = request(Method::POST, "/", b"order");
+    keyed
+        .headers_mut()
+        .insert("idempotency-key", "k1".parse().unwrap());
+    send(&mut conn, keyed).await;
+    send(&mut conn, request(Method::PATCH, "/", b"no")).await;
+    let (status, _, _) = send(&mut conn, request(Method::PUT, "/", &[b'x'; 4096])).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the primary still gets a body too large to mirror"
+    );
+
+    wait_for(|| shadow.seen().len() == 2).await;
+    let stats = &proxy.proxy.mirror_stats;
+    assert_eq!(stats.outcome(MirrorOutcome::Sent), 2);
+    assert_eq!(stats.outcome(MirrorOutcome::SkippedNotIdempotent), 1);
+    assert_eq!(stats.outcome(MirrorOutcome::SkippedBodyTooLarge), 1);
+    assert_eq!(shadow.seen()[0].body_len, 5, "the mirror gets the body too");
+    assert_eq!(primary.seen()[3].body_len, 4096);
+}
+
+#[tokio::test]
+async fn a_slow_mirror_never_slows_the_primary_and_overload_is_dropped() {
+    let (primary, shadow) = (
+        backend("primary", Duration::ZERO).await,
+        backend("shadow", Duration::from_secs(5)).await,
+    );
+    let p = service_backend("podinfo-primary", &[primary.addr]);
+    let s = service_backend("podinfo-shadow", &[shadow.addr]);
+    let plain = Rule {
+        backends: vec![weighted(&p, 1)],
+        ..Default::default()
+    };
+    let with_mirror = Rule {
+        mirror: Some(mirrored(&s, 100, SafeMethods::default(), 4)),
+        ..plain.clone()
+    };
+    // Longer than the 300 requests take, shorter than the mirror's 5 s: all four permits stay
+    // taken for the whole run, then every mirror times out.
+    let cfg = HttpConfig {
+        mirror_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+
+    let p99 = |mut samples: Vec<Duration>| {
+        samples.sort_unstable();
+        samples[samples.len() * 99 / 100]
+    };
+    let measure = |proxy: SocketAddr| async move {
+        let mut conn = h1(proxy).await;
+        let mut samples = Vec::new();
+        for _ in 0..300 {
+            let start = Instant::now();
+            assert_eq!(send(&mut conn, get("/")).await.0, StatusCode::OK);
+            samples.push(start.elapsed());
+        }
+        samples
+    };
+    let baseline = start_proxy_with(cfg.clone(), service(vec![plain], p.clone())).await;
+    let base = p99(measure(baseline.addr).await);
+    let mirrored_proxy = start_proxy_with(cfg, service(vec![with_mirror], p)).await;
+    let with = p99(measure(mirrored_proxy.addr).await);
+    assert!(
+        with < base + Duration::from_millis(20),
+        "p99 {with:?} with a 5 s mirror, {base:?} without"
+    );
+
+    let stats = &mirrored_proxy.proxy.mirror_stats;
+    assert_eq!(
+        stats.outcome(MirrorOutcome::DroppedOverload),
+        296,
+        "4 in flight at most"
+    );
+    wait_for(|| stats.outcome(MirrorOutcome::TimedOut) == 4).await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_go_and_forwarding_headers_come() {
+    let primary = backend("primary", Duration::ZERO).await;
+    let p = service_backend("podinfo-primary", &[primary.addr]);
+    let proxy = start_proxy(service(vec![], p)).await;
+    let mut conn = h1(proxy.addr).await;
+    let mut req = get("/");
+    let headers = req.headers_mut();
+    headers.insert("connection", "x-secret, keep-alive".parse().unwrap());
+    headers.insert("x-secret", "1".parse().unwrap());
+    headers.insert("proxy-authorization", "Basic eA==".parse().unwrap());
+    headers.insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    headers.insert("x-forwarded-for", "192.0.2.7".parse().unwrap());
+    let (_, response_headers, _) = send(&mut conn, req).await;
+    let seen = &primary.seen()[0].headers;
+    assert!(!seen.contains_key("x-secret"));
+    assert!(!seen.contains_key("proxy-authorization"));
+    assert_eq!(
+        seen["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    assert_eq!(seen["x-forwarded-for"], "192.0.2.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["host"], "podinfo.shop");
+    // The backend's own hop-by-hop header does not reach the client.
+    assert!(!response_headers.contains_key("x-hop"));
+}
+
+#[tokio::test]
+async fn per_backend_header_filters_apply_to_requests_and_responses() {
+    let canary = backend("canary", Duration::ZERO).await;
+    let c = service_backend("podinfo-canary", &[canary.addr]);
+    let mut w = weighted(&c, 1);
+    w.request_headers
+        .set
+        .push(("x-route".parse().unwrap(), "canary".parse().unwrap()));
+    w.response_headers.add.push((
+        "set-cookie".parse().unwrap(),
+        "canary=always; Max-Age=3600".parse().unwrap(),
+    ));
+    let proxy = start_proxy(service(
+        vec![Rule {
+            backends: vec![w],
+            ..Default::default()
+        }],
+        c,
+    ))
+    .await;
+    let (_, headers, _) = send(&mut h1(proxy.addr).await, get("/")).await;
+    assert_eq!(headers["set-cookie"], "canary=always; Max-Age=3600");
+    assert_eq!(canary.seen()[0].headers["x-route"], "canary");
+}
+
+#[tokio::test]
+async fn a_malformed_request_gets_400_and_others_are_still_served() {
+    let primary = backend("primary", Duration::ZERO).await;
+    let p = service_backend("podinfo-primary", &[primary.addr]);
+    let proxy = start_proxy(service(vec![], p)).await;
+
+    let mut raw = TcpStream::connect(proxy.addr).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nthis is not a header\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let mut many = TcpStream::connect(proxy.addr).await.unwrap();
+    let headers: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+    many.write_all(format!("GET / HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    many.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    assert_eq!(
+        send(&mut h1(proxy.addr).await, get("/")).await.0,
+        StatusCode::OK
+    );
+}
