@@ -44,17 +44,18 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
 
-    // Routes come with policy from Kubernetes; until then every service passes through.
+    // Empty until the first snapshot: every service passes through meanwhile.
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    let http_cfg = HttpConfig::default();
     let outbound = Arc::new(Outbound {
         orig_dst: OrigDstTable::open(pins)?,
         mark: cfg.proxy_mark,
         http: Arc::new(HttpProxy::new(
-            HttpConfig::default(),
+            http_cfg.clone(),
             routes.clone(),
             cfg.proxy_mark,
         )),
-        routes,
+        routes: routes.clone(),
         detect_timeout: DETECT_TIMEOUT,
     });
     let mut listeners = Listeners::open(pins)?;
@@ -77,7 +78,8 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
         tokio::spawn(outbound.serve(v6));
     }
 
-    let (publisher, snapshots) = Publisher::new(cfg.node_name.clone());
+    let (publisher, snapshots) = Publisher::new(cfg.node_name.clone(), http_cfg.mirror_in_flight);
+    tokio::spawn(apply_routes(snapshots.clone(), routes));
     let PolicySource::Local(path) = &cfg.policy;
     tokio::spawn(watch_local(path.clone(), publisher));
     tokio::spawn(capture::run(
@@ -103,7 +105,15 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn watch_local(path: std::path::PathBuf, publisher: Publisher) {
+/// Puts each snapshot's routes in force for the proxy: one atomic swap.
+async fn apply_routes(mut snapshots: crate::state::SnapshotRx, routes: Arc<ArcSwap<RouteTable>>) {
+    while snapshots.changed().await.is_ok() {
+        let snapshot = snapshots.borrow_and_update().clone();
+        routes.store(snapshot.routes.clone());
+    }
+}
+
+async fn watch_local(path: std::path::PathBuf, mut publisher: Publisher) {
     let mut source = policy::local::LocalSource::new(path);
     let mut store = Store::default();
     let mut tick = tokio::time::interval(policy::local::POLL_INTERVAL);

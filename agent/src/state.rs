@@ -5,43 +5,67 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::policy::{compile, Policy, Store};
+use crate::{
+    policy::{compile, routes::compile_routes, Policy, Store},
+    proxy::route::RouteTable,
+};
 
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// 0 until the first policy is compiled; then one more per change.
     pub generation: u64,
     pub policy: Policy,
+    pub routes: Arc<RouteTable>,
 }
 
 pub type SnapshotRx = watch::Receiver<Arc<Snapshot>>;
 
-/// Compiles a store into a new snapshot whenever the result changes.
+/// Compiles a store into a new snapshot whenever the store changed.
 pub struct Publisher {
     tx: watch::Sender<Arc<Snapshot>>,
     node: Option<String>,
+    mirror_in_flight: usize,
+    published_revision: Option<u64>,
 }
 
 impl Publisher {
-    pub fn new(node: Option<String>) -> (Self, SnapshotRx) {
+    pub fn new(node: Option<String>, mirror_in_flight: usize) -> (Self, SnapshotRx) {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-        (Self { tx, node }, rx)
+        let publisher = Self {
+            tx,
+            node,
+            mirror_in_flight,
+            published_revision: None,
+        };
+        (publisher, rx)
     }
 
-    /// Publishes the store's policy if it differs from the one in force; returns whether it did.
-    pub fn publish(&self, store: &Store) -> bool {
-        let policy = compile(store, self.node.as_deref());
-        let current = self.tx.borrow().clone();
-        if current.generation > 0 && current.policy == policy {
+    /// Publishes a snapshot of the store unless it is unchanged since the last one; returns
+    /// whether it did.
+    pub fn publish(&mut self, store: &Store) -> bool {
+        if self.published_revision == Some(store.revision()) {
             return false;
         }
+        self.published_revision = Some(store.revision());
+        let current = self.tx.borrow().clone();
+        let policy = compile(store, self.node.as_deref());
+        let routes = Arc::new(compile_routes(
+            store,
+            &current.routes,
+            self.mirror_in_flight,
+        ));
         let generation = current.generation + 1;
+        let routed = routes.services.len();
         match policy.describe_change(&current.policy) {
-            Some(change) => info!(generation, "policy changed: {change}"),
-            None => info!(generation, "policy loaded: nothing enrolled or captured"),
+            Some(change) => info!(generation, routed, "policy changed: {change}"),
+            None if current.generation == 0 => info!(generation, routed, "policy loaded"),
+            None => info!(generation, routed, "routes updated"),
         }
-        self.tx
-            .send_replace(Arc::new(Snapshot { generation, policy }));
+        self.tx.send_replace(Arc::new(Snapshot {
+            generation,
+            policy,
+            routes,
+        }));
         true
     }
 }
@@ -52,7 +76,7 @@ mod tests {
 
     #[test]
     fn publishes_only_changes() {
-        let (publisher, rx) = Publisher::new(None);
+        let (mut publisher, rx) = Publisher::new(None, 1);
         let mut store = Store::default();
         assert!(
             publisher.publish(&store),

@@ -5,6 +5,7 @@
 //! what the datapath enforces.
 
 pub mod local;
+pub mod routes;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,7 +13,10 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Serialize;
 
 /// On a Namespace, enrols its pods; on a Pod, overrides its namespace.
@@ -23,6 +27,7 @@ pub enum Kind {
     Namespace,
     Pod,
     Service,
+    EndpointSlice,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -46,6 +51,7 @@ pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
 }
 
 impl Object {
@@ -54,6 +60,7 @@ impl Object {
             Self::Namespace(o) => &o.metadata,
             Self::Pod(o) => &o.metadata,
             Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
         }
     }
 
@@ -62,6 +69,7 @@ impl Object {
             Self::Namespace(_) => Kind::Namespace,
             Self::Pod(_) => Kind::Pod,
             Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
         }
     }
 
@@ -98,7 +106,11 @@ impl Object {
                 Some(uid) if !uid.is_empty() => Ok(()),
                 _ => Err("metadata.uid is missing: it names the pod's cgroup".into()),
             },
-            Self::Service(svc) => service_addresses(svc).map(drop),
+            Self::Service(svc) => {
+                service_addresses(svc)?;
+                routes::ServiceAnnotations::parse(svc).map(drop)
+            }
+            Self::EndpointSlice(_) => Ok(()),
         }
     }
 }
@@ -126,6 +138,8 @@ impl fmt::Display for Rejected {
 #[derive(Debug, Default, Clone)]
 pub struct Store {
     objects: BTreeMap<ObjectKey, Object>,
+    /// Counts changes, so a consumer can tell whether anything changed since it last looked.
+    revision: u64,
 }
 
 impl Store {
@@ -139,19 +153,32 @@ impl Store {
                 reason,
             });
         }
-        self.objects.insert(key, object);
+        if self.objects.get(&key) != Some(&object) {
+            self.objects.insert(key, object);
+            self.revision += 1;
+        }
         Ok(())
     }
 
     pub fn remove(&mut self, key: &ObjectKey) {
-        self.objects.remove(key);
+        if self.objects.remove(key).is_some() {
+            self.revision += 1;
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// Makes the store hold what a complete listing holds: objects not listed are removed, and
     /// each listed one is upserted. Returns the refusals.
     pub fn replace_all(&mut self, objects: Vec<Object>) -> Vec<Rejected> {
         let listed: BTreeSet<ObjectKey> = objects.iter().map(Object::key).collect();
+        let before = self.objects.len();
         self.objects.retain(|key, _| listed.contains(key));
+        if self.objects.len() != before {
+            self.revision += 1;
+        }
         objects
             .into_iter()
             .filter_map(|object| self.upsert(object).err())
@@ -168,6 +195,13 @@ impl Store {
     fn pods(&self) -> impl Iterator<Item = &Pod> {
         self.objects.values().filter_map(|o| match o {
             Object::Pod(pod) => Some(pod.as_ref()),
+            _ => None,
+        })
+    }
+
+    fn endpoint_slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.objects.values().filter_map(|o| match o {
+            Object::EndpointSlice(slice) => Some(slice.as_ref()),
             _ => None,
         })
     }

@@ -1,0 +1,518 @@
+//! Services, their annotations and EndpointSlices, compiled into the proxy's routing table.
+//!
+//! Simple splits without the Gateway API, as annotations on a Service:
+//! - `aviary.dev/split: "reviews-v1=90,reviews-v2=10"`: weighted backends, Services in the same
+//!   namespace, reached on the same port number;
+//! - `aviary.dev/mirror: reviews-v2`: a Service that gets a copy of idempotent requests;
+//! - `aviary.dev/mirror-percent: "50"`: the share mirrored (default 100);
+//! - `aviary.dev/mirror-methods: "GET,HEAD,PUT"`: methods declared safe to mirror, beyond the
+//!   idempotent GET, HEAD, OPTIONS and TRACE that always are.
+//!
+//! A service port with neither annotations nor EndpointSlices gets no entry: its connections
+//! pass through to the address the pod dialled.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use http::Method;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{service_addresses, Store};
+use crate::proxy::route::{
+    AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, RouteTable, Rule,
+    SafeMethods, ServiceRoutes, WeightedBackend,
+};
+
+pub const SPLIT: &str = "aviary.dev/split";
+pub const MIRROR: &str = "aviary.dev/mirror";
+pub const MIRROR_PERCENT: &str = "aviary.dev/mirror-percent";
+pub const MIRROR_METHODS: &str = "aviary.dev/mirror-methods";
+
+/// The label an EndpointSlice names its Service by.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A Service's routing annotations, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAnnotations {
+    pub split: Vec<(String, u32)>,
+    pub mirror: Option<String>,
+    pub mirror_percent: u32,
+    pub mirror_methods: Vec<Method>,
+}
+
+impl ServiceAnnotations {
+    /// None when the Service has no routing annotation; an error names the bad one.
+    pub fn parse(svc: &Service) -> Result<Option<Self>, String> {
+        let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+        let get = |key: &str| annotations.get(key).map(|v| v.trim());
+        if [SPLIT, MIRROR, MIRROR_PERCENT, MIRROR_METHODS]
+            .iter()
+            .all(|k| get(k).is_none())
+        {
+            return Ok(None);
+        }
+        let split = get(SPLIT).map(parse_split).transpose()?.unwrap_or_default();
+        let mirror = get(MIRROR).map(str::to_owned);
+        if let Some(name) = &mirror {
+            check_name(name).map_err(|e| format!("annotation {MIRROR}: {e}"))?;
+        }
+        let mirror_percent = match get(MIRROR_PERCENT) {
+            None => 100,
+            Some(value) => match value.parse::<u32>() {
+                Ok(p) if p <= 100 => p,
+                _ => return Err(format!("annotation {MIRROR_PERCENT} must be a whole number from 0 to 100, not {value:?}")),
+            },
+        };
+        let mirror_methods = match get(MIRROR_METHODS) {
+            None => Vec::new(),
+            Some(value) => value
+                .split(',')
+                .map(|m| {
+                    let m = m.trim();
+                    let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
+                    valid.then(|| Method::from_bytes(m.as_bytes()).ok()).flatten().ok_or_else(|| {
+                        format!("annotation {MIRROR_METHODS} lists {m:?}, which is not an HTTP method")
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        if mirror.is_none() && (get(MIRROR_PERCENT).is_some() || get(MIRROR_METHODS).is_some()) {
+            return Err(format!(
+                "annotations {MIRROR_PERCENT} and {MIRROR_METHODS} need {MIRROR}"
+            ));
+        }
+        Ok(Some(Self {
+            split,
+            mirror,
+            mirror_percent,
+            mirror_methods,
+        }))
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    valid
+        .then_some(())
+        .ok_or_else(|| format!("{name:?} is not a Service name"))
+}
+
+fn parse_split(value: &str) -> Result<Vec<(String, u32)>, String> {
+    let mut split: Vec<(String, u32)> = Vec::new();
+    for entry in value.split(',') {
+        let (name, weight) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("annotation {SPLIT}: {entry:?} is not service=weight"))?;
+        let name = name.trim();
+        check_name(name).map_err(|e| format!("annotation {SPLIT}: {e}"))?;
+        let weight: u32 = weight
+            .trim()
+            .parse()
+            .ok()
+            .filter(|w| *w <= 1_000_000)
+            .ok_or_else(|| format!("annotation {SPLIT}: weight {weight:?} of {name} is not a whole number up to 1000000"))?;
+        if split.iter().any(|(n, _)| n == name) {
+            return Err(format!("annotation {SPLIT}: {name} appears twice"));
+        }
+        split.push((name.to_owned(), weight));
+    }
+    if split.iter().all(|(_, w)| *w == 0) {
+        return Err(format!(
+            "annotation {SPLIT}: every weight is 0, so no request could be served"
+        ));
+    }
+    Ok(split)
+}
+
+/// Compiles the routing table. Endpoints already in `previous` are reused, so the balancer's
+/// latency statistics survive policy changes; `mirror_in_flight` bounds each mirror.
+pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: usize) -> RouteTable {
+    let known = known_endpoints(previous);
+    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in store.endpoint_slices() {
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+        if let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            slices
+                .entry((namespace, service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    let services: HashMap<(&str, &str), &Service> = store
+        .services()
+        .filter_map(|svc| {
+            let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
+            Some(((namespace, svc.metadata.name.as_deref()?), svc))
+        })
+        .collect();
+    let ctx = Context {
+        slices,
+        services,
+        known: known.into(),
+    };
+
+    let mut table = RouteTable::default();
+    for (&(namespace, name), svc) in &ctx.services {
+        let annotations = ServiceAnnotations::parse(svc).ok().flatten();
+        if annotations.is_none() && !ctx.slices.contains_key(&(namespace, name)) {
+            continue;
+        }
+        let Ok(addresses) = service_addresses(svc) else {
+            continue;
+        };
+        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+        for port in ports
+            .into_iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        {
+            let Some(default) = ctx.backend(namespace, name, port.port) else {
+                continue;
+            };
+            let rules = annotations
+                .as_ref()
+                .map(|a| vec![ctx.rule(namespace, port.port, &default, a, mirror_in_flight)])
+                .unwrap_or_default();
+            let routes = Arc::new(ServiceRoutes {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                port: port.port as u16,
+                protocol: AppProtocol::from_app_protocol(port.app_protocol.as_deref()),
+                rules,
+                default,
+            });
+            for addr in addresses
+                .iter()
+                .filter(|a| i32::from(a.port()) == port.port)
+            {
+                table.services.insert(*addr, routes.clone());
+            }
+        }
+    }
+    table
+}
+
+struct Context<'a> {
+    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    services: HashMap<(&'a str, &'a str), &'a Service>,
+    /// One Endpoint per address, shared by every backend that lists it (a pod's load is the
+    /// pod's, whichever Service reached it), carried over from the previous table.
+    known: std::cell::RefCell<HashMap<SocketAddr, Arc<Endpoint>>>,
+}
+
+impl Context<'_> {
+    /// The Service `namespace/name` as a backend on `port` (its port with that number, or its
+    /// only port), with the ready endpoints its EndpointSlices list for that port.
+    fn backend(&self, namespace: &str, name: &str, port: i32) -> Option<Arc<Backend>> {
+        let svc = self.services.get(&(namespace, name))?;
+        let ports = svc.spec.as_ref()?.ports.as_ref()?;
+        let service_port = ports
+            .iter()
+            .find(|p| p.port == port)
+            .or_else(|| (ports.len() == 1).then(|| &ports[0]))?;
+        let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
+        for slice in self.slices.get(&(namespace, name)).into_iter().flatten() {
+            let slice_port = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name == service_port.name);
+            let Some(target) = slice_port.and_then(|p| p.port) else {
+                continue;
+            };
+            for endpoint in &slice.endpoints {
+                if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                for ip in endpoint
+                    .addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                {
+                    let addr = SocketAddr::new(ip, target as u16);
+                    if !endpoints.iter().any(|e| e.addr == addr) {
+                        let mut known = self.known.borrow_mut();
+                        endpoints.push(
+                            known
+                                .entry(addr)
+                                .or_insert_with(|| Endpoint::new(addr))
+                                .clone(),
+                        );
+                    }
+                }
+            }
+        }
+        Some(Arc::new(Backend {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            port: service_port.port as u16,
+            endpoints,
+        }))
+    }
+
+    fn rule(
+        &self,
+        namespace: &str,
+        port: i32,
+        default: &Arc<Backend>,
+        a: &ServiceAnnotations,
+        in_flight: usize,
+    ) -> Rule {
+        let weighted = |backend: BackendRef, weight: u32| WeightedBackend {
+            backend,
+            weight,
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
+        };
+        let backends = if a.split.is_empty() {
+            vec![weighted(BackendRef::Service(default.clone()), 1)]
+        } else {
+            a.split
+                .iter()
+                .map(|(name, weight)| {
+                    let backend = match self.backend(namespace, name, port) {
+                        Some(backend) => BackendRef::Service(backend),
+                        // Its share fails with 500, as a Gateway API route's unresolved backend.
+                        None => BackendRef::Invalid {
+                            name: name.clone(),
+                            reason: format!("Service {namespace}/{name} not found"),
+                        },
+                    };
+                    weighted(backend, *weight)
+                })
+                .collect()
+        };
+        let mirror = a.mirror.as_ref().and_then(|name| {
+            Some(Mirror {
+                backend: self.backend(namespace, name, port)?,
+                numerator: a.mirror_percent,
+                denominator: 100,
+                safe_methods: SafeMethods {
+                    extra: a.mirror_methods.clone(),
+                    idempotency_key: false,
+                },
+                in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
+            })
+        });
+        Rule {
+            backends,
+            mirror,
+            ..Default::default()
+        }
+    }
+}
+
+/// Every endpoint of a table, by address.
+fn known_endpoints(table: &RouteTable) -> HashMap<SocketAddr, Arc<Endpoint>> {
+    let mut known = HashMap::new();
+    let mut add = |backend: &Backend| {
+        for endpoint in &backend.endpoints {
+            known.insert(endpoint.addr, endpoint.clone());
+        }
+    };
+    for routes in table.services.values() {
+        add(&routes.default);
+        for rule in &routes.rules {
+            for weighted in &rule.backends {
+                if let BackendRef::Service(backend) = &weighted.backend {
+                    add(backend);
+                }
+            }
+            if let Some(mirror) = &rule.mirror {
+                add(&mirror.backend);
+            }
+        }
+    }
+    known
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::local::parse_documents;
+
+    fn store(yaml: &str) -> Store {
+        let mut store = Store::default();
+        let rejected = store.replace_all(parse_documents(yaml).unwrap());
+        assert!(rejected.is_empty(), "{rejected:?}");
+        store
+    }
+
+    fn slice(service: &str, ips: &[&str], ready: bool) -> String {
+        let endpoints: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("{{addresses: [\"{ip}\"], conditions: {{ready: {ready}}}}}"))
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-x, namespace: shop, \
+             labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\n\
+             ports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        )
+    }
+
+    fn svc(name: &str, ip: &str, annotations: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop, annotations: {{{annotations}}}}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, appProtocol: http}}]}}\n"
+        )
+    }
+
+    const CLUSTER: &str = "---\n";
+
+    fn cluster(annotations: &str) -> String {
+        [
+            svc("reviews", "10.96.0.10", annotations),
+            svc("reviews-v1", "10.96.0.11", ""),
+            svc("reviews-v2", "10.96.0.12", ""),
+            slice("reviews-v1", &["10.244.1.11", "10.244.1.12"], true),
+            slice("reviews-v2", &["10.244.1.21", "10.244.1.22"], true),
+            slice("reviews", &["10.244.1.11", "10.244.1.30"], false),
+        ]
+        .join(CLUSTER)
+    }
+
+    fn addrs(backend: &Backend) -> Vec<String> {
+        backend
+            .endpoints
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn split_annotations_become_a_weighted_rule_over_the_backends_endpoints() {
+        let annotations =
+            "aviary.dev/split: \"reviews-v1=90,reviews-v2=10\", aviary.dev/mirror: reviews-v2, \
+                           aviary.dev/mirror-percent: \"50\", aviary.dev/mirror-methods: \"PUT\"";
+        let table = compile_routes(&store(&cluster(annotations)), &RouteTable::default(), 7);
+        let routes = &table.services[&"10.96.0.10:80".parse().unwrap()];
+        assert_eq!(
+            (routes.name.as_str(), routes.port, routes.protocol),
+            ("reviews", 80, AppProtocol::Http1)
+        );
+        // Not-ready endpoints are left out.
+        assert!(routes.default.endpoints.is_empty());
+        let rule = &routes.rules[0];
+        let weights: Vec<(String, u32)> = rule
+            .backends
+            .iter()
+            .map(|b| (b.backend.name().to_owned(), b.weight))
+            .collect();
+        assert_eq!(
+            weights,
+            [("reviews-v1".into(), 90), ("reviews-v2".into(), 10)]
+        );
+        let BackendRef::Service(v1) = &rule.backends[0].backend else {
+            panic!()
+        };
+        assert_eq!(addrs(v1), ["10.244.1.11:8080", "10.244.1.12:8080"]);
+        let mirror = rule.mirror.as_ref().unwrap();
+        assert_eq!(
+            (
+                mirror.backend.name.as_str(),
+                mirror.numerator,
+                mirror.denominator
+            ),
+            ("reviews-v2", 50, 100)
+        );
+        assert_eq!(mirror.safe_methods.extra, [Method::PUT]);
+        assert_eq!(mirror.in_flight.available_permits(), 7);
+        // The backends' own services are routed too (they have endpoints), without rules.
+        assert!(table.services[&"10.96.0.11:80".parse().unwrap()]
+            .rules
+            .is_empty());
+    }
+
+    #[test]
+    fn an_unknown_split_backend_takes_its_share_as_an_error() {
+        let table = compile_routes(
+            &store(&cluster("aviary.dev/split: \"reviews-v1=50,ghost=50\"")),
+            &RouteTable::default(),
+            1,
+        );
+        let rule = &table.services[&"10.96.0.10:80".parse().unwrap()].rules[0];
+        assert!(
+            matches!(&rule.backends[1].backend, BackendRef::Invalid { reason, .. } if reason.contains("shop/ghost not found"))
+        );
+    }
+
+    #[test]
+    fn services_without_slices_or_annotations_pass_through() {
+        let table = compile_routes(
+            &store(&svc("plain", "10.96.0.40", "")),
+            &RouteTable::default(),
+            1,
+        );
+        assert!(table.services.is_empty());
+    }
+
+    #[test]
+    fn endpoints_and_their_statistics_survive_a_recompile() {
+        let before = compile_routes(
+            &store(&cluster(
+                "aviary.dev/split: \"reviews-v1=90,reviews-v2=10\"",
+            )),
+            &RouteTable::default(),
+            1,
+        );
+        let after = compile_routes(
+            &store(&cluster(
+                "aviary.dev/split: \"reviews-v1=50,reviews-v2=50\"",
+            )),
+            &before,
+            1,
+        );
+        let endpoint = |table: &RouteTable| {
+            table.services[&"10.96.0.11:80".parse().unwrap()]
+                .default
+                .endpoints[0]
+                .clone()
+        };
+        assert!(Arc::ptr_eq(&endpoint(&before), &endpoint(&after)));
+    }
+
+    #[test]
+    fn bad_annotations_are_refused_with_the_reason() {
+        let cases = [
+            ("aviary.dev/split: \"a=90,b\"", "not service=weight"),
+            ("aviary.dev/split: \"a=-1\"", "not a whole number"),
+            ("aviary.dev/split: \"a=0,b=0\"", "every weight is 0"),
+            ("aviary.dev/split: \"a=1,a=2\"", "appears twice"),
+            ("aviary.dev/split: \"Bad_Name=1\"", "not a Service name"),
+            (
+                "aviary.dev/mirror: m, aviary.dev/mirror-percent: \"150\"",
+                "from 0 to 100",
+            ),
+            (
+                "aviary.dev/mirror: m, aviary.dev/mirror-methods: \"GET,get\"",
+                "not an HTTP method",
+            ),
+            ("aviary.dev/mirror-percent: \"5\"", "need aviary.dev/mirror"),
+        ];
+        for (annotations, reason) in cases {
+            let objects = parse_documents(&svc("reviews", "10.96.0.10", annotations)).unwrap();
+            let rejected = Store::default().replace_all(objects);
+            assert_eq!(rejected.len(), 1, "{annotations}");
+            assert!(
+                rejected[0].reason.contains(reason),
+                "{annotations}: {}",
+                rejected[0].reason
+            );
+        }
+    }
+}
