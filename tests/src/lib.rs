@@ -398,14 +398,32 @@ impl Node {
 
     /// Starts the greeting/echo backend in `pod`, waiting until it listens.
     pub fn serve(&self, pod: &Pod, port: u16, udp_port: Option<u16>) {
-        let port_arg = port.to_string();
-        let mut args = vec!["serve", "--name", &pod.name, "--port", &port_arg];
-        let udp_arg = udp_port.map(|p| p.to_string());
-        if let Some(udp) = &udp_arg {
+        let port = port.to_string();
+        let udp = udp_port.map(|p| p.to_string());
+        let mut args = vec!["serve", "--name", &pod.name, "--port", &port];
+        if let Some(udp) = &udp {
             args.extend(["--udp-port", udp]);
         }
+        self.start_server(pod, &args);
+    }
+
+    /// Starts the HTTP/1.1 backend in `pod` (see `aviary-testpod http-serve`).
+    pub fn serve_http(&self, pod: &Pod, port: u16) {
+        self.start_server(
+            pod,
+            &[
+                "http-serve",
+                "--name",
+                &pod.name,
+                "--port",
+                &port.to_string(),
+            ],
+        );
+    }
+
+    fn start_server(&self, pod: &Pod, args: &[&str]) {
         let mut child = self
-            .testpod(pod, &args)
+            .testpod(pod, args)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -501,7 +519,10 @@ impl Node {
         args.extend(extra);
         let child = self
             .command_in(&self.netns, &cgroup, &workspace_bin("aviary-agent"), &args)
-            .env("AVIARY_LOG", "info")
+            .env(
+                "AVIARY_LOG",
+                std::env::var("AVIARY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

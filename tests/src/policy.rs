@@ -47,3 +47,36 @@ pub fn service(name: &str, namespace: &str, vip: IpAddr, ports: &[(u16, &str)]) 
 pub fn documents(objects: &[String]) -> String {
     objects.join("---\n")
 }
+
+/// A ClusterIP Service with one named HTTP port forwarding to `target_port`, and annotations.
+pub fn http_service(
+    name: &str,
+    namespace: &str,
+    vip: IpAddr,
+    target_port: u16,
+    annotations: &[(&str, &str)],
+) -> String {
+    let annotations: Vec<String> = annotations
+        .iter()
+        .map(|(k, v)| format!("{k}: \"{v}\""))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}, annotations: {{{}}}}}\n\
+         spec: {{clusterIP: \"{vip}\", ports: [{{name: http, port: 80, targetPort: {target_port}, protocol: TCP}}]}}\n",
+        annotations.join(", ")
+    )
+}
+
+/// The EndpointSlice of `service`: its pods, ready, on `port`.
+pub fn endpoint_slice(service: &str, namespace: &str, pods: &[&Pod], port: u16) -> String {
+    let endpoints: Vec<String> = pods
+        .iter()
+        .map(|p| format!("{{addresses: [\"{}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {}, namespace: {namespace}}}}}", p.ip, p.name))
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: {namespace}, \
+         labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\n\
+         ports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints: [{}]\n",
+        endpoints.join(", ")
+    )
+}

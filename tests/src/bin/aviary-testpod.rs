@@ -65,6 +65,27 @@ enum Command {
     Session { addr: SocketAddr },
     /// Send one datagram and print the reply.
     Udp { addr: SocketAddr },
+    /// An HTTP/1.1 backend: answers 200 naming itself in `x-backend`; counts the mirrored
+    /// requests it gets (`x-aviary-mirror`) by method, and reports them at GET /stats.
+    HttpServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// `count` requests on one keep-alive HTTP/1.1 connection; prints how many got each
+    /// status ("status <code> <n>") and each backend ("backend <name> <n>").
+    HttpLoad {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
+    /// One HTTP/1.1 GET; prints the response body.
+    HttpGet { addr: SocketAddr, path: String },
     /// Load for the benchmark; each mode runs for `secs` and prints one line of results.
     Load {
         #[command(subcommand)]
@@ -131,6 +152,22 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Session { addr } => session(addr),
         Command::Udp { addr } => udp(addr),
         Command::Load { mode } => load(mode),
+        Command::HttpServe { name, port } => http_serve(name, port),
+        Command::HttpLoad {
+            addr,
+            count,
+            method,
+            path,
+        } => http_load(addr, count, &method, &path),
+        Command::HttpGet { addr, path } => {
+            let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+            stream.set_read_timeout(Some(IO_TIMEOUT))?;
+            (&stream).write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())?;
+            let Message { body, .. } =
+                read_message(&mut BufReader::new(stream))?.context("no response")?;
+            print!("{}", String::from_utf8_lossy(&body));
+            Ok(())
+        }
     }
 }
 
@@ -174,7 +211,9 @@ fn serve(name: String, port: u16, udp_port: Option<u16>) -> anyhow::Result<()> {
                 return;
             };
             let (peer, local) = (canonical(peer), canonical(local));
-            if writeln!(stream, "hello from {name} peer={peer} local={local}").is_err() {
+            // One write: see http_serve.
+            let greeting = format!("hello from {name} peer={peer} local={local}\n");
+            if stream.write_all(greeting.as_bytes()).is_err() {
                 return;
             }
             let mut buf = [0u8; 16 * 1024];
@@ -412,4 +451,111 @@ fn report(mode: &str, secs: f64, mut latencies: Vec<Duration>) {
         us(pct(0.50)),
         us(pct(0.99))
     );
+}
+
+/// One HTTP/1.1 message: its start line, headers (names lowercased) and Content-Length body.
+struct Message {
+    start: String,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// The next message, or None at a clean end of stream.
+fn read_message(reader: &mut impl std::io::BufRead) -> anyhow::Result<Option<Message>> {
+    let mut start = String::new();
+    if reader.read_line(&mut start)? == 0 {
+        return Ok(None);
+    }
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':').context("malformed header")?;
+        headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+    }
+    let len: usize = headers.get("content-length").map_or(Ok(0), |v| v.parse())?;
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    Ok(Some(Message {
+        start: start.trim_end().to_owned(),
+        headers,
+        body,
+    }))
+}
+
+fn http_serve(name: String, port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("::", port))?;
+    let mirrored: &'static Mutex<BTreeMap<String, u64>> = Box::leak(Box::default());
+    println!("serving {name} on {port}");
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let name = name.clone();
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut reader = BufReader::new(stream.try_clone()?);
+            while let Some(Message { start, headers, .. }) = read_message(&mut reader)? {
+                let method = start.split(' ').next().unwrap_or_default().to_owned();
+                let body = if start.starts_with("GET /stats ") {
+                    let counts = mirrored.lock().unwrap();
+                    counts
+                        .iter()
+                        .map(|(m, n)| format!("mirrored {m} {n}\n"))
+                        .collect::<String>()
+                } else {
+                    if headers.contains_key("x-aviary-mirror") {
+                        *mirrored.lock().unwrap().entry(method).or_default() += 1;
+                    }
+                    name.clone()
+                };
+                // One write per message, as real servers do: several small writes would meet
+                // Nagle and delayed ACKs and stall each exchange by tens of milliseconds.
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nx-backend: {name}\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                (&stream).write_all(response.as_bytes())?;
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+fn http_load(addr: SocketAddr, count: u32, method: &str, path: &str) -> anyhow::Result<()> {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let (mut statuses, mut backends) = (
+        BTreeMap::<String, u32>::new(),
+        BTreeMap::<String, u32>::new(),
+    );
+    let body = if method == "GET" || method == "HEAD" {
+        ""
+    } else {
+        "data"
+    };
+    for _ in 0..count {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: podinfo\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        (&stream).write_all(request.as_bytes())?;
+        let Message { start, headers, .. } =
+            read_message(&mut reader)?.context("the connection closed")?;
+        let status = start.split(' ').nth(1).unwrap_or("?").to_owned();
+        *statuses.entry(status).or_default() += 1;
+        *backends
+            .entry(headers.get("x-backend").cloned().unwrap_or_default())
+            .or_default() += 1;
+    }
+    for (status, n) in statuses {
+        println!("status {status} {n}");
+    }
+    for (backend, n) in backends {
+        println!("backend {backend} {n}");
+    }
+    Ok(())
 }

@@ -1,0 +1,112 @@
+//! The proxy end to end through eBPF capture: an enrolled pod calls a service VIP, and its
+//! requests, on one keep-alive connection, are split 90/10 over primary and canary pods, with
+//! GETs (and only GETs) mirrored to a third pod.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use aviary_tests::{policy, wait_until, Node, Pod};
+
+const PODINFO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const PORT: u16 = 8080;
+
+/// "word key n" lines of a client's output, as key -> n.
+fn tally(out: &std::process::Output, word: &str) -> BTreeMap<String, u32> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix(word)?.trim().split(' ');
+            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn load(node: &Node, client: &Pod, method: &str, count: u32) -> std::process::Output {
+    let args = [
+        "http-load",
+        &format!("{PODINFO}:80"),
+        "--count",
+        &count.to_string(),
+        "--method",
+        method,
+    ];
+    node.run(client, &args, Duration::from_secs(20))
+}
+
+#[test]
+fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
+    let Some(node) = Node::new() else { return };
+    let client = node.add_pod("client");
+    let watcher = node.add_pod("watcher");
+    let (primary, canary, mirror) = (
+        node.add_pod("primary"),
+        node.add_pod("canary"),
+        node.add_pod("mirror"),
+    );
+    for pod in [&primary, &canary, &mirror] {
+        node.serve_http(pod, PORT);
+    }
+    let vip = |n: u8| std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, n));
+    let split = [
+        ("aviary.dev/split", "podinfo-primary=90,podinfo-canary=10"),
+        ("aviary.dev/mirror", "podinfo-mirror"),
+    ];
+    node.write_policy(&policy::documents(&[
+        policy::namespace("demo", None),
+        policy::pod(&client, "demo", Some("enabled")),
+        policy::http_service("podinfo", "demo", vip(10), PORT, &split),
+        policy::http_service("podinfo-primary", "demo", vip(11), PORT, &[]),
+        policy::http_service("podinfo-canary", "demo", vip(12), PORT, &[]),
+        policy::http_service("podinfo-mirror", "demo", vip(13), PORT, &[]),
+        policy::endpoint_slice("podinfo-primary", "demo", &[&primary], PORT),
+        policy::endpoint_slice("podinfo-canary", "demo", &[&canary], PORT),
+        policy::endpoint_slice("podinfo-mirror", "demo", &[&mirror], PORT),
+    ]));
+    let agent = node.start_agent(&[]);
+    agent.wait_for_capture(&[&client], 4);
+    agent.wait_for_log("routed=4", Duration::from_secs(10));
+
+    let gets = load(&node, &client, "GET", 2000);
+    assert_eq!(
+        tally(&gets, "status"),
+        BTreeMap::from([("200".into(), 2000)])
+    );
+    let backends = tally(&gets, "backend");
+    let to_canary = backends.get("canary").copied().unwrap_or(0);
+    // 200 expected, standard deviation 13.4: ±60 is ±4.5 sigma.
+    assert!((140..=260).contains(&to_canary), "{backends:?}");
+    assert_eq!(
+        backends.get("primary").copied().unwrap_or(0) + to_canary,
+        2000,
+        "{backends:?}"
+    );
+    assert_eq!(
+        agent.counter("connect_captured"),
+        1,
+        "one keep-alive connection carried them all"
+    );
+
+    let posts = load(&node, &client, "POST", 200);
+    assert_eq!(
+        tally(&posts, "status"),
+        BTreeMap::from([("200".into(), 200)])
+    );
+
+    // The mirror got a copy of every GET, and no POST (mirrors are sent in the background).
+    let stats = format!("{}:{PORT}", mirror.ip);
+    let mirrored = wait_until(Duration::from_secs(10), || {
+        let out = node.run(
+            &watcher,
+            &["http-get", &stats, "/stats"],
+            Duration::from_secs(10),
+        );
+        let counts = String::from_utf8_lossy(&out.stdout).into_owned();
+        counts.contains("mirrored GET 2000").then_some(counts)
+    });
+    let counts = mirrored.expect("the mirror never saw all 2000 GETs");
+    assert!(!counts.contains("POST"), "{counts}");
+}
