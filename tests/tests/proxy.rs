@@ -110,3 +110,52 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
     let counts = mirrored.expect("the mirror never saw all 2000 GETs");
     assert!(!counts.contains("POST"), "{counts}");
 }
+
+/// Opaque TCP is split per connection. The backends here speak first (a greeting), so each
+/// connection also shows that detection gives up on a silent client and treats it as opaque.
+#[test]
+fn opaque_tcp_is_split_per_connection() {
+    let Some(node) = Node::new() else { return };
+    let client = node.add_pod("client");
+    let (primary, canary) = (node.add_pod("primary"), node.add_pod("canary"));
+    for pod in [&primary, &canary] {
+        node.serve(pod, 9000, None);
+    }
+    let vip = |n: u8| std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, n));
+    let split = [("aviary.dev/split", "db-primary=90,db-canary=10")];
+    node.write_policy(&policy::documents(&[
+        policy::namespace("demo", None),
+        policy::pod(&client, "demo", Some("enabled")),
+        policy::http_service("db", "demo", vip(20), 9000, &split),
+        policy::http_service("db-primary", "demo", vip(21), 9000, &[]),
+        policy::http_service("db-canary", "demo", vip(22), 9000, &[]),
+        policy::endpoint_slice("db-primary", "demo", &[&primary], 9000),
+        policy::endpoint_slice("db-canary", "demo", &[&canary], 9000),
+    ]));
+    let agent = node.start_agent(&[]);
+    agent.wait_for_capture(&[&client], 3);
+    agent.wait_for_log("routed=3", Duration::from_secs(10));
+
+    let out = node.run(
+        &client,
+        &[
+            "connect",
+            "10.96.0.20:80",
+            "--count",
+            "200",
+            "--parallel",
+            "8",
+        ],
+        Duration::from_secs(60),
+    );
+    let names = tally(&out, "name");
+    let to_canary = names.get("canary").copied().unwrap_or(0);
+    // 20 expected, standard deviation 4.2.
+    assert!((5..=40).contains(&to_canary), "{names:?}");
+    assert_eq!(
+        names.get("primary").copied().unwrap_or(0) + to_canary,
+        200,
+        "{names:?}"
+    );
+    assert_eq!(agent.counter("connect_captured"), 200);
+}

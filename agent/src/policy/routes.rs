@@ -19,6 +19,7 @@ use std::{
 
 use http::Method;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use tokio::sync::Semaphore;
 
 use super::{service_addresses, Store};
 use crate::proxy::route::{
@@ -163,6 +164,7 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
         slices,
         services,
         known: known.into(),
+        mirror_bounds: mirror_bounds(previous).into(),
     };
 
     let mut table = RouteTable::default();
@@ -212,9 +214,21 @@ struct Context<'a> {
     /// One Endpoint per address, shared by every backend that lists it (a pod's load is the
     /// pod's, whichever Service reached it), carried over from the previous table.
     known: std::cell::RefCell<HashMap<SocketAddr, Arc<Endpoint>>>,
+    /// The in-flight bound of each mirror backend, shared by every rule mirroring to it and
+    /// carried over from the previous table.
+    mirror_bounds: std::cell::RefCell<HashMap<(String, String), Arc<Semaphore>>>,
 }
 
 impl Context<'_> {
+    fn mirror_bound(&self, namespace: &str, name: &str, permits: usize) -> Arc<Semaphore> {
+        let mut bounds = self.mirror_bounds.borrow_mut();
+        let key = (namespace.to_owned(), name.to_owned());
+        bounds
+            .entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(permits)))
+            .clone()
+    }
+
     /// The Service `namespace/name` as a backend on `port` (its port with that number, or its
     /// only port), with the ready endpoints its EndpointSlices list for that port.
     fn backend(&self, namespace: &str, name: &str, port: i32) -> Option<Arc<Backend>> {
@@ -305,7 +319,7 @@ impl Context<'_> {
                     extra: a.mirror_methods.clone(),
                     idempotency_key: false,
                 },
-                in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
+                in_flight: self.mirror_bound(namespace, name, in_flight),
             })
         });
         Rule {
@@ -314,6 +328,23 @@ impl Context<'_> {
             ..Default::default()
         }
     }
+}
+
+/// The in-flight bound of every mirror backend of a table.
+fn mirror_bounds(table: &RouteTable) -> HashMap<(String, String), Arc<Semaphore>> {
+    let mirrors = table
+        .services
+        .values()
+        .flat_map(|r| r.rules.iter())
+        .filter_map(|rule| rule.mirror.as_ref());
+    mirrors
+        .map(|m| {
+            (
+                (m.backend.namespace.clone(), m.backend.name.clone()),
+                m.in_flight.clone(),
+            )
+        })
+        .collect()
 }
 
 /// Every endpoint of a table, by address.
@@ -432,6 +463,14 @@ mod tests {
         );
         assert_eq!(mirror.safe_methods.extra, [Method::PUT]);
         assert_eq!(mirror.in_flight.available_permits(), 7);
+        // One bound per mirror backend, kept across recompiles.
+        let again = compile_routes(&store(&cluster(annotations)), &table, 7);
+        let kept = &again.services[&"10.96.0.10:80".parse().unwrap()].rules[0]
+            .mirror
+            .as_ref()
+            .unwrap()
+            .in_flight;
+        assert!(Arc::ptr_eq(&mirror.in_flight, kept));
         // The backends' own services are routed too (they have endpoints), without rules.
         assert!(table.services[&"10.96.0.11:80".parse().unwrap()]
             .rules

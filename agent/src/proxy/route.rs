@@ -298,7 +298,8 @@ pub struct Mirror {
     pub numerator: u32,
     pub denominator: u32,
     pub safe_methods: SafeMethods,
-    /// Bounds the mirror's requests in flight; beyond it a mirror is dropped, and counted.
+    /// Bounds the requests in flight to the mirror backend (shared by every rule mirroring to
+    /// it); beyond it a mirror is dropped, and counted.
     pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 

@@ -53,7 +53,7 @@ enum Command {
     },
     /// Open `count` connections (`parallel` at a time); on each, read the greeting, send a
     /// line and check its echo. Prints the first greeting, then "ok <count>", then how many
-    /// greetings named each peer address ("peer <ip> <n>").
+    /// greetings named each peer address ("peer <ip> <n>") and each backend ("name <name> <n>").
     Connect {
         addr: SocketAddr,
         #[arg(long, default_value_t = 1)]
@@ -254,6 +254,15 @@ fn exchange(addr: SocketAddr, payload: &str) -> anyhow::Result<String> {
     Ok(greeting.trim_end().to_owned())
 }
 
+/// The backend a greeting names.
+fn name_of(greeting: &str) -> String {
+    greeting
+        .strip_prefix("hello from ")
+        .and_then(|g| g.split(' ').next())
+        .unwrap_or("?")
+        .to_owned()
+}
+
 /// The peer address a greeting names.
 fn peer_of(greeting: &str) -> String {
     let peer = greeting
@@ -269,6 +278,7 @@ fn connect_many(addr: SocketAddr, count: u64, parallel: u64) -> anyhow::Result<(
     let first = exchange(addr, "first")?;
     println!("{first}");
     let peers = Mutex::new(BTreeMap::from([(peer_of(&first), 1u64)]));
+    let names = Mutex::new(BTreeMap::from([(name_of(&first), 1u64)]));
     let next = AtomicU64::new(1);
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..parallel.max(1))
@@ -282,6 +292,7 @@ fn connect_many(addr: SocketAddr, count: u64, parallel: u64) -> anyhow::Result<(
                         let greeting = exchange(addr, &format!("payload {i}"))
                             .with_context(|| format!("connection {i}"))?;
                         *peers.lock().unwrap().entry(peer_of(&greeting)).or_default() += 1;
+                        *names.lock().unwrap().entry(name_of(&greeting)).or_default() += 1;
                     }
                 })
             })
@@ -293,6 +304,9 @@ fn connect_many(addr: SocketAddr, count: u64, parallel: u64) -> anyhow::Result<(
     println!("ok {count}");
     for (peer, n) in peers.into_inner().unwrap() {
         println!("peer {peer} {n}");
+    }
+    for (name, n) in names.into_inner().unwrap() {
+        println!("name {name} {n}");
     }
     Ok(())
 }
