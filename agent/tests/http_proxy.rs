@@ -93,6 +93,13 @@ impl TestBackend {
     }
 }
 
+/// A backend process and the Service-like backend `podinfo-<name>` in front of it.
+async fn backend_service(name: &'static str, delay: Duration) -> (TestBackend, Arc<Backend>) {
+    let process = backend(name, delay).await;
+    let service = service_backend(&format!("podinfo-{name}"), &[process.addr]);
+    (process, service)
+}
+
 fn service_backend(name: &str, endpoints: &[SocketAddr]) -> Arc<Backend> {
     Arc::new(Backend {
         namespace: "shop".into(),
@@ -219,12 +226,8 @@ fn backend_of(headers: &HeaderMap) -> String {
 }
 
 async fn split_setup() -> (TestBackend, TestBackend, ServiceRoutes) {
-    let (primary, canary) = (
-        backend("primary", Duration::ZERO).await,
-        backend("canary", Duration::ZERO).await,
-    );
-    let p = service_backend("podinfo-primary", &[primary.addr]);
-    let c = service_backend("podinfo-canary", &[canary.addr]);
+    let (primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (canary, c) = backend_service("canary", Duration::ZERO).await;
     let rule = Rule {
         backends: vec![weighted(&p, 90), weighted(&c, 10)],
         ..Default::default()
@@ -273,22 +276,10 @@ async fn a_weight_change_applies_to_the_next_request_on_the_same_connection() {
     let mut conn = h1(proxy.addr).await;
     send(&mut conn, get("/")).await;
 
+    // Promotion: the same backends, new weights.
     let mut promoted = routes;
-    let canary_only = promoted.rules[0]
-        .backends
-        .iter()
-        .map(|b| b.backend.clone())
-        .collect::<Vec<_>>();
-    promoted.rules[0].backends = vec![
-        WeightedBackend {
-            weight: 0,
-            ..weighted_ref(&canary_only[0])
-        },
-        WeightedBackend {
-            weight: 100,
-            ..weighted_ref(&canary_only[1])
-        },
-    ];
+    promoted.rules[0].backends[0].weight = 0;
+    promoted.rules[0].backends[1].weight = 100;
     proxy.routes.store(Arc::new(RouteTable {
         services: HashMap::from([(SERVICE.parse().unwrap(), Arc::new(promoted))]),
     }));
@@ -301,23 +292,10 @@ async fn a_weight_change_applies_to_the_next_request_on_the_same_connection() {
     }
 }
 
-fn weighted_ref(backend: &BackendRef) -> WeightedBackend {
-    WeightedBackend {
-        backend: backend.clone(),
-        weight: 1,
-        request_headers: HeaderModifier::default(),
-        response_headers: HeaderModifier::default(),
-    }
-}
-
 #[tokio::test]
 async fn header_and_cookie_matches_route_ab_traffic() {
-    let (primary, canary) = (
-        backend("primary", Duration::ZERO).await,
-        backend("canary", Duration::ZERO).await,
-    );
-    let p = service_backend("podinfo-primary", &[primary.addr]);
-    let c = service_backend("podinfo-canary", &[canary.addr]);
+    let (_primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (_canary, c) = backend_service("canary", Duration::ZERO).await;
     let cookie = RequestMatch {
         headers: vec![HeaderMatch {
             name: http::header::COOKIE,
@@ -525,12 +503,8 @@ async fn wait_for(mut check: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn only_idempotent_requests_are_mirrored() {
-    let (primary, shadow) = (
-        backend("primary", Duration::ZERO).await,
-        backend("shadow", Duration::ZERO).await,
-    );
-    let p = service_backend("podinfo-primary", &[primary.addr]);
-    let s = service_backend("podinfo-shadow", &[shadow.addr]);
+    let (primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (shadow, s) = backend_service("shadow", Duration::ZERO).await;
     let rule = Rule {
         backends: vec![weighted(&p, 1)],
         mirror: Some(mirrored(&s, 100, SafeMethods::default(), 100)),
@@ -573,12 +547,8 @@ async fn only_idempotent_requests_are_mirrored() {
 
 #[tokio::test]
 async fn declared_methods_are_mirrored_and_large_bodies_are_not() {
-    let (primary, shadow) = (
-        backend("primary", Duration::ZERO).await,
-        backend("shadow", Duration::ZERO).await,
-    );
-    let p = service_backend("podinfo-primary", &[primary.addr]);
-    let s = service_backend("podinfo-shadow", &[shadow.addr]);
+    let (primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (shadow, s) = backend_service("shadow", Duration::ZERO).await;
     let safe = SafeMethods {
         extra: vec![Method::PUT],
         idempotency_key: true,
@@ -620,12 +590,8 @@ async fn declared_methods_are_mirrored_and_large_bodies_are_not() {
 
 #[tokio::test]
 async fn a_slow_mirror_never_slows_the_primary_and_overload_is_dropped() {
-    let (primary, shadow) = (
-        backend("primary", Duration::ZERO).await,
-        backend("shadow", Duration::from_secs(5)).await,
-    );
-    let p = service_backend("podinfo-primary", &[primary.addr]);
-    let s = service_backend("podinfo-shadow", &[shadow.addr]);
+    let (primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (shadow, s) = backend_service("shadow", Duration::from_secs(5)).await;
     let plain = Rule {
         backends: vec![weighted(&p, 1)],
         ..Default::default()

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use aviary_tests::{policy, Greeting, Node, Pod, NODE_IP};
+use aviary_tests::{policy, Agent, Greeting, Node, Pod, NODE_IP};
 
 const VIP_A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
@@ -57,6 +57,14 @@ fn policy_yaml(s: &Setup, client_capture: Option<&str>, extra: &[String]) -> Str
     policy::documents(&objects)
 }
 
+/// The agent, with the client enrolled and services `a` and `b` captured.
+fn start_enrolled(s: &Setup) -> Agent {
+    s.node.write_policy(&policy_yaml(s, Some("enabled"), &[]));
+    let agent = s.node.start_agent(&[]);
+    agent.wait_for_capture(&[&s.client], 2);
+    agent
+}
+
 fn connect(s: &Setup, pod: &Pod, to: SocketAddr) -> Greeting {
     Greeting::of(
         &s.node
@@ -86,9 +94,7 @@ fn assert_direct(greeting: &Greeting, backend: &str, client: &Pod) {
 #[test]
 fn enrolled_pod_reaches_each_service_through_the_proxy_at_its_original_destination() {
     let Some(s) = setup() else { return };
-    s.node.write_policy(&policy_yaml(&s, Some("enabled"), &[]));
-    let agent = s.node.start_agent(&[]);
-    agent.wait_for_capture(&[&s.client], 2);
+    let agent = start_enrolled(&s);
 
     // Two services on two backends: the proxy forwarded each to the destination the pod asked
     // for, which it could only know from the recorded original destination.
@@ -107,9 +113,7 @@ fn enrolled_pod_reaches_each_service_through_the_proxy_at_its_original_destinati
 #[test]
 fn everything_not_captured_passes_untouched() {
     let Some(s) = setup() else { return };
-    s.node.write_policy(&policy_yaml(&s, Some("enabled"), &[]));
-    let agent = s.node.start_agent(&[]);
-    agent.wait_for_capture(&[&s.client], 2);
+    let agent = start_enrolled(&s);
 
     // A pod that is not enrolled goes straight to the service.
     assert_direct(&connect(&s, &s.other, addr(VIP_A, 80)), "a", &s.other);
@@ -148,9 +152,7 @@ fn everything_not_captured_passes_untouched() {
 #[test]
 fn enrolling_and_unenrolling_at_runtime_changes_new_connections_only() {
     let Some(s) = setup() else { return };
-    s.node.write_policy(&policy_yaml(&s, Some("enabled"), &[]));
-    let agent = s.node.start_agent(&[]);
-    agent.wait_for_capture(&[&s.client], 2);
+    let agent = start_enrolled(&s);
     let mut proxied = s.node.session(&s.client, addr(VIP_A, 80));
     assert_proxied(&proxied.greeting, "a");
 
@@ -188,9 +190,7 @@ fn namespace_enrollment_covers_its_pods_unless_a_pod_opts_out() {
 #[test]
 fn capture_fails_open_when_the_proxy_is_down() {
     let Some(s) = setup() else { return };
-    s.node.write_policy(&policy_yaml(&s, Some("enabled"), &[]));
-    let mut agent = s.node.start_agent(&[]);
-    agent.wait_for_capture(&[&s.client], 2);
+    let mut agent = start_enrolled(&s);
     assert_proxied(&connect(&s, &s.client, addr(VIP_A, 80)), "a");
 
     // SIGKILL: the programs stay attached (their links are pinned), but the proxy's listener is
