@@ -590,8 +590,8 @@ async fn declared_methods_are_mirrored_and_large_bodies_are_not() {
 
 #[tokio::test]
 async fn a_slow_mirror_never_slows_the_primary_and_overload_is_dropped() {
-    let (primary, p) = backend_service("primary", Duration::ZERO).await;
-    let (shadow, s) = backend_service("shadow", Duration::from_secs(5)).await;
+    let (_primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (_shadow, s) = backend_service("shadow", Duration::from_secs(5)).await;
     let plain = Rule {
         backends: vec![weighted(&p, 1)],
         ..Default::default()
