@@ -49,6 +49,9 @@ fn collect(value: serde_yaml::Value, out: &mut Vec<Object>) -> anyhow::Result<()
         ("v1", "Namespace") => Object::Namespace(Box::new(serde_yaml::from_value(value)?)),
         ("v1", "Pod") => Object::Pod(Box::new(serde_yaml::from_value(value)?)),
         ("v1", "Service") => Object::Service(Box::new(serde_yaml::from_value(value)?)),
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            Object::HttpRoute(Box::new(serde_yaml::from_value(value)?))
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             Object::EndpointSlice(Box::new(serde_yaml::from_value(value)?))
         }

@@ -4,6 +4,7 @@
 //! keeps the last good version of each. [`compile`] is the one pure function from the store to
 //! what the datapath enforces.
 
+pub mod gamma;
 pub mod local;
 pub mod routes;
 
@@ -28,6 +29,7 @@ pub enum Kind {
     Pod,
     Service,
     EndpointSlice,
+    HttpRoute,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -52,6 +54,7 @@ pub enum Object {
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    HttpRoute(Box<gateway_api::apis::standard::httproutes::HttpRoute>),
 }
 
 impl Object {
@@ -61,6 +64,7 @@ impl Object {
             Self::Pod(o) => &o.metadata,
             Self::Service(o) => &o.metadata,
             Self::EndpointSlice(o) => &o.metadata,
+            Self::HttpRoute(o) => &o.metadata,
         }
     }
 
@@ -70,6 +74,7 @@ impl Object {
             Self::Pod(_) => Kind::Pod,
             Self::Service(_) => Kind::Service,
             Self::EndpointSlice(_) => Kind::EndpointSlice,
+            Self::HttpRoute(_) => Kind::HttpRoute,
         }
     }
 
@@ -111,6 +116,7 @@ impl Object {
                 routes::ServiceAnnotations::parse(svc).map(drop)
             }
             Self::EndpointSlice(_) => Ok(()),
+            Self::HttpRoute(route) => gamma::validate(route),
         }
     }
 }
@@ -195,6 +201,15 @@ impl Store {
     fn pods(&self) -> impl Iterator<Item = &Pod> {
         self.objects.values().filter_map(|o| match o {
             Object::Pod(pod) => Some(pod.as_ref()),
+            _ => None,
+        })
+    }
+
+    fn http_routes(
+        &self,
+    ) -> impl Iterator<Item = &gateway_api::apis::standard::httproutes::HttpRoute> {
+        self.objects.values().filter_map(|o| match o {
+            Object::HttpRoute(route) => Some(route.as_ref()),
             _ => None,
         })
     }

@@ -21,7 +21,9 @@ use http::Method;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tokio::sync::Semaphore;
 
-use super::{service_addresses, Store};
+use gateway_api::apis::standard::httproutes::HttpRoute;
+
+use super::{gamma, service_addresses, Store};
 use crate::proxy::route::{
     AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, RouteTable, Rule,
     SafeMethods, ServiceRoutes, WeightedBackend,
@@ -134,6 +136,9 @@ fn parse_split(value: &str) -> Result<Vec<(String, u32)>, String> {
     Ok(split)
 }
 
+/// HTTPRoutes by the Service (namespace, name) they attach to, with the port they name.
+type AttachedRoutes<'a> = HashMap<(String, String), Vec<(&'a HttpRoute, Option<i32>)>>;
+
 /// Compiles the routing table. Endpoints already in `previous` are reused, so the balancer's
 /// latency statistics survive policy changes; `mirror_in_flight` bounds each mirror.
 pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: usize) -> RouteTable {
@@ -160,6 +165,20 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
             Some(((namespace, svc.metadata.name.as_deref()?), svc))
         })
         .collect();
+    // Producer routes: those in their Service's own namespace. (Consumer routes, from a
+    // client's namespace, need the client's namespace at request time; not yet supported.)
+    let mut attached: AttachedRoutes = HashMap::new();
+    for route in store.http_routes() {
+        let route_namespace = route.metadata.namespace.as_deref().unwrap_or("default");
+        for parent in gamma::service_parents(route) {
+            if parent.namespace == route_namespace {
+                attached
+                    .entry((parent.namespace, parent.name))
+                    .or_default()
+                    .push((route, parent.port));
+            }
+        }
+    }
     let ctx = Context {
         slices,
         services,
@@ -170,7 +189,11 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
     let mut table = RouteTable::default();
     for (&(namespace, name), svc) in &ctx.services {
         let annotations = ServiceAnnotations::parse(svc).ok().flatten();
-        if annotations.is_none() && !ctx.slices.contains_key(&(namespace, name)) {
+        let routes_of_service = attached.get(&(namespace.to_owned(), name.to_owned()));
+        if annotations.is_none()
+            && routes_of_service.is_none()
+            && !ctx.slices.contains_key(&(namespace, name))
+        {
             continue;
         }
         let Ok(addresses) = service_addresses(svc) else {
@@ -185,10 +208,21 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
             let Some(default) = ctx.backend(namespace, name, port.port) else {
                 continue;
             };
-            let rules = annotations
-                .as_ref()
-                .map(|a| vec![ctx.rule(namespace, port.port, &default, a, mirror_in_flight)])
-                .unwrap_or_default();
+            // An HTTPRoute attached to this port wins over the Service's annotations.
+            let http_routes: Vec<&HttpRoute> = routes_of_service
+                .into_iter()
+                .flatten()
+                .filter(|(_, p)| p.is_none_or(|p| p == port.port))
+                .map(|(route, _)| *route)
+                .collect();
+            let rules = if !http_routes.is_empty() {
+                ctx.gamma_rules(port.port, &http_routes, mirror_in_flight)
+            } else {
+                annotations
+                    .as_ref()
+                    .map(|a| vec![ctx.rule(namespace, port.port, &default, a, mirror_in_flight)])
+                    .unwrap_or_default()
+            };
             let routes = Arc::new(ServiceRoutes {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
@@ -220,6 +254,89 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// The rules of the HTTPRoutes attached to one service port, one per match, in Gateway API
+    /// precedence order (ties: the oldest route, then by name, then rule and match order).
+    fn gamma_rules(&self, port: i32, routes: &[&HttpRoute], in_flight: usize) -> Vec<Rule> {
+        let mut ranked = Vec::new();
+        for route in routes {
+            let order = gamma::route_order(route);
+            let namespace = route.metadata.namespace.as_deref().unwrap_or("default");
+            for (rule_index, rule) in route.spec.rules.iter().flatten().enumerate() {
+                let Ok(filters) = gamma::filters(rule) else {
+                    continue;
+                };
+                let backends: Vec<WeightedBackend> = rule
+                    .backend_refs
+                    .iter()
+                    .flatten()
+                    .map(|b| {
+                        let backend_namespace = b.namespace.as_deref().unwrap_or(namespace);
+                        let backend = match b.kind.as_deref() {
+                            None | Some("Service") => match self.backend(
+                                backend_namespace,
+                                &b.name,
+                                b.port.unwrap_or(port),
+                            ) {
+                                Some(backend) => BackendRef::Service(backend),
+                                None => BackendRef::Invalid {
+                                    name: b.name.clone(),
+                                    reason: format!(
+                                        "Service {backend_namespace}/{} not found",
+                                        b.name
+                                    ),
+                                },
+                            },
+                            Some(kind) => BackendRef::Invalid {
+                                name: b.name.clone(),
+                                reason: format!("backendRef kind {kind} is not supported"),
+                            },
+                        };
+                        let (request_headers, response_headers) =
+                            gamma::backend_filters(b).unwrap_or_default();
+                        WeightedBackend {
+                            backend,
+                            weight: b.weight.unwrap_or(1).max(0) as u32,
+                            request_headers,
+                            response_headers,
+                        }
+                    })
+                    .collect();
+                let mirror = filters.mirror.as_ref().and_then(|m| {
+                    let mirror_namespace = m.namespace.as_deref().unwrap_or(namespace);
+                    Some(Mirror {
+                        backend: self.backend(mirror_namespace, &m.name, m.port.unwrap_or(port))?,
+                        numerator: m.numerator,
+                        denominator: m.denominator,
+                        safe_methods: SafeMethods::default(),
+                        in_flight: self.mirror_bound(mirror_namespace, &m.name, in_flight),
+                    })
+                });
+                let timeout = |d: &Option<String>| {
+                    d.as_deref()
+                        .and_then(|d| gamma::parse_duration(d).ok().flatten())
+                };
+                let timeouts = rule.timeouts.as_ref();
+                for (match_index, m) in gamma::matches(rule).into_iter().enumerate() {
+                    let compiled = Rule {
+                        matches: vec![m.request],
+                        backends: backends.clone(),
+                        mirror: mirror.clone(),
+                        timeout: timeouts.and_then(|t| timeout(&t.request)),
+                        backend_timeout: timeouts.and_then(|t| timeout(&t.backend_request)),
+                        request_headers: filters.request_headers.clone(),
+                        response_headers: filters.response_headers.clone(),
+                    };
+                    ranked.push((m.rank, order.clone(), rule_index, match_index, compiled));
+                }
+            }
+        }
+        ranked.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then_with(|| (&a.1, a.2, a.3).cmp(&(&b.1, b.2, b.3)))
+        });
+        ranked.into_iter().map(|(.., rule)| rule).collect()
+    }
+
     fn mirror_bound(&self, namespace: &str, name: &str, permits: usize) -> Arc<Semaphore> {
         let mut bounds = self.mirror_bounds.borrow_mut();
         let key = (namespace.to_owned(), name.to_owned());
@@ -373,8 +490,10 @@ fn known_endpoints(table: &RouteTable) -> HashMap<SocketAddr, Arc<Endpoint>> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use crate::policy::local::parse_documents;
+    use crate::{policy::local::parse_documents, proxy::route::PathMatch};
 
     fn store(yaml: &str) -> Store {
         let mut store = Store::default();
@@ -552,6 +671,193 @@ mod tests {
                 "{annotations}: {}",
                 rejected[0].reason
             );
+        }
+    }
+
+    /// An HTTPRoute on `podinfo`, written the way Flagger's gatewayapi provider writes them.
+    fn route(name: &str, rules: &str) -> String {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  parentRefs: [{{group: core, kind: Service, name: reviews, port: 80}}]\n  rules:\n{rules}"
+        )
+    }
+
+    fn with_route(route: &str) -> RouteTable {
+        let yaml = [
+            cluster("aviary.dev/split: \"reviews-v1=50,reviews-v2=50\""),
+            route.to_owned(),
+        ]
+        .join(CLUSTER);
+        compile_routes(&store(&yaml), &RouteTable::default(), 1)
+    }
+
+    fn rules(table: &RouteTable) -> &[Rule] {
+        &table.services[&"10.96.0.10:80".parse().unwrap()].rules
+    }
+
+    fn weights(rule: &Rule) -> Vec<(String, u32)> {
+        rule.backends
+            .iter()
+            .map(|b| (b.backend.name().to_owned(), b.weight))
+            .collect()
+    }
+
+    #[test]
+    fn flaggers_canary_route_sets_weights_and_wins_over_annotations() {
+        let table = with_route(&route(
+            "reviews",
+            "  - matches: [{path: {type: PathPrefix, value: /}}]\n    \
+             backendRefs: [{group: \"\", kind: Service, name: reviews-v1, port: 80, weight: 90}, \
+             {group: \"\", kind: Service, name: reviews-v2, port: 80, weight: 10}]\n    \
+             timeouts: {request: 15s, backendRequest: 500ms}\n",
+        ));
+        let rules = rules(&table);
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            weights(&rules[0]),
+            [("reviews-v1".into(), 90), ("reviews-v2".into(), 10)]
+        );
+        assert_eq!(rules[0].timeout, Some(Duration::from_secs(15)));
+        assert_eq!(rules[0].backend_timeout, Some(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn flaggers_ab_route_orders_header_matches_before_the_catch_all() {
+        let table = with_route(&route(
+            "reviews",
+            "  - matches:\n    - headers: [{name: cookie, type: RegularExpression, value: \"^(.*?;)?(canary=always)(;.*)?$\"}]\n    \
+             - headers: [{name: x-canary, type: Exact, value: insider}]\n    \
+             backendRefs:\n    - name: reviews-v2\n      port: 80\n      filters:\n      \
+             - type: ResponseHeaderModifier\n        responseHeaderModifier: {add: [{name: Set-Cookie, value: \"canary=always; Max-Age=3600\"}]}\n  \
+             - backendRefs: [{name: reviews-v1, port: 80}]\n",
+        ));
+        let rules = rules(&table);
+        let summary: Vec<(usize, String)> = rules
+            .iter()
+            .map(|r| {
+                (
+                    r.matches[0].headers.len(),
+                    r.backends[0].backend.name().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (1, "reviews-v2".into()),
+                (1, "reviews-v2".into()),
+                (0, "reviews-v1".into())
+            ]
+        );
+        let set_cookie = &rules[0].backends[0].response_headers.add[0];
+        assert_eq!(
+            (set_cookie.0.as_str(), set_cookie.1.to_str().unwrap()),
+            ("set-cookie", "canary=always; Max-Age=3600")
+        );
+    }
+
+    #[test]
+    fn flaggers_blue_green_mirror_and_fractions() {
+        let mirror = |share: &str| {
+            with_route(&route(
+                "reviews",
+                &format!(
+                    "  - backendRefs: [{{name: reviews-v1, port: 80}}]\n    filters:\n    - type: RequestMirror\n      \
+                     requestMirror: {{backendRef: {{name: reviews-v2, port: 80}}{share}}}\n"
+                ),
+            ))
+        };
+        for (share, expected) in [
+            ("", (100, 100)),
+            (", percent: 50", (50, 100)),
+            (", fraction: {numerator: 1, denominator: 3}", (1, 3)),
+        ] {
+            let table = mirror(share);
+            let m = rules(&table)[0].mirror.as_ref().unwrap();
+            assert_eq!(
+                (m.backend.name.as_str(), m.numerator, m.denominator),
+                ("reviews-v2", expected.0, expected.1)
+            );
+            assert_eq!(m.safe_methods, SafeMethods::default());
+        }
+    }
+
+    #[test]
+    fn rules_follow_gateway_api_precedence_across_routes() {
+        let first = route(
+            "a-route",
+            "  - matches: [{path: {type: PathPrefix, value: /api}}]\n    backendRefs: [{name: reviews-v1, port: 80}]\n  \
+             - matches: [{path: {type: Exact, value: /api/v1}}]\n    backendRefs: [{name: reviews-v2, port: 80}]\n",
+        );
+        let second = route(
+            "b-route",
+            "  - matches: [{path: {type: PathPrefix, value: /api/long}}, {path: {type: PathPrefix, value: /api}, method: GET}]\n    \
+             backendRefs: [{name: reviews-v2, port: 80}]\n",
+        );
+        let yaml = [cluster(""), first, second].join(CLUSTER);
+        let table = compile_routes(&store(&yaml), &RouteTable::default(), 1);
+        let order: Vec<String> = rules(&table)
+            .iter()
+            .map(|r| {
+                let m = &r.matches[0];
+                let path = match &m.path {
+                    Some(PathMatch::Exact(p)) => format!("={p}"),
+                    Some(PathMatch::Prefix(p)) => p.clone(),
+                    _ => "?".into(),
+                };
+                format!(
+                    "{path}{}",
+                    m.method
+                        .as_ref()
+                        .map(|m| format!(" {m}"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        assert_eq!(order, ["=/api/v1", "/api/long", "/api GET", "/api"]);
+    }
+
+    #[test]
+    fn invalid_routes_are_refused_with_the_reason() {
+        let cases = [
+            (
+                "  - matches: [{path: {type: RegularExpression, value: \"(\"}}]\n",
+                "bad regular expression",
+            ),
+            (
+                "  - backendRefs: [{name: a, weight: 0}, {name: b, weight: 0}]\n",
+                "every backendRef has weight 0",
+            ),
+            (
+                "  - filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]\n",
+                "not supported",
+            ),
+            (
+                "  - timeouts: {request: 10 seconds}\n",
+                "not a Gateway API duration",
+            ),
+        ];
+        for (rules, reason) in cases {
+            let rejected =
+                Store::default().replace_all(parse_documents(&route("bad", rules)).unwrap());
+            assert_eq!(rejected.len(), 1, "{rules}");
+            assert!(
+                rejected[0].reason.contains(reason),
+                "{rules}: {}",
+                rejected[0].reason
+            );
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            gamma::parse_duration("1h2m3s4ms").unwrap(),
+            Some(Duration::from_millis(3_723_004))
+        );
+        assert_eq!(gamma::parse_duration("0s").unwrap(), None);
+        for bad in ["", "10", "1d", "s", "1.5s"] {
+            assert!(gamma::parse_duration(bad).is_err(), "{bad}");
         }
     }
 }
