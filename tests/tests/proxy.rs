@@ -159,3 +159,84 @@ fn opaque_tcp_is_split_per_connection() {
     );
     assert_eq!(agent.counter("connect_captured"), 200);
 }
+
+/// A GAMMA HTTPRoute on `podinfo`, as Flagger writes it, with these weights.
+fn flagger_route(primary: u32, canary: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: podinfo, namespace: demo}}\n\
+         spec:\n  parentRefs: [{{group: core, kind: Service, name: podinfo, port: 80}}]\n  rules:\n\
+         \x20 - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n\
+         \x20   backendRefs:\n\
+         \x20   - {{group: \"\", kind: Service, name: podinfo-primary, port: 80, weight: {primary}}}\n\
+         \x20   - {{group: \"\", kind: Service, name: podinfo-canary, port: 80, weight: {canary}}}\n"
+    )
+}
+
+#[test]
+fn a_weight_change_in_the_files_is_followed_within_a_second_and_no_request_fails() {
+    let Some(node) = Node::new() else { return };
+    let client = node.add_pod("client");
+    let (primary, canary) = (node.add_pod("primary"), node.add_pod("canary"));
+    for pod in [&primary, &canary] {
+        node.serve_http(pod, PORT);
+    }
+    let vip = |n: u8| std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, n));
+    let cluster = |primary_weight, canary_weight| {
+        policy::documents(&[
+            policy::namespace("demo", None),
+            policy::pod(&client, "demo", Some("enabled")),
+            policy::http_service("podinfo", "demo", vip(10), PORT, &[]),
+            policy::http_service("podinfo-primary", "demo", vip(11), PORT, &[]),
+            policy::http_service("podinfo-canary", "demo", vip(12), PORT, &[]),
+            policy::endpoint_slice("podinfo-primary", "demo", &[&primary], PORT),
+            policy::endpoint_slice("podinfo-canary", "demo", &[&canary], PORT),
+            flagger_route(primary_weight, canary_weight),
+        ])
+    };
+    node.write_policy(&cluster(100, 0));
+    let agent = node.start_agent(&[]);
+    agent.wait_for_capture(&[&client], 3);
+    agent.wait_for_log("routed=3", Duration::from_secs(10));
+
+    let service = format!("{PODINFO}:80");
+    std::thread::scope(|scope| {
+        // One keep-alive connection carrying requests for 3 s, across the promotion.
+        let long_lived = scope.spawn(|| {
+            node.run(
+                &client,
+                &["http-load", &service, "--secs", "3"],
+                Duration::from_secs(30),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let promoted_at = std::time::Instant::now();
+        node.write_policy(&cluster(0, 100));
+        let followed = wait_until(Duration::from_secs(2), || {
+            let out = node.run(
+                &client,
+                &["http-load", &service, "--count", "1"],
+                Duration::from_secs(10),
+            );
+            (tally(&out, "backend").contains_key("canary")).then(|| promoted_at.elapsed())
+        });
+        let took = followed.expect("the new weights never took effect");
+        assert!(
+            took < Duration::from_secs(1),
+            "the split followed after {took:?}"
+        );
+
+        let out = long_lived.join().unwrap();
+        let statuses = tally(&out, "status");
+        assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "{statuses:?}");
+        let backends = tally(&out, "backend");
+        assert!(
+            backends.contains_key("primary") && backends.contains_key("canary"),
+            "{backends:?}"
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("last canary"),
+            "the open connection followed the promotion: {stdout}"
+        );
+    });
+}

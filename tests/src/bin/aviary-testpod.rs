@@ -73,12 +73,15 @@ enum Command {
         #[arg(long)]
         port: u16,
     },
-    /// `count` requests on one keep-alive HTTP/1.1 connection; prints how many got each
-    /// status ("status <code> <n>") and each backend ("backend <name> <n>").
+    /// `count` requests (or as many as fit in `secs`) on one keep-alive HTTP/1.1 connection;
+    /// prints how many got each status ("status <code> <n>") and each backend ("backend <name>
+    /// <n>"), and the backend of the last one ("last <name>").
     HttpLoad {
         addr: SocketAddr,
-        #[arg(long)]
+        #[arg(long, default_value_t = u32::MAX)]
         count: u32,
+        #[arg(long)]
+        secs: Option<f64>,
         #[arg(long, default_value = "GET")]
         method: String,
         #[arg(long, default_value = "/")]
@@ -156,9 +159,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::HttpLoad {
             addr,
             count,
+            secs,
             method,
             path,
-        } => http_load(addr, count, &method, &path),
+        } => {
+            // Bounded either way: by count, or by time.
+            let deadline = Instant::now() + Duration::from_secs_f64(secs.unwrap_or(600.0));
+            http_load(addr, count, deadline, &method, &path)
+        }
         Command::HttpGet { addr, path } => {
             let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
             stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -538,7 +546,13 @@ fn http_serve(name: String, port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn http_load(addr: SocketAddr, count: u32, method: &str, path: &str) -> anyhow::Result<()> {
+fn http_load(
+    addr: SocketAddr,
+    count: u32,
+    deadline: Instant,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<()> {
     let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -551,7 +565,11 @@ fn http_load(addr: SocketAddr, count: u32, method: &str, path: &str) -> anyhow::
     } else {
         "data"
     };
+    let mut last = String::new();
     for _ in 0..count {
+        if Instant::now() > deadline {
+            break;
+        }
         let request = format!(
             "{method} {path} HTTP/1.1\r\nhost: podinfo\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
@@ -561,10 +579,10 @@ fn http_load(addr: SocketAddr, count: u32, method: &str, path: &str) -> anyhow::
             read_message(&mut reader)?.context("the connection closed")?;
         let status = start.split(' ').nth(1).unwrap_or("?").to_owned();
         *statuses.entry(status).or_default() += 1;
-        *backends
-            .entry(headers.get("x-backend").cloned().unwrap_or_default())
-            .or_default() += 1;
+        last = headers.get("x-backend").cloned().unwrap_or_default();
+        *backends.entry(last.clone()).or_default() += 1;
     }
+    println!("last {last}");
     for (status, n) in statuses {
         println!("status {status} {n}");
     }
