@@ -136,11 +136,16 @@ struct TestProxy {
     proxy: Arc<HttpProxy>,
 }
 
-async fn start_proxy_with(cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
-    let table = RouteTable {
+/// A routing table holding just SERVICE.
+fn table(routes: ServiceRoutes) -> RouteTable {
+    RouteTable {
         services: HashMap::from([(SERVICE.parse().unwrap(), Arc::new(routes))]),
-    };
-    let routes = Arc::new(ArcSwap::from_pointee(table));
+        ..Default::default()
+    }
+}
+
+async fn start_proxy_with(cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
+    let routes = Arc::new(ArcSwap::from_pointee(table(routes)));
     // Mark 0: no socket mark (that needs CAP_NET_ADMIN, and nothing captures here).
     let proxy = Arc::new(HttpProxy::new(cfg, routes.clone(), 0));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -280,9 +285,7 @@ async fn a_weight_change_applies_to_the_next_request_on_the_same_connection() {
     let mut promoted = routes;
     promoted.rules[0].backends[0].weight = 0;
     promoted.rules[0].backends[1].weight = 100;
-    proxy.routes.store(Arc::new(RouteTable {
-        services: HashMap::from([(SERVICE.parse().unwrap(), Arc::new(promoted))]),
-    }));
+    proxy.routes.store(Arc::new(table(promoted)));
     for _ in 0..100 {
         let (status, headers, _) = send(&mut conn, get("/")).await;
         assert_eq!(

@@ -19,7 +19,9 @@ pub fn namespace(name: &str, capture: Option<&str>) -> String {
 }
 
 pub fn pod(pod: &Pod, namespace: &str, capture: Option<&str>) -> String {
-    pod_with_uid(&pod.name, &pod.uid, namespace, capture)
+    let ip = pod.ip;
+    let status = format!("status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n");
+    pod_with_uid(&pod.name, &pod.uid, namespace, capture) + &status
 }
 
 pub fn pod_with_uid(name: &str, uid: &str, namespace: &str, capture: Option<&str>) -> String {

@@ -165,18 +165,22 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
             Some(((namespace, svc.metadata.name.as_deref()?), svc))
         })
         .collect();
-    // Producer routes: those in their Service's own namespace. (Consumer routes, from a
-    // client's namespace, need the client's namespace at request time; not yet supported.)
-    let mut attached: AttachedRoutes = HashMap::new();
+    // Producer routes live in their Service's namespace and apply to every client; consumer
+    // routes live in a client's namespace and apply to its clients only, instead.
+    let mut producers: AttachedRoutes = HashMap::new();
+    let mut consumers: HashMap<String, AttachedRoutes> = HashMap::new();
     for route in store.http_routes() {
         let route_namespace = route.metadata.namespace.as_deref().unwrap_or("default");
         for parent in gamma::service_parents(route) {
-            if parent.namespace == route_namespace {
-                attached
-                    .entry((parent.namespace, parent.name))
-                    .or_default()
-                    .push((route, parent.port));
-            }
+            let attached = if parent.namespace == route_namespace {
+                &mut producers
+            } else {
+                consumers.entry(route_namespace.to_owned()).or_default()
+            };
+            attached
+                .entry((parent.namespace, parent.name))
+                .or_default()
+                .push((route, parent.port));
         }
     }
     let ctx = Context {
@@ -186,12 +190,20 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
         mirror_bounds: mirror_bounds(previous).into(),
     };
 
-    let mut table = RouteTable::default();
+    let mut table = RouteTable {
+        pod_namespaces: pod_namespaces(store),
+        ..Default::default()
+    };
     for (&(namespace, name), svc) in &ctx.services {
+        let key = (namespace.to_owned(), name.to_owned());
         let annotations = ServiceAnnotations::parse(svc).ok().flatten();
-        let routes_of_service = attached.get(&(namespace.to_owned(), name.to_owned()));
+        let routes_of_service = producers.get(&key);
+        let consumed = consumers
+            .iter()
+            .any(|(_, attached)| attached.contains_key(&key));
         if annotations.is_none()
             && routes_of_service.is_none()
+            && !consumed
             && !ctx.slices.contains_key(&(namespace, name))
         {
             continue;
@@ -209,12 +221,7 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
                 continue;
             };
             // An HTTPRoute attached to this port wins over the Service's annotations.
-            let http_routes: Vec<&HttpRoute> = routes_of_service
-                .into_iter()
-                .flatten()
-                .filter(|(_, p)| p.is_none_or(|p| p == port.port))
-                .map(|(route, _)| *route)
-                .collect();
+            let http_routes = on_port(routes_of_service, port.port);
             let rules = if !http_routes.is_empty() {
                 ctx.gamma_rules(port.port, &http_routes, mirror_in_flight)
             } else {
@@ -231,15 +238,77 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
                 rules,
                 default,
             });
-            for addr in addresses
+            let addresses: Vec<SocketAddr> = addresses
                 .iter()
                 .filter(|a| i32::from(a.port()) == port.port)
-            {
-                table.services.insert(*addr, routes.clone());
+                .copied()
+                .collect();
+            for (client_namespace, attached) in &consumers {
+                let consumer_routes = on_port(attached.get(&key), port.port);
+                if consumer_routes.is_empty() {
+                    continue;
+                }
+                let consumer = Arc::new(ServiceRoutes {
+                    rules: ctx.gamma_rules(port.port, &consumer_routes, mirror_in_flight),
+                    ..(*routes).clone()
+                });
+                for addr in &addresses {
+                    table
+                        .consumers
+                        .insert((client_namespace.clone(), *addr), consumer.clone());
+                }
+            }
+            for addr in addresses {
+                table.services.insert(addr, routes.clone());
             }
         }
     }
     table
+}
+
+/// The routes that attach to `port` (those naming no port attach to all).
+fn on_port<'a>(
+    attached: Option<&Vec<(&'a HttpRoute, Option<i32>)>>,
+    port: i32,
+) -> Vec<&'a HttpRoute> {
+    attached
+        .into_iter()
+        .flatten()
+        .filter(|(_, p)| p.is_none_or(|p| p == port))
+        .map(|(route, _)| *route)
+        .collect()
+}
+
+/// The namespace of every pod address (hostNetwork pods share the node's, so they have none).
+fn pod_namespaces(store: &Store) -> HashMap<IpAddr, String> {
+    let mut namespaces = HashMap::new();
+    for pod in store.pods() {
+        if pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+        {
+            continue;
+        }
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let status = pod.status.as_ref();
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|ip| ip.ip.as_str());
+        for ip in ips.chain(status.and_then(|s| s.pod_ip.as_deref())) {
+            if let Ok(ip) = ip.parse() {
+                namespaces.insert(ip, namespace.clone());
+            }
+        }
+    }
+    namespaces
 }
 
 struct Context<'a> {
@@ -859,5 +928,48 @@ mod tests {
         for bad in ["", "10", "1d", "s", "1.5s"] {
             assert!(gamma::parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn consumer_routes_apply_to_their_namespaces_clients_only_and_win_there() {
+        let producer = route(
+            "reviews",
+            "  - backendRefs: [{name: reviews-v1, port: 80}]\n",
+        );
+        let consumer = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: mine, namespace: web}\n\
+                        spec:\n  parentRefs: [{kind: Service, group: \"\", name: reviews, namespace: shop}]\n  \
+                        rules:\n  - backendRefs: [{name: reviews-v2, namespace: shop, port: 80}]\n";
+        let pod = |name: &str, namespace: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, uid: u-{name}}}\n\
+                 spec: {{containers: []}}\nstatus: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+            )
+        };
+        let yaml = [
+            cluster(""),
+            producer,
+            consumer.to_owned(),
+            pod("frontend", "web", "10.244.1.50"),
+            pod("other", "shop", "10.244.1.51"),
+        ]
+        .join(CLUSTER);
+        let table = compile_routes(&store(&yaml), &RouteTable::default(), 1);
+        let vip = "10.96.0.10:80".parse().unwrap();
+        let backend_for = |client: &str| {
+            let routes = table.service_for(&vip, client.parse().unwrap()).unwrap();
+            routes.rules[0].backends[0].backend.name().to_owned()
+        };
+        assert_eq!(backend_for("10.244.1.50"), "reviews-v2", "web's own route");
+        assert_eq!(
+            backend_for("10.244.1.51"),
+            "reviews-v1",
+            "the producer's route"
+        );
+        assert_eq!(
+            backend_for("10.244.9.9"),
+            "reviews-v1",
+            "unknown clients get the producer's"
+        );
+        assert_eq!(table.pod_namespaces.len(), 2);
     }
 }

@@ -217,7 +217,7 @@ impl HttpProxy {
             let this = this.clone();
             async move {
                 let table = this.routes.load();
-                let response = match table.service(&dst) {
+                let response = match table.service_for(&dst, peer.ip()) {
                     Some(service) => this.handle(req, service, peer).await,
                     None => error(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -88,7 +88,7 @@ impl Outbound {
             let _ = client.set_zero_linger();
             return;
         };
-        let Some(service) = self.routes.load().service(&dst).cloned() else {
+        let Some(service) = self.routes.load().service_for(&dst, peer.ip()).cloned() else {
             return self.splice(client, peer, dst).await;
         };
         let detected = match service.protocol {

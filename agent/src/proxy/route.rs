@@ -5,7 +5,12 @@
 //! of: a rule matches when any of its matches does; a match holds when all of its conditions do;
 //! path prefixes match whole segments; header names are case-insensitive.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
@@ -13,12 +18,23 @@ use regex::Regex;
 /// Everything the proxy knows about captured services, by ClusterIP:port.
 #[derive(Debug, Default, Clone)]
 pub struct RouteTable {
+    /// The producers' view: routes in each Service's own namespace.
     pub services: HashMap<SocketAddr, Arc<ServiceRoutes>>,
+    /// Consumer routes: for clients in one namespace, (namespace, ClusterIP:port).
+    pub consumers: HashMap<(String, SocketAddr), Arc<ServiceRoutes>>,
+    /// The namespace of each pod address, to tell which consumer routes apply to a client.
+    pub pod_namespaces: HashMap<IpAddr, String>,
 }
 
 impl RouteTable {
-    pub fn service(&self, addr: &SocketAddr) -> Option<&Arc<ServiceRoutes>> {
-        self.services.get(addr)
+    /// The routes for a client at `client` calling `addr`: its namespace's consumer routes
+    /// when there are any, else the producer's.
+    pub fn service_for(&self, addr: &SocketAddr, client: IpAddr) -> Option<&Arc<ServiceRoutes>> {
+        let consumer = self
+            .pod_namespaces
+            .get(&client.to_canonical())
+            .and_then(|namespace| self.consumers.get(&(namespace.clone(), *addr)));
+        consumer.or_else(|| self.services.get(addr))
     }
 }
 
