@@ -6,7 +6,11 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::{
-    policy::{compile, routes::compile_routes, Policy, Store},
+    policy::{
+        compile,
+        routes::{compile_routes, routing_notes},
+        Policy, Store,
+    },
     proxy::route::RouteTable,
 };
 
@@ -26,6 +30,8 @@ pub struct Publisher {
     node: Option<String>,
     mirror_in_flight: usize,
     published_revision: Option<u64>,
+    /// Routing notes already logged, so each is said once.
+    notes: Vec<String>,
 }
 
 impl Publisher {
@@ -36,6 +42,7 @@ impl Publisher {
             node,
             mirror_in_flight,
             published_revision: None,
+            notes: Vec::new(),
         };
         (publisher, rx)
     }
@@ -54,6 +61,11 @@ impl Publisher {
             &current.routes,
             self.mirror_in_flight,
         ));
+        let notes = routing_notes(store);
+        for note in notes.iter().filter(|n| !self.notes.contains(n)) {
+            info!("{note}");
+        }
+        self.notes = notes;
         let generation = current.generation + 1;
         let routed = routes.services.len();
         match policy.describe_change(&current.policy) {

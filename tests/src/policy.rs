@@ -20,7 +20,8 @@ pub fn namespace(name: &str, capture: Option<&str>) -> String {
 
 pub fn pod(pod: &Pod, namespace: &str, capture: Option<&str>) -> String {
     let ip = pod.ip;
-    let status = format!("status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n");
+    let status =
+        format!("status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n");
     pod_with_uid(&pod.name, &pod.uid, namespace, capture) + &status
 }
 

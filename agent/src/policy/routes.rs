@@ -136,6 +136,43 @@ fn parse_split(value: &str) -> Result<Vec<(String, u32)>, String> {
     Ok(split)
 }
 
+/// What an operator should know about how routes resolve: an HTTPRoute that overrides a
+/// Service's annotations, or one whose parent Service does not exist.
+pub fn routing_notes(store: &Store) -> Vec<String> {
+    let key = |svc: &Service| {
+        let namespace = svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        (namespace, svc.metadata.name.clone().unwrap_or_default())
+    };
+    let services: HashMap<(String, String), &Service> =
+        store.services().map(|svc| (key(svc), svc)).collect();
+    let mut notes = Vec::new();
+    for route in store.http_routes() {
+        let route_namespace = route.metadata.namespace.as_deref().unwrap_or("default");
+        let route_name = route.metadata.name.as_deref().unwrap_or_default();
+        for parent in gamma::service_parents(route) {
+            let (namespace, name) = (&parent.namespace, &parent.name);
+            match services.get(&(namespace.clone(), name.clone())) {
+                None => notes.push(format!(
+                    "HTTPRoute {route_namespace}/{route_name}: parent Service {namespace}/{name} does not exist; the route applies once it does"
+                )),
+                Some(svc) if *namespace == route_namespace && matches!(ServiceAnnotations::parse(svc), Ok(Some(_))) => {
+                    notes.push(format!(
+                        "HTTPRoute {route_namespace}/{route_name} wins over the aviary.dev annotations on Service {namespace}/{name}"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    notes.sort();
+    notes.dedup();
+    notes
+}
+
 /// HTTPRoutes by the Service (namespace, name) they attach to, with the port they name.
 type AttachedRoutes<'a> = HashMap<(String, String), Vec<(&'a HttpRoute, Option<i32>)>>;
 
@@ -971,5 +1008,30 @@ mod tests {
             "unknown clients get the producer's"
         );
         assert_eq!(table.pod_namespaces.len(), 2);
+    }
+
+    #[test]
+    fn notes_say_when_a_route_wins_over_annotations_or_has_no_parent() {
+        let orphan = route(
+            "orphan",
+            "  - backendRefs: [{name: reviews-v1, port: 80}]\n",
+        )
+        .replace("name: reviews, port", "name: nothing, port");
+        let yaml = [
+            cluster("aviary.dev/split: \"reviews-v1=50,reviews-v2=50\""),
+            route(
+                "reviews",
+                "  - backendRefs: [{name: reviews-v1, port: 80}]\n",
+            ),
+            orphan,
+        ]
+        .join(CLUSTER);
+        assert_eq!(
+            routing_notes(&store(&yaml)),
+            [
+                "HTTPRoute shop/orphan: parent Service shop/nothing does not exist; the route applies once it does",
+                "HTTPRoute shop/reviews wins over the aviary.dev annotations on Service shop/reviews",
+            ]
+        );
     }
 }
