@@ -253,19 +253,20 @@ impl Node {
 
     /// A pod on the bridge with a cgroup `pod<uid>/<name>` under the root.
     pub fn add_pod(&self, name: &str) -> Pod {
-        let host = self.next_host.load(Ordering::Relaxed);
+        let host = self.next_host.fetch_add(1, Ordering::Relaxed) as u8;
         let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), host);
-        self.add_pod_with_uid(name, &uid)
+        self.add_pod_as(name, &uid, Ipv4Addr::new(10, 244, 1, host))
     }
 
-    /// A pod whose UID is given, e.g. by a manifest.
-    pub fn add_pod_with_uid(&self, name: &str, uid: &str) -> Pod {
-        let host = self.next_host.fetch_add(1, Ordering::Relaxed);
+    /// A pod whose UID and address are given, e.g. by a manifest (10.244.1.0/24; the harness
+    /// hands out .10 to .99 itself, so a manifest should use others).
+    pub fn add_pod_as(&self, name: &str, uid: &str, ip: Ipv4Addr) -> Pod {
+        let host = ip.octets()[3];
         let uid = uid.to_owned();
         let pod = Pod {
             name: name.to_owned(),
-            ip: Ipv4Addr::new(10, 244, 1, host as u8),
-            ip6: Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, host as u16),
+            ip,
+            ip6: Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, host.into()),
             netns: format!("{}-{name}", self.id),
             cgroup: self.cgroup_root.join(format!("pod{uid}")).join(name),
             uid,

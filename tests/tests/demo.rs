@@ -3,7 +3,7 @@
 use std::process::Command;
 
 #[test]
-fn the_demo_shows_capture_opt_out_runtime_unenrollment_and_fail_open() {
+fn the_demo_shows_a_canary_split_mirroring_promotion_opt_out_and_fail_open() {
     if !aviary_tests::privileged() {
         return;
     }
@@ -18,14 +18,34 @@ fn the_demo_shows_capture_opt_out_runtime_unenrollment_and_fail_open() {
         String::from_utf8_lossy(&out.stderr)
     );
     let steps: Vec<&str> = stdout.split("\n[").collect();
-    assert_eq!(steps.len(), 7, "{stdout}");
-    let expect =
-        |step: usize, text: &str| assert!(steps[step].contains(text), "step {step}: {stdout}");
-    expect(3, "20/20 connections through the node proxy");
-    expect(4, "20/20 connections direct");
-    expect(5, "20/20 connections direct");
-    expect(5, "still works through the proxy (peer 10.244.1.1)");
-    expect(6, "20/20 connections direct");
-    assert!(stdout.contains("connect_failed_open    21"), "{stdout}");
+    assert_eq!(steps.len(), 8, "{stdout}");
+    let expect = |step: usize, text: &str| {
+        assert!(
+            steps[step].contains(text),
+            "step {step} lacks {text:?}: {stdout}"
+        )
+    };
+
+    // 200 GETs split about 90/10 (20 expected; ±4.4 sigma), all answered 200, all proxied.
+    expect(3, "200 x 200 | through the node proxy");
+    let canary: u32 = steps[3]
+        .lines()
+        .find(|l| l.contains("200 GETs"))
+        .and_then(|l| {
+            l.split(" podinfo-canary")
+                .next()?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("a canary count");
+    assert!((5..=40).contains(&canary), "canary got {canary} of 200");
+    expect(4, "podinfo-mirror got 200 GET copies");
+    expect(4, "POSTs mirrored: none");
+    expect(5, "0 podinfo-primary (0.0%),  200 podinfo-canary (100.0%)");
+    expect(6, "direct, not proxied");
+    expect(7, "direct, not proxied");
+    assert!(stdout.contains("connect_failed_open    1"), "{stdout}");
     assert!(stdout.contains("Done: the node, its pods and every eBPF object are gone."));
 }

@@ -1,13 +1,16 @@
 //! The demo: Aviary in local mode on a node built from network namespaces.
 //!
-//! It reads the cluster in examples/demo, builds its pods (network namespaces on a bridge,
-//! kubepods-style cgroups named by the pods' UIDs), starts the real agent over those files, and
-//! shows outbound capture at work: enrolled and opted-out pods, enrollment changed at runtime,
-//! and capture failing open when the agent dies. Ctrl-C cleans up.
+//! It reads the cluster and the GAMMA HTTPRoute in examples/demo, builds the pods they describe
+//! (network namespaces on a bridge, at the Pods' addresses, with kubepods-style cgroups named by
+//! the Pods' UIDs), starts the real agent over those files, and shows a canary at work: a 90/10
+//! split per request, GETs mirrored and POSTs not, a promotion by editing the route's weights,
+//! an opted-out pod going direct, and capture failing open when the agent dies. Ctrl-C cleans
+//! up.
 #![forbid(unsafe_code)]
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Output,
     sync::atomic::{AtomicBool, Ordering},
@@ -16,21 +19,23 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aviary_agent::policy::{local::parse_documents, Object};
-use aviary_tests::{Greeting, Node, Pod, NODE_IP};
+use aviary_tests::{Node, Pod, NODE_IP};
 use clap::Parser;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where the demo's backends listen (the Services' targetPort).
+const BACKEND_PORT: u16 = 8080;
 
 #[derive(Parser)]
 #[command(about = "Aviary's demo, in local mode (run as root)")]
 struct Args {
-    /// Fewer connections per step (CI).
+    /// Fewer requests per step (CI).
     #[arg(long)]
     short: bool,
-    /// The cluster's manifests.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo/cluster.yaml"))]
-    cluster: PathBuf,
+    /// The demo's manifests: the cluster and the HTTPRoute.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo"))]
+    manifests: PathBuf,
 }
 
 fn main() {
@@ -54,16 +59,16 @@ fn main() {
     }
 }
 
-fn step(n: u32, total: u32, text: &str) -> anyhow::Result<()> {
+fn step(n: u32, text: &str) -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted");
     }
-    println!("\n[{n}/{total}] {text}");
+    println!("\n[{n}/7] {text}");
     Ok(())
 }
 
-/// How many connections' backends saw each peer address.
-fn peers(out: &Output) -> anyhow::Result<Vec<(String, u64)>> {
+/// "word key n" lines of a client's output, as key -> n.
+fn tally(out: &Output, word: &str) -> anyhow::Result<BTreeMap<String, u32>> {
     if !out.status.success() {
         bail!(
             "client failed: {}",
@@ -73,80 +78,120 @@ fn peers(out: &Output) -> anyhow::Result<Vec<(String, u64)>> {
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {
-            let mut words = l.strip_prefix("peer ")?.split(' ');
+            let mut words = l.strip_prefix(word)?.trim().split(' ');
             Some((words.next()?.to_owned(), words.next()?.parse().ok()?))
         })
         .collect())
 }
 
-fn report(node: &Node, client: &Pod, service: SocketAddr, count: u64) -> anyhow::Result<()> {
-    let out = node.run(
-        client,
-        &[
-            "connect",
-            &service.to_string(),
-            "--count",
-            &count.to_string(),
-        ],
-        CLIENT_TIMEOUT,
+/// Sends `count` requests on one keep-alive connection and prints where they went.
+fn report(
+    node: &Node,
+    client: &Pod,
+    service: SocketAddr,
+    method: &str,
+    count: u32,
+) -> anyhow::Result<()> {
+    let args = [
+        "http-load",
+        &service.to_string(),
+        "--count",
+        &count.to_string(),
+        "--method",
+        method,
+    ];
+    let out = node.run(client, &args, CLIENT_TIMEOUT);
+    let statuses = tally(&out, "status")?;
+    let backends = tally(&out, "backend")?;
+    let peers = tally(&out, "peer")?;
+    let share = |name: &str| {
+        let n = backends.get(name).copied().unwrap_or(0);
+        format!(
+            "{n:>4} {name} ({:.1}%)",
+            f64::from(n) * 100.0 / f64::from(count)
+        )
+    };
+    let statuses: Vec<String> = statuses.iter().map(|(s, n)| format!("{n} x {s}")).collect();
+    let path = if peers.keys().all(|p| *p == NODE_IP.to_string()) {
+        "through the node proxy".to_owned()
+    } else if peers.keys().all(|p| *p == client.ip.to_string()) {
+        "direct, not proxied".to_owned()
+    } else {
+        format!("from {:?}", peers.keys().collect::<Vec<_>>())
+    };
+    println!(
+        "      {count} {method}s: {}, {} | {} | {path}",
+        share("podinfo-primary"),
+        share("podinfo-canary"),
+        statuses.join(", ")
     );
-    for (peer, n) in peers(&out)? {
-        let how = if peer == NODE_IP.to_string() {
-            "through the node proxy (the backend saw the node's address)"
-        } else if peer == client.ip.to_string() {
-            "direct (the backend saw the pod's own address)"
-        } else {
-            "from an unexpected address"
-        };
-        println!("      {n:>4}/{count} connections {how}: peer {peer}");
-    }
     Ok(())
 }
 
+/// The route with new weights for primary and canary.
+fn with_weights(route: &str, primary: u32, canary: u32) -> anyhow::Result<String> {
+    let edited = route
+        .replace(
+            "name: podinfo-primary, port: 80, weight: 90",
+            &format!("name: podinfo-primary, port: 80, weight: {primary}"),
+        )
+        .replace(
+            "name: podinfo-canary, port: 80, weight: 10",
+            &format!("name: podinfo-canary, port: 80, weight: {canary}"),
+        );
+    if edited == route && (primary, canary) != (90, 10) {
+        bail!("the demo's HTTPRoute no longer has the 90/10 weights it edits");
+    }
+    Ok(edited)
+}
+
 fn run(args: &Args) -> anyhow::Result<()> {
-    let manifest = std::fs::read_to_string(&args.cluster)
-        .with_context(|| format!("reading {}", args.cluster.display()))?;
-    let objects = parse_documents(&manifest)?;
-    let pods: Vec<(String, String)> = objects
-        .iter()
+    let read = |file: &str| {
+        let path = args.manifests.join(file);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let (cluster, route) = (read("cluster.yaml")?, read("httproute.yaml")?);
+    let pods: BTreeMap<String, (String, Ipv4Addr)> = parse_documents(&cluster)?
+        .into_iter()
         .filter_map(|o| match o {
-            Object::Pod(p) => Some((p.metadata.name.clone()?, p.metadata.uid.clone()?)),
+            Object::Pod(p) => {
+                let ip = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+                Some((p.metadata.name.clone()?, (p.metadata.uid.clone()?, ip)))
+            }
             _ => None,
         })
         .collect();
-    let service_ip = objects
-        .iter()
-        .find_map(|o| match o {
-            Object::Service(s) => s.spec.as_ref()?.cluster_ip.clone(),
-            _ => None,
-        })
-        .context("the demo cluster has no Service")?;
-    let service: SocketAddr = format!("{service_ip}:80").parse()?;
-    let count = if args.short { 20 } else { 200 };
-    let total = 6;
+    let service: SocketAddr = "10.96.0.10:80".parse()?;
+    let count = if args.short { 200 } else { 2000 };
+    let policy = |route: &str| format!("{cluster}\n---\n{route}");
 
-    println!(
-        "Aviary demo: outbound capture in local mode, on a node built from network namespaces."
-    );
+    println!("Aviary demo: a canary in local mode, on a node built from network namespaces.");
     step(
         1,
-        total,
-        "Building the node: a bridge, and one network namespace and kubepods cgroup per pod",
+        "Building the node: a bridge, and one network namespace and kubepods cgroup per Pod",
     )?;
     let Some(node) = Node::new() else {
         bail!("the demo needs root (network namespaces, cgroups, eBPF)")
     };
     let pod = |name: &str| -> anyhow::Result<Pod> {
-        let (_, uid) = pods
-            .iter()
-            .find(|(n, _)| n == name)
-            .with_context(|| format!("no pod {name}"))?;
-        Ok(node.add_pod_with_uid(name, uid))
+        let (uid, ip) = pods
+            .get(name)
+            .with_context(|| format!("no Pod {name} in cluster.yaml"))?;
+        Ok(node.add_pod_as(name, uid, *ip))
     };
-    let (frontend, legacy, backend) = (pod("frontend")?, pod("legacy")?, pod("podinfo-primary")?);
-    node.serve(&backend, 80, None);
-    node.add_vip(service_ip.parse()?, &backend);
-    for p in [&frontend, &legacy, &backend] {
+    let (frontend, legacy) = (pod("frontend")?, pod("legacy")?);
+    let (primary, canary, mirror) = (
+        pod("podinfo-primary")?,
+        pod("podinfo-canary")?,
+        pod("podinfo-mirror")?,
+    );
+    for backend in [&primary, &canary, &mirror] {
+        node.serve_http(backend, BACKEND_PORT);
+    }
+    // What kube-proxy does for traffic Aviary does not capture: the VIP reaches the primary.
+    node.serve_http(&primary, 80);
+    node.add_vip(service.ip().to_string().parse()?, &primary);
+    for p in [&frontend, &legacy, &primary, &canary, &mirror] {
         println!(
             "      pod {:<16} {:<14} cgroup {}",
             p.name,
@@ -154,88 +199,73 @@ fn run(args: &Args) -> anyhow::Result<()> {
             p.cgroup.parent().unwrap().display()
         );
     }
-    println!("      Service podinfo {service} -> podinfo-primary");
 
     step(
         2,
-        total,
-        &format!("Starting aviary-agent --local {}", args.cluster.display()),
+        &format!(
+            "Starting aviary-agent --local with {}",
+            args.manifests.display()
+        ),
     )?;
-    node.write_policy(&manifest);
+    node.write_policy(&policy(&route));
     let mut agent = node.start_agent_quietly(&[]);
-    agent.wait_for_capture(&[&frontend, &backend], 1);
-    println!(
-        "      programs attached at {}; pins in {}",
-        node.cgroup_root.display(),
-        agent.pin_dir.display()
-    );
-    println!("      enrolled: demo/frontend, demo/podinfo-primary (namespace annotation); demo/legacy opted out");
+    agent.wait_for_capture(&[&frontend, &primary, &canary, &mirror], 4);
+    agent.wait_for_log("routed=4", Duration::from_secs(10));
+    println!("      HTTPRoute demo/podinfo: podinfo-primary 90, podinfo-canary 10, GETs mirrored to podinfo-mirror");
 
     step(
         3,
-        total,
-        &format!("frontend (enrolled) -> podinfo {service}, {count} connections"),
+        "frontend (enrolled) -> podinfo, one keep-alive connection per batch",
     )?;
-    report(&node, &frontend, service, count)?;
+    report(&node, &frontend, service, "GET", count)?;
+    report(&node, &frontend, service, "POST", count / 4)?;
 
     step(
         4,
-        total,
-        &format!("legacy (opted out) -> podinfo {service}, {count} connections"),
+        "What the mirror received (its responses are read and discarded)",
     )?;
-    report(&node, &legacy, service, count)?;
-
-    step(
-        5,
-        total,
-        "Unenrolling frontend at runtime (aviary.dev/capture: disabled on the Pod)",
-    )?;
-    let mut before = node.session(&frontend, service);
-    let unenrolled = manifest.replacen(
-        "  name: frontend\n  namespace: demo\n",
-        "  name: frontend\n  namespace: demo\n  annotations: {aviary.dev/capture: disabled}\n",
-        1,
-    );
-    if unenrolled == manifest {
-        bail!(
-            "could not find the frontend Pod in {}",
-            args.cluster.display()
-        );
-    }
-    node.write_policy(&unenrolled);
-    agent.wait_for_capture(&[&backend], 1);
-    report(&node, &frontend, service, count)?;
-    let echo = before.echo("opened before the change");
+    let stats = format!("{}:{BACKEND_PORT}", mirror.ip);
+    let mirrored = aviary_tests::wait_until(Duration::from_secs(10), || {
+        let out = node.run(&legacy, &["http-get", &stats, "/stats"], CLIENT_TIMEOUT);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        body.contains(&format!("mirrored GET {count}"))
+            .then_some(body)
+    })
+    .context("the mirror never received every GET")?;
+    println!("      podinfo-mirror got {count} GET copies, marked x-aviary-mirror: 1");
+    let posts = mirrored.lines().any(|l| l.starts_with("mirrored POST"));
     println!(
-        "      a connection opened before the change still works through the proxy (peer {}): {echo:?}",
-        before.greeting.peer.ip()
+        "      POSTs mirrored: {}",
+        if posts {
+            "some (unexpected!)"
+        } else {
+            "none: only idempotent requests are"
+        }
     );
-    drop(before);
-    node.write_policy(&manifest);
-    agent.wait_for_capture(&[&frontend, &backend], 1);
 
-    step(
-        6,
-        total,
-        "Killing the agent with SIGKILL: capture fails open",
-    )?;
+    step(5, "Promoting the canary by editing the HTTPRoute's weights")?;
+    for (p, c) in [(50, 50), (0, 100)] {
+        node.write_policy(&policy(&with_weights(&route, p, c)?));
+        agent.wait_for_log(
+            &format!("generation={}", if p == 50 { 2 } else { 3 }),
+            Duration::from_secs(5),
+        );
+        println!("      weights {p}/{c}:");
+        report(&node, &frontend, service, "GET", count)?;
+    }
+
+    step(6, "legacy (opted out) -> podinfo")?;
+    report(&node, &legacy, service, "GET", count / 10)?;
+
+    step(7, "Killing the agent with SIGKILL: capture fails open")?;
     agent.kill();
-    report(&node, &frontend, service, count)?;
-    let greeting = Greeting::of(&node.run(
-        &frontend,
-        &["connect", &service.to_string()],
-        CLIENT_TIMEOUT,
-    ));
-    assert_eq!(
-        greeting.peer.ip(),
-        frontend.ip,
-        "fail-open connects go direct"
-    );
+    report(&node, &frontend, service, "GET", count / 10)?;
 
     println!("\neBPF counters (from the maps the killed agent left pinned):");
     for (name, value) in agent.stats().counters()? {
         println!("      {name:<22} {value}");
     }
-    println!("\nCleaning up the node, its pods, cgroups and pins...");
+    println!("\nMetrics and the admin endpoint come with the observability work; see the README.");
+    println!("Cleaning up the node, its pods, cgroups and pins...");
     Ok(())
 }

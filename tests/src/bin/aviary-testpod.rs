@@ -75,7 +75,8 @@ enum Command {
     },
     /// `count` requests (or as many as fit in `secs`) on one keep-alive HTTP/1.1 connection;
     /// prints how many got each status ("status <code> <n>") and each backend ("backend <name>
-    /// <n>"), and the backend of the last one ("last <name>").
+    /// <n>"), the peers the backends saw ("peer <ip> <n>"), and the backend of the last one
+    /// ("last <name>").
     HttpLoad {
         addr: SocketAddr,
         #[arg(long, default_value_t = u32::MAX)]
@@ -517,6 +518,7 @@ fn http_serve(name: String, port: u16) -> anyhow::Result<()> {
         let Ok(stream) = stream else { continue };
         let name = name.clone();
         std::thread::spawn(move || -> anyhow::Result<()> {
+            let peer = stream.peer_addr()?.ip().to_canonical();
             let mut reader = BufReader::new(stream.try_clone()?);
             while let Some(Message { start, headers, .. }) = read_message(&mut reader)? {
                 let method = start.split(' ').next().unwrap_or_default().to_owned();
@@ -535,7 +537,7 @@ fn http_serve(name: String, port: u16) -> anyhow::Result<()> {
                 // One write per message, as real servers do: several small writes would meet
                 // Nagle and delayed ACKs and stall each exchange by tens of milliseconds.
                 let response = format!(
-                    "HTTP/1.1 200 OK\r\nx-backend: {name}\r\ncontent-length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\nx-backend: {name}\r\nx-peer: {peer}\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
                 );
                 (&stream).write_all(response.as_bytes())?;
@@ -566,6 +568,7 @@ fn http_load(
         "data"
     };
     let mut last = String::new();
+    let mut peers = BTreeMap::<String, u32>::new();
     for _ in 0..count {
         if Instant::now() > deadline {
             break;
@@ -581,6 +584,12 @@ fn http_load(
         *statuses.entry(status).or_default() += 1;
         last = headers.get("x-backend").cloned().unwrap_or_default();
         *backends.entry(last.clone()).or_default() += 1;
+        *peers
+            .entry(headers.get("x-peer").cloned().unwrap_or_default())
+            .or_default() += 1;
+    }
+    for (peer, n) in peers {
+        println!("peer {peer} {n}");
     }
     println!("last {last}");
     for (status, n) in statuses {
