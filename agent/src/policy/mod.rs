@@ -166,12 +166,6 @@ impl Store {
         Ok(())
     }
 
-    pub fn remove(&mut self, key: &ObjectKey) {
-        if self.objects.remove(key).is_some() {
-            self.revision += 1;
-        }
-    }
-
     pub fn revision(&self) -> u64 {
         self.revision
     }

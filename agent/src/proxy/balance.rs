@@ -80,10 +80,6 @@ impl InFlight {
         }
     }
 
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.endpoint
-    }
-
     /// The response arrived: its latency counts.
     pub fn done(self) {
         self.endpoint.load.observe(self.start.elapsed());
@@ -132,10 +128,7 @@ mod tests {
     fn a_slow_endpoint_gets_less_traffic() {
         let eps = endpoints(2);
         for _ in 0..5 {
-            InFlight::start(eps[0].clone())
-                .endpoint()
-                .load
-                .observe(Duration::from_millis(1));
+            eps[0].load.observe(Duration::from_millis(1));
             eps[1].load.observe(Duration::from_millis(200));
         }
         let mut rng = Rng::seeded(1);

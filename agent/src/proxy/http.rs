@@ -81,28 +81,6 @@ pub enum MirrorOutcome {
     TimedOut,
 }
 
-impl MirrorOutcome {
-    pub const ALL: [MirrorOutcome; 6] = [
-        Self::Sent,
-        Self::SkippedNotIdempotent,
-        Self::SkippedBodyTooLarge,
-        Self::DroppedOverload,
-        Self::Failed,
-        Self::TimedOut,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sent => "sent",
-            Self::SkippedNotIdempotent => "skipped_not_idempotent",
-            Self::SkippedBodyTooLarge => "skipped_body_too_large",
-            Self::DroppedOverload => "dropped_overload",
-            Self::Failed => "failed",
-            Self::TimedOut => "timed_out",
-        }
-    }
-}
-
 /// Mirror outcomes and the mirrors' responses (their status and latency), for the metrics.
 #[derive(Debug, Default)]
 pub struct MirrorStats {

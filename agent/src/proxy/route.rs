@@ -237,10 +237,6 @@ pub struct HeaderModifier {
 }
 
 impl HeaderModifier {
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
-    }
-
     /// In the Gateway API's order: set, add, remove.
     pub fn apply(&self, headers: &mut HeaderMap) {
         for (name, value) in &self.set {
