@@ -202,6 +202,24 @@ fn regex(pattern: &str) -> Result<Regex, String> {
     Regex::new(pattern).map_err(|e| format!("bad regular expression {pattern:?}: {e}"))
 }
 
+/// A header modifier filter as the proxy's HeaderModifier. The generated types of rule filters
+/// and backendRef filters differ by name only, so this reads either.
+macro_rules! header_modifier {
+    ($m:expr) => {
+        modifier(
+            $m.set
+                .iter()
+                .flatten()
+                .map(|h| (h.name.as_str(), h.value.as_str())),
+            $m.add
+                .iter()
+                .flatten()
+                .map(|h| (h.name.as_str(), h.value.as_str())),
+            $m.remove.iter().flatten(),
+        )
+    };
+}
+
 /// A rule's filters: header modifiers and at most one mirror. Filters Aviary does not implement
 /// make the rule invalid rather than being ignored.
 pub struct Filters {
@@ -229,32 +247,12 @@ pub fn filters(rule: &HttpRouteRules) -> Result<Filters, String> {
         match filter.r#type {
             HttpRouteRulesFiltersType::RequestHeaderModifier => {
                 if let Some(m) = &filter.request_header_modifier {
-                    let set = m
-                        .set
-                        .iter()
-                        .flatten()
-                        .map(|h| (h.name.as_str(), h.value.as_str()));
-                    let add = m
-                        .add
-                        .iter()
-                        .flatten()
-                        .map(|h| (h.name.as_str(), h.value.as_str()));
-                    out.request_headers = modifier(set, add, m.remove.iter().flatten())?;
+                    out.request_headers = header_modifier!(m)?;
                 }
             }
             HttpRouteRulesFiltersType::ResponseHeaderModifier => {
                 if let Some(m) = &filter.response_header_modifier {
-                    let set = m
-                        .set
-                        .iter()
-                        .flatten()
-                        .map(|h| (h.name.as_str(), h.value.as_str()));
-                    let add = m
-                        .add
-                        .iter()
-                        .flatten()
-                        .map(|h| (h.name.as_str(), h.value.as_str()));
-                    out.response_headers = modifier(set, add, m.remove.iter().flatten())?;
+                    out.response_headers = header_modifier!(m)?;
                 }
             }
             HttpRouteRulesFiltersType::RequestMirror => {
@@ -297,32 +295,12 @@ pub fn backend_filters(
         match filter.r#type {
             Type::RequestHeaderModifier => {
                 if let Some(m) = &filter.request_header_modifier {
-                    let set = m
-                        .set
-                        .iter()
-                        .flatten()
-                        .map(|h| (h.name.as_str(), h.value.as_str()));
-                    let add = m
-                        .add
-                        .iter()
-                        .flatten()
-                        .map(|h| (h.name.as_str(), h.value.as_str()));
-                    request = modifier(set, add, m.remove.iter().flatten())?;
+                    request = header_modifier!(m)?;
                 }
             }
             Type::ResponseHeaderModifier => {
                 if let Some(m) = &filter.response_header_modifier {
-                    let set = m
-                        .set
-                        .iter()
-                        .flatten()
-                        .map(|h| (h.name.as_str(), h.value.as_str()));
-                    let add = m
-                        .add
-                        .iter()
-                        .flatten()
-                        .map(|h| (h.name.as_str(), h.value.as_str()));
-                    response = modifier(set, add, m.remove.iter().flatten())?;
+                    response = header_modifier!(m)?;
                 }
             }
             ref other => {
