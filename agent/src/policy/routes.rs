@@ -6,13 +6,17 @@
 //! - `aviary.dev/mirror: reviews-v2`: a Service that gets a copy of idempotent requests;
 //! - `aviary.dev/mirror-percent: "50"`: the share mirrored (default 100);
 //! - `aviary.dev/mirror-methods: "GET,HEAD,PUT"`: methods declared safe to mirror, beyond the
-//!   idempotent GET, HEAD, OPTIONS and TRACE that always are.
+//!   idempotent GET, HEAD, OPTIONS and TRACE that always are;
+//! - `aviary.dev/mirror-idempotency-key: "true"`: any request carrying an `Idempotency-Key`
+//!   header is safe to mirror too.
+//!
+//! The last two also apply to an HTTPRoute's mirrors when set on the HTTPRoute.
 //!
 //! A service port with neither annotations nor EndpointSlices gets no entry: its connections
 //! pass through to the address the pod dialled.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -33,6 +37,7 @@ pub const SPLIT: &str = "aviary.dev/split";
 pub const MIRROR: &str = "aviary.dev/mirror";
 pub const MIRROR_PERCENT: &str = "aviary.dev/mirror-percent";
 pub const MIRROR_METHODS: &str = "aviary.dev/mirror-methods";
+pub const MIRROR_IDEMPOTENCY_KEY: &str = "aviary.dev/mirror-idempotency-key";
 
 /// The label an EndpointSlice names its Service by.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -43,7 +48,7 @@ pub struct ServiceAnnotations {
     pub split: Vec<(String, u32)>,
     pub mirror: Option<String>,
     pub mirror_percent: u32,
-    pub mirror_methods: Vec<Method>,
+    pub mirror_safe: SafeMethods,
 }
 
 impl ServiceAnnotations {
@@ -51,9 +56,15 @@ impl ServiceAnnotations {
     pub fn parse(svc: &Service) -> Result<Option<Self>, String> {
         let annotations = svc.metadata.annotations.clone().unwrap_or_default();
         let get = |key: &str| annotations.get(key).map(|v| v.trim());
-        if [SPLIT, MIRROR, MIRROR_PERCENT, MIRROR_METHODS]
-            .iter()
-            .all(|k| get(k).is_none())
+        if [
+            SPLIT,
+            MIRROR,
+            MIRROR_PERCENT,
+            MIRROR_METHODS,
+            MIRROR_IDEMPOTENCY_KEY,
+        ]
+        .iter()
+        .all(|k| get(k).is_none())
         {
             return Ok(None);
         }
@@ -69,7 +80,29 @@ impl ServiceAnnotations {
                 _ => return Err(format!("annotation {MIRROR_PERCENT} must be a whole number from 0 to 100, not {value:?}")),
             },
         };
-        let mirror_methods = match get(MIRROR_METHODS) {
+        let mirror_safe = declared_safe(Some(&annotations))?;
+        let mirror_options = [MIRROR_PERCENT, MIRROR_METHODS, MIRROR_IDEMPOTENCY_KEY];
+        if mirror.is_none() && mirror_options.iter().any(|k| get(k).is_some()) {
+            return Err(format!(
+                "annotations {MIRROR_PERCENT}, {MIRROR_METHODS} and {MIRROR_IDEMPOTENCY_KEY} need {MIRROR}"
+            ));
+        }
+        Ok(Some(Self {
+            split,
+            mirror,
+            mirror_percent,
+            mirror_safe,
+        }))
+    }
+}
+
+/// What an object's annotations declare safe to mirror, beyond the idempotent methods.
+pub fn declared_safe(
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Result<SafeMethods, String> {
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(|v| v.trim());
+    let extra =
+        match get(MIRROR_METHODS) {
             None => Vec::new(),
             Some(value) => value
                 .split(',')
@@ -77,23 +110,23 @@ impl ServiceAnnotations {
                     let m = m.trim();
                     let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
                     valid.then(|| Method::from_bytes(m.as_bytes()).ok()).flatten().ok_or_else(|| {
-                        format!("annotation {MIRROR_METHODS} lists {m:?}, which is not an HTTP method")
-                    })
+                    format!("annotation {MIRROR_METHODS} lists {m:?}, which is not an HTTP method")
+                })
                 })
                 .collect::<Result<_, _>>()?,
         };
-        if mirror.is_none() && (get(MIRROR_PERCENT).is_some() || get(MIRROR_METHODS).is_some()) {
-            return Err(format!(
-                "annotations {MIRROR_PERCENT} and {MIRROR_METHODS} need {MIRROR}"
-            ));
-        }
-        Ok(Some(Self {
-            split,
-            mirror,
-            mirror_percent,
-            mirror_methods,
-        }))
-    }
+    let idempotency_key =
+        match get(MIRROR_IDEMPOTENCY_KEY) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => return Err(format!(
+                "annotation {MIRROR_IDEMPOTENCY_KEY} must be \"true\" or \"false\", not {other:?}"
+            )),
+        };
+    Ok(SafeMethods {
+        extra,
+        idempotency_key,
+    })
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -413,7 +446,8 @@ impl Context<'_> {
                         backend: self.backend(mirror_namespace, &m.name, m.port.unwrap_or(port))?,
                         numerator: m.numerator,
                         denominator: m.denominator,
-                        safe_methods: SafeMethods::default(),
+                        safe_methods: declared_safe(route.metadata.annotations.as_ref())
+                            .unwrap_or_default(),
                         in_flight: self.mirror_bound(mirror_namespace, &m.name, in_flight),
                     })
                 });
@@ -538,10 +572,7 @@ impl Context<'_> {
                 backend: self.backend(namespace, name, port)?,
                 numerator: a.mirror_percent,
                 denominator: 100,
-                safe_methods: SafeMethods {
-                    extra: a.mirror_methods.clone(),
-                    idempotency_key: false,
-                },
+                safe_methods: a.mirror_safe.clone(),
                 in_flight: self.mirror_bound(namespace, name, in_flight),
             })
         });
@@ -767,6 +798,10 @@ mod tests {
                 "not an HTTP method",
             ),
             ("aviary.dev/mirror-percent: \"5\"", "need aviary.dev/mirror"),
+            (
+                "aviary.dev/mirror: m, aviary.dev/mirror-idempotency-key: \"yes\"",
+                "must be \"true\" or \"false\"",
+            ),
         ];
         for (annotations, reason) in cases {
             let objects = parse_documents(&svc("reviews", "10.96.0.10", annotations)).unwrap();
@@ -1032,6 +1067,38 @@ mod tests {
                 "HTTPRoute shop/orphan: parent Service shop/nothing does not exist; the route applies once it does",
                 "HTTPRoute shop/reviews wins over the aviary.dev annotations on Service shop/reviews",
             ]
+        );
+    }
+
+    #[test]
+    fn policy_declares_what_is_safe_to_mirror_on_services_and_routes() {
+        let annotations =
+            "aviary.dev/mirror: reviews-v2, aviary.dev/mirror-methods: \"PUT,DELETE\", \
+                           aviary.dev/mirror-idempotency-key: \"true\"";
+        let table = compile_routes(&store(&cluster(annotations)), &RouteTable::default(), 1);
+        let safe = &rules(&table)[0].mirror.as_ref().unwrap().safe_methods;
+        assert_eq!(
+            safe,
+            &SafeMethods {
+                extra: vec![Method::PUT, Method::DELETE],
+                idempotency_key: true
+            }
+        );
+
+        let mirrored_route = route(
+            "reviews",
+            "  - backendRefs: [{name: reviews-v1, port: 80}]\n    filters:\n    - type: RequestMirror\n      \
+             requestMirror: {backendRef: {name: reviews-v2, port: 80}}\n",
+        )
+        .replace("namespace: shop}", "namespace: shop, annotations: {aviary.dev/mirror-idempotency-key: \"true\"}}");
+        let table = with_route(&mirrored_route);
+        let safe = &rules(&table)[0].mirror.as_ref().unwrap().safe_methods;
+        assert_eq!(
+            safe,
+            &SafeMethods {
+                extra: vec![],
+                idempotency_key: true
+            }
         );
     }
 }
