@@ -11,7 +11,13 @@ use crate::{cgroup::PodCgroups, ebpf::maps::CaptureTable, state::SnapshotRx};
 /// Pods enrolled before their cgroup exists are looked for again this often.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
-pub async fn run(mut snapshots: SnapshotRx, mut table: CaptureTable, mut cgroups: PodCgroups) {
+/// Keeps the maps in sync; sets `ready` once the first snapshot is in them.
+pub async fn run(
+    mut snapshots: SnapshotRx,
+    mut table: CaptureTable,
+    mut cgroups: PodCgroups,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut waiting_for_cgroup = BTreeSet::new();
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     loop {
@@ -45,7 +51,11 @@ pub async fn run(mut snapshots: SnapshotRx, mut table: CaptureTable, mut cgroups
             .iter()
             .map(|&addr| addr.into())
             .collect();
-        match table.sync(&pods, &services) {
+        let synced = table.sync(&pods, &services);
+        if synced.is_ok() {
+            ready.store(true, std::sync::atomic::Ordering::Release);
+        }
+        match synced {
             Ok(changes) if !changes.is_empty() => info!(
                 generation = snapshot.generation,
                 pods_added = changes.pods_added,

@@ -1,7 +1,7 @@
 //! Flags and environment, turned into a [`Config`].
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
 };
 
@@ -12,13 +12,20 @@ use clap::{Parser, ValueEnum};
 pub const DEFAULT_PROXY_MARK: u32 = 0xa71a;
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "aviary-agent",
     version,
-    about = "Aviary: sidecarless eBPF service-mesh agent"
+    about = "Aviary: sidecarless eBPF service-mesh agent",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Read policy (Namespaces, Pods, Services) from Kubernetes YAML in this file or directory
     /// instead of the API server; reloads on change.
     #[arg(long, env = "AVIARY_LOCAL")]
@@ -46,9 +53,14 @@ pub struct Args {
     #[arg(long, env = "AVIARY_PIN_NAME", default_value = "aviary")]
     pub pin_name: String,
 
-    /// The IPv4 address at which pods reach this node's proxy (the node's address).
+    /// The IPv4 address at which pods reach this node's proxy (the node's address). Required.
     #[arg(long, env = "AVIARY_PROXY_IP")]
-    pub proxy_ip: Ipv4Addr,
+    pub proxy_ip: Option<Ipv4Addr>,
+
+    /// The admin endpoint (/healthz, /ready, /config_dump, /stats/ebpf): local only, and apart
+    /// from traffic, so a slow query never adds latency to requests.
+    #[arg(long, env = "AVIARY_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
 
     /// The IPv6 address at which pods reach the proxy; without it only IPv4 services (and
     /// v4-mapped connects) are captured.
@@ -72,6 +84,15 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "AVIARY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Print a summary of a running agent, read from its admin endpoint (like `cilium status`).
+    Status {
+        #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+        admin: SocketAddr,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -107,6 +128,7 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub proxy_v4: Ipv4Addr,
     pub proxy_v6: Option<Ipv6Addr>,
+    pub admin_addr: SocketAddr,
     pub outbound_port: u16,
     pub proxy_mark: u32,
     pub sk_msg: bool,
@@ -124,6 +146,9 @@ impl TryFrom<Args> for Config {
                  not built yet"
             ),
         };
+        let Some(proxy_v4) = args.proxy_ip else {
+            anyhow::bail!("--proxy-ip (or AVIARY_PROXY_IP) is required: the node address pods reach the proxy at");
+        };
         if args.pin_name.is_empty() || args.pin_name.contains('/') {
             anyhow::bail!(
                 "--pin-name must be a single directory name, got {:?}",
@@ -136,8 +161,9 @@ impl TryFrom<Args> for Config {
             cgroup_root: args.cgroup_root,
             pin_dir: args.bpffs.join(&args.pin_name),
             bpffs: args.bpffs,
-            proxy_v4: args.proxy_ip,
+            proxy_v4,
             proxy_v6: args.proxy_ip6,
+            admin_addr: args.admin_addr,
             outbound_port: args.outbound_port,
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,
@@ -182,6 +208,14 @@ mod tests {
     fn a_policy_source_is_required() {
         let err = parse(&["--proxy-ip", "10.0.0.1"]).unwrap_err();
         assert!(err.to_string().contains("--local"), "{err}");
+    }
+
+    #[test]
+    fn status_needs_no_run_flags() {
+        let args = Args::try_parse_from(["aviary-agent", "status"]).unwrap();
+        assert!(matches!(args.command, Some(Command::Status { admin }) if admin.port() == 15000));
+        let err = parse(&["--local", "p"]).unwrap_err();
+        assert!(err.to_string().contains("--proxy-ip"), "{err}");
     }
 
     #[test]

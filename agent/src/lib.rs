@@ -1,6 +1,7 @@
 //! Aviary's node agent: eBPF capture, the node proxy, and policy from Kubernetes objects.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod capture;
 pub mod cgroup;
 pub mod config;

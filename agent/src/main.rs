@@ -2,11 +2,15 @@
 
 use std::process::ExitCode;
 
-use aviary_agent::config::{Args, Config, LogFormat};
+use aviary_agent::config::{Args, Command, Config, LogFormat};
 use clap::Parser as _;
 
 fn main() -> ExitCode {
-    let cfg = match Config::try_from(Args::parse()) {
+    let args = Args::parse();
+    if let Some(Command::Status { admin }) = args.command {
+        return status(admin);
+    }
+    let cfg = match Config::try_from(args) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("aviary-agent: {e:#}");
@@ -35,6 +39,25 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the cause and its remedy, no backtrace.
             eprintln!("aviary-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(admin: std::net::SocketAddr) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match runtime
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(aviary_agent::admin::status(admin)))
+    {
+        Ok(summary) => {
+            print!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("aviary-agent status: {e:#}");
             ExitCode::FAILURE
         }
     }

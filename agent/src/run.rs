@@ -1,14 +1,21 @@
 //! Wires the agent together: datapath, proxy, policy source, and shutdown on SIGTERM/SIGINT.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use aviary_abi::{LISTENER_V4, LISTENER_V6};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{signal, SignalKind},
+};
 use tracing::info;
 
 use crate::{
+    admin::Admin,
     capture,
     cgroup::PodCgroups,
     config::{Config, PolicySource},
@@ -82,10 +89,21 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
     tokio::spawn(apply_routes(snapshots.clone(), routes));
     let PolicySource::Local(path) = &cfg.policy;
     tokio::spawn(watch_local(path.clone(), publisher));
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = Arc::new(Admin {
+        ready: ready.clone(),
+        snapshots: snapshots.clone(),
+        stats: Stats::open(pins)?,
+    });
+    let admin_listener = TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin endpoint on {}", cfg.admin_addr))?;
+    tokio::spawn(admin.serve(admin_listener));
     tokio::spawn(capture::run(
         snapshots,
         CaptureTable::open(pins)?,
         PodCgroups::new(cfg.cgroup_root.clone()),
+        ready,
     ));
     let stats = Stats::open(pins)?;
     tokio::spawn(async move {
@@ -97,7 +115,7 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
         }
     });
 
-    info!(port = cfg.outbound_port, proxy_ip = %cfg.proxy_v4, "agent ready");
+    info!(port = cfg.outbound_port, proxy_ip = %cfg.proxy_v4, admin = %cfg.admin_addr, "agent ready");
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM: shutting down"),
         _ = interrupt.recv() => info!("SIGINT: shutting down"),

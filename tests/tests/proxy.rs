@@ -240,3 +240,52 @@ fn a_weight_change_in_the_files_is_followed_within_a_second_and_no_request_fails
         );
     });
 }
+
+#[test]
+fn aviary_agent_status_summarises_the_running_agent() {
+    let Some(node) = Node::new() else { return };
+    let client = node.add_pod("client");
+    let (primary, canary) = (node.add_pod("primary"), node.add_pod("canary"));
+    let vip = |n: u8| std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, n));
+    node.write_policy(&policy::documents(&[
+        policy::namespace("demo", None),
+        policy::pod(&client, "demo", Some("enabled")),
+        policy::http_service("podinfo", "demo", vip(10), PORT, &[]),
+        policy::http_service("podinfo-primary", "demo", vip(11), PORT, &[]),
+        policy::http_service("podinfo-canary", "demo", vip(12), PORT, &[]),
+        policy::endpoint_slice("podinfo-primary", "demo", &[&primary], PORT),
+        policy::endpoint_slice("podinfo-canary", "demo", &[&canary], PORT),
+        flagger_route(90, 10),
+    ]));
+    let agent = node.start_agent(&[]);
+    agent.wait_for_capture(&[&client], 3);
+    // The admin endpoint listens on the node's loopback, so status runs on the node.
+    let status = || {
+        let bin = aviary_tests::workspace_bin("aviary-agent");
+        let out = node
+            .command_in(&node.netns, &node.agent_cgroup(), &bin, &["status"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let summary = wait_until(Duration::from_secs(10), || {
+        Some(status()).filter(|s| s.contains(": ready"))
+    })
+    .expect("ready");
+    assert!(
+        summary.contains("1 pods enrolled, 3 service addresses captured, 3 routed"),
+        "{summary}"
+    );
+    assert!(summary.contains("enrolled demo/client"), "{summary}");
+    assert!(
+        summary
+            .contains("route 10.96.0.10:80 demo/podinfo:80: podinfo-primary 90, podinfo-canary 10"),
+        "{summary}"
+    );
+    assert!(summary.contains("connect_captured=0"), "{summary}");
+}

@@ -156,7 +156,7 @@ pub struct Stats {
 
 /// Entries in each connection-tracking map: all of them return to zero when no captured
 /// connection is open.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Occupancy {
     pub orig_by_cookie: usize,
     pub orig_dst: usize,

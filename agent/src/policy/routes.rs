@@ -115,14 +115,15 @@ pub fn declared_safe(
                 })
                 .collect::<Result<_, _>>()?,
         };
-    let idempotency_key =
-        match get(MIRROR_IDEMPOTENCY_KEY) {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(other) => return Err(format!(
+    let idempotency_key = match get(MIRROR_IDEMPOTENCY_KEY) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(format!(
                 "annotation {MIRROR_IDEMPOTENCY_KEY} must be \"true\" or \"false\", not {other:?}"
-            )),
-        };
+            ))
+        }
+    };
     Ok(SafeMethods {
         extra,
         idempotency_key,

@@ -1,0 +1,318 @@
+//! The admin endpoint, on its own local port so that a slow query never competes with traffic:
+//! `/healthz`, `/ready`, `/config_dump` (the snapshot in force) and `/stats/ebpf`.
+//! `aviary-agent status` reads it and prints a summary.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::{
+    ebpf::maps::Stats,
+    proxy::route::{BackendRef, RouteTable, ServiceRoutes},
+    state::{Snapshot, SnapshotRx},
+};
+
+pub struct Admin {
+    /// Set once the programs are attached and the first snapshot is in force.
+    pub ready: Arc<AtomicBool>,
+    pub snapshots: SnapshotRx,
+    pub stats: Stats,
+}
+
+impl Admin {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let handler =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let this = this.clone();
+                        async move { Ok::<_, Infallible>(this.handle(req.uri().path())) }
+                    });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(e) = builder
+                    .serve_connection(TokioIo::new(stream), handler)
+                    .await
+                {
+                    warn!(error = %e, "admin connection failed");
+                }
+            });
+        }
+    }
+
+    fn handle(&self, path: &str) -> Response<Full<Bytes>> {
+        match path {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/ready" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+            "/ready" => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: waiting for the first policy snapshot\n",
+            ),
+            "/config_dump" => self.json(config_dump(&self.snapshots.borrow())),
+            "/stats/ebpf" => match (self.stats.counters(), self.stats.occupancy()) {
+                (Ok(counters), Ok(occupancy)) => {
+                    let counters: serde_json::Map<String, Value> = counters
+                        .into_iter()
+                        .map(|(name, value)| (name.to_owned(), value.into()))
+                        .collect();
+                    self.json(json!({ "counters": counters, "occupancy": occupancy }))
+                }
+                (Err(e), _) | (_, Err(e)) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("reading the maps: {e:#}\n"),
+                ),
+            },
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "unknown path; try /healthz, /ready, /config_dump, /stats/ebpf\n",
+            ),
+        }
+    }
+
+    fn json(&self, value: Value) -> Response<Full<Bytes>> {
+        let mut response = text(StatusCode::OK, &format!("{value:#}\n"));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().expect("a valid header value"),
+        );
+        response
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response
+}
+
+/// The snapshot in force, as JSON: enrolled pods, captured addresses, and routes with weights.
+pub fn config_dump(snapshot: &Snapshot) -> Value {
+    json!({
+        "generation": snapshot.generation,
+        "enrolled": snapshot.policy.enrolled.values().collect::<Vec<_>>(),
+        "captured": snapshot.policy.captured.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "routes": describe_routes(&snapshot.routes),
+    })
+}
+
+/// Every routed service address, sorted, with its rules.
+pub fn describe_routes(table: &RouteTable) -> Vec<Value> {
+    let mut entries: Vec<(String, Option<&str>, &ServiceRoutes)> = table
+        .services
+        .iter()
+        .map(|(addr, routes)| (addr.to_string(), None, routes.as_ref()))
+        .chain(
+            table
+                .consumers
+                .iter()
+                .map(|((ns, addr), routes)| (addr.to_string(), Some(ns.as_str()), routes.as_ref())),
+        )
+        .collect();
+    entries.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    entries
+        .into_iter()
+        .map(|(address, consumer, routes)| {
+            let rules: Vec<Value> = routes
+                .rules
+                .iter()
+                .map(|rule| {
+                    let backends: Vec<Value> = rule
+                        .backends
+                        .iter()
+                        .map(|b| match &b.backend {
+                            BackendRef::Service(backend) => json!({
+                                "name": backend.name,
+                                "weight": b.weight,
+                                "endpoints": backend.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+                            }),
+                            BackendRef::Invalid { name, reason } => json!({ "name": name, "weight": b.weight, "invalid": reason }),
+                        })
+                        .collect();
+                    json!({
+                        "matches": rule.matches.len(),
+                        "backends": backends,
+                        "mirror": rule.mirror.as_ref().map(|m| json!({
+                            "backend": m.backend.name,
+                            "share": format!("{}/{}", m.numerator, m.denominator),
+                        })),
+                        "timeout_ms": rule.timeout.map(|t| t.as_millis() as u64),
+                    })
+                })
+                .collect();
+            json!({
+                "address": address,
+                "service": format!("{}/{}:{}", routes.namespace, routes.name, routes.port),
+                "consumer_namespace": consumer,
+                "protocol": format!("{:?}", routes.protocol),
+                "endpoints": routes.default.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+                "rules": rules,
+            })
+        })
+        .collect()
+}
+
+/// `aviary-agent status`: reads the admin endpoint and prints a summary.
+pub async fn status(admin: SocketAddr) -> anyhow::Result<String> {
+    let (ready_status, ready) = get(admin, "/ready").await?;
+    let (_, dump) = get(admin, "/config_dump").await?;
+    let (_, stats) = get(admin, "/stats/ebpf").await?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    let stats: Value = serde_json::from_str(&stats)?;
+    let mut out = format!(
+        "Aviary agent at {admin}: {}\n",
+        if ready_status.is_success() {
+            "ready"
+        } else {
+            ready.trim()
+        }
+    );
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    out += &format!(
+        "Policy generation {}: {} pods enrolled, {} service addresses captured, {} routed\n",
+        dump["generation"],
+        list(&dump["enrolled"]).len(),
+        list(&dump["captured"]).len(),
+        list(&dump["routes"]).len()
+    );
+    for pod in list(&dump["enrolled"]) {
+        out += &format!(
+            "  enrolled {}/{}\n",
+            pod["namespace"].as_str().unwrap_or("?"),
+            pod["name"].as_str().unwrap_or("?")
+        );
+    }
+    for route in list(&dump["routes"]) {
+        let who = route["consumer_namespace"]
+            .as_str()
+            .map(|ns| format!(" (for {ns})"))
+            .unwrap_or_default();
+        let rules: Vec<String> = list(&route["rules"])
+            .iter()
+            .map(|rule| {
+                let backends: Vec<String> = list(&rule["backends"])
+                    .iter()
+                    .map(|b| format!("{} {}", b["name"].as_str().unwrap_or("?"), b["weight"]))
+                    .collect();
+                let mirror = rule["mirror"]
+                    .as_object()
+                    .map(|m| {
+                        format!(
+                            "; mirror {} {}",
+                            m["backend"].as_str().unwrap_or("?"),
+                            m["share"].as_str().unwrap_or("")
+                        )
+                    })
+                    .unwrap_or_default();
+                format!("{}{mirror}", backends.join(", "))
+            })
+            .collect();
+        let rules = if rules.is_empty() {
+            "no rules: endpoints balanced".to_owned()
+        } else {
+            rules.join(" | ")
+        };
+        out += &format!(
+            "  route {} {}{who}: {rules}\n",
+            route["address"].as_str().unwrap_or("?"),
+            route["service"].as_str().unwrap_or("?")
+        );
+    }
+    let counters: Vec<String> = stats["counters"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    out += &format!("eBPF: {}\n", counters.join(" "));
+    Ok(out)
+}
+
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, String)> {
+    use anyhow::Context as _;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("no agent admin endpoint at {addr} (is the agent running?)"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = Request::get(path)
+        .header("host", "aviary-admin")
+        .body(Full::<Bytes>::default())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, sync::Arc};
+
+    use super::*;
+    use crate::proxy::route::{
+        AppProtocol, Backend, Endpoint, HeaderModifier, Rule, WeightedBackend,
+    };
+
+    #[test]
+    fn routes_are_described_with_their_weights() {
+        let backend = |name: &str, port: u16| {
+            Arc::new(Backend {
+                namespace: "demo".into(),
+                name: name.into(),
+                port: 80,
+                endpoints: vec![Endpoint::new(([10, 244, 1, 3], port).into())],
+            })
+        };
+        let weighted = |b: &Arc<Backend>, weight| WeightedBackend {
+            backend: BackendRef::Service(b.clone()),
+            weight,
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
+        };
+        let (primary, canary) = (
+            backend("podinfo-primary", 8080),
+            backend("podinfo-canary", 8081),
+        );
+        let routes = Arc::new(ServiceRoutes {
+            namespace: "demo".into(),
+            name: "podinfo".into(),
+            port: 80,
+            protocol: AppProtocol::Detect,
+            rules: vec![Rule {
+                backends: vec![weighted(&primary, 90), weighted(&canary, 10)],
+                ..Default::default()
+            }],
+            default: primary.clone(),
+        });
+        let table = RouteTable {
+            services: HashMap::from([("10.96.0.10:80".parse().unwrap(), routes)]),
+            ..Default::default()
+        };
+        let described = describe_routes(&table);
+        assert_eq!(described[0]["service"], "demo/podinfo:80");
+        assert_eq!(
+            described[0]["rules"][0]["backends"][1]["name"],
+            "podinfo-canary"
+        );
+        assert_eq!(described[0]["rules"][0]["backends"][1]["weight"], 10);
+        assert_eq!(
+            described[0]["rules"][0]["backends"][0]["endpoints"][0],
+            "10.244.1.3:8080"
+        );
+    }
+}
