@@ -736,3 +736,22 @@ async fn a_malformed_request_gets_400_and_others_are_still_served() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn a_truncated_body_never_reaches_the_backend() {
+    let (primary, p) = backend_service("primary", Duration::ZERO).await;
+    let proxy = start_proxy(service(vec![], p)).await;
+    let mut raw = TcpStream::connect(proxy.addr).await.unwrap();
+    raw.write_all(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part")
+        .await
+        .unwrap();
+    raw.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        primary.seen().is_empty(),
+        "the backend got a truncated request"
+    );
+}

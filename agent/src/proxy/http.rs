@@ -250,7 +250,10 @@ impl HttpProxy {
             weighted.request_headers.apply(&mut parts.headers);
         }
 
-        let body = self.read_body(body).await;
+        let Ok(body) = self.read_body(body).await else {
+            // A truncated body must never reach the backend as if it were whole.
+            return error(StatusCode::BAD_REQUEST, "the request body ended early");
+        };
         if let Some(mirror) = rule.and_then(|r| r.mirror.as_ref()) {
             self.mirror(mirror, &parts, &body);
         }
@@ -275,20 +278,16 @@ impl HttpProxy {
     }
 
     /// Buffers a body whose length is known and within the limit; streams any other.
-    async fn read_body(&self, body: Incoming) -> RequestBody {
+    async fn read_body(&self, body: Incoming) -> Result<RequestBody, hyper::Error> {
         let small = body.is_end_stream()
             || body
                 .size_hint()
                 .exact()
                 .is_some_and(|n| n <= self.cfg.body_buffer_limit as u64);
         if !small {
-            return RequestBody::Streaming(body);
+            return Ok(RequestBody::Streaming(body));
         }
-        match body.collect().await {
-            Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
-            // The client went away mid-body; the request fails upstream as it would have.
-            Err(_) => RequestBody::Buffered(Bytes::new()),
-        }
+        Ok(RequestBody::Buffered(body.collect().await?.to_bytes()))
     }
 
     /// Sends the request to an endpoint of `backend`; retries once on another endpoint when the
