@@ -9,6 +9,23 @@ use aviary_tests::{policy, wait_until, Node, Pod};
 const PODINFO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORT: u16 = 8080;
 
+/// A service VIP, 10.96.0.n.
+fn vip(n: u8) -> std::net::IpAddr {
+    Ipv4Addr::new(10, 96, 0, n).into()
+}
+
+/// Asserts that `total` requests or connections reached primary and canary only, with the
+/// canary's share within `canary` (a bound of several standard deviations).
+fn assert_split(counts: &BTreeMap<String, u32>, total: u32, canary: std::ops::RangeInclusive<u32>) {
+    let to_canary = counts.get("canary").copied().unwrap_or(0);
+    assert!(canary.contains(&to_canary), "{counts:?}");
+    assert_eq!(
+        counts.get("primary").copied().unwrap_or(0) + to_canary,
+        total,
+        "{counts:?}"
+    );
+}
+
 /// "word key n" lines of a client's output, as key -> n.
 fn tally(out: &std::process::Output, word: &str) -> BTreeMap<String, u32> {
     assert!(
@@ -50,7 +67,6 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
     for pod in [&primary, &canary, &mirror] {
         node.serve_http(pod, PORT);
     }
-    let vip = |n: u8| std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, n));
     let split = [
         ("aviary.dev/split", "podinfo-primary=90,podinfo-canary=10"),
         ("aviary.dev/mirror", "podinfo-mirror"),
@@ -75,15 +91,8 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
         tally(&gets, "status"),
         BTreeMap::from([("200".into(), 2000)])
     );
-    let backends = tally(&gets, "backend");
-    let to_canary = backends.get("canary").copied().unwrap_or(0);
     // 200 expected, standard deviation 13.4: ±60 is ±4.5 sigma.
-    assert!((140..=260).contains(&to_canary), "{backends:?}");
-    assert_eq!(
-        backends.get("primary").copied().unwrap_or(0) + to_canary,
-        2000,
-        "{backends:?}"
-    );
+    assert_split(&tally(&gets, "backend"), 2000, 140..=260);
     assert_eq!(
         agent.counter("connect_captured"),
         1,
@@ -121,7 +130,6 @@ fn opaque_tcp_is_split_per_connection() {
     for pod in [&primary, &canary] {
         node.serve(pod, 9000, None);
     }
-    let vip = |n: u8| std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, n));
     let split = [("aviary.dev/split", "db-primary=90,db-canary=10")];
     node.write_policy(&policy::documents(&[
         policy::namespace("demo", None),
@@ -148,15 +156,8 @@ fn opaque_tcp_is_split_per_connection() {
         ],
         Duration::from_secs(60),
     );
-    let names = tally(&out, "name");
-    let to_canary = names.get("canary").copied().unwrap_or(0);
     // 20 expected, standard deviation 4.2.
-    assert!((5..=40).contains(&to_canary), "{names:?}");
-    assert_eq!(
-        names.get("primary").copied().unwrap_or(0) + to_canary,
-        200,
-        "{names:?}"
-    );
+    assert_split(&tally(&out, "name"), 200, 5..=40);
     assert_eq!(agent.counter("connect_captured"), 200);
 }
 
@@ -180,7 +181,6 @@ fn a_weight_change_in_the_files_is_followed_within_a_second_and_no_request_fails
     for pod in [&primary, &canary] {
         node.serve_http(pod, PORT);
     }
-    let vip = |n: u8| std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, n));
     let cluster = |primary_weight, canary_weight| {
         policy::documents(&[
             policy::namespace("demo", None),
@@ -246,7 +246,6 @@ fn aviary_agent_status_summarises_the_running_agent() {
     let Some(node) = Node::new() else { return };
     let client = node.add_pod("client");
     let (primary, canary) = (node.add_pod("primary"), node.add_pod("canary"));
-    let vip = |n: u8| std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, n));
     node.write_policy(&policy::documents(&[
         policy::namespace("demo", None),
         policy::pod(&client, "demo", Some("enabled")),
