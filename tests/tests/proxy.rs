@@ -173,6 +173,27 @@ fn flagger_route(primary: u32, canary: u32) -> String {
     )
 }
 
+/// An enrolled client, podinfo with its primary and canary Services and EndpointSlices, and
+/// the Flagger-style route between them with these weights.
+fn flagger_cluster(
+    client: &Pod,
+    primary: &Pod,
+    canary: &Pod,
+    primary_weight: u32,
+    canary_weight: u32,
+) -> String {
+    policy::documents(&[
+        policy::namespace("demo", None),
+        policy::pod(client, "demo", Some("enabled")),
+        policy::http_service("podinfo", "demo", vip(10), PORT, &[]),
+        policy::http_service("podinfo-primary", "demo", vip(11), PORT, &[]),
+        policy::http_service("podinfo-canary", "demo", vip(12), PORT, &[]),
+        policy::endpoint_slice("podinfo-primary", "demo", &[primary], PORT),
+        policy::endpoint_slice("podinfo-canary", "demo", &[canary], PORT),
+        flagger_route(primary_weight, canary_weight),
+    ])
+}
+
 #[test]
 fn a_weight_change_in_the_files_is_followed_within_a_second_and_no_request_fails() {
     let Some(node) = Node::new() else { return };
@@ -182,16 +203,7 @@ fn a_weight_change_in_the_files_is_followed_within_a_second_and_no_request_fails
         node.serve_http(pod, PORT);
     }
     let cluster = |primary_weight, canary_weight| {
-        policy::documents(&[
-            policy::namespace("demo", None),
-            policy::pod(&client, "demo", Some("enabled")),
-            policy::http_service("podinfo", "demo", vip(10), PORT, &[]),
-            policy::http_service("podinfo-primary", "demo", vip(11), PORT, &[]),
-            policy::http_service("podinfo-canary", "demo", vip(12), PORT, &[]),
-            policy::endpoint_slice("podinfo-primary", "demo", &[&primary], PORT),
-            policy::endpoint_slice("podinfo-canary", "demo", &[&canary], PORT),
-            flagger_route(primary_weight, canary_weight),
-        ])
+        flagger_cluster(&client, &primary, &canary, primary_weight, canary_weight)
     };
     node.write_policy(&cluster(100, 0));
     let agent = node.start_agent(&[]);
@@ -246,16 +258,7 @@ fn aviary_agent_status_summarises_the_running_agent() {
     let Some(node) = Node::new() else { return };
     let client = node.add_pod("client");
     let (primary, canary) = (node.add_pod("primary"), node.add_pod("canary"));
-    node.write_policy(&policy::documents(&[
-        policy::namespace("demo", None),
-        policy::pod(&client, "demo", Some("enabled")),
-        policy::http_service("podinfo", "demo", vip(10), PORT, &[]),
-        policy::http_service("podinfo-primary", "demo", vip(11), PORT, &[]),
-        policy::http_service("podinfo-canary", "demo", vip(12), PORT, &[]),
-        policy::endpoint_slice("podinfo-primary", "demo", &[&primary], PORT),
-        policy::endpoint_slice("podinfo-canary", "demo", &[&canary], PORT),
-        flagger_route(90, 10),
-    ]));
+    node.write_policy(&flagger_cluster(&client, &primary, &canary, 90, 10));
     let agent = node.start_agent(&[]);
     agent.wait_for_capture(&[&client], 3);
     // The admin endpoint listens on the node's loopback, so status runs on the node.
