@@ -98,17 +98,20 @@ pub fn pick(
     skip: Option<&Arc<Endpoint>>,
     rng: &mut Rng,
 ) -> Option<Arc<Endpoint>> {
-    let candidates: Vec<&Arc<Endpoint>> = endpoints
-        .iter()
-        .filter(|e| skip.is_none_or(|s| !Arc::ptr_eq(e, s)))
-        .collect();
-    match candidates.len() {
+    // Candidates are the endpoints minus the skipped one, indexed around it: no allocation on
+    // the request path.
+    let skipped = skip.and_then(|s| endpoints.iter().position(|e| Arc::ptr_eq(e, s)));
+    let candidate = |i: usize| match skipped {
+        Some(k) if i >= k => &endpoints[i + 1],
+        _ => &endpoints[i],
+    };
+    match endpoints.len() - usize::from(skipped.is_some()) {
         0 => None,
-        1 => Some(candidates[0].clone()),
+        1 => Some(candidate(0).clone()),
         n => {
             let a = rng.below(n as u64) as usize;
             let b = (a + 1 + rng.below(n as u64 - 1) as usize) % n;
-            let (a, b) = (candidates[a], candidates[b]);
+            let (a, b) = (candidate(a), candidate(b));
             Some(if a.load.cost() <= b.load.cost() { a } else { b }.clone())
         }
     }
