@@ -26,15 +26,23 @@ pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Read policy (Namespaces, Pods, Services) from Kubernetes YAML in this file or directory
-    /// instead of the API server; reloads on change.
+    /// Read policy (Namespaces, Pods, Services, EndpointSlices, HTTPRoutes) from Kubernetes YAML
+    /// in this file or directory instead of the API server; reloads on change.
     #[arg(long, env = "AVIARY_LOCAL")]
     pub local: Option<PathBuf>,
 
-    /// This node's name: only pods scheduled here are enrolled. In local mode, leave it unset to
-    /// treat every pod in the files as local.
+    /// This node's name: only pods scheduled here are enrolled. Required with the API server;
+    /// in local mode, leave it unset to treat every pod in the files as local.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+
+    /// The agent's own namespace, where the Lease that picks the one status writer lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "aviary-system")]
+    pub namespace: String,
+
+    /// Write HTTPRoute status and Events (by the Lease holder only).
+    #[arg(long, env = "AVIARY_WRITE_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub write_status: bool,
 
     /// The cgroup v2 directory that holds the node's pod cgroups (the kubelet's kubepods root).
     /// The capture programs are attached here.
@@ -117,6 +125,12 @@ fn parse_mark(s: &str) -> Result<u32, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
     Local(PathBuf),
+    /// The API server the agent runs under (in-cluster, or KUBECONFIG).
+    Kubernetes {
+        node: String,
+        namespace: String,
+        write_status: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -139,11 +153,16 @@ impl TryFrom<Args> for Config {
     type Error = anyhow::Error;
 
     fn try_from(args: Args) -> anyhow::Result<Self> {
-        let policy = match args.local {
-            Some(path) => PolicySource::Local(path),
-            None => anyhow::bail!(
-                "no policy source: pass --local PATH (Kubernetes YAML); the API server source is \
-                 not built yet"
+        let policy = match (args.local, &args.node_name) {
+            (Some(path), _) => PolicySource::Local(path),
+            (None, Some(node)) => PolicySource::Kubernetes {
+                node: node.clone(),
+                namespace: args.namespace,
+                write_status: args.write_status,
+            },
+            (None, None) => anyhow::bail!(
+                "no policy source: on a node, set NODE_NAME (--node-name) to read policy from the \
+                 API server; without a cluster, pass --local PATH (Kubernetes YAML)"
             ),
         };
         let Some(proxy_v4) = args.proxy_ip else {
@@ -208,6 +227,20 @@ mod tests {
     fn a_policy_source_is_required() {
         let err = parse(&["--proxy-ip", "10.0.0.1"]).unwrap_err();
         assert!(err.to_string().contains("--local"), "{err}");
+        assert!(err.to_string().contains("NODE_NAME"), "{err}");
+    }
+
+    #[test]
+    fn a_node_name_without_local_files_means_the_api_server() {
+        let cfg = parse(&["--proxy-ip", "10.0.0.1", "--node-name", "n1"]).unwrap();
+        assert_eq!(
+            cfg.policy,
+            PolicySource::Kubernetes {
+                node: "n1".into(),
+                namespace: "aviary-system".into(),
+                write_status: true
+            }
+        );
     }
 
     #[test]

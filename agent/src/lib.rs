@@ -6,6 +6,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod config;
 pub mod ebpf;
+pub mod kubernetes;
 pub mod policy;
 pub mod proxy;
 pub mod run;

@@ -11,6 +11,7 @@ use aviary_abi::{LISTENER_V4, LISTENER_V6};
 use tokio::{
     net::TcpListener,
     signal::unix::{signal, SignalKind},
+    sync::{mpsc, watch},
 };
 use tracing::info;
 
@@ -23,6 +24,7 @@ use crate::{
         maps::{CaptureTable, Listeners, OrigDstTable, Stats},
         Datapath, DatapathConfig,
     },
+    kubernetes::{self, lease::LeaseConfig},
     policy::{self, Store},
     proxy::{
         detect::DETECT_TIMEOUT,
@@ -32,6 +34,9 @@ use crate::{
     },
     state::Publisher,
 };
+
+/// Watcher updates waiting for the store; a full queue holds the watchers back.
+const UPDATE_QUEUE: usize = 4096;
 
 /// How often the eBPF counters are logged, when they changed.
 const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -87,8 +92,26 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
 
     let (publisher, snapshots) = Publisher::new(cfg.node_name.clone(), http_cfg.mirror_in_flight);
     tokio::spawn(apply_routes(snapshots.clone(), routes));
-    let PolicySource::Local(path) = &cfg.policy;
-    tokio::spawn(watch_local(path.clone(), publisher));
+    match &cfg.policy {
+        PolicySource::Local(path) => {
+            tokio::spawn(watch_local(path.clone(), publisher));
+        }
+        PolicySource::Kubernetes {
+            node,
+            namespace,
+            write_status,
+        } => {
+            let client = kubernetes::client().await?;
+            let (updates_tx, updates) = mpsc::channel(UPDATE_QUEUE);
+            kubernetes::spawn_watchers(&client, node, updates_tx);
+            let (reports_tx, reports) = watch::channel(Default::default());
+            tokio::spawn(kubernetes::apply_updates(updates, publisher, reports_tx));
+            if *write_status {
+                let lease = LeaseConfig::new(namespace.clone(), node.clone());
+                tokio::spawn(kubernetes::status::write_reports(client, lease, reports));
+            }
+        }
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let admin = Arc::new(Admin {
         ready: ready.clone(),
@@ -143,7 +166,7 @@ async fn watch_local(path: std::path::PathBuf, mut publisher: Publisher) {
         for rejected in store.replace_all(objects) {
             tracing::warn!("{rejected}");
         }
-        publisher.publish(&store);
+        publisher.publish(&mut store);
     }
 }
 

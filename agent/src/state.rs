@@ -49,7 +49,11 @@ impl Publisher {
 
     /// Publishes a snapshot of the store unless it is unchanged since the last one; returns
     /// whether it did.
-    pub fn publish(&mut self, store: &Store) -> bool {
+    /// Each object change since the last call gets its own log line.
+    pub fn publish(&mut self, store: &mut Store) -> bool {
+        for change in store.take_changes() {
+            info!("{change}");
+        }
         if self.published_revision == Some(store.revision()) {
             return false;
         }
@@ -91,18 +95,18 @@ mod tests {
         let (mut publisher, rx) = Publisher::new(None, 1);
         let mut store = Store::default();
         assert!(
-            publisher.publish(&store),
+            publisher.publish(&mut store),
             "the first policy is always published"
         );
         assert_eq!(rx.borrow().generation, 1);
-        assert!(!publisher.publish(&store));
+        assert!(!publisher.publish(&mut store));
 
         let objects = crate::policy::local::parse_documents(
             "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n",
         )
         .unwrap();
         store.replace_all(objects);
-        assert!(publisher.publish(&store));
+        assert!(publisher.publish(&mut store));
         assert_eq!(rx.borrow().generation, 2);
         assert_eq!(rx.borrow().policy.captured.len(), 1);
     }

@@ -14,6 +14,7 @@
 //! process that was killed are swept by the next one.
 #![forbid(unsafe_code)]
 
+pub mod apiserver;
 pub mod policy;
 
 use std::{

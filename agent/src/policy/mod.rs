@@ -7,6 +7,7 @@
 pub mod gamma;
 pub mod local;
 pub mod routes;
+pub mod status;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -30,6 +31,16 @@ pub enum Kind {
     Service,
     EndpointSlice,
     HttpRoute,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::HttpRoute,
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -66,6 +77,10 @@ impl Object {
             Self::EndpointSlice(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
         }
+    }
+
+    pub fn uid(&self) -> Option<&str> {
+        self.meta().uid.as_deref()
     }
 
     pub fn kind(&self) -> Kind {
@@ -140,12 +155,34 @@ impl fmt::Display for Rejected {
     }
 }
 
-/// The objects policy is compiled from: only valid ones, the last good version of each.
+/// One object's change in the store, for the one log line each change gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Added(ObjectKey),
+    Updated(ObjectKey),
+    Removed(ObjectKey),
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Added(key) => write!(f, "{key} added"),
+            Self::Updated(key) => write!(f, "{key} updated"),
+            Self::Removed(key) => write!(f, "{key} removed"),
+        }
+    }
+}
+
+/// The objects policy is compiled from: only valid ones, the last good version of each. It is
+/// the reflector cache of both sources, with validation in front of it.
 #[derive(Debug, Default, Clone)]
 pub struct Store {
     objects: BTreeMap<ObjectKey, Object>,
+    /// Objects whose newest version was refused; cleared by a good version or the object going.
+    rejected: BTreeMap<ObjectKey, (Rejected, Object)>,
     /// Counts changes, so a consumer can tell whether anything changed since it last looked.
     revision: u64,
+    changes: Vec<Change>,
 }
 
 impl Store {
@@ -153,36 +190,89 @@ impl Store {
     pub fn upsert(&mut self, object: Object) -> Result<(), Rejected> {
         let key = object.key();
         if let Err(reason) = object.validate() {
-            return Err(Rejected {
+            let rejected = Rejected {
                 kept_previous: self.objects.contains_key(&key),
-                key,
+                key: key.clone(),
                 reason,
-            });
+            };
+            self.rejected.insert(key, (rejected.clone(), object));
+            return Err(rejected);
         }
-        if self.objects.get(&key) != Some(&object) {
-            self.objects.insert(key, object);
-            self.revision += 1;
-        }
+        self.rejected.remove(&key);
+        let change = match self.objects.get(&key) {
+            Some(current) if *current == object => return Ok(()),
+            Some(_) => Change::Updated(key.clone()),
+            None => Change::Added(key.clone()),
+        };
+        self.objects.insert(key, object);
+        self.record(change);
         Ok(())
+    }
+
+    /// Forgets an object, good version and refusal alike.
+    pub fn remove(&mut self, key: &ObjectKey) {
+        self.rejected.remove(key);
+        if self.objects.remove(key).is_some() {
+            self.record(Change::Removed(key.clone()));
+        }
+    }
+
+    /// Makes the store hold what a complete listing of one kind holds: objects of that kind not
+    /// listed are removed, and each listed one is upserted. Returns the refusals.
+    pub fn replace_kind(&mut self, kind: Kind, objects: Vec<Object>) -> Vec<Rejected> {
+        let listed: BTreeSet<ObjectKey> = objects.iter().map(Object::key).collect();
+        let gone: Vec<ObjectKey> = self
+            .objects
+            .keys()
+            .chain(self.rejected.keys())
+            .filter(|key| key.kind == kind && !listed.contains(key))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.remove(key);
+        }
+        objects
+            .into_iter()
+            .filter_map(|object| self.upsert(object).err())
+            .collect()
+    }
+
+    /// [`Store::replace_kind`] for every kind at once, as a source that lists everything does.
+    pub fn replace_all(&mut self, objects: Vec<Object>) -> Vec<Rejected> {
+        let mut by_kind: BTreeMap<Kind, Vec<Object>> =
+            Kind::ALL.iter().map(|kind| (*kind, Vec::new())).collect();
+        for object in objects {
+            by_kind.entry(object.kind()).or_default().push(object);
+        }
+        by_kind
+            .into_iter()
+            .flat_map(|(kind, objects)| self.replace_kind(kind, objects))
+            .collect()
     }
 
     pub fn revision(&self) -> u64 {
         self.revision
     }
 
-    /// Makes the store hold what a complete listing holds: objects not listed are removed, and
-    /// each listed one is upserted. Returns the refusals.
-    pub fn replace_all(&mut self, objects: Vec<Object>) -> Vec<Rejected> {
-        let listed: BTreeSet<ObjectKey> = objects.iter().map(Object::key).collect();
-        let before = self.objects.len();
-        self.objects.retain(|key, _| listed.contains(key));
-        if self.objects.len() != before {
-            self.revision += 1;
-        }
-        objects
-            .into_iter()
-            .filter_map(|object| self.upsert(object).err())
-            .collect()
+    /// The objects whose newest version is refused: why, and that version.
+    pub fn rejections(&self) -> impl Iterator<Item = (&Rejected, &Object)> {
+        self.rejected
+            .values()
+            .map(|(rejected, object)| (rejected, object))
+    }
+
+    pub fn is_rejected(&self, key: &ObjectKey) -> bool {
+        self.rejected.contains_key(key)
+    }
+
+    /// The changes since the last call, oldest first.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    fn record(&mut self, change: Change) {
+        self.revision += 1;
+        self.changes.push(change);
     }
 
     fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
@@ -582,6 +672,52 @@ spec: {containers: []}
         ));
         // The namespace that enrolled web is gone, so web is no longer enrolled.
         assert_eq!(compile(&store, None), Policy::default());
+    }
+
+    #[test]
+    fn a_relist_of_one_kind_leaves_the_others_and_each_change_is_recorded_once() {
+        let mut store = store(BASE);
+        store.take_changes();
+        let namespaces: Vec<Object> = objects(BASE)
+            .into_iter()
+            .filter(|o| o.kind() == Kind::Namespace && o.key().name == "shop")
+            .collect();
+        store.replace_kind(Kind::Namespace, namespaces);
+        let changes: Vec<String> = store.take_changes().iter().map(|c| c.to_string()).collect();
+        assert_eq!(changes, ["Namespace/plain removed"]);
+        assert!(
+            !enrolled_names(&compile(&store, Some("node-a"))).is_empty(),
+            "pods are untouched by a namespace relist"
+        );
+
+        let revision = store.revision();
+        let key = ObjectKey {
+            kind: Kind::Namespace,
+            namespace: String::new(),
+            name: "shop".into(),
+        };
+        store.remove(&key);
+        store.remove(&key);
+        assert_eq!(store.revision(), revision + 1);
+        assert_eq!(
+            store.take_changes(),
+            [Change::Removed(key)],
+            "removing what is gone changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_forgotten_when_the_object_is_fixed_or_removed() {
+        let mut store = store(BASE);
+        let bad = objects(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, annotations: {aviary.dev/capture: maybe}}\n",
+        );
+        store.upsert(bad[0].clone()).unwrap_err();
+        assert_eq!(store.rejections().count(), 1);
+        let key = bad[0].key();
+        assert!(store.is_rejected(&key));
+        store.remove(&key);
+        assert_eq!(store.rejections().count(), 0);
     }
 
     #[test]

@@ -1,0 +1,289 @@
+//! The status each HTTPRoute should carry, as GAMMA implementations report it: one entry per
+//! parent Service, with the conditions Accepted and ResolvedRefs. Pure: the writer in
+//! `kubernetes::status` decides when and whether to write it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use serde::Serialize;
+
+use super::{gamma, Kind, Object, ObjectKey, Store};
+
+/// The controllerName Aviary writes its route status under.
+pub const CONTROLLER_NAME: &str = "aviary.dev/agent";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: &'static str,
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Condition {
+    fn new(type_: &'static str, ok: Result<(), (&'static str, String)>) -> Self {
+        match ok {
+            Ok(()) => Self {
+                type_,
+                status: "True",
+                reason: type_,
+                message: String::new(),
+            },
+            Err((reason, message)) => Self {
+                type_,
+                status: "False",
+                reason,
+                message,
+            },
+        }
+    }
+}
+
+/// A route's status for one parent Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParentStatus {
+    pub namespace: String,
+    pub name: String,
+    pub port: Option<i32>,
+    pub conditions: [Condition; 2],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteStatus {
+    /// The metadata.generation the conditions describe.
+    pub generation: Option<i64>,
+    pub parents: Vec<ParentStatus>,
+}
+
+/// The status of every HTTPRoute the store knows, good or refused, by route.
+pub fn route_statuses(store: &Store) -> BTreeMap<ObjectKey, RouteStatus> {
+    let services: BTreeSet<(&str, &str)> = store
+        .services()
+        .map(|svc| {
+            (
+                svc.metadata.namespace.as_deref().unwrap_or("default"),
+                svc.metadata.name.as_deref().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let refused = store
+        .rejections()
+        .filter_map(|(rejected, object)| match object {
+            Object::HttpRoute(route) => Some((route.as_ref(), Some(rejected.reason.as_str()))),
+            _ => None,
+        });
+    let good = store
+        .http_routes()
+        .filter(|route| !store.is_rejected(&key(route)))
+        .map(|route| (route, None));
+    good.chain(refused)
+        .map(|(route, refusal)| (key(route), status(route, refusal, &services)))
+        .collect()
+}
+
+fn key(route: &HttpRoute) -> ObjectKey {
+    ObjectKey {
+        kind: Kind::HttpRoute,
+        namespace: route
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: route.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+fn status(
+    route: &HttpRoute,
+    refusal: Option<&str>,
+    services: &BTreeSet<(&str, &str)>,
+) -> RouteStatus {
+    let namespace = route.metadata.namespace.as_deref().unwrap_or("default");
+    let resolved = Condition::new("ResolvedRefs", resolve_backends(route, namespace, services));
+    let parents = gamma::service_parents(route)
+        .into_iter()
+        .map(|parent| {
+            let accepted = match refusal {
+                Some(reason) => Err(("UnsupportedValue", format!("refused: {reason}"))),
+                None if !services.contains(&(parent.namespace.as_str(), parent.name.as_str())) => {
+                    Err((
+                        "NoMatchingParent",
+                        format!(
+                            "Service {}/{} does not exist",
+                            parent.namespace, parent.name
+                        ),
+                    ))
+                }
+                None => Ok(()),
+            };
+            ParentStatus {
+                namespace: parent.namespace,
+                name: parent.name,
+                port: parent.port,
+                conditions: [Condition::new("Accepted", accepted), resolved.clone()],
+            }
+        })
+        .collect();
+    RouteStatus {
+        generation: route.metadata.generation,
+        parents,
+    }
+}
+
+/// Every backendRef must be a Service that exists; a missing one takes its share as 500s.
+fn resolve_backends(
+    route: &HttpRoute,
+    namespace: &str,
+    services: &BTreeSet<(&str, &str)>,
+) -> Result<(), (&'static str, String)> {
+    for rule in route.spec.rules.iter().flatten() {
+        for backend in rule.backend_refs.iter().flatten() {
+            let kind = backend.kind.as_deref().unwrap_or("Service");
+            let group = backend.group.as_deref().unwrap_or("");
+            if kind != "Service" || !group.is_empty() {
+                return Err((
+                    "InvalidKind",
+                    format!(
+                        "backendRef {} is a {group}/{kind}, not a Service",
+                        backend.name
+                    ),
+                ));
+            }
+            let backend_namespace = backend.namespace.as_deref().unwrap_or(namespace);
+            if !services.contains(&(backend_namespace, backend.name.as_str())) {
+                return Err((
+                    "BackendNotFound",
+                    format!(
+                        "Service {backend_namespace}/{} does not exist; its share fails with 500",
+                        backend.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::local::parse_documents;
+
+    const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: podinfo, namespace: test}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 9898}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: podinfo-primary, namespace: test}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 9898}]}
+"#;
+
+    fn route(name: &str, backends: &str) -> String {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: {name}, namespace: test, generation: 3}}\n\
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: podinfo, port: 9898}}, \
+             {{group: \"\", kind: Service, name: gone}}]\n  rules: [{{backendRefs: [{backends}]}}]\n"
+        )
+    }
+
+    fn statuses(yaml: &str) -> BTreeMap<String, RouteStatus> {
+        let mut store = Store::default();
+        store.replace_all(parse_documents(yaml).unwrap());
+        route_statuses(&store)
+            .into_iter()
+            .map(|(key, status)| (key.name, status))
+            .collect()
+    }
+
+    fn summary(condition: &Condition) -> String {
+        format!(
+            "{}={}/{}",
+            condition.type_, condition.status, condition.reason
+        )
+    }
+
+    #[test]
+    fn accepted_per_parent_and_resolved_refs_per_route() {
+        let yaml = [
+            CLUSTER,
+            &route(
+                "good",
+                "{name: podinfo-primary, port: 9898, weight: 90}, {name: podinfo-canary, port: 9898, weight: 10}",
+            ),
+        ]
+        .join("---\n");
+        let status = &statuses(&yaml)["good"];
+        assert_eq!(status.generation, Some(3));
+        let parents: Vec<(String, Vec<String>)> = status
+            .parents
+            .iter()
+            .map(|p| (p.name.clone(), p.conditions.iter().map(summary).collect()))
+            .collect();
+        assert_eq!(
+            parents,
+            [
+                (
+                    "podinfo".into(),
+                    vec![
+                        "Accepted=True/Accepted".into(),
+                        "ResolvedRefs=False/BackendNotFound".into()
+                    ]
+                ),
+                (
+                    "gone".into(),
+                    vec![
+                        "Accepted=False/NoMatchingParent".into(),
+                        "ResolvedRefs=False/BackendNotFound".into()
+                    ]
+                ),
+            ]
+        );
+        assert!(status.parents[0].conditions[1]
+            .message
+            .contains("test/podinfo-canary"));
+    }
+
+    #[test]
+    fn a_refused_route_reports_why_and_a_fixed_one_recovers() {
+        let bad = route("r", "{name: podinfo-primary, port: 9898, weight: 0}");
+        let yaml = [CLUSTER, &bad].join("---\n");
+        let status = &statuses(&yaml)["r"];
+        let accepted = &status.parents[0].conditions[0];
+        assert_eq!(summary(accepted), "Accepted=False/UnsupportedValue");
+        assert!(
+            accepted.message.contains("weight 0"),
+            "{}",
+            accepted.message
+        );
+
+        let good = route("r", "{name: podinfo-primary, port: 9898}");
+        let mut store = Store::default();
+        store.replace_all(parse_documents(&[CLUSTER, &good].join("---\n")).unwrap());
+        store
+            .upsert(parse_documents(&bad).unwrap().remove(0))
+            .unwrap_err();
+        let status = &route_statuses(&store)[&key_of(&store)];
+        assert_eq!(
+            summary(&status.parents[0].conditions[0]),
+            "Accepted=False/UnsupportedValue",
+            "the refused newest version is what the status describes"
+        );
+        store
+            .upsert(parse_documents(&good).unwrap().remove(0))
+            .unwrap();
+        let status = &route_statuses(&store)[&key_of(&store)];
+        assert_eq!(
+            summary(&status.parents[0].conditions[0]),
+            "Accepted=True/Accepted"
+        );
+    }
+
+    fn key_of(store: &Store) -> ObjectKey {
+        key(store.http_routes().next().unwrap())
+    }
+}

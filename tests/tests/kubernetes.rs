@@ -1,0 +1,492 @@
+//! The Kubernetes source with the real kube-rs client against the list/watch fixture: initial
+//! lists, watch events, bookmarks, 410 Gone, dropped streams, outages, a CRD that is not
+//! installed, and status and Events written by the Lease holder only.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use aviary_agent::{
+    kubernetes::{self, lease::LeaseConfig, status::Report},
+    state::{Publisher, Snapshot, SnapshotRx},
+};
+use aviary_tests::apiserver::ApiServer;
+use serde_json::Value;
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+const NODE: &str = "node-a";
+const ROUTE_API: &str = "gateway.networking.k8s.io/v1";
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: test, annotations: {aviary.dev/capture: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: test, uid: 00000000-0000-4000-8000-00000000000a}
+spec: {nodeName: node-a, containers: [{name: c, image: test}]}
+status: {phase: Running, podIP: 10.0.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: elsewhere, namespace: test, uid: 00000000-0000-4000-8000-00000000000b}
+spec: {nodeName: node-b, containers: [{name: c, image: test}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: podinfo, namespace: test}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: podinfo-primary, namespace: test}
+spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: podinfo-canary, namespace: test}
+spec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: podinfo-primary-1, namespace: test, labels: {kubernetes.io/service-name: podinfo-primary}}
+addressType: IPv4
+ports: [{name: http, port: 9898, protocol: TCP}]
+endpoints: [{addresses: ["10.0.0.21"], conditions: {ready: true}}]
+"#;
+
+fn http_route(primary: i32, canary: i32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: podinfo, namespace: test}}\n\
+         spec:\n  parentRefs: [{{group: \"\", kind: Service, name: podinfo, port: 80}}]\n  \
+         rules: [{{backendRefs: [{{name: podinfo-primary, port: 80, weight: {primary}}}, \
+         {{name: podinfo-canary, port: 80, weight: {canary}}}]}}]\n"
+    )
+}
+
+/// The source as `run` wires it: watchers, the store, and (optionally) the status writer.
+struct Source {
+    snapshots: SnapshotRx,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn client(server: &ApiServer) -> kube::Client {
+    let config = kube::Config::new(server.url().parse().unwrap());
+    kube::Client::try_from(config).unwrap()
+}
+
+fn start(server: &ApiServer, status_writer: Option<&str>) -> Source {
+    let client = client(server);
+    let (publisher, snapshots) = Publisher::new(Some(NODE.into()), 8);
+    let (updates_tx, updates) = mpsc::channel(64);
+    kubernetes::spawn_watchers(&client, NODE, updates_tx);
+    let (reports_tx, reports) = watch::channel(Report::default());
+    let mut tasks = vec![tokio::spawn(kubernetes::apply_updates(
+        updates, publisher, reports_tx,
+    ))];
+    if let Some(identity) = status_writer {
+        tasks.push(tokio::spawn(kubernetes::status::write_reports(
+            client,
+            lease(identity),
+            reports,
+        )));
+    }
+    Source { snapshots, tasks }
+}
+
+fn lease(identity: &str) -> LeaseConfig {
+    LeaseConfig {
+        duration: Duration::from_secs(2),
+        renew_every: Duration::from_millis(300),
+        ..LeaseConfig::new("aviary-system".into(), identity.into())
+    }
+}
+
+/// Waits (bounded) until `check` holds for the newest snapshot.
+async fn snapshot_where(
+    snapshots: &mut SnapshotRx,
+    what: &str,
+    check: impl Fn(&Snapshot) -> bool,
+) -> Arc<Snapshot> {
+    let wait = async {
+        loop {
+            let snapshot = snapshots.borrow_and_update().clone();
+            if check(&snapshot) {
+                return snapshot;
+            }
+            snapshots.changed().await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for a snapshot where {what}"))
+}
+
+/// Polls `probe` (bounded) until it gives a value.
+async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, probe: impl Fn() -> F) -> T {
+    for _ in 0..200 {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn captured(snapshot: &Snapshot, addr: &str) -> bool {
+    snapshot.policy.captured.contains(&addr.parse().unwrap())
+}
+
+/// The weights of the one rule on podinfo, as (backend, weight).
+fn weights(snapshot: &Snapshot) -> Vec<(String, u32)> {
+    let Some(service) = snapshot
+        .routes
+        .services
+        .get(&"10.96.0.10:80".parse().unwrap())
+    else {
+        return Vec::new();
+    };
+    service.rules[0]
+        .backends
+        .iter()
+        .map(|b| (b.backend.name().to_owned(), b.weight))
+        .collect()
+}
+
+#[tokio::test]
+async fn lists_then_follows_watch_events() {
+    let server = ApiServer::start().await.unwrap();
+    server.apply_yaml(CLUSTER);
+    server.apply_yaml(&http_route(90, 10));
+    let mut source = start(&server, None);
+
+    let first = snapshot_where(&mut source.snapshots, "the cluster is loaded", |s| {
+        s.generation > 0
+    })
+    .await;
+    let enrolled: Vec<&str> = first
+        .policy
+        .enrolled
+        .values()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(enrolled, ["client"], "only this node's pods are enrolled");
+    assert!(captured(&first, "10.96.0.10:80"));
+    assert_eq!(
+        weights(&first),
+        [
+            ("podinfo-primary".into(), 90),
+            ("podinfo-canary".into(), 10)
+        ]
+    );
+    let requests = server.requests();
+    assert!(
+        requests.iter().any(|r| r.starts_with("GET /api/v1/pods?")
+            && r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "{requests:#?}"
+    );
+    eventually("watches with bookmarks are open", || async {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.contains("watch=true") && r.contains("allowWatchBookmarks=true"))
+            .then_some(())
+    })
+    .await;
+
+    server.apply_yaml(&http_route(50, 50));
+    snapshot_where(&mut source.snapshots, "the new weights apply", |s| {
+        weights(s)
+            == [
+                ("podinfo-primary".into(), 50),
+                ("podinfo-canary".into(), 50),
+            ]
+    })
+    .await;
+    server.delete("v1", "Service", "test", "podinfo-canary");
+    snapshot_where(
+        &mut source.snapshots,
+        "the deleted service is no longer captured",
+        |s| !captured(s, "10.96.0.12:80"),
+    )
+    .await;
+    server.delete("v1", "Namespace", "", "test");
+    snapshot_where(
+        &mut source.snapshots,
+        "the namespace's pods are unenrolled",
+        |s| s.policy.enrolled.is_empty(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn bookmarks_outages_and_410_gone_keep_the_last_good_state_then_relist() {
+    let server = ApiServer::start().await.unwrap();
+    server.apply_yaml(CLUSTER);
+    let mut source = start(&server, None);
+    let loaded = snapshot_where(&mut source.snapshots, "the cluster is loaded", |s| {
+        captured(s, "10.96.0.12:80")
+    })
+    .await;
+    eventually("every watch is open", || async {
+        (server.open_watches() == 5).then_some(())
+    })
+    .await;
+    server.bookmark();
+
+    // An outage: every request fails and the streams end. Policy stays as it was.
+    server.set_down(true);
+    server.delete("v1", "Service", "test", "podinfo-canary");
+    server.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: added, namespace: test}\n\
+         spec: {clusterIP: 10.96.0.13, ports: [{port: 80}]}\n",
+    );
+    // The history the watchers would resume from is gone: they must get 410 and relist.
+    server.compact();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        source.snapshots.borrow().generation,
+        loaded.generation,
+        "nothing changes while the API server is away"
+    );
+    assert!(captured(&source.snapshots.borrow(), "10.96.0.12:80"));
+
+    let lists_before = server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch=true"))
+        .count();
+    server.set_down(false);
+    snapshot_where(&mut source.snapshots, "the relist's changes apply", |s| {
+        !captured(s, "10.96.0.12:80") && captured(s, "10.96.0.13:80")
+    })
+    .await;
+    let requests = server.requests();
+    let lists_after = requests
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch=true"))
+        .count();
+    assert!(
+        lists_after > lists_before,
+        "a relist after 410: {requests:#?}"
+    );
+
+    // A dropped stream resumes from where it was, without a relist.
+    eventually("every watch is open again", || async {
+        (server.open_watches() == 5).then_some(())
+    })
+    .await;
+    server.drop_watches();
+    server.apply_yaml(&http_route(90, 10));
+    snapshot_where(
+        &mut source.snapshots,
+        "an event after the reconnect applies",
+        |s| weights(s).len() == 2,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn without_the_httproute_crd_policy_applies_and_routes_arrive_once_it_is_installed() {
+    let server = ApiServer::start().await.unwrap();
+    server.apply_yaml(CLUSTER);
+    server.set_served(ROUTE_API, "HTTPRoute", false);
+    let mut source = start(&server, None);
+    let first = snapshot_where(&mut source.snapshots, "policy without routes", |s| {
+        s.generation > 0
+    })
+    .await;
+    assert!(captured(&first, "10.96.0.10:80"));
+    assert!(weights(&first).is_empty());
+
+    server.set_served(ROUTE_API, "HTTPRoute", true);
+    server.apply_yaml(&http_route(80, 20));
+    snapshot_where(&mut source.snapshots, "the route applies", |s| {
+        weights(s)
+            == [
+                ("podinfo-primary".into(), 80),
+                ("podinfo-canary".into(), 20),
+            ]
+    })
+    .await;
+}
+
+fn our_conditions(route: &Value) -> Vec<String> {
+    route["status"]["parents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["controllerName"] == "aviary.dev/agent")
+        .flat_map(|p| p["conditions"].as_array().cloned().unwrap_or_default())
+        .map(|c| {
+            format!(
+                "{}={}/{}",
+                c["type"].as_str().unwrap(),
+                c["status"].as_str().unwrap(),
+                c["reason"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+async fn route_conditions(server: &ApiServer, expected: &[&str]) -> Value {
+    eventually(
+        &format!("the route's conditions are {expected:?}"),
+        || async {
+            let route = server.get(ROUTE_API, "HTTPRoute", "test", "podinfo")?;
+            (our_conditions(&route) == expected).then_some(route)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_bad_route_keeps_its_last_good_version_and_says_why_in_status_and_an_event() {
+    let server = ApiServer::start().await.unwrap();
+    server.apply_yaml(CLUSTER);
+    server.apply_yaml(&http_route(90, 10));
+    // Another controller's entry, which Aviary must leave alone.
+    let mut other = server
+        .get(ROUTE_API, "HTTPRoute", "test", "podinfo")
+        .unwrap();
+    other["status"] = serde_json::json!({"parents": [{"controllerName": "example.com/other",
+        "parentRef": {"name": "podinfo"}, "conditions": []}]});
+    server.apply(other);
+    let mut source = start(&server, Some(NODE));
+
+    let route = route_conditions(
+        &server,
+        &["Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs"],
+    )
+    .await;
+    assert_eq!(route["status"]["parents"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        route["status"]["parents"][1]["conditions"][0]["observedGeneration"],
+        1
+    );
+
+    server.apply_yaml(&http_route(0, 0));
+    let route = route_conditions(
+        &server,
+        &[
+            "Accepted=False/UnsupportedValue",
+            "ResolvedRefs=True/ResolvedRefs",
+        ],
+    )
+    .await;
+    let message = route["status"]["parents"][1]["conditions"][0]["message"]
+        .as_str()
+        .unwrap();
+    assert!(message.contains("weight 0"), "{message}");
+    assert_eq!(
+        route["status"]["parents"][1]["conditions"][0]["observedGeneration"],
+        2
+    );
+    assert_eq!(
+        route["status"]["parents"][0]["controllerName"],
+        "example.com/other"
+    );
+    assert_eq!(
+        weights(&source.snapshots.borrow_and_update()),
+        [
+            ("podinfo-primary".into(), 90),
+            ("podinfo-canary".into(), 10)
+        ],
+        "the last good version stays in force"
+    );
+    let event = eventually("a Warning event about the route", || async {
+        server
+            .requests()
+            .iter()
+            .find(|r| r.starts_with("POST /apis/events.k8s.io/v1/namespaces/test/events"))
+            .cloned()
+    })
+    .await;
+    assert!(!event.is_empty());
+
+    // Fixed: accepted again, and the new weights apply.
+    server.apply_yaml(&http_route(0, 100));
+    route_conditions(
+        &server,
+        &["Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs"],
+    )
+    .await;
+    snapshot_where(&mut source.snapshots, "the fixed route applies", |s| {
+        weights(s)
+            == [
+                ("podinfo-primary".into(), 0),
+                ("podinfo-canary".into(), 100),
+            ]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_the_lease_holder_writes_status_and_another_agent_takes_over() {
+    let server = ApiServer::start().await.unwrap();
+    server.apply_yaml(CLUSTER);
+    server.apply_yaml(&http_route(90, 10));
+    let first = start(&server, Some("node-a"));
+    let holder = |server: &ApiServer| {
+        server
+            .get(
+                "coordination.k8s.io/v1",
+                "Lease",
+                "aviary-system",
+                "aviary-status-writer",
+            )
+            .and_then(|lease| lease["spec"]["holderIdentity"].as_str().map(str::to_owned))
+    };
+    eventually("node-a holds the lease", || async {
+        (holder(&server).as_deref() == Some("node-a")).then_some(())
+    })
+    .await;
+    let second = start(&server, Some("node-b"));
+    route_conditions(
+        &server,
+        &["Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs"],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        holder(&server).as_deref(),
+        Some("node-a"),
+        "the holder keeps renewing"
+    );
+    let writes = |server: &ApiServer| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("PATCH") && r.contains("/status"))
+            .count()
+    };
+    assert_eq!(writes(&server), 1, "one writer, one write for one route");
+
+    // The holder goes away; the other agent takes over after the lease expires and writes.
+    drop(first);
+    eventually("node-b holds the lease", || async {
+        (holder(&server).as_deref() == Some("node-b")).then_some(())
+    })
+    .await;
+    server.apply_yaml(&http_route(0, 0));
+    route_conditions(
+        &server,
+        &[
+            "Accepted=False/UnsupportedValue",
+            "ResolvedRefs=True/ResolvedRefs",
+        ],
+    )
+    .await;
+    drop(second);
+}
