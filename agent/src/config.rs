@@ -36,6 +36,10 @@ pub struct Args {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
 
+    /// A kubeconfig for reaching the API server; without it, the in-cluster service account.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
     /// The agent's own namespace, where the Lease that picks the one status writer lives.
     #[arg(long, env = "POD_NAMESPACE", default_value = "aviary-system")]
     pub namespace: String,
@@ -127,6 +131,7 @@ pub enum PolicySource {
     Local(PathBuf),
     /// The API server the agent runs under (in-cluster, or KUBECONFIG).
     Kubernetes {
+        kubeconfig: Option<PathBuf>,
         node: String,
         namespace: String,
         write_status: bool,
@@ -156,6 +161,7 @@ impl TryFrom<Args> for Config {
         let policy = match (args.local, &args.node_name) {
             (Some(path), _) => PolicySource::Local(path),
             (None, Some(node)) => PolicySource::Kubernetes {
+                kubeconfig: args.kubeconfig,
                 node: node.clone(),
                 namespace: args.namespace,
                 write_status: args.write_status,
@@ -236,6 +242,7 @@ mod tests {
         assert_eq!(
             cfg.policy,
             PolicySource::Kubernetes {
+                kubeconfig: None,
                 node: "n1".into(),
                 namespace: "aviary-system".into(),
                 write_status: true

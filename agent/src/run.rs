@@ -97,11 +97,12 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
             tokio::spawn(watch_local(path.clone(), publisher));
         }
         PolicySource::Kubernetes {
+            kubeconfig,
             node,
             namespace,
             write_status,
         } => {
-            let client = kubernetes::client().await?;
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
             let (updates_tx, updates) = mpsc::channel(UPDATE_QUEUE);
             kubernetes::spawn_watchers(&client, node, updates_tx);
             let (reports_tx, reports) = watch::channel(Default::default());

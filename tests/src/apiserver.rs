@@ -76,8 +76,14 @@ impl Drop for ApiServer {
 }
 
 impl ApiServer {
+    /// Serves on a loopback port of the caller's network namespace.
     pub async fn start() -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await?)
+    }
+
+    /// Serves on `listener` (which may be bound in another network namespace); call within a
+    /// tokio runtime.
+    pub fn start_on(listener: TcpListener) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let shared = state.clone();

@@ -37,6 +37,8 @@ use aviary_agent::ebpf::maps::{CaptureTable, Stats};
 pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// The node's address on the pod bridge; pods reach the proxy here.
+/// The node name of test pods (spec.nodeName) and of an agent that reads the API server.
+pub const TEST_NODE: &str = "aviary-test-node";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
 /// The service ranges, unreachable inside the node except for the VIPs a test adds.
@@ -494,31 +496,51 @@ impl Node {
     /// Starts the agent on this node, in local mode over `policy_dir`, and waits until it is
     /// ready. Its log lines are echoed to stderr (the test's output).
     pub fn start_agent(&self, extra: &[&str]) -> Agent {
-        self.spawn_agent(extra, true)
+        let policy_dir = self.policy_dir.to_string_lossy().into_owned();
+        self.spawn_agent(&[&["--local", &policy_dir], extra].concat(), true)
     }
 
     /// The same, keeping the log lines to itself (the demo prints its own progress).
     pub fn start_agent_quietly(&self, extra: &[&str]) -> Agent {
-        self.spawn_agent(extra, false)
+        let policy_dir = self.policy_dir.to_string_lossy().into_owned();
+        self.spawn_agent(&[&["--local", &policy_dir], extra].concat(), false)
     }
 
-    fn spawn_agent(&self, extra: &[&str], echo_logs: bool) -> Agent {
+    /// Starts the agent against an API server (the fixture), as node [`TEST_NODE`].
+    pub fn start_agent_with_api_server(&self, kubeconfig: &Path, extra: &[&str]) -> Agent {
+        let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+        let source = ["--node-name", TEST_NODE, "--kubeconfig", &kubeconfig];
+        self.spawn_agent(&[&source, extra].concat(), true)
+    }
+
+    /// A listening socket in the node's network namespace, where the agent runs.
+    pub fn listen_in_node(&self) -> std::net::TcpListener {
+        let netns = ns_path(&self.netns);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(netns).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            listener
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn spawn_agent(&self, source: &[&str], echo_logs: bool) -> Agent {
         let cgroup = self.agent_cgroup();
         fs::create_dir_all(&cgroup).unwrap();
-        let policy_dir = self.policy_dir.to_string_lossy().into_owned();
         let root = self.cgroup_root.to_string_lossy().into_owned();
         let node_ip = NODE_IP.to_string();
-        let mut args = vec![
-            "--local",
-            &policy_dir,
+        let mut args = source.to_vec();
+        args.extend([
             "--proxy-ip",
             &node_ip,
             "--cgroup-root",
             &root,
             "--pin-name",
             &self.pin_name,
-        ];
-        args.extend(extra);
+        ]);
         let child = self
             .command_in(&self.netns, &cgroup, &workspace_bin("aviary-agent"), &args)
             .env(

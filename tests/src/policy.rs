@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use crate::Pod;
+use crate::{Pod, TEST_NODE};
 
 fn annotations(capture: Option<&str>) -> String {
     match capture {
@@ -28,7 +28,7 @@ pub fn pod(pod: &Pod, namespace: &str, capture: Option<&str>) -> String {
 pub fn pod_with_uid(name: &str, uid: &str, namespace: &str, capture: Option<&str>) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, uid: {uid}{}}}\n\
-         spec: {{containers: [{{name: {name}, image: test}}]}}\n",
+         spec: {{nodeName: {TEST_NODE}, containers: [{{name: {name}, image: test}}]}}\n",
         annotations(capture)
     )
 }

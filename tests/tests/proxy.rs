@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use aviary_tests::{policy, wait_until, Node, Pod};
+use aviary_tests::{apiserver::ApiServer, policy, wait_until, Node, Pod};
 
 const PODINFO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORT: u16 = 8080;
@@ -197,6 +197,45 @@ fn flagger_cluster(
 #[test]
 fn a_weight_change_in_the_files_is_followed_within_a_second_and_no_request_fails() {
     let Some(node) = Node::new() else { return };
+    weight_change_is_followed_within_a_second(
+        &node,
+        |cluster| node.write_policy(cluster),
+        || node.start_agent(&[]),
+    );
+}
+
+#[test]
+fn a_weight_change_through_the_api_server_is_followed_within_a_second_and_no_request_fails() {
+    let Some(node) = Node::new() else { return };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(node.listen_in_node()).unwrap();
+        ApiServer::start_on(listener).unwrap()
+    });
+    let kubeconfig = node.policy_dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    weight_change_is_followed_within_a_second(
+        &node,
+        |cluster| {
+            server.apply_yaml(cluster);
+        },
+        || node.start_agent_with_api_server(&kubeconfig, &[]),
+    );
+    let watches = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("watch=true"))
+        .count();
+    assert!(watches >= 5, "the agent watched every kind");
+}
+
+/// Promotes the canary 100/0 -> 0/100 while one keep-alive connection carries requests: the
+/// split must follow within a second, on that connection too, and no request may fail.
+fn weight_change_is_followed_within_a_second(
+    node: &Node,
+    set_policy: impl Fn(&str),
+    start_agent: impl FnOnce() -> aviary_tests::Agent,
+) {
     let client = node.add_pod("client");
     let (primary, canary) = (node.add_pod("primary"), node.add_pod("canary"));
     for pod in [&primary, &canary] {
@@ -205,8 +244,8 @@ fn a_weight_change_in_the_files_is_followed_within_a_second_and_no_request_fails
     let cluster = |primary_weight, canary_weight| {
         flagger_cluster(&client, &primary, &canary, primary_weight, canary_weight)
     };
-    node.write_policy(&cluster(100, 0));
-    let agent = node.start_agent(&[]);
+    set_policy(&cluster(100, 0));
+    let agent = start_agent();
     agent.wait_for_capture(&[&client], 3);
     agent.wait_for_log("routed=3", Duration::from_secs(10));
 
@@ -222,7 +261,7 @@ fn a_weight_change_in_the_files_is_followed_within_a_second_and_no_request_fails
         });
         std::thread::sleep(Duration::from_secs(1));
         let promoted_at = std::time::Instant::now();
-        node.write_policy(&cluster(0, 100));
+        set_policy(&cluster(0, 100));
         let followed = wait_until(Duration::from_secs(2), || {
             let out = node.run(
                 &client,

@@ -228,11 +228,20 @@ fn apply(store: &mut Store, listed: &mut BTreeSet<Kind>, update: Update) {
 /// How long an answer from the API server may take; watches are long polls and not bound by it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A client for the cluster the agent runs in, or the one KUBECONFIG names.
-pub async fn client() -> anyhow::Result<Client> {
-    let mut config = kube::Config::infer()
-        .await
-        .map_err(|e| anyhow::anyhow!("finding the API server (in-cluster or KUBECONFIG): {e}"))?;
+/// A client for the API server `kubeconfig` names, or else the cluster the agent runs in.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("reading the kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("using the kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::incluster().map_err(|e| {
+            anyhow::anyhow!("finding the API server from the pod's service account: {e}")
+        })?,
+    };
     config.connect_timeout = Some(REQUEST_TIMEOUT);
     Ok(Client::try_from(config)?)
 }
