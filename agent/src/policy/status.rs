@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use serde::Serialize;
 
-use super::{gamma, Kind, Object, ObjectKey, Store};
+use super::{gamma, routes::ServiceAnnotations, Kind, Object, ObjectKey, Store};
 
 /// The controllerName Aviary writes its route status under.
 pub const CONTROLLER_NAME: &str = "aviary.dev/agent";
@@ -58,15 +58,23 @@ pub struct RouteStatus {
 
 /// The status of every HTTPRoute the store knows, good or refused, by route.
 pub fn route_statuses(store: &Store) -> BTreeMap<ObjectKey, RouteStatus> {
-    let services: BTreeSet<(&str, &str)> = store
-        .services()
-        .map(|svc| {
-            (
-                svc.metadata.namespace.as_deref().unwrap_or("default"),
-                svc.metadata.name.as_deref().unwrap_or_default(),
-            )
-        })
-        .collect();
+    let name = |svc: &'_ k8s_openapi::api::core::v1::Service| -> (String, String) {
+        (
+            svc.metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            svc.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    let services = Services {
+        all: store.services().map(name).collect(),
+        annotated: store
+            .services()
+            .filter(|svc| matches!(ServiceAnnotations::parse(svc), Ok(Some(_))))
+            .map(name)
+            .collect(),
+    };
     let refused = store
         .rejections()
         .filter_map(|(rejected, object)| match object {
@@ -94,34 +102,45 @@ fn key(route: &HttpRoute) -> ObjectKey {
     }
 }
 
-fn status(
-    route: &HttpRoute,
-    refusal: Option<&str>,
-    services: &BTreeSet<(&str, &str)>,
-) -> RouteStatus {
+/// The Services that exist, and those with aviary.dev split or mirror annotations.
+struct Services {
+    all: BTreeSet<(String, String)>,
+    annotated: BTreeSet<(String, String)>,
+}
+
+fn status(route: &HttpRoute, refusal: Option<&str>, services: &Services) -> RouteStatus {
     let namespace = route.metadata.namespace.as_deref().unwrap_or("default");
-    let resolved = Condition::new("ResolvedRefs", resolve_backends(route, namespace, services));
+    let resolved = Condition::new(
+        "ResolvedRefs",
+        resolve_backends(route, namespace, &services.all),
+    );
     let parents = gamma::service_parents(route)
         .into_iter()
         .map(|parent| {
+            let service = (parent.namespace.clone(), parent.name.clone());
             let accepted = match refusal {
                 Some(reason) => Err(("UnsupportedValue", format!("refused: {reason}"))),
-                None if !services.contains(&(parent.namespace.as_str(), parent.name.as_str())) => {
-                    Err((
-                        "NoMatchingParent",
-                        format!(
-                            "Service {}/{} does not exist",
-                            parent.namespace, parent.name
-                        ),
-                    ))
-                }
+                None if !services.all.contains(&service) => Err((
+                    "NoMatchingParent",
+                    format!(
+                        "Service {}/{} does not exist",
+                        parent.namespace, parent.name
+                    ),
+                )),
                 None => Ok(()),
             };
+            let mut accepted = Condition::new("Accepted", accepted);
+            if refusal.is_none() && services.annotated.contains(&service) {
+                accepted.message = format!(
+                    "this route wins over the aviary.dev annotations on Service {}/{}",
+                    parent.namespace, parent.name
+                );
+            }
             ParentStatus {
                 namespace: parent.namespace,
                 name: parent.name,
                 port: parent.port,
-                conditions: [Condition::new("Accepted", accepted), resolved.clone()],
+                conditions: [accepted, resolved.clone()],
             }
         })
         .collect();
@@ -135,7 +154,7 @@ fn status(
 fn resolve_backends(
     route: &HttpRoute,
     namespace: &str,
-    services: &BTreeSet<(&str, &str)>,
+    services: &BTreeSet<(String, String)>,
 ) -> Result<(), (&'static str, String)> {
     for rule in route.spec.rules.iter().flatten() {
         for backend in rule.backend_refs.iter().flatten() {
@@ -151,7 +170,7 @@ fn resolve_backends(
                 ));
             }
             let backend_namespace = backend.namespace.as_deref().unwrap_or(namespace);
-            if !services.contains(&(backend_namespace, backend.name.as_str())) {
+            if !services.contains(&(backend_namespace.to_owned(), backend.name.clone())) {
                 return Err((
                     "BackendNotFound",
                     format!(
@@ -173,7 +192,7 @@ mod tests {
     const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Service
-metadata: {name: podinfo, namespace: test}
+metadata: {name: podinfo, namespace: test, annotations: {aviary.dev/split: "podinfo-primary=100"}}
 spec: {clusterIP: 10.96.0.10, ports: [{port: 9898}]}
 ---
 apiVersion: v1
@@ -246,6 +265,9 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 9898}]}
         assert!(status.parents[0].conditions[1]
             .message
             .contains("test/podinfo-canary"));
+        assert!(status.parents[0].conditions[0]
+            .message
+            .contains("wins over the aviary.dev annotations on Service test/podinfo"));
     }
 
     #[test]
