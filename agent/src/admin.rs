@@ -275,7 +275,7 @@ mod tests {
                 namespace: "demo".into(),
                 name: name.into(),
                 port: 80,
-                endpoints: vec![Endpoint::new(([10, 244, 1, 3], port).into())],
+                endpoints: vec![Endpoint::new(([10, 244, 1, 3], port).into(), None)],
             })
         };
         let weighted = |b: &Arc<Backend>, weight| WeightedBackend {

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod config;
 pub mod ebpf;
 pub mod kubernetes;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod run;

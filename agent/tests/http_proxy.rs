@@ -105,7 +105,7 @@ fn service_backend(name: &str, endpoints: &[SocketAddr]) -> Arc<Backend> {
         namespace: "shop".into(),
         name: name.into(),
         port: 80,
-        endpoints: endpoints.iter().map(|&a| Endpoint::new(a)).collect(),
+        endpoints: endpoints.iter().map(|&a| Endpoint::new(a, None)).collect(),
     })
 }
 

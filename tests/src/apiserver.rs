@@ -45,6 +45,8 @@ struct Watch {
     collection: Collection,
     namespace: Option<String>,
     selector: Vec<(String, String)>,
+    /// The client asked for PartialObjectMetadata (kube's metadata watcher does).
+    metadata_only: bool,
     sender: mpsc::UnboundedSender<Bytes>,
 }
 
@@ -260,9 +262,12 @@ impl State {
         } else {
             self.objects.insert(id.clone(), object.clone());
         }
-        let event = json!({"type": kind, "object": object});
-        self.watches
-            .retain(|w| !w.matches(&id, &object) || w.sender.send(line(&event)).is_ok());
+        self.watches.retain(|w| {
+            !w.matches(&id, &object)
+                || w.sender
+                    .send(event_line(kind, &object, w.metadata_only))
+                    .is_ok()
+        });
         self.history.push((revision, id, kind, object));
         revision
     }
@@ -274,6 +279,30 @@ impl Watch {
             && self.namespace.as_ref().is_none_or(|ns| *ns == id.namespace)
             && selected(&self.selector, object)
     }
+}
+
+fn event_line(kind: &str, object: &Value, metadata_only: bool) -> Bytes {
+    let object = if metadata_only {
+        partial(object)
+    } else {
+        object.clone()
+    };
+    line(&json!({"type": kind, "object": object}))
+}
+
+/// An object as `PartialObjectMetadata`: its metadata only.
+fn partial(object: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+        "metadata": object["metadata"]})
+}
+
+/// Whether the client asked for metadata only, in its Accept header.
+fn wants_metadata(request: &Request<hyper::body::Incoming>) -> bool {
+    request
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("as=PartialObjectMetadata"))
 }
 
 fn line(event: &Value) -> Bytes {
@@ -433,6 +462,7 @@ async fn serve(state: &Mutex<State>, request: Request<hyper::body::Incoming>) ->
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let query = query(&request);
+    let metadata_only = wants_metadata(&request);
     {
         let mut state = state.lock().unwrap();
         state.requests.push(format!(
@@ -471,9 +501,9 @@ async fn serve(state: &Mutex<State>, request: Request<hyper::body::Incoming>) ->
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match (method.as_str(), &target.name) {
         ("GET", None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            watch(state, &target, &query)
+            watch(state, &target, &query, metadata_only)
         }
-        ("GET", None) => list(&state.lock().unwrap(), &target, &query),
+        ("GET", None) => list(&state.lock().unwrap(), &target, &query, metadata_only),
         ("GET", Some(name)) => {
             let state = state.lock().unwrap();
             match state.objects.get(&object_id(&target, name)) {
@@ -509,7 +539,12 @@ fn in_scope(target: &Target, selector: &[(String, String)], id: &ObjectId, objec
         && selected(selector, object)
 }
 
-fn list(state: &State, target: &Target, query: &BTreeMap<String, String>) -> Response<Body> {
+fn list(
+    state: &State,
+    target: &Target,
+    query: &BTreeMap<String, String>,
+    metadata_only: bool,
+) -> Response<Body> {
     let selector = field_selector(query.get("fieldSelector"));
     let (snapshot, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
         Some(token) => {
@@ -537,9 +572,27 @@ fn list(state: &State, target: &Target, query: &BTreeMap<String, String>) -> Res
         .and_then(|l| l.parse().ok())
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
-    let page: Vec<&Value> = items.iter().skip(offset).take(limit).copied().collect();
+    let page: Vec<Value> = items
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|o| {
+            if metadata_only {
+                partial(o)
+            } else {
+                (*o).clone()
+            }
+        })
+        .collect();
     let more = offset + page.len() < items.len();
-    let (api_version, kind) = api_version_kind(&target.collection);
+    let (api_version, kind) = if metadata_only {
+        (
+            "meta.k8s.io/v1".to_owned(),
+            "PartialObjectMetadata".to_owned(),
+        )
+    } else {
+        api_version_kind(&target.collection)
+    };
     let mut metadata = json!({"resourceVersion": snapshot.to_string()});
     if more {
         metadata["continue"] = json!(format!("{snapshot}:{}", offset + page.len()));
@@ -555,6 +608,7 @@ fn watch(
     state: &Mutex<State>,
     target: &Target,
     query: &BTreeMap<String, String>,
+    metadata_only: bool,
 ) -> Response<Body> {
     let (sender, mut receiver) = mpsc::unbounded_channel::<Bytes>();
     let selector = field_selector(query.get("fieldSelector"));
@@ -574,13 +628,14 @@ fn watch(
         } else {
             for (rv, id, kind, object) in &state.history {
                 if *rv > from && in_scope(target, &selector, id, object) {
-                    let _ = sender.send(line(&json!({"type": kind, "object": object})));
+                    let _ = sender.send(event_line(kind, object, metadata_only));
                 }
             }
             state.watches.push(Watch {
                 collection: target.collection.clone(),
                 namespace: target.namespace.clone(),
                 selector,
+                metadata_only,
                 sender,
             });
         }

@@ -31,7 +31,13 @@ status: {phase: Running, podIP: 10.0.0.10}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: elsewhere, namespace: test, uid: 00000000-0000-4000-8000-00000000000b}
+metadata:
+  name: podinfo-primary-5b6c8d-x2x9z
+  namespace: test
+  uid: 00000000-0000-4000-8000-00000000000b
+  labels: {pod-template-hash: 5b6c8d, app: podinfo}
+  annotations: {big: "not kept"}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-primary-5b6c8d, uid: rs, controller: true}]
 spec: {nodeName: node-b, containers: [{name: c, image: test}]}
 ---
 apiVersion: v1
@@ -54,7 +60,7 @@ kind: EndpointSlice
 metadata: {name: podinfo-primary-1, namespace: test, labels: {kubernetes.io/service-name: podinfo-primary}}
 addressType: IPv4
 ports: [{name: http, port: 9898, protocol: TCP}]
-endpoints: [{addresses: ["10.0.0.21"], conditions: {ready: true}}]
+endpoints: [{addresses: ["10.0.0.21"], conditions: {ready: true}, targetRef: {kind: Pod, name: podinfo-primary-5b6c8d-x2x9z, namespace: test}}]
 "#;
 
 fn http_route(primary: i32, canary: i32) -> String {
@@ -182,6 +188,16 @@ async fn lists_then_follows_watch_events() {
         .map(|p| p.name.as_str())
         .collect();
     assert_eq!(enrolled, ["client"], "only this node's pods are enrolled");
+    // Another node's pod, known by its metadata only, names the endpoint's workload.
+    let primary = &first.routes.services[&"10.96.0.11:80".parse().unwrap()].default;
+    let pod = primary.endpoints[0]
+        .pod
+        .as_ref()
+        .expect("the endpoint's pod");
+    assert_eq!(
+        (&*pod.namespace, &*pod.workload, &*pod.pod),
+        ("test", "podinfo-primary", "podinfo-primary-5b6c8d-x2x9z")
+    );
     assert!(captured(&first, "10.96.0.10:80"));
     assert_eq!(
         weights(&first),
@@ -240,7 +256,7 @@ async fn bookmarks_outages_and_410_gone_keep_the_last_good_state_then_relist() {
     })
     .await;
     eventually("every watch is open", || async {
-        (server.open_watches() == 5).then_some(())
+        (server.open_watches() == 6).then_some(())
     })
     .await;
     server.bookmark();
@@ -284,7 +300,7 @@ async fn bookmarks_outages_and_410_gone_keep_the_last_good_state_then_relist() {
 
     // A dropped stream resumes from where it was, without a relist.
     eventually("every watch is open again", || async {
-        (server.open_watches() == 5).then_some(())
+        (server.open_watches() == 6).then_some(())
     })
     .await;
     server.drop_watches();

@@ -101,7 +101,9 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Bench { args } => {
             setup()?;
             cargo(&["build", "--release", "--bins"])?;
-            status(&mut Command::new(target_dir().join("release/aviary-policy-bench")))?;
+            status(&mut Command::new(
+                target_dir().join("release/aviary-policy-bench"),
+            ))?;
             status(Command::new(target_dir().join("release/aviary-bench")).args(args))
         }
     }

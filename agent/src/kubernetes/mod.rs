@@ -10,7 +10,7 @@ pub mod status;
 
 use std::{collections::BTreeSet, fmt::Debug, time::Duration};
 
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::{
     api::{
@@ -20,6 +20,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
+    core::PartialObjectMeta,
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource,
 };
@@ -28,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{
-    policy::{Kind, Object, ObjectKey, Store},
+    policy::{workload::POD_TEMPLATE_HASH, Kind, Object, ObjectKey, Store},
     state::Publisher,
 };
 
@@ -79,6 +80,25 @@ impl Watched for EndpointSlice {
     }
 }
 
+impl Watched for PartialObjectMeta<Pod> {
+    const KIND: Kind = Kind::PodMetadata;
+    fn into_object(self) -> Object {
+        // Only what names a workload is kept: 100,000 pods' annotations would be most of it.
+        let labels = self.metadata.labels.and_then(|mut labels| {
+            let hash = labels.remove_entry(POD_TEMPLATE_HASH)?;
+            Some([hash].into())
+        });
+        Object::PodMetadata(Box::new(ObjectMeta {
+            name: self.metadata.name,
+            namespace: self.metadata.namespace,
+            uid: self.metadata.uid,
+            labels,
+            owner_references: self.metadata.owner_references,
+            ..ObjectMeta::default()
+        }))
+    }
+}
+
 impl Watched for HttpRoute {
     const KIND: Kind = Kind::HttpRoute;
     fn into_object(mut self) -> Object {
@@ -95,36 +115,45 @@ fn trim(meta: &mut ObjectMeta) {
     meta.resource_version = None;
 }
 
-/// Starts one watcher per kind; they send to `updates` until it is closed. Pods are only those
-/// scheduled on `node`.
+/// Starts one watcher per kind; they send to `updates` until it is closed. Full Pods are only
+/// those scheduled on `node`; of the others, only metadata is watched.
 pub fn spawn_watchers(client: &Client, node: &str, updates: mpsc::Sender<Update>) {
     let all = watcher::Config::default();
     let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     tokio::spawn(forward::<Namespace>(
-        Api::all(client.clone()),
-        all.clone(),
+        watcher(Api::all(client.clone()), all.clone()),
         updates.clone(),
     ));
     tokio::spawn(forward::<Pod>(
-        Api::all(client.clone()),
-        on_node,
+        watcher(Api::all(client.clone()), on_node),
+        updates.clone(),
+    ));
+    tokio::spawn(forward::<PartialObjectMeta<Pod>>(
+        watcher(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            all.clone(),
+        ),
         updates.clone(),
     ));
     tokio::spawn(forward::<Service>(
-        Api::all(client.clone()),
-        all.clone(),
+        watcher(Api::all(client.clone()), all.clone()),
         updates.clone(),
     ));
     tokio::spawn(forward::<EndpointSlice>(
-        Api::all(client.clone()),
-        all.clone(),
+        watcher(Api::all(client.clone()), all.clone()),
         updates.clone(),
     ));
-    tokio::spawn(forward::<HttpRoute>(Api::all(client.clone()), all, updates));
+    tokio::spawn(forward::<HttpRoute>(
+        watcher(Api::all(client.clone()), all),
+        updates,
+    ));
 }
 
-async fn forward<K: Watched>(api: Api<K>, config: watcher::Config, updates: mpsc::Sender<Update>) {
-    let mut events = watcher(api, config)
+async fn forward<K: Watched>(
+    events: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+    updates: mpsc::Sender<Update>,
+) {
+    let mut events = events
         .modify(|object: &mut K| trim(object.meta_mut()))
         .default_backoff()
         .boxed();

@@ -59,7 +59,7 @@ impl Report {
 fn reference(object: &Object) -> ObjectReference {
     let (api_version, kind) = match object.kind() {
         Kind::Namespace => ("v1", "Namespace"),
-        Kind::Pod => ("v1", "Pod"),
+        Kind::Pod | Kind::PodMetadata => ("v1", "Pod"),
         Kind::Service => ("v1", "Service"),
         Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSlice"),
         Kind::HttpRoute => ("gateway.networking.k8s.io/v1", "HTTPRoute"),

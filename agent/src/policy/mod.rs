@@ -8,6 +8,7 @@ pub mod gamma;
 pub mod local;
 pub mod routes;
 pub mod status;
+pub mod workload;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,6 +20,7 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 /// On a Namespace, enrols its pods; on a Pod, overrides its namespace.
@@ -31,15 +33,18 @@ pub enum Kind {
     Service,
     EndpointSlice,
     HttpRoute,
+    /// Any pod's metadata (owner references), for the workload names of endpoints.
+    PodMetadata,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::HttpRoute,
+        Kind::PodMetadata,
     ];
 }
 
@@ -66,16 +71,18 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     HttpRoute(Box<gateway_api::apis::standard::httproutes::HttpRoute>),
+    PodMetadata(Box<ObjectMeta>),
 }
 
 impl Object {
-    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    fn meta(&self) -> &ObjectMeta {
         match self {
             Self::Namespace(o) => &o.metadata,
             Self::Pod(o) => &o.metadata,
             Self::Service(o) => &o.metadata,
             Self::EndpointSlice(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
+            Self::PodMetadata(meta) => meta,
         }
     }
 
@@ -90,6 +97,7 @@ impl Object {
             Self::Service(_) => Kind::Service,
             Self::EndpointSlice(_) => Kind::EndpointSlice,
             Self::HttpRoute(_) => Kind::HttpRoute,
+            Self::PodMetadata(_) => Kind::PodMetadata,
         }
     }
 
@@ -132,6 +140,7 @@ impl Object {
             }
             Self::EndpointSlice(_) => Ok(()),
             Self::HttpRoute(route) => gamma::validate(route),
+            Self::PodMetadata(_) => Ok(()),
         }
     }
 }
@@ -273,6 +282,15 @@ impl Store {
     fn record(&mut self, change: Change) {
         self.revision += 1;
         self.changes.push(change);
+    }
+
+    /// The metadata of every pod known: this node's pods and the cluster's pod metadata.
+    fn pod_metadata(&self) -> impl Iterator<Item = &ObjectMeta> {
+        self.objects.values().filter_map(|o| match o {
+            Object::Pod(pod) => Some(&pod.metadata),
+            Object::PodMetadata(meta) => Some(meta.as_ref()),
+            _ => None,
+        })
     }
 
     fn namespaces(&self) -> impl Iterator<Item = &Namespace> {

@@ -27,10 +27,10 @@ use tokio::sync::Semaphore;
 
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
-use super::{gamma, service_addresses, Store};
+use super::{gamma, service_addresses, workload::workload_name, Store};
 use crate::proxy::route::{
     AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, RouteTable, Rule,
-    SafeMethods, ServiceRoutes, WeightedBackend,
+    SafeMethods, ServiceRoutes, WeightedBackend, Workload,
 };
 
 pub const SPLIT: &str = "aviary.dev/split";
@@ -254,17 +254,19 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
                 .push((route, parent.port));
         }
     }
+    let workloads = workloads(store);
+    let mut table = RouteTable {
+        pods: pod_addresses(store, &workloads),
+        ..Default::default()
+    };
     let ctx = Context {
         slices,
         services,
+        workloads,
         known: known.into(),
         mirror_bounds: mirror_bounds(previous).into(),
     };
 
-    let mut table = RouteTable {
-        pod_namespaces: pod_namespaces(store),
-        ..Default::default()
-    };
     for (&(namespace, name), svc) in &ctx.services {
         let key = (namespace.to_owned(), name.to_owned());
         let annotations = ServiceAnnotations::parse(svc).ok().flatten();
@@ -350,9 +352,30 @@ fn on_port<'a>(
         .collect()
 }
 
-/// The namespace of every pod address (hostNetwork pods share the node's, so they have none).
-fn pod_namespaces(store: &Store) -> HashMap<IpAddr, String> {
-    let mut namespaces = HashMap::new();
+/// Every known pod's identity, by (namespace, name).
+fn workloads(store: &Store) -> HashMap<(&str, &str), Arc<Workload>> {
+    store
+        .pod_metadata()
+        .filter_map(|meta| {
+            let namespace = meta.namespace.as_deref().unwrap_or("default");
+            let name = meta.name.as_deref()?;
+            let workload = Workload {
+                namespace: namespace.into(),
+                workload: workload_name(meta).into(),
+                pod: name.into(),
+            };
+            Some(((namespace, name), Arc::new(workload)))
+        })
+        .collect()
+}
+
+/// The pod at every address of this node's pods (hostNetwork pods share the node's, so they
+/// have none of their own).
+fn pod_addresses(
+    store: &Store,
+    workloads: &HashMap<(&str, &str), Arc<Workload>>,
+) -> HashMap<IpAddr, Arc<Workload>> {
+    let mut pods = HashMap::new();
     for pod in store.pods() {
         if pod
             .spec
@@ -362,11 +385,11 @@ fn pod_namespaces(store: &Store) -> HashMap<IpAddr, String> {
         {
             continue;
         }
-        let namespace = pod
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let Some(workload) = workloads.get(&(namespace, name)) else {
+            continue;
+        };
         let status = pod.status.as_ref();
         let ips = status
             .and_then(|s| s.pod_ips.as_ref())
@@ -375,16 +398,17 @@ fn pod_namespaces(store: &Store) -> HashMap<IpAddr, String> {
             .map(|ip| ip.ip.as_str());
         for ip in ips.chain(status.and_then(|s| s.pod_ip.as_deref())) {
             if let Ok(ip) = ip.parse() {
-                namespaces.insert(ip, namespace.clone());
+                pods.insert(ip, workload.clone());
             }
         }
     }
-    namespaces
+    pods
 }
 
 struct Context<'a> {
     slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
     services: HashMap<(&'a str, &'a str), &'a Service>,
+    workloads: HashMap<(&'a str, &'a str), Arc<Workload>>,
     /// One Endpoint per address, shared by every backend that lists it (a pod's load is the
     /// pod's, whichever Service reached it), carried over from the previous table.
     known: std::cell::RefCell<HashMap<SocketAddr, Arc<Endpoint>>>,
@@ -517,13 +541,14 @@ impl Context<'_> {
                 {
                     let addr = SocketAddr::new(ip, target as u16);
                     if !endpoints.iter().any(|e| e.addr == addr) {
+                        let pod = self.endpoint_pod(namespace, endpoint);
                         let mut known = self.known.borrow_mut();
-                        endpoints.push(
-                            known
-                                .entry(addr)
-                                .or_insert_with(|| Endpoint::new(addr))
-                                .clone(),
-                        );
+                        // Reused only for the same pod: a new pod at an old address starts
+                        // with fresh statistics.
+                        let reused = known.get(&addr).filter(|e| e.pod == pod).cloned();
+                        let endpoint = reused.unwrap_or_else(|| Endpoint::new(addr, pod));
+                        known.insert(addr, endpoint.clone());
+                        endpoints.push(endpoint);
                     }
                 }
             }
@@ -534,6 +559,32 @@ impl Context<'_> {
             port: service_port.port as u16,
             endpoints,
         }))
+    }
+
+    /// The pod an EndpointSlice endpoint names, with its workload when its metadata is known.
+    fn endpoint_pod(
+        &self,
+        namespace: &str,
+        endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
+    ) -> Option<Arc<Workload>> {
+        let target = endpoint.target_ref.as_ref()?;
+        if target.kind.as_deref() != Some("Pod") {
+            return None;
+        }
+        let namespace = target.namespace.as_deref().unwrap_or(namespace);
+        let name = target.name.as_deref()?;
+        Some(
+            self.workloads
+                .get(&(namespace, name))
+                .cloned()
+                .unwrap_or_else(|| {
+                    Arc::new(Workload {
+                        namespace: namespace.into(),
+                        workload: "unknown".into(),
+                        pod: name.into(),
+                    })
+                }),
+        )
     }
 
     fn rule(
@@ -1043,7 +1094,7 @@ mod tests {
             "reviews-v1",
             "unknown clients get the producer's"
         );
-        assert_eq!(table.pod_namespaces.len(), 2);
+        assert_eq!(table.pods.len(), 2);
     }
 
     #[test]

@@ -22,8 +22,9 @@ pub struct RouteTable {
     pub services: HashMap<SocketAddr, Arc<ServiceRoutes>>,
     /// Consumer routes: for clients in one namespace, (namespace, ClusterIP:port).
     pub consumers: HashMap<(String, SocketAddr), Arc<ServiceRoutes>>,
-    /// The namespace of each pod address, to tell which consumer routes apply to a client.
-    pub pod_namespaces: HashMap<IpAddr, String>,
+    /// The pod at each address: which consumer routes apply to a client, and who it is in the
+    /// metrics.
+    pub pods: HashMap<IpAddr, Arc<Workload>>,
 }
 
 impl RouteTable {
@@ -31,10 +32,41 @@ impl RouteTable {
     /// when there are any, else the producer's.
     pub fn service_for(&self, addr: &SocketAddr, client: IpAddr) -> Option<&Arc<ServiceRoutes>> {
         let consumer = self
-            .pod_namespaces
+            .pods
             .get(&client.to_canonical())
-            .and_then(|namespace| self.consumers.get(&(namespace.clone(), *addr)));
+            .and_then(|pod| self.consumers.get(&(pod.namespace.to_string(), *addr)));
         consumer.or_else(|| self.services.get(addr))
+    }
+
+    /// The pod at `ip`, or [`Workload::unknown`].
+    pub fn pod(&self, ip: IpAddr) -> Arc<Workload> {
+        self.pods
+            .get(&ip.to_canonical())
+            .cloned()
+            .unwrap_or_else(Workload::unknown)
+    }
+}
+
+/// A pod as the metrics name it: its namespace, its workload (a Deployment, StatefulSet,
+/// DaemonSet or Job, from its owner references) and its own name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Workload {
+    pub namespace: Arc<str>,
+    pub workload: Arc<str>,
+    pub pod: Arc<str>,
+}
+
+impl Workload {
+    /// A peer that is not a known pod (another node's host network, or outside the cluster).
+    pub fn unknown() -> Arc<Self> {
+        static UNKNOWN: std::sync::LazyLock<Arc<Workload>> = std::sync::LazyLock::new(|| {
+            Arc::new(Workload {
+                namespace: "unknown".into(),
+                workload: "unknown".into(),
+                pod: "unknown".into(),
+            })
+        });
+        UNKNOWN.clone()
     }
 }
 
@@ -290,13 +322,16 @@ pub struct Backend {
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// The pod behind the address, when its EndpointSlice names one.
+    pub pod: Option<Arc<Workload>>,
     pub load: super::balance::Load,
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr) -> Arc<Self> {
+    pub fn new(addr: SocketAddr, pod: Option<Arc<Workload>>) -> Arc<Self> {
         Arc::new(Self {
             addr,
+            pod,
             load: Default::default(),
         })
     }
