@@ -21,6 +21,7 @@ use tracing::warn;
 
 use crate::{
     ebpf::maps::Stats,
+    metrics::Metrics,
     proxy::route::{BackendRef, RouteTable, ServiceRoutes},
     state::{Snapshot, SnapshotRx},
 };
@@ -34,26 +35,7 @@ pub struct Admin {
 
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let handler =
-                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let this = this.clone();
-                        async move { Ok::<_, Infallible>(this.handle(req.uri().path())) }
-                    });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(e) = builder
-                    .serve_connection(TokioIo::new(stream), handler)
-                    .await
-                {
-                    warn!(error = %e, "admin connection failed");
-                }
-            });
-        }
+        serve_paths(listener, move |path| self.handle(path)).await
     }
 
     fn handle(&self, path: &str) -> Response<Full<Bytes>> {
@@ -93,6 +75,49 @@ impl Admin {
         );
         response
     }
+}
+
+/// Answers each request on `listener` by its path alone: the admin and metrics ports serve
+/// GETs of fixed documents.
+pub async fn serve_paths<F>(listener: TcpListener, handle: F)
+where
+    F: Fn(&str) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let handle = Arc::new(handle);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let handler = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let response = handle(req.uri().path());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), handler)
+                .await
+            {
+                warn!(error = %e, "admin or metrics connection failed");
+            }
+        });
+    }
+}
+
+/// The metrics port: `/metrics`, in OpenMetrics text.
+pub fn metrics_response(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+    if path != "/metrics" {
+        return text(StatusCode::NOT_FOUND, "unknown path; try /metrics\n");
+    }
+    let mut response = text(StatusCode::OK, &metrics.render());
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -13,6 +13,7 @@ pub const DEFAULT_PROXY_MARK: u32 = 0xa71a;
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -73,6 +74,15 @@ pub struct Args {
     /// from traffic, so a slow query never adds latency to requests.
     #[arg(long, env = "AVIARY_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
+
+    /// The metrics endpoint (Prometheus scrapes `/metrics` here); apart from traffic and admin.
+    #[arg(long, env = "AVIARY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+
+    /// Also export Flagger's `http_request_duration_seconds` family (by destination pod), so its
+    /// built-in checks work without a MetricTemplate.
+    #[arg(long, env = "AVIARY_FLAGGER_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub flagger_metrics: bool,
 
     /// The IPv6 address at which pods reach the proxy; without it only IPv4 services (and
     /// v4-mapped connects) are captured.
@@ -148,6 +158,8 @@ pub struct Config {
     pub proxy_v4: Ipv4Addr,
     pub proxy_v6: Option<Ipv6Addr>,
     pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub flagger_metrics: bool,
     pub outbound_port: u16,
     pub proxy_mark: u32,
     pub sk_msg: bool,
@@ -189,6 +201,8 @@ impl TryFrom<Args> for Config {
             proxy_v4,
             proxy_v6: args.proxy_ip6,
             admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            flagger_metrics: args.flagger_metrics,
             outbound_port: args.outbound_port,
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,

@@ -199,7 +199,7 @@ impl Metrics {
     pub fn new(flagger_family: bool, ebpf: Option<Stats>) -> Self {
         let mut registry = Registry::default();
         let resets = Arc::new(AtomicU64::new(0));
-        fn bounded<S, M, C: Clone>(
+        fn bounded<S, M, C>(
             registry: &mut Registry,
             resets: &Arc<AtomicU64>,
             name: &str,
@@ -210,7 +210,7 @@ impl Metrics {
             Family<S, M, C>: EncodeMetric + prometheus_client::metrics::TypedMetric,
             S: Send + Sync + std::fmt::Debug + 'static,
             M: Send + Sync + std::fmt::Debug + 'static,
-            C: Send + Sync + std::fmt::Debug + 'static,
+            C: Clone + Send + Sync + std::fmt::Debug + 'static,
         {
             registry.register(name, help, family.clone());
             Bounded {

@@ -16,7 +16,7 @@ use tokio::{
 use tracing::info;
 
 use crate::{
-    admin::Admin,
+    admin::{metrics_response, serve_paths, Admin},
     capture,
     cgroup::PodCgroups,
     config::{Config, PolicySource},
@@ -25,6 +25,7 @@ use crate::{
         Datapath, DatapathConfig,
     },
     kubernetes::{self, lease::LeaseConfig},
+    metrics::Metrics,
     policy::{self, Store},
     proxy::{
         detect::DETECT_TIMEOUT,
@@ -59,6 +60,7 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
     // Empty until the first snapshot: every service passes through meanwhile.
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let http_cfg = HttpConfig::default();
+    let metrics = Arc::new(Metrics::new(cfg.flagger_metrics, Some(Stats::open(pins)?)));
     let outbound = Arc::new(Outbound {
         orig_dst: OrigDstTable::open(pins)?,
         mark: cfg.proxy_mark,
@@ -66,7 +68,9 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
             http_cfg.clone(),
             routes.clone(),
             cfg.proxy_mark,
+            metrics.clone(),
         )),
+        metrics: metrics.clone(),
         routes: routes.clone(),
         detect_timeout: DETECT_TIMEOUT,
     });
@@ -123,6 +127,12 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin endpoint on {}", cfg.admin_addr))?;
     tokio::spawn(admin.serve(admin_listener));
+    let metrics_listener = TcpListener::bind(cfg.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics_addr))?;
+    tokio::spawn(serve_paths(metrics_listener, move |path| {
+        metrics_response(&metrics, path)
+    }));
     tokio::spawn(capture::run(
         snapshots,
         CaptureTable::open(pins)?,
@@ -139,7 +149,7 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
         }
     });
 
-    info!(port = cfg.outbound_port, proxy_ip = %cfg.proxy_v4, admin = %cfg.admin_addr, "agent ready");
+    info!(port = cfg.outbound_port, proxy_ip = %cfg.proxy_v4, admin = %cfg.admin_addr, metrics = %cfg.metrics_addr, "agent ready");
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM: shutting down"),
         _ = interrupt.recv() => info!("SIGINT: shutting down"),

@@ -10,11 +10,13 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use aviary_agent::metrics::Metrics;
 use aviary_agent::proxy::{
-    http::{HttpConfig, HttpProxy, MirrorOutcome},
+    http::{HttpConfig, HttpProxy},
     route::{
-        AppProtocol, Backend, BackendRef, Endpoint, HeaderMatch, HeaderModifier, Mirror,
+        AppProtocol, Backend, BackendRef, Endpoint, HeaderMatch, HeaderModifier, Mirror, PathMatch,
         RequestMatch, RouteTable, Rule, SafeMethods, ServiceRoutes, StringMatch, WeightedBackend,
+        Workload,
     },
 };
 use bytes::Bytes;
@@ -133,7 +135,26 @@ fn service(rules: Vec<Rule>, default: Arc<Backend>) -> ServiceRoutes {
 struct TestProxy {
     addr: SocketAddr,
     routes: Arc<ArcSwap<RouteTable>>,
-    proxy: Arc<HttpProxy>,
+    metrics: Arc<Metrics>,
+}
+
+impl TestProxy {
+    /// The sum of the samples of `series` whose labels include all of `labels`.
+    fn sample(&self, series: &str, labels: &[(&str, &str)]) -> f64 {
+        sample(&self.metrics.render(), series, labels)
+    }
+}
+
+fn sample(text: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{series}{{")))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A routing table holding just SERVICE.
@@ -147,10 +168,11 @@ fn table(routes: ServiceRoutes) -> RouteTable {
 async fn start_proxy_with(cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
     let routes = Arc::new(ArcSwap::from_pointee(table(routes)));
     // Mark 0: no socket mark (that needs CAP_NET_ADMIN, and nothing captures here).
-    let proxy = Arc::new(HttpProxy::new(cfg, routes.clone(), 0));
+    let metrics = Arc::new(Metrics::new(true, None));
+    let proxy = Arc::new(HttpProxy::new(cfg, routes.clone(), 0, metrics.clone()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let serving = proxy.clone();
+    let serving = proxy;
     tokio::spawn(async move {
         loop {
             let (stream, peer) = listener.accept().await.unwrap();
@@ -164,7 +186,7 @@ async fn start_proxy_with(cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
     TestProxy {
         addr,
         routes,
-        proxy,
+        metrics,
     }
 }
 
@@ -536,10 +558,22 @@ async fn only_idempotent_requests_are_mirrored() {
         assert_eq!(s.headers["x-aviary-mirror"], "1");
         assert_eq!(s.headers["host"], "podinfo-shadow.shop.svc.cluster.local");
     }
-    let stats = &proxy.proxy.mirror_stats;
-    assert_eq!(stats.outcome(MirrorOutcome::Sent), 3);
-    assert_eq!(stats.outcome(MirrorOutcome::SkippedNotIdempotent), 4);
-    assert_eq!(stats.responses(2), 3);
+    wait_for(|| proxy.sample("aviary_mirror_requests_total", &[("outcome", "sent")]) == 3.0).await;
+    assert_eq!(
+        proxy.sample(
+            "aviary_mirror_requests_total",
+            &[("outcome", "skipped_not_idempotent")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        proxy.sample(
+            "aviary_requests_total",
+            &[("mirror", "true"), ("status_code", "200")]
+        ),
+        3.0,
+        "the mirrors' responses are measured"
+    );
     // The primary saw every request, and no mirror marker.
     assert_eq!(primary.seen().len(), 7);
     assert!(primary
@@ -583,10 +617,10 @@ async fn declared_methods_are_mirrored_and_large_bodies_are_not() {
     );
 
     wait_for(|| shadow.seen().len() == 2).await;
-    let stats = &proxy.proxy.mirror_stats;
-    assert_eq!(stats.outcome(MirrorOutcome::Sent), 2);
-    assert_eq!(stats.outcome(MirrorOutcome::SkippedNotIdempotent), 1);
-    assert_eq!(stats.outcome(MirrorOutcome::SkippedBodyTooLarge), 1);
+    let outcome = |o| proxy.sample("aviary_mirror_requests_total", &[("outcome", o)]);
+    wait_for(|| outcome("sent") == 2.0).await;
+    assert_eq!(outcome("skipped_not_idempotent"), 1.0);
+    assert_eq!(outcome("skipped_body_too_large"), 1.0);
     assert_eq!(shadow.seen()[0].body_len, 5, "the mirror gets the body too");
     assert_eq!(primary.seen()[3].body_len, 4096);
 }
@@ -633,13 +667,9 @@ async fn a_slow_mirror_never_slows_the_primary_and_overload_is_dropped() {
         "p99 {with:?} with a 5 s mirror, {base:?} without"
     );
 
-    let stats = &mirrored_proxy.proxy.mirror_stats;
-    assert_eq!(
-        stats.outcome(MirrorOutcome::DroppedOverload),
-        296,
-        "4 in flight at most"
-    );
-    wait_for(|| stats.outcome(MirrorOutcome::TimedOut) == 4).await;
+    let outcome = |o| mirrored_proxy.sample("aviary_mirror_requests_total", &[("outcome", o)]);
+    assert_eq!(outcome("dropped_overload"), 296.0, "4 in flight at most");
+    wait_for(|| outcome("timed_out") == 4.0).await;
 }
 
 #[tokio::test]
@@ -753,5 +783,144 @@ async fn a_truncated_body_never_reaches_the_backend() {
     assert!(
         primary.seen().is_empty(),
         "the backend got a truncated request"
+    );
+}
+
+/// A backend Service whose one endpoint is a known pod of `workload`.
+fn pod_backend(name: &str, workload: &str, pod: &str, addr: SocketAddr) -> Arc<Backend> {
+    let pod = Workload {
+        namespace: "shop".into(),
+        workload: workload.into(),
+        pod: pod.into(),
+    };
+    Arc::new(Backend {
+        namespace: "shop".into(),
+        name: name.into(),
+        port: 80,
+        endpoints: vec![Endpoint::new(addr, Some(Arc::new(pod)))],
+    })
+}
+
+#[tokio::test]
+async fn metrics_count_every_request_by_version_status_and_destination_pod() {
+    let primary = backend("primary", Duration::ZERO).await;
+    let canary = backend("canary", Duration::ZERO).await;
+    let p = pod_backend(
+        "podinfo-primary",
+        "podinfo-primary",
+        "podinfo-primary-5b6c8d-aaaaa",
+        primary.addr,
+    );
+    let c = pod_backend(
+        "podinfo-canary",
+        "podinfo",
+        "podinfo-7d9f8b-bbbbb",
+        canary.addr,
+    );
+    let rule = Rule {
+        matches: vec![RequestMatch {
+            path: Some(PathMatch::Prefix("/api".into())),
+            ..Default::default()
+        }],
+        backends: vec![weighted(&p, 50), weighted(&c, 50)],
+        ..Default::default()
+    };
+    let proxy = start_proxy(service(vec![rule], p)).await;
+    let mut conn = h1(proxy.addr).await;
+    for _ in 0..20 {
+        send(&mut conn, get("/api/items")).await;
+    }
+    for _ in 0..5 {
+        send(&mut conn, request(Method::POST, "/api/items", b"{}")).await;
+    }
+    for _ in 0..3 {
+        let (status, _, _) = send(&mut conn, get("/elsewhere")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    let text = proxy.metrics.render();
+    let count = |labels: &[(&str, &str)]| sample(&text, "aviary_requests_total", labels);
+    let seen =
+        |b: &TestBackend, m: Method| b.seen().iter().filter(|s| s.method == m).count() as f64;
+    let common = [
+        ("direction", "outbound"),
+        ("source_namespace", "unknown"),
+        ("source_workload", "unknown"),
+        ("destination_namespace", "shop"),
+        ("destination_service", "podinfo"),
+        ("mirror", "false"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| [&common[..], extra].concat();
+    for (backend, version, workload) in [
+        (&primary, "podinfo-primary", "podinfo-primary"),
+        (&canary, "podinfo-canary", "podinfo"),
+    ] {
+        let labels = [
+            ("destination_version", version),
+            ("destination_workload", workload),
+            ("status_code", "200"),
+        ];
+        assert_eq!(
+            count(&with(&[labels[0], labels[1], labels[2], ("method", "GET")])),
+            seen(backend, Method::GET),
+            "{text}"
+        );
+        assert_eq!(
+            count(&with(&[
+                labels[0],
+                labels[1],
+                labels[2],
+                ("method", "POST")
+            ])),
+            seen(backend, Method::POST)
+        );
+    }
+    assert_eq!(
+        count(&with(&[("method", "GET"), ("status_code", "200")])),
+        20.0
+    );
+    assert_eq!(count(&with(&[("method", "POST")])), 5.0);
+    assert_eq!(
+        count(&with(&[
+            ("destination_version", "unknown"),
+            ("status_code", "404")
+        ])),
+        3.0,
+        "answers the proxy makes itself count too"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "aviary_request_duration_seconds_count",
+            &[("destination_version", "podinfo-canary")]
+        ),
+        seen(&canary, Method::GET) + seen(&canary, Method::POST)
+    );
+
+    // Flagger's family, by destination pod: what its request-success-rate query reads.
+    let flagger = |pod: &str| {
+        sample(
+            &text,
+            "http_request_duration_seconds_count",
+            &[
+                ("kubernetes_namespace", "shop"),
+                ("kubernetes_pod_name", pod),
+                ("status", "200"),
+            ],
+        )
+    };
+    assert_eq!(flagger("podinfo-7d9f8b-bbbbb"), canary.seen().len() as f64);
+    assert_eq!(
+        flagger("podinfo-primary-5b6c8d-aaaaa"),
+        primary.seen().len() as f64
+    );
+    assert!(
+        text.contains("http_request_duration_seconds_bucket{"),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE aviary_requests counter"), "{text}");
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
     );
 }

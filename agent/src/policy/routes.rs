@@ -304,8 +304,8 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
                     .unwrap_or_default()
             };
             let routes = Arc::new(ServiceRoutes {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
+                namespace: namespace.into(),
+                name: name.into(),
                 port: port.port as u16,
                 protocol: AppProtocol::from_app_protocol(port.app_protocol.as_deref()),
                 rules,
@@ -554,8 +554,8 @@ impl Context<'_> {
             }
         }
         Some(Arc::new(Backend {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
+            namespace: namespace.into(),
+            name: name.into(),
             port: service_port.port as u16,
             endpoints,
         }))
@@ -646,7 +646,7 @@ fn mirror_bounds(table: &RouteTable) -> HashMap<(String, String), Arc<Semaphore>
     mirrors
         .map(|m| {
             (
-                (m.backend.namespace.clone(), m.backend.name.clone()),
+                (m.backend.namespace.to_string(), m.backend.name.to_string()),
                 m.in_flight.clone(),
             )
         })
@@ -741,7 +741,7 @@ mod tests {
         let table = compile_routes(&store(&cluster(annotations)), &RouteTable::default(), 7);
         let routes = &table.services[&"10.96.0.10:80".parse().unwrap()];
         assert_eq!(
-            (routes.name.as_str(), routes.port, routes.protocol),
+            (&*routes.name, routes.port, routes.protocol),
             ("reviews", 80, AppProtocol::Http1)
         );
         // Not-ready endpoints are left out.
@@ -762,11 +762,7 @@ mod tests {
         assert_eq!(addrs(v1), ["10.244.1.11:8080", "10.244.1.12:8080"]);
         let mirror = rule.mirror.as_ref().unwrap();
         assert_eq!(
-            (
-                mirror.backend.name.as_str(),
-                mirror.numerator,
-                mirror.denominator
-            ),
+            (&*mirror.backend.name, mirror.numerator, mirror.denominator),
             ("reviews-v2", 50, 100)
         );
         assert_eq!(mirror.safe_methods.extra, [Method::PUT]);
@@ -968,7 +964,7 @@ mod tests {
             let table = mirror(share);
             let m = rules(&table)[0].mirror.as_ref().unwrap();
             assert_eq!(
-                (m.backend.name.as_str(), m.numerator, m.denominator),
+                (&*m.backend.name, m.numerator, m.denominator),
                 ("reviews-v2", expected.0, expected.1)
             );
             assert_eq!(m.safe_methods, SafeMethods::default());

@@ -11,10 +11,7 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -34,10 +31,13 @@ use hyper_util::{
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::metrics::{self, Direction, MethodClass, Metrics, RequestLabels};
+
 use super::{
     balance::{self, InFlight},
     route::{
-        Backend, BackendRef, Mirror, RequestView, RouteTable, Rule, ServiceRoutes, WeightedBackend,
+        Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes,
+        WeightedBackend, Workload,
     },
     split::{pick_weighted, sampled, with_rng},
 };
@@ -81,35 +81,15 @@ pub enum MirrorOutcome {
     TimedOut,
 }
 
-/// Mirror outcomes and the mirrors' responses (their status and latency), for the metrics.
-#[derive(Debug, Default)]
-pub struct MirrorStats {
-    outcomes: [AtomicU64; 6],
-    responses_by_class: [AtomicU64; 6],
-    latency_us_total: AtomicU64,
+/// What answered a request, for its metrics.
+#[derive(Default)]
+struct Answered {
+    backend: Option<Arc<Backend>>,
+    endpoint: Option<Arc<Endpoint>>,
 }
 
-impl MirrorStats {
-    fn record(&self, outcome: MirrorOutcome) {
-        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn record_response(&self, status: StatusCode, latency: Duration) {
-        let class = usize::from(status.as_u16() / 100).min(5);
-        self.responses_by_class[class].fetch_add(1, Ordering::Relaxed);
-        self.latency_us_total
-            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    pub fn outcome(&self, outcome: MirrorOutcome) -> u64 {
-        self.outcomes[outcome as usize].load(Ordering::Relaxed)
-    }
-
-    /// Mirror responses whose status was `class`xx.
-    pub fn responses(&self, class: u16) -> u64 {
-        self.responses_by_class[usize::from(class).min(5)].load(Ordering::Relaxed)
-    }
-}
+/// The label value for what is not known (no backend was chosen, or the pod is not known).
+const UNKNOWN: &str = "unknown";
 
 /// Connects upstream sockets with the proxy's mark, so the capture programs leave them alone.
 #[derive(Debug, Clone, Copy)]
@@ -152,7 +132,7 @@ pub struct HttpProxy {
     h1: Client<MarkedConnector, ProxyBody>,
     h2: Client<MarkedConnector, ProxyBody>,
     server: auto::Builder<TokioExecutor>,
-    pub mirror_stats: Arc<MirrorStats>,
+    metrics: Arc<Metrics>,
 }
 
 /// A request body the proxy holds whole (so it can send it again), or one it streams.
@@ -162,7 +142,12 @@ enum RequestBody {
 }
 
 impl HttpProxy {
-    pub fn new(cfg: HttpConfig, routes: Arc<ArcSwap<RouteTable>>, mark: u32) -> Self {
+    pub fn new(
+        cfg: HttpConfig,
+        routes: Arc<ArcSwap<RouteTable>>,
+        mark: u32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let connector = MarkedConnector { mark };
         let mut builder = Client::builder(TokioExecutor::new());
         builder.pool_idle_timeout(Duration::from_secs(60));
@@ -182,7 +167,7 @@ impl HttpProxy {
             h1,
             h2,
             server,
-            mirror_stats: Arc::default(),
+            metrics,
         }
     }
 
@@ -196,7 +181,10 @@ impl HttpProxy {
             async move {
                 let table = this.routes.load();
                 let response = match table.service_for(&dst, peer.ip()) {
-                    Some(service) => this.handle(req, service, peer).await,
+                    Some(service) => {
+                        let source = table.pod(peer.ip());
+                        this.handle(req, service, &source, peer).await
+                    }
                     None => error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &format!("{dst} is no longer routed"),
@@ -214,11 +202,51 @@ impl HttpProxy {
         }
     }
 
+    /// Answers one request and records it in the metrics.
     async fn handle(
         &self,
         req: Request<Incoming>,
         service: &ServiceRoutes,
+        source: &Workload,
         peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = MethodClass::from(req.method());
+        let mut answered = Answered::default();
+        let response = self
+            .route_request(req, service, source, peer, &mut answered)
+            .await;
+        let pod = answered.endpoint.as_ref().and_then(|e| e.pod.clone());
+        let labels = RequestLabels {
+            route: metrics::Route {
+                direction: Direction::outbound,
+                source_namespace: source.namespace.clone(),
+                source_workload: source.workload.clone(),
+                destination_namespace: service.namespace.clone(),
+                destination_service: service.name.clone(),
+                destination_workload: pod
+                    .as_ref()
+                    .map_or_else(|| UNKNOWN.into(), |p| p.workload.clone()),
+                destination_version: answered
+                    .backend
+                    .map_or_else(|| UNKNOWN.into(), |b| b.name.clone()),
+            },
+            method,
+            status_code: response.status().as_u16(),
+            mirror: false,
+        };
+        self.metrics
+            .request(&labels, pod.as_deref(), started.elapsed());
+        response
+    }
+
+    async fn route_request(
+        &self,
+        req: Request<Incoming>,
+        service: &ServiceRoutes,
+        source: &Workload,
+        peer: SocketAddr,
+        answered: &mut Answered,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let view = RequestView {
@@ -240,6 +268,7 @@ impl HttpProxy {
             Some(Ok((backend, weighted))) => (backend, Some(weighted)),
             Some(Err(why)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &why),
         };
+        answered.backend = Some(backend.clone());
 
         remove_hop_by_hop(&mut parts.headers);
         add_forwarding_headers(&mut parts.headers, peer);
@@ -255,10 +284,10 @@ impl HttpProxy {
             return error(StatusCode::BAD_REQUEST, "the request body ended early");
         };
         if let Some(mirror) = rule.and_then(|r| r.mirror.as_ref()) {
-            self.mirror(mirror, &parts, &body);
+            self.mirror(mirror, &parts, &body, service, source);
         }
 
-        let attempt = self.forward(&parts, body, &backend, rule);
+        let attempt = self.forward(&parts, body, &backend, rule, &mut answered.endpoint);
         let response = match rule.and_then(|r| r.timeout) {
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
                 Ok(response) => response,
@@ -291,13 +320,15 @@ impl HttpProxy {
     }
 
     /// Sends the request to an endpoint of `backend`; retries once on another endpoint when the
-    /// connect fails and the request is idempotent and held whole.
+    /// connect fails and the request is idempotent and held whole. `used` is the endpoint that
+    /// answered, or was tried last.
     async fn forward(
         &self,
         parts: &http::request::Parts,
         body: RequestBody,
         backend: &Backend,
         rule: Option<&Rule>,
+        used: &mut Option<Arc<Endpoint>>,
     ) -> Response<ProxyBody> {
         let retryable = matches!(body, RequestBody::Buffered(_)) && is_idempotent(&parts.method);
         let mut body = Some(body);
@@ -333,6 +364,7 @@ impl HttpProxy {
             } else {
                 &self.h1
             };
+            *used = Some(endpoint.clone());
             let in_flight = InFlight::start(endpoint.clone());
             let sent = client.request(request);
             let result = match rule.and_then(|r| r.backend_timeout) {
@@ -366,24 +398,33 @@ impl HttpProxy {
 
     /// Sends a copy of the request to the mirror backend, in the background: the primary never
     /// waits for it, and nothing about the mirror reaches the client.
-    fn mirror(&self, mirror: &Mirror, parts: &http::request::Parts, body: &RequestBody) {
+    fn mirror(
+        &self,
+        mirror: &Mirror,
+        parts: &http::request::Parts,
+        body: &RequestBody,
+        service: &ServiceRoutes,
+        source: &Workload,
+    ) {
         if !with_rng(|rng| sampled(mirror.numerator, mirror.denominator, rng)) {
             return;
         }
+        let target = &mirror.backend;
+        let record = |outcome| {
+            self.metrics
+                .mirror(outcome, &target.namespace, &target.name)
+        };
         if !mirror.safe_methods.allows(&parts.method, &parts.headers) {
-            return self
-                .mirror_stats
-                .record(MirrorOutcome::SkippedNotIdempotent);
+            return record(MirrorOutcome::SkippedNotIdempotent);
         }
         let RequestBody::Buffered(bytes) = body else {
-            return self.mirror_stats.record(MirrorOutcome::SkippedBodyTooLarge);
+            return record(MirrorOutcome::SkippedBodyTooLarge);
         };
         let Ok(permit) = mirror.in_flight.clone().try_acquire_owned() else {
-            return self.mirror_stats.record(MirrorOutcome::DroppedOverload);
+            return record(MirrorOutcome::DroppedOverload);
         };
-        let Some(endpoint) = with_rng(|rng| balance::pick(&mirror.backend.endpoints, None, rng))
-        else {
-            return self.mirror_stats.record(MirrorOutcome::Failed);
+        let Some(endpoint) = with_rng(|rng| balance::pick(&target.endpoints, None, rng)) else {
+            return record(MirrorOutcome::Failed);
         };
         let mut request = upstream_request(parts, endpoint.addr, full(bytes.clone()));
         let host = mirror_host(&mirror.backend);
@@ -397,7 +438,25 @@ impl HttpProxy {
             self.h1.clone()
         };
         let timeout = self.cfg.mirror_timeout;
-        let stats = self.mirror_stats.clone();
+        let metrics = self.metrics.clone();
+        let pod = endpoint.pod.clone();
+        let mut labels = RequestLabels {
+            route: metrics::Route {
+                direction: Direction::outbound,
+                source_namespace: source.namespace.clone(),
+                source_workload: source.workload.clone(),
+                destination_namespace: service.namespace.clone(),
+                destination_service: service.name.clone(),
+                destination_workload: pod
+                    .as_ref()
+                    .map_or_else(|| UNKNOWN.into(), |p| p.workload.clone()),
+                destination_version: target.name.clone(),
+            },
+            method: MethodClass::from(&parts.method),
+            status_code: 0,
+            mirror: true,
+        };
+        let target = target.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let start = Instant::now();
@@ -408,14 +467,16 @@ impl HttpProxy {
                 response.into_body().collect().await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status)
             };
-            match tokio::time::timeout(timeout, exchange).await {
+            let outcome = match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok(status)) => {
-                    stats.record(MirrorOutcome::Sent);
-                    stats.record_response(status, start.elapsed());
+                    labels.status_code = status.as_u16();
+                    metrics.request(&labels, pod.as_deref(), start.elapsed());
+                    MirrorOutcome::Sent
                 }
-                Ok(Err(_)) => stats.record(MirrorOutcome::Failed),
-                Err(_) => stats.record(MirrorOutcome::TimedOut),
-            }
+                Ok(Err(_)) => MirrorOutcome::Failed,
+                Err(_) => MirrorOutcome::TimedOut,
+            };
+            metrics.mirror(outcome, &target.namespace, &target.name);
         });
     }
 }

@@ -22,10 +22,13 @@ use super::{
     balance,
     detect::{detect, Detected},
     http::HttpProxy,
-    route::{AppProtocol, Backend, BackendRef, RouteTable, ServiceRoutes},
+    route::{AppProtocol, Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes},
     split::{pick_weighted, with_rng},
 };
-use crate::ebpf::maps::OrigDstTable;
+use crate::{
+    ebpf::maps::OrigDstTable,
+    metrics::{Direction, Metrics, Route},
+};
 
 const BACKLOG: u32 = 4096;
 /// Per direction: large enough that a bulk transfer moves in few reads and writes (tokio's
@@ -59,6 +62,7 @@ pub struct Outbound {
     /// Replaced whole when policy changes; read without a lock (shared with `http`).
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub http: Arc<HttpProxy>,
+    pub metrics: Arc<Metrics>,
     pub detect_timeout: Duration,
 }
 
@@ -91,9 +95,12 @@ impl Outbound {
             let _ = client.set_zero_linger();
             return;
         };
-        let Some(service) = self.routes.load().service_for(&dst, peer.ip()).cloned() else {
-            return self.splice(client, peer, dst).await;
+        let table = self.routes.load();
+        let Some(service) = table.service_for(&dst, peer.ip()).cloned() else {
+            return self.splice(client, peer, dst, None).await;
         };
+        let source = table.pod(peer.ip());
+        drop(table);
         let detected = match service.protocol {
             AppProtocol::Http1 | AppProtocol::Http2 => Detected::Http,
             AppProtocol::Opaque => Detected::Opaque,
@@ -102,7 +109,21 @@ impl Outbound {
         match detected {
             Detected::Http => self.http.clone().serve(client, dst, peer).await,
             Detected::Opaque => match tcp_target(&service) {
-                Some(target) => self.splice(client, peer, target).await,
+                Some((backend, endpoint)) => {
+                    let route = Route {
+                        direction: Direction::outbound,
+                        source_namespace: source.namespace.clone(),
+                        source_workload: source.workload.clone(),
+                        destination_namespace: service.namespace.clone(),
+                        destination_service: service.name.clone(),
+                        destination_workload: endpoint
+                            .pod
+                            .as_ref()
+                            .map_or_else(|| "unknown".into(), |p| p.workload.clone()),
+                        destination_version: backend.name.clone(),
+                    };
+                    self.splice(client, peer, endpoint.addr, Some(route)).await
+                }
                 None => {
                     debug!(%peer, %dst, "no endpoint for an opaque connection");
                     let _ = client.set_zero_linger();
@@ -111,7 +132,14 @@ impl Outbound {
         }
     }
 
-    async fn splice(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    /// Copies bytes both ways; a routed connection (`route`) is counted in the metrics.
+    async fn splice(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        route: Option<Route>,
+    ) {
         let mut upstream = match super::connect_marked(dst, self.mark).await {
             Ok(upstream) => upstream,
             Err(e) => {
@@ -120,23 +148,36 @@ impl Outbound {
                 return;
             }
         };
-        match tokio::io::copy_bidirectional_with_sizes(
+        if let Some(route) = &route {
+            self.metrics.tcp_opened(route);
+        }
+        let copied = tokio::io::copy_bidirectional_with_sizes(
             &mut client,
             &mut upstream,
             SPLICE_BUFFER,
             SPLICE_BUFFER,
         )
-        .await
-        {
-            Ok((sent, received)) => debug!(%peer, %dst, sent, received, "connection closed"),
-            Err(e) => debug!(%peer, %dst, error = %e, "connection ended with an error"),
+        .await;
+        let (sent, received) = match copied {
+            Ok((sent, received)) => {
+                debug!(%peer, %dst, sent, received, "connection closed");
+                (sent, received)
+            }
+            Err(e) => {
+                // The byte counts of a failed copy are not known; the close still counts.
+                debug!(%peer, %dst, error = %e, "connection ended with an error");
+                (0, 0)
+            }
+        };
+        if let Some(route) = &route {
+            self.metrics.tcp_closed(route, sent, received);
         }
     }
 }
 
 /// An opaque connection's endpoint: split by the weights of the first rule that matches every
 /// request (matches on HTTP attributes mean nothing to raw bytes), else the service's own.
-fn tcp_target(service: &ServiceRoutes) -> Option<SocketAddr> {
+fn tcp_target(service: &ServiceRoutes) -> Option<(Arc<Backend>, Arc<Endpoint>)> {
     let backend: Arc<Backend> = match service.rules.iter().find(|rule| rule.matches.is_empty()) {
         Some(rule) => {
             let index = with_rng(|rng| pick_weighted(rule.weights(), rng))?;
@@ -147,5 +188,6 @@ fn tcp_target(service: &ServiceRoutes) -> Option<SocketAddr> {
         }
         None => service.default.clone(),
     };
-    with_rng(|rng| balance::pick(&backend.endpoints, None, rng)).map(|endpoint| endpoint.addr)
+    let endpoint = with_rng(|rng| balance::pick(&backend.endpoints, None, rng))?;
+    Some((backend, endpoint))
 }

@@ -96,8 +96,8 @@ impl AppProtocol {
 /// One service port: its identity, how to read it, and its rules.
 #[derive(Debug, Clone)]
 pub struct ServiceRoutes {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     pub port: u16,
     pub protocol: AppProtocol,
     /// Ordered; the first rule with a matching request wins. A request no rule matches gets
@@ -311,8 +311,8 @@ impl BackendRef {
 /// A set of endpoints behind one name (a Service, e.g. `podinfo-canary`).
 #[derive(Debug)]
 pub struct Backend {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     pub port: u16,
     pub endpoints: Vec<Arc<Endpoint>>,
 }
