@@ -74,6 +74,10 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
     node.write_policy(&policy::documents(&[
         policy::namespace("demo", None),
         policy::pod(&client, "demo", Some("enabled")),
+        // Not enrolled: known for their workload names in the metrics.
+        policy::pod(&primary, "demo", None),
+        policy::pod(&canary, "demo", None),
+        policy::pod(&mirror, "demo", None),
         policy::http_service("podinfo", "demo", vip(10), PORT, &split),
         policy::http_service("podinfo-primary", "demo", vip(11), PORT, &[]),
         policy::http_service("podinfo-canary", "demo", vip(12), PORT, &[]),
@@ -118,6 +122,111 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
     });
     let counts = mirrored.expect("the mirror never saw all 2000 GETs");
     assert!(!counts.contains("POST"), "{counts}");
+
+    // The metrics count exactly that traffic.
+    let metrics = scrape_metrics(&node, &watcher);
+    let sample = |series: &str, labels: &[(&str, &str)]| {
+        aviary_tests::metric_sample(&metrics, series, labels)
+    };
+    let from_client = [
+        ("direction", "outbound"),
+        ("source_namespace", "demo"),
+        ("source_workload", "client"),
+        ("destination_namespace", "demo"),
+        ("destination_service", "podinfo"),
+        ("status_code", "200"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| [&from_client[..], extra].concat();
+    let canary_gets = tally(&gets, "backend")["canary"] as f64;
+    assert_eq!(
+        sample(
+            "aviary_requests_total",
+            &with(&[("method", "GET"), ("mirror", "false")])
+        ),
+        2000.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            "aviary_requests_total",
+            &with(&[
+                ("method", "GET"),
+                ("mirror", "false"),
+                ("destination_version", "podinfo-canary"),
+                ("destination_workload", "canary")
+            ])
+        ),
+        canary_gets
+    );
+    assert_eq!(
+        sample(
+            "aviary_requests_total",
+            &with(&[("method", "POST"), ("mirror", "false")])
+        ),
+        200.0
+    );
+    assert_eq!(
+        sample(
+            "aviary_requests_total",
+            &with(&[
+                ("mirror", "true"),
+                ("destination_version", "podinfo-mirror")
+            ])
+        ),
+        2000.0,
+        "each mirror copy's response is counted, apart"
+    );
+    assert_eq!(
+        sample("aviary_mirror_requests_total", &[("outcome", "sent")]),
+        2000.0
+    );
+    assert_eq!(
+        sample(
+            "aviary_mirror_requests_total",
+            &[("outcome", "skipped_not_idempotent")]
+        ),
+        200.0
+    );
+    assert_eq!(
+        sample(
+            "http_request_duration_seconds_count",
+            &[
+                ("kubernetes_namespace", "demo"),
+                ("kubernetes_pod_name", "canary"),
+                ("status", "200")
+            ]
+        ),
+        canary_gets + tally(&posts, "backend").get("canary").copied().unwrap_or(0) as f64
+    );
+    assert_eq!(
+        sample("aviary_ebpf_connect_captured_total", &[]),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(sample("aviary_ebpf_connect_failed_open_total", &[]), 0.0);
+    assert!(
+        metrics.contains("aviary_ebpf_map_entries{map=\"orig_dst\"}"),
+        "{metrics}"
+    );
+}
+
+/// The agent's metrics, fetched from the node's metrics port by a pod.
+fn scrape_metrics(node: &Node, pod: &Pod) -> String {
+    let out = node.run(
+        pod,
+        &[
+            "http-get",
+            &format!("{}:15020", aviary_tests::NODE_IP),
+            "/metrics",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Opaque TCP is split per connection. The backends here speak first (a greeting), so each
