@@ -64,7 +64,8 @@ impl fmt::Display for ObjectKey {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
 pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
@@ -168,7 +169,8 @@ impl fmt::Display for Rejected {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Added(ObjectKey),
-    Updated(ObjectKey),
+    /// With the fields that changed, as "path: old -> new".
+    Updated(ObjectKey, Vec<String>),
     Removed(ObjectKey),
 }
 
@@ -176,9 +178,65 @@ impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Added(key) => write!(f, "{key} added"),
-            Self::Updated(key) => write!(f, "{key} updated"),
+            Self::Updated(key, fields) => write!(f, "{key} updated: {}", fields.join(", ")),
             Self::Removed(key) => write!(f, "{key} removed"),
         }
+    }
+}
+
+/// How many changed fields a log line names before it says how many more there are.
+const FIELDS_NAMED: usize = 4;
+
+/// The fields that differ between two versions of an object, as "path: old -> new".
+fn changed_fields(before: &Object, after: &Object) -> Vec<String> {
+    let (Ok(before), Ok(after)) = (serde_json::to_value(before), serde_json::to_value(after))
+    else {
+        return vec!["(not comparable)".into()];
+    };
+    let mut fields = Vec::new();
+    diff("", &before, &after, &mut fields);
+    if fields.len() > FIELDS_NAMED {
+        let more = fields.len() - FIELDS_NAMED;
+        fields.truncate(FIELDS_NAMED);
+        fields.push(format!("and {more} more"));
+    }
+    fields
+}
+
+fn diff(path: &str, before: &serde_json::Value, after: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    let short = |v: &Value| {
+        let text = v.to_string();
+        match text.char_indices().nth(40) {
+            Some((cut, _)) => format!("{}…", &text[..cut]),
+            None => text,
+        }
+    };
+    match (before, after) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for key in keys {
+                let null = Value::Null;
+                let at = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                diff(
+                    &at,
+                    a.get(key).unwrap_or(&null),
+                    b.get(key).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (index, (a, b)) in a.iter().zip(b).enumerate() {
+                diff(&format!("{path}[{index}]"), a, b, out);
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path}: {} -> {}", short(a), short(b))),
+        _ => {}
     }
 }
 
@@ -210,7 +268,7 @@ impl Store {
         self.rejected.remove(&key);
         let change = match self.objects.get(&key) {
             Some(current) if *current == object => return Ok(()),
-            Some(_) => Change::Updated(key.clone()),
+            Some(current) => Change::Updated(key.clone(), changed_fields(current, &object)),
             None => Change::Added(key.clone()),
         };
         self.objects.insert(key, object);
@@ -721,6 +779,28 @@ spec: {containers: []}
             store.take_changes(),
             [Change::Removed(key)],
             "removing what is gone changes nothing"
+        );
+    }
+
+    #[test]
+    fn an_update_is_logged_with_the_fields_that_changed() {
+        let service = |split: &str| {
+            objects(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: shop, annotations: {{aviary.dev/split: \"{split}\"}}}}\n\
+                 spec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n"
+            ))
+            .remove(0)
+        };
+        let mut store = Store::default();
+        store.upsert(service("a=90,b=10")).unwrap();
+        store.upsert(service("a=50,b=50")).unwrap();
+        let changes: Vec<String> = store.take_changes().iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            changes,
+            [
+                "Service/shop/s added",
+                "Service/shop/s updated: metadata.annotations.aviary.dev/split: \"a=90,b=10\" -> \"a=50,b=50\""
+            ]
         );
     }
 
