@@ -443,6 +443,23 @@ impl Node {
         self.children.lock().unwrap().push(child);
     }
 
+    /// Runs `program` in `pod` to completion (bounded by `timeout`).
+    pub fn run_program(
+        &self,
+        pod: &Pod,
+        program: &Path,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Output {
+        let child = self
+            .command_in(&pod.netns, &pod.cgroup, program, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_output(child, timeout)
+    }
+
     /// Runs a client in `pod` to completion (bounded by `timeout`).
     pub fn run(&self, pod: &Pod, args: &[&str], timeout: Duration) -> Output {
         let child = self

@@ -100,6 +100,8 @@ fn run(task: Task) -> anyhow::Result<()> {
         }
         Task::Bench { args } => {
             setup()?;
+            // The HTTP load generator.
+            ensure_debian_package("wrk", &["-v"], "wrk")?;
             cargo(&["build", "--release", "--bins"])?;
             status(&mut Command::new(
                 target_dir().join("release/aviary-policy-bench"),
@@ -165,15 +167,20 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 
 /// The test harness and the demo build network namespaces with `ip`.
 fn ensure_iproute2() -> anyhow::Result<()> {
-    if Command::new("ip").arg("-V").output().is_ok() {
+    ensure_debian_package("ip", &["-V"], "iproute2")
+}
+
+/// Installs a Debian package unless `program args` already runs.
+fn ensure_debian_package(program: &str, args: &[&str], package: &str) -> anyhow::Result<()> {
+    if Command::new(program).args(args).output().is_ok() {
         return Ok(());
     }
     if !is_root() {
-        bail!("the `ip` command is missing; install iproute2 (as root: apt-get install iproute2)");
+        bail!("`{program}` is missing; install {package} (as root: apt-get install {package})");
     }
-    eprintln!("xtask: installing iproute2");
+    eprintln!("xtask: installing {package}");
     status(Command::new("apt-get").arg("update"))?;
-    status(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "iproute2"]))
+    status(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", package]))
 }
 
 fn is_root() -> bool {

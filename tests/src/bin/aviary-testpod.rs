@@ -540,7 +540,18 @@ fn http_serve(name: String, port: u16) -> anyhow::Result<()> {
                     "HTTP/1.1 200 OK\r\nx-backend: {name}\r\nx-peer: {peer}\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
                 );
+                let close = headers
+                    .get("connection")
+                    .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                let response = if close {
+                    response.replacen("\r\n\r\n", "\r\nconnection: close\r\n\r\n", 1)
+                } else {
+                    response
+                };
                 (&stream).write_all(response.as_bytes())?;
+                if close {
+                    break;
+                }
             }
             Ok(())
         });
