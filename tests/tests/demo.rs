@@ -43,6 +43,11 @@ fn the_demo_shows_a_canary_split_mirroring_promotion_opt_out_and_fail_open() {
     assert!((5..=40).contains(&canary), "canary got {canary} of 200");
     expect(4, "podinfo-mirror got 200 GET copies");
     expect(4, "POSTs mirrored: none");
+    expect(4, "aviary_mirror_requests_total{outcome=\"sent\"} 200");
+    expect(
+        4,
+        "aviary_mirror_requests_total{outcome=\"skipped_not_idempotent\"} 50",
+    );
     expect(5, "0 podinfo-primary (0.0%),  200 podinfo-canary (100.0%)");
     expect(6, "direct, not proxied");
     expect(7, "direct, not proxied");

@@ -243,6 +243,37 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     );
 
+    let metrics_addr = format!("{}:15020", aviary_tests::NODE_IP);
+    let out = node.run(
+        &legacy,
+        &["http-get", &metrics_addr, "/metrics"],
+        CLIENT_TIMEOUT,
+    );
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let sample = |series: &str, labels: &[(&str, &str)]| {
+        aviary_tests::metric_sample(&metrics, series, labels)
+    };
+    println!("      the agent's metrics (http://{metrics_addr}/metrics) say:");
+    for outcome in ["sent", "skipped_not_idempotent"] {
+        println!(
+            "        aviary_mirror_requests_total{{outcome=\"{outcome}\"}} {}",
+            sample("aviary_mirror_requests_total", &[("outcome", outcome)])
+        );
+    }
+    for version in ["podinfo-primary", "podinfo-canary"] {
+        println!(
+            "        aviary_requests_total{{destination_version=\"{version}\",method=\"GET\"}} {}",
+            sample(
+                "aviary_requests_total",
+                &[
+                    ("destination_version", version),
+                    ("method", "GET"),
+                    ("mirror", "false")
+                ]
+            )
+        );
+    }
+
     step(5, "Promoting the canary by editing the HTTPRoute's weights")?;
     for (p, c) in [(50, 50), (0, 100)] {
         node.write_policy(&policy(&with_weights(&route, p, c)?));
@@ -265,7 +296,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
     for (name, value) in agent.stats().counters()? {
         println!("      {name:<22} {value}");
     }
-    println!("\nMetrics and the admin endpoint come with the observability work; see the README.");
+    println!(
+        "\nWhile the agent ran, Prometheus metrics (with Flagger's http_request_duration_seconds) \
+         were at http://{metrics_addr}/metrics and the admin endpoint at 127.0.0.1:15000 \
+         (`aviary-agent status`), inside the node's network namespace. The README lists them."
+    );
     println!("Cleaning up the node, its pods, cgroups and pins...");
     Ok(())
 }
