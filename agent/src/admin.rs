@@ -38,6 +38,19 @@ impl Admin {
         serve_paths(listener, move |path| self.handle(path)).await
     }
 
+    /// The health port, for the kubelet's probes from the node address: `/healthz` and
+    /// `/ready` only.
+    pub async fn serve_health(self: Arc<Self>, listener: TcpListener) {
+        serve_paths(listener, move |path| match path {
+            "/healthz" | "/ready" => self.handle(path),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "unknown path; try /healthz, /ready\n",
+            ),
+        })
+        .await
+    }
+
     fn handle(&self, path: &str) -> Response<Full<Bytes>> {
         match path {
             "/healthz" => text(StatusCode::OK, "ok\n"),

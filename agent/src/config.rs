@@ -14,6 +14,7 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -75,6 +76,10 @@ pub struct Args {
     #[arg(long, env = "AVIARY_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
 
+    /// The health endpoint (`/healthz`, `/ready`) for the kubelet's probes.
+    #[arg(long, env = "AVIARY_HEALTH_ADDR", default_value = DEFAULT_HEALTH_ADDR)]
+    pub health_addr: SocketAddr,
+
     /// The metrics endpoint (Prometheus scrapes `/metrics` here); apart from traffic and admin.
     #[arg(long, env = "AVIARY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
@@ -110,6 +115,12 @@ pub struct Args {
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
+    /// Mount a bpf filesystem at PATH unless one is there, then exit: a DaemonSet's init
+    /// container runs this with mount propagation to the host, so pins outlive the agent.
+    MountBpffs {
+        #[arg(default_value = "/sys/fs/bpf")]
+        path: PathBuf,
+    },
     /// Print a summary of a running agent, read from its admin endpoint (like `cilium status`).
     Status {
         #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
@@ -159,6 +170,7 @@ pub struct Config {
     pub proxy_v6: Option<Ipv6Addr>,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub health_addr: SocketAddr,
     pub flagger_metrics: bool,
     pub outbound_port: u16,
     pub proxy_mark: u32,
@@ -202,6 +214,7 @@ impl TryFrom<Args> for Config {
             proxy_v6: args.proxy_ip6,
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
+            health_addr: args.health_addr,
             flagger_metrics: args.flagger_metrics,
             outbound_port: args.outbound_port,
             proxy_mark: args.proxy_mark,

@@ -7,8 +7,18 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Command::Status { admin }) = args.command {
-        return status(admin);
+    match args.command {
+        Some(Command::Status { admin }) => return status(admin),
+        Some(Command::MountBpffs { path }) => {
+            return match aviary_agent::ebpf::ensure_bpffs(&path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("aviary-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
     let cfg = match Config::try_from(args) {
         Ok(cfg) => cfg,

@@ -126,6 +126,10 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(cfg.admin_addr)
         .await
         .with_context(|| format!("binding the admin endpoint on {}", cfg.admin_addr))?;
+    let health_listener = TcpListener::bind(cfg.health_addr)
+        .await
+        .with_context(|| format!("binding the health endpoint on {}", cfg.health_addr))?;
+    tokio::spawn(admin.clone().serve_health(health_listener));
     tokio::spawn(admin.serve(admin_listener));
     let metrics_listener = TcpListener::bind(cfg.metrics_addr)
         .await

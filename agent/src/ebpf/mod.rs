@@ -218,7 +218,8 @@ fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
+/// Mounts a bpf filesystem at `path` unless one is there.
+pub fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
     let mounted = |p: &Path| {
         nix::sys::statfs::statfs(p)
             .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)

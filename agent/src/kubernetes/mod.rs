@@ -108,6 +108,50 @@ impl Watched for HttpRoute {
     }
 }
 
+/// One kind of access to the API server the agent needs: the RBAC rules in `deploy/` are
+/// checked against this list, which is derived from the types the agent watches and writes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Access {
+    pub group: String,
+    pub resource: String,
+    pub verbs: Vec<&'static str>,
+    /// Only in the agent's own namespace (a Role), not cluster-wide.
+    pub namespaced: bool,
+}
+
+/// Everything the agent does with the API server.
+pub fn api_access() -> Vec<Access> {
+    fn access<K: Resource<DynamicType = ()>>(
+        subresource: &str,
+        verbs: &[&'static str],
+        namespaced: bool,
+    ) -> Access {
+        Access {
+            group: K::group(&()).into_owned(),
+            resource: format!("{}{subresource}", K::plural(&())),
+            verbs: verbs.to_vec(),
+            namespaced,
+        }
+    }
+    // The watchers list and watch; they never get single objects.
+    const WATCH: &[&str] = &["list", "watch"];
+    let mut access = vec![
+        access::<Namespace>("", WATCH, false),
+        access::<Pod>("", WATCH, false),
+        access::<Service>("", WATCH, false),
+        access::<EndpointSlice>("", WATCH, false),
+        access::<HttpRoute>("", WATCH, false),
+        // status::write_route_status reads the status, then patches it.
+        access::<HttpRoute>("/status", &["get", "patch"], false),
+        // kube's event Recorder creates an Event, and patches it when it repeats.
+        access::<k8s_openapi::api::events::v1::Event>("", &["create", "patch"], false),
+        // lease::LeaseHolder reads, creates and replaces its Lease.
+        access::<k8s_openapi::api::coordination::v1::Lease>("", &["get", "create", "update"], true),
+    ];
+    access.sort();
+    access
+}
+
 /// Drops what changes on every write but never matters for policy, so that only real changes
 /// reach the store (and the log).
 fn trim(meta: &mut ObjectMeta) {

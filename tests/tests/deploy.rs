@@ -1,0 +1,799 @@
+//! The cluster manifests in `deploy/`: valid objects, RBAC exactly as the agent uses it, a
+//! DaemonSet that mounts what the agent opens and exposes its default ports, a Helm chart that
+//! renders the same objects, and dashboards and Flagger templates over metrics that exist.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use aviary_agent::{
+    config::{Args, Config, PolicySource, DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR},
+    kubernetes::api_access,
+    metrics::{Direction, MethodClass, Metrics, RequestLabels, Route},
+    proxy::{http::MirrorOutcome, route::Workload},
+};
+use clap::{CommandFactory as _, Parser as _};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Namespace, Service, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every document of a YAML file, as JSON values.
+fn documents(path: &Path) -> Vec<Value> {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// The objects `kubectl apply -k deploy/base` creates, in file order.
+fn base_objects() -> Vec<Value> {
+    let kustomization = &documents(&deploy().join("base/kustomization.yaml"))[0];
+    kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|file| documents(&deploy().join("base").join(file.as_str().unwrap())))
+        .collect()
+}
+
+fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+/// Drops nulls and empty maps, which serializing a typed object leaves out or adds.
+fn normalized(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), normalized(v)))
+                .filter(|(_, v)| v.as_object().is_none_or(|m| !m.is_empty()))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(normalized).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Parses `object` as `T` and back: a field `T` does not know (a typo) is lost on the way, and
+/// the comparison fails.
+fn round_trips_as<T: DeserializeOwned + Serialize>(object: &Value) -> T {
+    let typed: T = serde_json::from_value(object.clone())
+        .unwrap_or_else(|e| panic!("{e}: {}", object["metadata"]["name"]));
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(
+        normalized(&back),
+        normalized(object),
+        "{} {} has fields its type does not know",
+        object["kind"],
+        object["metadata"]["name"]
+    );
+    typed
+}
+
+#[test]
+fn the_base_manifests_are_valid_kubernetes_objects() {
+    let objects = base_objects();
+    let kinds: Vec<&str> = objects
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "DaemonSet",
+            "Service"
+        ]
+    );
+    for object in &objects {
+        match object["kind"].as_str().unwrap() {
+            "Namespace" => drop(round_trips_as::<Namespace>(object)),
+            "ServiceAccount" => drop(round_trips_as::<ServiceAccount>(object)),
+            "ClusterRole" => drop(round_trips_as::<ClusterRole>(object)),
+            "ClusterRoleBinding" => drop(round_trips_as::<ClusterRoleBinding>(object)),
+            "Role" => drop(round_trips_as::<Role>(object)),
+            "RoleBinding" => drop(round_trips_as::<RoleBinding>(object)),
+            "DaemonSet" => drop(round_trips_as::<DaemonSet>(object)),
+            "Service" => drop(round_trips_as::<Service>(object)),
+            other => panic!("unexpected kind {other}"),
+        }
+        if object["kind"] != "Namespace" && object["kind"] != "ClusterRole" {
+            let namespaced = !object["kind"].as_str().unwrap().starts_with("Cluster");
+            if namespaced {
+                assert_eq!(object["metadata"]["namespace"], "aviary-system", "{object}");
+            }
+        }
+    }
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_agent_uses() {
+    let objects = base_objects();
+    let mut granted = BTreeSet::new();
+    for (kind, namespaced) in [("ClusterRole", false), ("Role", true)] {
+        for role in of_kind(&objects, kind) {
+            for rule in role["rules"].as_array().unwrap() {
+                for group in rule["apiGroups"].as_array().unwrap() {
+                    for resource in rule["resources"].as_array().unwrap() {
+                        for verb in rule["verbs"].as_array().unwrap() {
+                            granted.insert((
+                                group.as_str().unwrap().to_owned(),
+                                resource.as_str().unwrap().to_owned(),
+                                verb.as_str().unwrap().to_owned(),
+                                namespaced,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut used = BTreeSet::new();
+    for access in api_access() {
+        for verb in &access.verbs {
+            used.insert((
+                access.group.clone(),
+                access.resource.clone(),
+                verb.to_string(),
+                access.namespaced,
+            ));
+        }
+    }
+    assert_eq!(granted, used);
+    // The bindings give those roles to the agent's ServiceAccount.
+    for kind in ["ClusterRoleBinding", "RoleBinding"] {
+        let binding = of_kind(&objects, kind)[0];
+        assert_eq!(binding["subjects"][0]["name"], "aviary");
+        assert_eq!(binding["subjects"][0]["namespace"], "aviary-system");
+    }
+}
+
+fn daemonset() -> DaemonSet {
+    let objects = base_objects();
+    serde_json::from_value(of_kind(&objects, "DaemonSet")[0].clone()).unwrap()
+}
+
+/// The agent's flags, from the DaemonSet container's environment (each variable must be one
+/// the agent reads, so a typo fails here).
+fn agent_args(ds: &DaemonSet) -> Vec<String> {
+    let container = &ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let by_env: BTreeMap<String, String> = Args::command()
+        .get_arguments()
+        .filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned())))
+        .collect();
+    let mut args = vec!["aviary-agent".to_owned()];
+    for env in container.env.iter().flatten() {
+        let flag = by_env
+            .get(&env.name)
+            .unwrap_or_else(|| panic!("the agent reads no variable {}", env.name));
+        // Downward API values are stand-ins of the right shape.
+        let value = match (&env.value, env.name.as_str()) {
+            (Some(value), _) => value.clone(),
+            (None, "AVIARY_PROXY_IP") => "10.0.0.1".into(),
+            (None, _) => "from-the-downward-api".into(),
+        };
+        args.extend([format!("--{flag}"), value]);
+    }
+    args
+}
+
+#[test]
+fn the_daemonset_configures_mounts_and_exposes_what_the_agent_uses() {
+    let ds = daemonset();
+    let spec = ds.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    let container = &pod.containers[0];
+
+    // The environment is a complete, valid agent configuration for the API-server source.
+    let cfg = Config::try_from(Args::try_parse_from(agent_args(&ds)).unwrap()).unwrap();
+    assert!(matches!(cfg.policy, PolicySource::Kubernetes { .. }));
+    let env = |name: &str| {
+        container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    let field = |name: &str| {
+        env(name)
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+    };
+    assert_eq!(field("NODE_NAME").as_deref(), Some("spec.nodeName"));
+    assert_eq!(field("AVIARY_PROXY_IP").as_deref(), Some("status.hostIP"));
+
+    // Every path the agent opens is inside a host mount.
+    let mounts = container.volume_mounts.as_deref().unwrap();
+    for path in [&cfg.bpffs, &cfg.cgroup_root] {
+        let mount = mounts
+            .iter()
+            .find(|m| path.starts_with(&m.mount_path))
+            .unwrap_or_else(|| panic!("nothing mounted for {}", path.display()));
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        assert_eq!(
+            volume.host_path.as_ref().map(|h| h.path.as_str()),
+            Some(mount.mount_path.as_str())
+        );
+    }
+    let bpffs = mounts
+        .iter()
+        .find(|m| m.mount_path == "/sys/fs/bpf")
+        .unwrap();
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
+    let init = &pod.init_containers.as_deref().unwrap()[0];
+    assert_eq!(init.command.as_deref().unwrap()[1], "mount-bpffs");
+    assert_eq!(
+        init.volume_mounts.as_deref().unwrap()[0]
+            .mount_propagation
+            .as_deref(),
+        Some("Bidirectional")
+    );
+
+    // Ports and probes are the agent's defaults.
+    let port = |name: &str| {
+        container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port)
+    };
+    let default_port = |addr: &str| i32::from(addr.parse::<std::net::SocketAddr>().unwrap().port());
+    assert_eq!(port("metrics"), Some(default_port(DEFAULT_METRICS_ADDR)));
+    assert_eq!(port("health"), Some(default_port(DEFAULT_HEALTH_ADDR)));
+    assert_eq!(
+        cfg.metrics_addr.port() as i32,
+        default_port(DEFAULT_METRICS_ADDR)
+    );
+    let probe_path = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
+        probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|h| h.path.clone().unwrap_or_default())
+    };
+    assert_eq!(
+        probe_path(&container.readiness_probe).as_deref(),
+        Some("/ready")
+    );
+    assert_eq!(
+        probe_path(&container.liveness_probe).as_deref(),
+        Some("/healthz")
+    );
+
+    // Node-wide, least privilege, on every node, one node at a time.
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.host_pid, None);
+    let security = container.security_context.as_ref().unwrap();
+    assert_eq!(security.privileged, Some(false));
+    let caps = security.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(
+        caps.add.as_deref(),
+        Some(
+            &[
+                "BPF".to_owned(),
+                "PERFMON".to_owned(),
+                "NET_ADMIN".to_owned()
+            ][..]
+        )
+    );
+    assert_eq!(
+        pod.tolerations.as_deref().unwrap()[0].operator.as_deref(),
+        Some("Exists")
+    );
+    let resources = container.resources.as_ref().unwrap();
+    assert!(resources.requests.is_some() && resources.limits.is_some());
+    let rolling = spec
+        .update_strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    assert_eq!(pod.service_account_name.as_deref(), Some("aviary"));
+}
+
+// The CRD-based objects, as typed models of the fields these manifests use: unknown fields are
+// refused, so a typo or a misplaced field fails (the upstream CRD schemas are not vendored here).
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Crd<S> {
+    api_version: String,
+    kind: String,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: S,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PodMonitorSpec {
+    selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    namespace_selector: BTreeMap<String, Vec<String>>,
+    pod_metrics_endpoints: Vec<PodMetricsEndpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PodMetricsEndpoint {
+    port: String,
+    path: String,
+    interval: String,
+    honor_labels: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CanarySpec {
+    provider: String,
+    target_ref: BTreeMap<String, String>,
+    progress_deadline_seconds: Option<u32>,
+    service: CanaryService,
+    analysis: Analysis,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CanaryService {
+    port: u16,
+    target_port: u16,
+    gateway_refs: Vec<GatewayRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GatewayRef {
+    name: String,
+    namespace: String,
+    group: String,
+    kind: String,
+    port: u16,
+}
+
+/// `headers: {name: {exact|regex: value}}`.
+type HeaderMatches = BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Analysis {
+    interval: String,
+    threshold: u32,
+    max_weight: Option<u32>,
+    step_weight: Option<u32>,
+    iterations: Option<u32>,
+    mirror: Option<bool>,
+    mirror_weight: Option<u32>,
+    #[serde(rename = "match")]
+    matches: Option<Vec<HeaderMatches>>,
+    metrics: Vec<CanaryMetric>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CanaryMetric {
+    name: String,
+    template_ref: Option<BTreeMap<String, String>>,
+    threshold_range: BTreeMap<String, f64>,
+    interval: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricTemplateSpec {
+    provider: BTreeMap<String, String>,
+    query: String,
+}
+
+fn typed<S: DeserializeOwned>(object: &Value) -> Crd<S> {
+    serde_json::from_value(object.clone())
+        .unwrap_or_else(|e| panic!("{e}: {}", object["metadata"]["name"]))
+}
+
+/// The metric names a PromQL expression reads.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (start, _) in expr
+        .match_indices("aviary_")
+        .chain(expr.match_indices("http_request"))
+    {
+        let name: String = expr[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        names.insert(name);
+    }
+    names
+}
+
+/// Every series name the agent can export (the eBPF ones come from its counter names).
+fn exported() -> BTreeSet<String> {
+    // A family shows once it has a series: record one of each.
+    let metrics = Metrics::new(true, None);
+    let name = |s: &str| -> Arc<str> { s.into() };
+    let route = Route {
+        direction: Direction::outbound,
+        source_namespace: name("a"),
+        source_workload: name("a"),
+        destination_namespace: name("b"),
+        destination_service: name("b"),
+        destination_workload: name("b"),
+        destination_version: name("b"),
+    };
+    let labels = RequestLabels {
+        route: route.clone(),
+        method: MethodClass::GET,
+        status_code: 200,
+        mirror: false,
+    };
+    let pod = Workload {
+        namespace: name("b"),
+        workload: name("b"),
+        pod: name("b-1"),
+    };
+    metrics.request(&labels, Some(&pod), std::time::Duration::from_millis(1));
+    metrics.mirror(MirrorOutcome::Sent, &name("b"), &name("b"));
+    metrics.tcp_opened(&route);
+    metrics.tcp_closed(&route, 1, 1);
+    let text = metrics.render();
+    let mut names: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .flat_map(|l| {
+            let mut words = l.split(' ');
+            let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+            match kind {
+                "counter" => vec![format!("{name}_total")],
+                "histogram" => ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .map(|s| format!("{name}{s}"))
+                    .collect(),
+                _ => vec![name.to_owned()],
+            }
+        })
+        .collect();
+    names.extend(
+        aviary_abi::counter::NAMES
+            .iter()
+            .map(|n| format!("aviary_ebpf_{n}_total")),
+    );
+    names.insert("aviary_ebpf_map_entries".into());
+    names
+}
+
+#[test]
+fn the_monitoring_and_flagger_objects_are_well_formed_and_query_real_metrics() {
+    let exported = exported();
+    let monitor = &documents(&deploy().join("monitoring/podmonitor.yaml"))[0];
+    let monitor: Crd<PodMonitorSpec> = typed(monitor);
+    assert_eq!(
+        (monitor.api_version.as_str(), monitor.kind.as_str()),
+        ("monitoring.coreos.com/v1", "PodMonitor")
+    );
+    let endpoint = &monitor.spec.pod_metrics_endpoints[0];
+    assert_eq!(
+        (endpoint.port.as_str(), endpoint.path.as_str()),
+        ("metrics", "/metrics")
+    );
+    assert!(
+        endpoint.honor_labels,
+        "Flagger's labels name the destination pod"
+    );
+    assert!(!endpoint.interval.is_empty() && !monitor.spec.namespace_selector.is_empty());
+    assert_eq!(monitor.metadata.namespace.as_deref(), Some("aviary-system"));
+    let _ = &monitor.spec.selector;
+
+    let mut canaries = 0;
+    let mut templates = BTreeSet::new();
+    let mut referenced = BTreeSet::new();
+    for entry in fs::read_dir(deploy().join("flagger")).unwrap() {
+        for object in documents(&entry.unwrap().path()) {
+            match object["kind"].as_str().unwrap() {
+                "Canary" => {
+                    canaries += 1;
+                    let canary: Crd<CanarySpec> = typed(&object);
+                    assert_eq!(canary.api_version, "flagger.app/v1beta1");
+                    assert_eq!(canary.spec.provider, "gatewayapi:v1");
+                    let parent = &canary.spec.service.gateway_refs[0];
+                    assert_eq!(
+                        (parent.group.as_str(), parent.kind.as_str()),
+                        ("core", "Service")
+                    );
+                    assert_eq!(parent.port, canary.spec.service.port);
+                    assert_eq!(parent.name, canary.spec.target_ref["name"]);
+                    let _ = (&parent.namespace, canary.spec.service.target_port);
+                    let a = &canary.spec.analysis;
+                    assert!(a.step_weight.is_some() || a.iterations.is_some());
+                    if a.mirror == Some(true) {
+                        assert!(a.iterations.is_some(), "Flagger mirrors only in blue/green");
+                    }
+                    let _ = (
+                        &a.interval,
+                        a.threshold,
+                        a.max_weight,
+                        a.mirror_weight,
+                        &a.matches,
+                    );
+                    let _ = canary.spec.progress_deadline_seconds;
+                    for metric in &a.metrics {
+                        let _ = (&metric.threshold_range, &metric.interval);
+                        match &metric.template_ref {
+                            Some(r) => drop(referenced.insert(r["name"].clone())),
+                            None => assert!(
+                                ["request-success-rate", "request-duration"]
+                                    .contains(&metric.name.as_str()),
+                                "{} is not built in",
+                                metric.name
+                            ),
+                        }
+                    }
+                }
+                "MetricTemplate" => {
+                    let template: Crd<MetricTemplateSpec> = typed(&object);
+                    assert_eq!(template.spec.provider["type"], "prometheus");
+                    let names = metric_names(&template.spec.query);
+                    assert!(!names.is_empty());
+                    for name in names {
+                        assert!(exported.contains(&name), "{name} is not exported");
+                    }
+                    templates.insert(template.metadata.name.unwrap());
+                }
+                other => panic!("unexpected kind {other}"),
+            }
+        }
+    }
+    assert_eq!(canaries, 3, "canary, A/B and blue/green examples");
+    assert!(
+        referenced.is_subset(&templates),
+        "{referenced:?} vs {templates:?}"
+    );
+}
+
+#[test]
+fn the_grafana_dashboard_queries_real_metrics() {
+    let exported = exported();
+    let text = fs::read_to_string(deploy().join("grafana/aviary-dashboard.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let mut names = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            names.extend(metric_names(target["expr"].as_str().unwrap()));
+        }
+    }
+    for name in &names {
+        assert!(exported.contains(name), "{name} is not exported");
+    }
+    for needed in [
+        "aviary_requests_total",
+        "aviary_request_duration_seconds_bucket",
+        "aviary_mirror_requests_total",
+        "aviary_ebpf_connect_captured_total",
+        "aviary_ebpf_connect_failed_open_total",
+    ] {
+        assert!(names.contains(needed), "the dashboard lacks {needed}");
+    }
+}
+
+// The Helm chart. helm cannot be installed on these machines, so its templates are generated
+// from deploy/base by fixed substitutions (`AVIARY_UPDATE_CHART=1 cargo test --test deploy`
+// rewrites them), and rendered here by a renderer of exactly the template syntax they use.
+
+/// Base text -> template text.
+const SUBSTITUTIONS: [(&str, &str); 9] = [
+    (
+        "ghcr.io/aviary-mesh/aviary-agent:0.1.0",
+        "{{ .Values.image.repository }}:{{ .Values.image.tag }}",
+    ),
+    (
+        "namespace: aviary-system",
+        "namespace: {{ .Release.Namespace }}",
+    ),
+    (
+        "matchNames: [aviary-system]",
+        "matchNames: [{{ .Release.Namespace }}]",
+    ),
+    (
+        "value: /sys/fs/cgroup/kubepods.slice",
+        "value: {{ .Values.cgroupRoot }}",
+    ),
+    ("value: json", "value: {{ .Values.logFormat }}"),
+    ("cpu: 100m", "cpu: {{ .Values.resources.requests.cpu }}"),
+    (
+        "memory: 64Mi",
+        "memory: {{ .Values.resources.requests.memory }}",
+    ),
+    (
+        "cpu: \"2\"",
+        "cpu: {{ .Values.resources.limits.cpu | quote }}",
+    ),
+    (
+        "memory: 512Mi",
+        "memory: {{ .Values.resources.limits.memory }}",
+    ),
+];
+
+const GENERATED: &str =
+    "# Generated from deploy/ by tests/tests/deploy.rs; edit the plain manifests.\n";
+
+/// The chart's templates: every base file but the Namespace (`helm install --create-namespace`
+/// makes it), and the PodMonitor behind a value.
+fn chart_templates() -> BTreeMap<String, String> {
+    let mut templates = BTreeMap::new();
+    let kustomization = &documents(&deploy().join("base/kustomization.yaml"))[0];
+    let files = kustomization["resources"].as_array().unwrap().iter();
+    for file in files
+        .map(|f| f.as_str().unwrap())
+        .filter(|f| *f != "namespace.yaml")
+    {
+        let text = fs::read_to_string(deploy().join("base").join(file)).unwrap();
+        templates.insert(file.to_owned(), format!("{GENERATED}{}", substitute(&text)));
+    }
+    let monitor = fs::read_to_string(deploy().join("monitoring/podmonitor.yaml")).unwrap();
+    templates.insert(
+        "podmonitor.yaml".into(),
+        format!(
+            "{GENERATED}{{{{- if .Values.podMonitor.enabled }}}}\n{}{{{{- end }}}}\n",
+            substitute(&monitor)
+        ),
+    );
+    templates
+}
+
+fn substitute(text: &str) -> String {
+    SUBSTITUTIONS
+        .iter()
+        .fold(text.to_owned(), |text, (from, to)| text.replace(from, to))
+}
+
+/// Renders a template with `values`: `{{ .Values.a.b }}`, `| quote`, `{{ .Release.Namespace }}`,
+/// and a whole-file `{{- if .Values.x }}` block.
+fn render(template: &str, values: &Value, namespace: &str) -> String {
+    let lookup = |path: &str| -> Value {
+        path.trim_start_matches(".Values.")
+            .split('.')
+            .fold(values, |v, key| &v[key])
+            .clone()
+    };
+    let mut text = template.to_owned();
+    if let Some(start) = text.find("{{- if ") {
+        let end = text[start..].find("}}").unwrap() + start;
+        let condition = text[start + 7..end].trim().to_owned();
+        let body_start = text[end..].find('\n').unwrap() + end + 1;
+        let close = text.rfind("{{- end }}").expect("an end for the if");
+        text = if lookup(&condition).as_bool().unwrap_or(false) {
+            format!("{}{}", &text[..start], &text[body_start..close])
+        } else {
+            text[..start].to_owned()
+        };
+    }
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find("}}").unwrap() + start;
+        let expr = rest[start + 2..end].trim();
+        let (path, quote) = match expr.strip_suffix("| quote") {
+            Some(path) => (path.trim(), true),
+            None => (expr, false),
+        };
+        let value = match path {
+            ".Release.Namespace" => namespace.to_owned(),
+            path => match lookup(path) {
+                Value::String(s) => s,
+                Value::Null => panic!("no value {path}"),
+                other => other.to_string(),
+            },
+        };
+        out.push_str(&if quote { format!("\"{value}\"") } else { value });
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn the_helm_chart_renders_the_plain_manifests() {
+    let chart = deploy().join("helm/aviary");
+    let templates = chart_templates();
+    let dir = chart.join("templates");
+    if std::env::var_os("AVIARY_UPDATE_CHART").is_some() {
+        for (name, text) in &templates {
+            fs::write(dir.join(name), text).unwrap();
+        }
+    }
+    let on_disk: BTreeMap<String, String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, fs::read_to_string(&path).unwrap())
+        })
+        .collect();
+    assert!(
+        on_disk == templates,
+        "the chart's templates are stale: run AVIARY_UPDATE_CHART=1 cargo test -p aviary-tests --test deploy"
+    );
+
+    let mut values = documents(&chart.join("values.yaml")).remove(0);
+    let rendered = |values: &Value| -> Vec<Value> {
+        templates
+            .values()
+            .flat_map(|t| {
+                let text = render(t, values, "aviary-system");
+                serde_yaml::Deserializer::from_str(&text)
+                    .map(|d| Value::deserialize(d).unwrap())
+                    .filter(|d| !d.is_null())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let key = |o: &Value| format!("{}/{}", o["kind"], o["metadata"]["name"]);
+    let sorted = |mut objects: Vec<Value>| {
+        objects.sort_by_key(key);
+        objects
+    };
+    let plain: Vec<Value> = base_objects()
+        .into_iter()
+        .filter(|o| o["kind"] != "Namespace")
+        .collect();
+    assert_eq!(sorted(rendered(&values)), sorted(plain.clone()));
+
+    values["podMonitor"]["enabled"] = Value::Bool(true);
+    let mut with_monitor = plain;
+    with_monitor.extend(documents(&deploy().join("monitoring/podmonitor.yaml")));
+    assert_eq!(sorted(rendered(&values)), sorted(with_monitor));
+
+    // Values change what they should: another namespace and image.
+    values["image"]["tag"] = Value::String("9.9.9".into());
+    let objects = rendered(&values);
+    let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["containers"][0]["image"],
+        "ghcr.io/aviary-mesh/aviary-agent:9.9.9"
+    );
+}
+
+#[test]
+fn the_chart_metadata_is_valid() {
+    let chart = &documents(&deploy().join("helm/aviary/Chart.yaml"))[0];
+    assert_eq!(chart["apiVersion"], "v2");
+    assert_eq!(chart["name"], "aviary");
+    assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"));
+}
