@@ -34,7 +34,10 @@ use prometheus_client::{
 
 use crate::{
     ebpf::maps::Stats,
-    proxy::{http::MirrorOutcome, route::Workload},
+    proxy::{
+        http::MirrorOutcome,
+        route::{ServiceRoutes, Workload},
+    },
 };
 
 /// Series per family before it is cleared.
@@ -97,6 +100,29 @@ pub struct Route {
     pub destination_workload: Name,
     /// The backend Service chosen (e.g. podinfo-primary or podinfo-canary).
     pub destination_version: Name,
+}
+
+/// The label value for what is not known (no backend was chosen, or the pod is not known).
+pub const UNKNOWN: &str = "unknown";
+
+impl Route {
+    /// Traffic from `source` to `service`, answered by the backend Service `version` at `pod`.
+    pub fn outbound(
+        source: &Workload,
+        service: &ServiceRoutes,
+        version: Option<&Name>,
+        pod: Option<&Workload>,
+    ) -> Self {
+        Self {
+            direction: Direction::outbound,
+            source_namespace: source.namespace.clone(),
+            source_workload: source.workload.clone(),
+            destination_namespace: service.namespace.clone(),
+            destination_service: service.name.clone(),
+            destination_workload: pod.map_or_else(|| UNKNOWN.into(), |p| p.workload.clone()),
+            destination_version: version.cloned().unwrap_or_else(|| UNKNOWN.into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -411,4 +437,21 @@ impl Collector for Internal {
         }
         Ok(())
     }
+}
+
+/// The sum of the samples of `series` in exposition text whose labels include all of `labels`:
+/// how the tests and the demo read what the agent exported.
+pub fn sample(text: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

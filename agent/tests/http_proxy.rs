@@ -10,7 +10,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aviary_agent::metrics::Metrics;
+use aviary_agent::metrics::{sample, Metrics};
 use aviary_agent::proxy::{
     http::{HttpConfig, HttpProxy},
     route::{
@@ -143,18 +143,6 @@ impl TestProxy {
     fn sample(&self, series: &str, labels: &[(&str, &str)]) -> f64 {
         sample(&self.metrics.render(), series, labels)
     }
-}
-
-fn sample(text: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{series}{{")))
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// A routing table holding just SERVICE.

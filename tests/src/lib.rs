@@ -800,18 +800,3 @@ pub fn wait_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) ->
         std::thread::sleep(Duration::from_millis(20));
     }
 }
-
-/// The sum of the samples of `series` in Prometheus text whose labels include all of `labels`.
-pub fn metric_sample(text: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| {
-            line.starts_with(&format!("{series}{{")) || line.starts_with(&format!("{series} "))
-        })
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}

@@ -126,7 +126,7 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
     // The metrics count exactly that traffic.
     let metrics = scrape_metrics(&node, &watcher);
     let sample = |series: &str, labels: &[(&str, &str)]| {
-        aviary_tests::metric_sample(&metrics, series, labels)
+        aviary_agent::metrics::sample(&metrics, series, labels)
     };
     let from_client = [
         ("direction", "outbound"),

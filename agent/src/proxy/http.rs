@@ -31,7 +31,7 @@ use hyper_util::{
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::metrics::{self, Direction, MethodClass, Metrics, RequestLabels};
+use crate::metrics::{self, MethodClass, Metrics, RequestLabels};
 
 use super::{
     balance::{self, InFlight},
@@ -87,9 +87,6 @@ struct Answered {
     backend: Option<Arc<Backend>>,
     endpoint: Option<Arc<Endpoint>>,
 }
-
-/// The label value for what is not known (no backend was chosen, or the pod is not known).
-const UNKNOWN: &str = "unknown";
 
 /// Connects upstream sockets with the proxy's mark, so the capture programs leave them alone.
 #[derive(Debug, Clone, Copy)]
@@ -218,19 +215,12 @@ impl HttpProxy {
             .await;
         let pod = answered.endpoint.as_ref().and_then(|e| e.pod.clone());
         let labels = RequestLabels {
-            route: metrics::Route {
-                direction: Direction::outbound,
-                source_namespace: source.namespace.clone(),
-                source_workload: source.workload.clone(),
-                destination_namespace: service.namespace.clone(),
-                destination_service: service.name.clone(),
-                destination_workload: pod
-                    .as_ref()
-                    .map_or_else(|| UNKNOWN.into(), |p| p.workload.clone()),
-                destination_version: answered
-                    .backend
-                    .map_or_else(|| UNKNOWN.into(), |b| b.name.clone()),
-            },
+            route: metrics::Route::outbound(
+                source,
+                service,
+                answered.backend.as_ref().map(|b| &b.name),
+                pod.as_deref(),
+            ),
             method,
             status_code: response.status().as_u16(),
             mirror: false,
@@ -441,17 +431,7 @@ impl HttpProxy {
         let metrics = self.metrics.clone();
         let pod = endpoint.pod.clone();
         let mut labels = RequestLabels {
-            route: metrics::Route {
-                direction: Direction::outbound,
-                source_namespace: source.namespace.clone(),
-                source_workload: source.workload.clone(),
-                destination_namespace: service.namespace.clone(),
-                destination_service: service.name.clone(),
-                destination_workload: pod
-                    .as_ref()
-                    .map_or_else(|| UNKNOWN.into(), |p| p.workload.clone()),
-                destination_version: target.name.clone(),
-            },
+            route: metrics::Route::outbound(source, service, Some(&target.name), pod.as_deref()),
             method: MethodClass::from(&parts.method),
             status_code: 0,
             mirror: true,

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     ebpf::maps::OrigDstTable,
-    metrics::{Direction, Metrics, Route},
+    metrics::{Metrics, Route},
 };
 
 const BACKLOG: u32 = 4096;
@@ -110,18 +110,12 @@ impl Outbound {
             Detected::Http => self.http.clone().serve(client, dst, peer).await,
             Detected::Opaque => match tcp_target(&service) {
                 Some((backend, endpoint)) => {
-                    let route = Route {
-                        direction: Direction::outbound,
-                        source_namespace: source.namespace.clone(),
-                        source_workload: source.workload.clone(),
-                        destination_namespace: service.namespace.clone(),
-                        destination_service: service.name.clone(),
-                        destination_workload: endpoint
-                            .pod
-                            .as_ref()
-                            .map_or_else(|| "unknown".into(), |p| p.workload.clone()),
-                        destination_version: backend.name.clone(),
-                    };
+                    let route = Route::outbound(
+                        &source,
+                        &service,
+                        Some(&backend.name),
+                        endpoint.pod.as_deref(),
+                    );
                     self.splice(client, peer, endpoint.addr, Some(route)).await
                 }
                 None => {

@@ -119,11 +119,15 @@ fn report(
     } else {
         format!("from {:?}", peers.keys().collect::<Vec<_>>())
     };
+    let latency = tally(&out, "latency")?;
+    let ms = |key: &str| f64::from(latency.get(key).copied().unwrap_or(0)) / 1e3;
     println!(
-        "      {count} {method}s: {}, {} | {} | {path}",
+        "      {count} {method}s: {}, {} | {} | {path} | p50 {:.2} ms, p99 {:.2} ms",
         share("podinfo-primary"),
         share("podinfo-canary"),
-        statuses.join(", ")
+        statuses.join(", "),
+        ms("p50_us"),
+        ms("p99_us")
     );
     Ok(())
 }
@@ -251,7 +255,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     );
     let metrics = String::from_utf8_lossy(&out.stdout);
     let sample = |series: &str, labels: &[(&str, &str)]| {
-        aviary_tests::metric_sample(&metrics, series, labels)
+        aviary_agent::metrics::sample(&metrics, series, labels)
     };
     println!("      the agent's metrics (http://{metrics_addr}/metrics) say:");
     for outcome in ["sent", "skipped_not_idempotent"] {

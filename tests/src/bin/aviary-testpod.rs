@@ -75,8 +75,8 @@ enum Command {
     },
     /// `count` requests (or as many as fit in `secs`) on one keep-alive HTTP/1.1 connection;
     /// prints how many got each status ("status <code> <n>") and each backend ("backend <name>
-    /// <n>"), the peers the backends saw ("peer <ip> <n>"), and the backend of the last one
-    /// ("last <name>").
+    /// <n>"), the peers the backends saw ("peer <ip> <n>"), the backend of the last one
+    /// ("last <name>"), and the latency percentiles ("latency p50_us <n>", "latency p99_us <n>").
     HttpLoad {
         addr: SocketAddr,
         #[arg(long, default_value_t = u32::MAX)]
@@ -580,10 +580,12 @@ fn http_load(
     };
     let mut last = String::new();
     let mut peers = BTreeMap::<String, u32>::new();
+    let mut latencies = Vec::new();
     for _ in 0..count {
         if Instant::now() > deadline {
             break;
         }
+        let sent = Instant::now();
         let request = format!(
             "{method} {path} HTTP/1.1\r\nhost: podinfo\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
@@ -591,6 +593,7 @@ fn http_load(
         (&stream).write_all(request.as_bytes())?;
         let Message { start, headers, .. } =
             read_message(&mut reader)?.context("the connection closed")?;
+        latencies.push(sent.elapsed());
         let status = start.split(' ').nth(1).unwrap_or("?").to_owned();
         *statuses.entry(status).or_default() += 1;
         last = headers.get("x-backend").cloned().unwrap_or_default();
@@ -608,6 +611,12 @@ fn http_load(
     }
     for (backend, n) in backends {
         println!("backend {backend} {n}");
+    }
+    latencies.sort();
+    if let Some(last) = latencies.len().checked_sub(1) {
+        let at = |p: f64| latencies[(last as f64 * p).round() as usize].as_micros();
+        println!("latency p50_us {}", at(0.5));
+        println!("latency p99_us {}", at(0.99));
     }
     Ok(())
 }
