@@ -27,7 +27,7 @@ fn the_demo_shows_a_canary_split_mirroring_promotion_opt_out_and_fail_open() {
     };
 
     // 200 GETs split about 90/10 (20 expected; ±4.4 sigma), all answered 200, all proxied.
-    expect(3, "200 x 200 | through the node proxy");
+    expect(3, "200 x 200 | through the node proxy | p50 ");
     let canary: u32 = steps[3]
         .lines()
         .find(|l| l.contains("200 GETs"))

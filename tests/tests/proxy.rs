@@ -266,8 +266,41 @@ fn opaque_tcp_is_split_per_connection() {
         Duration::from_secs(60),
     );
     // 20 expected, standard deviation 4.2.
-    assert_split(&tally(&out, "name"), 200, 5..=40);
+    let by_backend = tally(&out, "name");
+    assert_split(&by_backend, 200, 5..=40);
     assert_eq!(agent.counter("connect_captured"), 200);
+
+    // Every connection is counted, by the backend the split chose, once it has closed.
+    let tcp = |metrics: &str, series: &str, version: &str| {
+        aviary_agent::metrics::sample(
+            metrics,
+            series,
+            &[
+                ("source_workload", "client"),
+                ("destination_service", "db"),
+                ("destination_version", version),
+            ],
+        )
+    };
+    let metrics = wait_until(Duration::from_secs(5), || {
+        let metrics = scrape_metrics(&node, &client);
+        let closed = tcp(
+            &metrics,
+            "aviary_tcp_connections_closed_total",
+            "db-primary",
+        ) + tcp(&metrics, "aviary_tcp_connections_closed_total", "db-canary");
+        (closed == 200.0).then_some(metrics)
+    })
+    .expect("every connection's close is counted");
+    let canary = f64::from(by_backend["canary"]);
+    assert_eq!(
+        tcp(&metrics, "aviary_tcp_connections_opened_total", "db-canary"),
+        canary
+    );
+    assert!(
+        tcp(&metrics, "aviary_tcp_received_bytes_total", "db-canary") > 0.0,
+        "{metrics}"
+    );
 }
 
 /// A GAMMA HTTPRoute on `podinfo`, as Flagger writes it, with these weights.
