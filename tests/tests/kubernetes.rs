@@ -506,3 +506,89 @@ async fn only_the_lease_holder_writes_status_and_another_agent_takes_over() {
     .await;
     drop(second);
 }
+
+/// The RBAC verb a request needs, and the resource it is on: "group/resource" (with a
+/// subresource after a second slash).
+fn rbac_of(request: &str) -> (String, String, &'static str) {
+    let (method, target) = request.split_once(' ').unwrap();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segments.as_slice() {
+        ["api", _, rest @ ..] => ("", rest),
+        ["apis", group, _, rest @ ..] => (*group, rest),
+        _ => panic!("not an API path: {request}"),
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        ["namespaces", _, resource] => (resource.to_string(), false),
+        ["namespaces", _, resource, _] => (resource.to_string(), true),
+        ["namespaces", _, resource, _, sub] => (format!("{resource}/{sub}"), true),
+        [resource, _] => (resource.to_string(), true),
+        _ => panic!("unexpected path {request}"),
+    };
+    let verb = match (method, named) {
+        ("GET", false) if query.contains("watch=true") => "watch",
+        ("GET", false) => "list",
+        ("GET", true) => "get",
+        ("POST", false) => "create",
+        ("PUT", true) => "update",
+        ("PATCH", true) => "patch",
+        _ => panic!("unexpected request {request}"),
+    };
+    (group.to_owned(), resource, verb)
+}
+
+#[tokio::test]
+async fn the_agent_uses_exactly_the_api_access_it_declares() {
+    let server = ApiServer::start().await.unwrap();
+    server.apply_yaml(CLUSTER);
+    server.apply_yaml(&http_route(0, 0));
+    let _source = start(&server, Some(NODE));
+    // Everything the agent does: list, watch, hold the lease, write status, record an Event.
+    eventually("the refused route's Event is recorded", || async {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("POST /apis/events.k8s.io/"))
+            .then_some(())
+    })
+    .await;
+    route_conditions(
+        &server,
+        &[
+            "Accepted=False/UnsupportedValue",
+            "ResolvedRefs=True/ResolvedRefs",
+        ],
+    )
+    .await;
+    eventually("the lease is renewed", || async {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("PUT /apis/coordination.k8s.io/"))
+            .then_some(())
+    })
+    .await;
+    let used: std::collections::BTreeSet<(String, String, &str)> =
+        server.requests().iter().map(|r| rbac_of(r)).collect();
+    let declared: std::collections::BTreeSet<(String, String, &str)> = kubernetes::api_access()
+        .into_iter()
+        .flat_map(|a| {
+            a.verbs
+                .into_iter()
+                .map(move |verb| (a.group.clone(), a.resource.clone(), verb))
+        })
+        .collect();
+    let undeclared: Vec<_> = used.difference(&declared).collect();
+    assert!(
+        undeclared.is_empty(),
+        "used but not declared: {undeclared:?}"
+    );
+    // Patching an Event happens only when the same Event repeats; everything else is used here.
+    let unused: Vec<_> = declared.difference(&used).collect();
+    assert_eq!(
+        unused,
+        [&("events.k8s.io".to_owned(), "events".to_owned(), "patch")],
+        "declared but not used"
+    );
+}
