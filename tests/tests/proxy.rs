@@ -339,7 +339,7 @@ fn flagger_cluster(
 #[test]
 fn a_weight_change_in_the_files_is_followed_within_a_second_and_no_request_fails() {
     let Some(node) = Node::new() else { return };
-    weight_change_is_followed_within_a_second(
+    let _ = weight_change_is_followed_within_a_second(
         &node,
         |cluster| node.write_policy(cluster),
         || node.start_agent(&[]),
@@ -356,7 +356,7 @@ fn a_weight_change_through_the_api_server_is_followed_within_a_second_and_no_req
     });
     let kubeconfig = node.policy_dir.join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).unwrap();
-    weight_change_is_followed_within_a_second(
+    let (agent, client) = weight_change_is_followed_within_a_second(
         &node,
         |cluster| {
             server.apply_yaml(cluster);
@@ -368,7 +368,19 @@ fn a_weight_change_through_the_api_server_is_followed_within_a_second_and_no_req
         .into_iter()
         .filter(|r| r.contains("watch=true"))
         .count();
-    assert!(watches >= 5, "the agent watched every kind");
+    assert!(watches >= 6, "the agent watched every kind");
+
+    // An API server outage changes nothing for traffic: the last snapshot stays in force.
+    server.set_down(true);
+    let out = load(&node, &client, "GET", 200);
+    assert_eq!(tally(&out, "status"), BTreeMap::from([("200".into(), 200)]));
+    assert_eq!(
+        tally(&out, "backend"),
+        BTreeMap::from([("canary".into(), 200)])
+    );
+    // The agent did see the outage (kube's client logs each refused request).
+    agent.wait_for_log("503 Service Unavailable", Duration::from_secs(10));
+    server.set_down(false);
 }
 
 /// Promotes the canary 100/0 -> 0/100 while one keep-alive connection carries requests: the
@@ -377,7 +389,7 @@ fn weight_change_is_followed_within_a_second(
     node: &Node,
     set_policy: impl Fn(&str),
     start_agent: impl FnOnce() -> aviary_tests::Agent,
-) {
+) -> (aviary_tests::Agent, Pod) {
     let client = node.add_pod("client");
     let (primary, canary) = (node.add_pod("primary"), node.add_pod("canary"));
     for pod in [&primary, &canary] {
@@ -432,6 +444,7 @@ fn weight_change_is_followed_within_a_second(
             "the open connection followed the promotion: {stdout}"
         );
     });
+    (agent, client)
 }
 
 #[test]
