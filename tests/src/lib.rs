@@ -255,6 +255,15 @@ impl Node {
     }
 
     /// A pod on the bridge with a cgroup `pod<uid>/<name>` under the root.
+    /// Pods that each serve HTTP on `port`, naming themselves in `x-backend`.
+    pub fn add_http_pods<const N: usize>(&self, names: [&str; N], port: u16) -> [Pod; N] {
+        names.map(|name| {
+            let pod = self.add_pod(name);
+            self.serve_http(&pod, port);
+            pod
+        })
+    }
+
     pub fn add_pod(&self, name: &str) -> Pod {
         let host = self.next_host.fetch_add(1, Ordering::Relaxed) as u8;
         let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), host);

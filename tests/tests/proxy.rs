@@ -59,14 +59,7 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
     let Some(node) = Node::new() else { return };
     let client = node.add_pod("client");
     let watcher = node.add_pod("watcher");
-    let (primary, canary, mirror) = (
-        node.add_pod("primary"),
-        node.add_pod("canary"),
-        node.add_pod("mirror"),
-    );
-    for pod in [&primary, &canary, &mirror] {
-        node.serve_http(pod, PORT);
-    }
+    let [primary, canary, mirror] = node.add_http_pods(["primary", "canary", "mirror"], PORT);
     let split = [
         ("aviary.dev/split", "podinfo-primary=90,podinfo-canary=10"),
         ("aviary.dev/mirror", "podinfo-mirror"),
@@ -391,10 +384,7 @@ fn weight_change_is_followed_within_a_second(
     start_agent: impl FnOnce() -> aviary_tests::Agent,
 ) -> (aviary_tests::Agent, Pod) {
     let client = node.add_pod("client");
-    let (primary, canary) = (node.add_pod("primary"), node.add_pod("canary"));
-    for pod in [&primary, &canary] {
-        node.serve_http(pod, PORT);
-    }
+    let [primary, canary] = node.add_http_pods(["primary", "canary"], PORT);
     let cluster = |primary_weight, canary_weight| {
         flagger_cluster(&client, &primary, &canary, primary_weight, canary_weight)
     };

@@ -409,14 +409,7 @@ mod http {
             bail!("wrk is not installed: run `cargo xtask bench`, which installs it");
         }
         let client = node.add_pod("hclient");
-        let (primary, canary, mirror) = (
-            node.add_pod("primary"),
-            node.add_pod("canary"),
-            node.add_pod("mirror"),
-        );
-        for pod in [&primary, &canary, &mirror] {
-            node.serve_http(pod, PORT);
-        }
+        let [primary, canary, mirror] = node.add_http_pods(["primary", "canary", "mirror"], PORT);
         let vip = |n: u8| std::net::IpAddr::from([10, 96, 1, n]);
         node.write_policy(&policy::documents(&[
             policy::namespace("bench", None),
