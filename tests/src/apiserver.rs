@@ -145,7 +145,9 @@ impl ApiServer {
             }
         } else {
             if object["metadata"]["uid"].is_null() {
-                object["metadata"]["uid"] = json!(format!("uid-{}-{}", id.namespace, id.name));
+                // Unique per creation, as real UIDs are.
+                let uid = format!("uid-{}-{}-{}", id.namespace, id.name, state.revision + 1);
+                object["metadata"]["uid"] = json!(uid);
             }
             object["metadata"]["generation"] = json!(1);
         }
@@ -712,7 +714,12 @@ fn create(state: &mut State, target: &Target, mut body: Value) -> Response<Body>
     if state.objects.contains_key(&id) {
         return status_response(StatusCode::CONFLICT, "AlreadyExists", "already exists");
     }
-    body["metadata"]["uid"] = json!(format!("uid-{}-{}", id.namespace, name));
+    body["metadata"]["uid"] = json!(format!(
+        "uid-{}-{}-{}",
+        id.namespace,
+        name,
+        state.revision + 1
+    ));
     body["metadata"]["generation"] = json!(1);
     state.record(id.clone(), "ADDED", body);
     respond(StatusCode::CREATED, &state.objects[&id])

@@ -446,6 +446,19 @@ async fn a_bad_route_keeps_its_last_good_version_and_says_why_in_status_and_an_e
             ]
     })
     .await;
+
+    // Deleted and created again under the same name, it is a new route: its status is written.
+    server.delete(ROUTE_API, "HTTPRoute", "test", "podinfo");
+    snapshot_where(&mut source.snapshots, "the deleted route is gone", |s| {
+        weights(s).is_empty()
+    })
+    .await;
+    server.apply_yaml(&http_route(0, 100));
+    route_conditions(
+        &server,
+        &["Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs"],
+    )
+    .await;
 }
 
 #[tokio::test]

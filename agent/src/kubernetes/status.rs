@@ -239,6 +239,7 @@ mod tests {
             message: String::new(),
         };
         RouteStatus {
+            uid: None,
             generation: Some(2),
             parents: vec![ParentStatus {
                 namespace: "test".into(),

@@ -51,6 +51,9 @@ pub struct ParentStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RouteStatus {
+    /// Which route this is: a route deleted and created again under its name between two
+    /// reports is another one, and needs its status written again.
+    pub uid: Option<String>,
     /// The metadata.generation the conditions describe.
     pub generation: Option<i64>,
     pub parents: Vec<ParentStatus>,
@@ -145,6 +148,7 @@ fn status(route: &HttpRoute, refusal: Option<&str>, services: &Services) -> Rout
         })
         .collect();
     RouteStatus {
+        uid: route.metadata.uid.clone(),
         generation: route.metadata.generation,
         parents,
     }
