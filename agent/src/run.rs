@@ -24,7 +24,10 @@ use crate::{
         maps::{CaptureTable, Listeners, OrigDstTable, Stats},
         Datapath, DatapathConfig,
     },
-    kubernetes::{self, lease::LeaseConfig},
+    kubernetes::{
+        self,
+        lease::{release, LeaseConfig},
+    },
     metrics::Metrics,
     policy::{self, Store},
     proxy::{
@@ -35,6 +38,9 @@ use crate::{
     },
     state::Publisher,
 };
+
+/// How long shutdown waits to hand the status lease back.
+const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Watcher updates waiting for the store; a full queue holds the watchers back.
 const UPDATE_QUEUE: usize = 4096;
@@ -96,6 +102,8 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
 
     let (publisher, snapshots) = Publisher::new(cfg.node_name.clone(), http_cfg.mirror_in_flight);
     tokio::spawn(apply_routes(snapshots.clone(), routes));
+    // The status writer, when this agent runs one: stopped, and its lease released, on shutdown.
+    let mut status_writer = None;
     match &cfg.policy {
         PolicySource::Local(path) => {
             tokio::spawn(watch_local(path.clone(), publisher));
@@ -113,7 +121,12 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
             tokio::spawn(kubernetes::apply_updates(updates, publisher, reports_tx));
             if *write_status {
                 let lease = LeaseConfig::new(namespace.clone(), node.clone());
-                tokio::spawn(kubernetes::status::write_reports(client, lease, reports));
+                let writer = tokio::spawn(kubernetes::status::write_reports(
+                    client.clone(),
+                    lease.clone(),
+                    reports,
+                ));
+                status_writer = Some((writer, client, lease));
             }
         }
     }
@@ -157,6 +170,18 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM: shutting down"),
         _ = interrupt.recv() => info!("SIGINT: shutting down"),
+    }
+    if let Some((writer, client, lease)) = status_writer {
+        // Another agent takes over status writing at once instead of after the lease expires.
+        writer.abort();
+        match tokio::time::timeout(LEASE_RELEASE_TIMEOUT, release(client, &lease)).await {
+            Ok(Ok(true)) => info!(lease = %lease.name, "released the status lease"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not release the status lease; it expires by itself")
+            }
+            Err(_) => tracing::warn!("releasing the status lease timed out; it expires by itself"),
+        }
     }
     Ok(())
 }

@@ -93,6 +93,10 @@ fn client(server: &ApiServer) -> kube::Client {
 }
 
 fn start(server: &ApiServer, status_writer: Option<&str>) -> Source {
+    start_with(server, status_writer.map(lease))
+}
+
+fn start_with(server: &ApiServer, status_writer: Option<LeaseConfig>) -> Source {
     let client = client(server);
     let (publisher, snapshots) = Publisher::new(Some(NODE.into()), 8);
     let (updates_tx, updates) = mpsc::channel(64);
@@ -101,11 +105,9 @@ fn start(server: &ApiServer, status_writer: Option<&str>) -> Source {
     let mut tasks = vec![tokio::spawn(kubernetes::apply_updates(
         updates, publisher, reports_tx,
     ))];
-    if let Some(identity) = status_writer {
+    if let Some(lease) = status_writer {
         tasks.push(tokio::spawn(kubernetes::status::write_reports(
-            client,
-            lease(identity),
-            reports,
+            client, lease, reports,
         )));
     }
     Source { snapshots, tasks }
@@ -603,5 +605,57 @@ async fn the_agent_uses_exactly_the_api_access_it_declares() {
         unused,
         [&("events.k8s.io".to_owned(), "events".to_owned(), "patch")],
         "declared but not used"
+    );
+}
+
+#[tokio::test]
+async fn a_released_lease_passes_to_another_agent_at_once() {
+    let server = ApiServer::start().await.unwrap();
+    server.apply_yaml(CLUSTER);
+    // Long enough that only a release explains a quick takeover.
+    let long = |identity: &str| LeaseConfig {
+        duration: Duration::from_secs(60),
+        ..lease(identity)
+    };
+    let holder = || {
+        server
+            .get(
+                "coordination.k8s.io/v1",
+                "Lease",
+                "aviary-system",
+                "aviary-status-writer",
+            )
+            .and_then(|lease| lease["spec"]["holderIdentity"].as_str().map(str::to_owned))
+    };
+    let first = start_with(&server, Some(long("node-a")));
+    eventually("node-a holds the lease", || async {
+        (holder().as_deref() == Some("node-a")).then_some(())
+    })
+    .await;
+    let _second = start_with(&server, Some(long("node-b")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(holder().as_deref(), Some("node-a"));
+
+    // What run() does on SIGTERM: stop the writer, then release.
+    drop(first);
+    let released = kubernetes::lease::release(client(&server), &long("node-a"))
+        .await
+        .unwrap();
+    assert!(released);
+    let started = std::time::Instant::now();
+    eventually("node-b holds the lease", || async {
+        (holder().as_deref() == Some("node-b")).then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !kubernetes::lease::release(client(&server), &long("node-a"))
+            .await
+            .unwrap(),
+        "only the holder releases"
     );
 }

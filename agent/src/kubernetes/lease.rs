@@ -152,6 +152,31 @@ impl LeaseHolder {
     }
 }
 
+/// Hands the lease back if this agent holds it, so that another agent takes it at its next
+/// check instead of after expiry. Returns whether it did.
+pub async fn release(client: Client, config: &LeaseConfig) -> Result<bool, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
+    let Some(mut lease) = api.get_opt(&config.name).await? else {
+        return Ok(false);
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(&config.identity) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    spec.lease_duration_seconds = Some(1);
+    match api
+        .replace(&config.name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(true),
+        // Someone wrote in between: the lease is no longer this agent's to release.
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn lease_duration(spec: &LeaseSpec, default: Duration) -> Duration {
     spec.lease_duration_seconds
         .filter(|s| *s > 0)
