@@ -455,3 +455,46 @@ pub fn sample(text: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror(metrics: &Metrics, service: usize) {
+        let name: Name = format!("svc-{service}").into();
+        metrics.mirror(MirrorOutcome::Sent, &name, &name);
+    }
+
+    #[test]
+    fn a_family_at_its_series_bound_is_cleared_and_the_reset_counted() {
+        let metrics = Metrics::new(false, None);
+        for service in 0..MAX_SERIES {
+            mirror(&metrics, service);
+        }
+        let text = metrics.render();
+        assert_eq!(
+            sample(&text, "aviary_metrics_series_resets_total", &[]),
+            0.0
+        );
+        assert_eq!(
+            sample(&text, "aviary_mirror_requests_total", &[]),
+            MAX_SERIES as f64
+        );
+        // An existing series never triggers the bound; a new one past it does.
+        mirror(&metrics, 0);
+        mirror(&metrics, MAX_SERIES);
+        let text = metrics.render();
+        assert_eq!(
+            sample(&text, "aviary_metrics_series_resets_total", &[]),
+            1.0
+        );
+        assert_eq!(sample(&text, "aviary_mirror_requests_total", &[]), 1.0);
+    }
+
+    #[test]
+    fn methods_outside_the_standard_ones_are_one_label_value() {
+        assert_eq!(MethodClass::from(&Method::GET), MethodClass::GET);
+        let custom = Method::from_bytes(b"PURGE").unwrap();
+        assert_eq!(MethodClass::from(&custom), MethodClass::OTHER);
+    }
+}
