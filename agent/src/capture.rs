@@ -1,7 +1,11 @@
 //! Keeps the capture maps equal to the policy in force: enrolled pods (by pod cgroup id) and
 //! captured service addresses.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use aviary_abi::SockAddr;
 use tracing::{info, warn};
@@ -51,7 +55,17 @@ pub async fn run(
             .iter()
             .map(|&addr| addr.into())
             .collect();
-        let synced = table.sync(&pods, &services);
+        let inbound: BTreeSet<Ipv4Addr> = snapshot
+            .policy
+            .enrolled
+            .values()
+            .flat_map(|pod| &pod.ips)
+            .filter_map(|ip| match ip {
+                IpAddr::V4(ip) => Some(*ip),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let synced = table.sync(&pods, &services, &inbound);
         if synced.is_ok() {
             ready.store(true, std::sync::atomic::Ordering::Release);
         }
@@ -62,6 +76,8 @@ pub async fn run(
                 pods_removed = changes.pods_removed,
                 services_added = changes.services_added,
                 services_removed = changes.services_removed,
+                inbound_added = changes.inbound_added,
+                inbound_removed = changes.inbound_removed,
                 "capture maps updated"
             ),
             Ok(_) => {}

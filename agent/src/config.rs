@@ -11,6 +11,7 @@ use clap::{Parser, ValueEnum};
 /// the same purpose; Aviary uses its own value so the two never take each other's traffic.
 pub const DEFAULT_PROXY_MARK: u32 = 0xa71a;
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
@@ -94,6 +95,15 @@ pub struct Args {
     #[arg(long, env = "AVIARY_PROXY_IP6")]
     pub proxy_ip6: Option<Ipv6Addr>,
 
+    /// Interfaces whose ingress traffic to enrolled pods is captured for the inbound proxy (the
+    /// node's uplink; comma-separated). None: no inbound capture.
+    #[arg(long, env = "AVIARY_INBOUND_INTERFACES", value_delimiter = ',')]
+    pub inbound_interfaces: Vec<String>,
+
+    /// Port of the inbound proxy listener.
+    #[arg(long, env = "AVIARY_INBOUND_PORT", default_value_t = DEFAULT_INBOUND_PORT)]
+    pub inbound_port: u16,
+
     /// Port of the outbound proxy listener.
     #[arg(long, env = "AVIARY_OUTBOUND_PORT", default_value_t = DEFAULT_OUTBOUND_PORT)]
     pub outbound_port: u16,
@@ -173,6 +183,8 @@ pub struct Config {
     pub health_addr: SocketAddr,
     pub flagger_metrics: bool,
     pub outbound_port: u16,
+    pub inbound_interfaces: Vec<String>,
+    pub inbound_port: u16,
     pub proxy_mark: u32,
     pub sk_msg: bool,
     pub log_format: LogFormat,
@@ -217,6 +229,8 @@ impl TryFrom<Args> for Config {
             health_addr: args.health_addr,
             flagger_metrics: args.flagger_metrics,
             outbound_port: args.outbound_port,
+            inbound_interfaces: args.inbound_interfaces,
+            inbound_port: args.inbound_port,
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,
             log_format: args.log_format,

@@ -54,6 +54,7 @@ pub type Name = Arc<str>;
 #[allow(non_camel_case_types)]
 pub enum Direction {
     outbound,
+    inbound,
 }
 
 /// A method as a label: the standard ones by name, any other as OTHER (methods are a client's
@@ -121,6 +122,21 @@ impl Route {
             destination_service: service.name.clone(),
             destination_workload: pod.map_or_else(|| UNKNOWN.into(), |p| p.workload.clone()),
             destination_version: version.cloned().unwrap_or_else(|| UNKNOWN.into()),
+        }
+    }
+}
+
+impl Route {
+    /// Traffic the inbound proxy delivered from `source` to the enrolled pod `destination`.
+    pub fn inbound(source: &Workload, destination: &Workload) -> Self {
+        Self {
+            direction: Direction::inbound,
+            source_namespace: source.namespace.clone(),
+            source_workload: source.workload.clone(),
+            destination_namespace: destination.namespace.clone(),
+            destination_service: UNKNOWN.into(),
+            destination_workload: destination.workload.clone(),
+            destination_version: UNKNOWN.into(),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use aviary_abi::{LISTENER_V4, LISTENER_V6};
+use aviary_abi::{LISTENER_INBOUND, LISTENER_V4, LISTENER_V6};
 use tokio::{
     net::TcpListener,
     signal::unix::{signal, SignalKind},
@@ -33,6 +33,7 @@ use crate::{
     proxy::{
         detect::DETECT_TIMEOUT,
         http::{HttpConfig, HttpProxy},
+        inbound::{self, Inbound},
         outbound::{self, Outbound},
         route::RouteTable,
     },
@@ -98,6 +99,19 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
         })?;
         listeners.register(LISTENER_V6, &v6)?;
         tokio::spawn(outbound.serve(v6));
+    }
+
+    if !cfg.inbound_interfaces.is_empty() {
+        let listener = inbound::bind(cfg.inbound_port).with_context(|| {
+            format!("binding the inbound listener on port {}", cfg.inbound_port)
+        })?;
+        listeners.register(LISTENER_INBOUND, &listener)?;
+        let inbound = Arc::new(Inbound {
+            mark: cfg.proxy_mark,
+            routes: routes.clone(),
+            metrics: metrics.clone(),
+        });
+        tokio::spawn(inbound.serve(listener));
     }
 
     let (publisher, snapshots) = Publisher::new(cfg.node_name.clone(), http_cfg.mirror_in_flight);

@@ -37,6 +37,10 @@ use aviary_agent::ebpf::maps::{CaptureTable, Stats};
 pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// The node's address on the pod bridge; pods reach the proxy here.
+/// The node's uplink to a remote host ([`Node::add_remote_host`]), and that host's address.
+pub const UPLINK: &str = "up0";
+pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
 /// The node name of test pods (spec.nodeName) and of an agent that reads the API server.
 pub const TEST_NODE: &str = "aviary-test-node";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
@@ -254,7 +258,6 @@ impl Node {
         sh(&args).map(drop)
     }
 
-    /// A pod on the bridge with a cgroup `pod<uid>/<name>` under the root.
     /// Pods that each serve HTTP on `port`, naming themselves in `x-backend`.
     pub fn add_http_pods<const N: usize>(&self, names: [&str; N], port: u16) -> [Pod; N] {
         names.map(|name| {
@@ -264,6 +267,46 @@ impl Node {
         })
     }
 
+    /// Another host, routed to this node over its uplink ([`UPLINK`], 10.0.0.1/30 on the node,
+    /// 10.0.0.2/30 on the host): a client on a second node. Its processes run in a cgroup
+    /// outside the pods' root.
+    pub fn add_remote_host(&self, name: &str) -> Pod {
+        let netns = format!("{}-{name}", self.id);
+        let host = Pod {
+            name: name.to_owned(),
+            uid: String::new(),
+            ip: REMOTE_IP,
+            ip6: Ipv6Addr::UNSPECIFIED,
+            cgroup: self.cgroup_base.join(name),
+            netns,
+        };
+        let build = || -> anyhow::Result<()> {
+            let (node, ns) = (self.netns.as_str(), host.netns.as_str());
+            sh(&["ip", "netns", "add", ns])?;
+            self.pods.lock().unwrap().push(ns.to_owned());
+            ip_in(
+                node,
+                &[
+                    "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                ],
+            )?;
+            ip_in(node, &["addr", "add", "10.0.0.1/30", "dev", UPLINK])?;
+            ip_in(node, &["link", "set", UPLINK, "up"])?;
+            ip_in(
+                ns,
+                &["addr", "add", &format!("{REMOTE_IP}/30"), "dev", "eth0"],
+            )?;
+            ip_in(ns, &["link", "set", "eth0", "up"])?;
+            ip_in(ns, &["link", "set", "lo", "up"])?;
+            ip_in(ns, &["route", "add", "default", "via", "10.0.0.1"])?;
+            fs::create_dir_all(&host.cgroup)?;
+            Ok(())
+        };
+        build().unwrap_or_else(|e| panic!("building remote host {name}: {e:#}"));
+        host
+    }
+
+    /// A pod on the bridge with a cgroup `pod<uid>/<name>` under the root.
     pub fn add_pod(&self, name: &str) -> Pod {
         let host = self.next_host.fetch_add(1, Ordering::Relaxed) as u8;
         let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), host);

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::Ipv4Addr,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -22,8 +23,11 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
 pub struct CaptureTable {
     enrolled: HashMap<MapData, u64, u32>,
     services: HashMap<MapData, SockAddr, u32>,
+    /// Enrolled pods' IPv4 addresses, in network order as the TC program reads them.
+    inbound: HashMap<MapData, u32, u32>,
     applied_pods: BTreeSet<u64>,
     applied_services: BTreeSet<SockAddr>,
+    applied_inbound: BTreeSet<u32>,
 }
 
 /// What a [`CaptureTable::sync`] changed.
@@ -33,6 +37,8 @@ pub struct SyncChanges {
     pub pods_removed: usize,
     pub services_added: usize,
     pub services_removed: usize,
+    pub inbound_added: usize,
+    pub inbound_removed: usize,
 }
 
 impl SyncChanges {
@@ -46,11 +52,14 @@ impl CaptureTable {
         let enrolled: HashMap<MapData, u64, u32> = open(pin_dir, map_name::ENROLLED)?.try_into()?;
         let services: HashMap<MapData, SockAddr, u32> =
             open(pin_dir, map_name::SERVICES)?.try_into()?;
+        let inbound: HashMap<MapData, u32, u32> = open(pin_dir, map_name::INBOUND)?.try_into()?;
         Ok(Self {
             applied_pods: enrolled.keys().collect::<Result<_, _>>()?,
             applied_services: services.keys().collect::<Result<_, _>>()?,
+            applied_inbound: inbound.keys().collect::<Result<_, _>>()?,
             enrolled,
             services,
+            inbound,
         })
     }
 
@@ -64,13 +73,22 @@ impl CaptureTable {
         self.services.keys().collect()
     }
 
-    /// Makes the maps hold exactly these pods and services. Adds go in before removals, so that
-    /// a pod moving between two states never passes through "not enrolled".
+    /// Makes the maps hold exactly these pods, services and inbound pod addresses. Adds go in
+    /// before removals, so that a pod moving between two states never passes through "not
+    /// enrolled".
     pub fn sync(
         &mut self,
         pods: &BTreeSet<u64>,
         services: &BTreeSet<SockAddr>,
+        inbound: &BTreeSet<Ipv4Addr>,
     ) -> anyhow::Result<SyncChanges> {
+        let inbound: BTreeSet<u32> = inbound
+            .iter()
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .collect();
+        let (inbound_added, inbound_removed) =
+            sync_set(&mut self.inbound, &mut self.applied_inbound, &inbound)
+                .with_context(|| format!("updating {}", map_name::INBOUND))?;
         let (pods_added, pods_removed) = sync_set(&mut self.enrolled, &mut self.applied_pods, pods)
             .with_context(|| format!("updating {}", map_name::ENROLLED))?;
         let (services_added, services_removed) =
@@ -81,6 +99,8 @@ impl CaptureTable {
             pods_removed,
             services_added,
             services_removed,
+            inbound_added,
+            inbound_removed,
         })
     }
 }

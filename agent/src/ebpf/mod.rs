@@ -5,6 +5,7 @@
 //! cgroup attachment. sk_msg is attached to the pinned SOCKETS map and lives as long as it does.
 
 pub mod maps;
+mod routing;
 
 use std::{
     fs, io,
@@ -17,7 +18,8 @@ use aya::{
     maps::{Array, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SkMsg, SockOps,
+        TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -32,6 +34,7 @@ const CONNECT4: &str = "aviary_connect4";
 const CONNECT6: &str = "aviary_connect6";
 const SOCK_OPS: &str = "aviary_sock_ops";
 const SK_MSG: &str = "aviary_sk_msg";
+const INBOUND: &str = "aviary_inbound";
 
 /// Linux 5.10: listening sockets in a SockMap (fail-open check), cgroup bpf_link, ancestor
 /// cgroup ids in connect programs, and sk_msg on TCP.
@@ -45,6 +48,8 @@ const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 #[derive(Debug, Clone)]
 pub struct DatapathConfig {
     pub cgroup_root: PathBuf,
+    /// Where inbound capture runs (TC ingress); empty: nowhere.
+    pub inbound_interfaces: Vec<String>,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
     pub programs: AgentConfig,
@@ -62,6 +67,7 @@ impl DatapathConfig {
         });
         Self {
             cgroup_root: cfg.cgroup_root.clone(),
+            inbound_interfaces: cfg.inbound_interfaces.clone(),
             bpffs: cfg.bpffs.clone(),
             pin_dir: cfg.pin_dir.clone(),
             programs: AgentConfig {
@@ -80,6 +86,8 @@ impl DatapathConfig {
 pub struct Datapath {
     pin_dir: PathBuf,
     links: Vec<PinnedLink>,
+    /// Whether the inbound policy routing is installed (and so removed at shutdown).
+    inbound_routing: bool,
     ebpf: Ebpf,
 }
 
@@ -96,6 +104,7 @@ impl Datapath {
         let mut datapath = Self {
             pin_dir: cfg.pin_dir.clone(),
             links: Vec::new(),
+            inbound_routing: false,
             ebpf: EbpfLoader::new()
                 .load(PROGRAMS)
                 .map_err(|e| explain("loading the eBPF object", &e))?,
@@ -158,6 +167,20 @@ impl Datapath {
         prog.load().map_err(|e| explain("loading sk_msg", &e))?;
         prog.attach(&sockets_fd)
             .map_err(|e| explain("attaching sk_msg", &e))?;
+
+        if !cfg.inbound_interfaces.is_empty() {
+            // Links held by the loaded object, not pinned: a killed agent's TC programs go
+            // with it, and inbound traffic reaches the pods directly.
+            let prog: &mut SchedClassifier = program(ebpf, INBOUND)?;
+            prog.load().map_err(|e| explain("loading inbound", &e))?;
+            for interface in &cfg.inbound_interfaces {
+                prog.attach(interface, TcAttachType::Ingress)
+                    .map_err(|e| explain(&format!("attaching inbound to {interface}"), &e))?;
+            }
+            routing::install_inbound()?;
+            self.inbound_routing = true;
+            info!(interfaces = ?cfg.inbound_interfaces, "inbound capture attached");
+        }
         info!(
             cgroup_root = %cfg.cgroup_root.display(),
             pins = %self.pin_dir.display(),
@@ -172,6 +195,11 @@ impl Datapath {
 
     /// Detaches every program and removes every pin.
     pub fn shutdown(mut self) {
+        if self.inbound_routing {
+            if let Err(e) = routing::remove_inbound() {
+                warn!(error = %format!("{e:#}"), "removing the inbound policy routing");
+            }
+        }
         for link in self.links.drain(..) {
             // Unpinning drops the last reference to the link, which detaches it.
             if let Err(e) = link.unpin() {

@@ -418,6 +418,8 @@ pub struct EnrolledPod {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// Its addresses, whose inbound connections the TC programs steer to the proxy.
+    pub ips: BTreeSet<IpAddr>,
 }
 
 /// What the datapath enforces.
@@ -480,6 +482,7 @@ pub fn compile(store: &Store, node: Option<&str>) -> Policy {
                 namespace: namespace.to_owned(),
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 uid: pod.metadata.uid.clone().unwrap_or_default(),
+                ips: pod_ips(pod),
             })
         })
         .map(|pod| (pod.uid.clone(), pod))
@@ -492,6 +495,19 @@ pub fn compile(store: &Store, node: Option<&str>) -> Policy {
         .collect();
 
     Policy { enrolled, captured }
+}
+
+/// A pod's addresses, from `status.podIPs` (and `status.podIP`, which older objects carry alone).
+fn pod_ips(pod: &Pod) -> BTreeSet<IpAddr> {
+    let status = pod.status.as_ref();
+    status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|ip| ip.ip.as_str())
+        .chain(status.and_then(|s| s.pod_ip.as_deref()))
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
 }
 
 fn is_local(pod: &Pod, node: Option<&str>) -> bool {

@@ -3,6 +3,7 @@
 pub mod balance;
 pub mod detect;
 pub mod http;
+pub mod inbound;
 pub mod outbound;
 pub mod route;
 pub mod split;
@@ -11,6 +12,13 @@ use std::{io, net::SocketAddr};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpSocket, TcpStream};
+use tracing::debug;
+
+use crate::metrics::{Metrics, Route};
+
+/// Per direction: large enough that a bulk transfer moves in few reads and writes (tokio's
+/// default of 8 KiB costs a wakeup every 8 KiB).
+const SPLICE_BUFFER: usize = 64 * 1024;
 
 /// Connects an upstream socket carrying the proxy's mark, which the capture programs skip: the
 /// proxy's own traffic is never captured again.
@@ -26,4 +34,48 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
     let stream = socket.connect(dst).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Connects to `dst` (marked) and copies bytes both ways until both sides close; a connection
+/// with a `route` is counted in the metrics.
+pub async fn splice(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    mark: u32,
+    metrics: &Metrics,
+    route: Option<&Route>,
+) {
+    let mut upstream = match connect_marked(dst, mark).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            debug!(%peer, %dst, error = %e, "upstream connect failed");
+            let _ = client.set_zero_linger();
+            return;
+        }
+    };
+    if let Some(route) = route {
+        metrics.tcp_opened(route);
+    }
+    let copied = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        SPLICE_BUFFER,
+        SPLICE_BUFFER,
+    )
+    .await;
+    let (sent, received) = match copied {
+        Ok((sent, received)) => {
+            debug!(%peer, %dst, sent, received, "connection closed");
+            (sent, received)
+        }
+        Err(e) => {
+            // The byte counts of a failed copy are not known; the close still counts.
+            debug!(%peer, %dst, error = %e, "connection ended with an error");
+            (0, 0)
+        }
+    };
+    if let Some(route) = route {
+        metrics.tcp_closed(route, sent, received);
+    }
 }

@@ -31,9 +31,6 @@ use crate::{
 };
 
 const BACKLOG: u32 = 4096;
-/// Per direction: large enough that a bulk transfer moves in few reads and writes (tokio's
-/// default of 8 KiB costs a wakeup every 8 KiB).
-const SPLICE_BUFFER: usize = 64 * 1024;
 
 /// Binds the IPv4 listener on every address: pods reach it at the node address the programs
 /// redirect to.
@@ -129,43 +126,12 @@ impl Outbound {
     /// Copies bytes both ways; a routed connection (`route`) is counted in the metrics.
     async fn splice(
         &self,
-        mut client: TcpStream,
+        client: TcpStream,
         peer: SocketAddr,
         dst: SocketAddr,
         route: Option<Route>,
     ) {
-        let mut upstream = match super::connect_marked(dst, self.mark).await {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                debug!(%peer, %dst, error = %e, "upstream connect failed");
-                let _ = client.set_zero_linger();
-                return;
-            }
-        };
-        if let Some(route) = &route {
-            self.metrics.tcp_opened(route);
-        }
-        let copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            SPLICE_BUFFER,
-            SPLICE_BUFFER,
-        )
-        .await;
-        let (sent, received) = match copied {
-            Ok((sent, received)) => {
-                debug!(%peer, %dst, sent, received, "connection closed");
-                (sent, received)
-            }
-            Err(e) => {
-                // The byte counts of a failed copy are not known; the close still counts.
-                debug!(%peer, %dst, error = %e, "connection ended with an error");
-                (0, 0)
-            }
-        };
-        if let Some(route) = &route {
-            self.metrics.tcp_closed(route, sent, received);
-        }
+        super::splice(client, peer, dst, self.mark, &self.metrics, route.as_ref()).await
     }
 }
 

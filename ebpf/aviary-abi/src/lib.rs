@@ -20,9 +20,10 @@ pub mod map_name {
     pub const SOCKETS: &str = "SOCKETS";
     pub const MSG_BYPASS: &str = "MSG_BYPASS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const INBOUND: &str = "INBOUND";
 
     /// Every map that holds state, and so is pinned. (The compiler's read-only data maps are not.)
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONFIG,
         ENROLLED,
         SERVICES,
@@ -32,6 +33,7 @@ pub mod map_name {
         SOCKETS,
         MSG_BYPASS,
         COUNTERS,
+        INBOUND,
     ];
 }
 
@@ -44,12 +46,21 @@ pub mod capacity {
     pub const ORIG_DST: u32 = 262_144;
     pub const SOCKETS: u32 = 262_144;
     pub const MSG_BYPASS: u32 = 65_536;
+    /// Addresses of enrolled pods on this node, for inbound capture.
+    pub const INBOUND: u32 = 16_384;
 }
 
 /// Slots of the LISTENERS SockMap: the proxy's listening sockets. A slot empties by itself when
 /// the socket closes, which is how the programs know the proxy is gone and fail open.
 pub const LISTENER_V4: u32 = 0;
 pub const LISTENER_V6: u32 = 1;
+/// The inbound listener (15006), which TC programs hand new inbound connections to.
+pub const LISTENER_INBOUND: u32 = 2;
+pub const LISTENER_SLOTS: u32 = 3;
+
+/// The mark inbound packets carry so that policy routing delivers them to the host, where the
+/// socket assigned to them (the proxy's) receives them.
+pub const INBOUND_MARK: u32 = 0xa71b;
 
 /// How deep the connect programs look for an enrolled pod among the caller's cgroup ancestors.
 /// Pod cgroups sit at different depths (the kubelet puts Guaranteed pods at `kubepods/pod<uid>`,
@@ -74,7 +85,11 @@ pub mod counter {
     /// A connection whose messages take the TCP path, because its peer was not in the SockHash
     /// when it first sent (once a connection used TCP it stays on TCP, to keep bytes in order).
     pub const SK_MSG_FALLBACK: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// A new inbound connection to an enrolled pod, handed to the inbound listener.
+    pub const INBOUND_CAPTURED: u32 = 7;
+    /// A new inbound connection left to go to the pod directly: no inbound listener exists.
+    pub const INBOUND_FAILED_OPEN: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// Names, in index order, as the agent reports them.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -85,6 +100,8 @@ pub mod counter {
         "orig_dst_recorded",
         "sk_msg_redirected",
         "sk_msg_fallback",
+        "inbound_captured",
+        "inbound_failed_open",
     ];
 }
 

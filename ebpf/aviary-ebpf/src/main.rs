@@ -12,21 +12,23 @@ use core::ffi::c_void;
 
 use aviary_abi::{
     capacity, counter, local_port, remote_port, AgentConfig, SockAddr, SockKey, AF_INET, AF_INET6,
-    CONFIG_IPV6, CONFIG_SK_MSG, LISTENER_V4, LISTENER_V6, MAX_CGROUP_DEPTH,
+    CONFIG_IPV6, CONFIG_SK_MSG, INBOUND_MARK, LISTENER_INBOUND, LISTENER_SLOTS, LISTENER_V4,
+    LISTENER_V6, MAX_CGROUP_DEPTH,
 };
 use aya_ebpf::{
     bindings::{
-        sk_action::SK_PASS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sock_tuple, sk_action::SK_PASS, BPF_F_CURRENT_NETNS, BPF_F_INGRESS,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_map_lookup_elem,
-        bpf_sk_release,
+        bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
     },
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    macros::{cgroup_sock_addr, classifier, map, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
     EbpfContext,
 };
 
@@ -46,7 +48,7 @@ static ENROLLED: HashMap<u64, u32> = HashMap::with_max_entries(capacity::ENROLLE
 static SERVICES: HashMap<SockAddr, u32> = HashMap::with_max_entries(capacity::SERVICES, 0);
 
 #[map]
-static LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
+static LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);
 
 #[map]
 static ORIG_BY_COOKIE: LruHashMap<u64, SockAddr> =
@@ -67,6 +69,11 @@ static MSG_BYPASS: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(capac
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Enrolled pods' IPv4 addresses on this node (network order, as in the packet), for inbound
+/// capture.
+#[map]
+static INBOUND: HashMap<u32, u32> = HashMap::with_max_entries(capacity::INBOUND, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -310,6 +317,99 @@ pub fn aviary_sk_msg(ctx: SkMsgContext) -> u32 {
 }
 
 #[cfg(not(test))]
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Inbound capture, at TC ingress of the node's uplink: a TCP packet to an enrolled pod goes to
+/// the proxy's socket for its connection, and a new connection (a SYN) to the inbound listener.
+/// The mark makes policy routing deliver it to the host, where the assigned socket takes it.
+/// Everything else, and connections that existed before the pod was enrolled, pass untouched.
+#[classifier]
+pub fn aviary_inbound(ctx: TcContext) -> i32 {
+    let _ = steer_inbound(&ctx);
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn steer_inbound(ctx: &TcContext) -> Option<()> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    if ethertype != ETH_P_IP.to_be() {
+        return None;
+    }
+    let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    if version_ihl >> 4 != 4 || protocol != IPPROTO_TCP {
+        return None;
+    }
+    let saddr: u32 = ctx.load(ETH_HLEN + 12).ok()?;
+    let daddr: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+    // SAFETY: the value is only tested for presence.
+    unsafe { INBOUND.get(daddr) }?;
+    let l4 = ETH_HLEN + usize::from(version_ihl & 0x0f) * 4;
+    let sport: u16 = ctx.load(l4).ok()?;
+    let dport: u16 = ctx.load(l4 + 2).ok()?;
+    let flags: u8 = ctx.load(l4 + 13).ok()?;
+
+    // SAFETY: a zeroed bpf_sock_tuple is valid; its ipv4 member is filled below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = saddr;
+    tuple.__bindgen_anon_1.ipv4.daddr = daddr;
+    tuple.__bindgen_anon_1.ipv4.sport = sport;
+    tuple.__bindgen_anon_1.ipv4.dport = dport;
+    let skb = ctx.skb.skb as *mut c_void;
+    // The proxy's socket for this connection, if it has one: its local address is the pod's.
+    // SAFETY: the tuple is on the stack and sized for IPv4; a found socket is released below.
+    let sk = unsafe { bpf_skc_lookup_tcp(skb, &mut tuple, 12, BPF_F_CURRENT_NETNS as u64, 0) };
+    if !sk.is_null() {
+        // SAFETY: `sk` is a referenced socket the verifier lets us read `state` of.
+        let state = unsafe { (*sk).state };
+        if state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT {
+            // SAFETY: assign and release a referenced socket.
+            let assigned = unsafe {
+                let assigned = bpf_sk_assign(skb, sk as *mut c_void, 0);
+                bpf_sk_release(sk as *mut c_void);
+                assigned
+            };
+            if assigned == 0 {
+                ctx.set_mark(INBOUND_MARK);
+            }
+            return Some(());
+        }
+        // SAFETY: release the reference the lookup took.
+        unsafe { bpf_sk_release(sk as *mut c_void) };
+    }
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        // Not the start of a connection, and not one of the proxy's: it predates enrollment.
+        return None;
+    }
+    let key = LISTENER_INBOUND;
+    // SAFETY: a SockMap lookup returns a referenced socket or null; it is released below.
+    let listener = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::addr_of!(LISTENERS) as *mut c_void,
+            core::ptr::addr_of!(key) as *const c_void,
+        )
+    };
+    if listener.is_null() {
+        count(counter::INBOUND_FAILED_OPEN);
+        return None;
+    }
+    // SAFETY: assign and release a referenced socket.
+    let assigned = unsafe {
+        let assigned = bpf_sk_assign(skb, listener, 0);
+        bpf_sk_release(listener);
+        assigned
+    };
+    if assigned == 0 {
+        ctx.set_mark(INBOUND_MARK);
+        count(counter::INBOUND_CAPTURED);
+    }
+    Some(())
+}
+
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -1,0 +1,64 @@
+//! The inbound listener (port 15006): takes the connections the TC programs steered to it from
+//! the node's uplink. Each one arrives with the pod's address as its local address (the TC
+//! program assigned the SYN to this listener, TPROXY-style), and is forwarded to that pod.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use nix::sys::socket::{setsockopt, sockopt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::warn;
+
+use super::route::RouteTable;
+use crate::metrics::{Metrics, Route};
+
+/// Binds the inbound listener. IP_TRANSPARENT lets its connections answer from the pods'
+/// addresses, which are not the node's.
+pub fn bind(port: u16) -> io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    setsockopt(&socket, sockopt::IpTransparent, &true)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind((Ipv4Addr::UNSPECIFIED, port).into())?;
+    socket.listen(4096)
+}
+
+pub struct Inbound {
+    /// The proxy's mark, on its connections to the pods.
+    pub mark: u32,
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Inbound {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((client, peer)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.handle(client, peer).await });
+                }
+                Err(e) => {
+                    warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        let Ok(pod) = client.local_addr() else {
+            return;
+        };
+        let route = {
+            let table = self.routes.load();
+            Route::inbound(&table.pod(peer.ip()), &table.pod(pod.ip()))
+        };
+        super::splice(client, peer, pod, self.mark, &self.metrics, Some(&route)).await
+    }
+}

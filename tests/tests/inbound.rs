@@ -1,0 +1,92 @@
+//! Inbound capture from the node's uplink: a client on another host reaches an enrolled pod
+//! through the inbound proxy, other pods directly, and every pod directly once the agent is gone.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use aviary_tests::{policy, wait_until, Node, Pod, NODE_IP, REMOTE_IP, UPLINK};
+
+const PORT: u16 = 8080;
+
+/// "word key n" lines of a client's output, as key -> n.
+fn tally(out: &std::process::Output, word: &str) -> BTreeMap<String, u32> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix(word)?.trim().split(' ');
+            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Who the server saw each of 20 requests (on one connection) come from.
+fn peers(node: &Node, client: &Pod, server: &Pod) -> BTreeMap<String, u32> {
+    let out = node.run(
+        client,
+        &[
+            "http-load",
+            &format!("{}:{PORT}", server.ip),
+            "--count",
+            "20",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(tally(&out, "status"), BTreeMap::from([("200".into(), 20)]));
+    assert_eq!(
+        tally(&out, "backend").keys().collect::<Vec<_>>(),
+        [&server.name]
+    );
+    tally(&out, "peer")
+}
+
+#[test]
+fn a_remote_client_reaches_an_enrolled_pod_through_the_inbound_proxy() {
+    let Some(node) = Node::new() else { return };
+    let [enrolled, plain] = node.add_http_pods(["enrolled", "plain"], PORT);
+    let remote = node.add_remote_host("remote");
+    node.write_policy(&policy::documents(&[
+        policy::namespace("shop", Some("enabled")),
+        policy::namespace("other", None),
+        policy::pod(&enrolled, "shop", None),
+        policy::pod(&plain, "other", None),
+    ]));
+    let mut agent = node.start_agent(&["--inbound-interfaces", UPLINK]);
+    agent.wait_for_log("inbound_added=1", Duration::from_secs(10));
+
+    // Through the proxy: the pod sees the node, and its replies reach the client intact.
+    let via_node = BTreeMap::from([(NODE_IP.to_string(), 20)]);
+    assert_eq!(peers(&node, &remote, &enrolled), via_node);
+    assert_eq!(agent.counter("inbound_captured"), 1);
+    // Not enrolled: untouched.
+    let direct = BTreeMap::from([(REMOTE_IP.to_string(), 20)]);
+    assert_eq!(peers(&node, &remote, &plain), direct);
+    assert_eq!(agent.counter("inbound_captured"), 1);
+
+    let metrics = wait_until(Duration::from_secs(5), || {
+        let out = node.run(
+            &plain,
+            &["http-get", &format!("{NODE_IP}:15020"), "/metrics"],
+            Duration::from_secs(10),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let closed = aviary_agent::metrics::sample(
+            &text,
+            "aviary_tcp_connections_closed_total",
+            &[
+                ("direction", "inbound"),
+                ("destination_namespace", "shop"),
+                ("destination_workload", "enrolled"),
+            ],
+        );
+        (closed == 1.0).then_some(text)
+    });
+    assert!(metrics.is_some(), "the inbound connection is counted");
+
+    // Without the agent, inbound traffic reaches the pod directly.
+    agent.kill();
+    assert_eq!(peers(&node, &remote, &enrolled), direct);
+}
