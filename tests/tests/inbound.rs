@@ -89,4 +89,15 @@ fn a_remote_client_reaches_an_enrolled_pod_through_the_inbound_proxy() {
     // Without the agent, inbound traffic reaches the pod directly.
     agent.kill();
     assert_eq!(peers(&node, &remote, &enrolled), direct);
+
+    // A new agent replaces the policy routing the killed one left; a stopped one removes it.
+    let rules = || aviary_tests::sh(&["ip", "-n", &node.netns, "rule"]).unwrap();
+    assert!(rules().contains("fwmark 0xa71b"), "{}", rules());
+    let mut agent = node.start_agent(&["--inbound-interfaces", UPLINK]);
+    agent.wait_for_log("inbound_added=1", Duration::from_secs(10));
+    assert_eq!(rules().matches("fwmark 0xa71b").count(), 1, "{}", rules());
+    assert_eq!(peers(&node, &remote, &enrolled), via_node);
+    assert!(agent.terminate().success());
+    assert!(!rules().contains("fwmark 0xa71b"), "{}", rules());
+    assert_eq!(peers(&node, &remote, &enrolled), direct);
 }

@@ -1,63 +1,133 @@
-//! The policy routing inbound capture needs: packets the TC program marked are delivered to the
-//! host (a `local` route in a table of their own), where the socket assigned to them takes them.
+//! The policy routing inbound capture needs, over rtnetlink: packets the TC program marked are
+//! delivered to the host (a `local` route in a table of their own), where the socket assigned
+//! to them takes them.
 
-use std::process::Command;
+use std::net::Ipv4Addr;
 
-use anyhow::{bail, Context as _};
+use anyhow::{anyhow, Context as _};
 use aviary_abi::INBOUND_MARK;
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    packet_route::{
+        route::{RouteAttribute, RouteScope, RouteType},
+        rule::{RuleAction, RuleAttribute},
+    },
+    Handle, IpVersion, RouteMessageBuilder,
+};
 
 /// The routing table of marked packets, named after the mark.
 const TABLE: u32 = INBOUND_MARK;
 /// Before the main table (32766), after the local one (0).
 const PRIORITY: u32 = 100;
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .with_context(|| format!("running ip {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+/// Runs `f` on a netlink connection, on a thread of its own: the datapath is set up and torn
+/// down from synchronous code, inside or outside the agent's runtime.
+fn with_netlink<F, Fut>(what: &str, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Handle) -> Fut + Send,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    let (connection, handle, _) = rtnetlink::new_connection()?;
+                    tokio::spawn(connection);
+                    f(handle).await
+                })
+            })
+            .join()
+            .map_err(|_| anyhow!("the netlink thread panicked"))?
+    })
+    .with_context(|| what.to_owned())
 }
 
-/// Installs the rule and the route, replacing any left by a killed agent.
+/// The route that makes every marked packet local.
+fn local_route() -> rtnetlink::packet_route::route::RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .table_id(TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .output_interface(1) // lo
+        .build()
+}
+
+/// Installs the rule and the route, replacing any a killed agent left.
 pub fn install_inbound() -> anyhow::Result<()> {
-    let _ = remove_inbound();
-    let (mark, table, priority) = (
-        format!("{INBOUND_MARK:#x}"),
-        TABLE.to_string(),
-        PRIORITY.to_string(),
-    );
-    ip(&[
-        "rule", "add", "fwmark", &mark, "lookup", &table, "priority", &priority,
-    ])?;
-    ip(&[
-        "route",
-        "replace",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        &table,
-    ])
+    with_netlink(
+        "installing the inbound policy routing",
+        |handle| async move {
+            remove(&handle).await?;
+            handle
+                .rule()
+                .add()
+                .v4()
+                .fw_mark(INBOUND_MARK)
+                .table_id(TABLE)
+                .priority(PRIORITY)
+                .action(RuleAction::ToTable)
+                .execute()
+                .await?;
+            handle
+                .route()
+                .add(local_route())
+                .replace()
+                .execute()
+                .await?;
+            Ok(())
+        },
+    )
 }
 
 pub fn remove_inbound() -> anyhow::Result<()> {
-    let (mark, table, priority) = (
-        format!("{INBOUND_MARK:#x}"),
-        TABLE.to_string(),
-        PRIORITY.to_string(),
-    );
-    let rule = ip(&[
-        "rule", "del", "fwmark", &mark, "lookup", &table, "priority", &priority,
-    ]);
-    let route = ip(&["route", "flush", "table", &table]);
-    rule.and(route)
+    with_netlink("removing the inbound policy routing", |handle| async move {
+        remove(&handle).await
+    })
+}
+
+/// Deletes Aviary's rule (by its priority and table) and every route of its table.
+async fn remove(handle: &Handle) -> anyhow::Result<()> {
+    let rules: Vec<_> = handle
+        .rule()
+        .get(IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await?;
+    for rule in rules {
+        let ours = rule.attributes.contains(&RuleAttribute::Priority(PRIORITY))
+            && rule.attributes.contains(&RuleAttribute::Table(TABLE));
+        if ours {
+            handle
+                .rule()
+                .del(rule)
+                .execute()
+                .await
+                .context("deleting the fwmark rule")?;
+        }
+    }
+    let routes: Vec<_> = handle
+        .route()
+        .get(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(TABLE)
+                .build(),
+        )
+        .execute()
+        .try_collect()
+        .await?;
+    for route in routes {
+        if route.attributes.contains(&RouteAttribute::Table(TABLE)) {
+            handle
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .context("deleting a local route")?;
+        }
+    }
+    Ok(())
 }
