@@ -2,7 +2,7 @@
 //! captured service addresses.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
@@ -55,16 +55,14 @@ pub async fn run(
             .iter()
             .map(|&addr| addr.into())
             .collect();
-        let inbound: BTreeSet<Ipv4Addr> = snapshot
-            .policy
-            .enrolled
-            .values()
-            .flat_map(|pod| &pod.ips)
-            .filter_map(|ip| match ip {
-                IpAddr::V4(ip) => Some(*ip),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
+        let mut inbound: BTreeMap<Ipv4Addr, BTreeSet<u16>> = BTreeMap::new();
+        for pod in snapshot.policy.enrolled.values() {
+            for ip in &pod.ips {
+                if let IpAddr::V4(ip) = ip {
+                    inbound.insert(*ip, pod.inbound_ports_excluded.clone());
+                }
+            }
+        }
         let synced = table.sync(&pods, &services, &inbound);
         if synced.is_ok() {
             ready.store(true, std::sync::atomic::Ordering::Release);

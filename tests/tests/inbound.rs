@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 use aviary_tests::{policy, wait_until, Node, Pod, NODE_IP, REMOTE_IP, UPLINK};
 
 const PORT: u16 = 8080;
+const EXCLUDED: u16 = 8081;
 
 /// "word key n" lines of a client's output, as key -> n.
 fn tally(out: &std::process::Output, word: &str) -> BTreeMap<String, u32> {
@@ -25,11 +26,15 @@ fn tally(out: &std::process::Output, word: &str) -> BTreeMap<String, u32> {
 
 /// Who the server saw each of 20 requests (on one connection) come from.
 fn peers(node: &Node, client: &Pod, server: &Pod) -> BTreeMap<String, u32> {
+    peers_on(node, client, server, PORT)
+}
+
+fn peers_on(node: &Node, client: &Pod, server: &Pod, port: u16) -> BTreeMap<String, u32> {
     let out = node.run(
         client,
         &[
             "http-load",
-            &format!("{}:{PORT}", server.ip),
+            &format!("{}:{port}", server.ip),
             "--count",
             "20",
         ],
@@ -48,10 +53,20 @@ fn a_remote_client_reaches_an_enrolled_pod_through_the_inbound_proxy() {
     let Some(node) = Node::new() else { return };
     let [enrolled, plain] = node.add_http_pods(["enrolled", "plain"], PORT);
     let remote = node.add_remote_host("remote");
+    // The enrolled pod also serves on 8081, which it opts out of inbound capture.
+    node.serve_http(&enrolled, EXCLUDED);
+    let enrolled_pod = policy::pod(&enrolled, "shop", None).replacen(
+        &format!("uid: {}", enrolled.uid),
+        &format!(
+            "uid: {}, annotations: {{aviary.dev/inbound-ports-exclude: \"{EXCLUDED}\"}}",
+            enrolled.uid
+        ),
+        1,
+    );
     node.write_policy(&policy::documents(&[
         policy::namespace("shop", Some("enabled")),
         policy::namespace("other", None),
-        policy::pod(&enrolled, "shop", None),
+        enrolled_pod,
         policy::pod(&plain, "other", None),
     ]));
     let mut agent = node.start_agent(&["--inbound-interfaces", UPLINK]);
@@ -61,9 +76,10 @@ fn a_remote_client_reaches_an_enrolled_pod_through_the_inbound_proxy() {
     let via_node = BTreeMap::from([(NODE_IP.to_string(), 20)]);
     assert_eq!(peers(&node, &remote, &enrolled), via_node);
     assert_eq!(agent.counter("inbound_captured"), 1);
-    // Not enrolled: untouched.
+    // Not enrolled, or an excluded port: untouched.
     let direct = BTreeMap::from([(REMOTE_IP.to_string(), 20)]);
     assert_eq!(peers(&node, &remote, &plain), direct);
+    assert_eq!(peers_on(&node, &remote, &enrolled, EXCLUDED), direct);
     assert_eq!(agent.counter("inbound_captured"), 1);
 
     let metrics = wait_until(Duration::from_secs(5), || {

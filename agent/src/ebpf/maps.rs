@@ -2,14 +2,14 @@
 //! tests and diagnostics all read the maps the same way.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
-use aviary_abi::{counter, map_name, SockAddr, SockKey};
+use aviary_abi::{counter, map_name, InboundPort, SockAddr, SockKey};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash, SockMap};
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -25,9 +25,12 @@ pub struct CaptureTable {
     services: HashMap<MapData, SockAddr, u32>,
     /// Enrolled pods' IPv4 addresses, in network order as the TC program reads them.
     inbound: HashMap<MapData, u32, u32>,
+    /// Their ports that inbound capture leaves alone.
+    inbound_excluded: HashMap<MapData, InboundPort, u32>,
     applied_pods: BTreeSet<u64>,
     applied_services: BTreeSet<SockAddr>,
     applied_inbound: BTreeSet<u32>,
+    applied_excluded: BTreeSet<InboundPort>,
 }
 
 /// What a [`CaptureTable::sync`] changed.
@@ -53,10 +56,14 @@ impl CaptureTable {
         let services: HashMap<MapData, SockAddr, u32> =
             open(pin_dir, map_name::SERVICES)?.try_into()?;
         let inbound: HashMap<MapData, u32, u32> = open(pin_dir, map_name::INBOUND)?.try_into()?;
+        let inbound_excluded: HashMap<MapData, InboundPort, u32> =
+            open(pin_dir, map_name::INBOUND_EXCLUDED)?.try_into()?;
         Ok(Self {
             applied_pods: enrolled.keys().collect::<Result<_, _>>()?,
             applied_services: services.keys().collect::<Result<_, _>>()?,
             applied_inbound: inbound.keys().collect::<Result<_, _>>()?,
+            applied_excluded: inbound_excluded.keys().collect::<Result<_, _>>()?,
+            inbound_excluded,
             enrolled,
             services,
             inbound,
@@ -80,10 +87,27 @@ impl CaptureTable {
         &mut self,
         pods: &BTreeSet<u64>,
         services: &BTreeSet<SockAddr>,
-        inbound: &BTreeSet<Ipv4Addr>,
+        inbound: &BTreeMap<Ipv4Addr, BTreeSet<u16>>,
     ) -> anyhow::Result<SyncChanges> {
-        let inbound: BTreeSet<u32> = inbound
+        let excluded: BTreeSet<InboundPort> = inbound
             .iter()
+            .flat_map(|(ip, ports)| {
+                ports.iter().map(|port| InboundPort {
+                    addr: u32::from_ne_bytes(ip.octets()),
+                    port: port.to_be(),
+                    _pad: 0,
+                })
+            })
+            .collect();
+        // Exclusions first, so a port is never captured on its way to being excluded.
+        sync_set(
+            &mut self.inbound_excluded,
+            &mut self.applied_excluded,
+            &excluded,
+        )
+        .with_context(|| format!("updating {}", map_name::INBOUND_EXCLUDED))?;
+        let inbound: BTreeSet<u32> = inbound
+            .keys()
             .map(|ip| u32::from_ne_bytes(ip.octets()))
             .collect();
         let (inbound_added, inbound_removed) =

@@ -25,6 +25,9 @@ use serde::Serialize;
 
 /// On a Namespace, enrols its pods; on a Pod, overrides its namespace.
 pub const CAPTURE_ANNOTATION: &str = "aviary.dev/capture";
+/// On a Pod: ports inbound capture leaves alone, comma-separated (as Istio's
+/// `traffic.sidecar.istio.io/excludeInboundPorts`).
+pub const INBOUND_PORTS_EXCLUDE: &str = "aviary.dev/inbound-ports-exclude";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Kind {
@@ -131,10 +134,13 @@ impl Object {
         }
         match self {
             Self::Namespace(_) => Ok(()),
-            Self::Pod(pod) => match pod.metadata.uid.as_deref() {
-                Some(uid) if !uid.is_empty() => Ok(()),
-                _ => Err("metadata.uid is missing: it names the pod's cgroup".into()),
-            },
+            Self::Pod(pod) => {
+                inbound_ports_excluded(&pod.metadata)?;
+                match pod.metadata.uid.as_deref() {
+                    Some(uid) if !uid.is_empty() => Ok(()),
+                    _ => Err("metadata.uid is missing: it names the pod's cgroup".into()),
+                }
+            }
             Self::Service(svc) => {
                 service_addresses(svc)?;
                 routes::ServiceAnnotations::parse(svc).map(drop)
@@ -420,6 +426,30 @@ pub struct EnrolledPod {
     pub uid: String,
     /// Its addresses, whose inbound connections the TC programs steer to the proxy.
     pub ips: BTreeSet<IpAddr>,
+    /// Its ports that inbound capture leaves alone.
+    pub inbound_ports_excluded: BTreeSet<u16>,
+}
+
+/// The ports of `aviary.dev/inbound-ports-exclude`, or why they are not ports.
+fn inbound_ports_excluded(meta: &ObjectMeta) -> Result<BTreeSet<u16>, String> {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INBOUND_PORTS_EXCLUDE))
+    else {
+        return Ok(BTreeSet::new());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(format!(
+                "annotation {INBOUND_PORTS_EXCLUDE} must list ports (1-65535), not {p:?}"
+            )),
+        })
+        .collect()
 }
 
 /// What the datapath enforces.
@@ -483,6 +513,7 @@ pub fn compile(store: &Store, node: Option<&str>) -> Policy {
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 uid: pod.metadata.uid.clone().unwrap_or_default(),
                 ips: pod_ips(pod),
+                inbound_ports_excluded: inbound_ports_excluded(&pod.metadata).unwrap_or_default(),
             })
         })
         .map(|pod| (pod.uid.clone(), pod))
@@ -796,6 +827,28 @@ spec: {containers: []}
             [Change::Removed(key)],
             "removing what is gone changes nothing"
         );
+    }
+
+    #[test]
+    fn inbound_port_exclusions_are_ports_or_refused() {
+        let pod = |value: &str| {
+            objects(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: shop, uid: u1, \
+                 annotations: {{aviary.dev/inbound-ports-exclude: \"{value}\"}}}}\n\
+                 status: {{podIP: 10.0.0.5}}\n"
+            ))
+            .remove(0)
+        };
+        let mut store = store(BASE);
+        store.upsert(pod("8081, 9090")).unwrap();
+        let policy = compile(&store, None);
+        let enrolled = &policy.enrolled["u1"];
+        assert_eq!(enrolled.inbound_ports_excluded, BTreeSet::from([8081, 9090]));
+        assert_eq!(enrolled.ips, BTreeSet::from(["10.0.0.5".parse().unwrap()]));
+        for bad in ["http", "0", "70000"] {
+            let rejected = store.upsert(pod(bad)).unwrap_err();
+            assert!(rejected.reason.contains("inbound-ports-exclude"), "{rejected}");
+        }
     }
 
     #[test]

@@ -21,9 +21,10 @@ pub mod map_name {
     pub const MSG_BYPASS: &str = "MSG_BYPASS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const INBOUND: &str = "INBOUND";
+    pub const INBOUND_EXCLUDED: &str = "INBOUND_EXCLUDED";
 
     /// Every map that holds state, and so is pinned. (The compiler's read-only data maps are not.)
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         CONFIG,
         ENROLLED,
         SERVICES,
@@ -34,6 +35,7 @@ pub mod map_name {
         MSG_BYPASS,
         COUNTERS,
         INBOUND,
+        INBOUND_EXCLUDED,
     ];
 }
 
@@ -48,6 +50,19 @@ pub mod capacity {
     pub const MSG_BYPASS: u32 = 65_536;
     /// Addresses of enrolled pods on this node, for inbound capture.
     pub const INBOUND: u32 = 16_384;
+    pub const INBOUND_EXCLUDED: u32 = 16_384;
+}
+
+/// An enrolled pod's port that inbound capture leaves alone
+/// (`aviary.dev/inbound-ports-exclude`): address and port as the packet carries them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InboundPort {
+    /// IPv4, network order in memory.
+    pub addr: u32,
+    /// Network order in memory.
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// Slots of the LISTENERS SockMap: the proxy's listening sockets. A slot empties by itself when
@@ -256,6 +271,7 @@ mod user {
     unsafe impl aya::Pod for super::AgentConfig {}
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::InboundPort {}
 }
 
 #[cfg(test)]

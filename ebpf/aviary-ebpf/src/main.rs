@@ -11,9 +11,9 @@
 use core::ffi::c_void;
 
 use aviary_abi::{
-    capacity, counter, local_port, remote_port, AgentConfig, SockAddr, SockKey, AF_INET, AF_INET6,
-    CONFIG_IPV6, CONFIG_SK_MSG, INBOUND_MARK, LISTENER_INBOUND, LISTENER_SLOTS, LISTENER_V4,
-    LISTENER_V6, MAX_CGROUP_DEPTH,
+    capacity, counter, local_port, remote_port, AgentConfig, InboundPort, SockAddr, SockKey,
+    AF_INET, AF_INET6, CONFIG_IPV6, CONFIG_SK_MSG, INBOUND_MARK, LISTENER_INBOUND, LISTENER_SLOTS,
+    LISTENER_V4, LISTENER_V6, MAX_CGROUP_DEPTH,
 };
 use aya_ebpf::{
     bindings::{
@@ -74,6 +74,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// capture.
 #[map]
 static INBOUND: HashMap<u32, u32> = HashMap::with_max_entries(capacity::INBOUND, 0);
+
+/// Their ports that inbound capture leaves alone.
+#[map]
+static INBOUND_EXCLUDED: HashMap<InboundPort, u32> =
+    HashMap::with_max_entries(capacity::INBOUND_EXCLUDED, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -352,6 +357,15 @@ fn steer_inbound(ctx: &TcContext) -> Option<()> {
     let sport: u16 = ctx.load(l4).ok()?;
     let dport: u16 = ctx.load(l4 + 2).ok()?;
     let flags: u8 = ctx.load(l4 + 13).ok()?;
+    let port = InboundPort {
+        addr: daddr,
+        port: dport,
+        _pad: 0,
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { INBOUND_EXCLUDED.get(port) }.is_some() {
+        return None;
+    }
 
     // SAFETY: a zeroed bpf_sock_tuple is valid; its ipv4 member is filled below.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
