@@ -843,11 +843,17 @@ spec: {containers: []}
         store.upsert(pod("8081, 9090")).unwrap();
         let policy = compile(&store, None);
         let enrolled = &policy.enrolled["u1"];
-        assert_eq!(enrolled.inbound_ports_excluded, BTreeSet::from([8081, 9090]));
+        assert_eq!(
+            enrolled.inbound_ports_excluded,
+            BTreeSet::from([8081, 9090])
+        );
         assert_eq!(enrolled.ips, BTreeSet::from(["10.0.0.5".parse().unwrap()]));
         for bad in ["http", "0", "70000"] {
             let rejected = store.upsert(pod(bad)).unwrap_err();
-            assert!(rejected.reason.contains("inbound-ports-exclude"), "{rejected}");
+            assert!(
+                rejected.reason.contains("inbound-ports-exclude"),
+                "{rejected}"
+            );
         }
     }
 
