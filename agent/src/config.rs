@@ -100,6 +100,11 @@ pub struct Args {
     #[arg(long, env = "AVIARY_INBOUND_INTERFACES", value_delimiter = ',')]
     pub inbound_interfaces: Vec<String>,
 
+    /// The bridge the pods hang off, when they do (a bridge CNI): inbound capture also runs on its
+    /// ports, for clients on this node.
+    #[arg(long, env = "AVIARY_INBOUND_BRIDGE")]
+    pub inbound_bridge: Option<String>,
+
     /// Port of the inbound proxy listener.
     #[arg(long, env = "AVIARY_INBOUND_PORT", default_value_t = DEFAULT_INBOUND_PORT)]
     pub inbound_port: u16,
@@ -184,6 +189,7 @@ pub struct Config {
     pub flagger_metrics: bool,
     pub outbound_port: u16,
     pub inbound_interfaces: Vec<String>,
+    pub inbound_bridge: Option<String>,
     pub inbound_port: u16,
     pub proxy_mark: u32,
     pub sk_msg: bool,
@@ -230,6 +236,7 @@ impl TryFrom<Args> for Config {
             flagger_metrics: args.flagger_metrics,
             outbound_port: args.outbound_port,
             inbound_interfaces: args.inbound_interfaces,
+            inbound_bridge: args.inbound_bridge,
             inbound_port: args.inbound_port,
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,

@@ -40,6 +40,9 @@ use crate::{
     state::Publisher,
 };
 
+/// How often the bridge's ports are scanned for new pods' veths.
+const BRIDGE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long shutdown waits to hand the status lease back.
 const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -50,8 +53,8 @@ const UPDATE_QUEUE: usize = 4096;
 const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let datapath = Datapath::load(&DatapathConfig::from_config(&cfg))?;
-    let result = serve(&cfg, &datapath).await;
+    let mut datapath = Datapath::load(&DatapathConfig::from_config(&cfg))?;
+    let result = serve(&cfg, &mut datapath).await;
     if let Ok(stats) = Stats::open(datapath.pin_dir()) {
         log_counters(&stats, &mut Vec::new());
     }
@@ -59,7 +62,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
+async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
     let pins = datapath.pin_dir();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -101,7 +104,7 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
         tokio::spawn(outbound.serve(v6));
     }
 
-    if !cfg.inbound_interfaces.is_empty() {
+    if !cfg.inbound_interfaces.is_empty() || cfg.inbound_bridge.is_some() {
         let listener = inbound::bind(cfg.inbound_port).with_context(|| {
             format!("binding the inbound listener on port {}", cfg.inbound_port)
         })?;
@@ -181,9 +184,18 @@ async fn serve(cfg: &Config, datapath: &Datapath) -> anyhow::Result<()> {
     });
 
     info!(port = cfg.outbound_port, proxy_ip = %cfg.proxy_v4, admin = %cfg.admin_addr, metrics = %cfg.metrics_addr, "agent ready");
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM: shutting down"),
-        _ = interrupt.recv() => info!("SIGINT: shutting down"),
+    // New pods bring new bridge ports, which inbound capture attaches to.
+    let mut scan = tokio::time::interval(BRIDGE_SCAN_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { info!("SIGTERM: shutting down"); break }
+            _ = interrupt.recv() => { info!("SIGINT: shutting down"); break }
+            _ = scan.tick(), if cfg.inbound_bridge.is_some() => {
+                if let Err(e) = datapath.attach_inbound_bridge_ports() {
+                    tracing::warn!(error = %format!("{e:#}"), "scanning the bridge's ports");
+                }
+            }
+        }
     }
     if let Some((writer, client, lease)) = status_writer {
         // Another agent takes over status writing at once instead of after the lease expires.

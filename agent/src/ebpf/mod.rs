@@ -5,9 +5,10 @@
 //! cgroup attachment. sk_msg is attached to the pinned SOCKETS map and lives as long as it does.
 
 pub mod maps;
-mod routing;
+mod netlink;
 
 use std::{
+    collections::BTreeSet,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -35,6 +36,7 @@ const CONNECT6: &str = "aviary_connect6";
 const SOCK_OPS: &str = "aviary_sock_ops";
 const SK_MSG: &str = "aviary_sk_msg";
 const INBOUND: &str = "aviary_inbound";
+const INBOUND_BRIDGED: &str = "aviary_inbound_bridged";
 
 /// Linux 5.10: listening sockets in a SockMap (fail-open check), cgroup bpf_link, ancestor
 /// cgroup ids in connect programs, and sk_msg on TCP.
@@ -50,6 +52,8 @@ pub struct DatapathConfig {
     pub cgroup_root: PathBuf,
     /// Where inbound capture runs (TC ingress); empty: nowhere.
     pub inbound_interfaces: Vec<String>,
+    /// The bridge whose ports (the pods' host-side veths) inbound capture also runs on.
+    pub inbound_bridge: Option<String>,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
     pub programs: AgentConfig,
@@ -68,6 +72,7 @@ impl DatapathConfig {
         Self {
             cgroup_root: cfg.cgroup_root.clone(),
             inbound_interfaces: cfg.inbound_interfaces.clone(),
+            inbound_bridge: cfg.inbound_bridge.clone(),
             bpffs: cfg.bpffs.clone(),
             pin_dir: cfg.pin_dir.clone(),
             programs: AgentConfig {
@@ -76,6 +81,9 @@ impl DatapathConfig {
                 proxy_port: cfg.outbound_port.into(),
                 proxy_mark: cfg.proxy_mark,
                 flags,
+                // Read from the bridge when inbound capture attaches to it.
+                bridge_mac: [0; 6],
+                _pad: [0; 2],
             },
         }
     }
@@ -88,6 +96,10 @@ pub struct Datapath {
     links: Vec<PinnedLink>,
     /// Whether the inbound policy routing is installed (and so removed at shutdown).
     inbound_routing: bool,
+    /// The index of the bridge whose ports inbound capture runs on.
+    inbound_bridge: Option<u32>,
+    /// The bridge ports inbound capture is attached to.
+    inbound_ports: BTreeSet<String>,
     ebpf: Ebpf,
 }
 
@@ -105,6 +117,8 @@ impl Datapath {
             pin_dir: cfg.pin_dir.clone(),
             links: Vec::new(),
             inbound_routing: false,
+            inbound_bridge: None,
+            inbound_ports: BTreeSet::new(),
             ebpf: EbpfLoader::new()
                 .load(PROGRAMS)
                 .map_err(|e| explain("loading the eBPF object", &e))?,
@@ -128,8 +142,14 @@ impl Datapath {
         let config_map = ebpf
             .map_mut(map_name::CONFIG)
             .context("CONFIG map missing")?;
+        let mut programs = cfg.programs;
+        if let Some(bridge) = &cfg.inbound_bridge {
+            let (index, mac) = netlink::interface(bridge)?;
+            programs.bridge_mac = mac;
+            self.inbound_bridge = Some(index);
+        }
         Array::<_, AgentConfig>::try_from(config_map)?
-            .set(0, cfg.programs, 0)
+            .set(0, programs, 0)
             .map_err(|e| explain("writing the program configuration", &e))?;
         for name in map_name::ALL {
             let map = ebpf
@@ -168,18 +188,25 @@ impl Datapath {
         prog.attach(&sockets_fd)
             .map_err(|e| explain("attaching sk_msg", &e))?;
 
-        if !cfg.inbound_interfaces.is_empty() {
+        if cfg.inbound_bridge.is_some() {
+            let prog: &mut SchedClassifier = program(ebpf, INBOUND_BRIDGED)?;
+            prog.load()
+                .map_err(|e| explain("loading inbound_bridged", &e))?;
+        }
+        if !cfg.inbound_interfaces.is_empty() || cfg.inbound_bridge.is_some() {
             // Links held by the loaded object, not pinned: a killed agent's TC programs go
             // with it, and inbound traffic reaches the pods directly.
-            let prog: &mut SchedClassifier = program(ebpf, INBOUND)?;
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, INBOUND)?;
             prog.load().map_err(|e| explain("loading inbound", &e))?;
-            for interface in &cfg.inbound_interfaces {
+            // The bridge's own ingress is where frames from its ports reach the host.
+            for interface in cfg.inbound_interfaces.iter().chain(&cfg.inbound_bridge) {
                 prog.attach(interface, TcAttachType::Ingress)
                     .map_err(|e| explain(&format!("attaching inbound to {interface}"), &e))?;
             }
-            routing::install_inbound()?;
+            netlink::install_inbound()?;
             self.inbound_routing = true;
-            info!(interfaces = ?cfg.inbound_interfaces, "inbound capture attached");
+            let ports = self.attach_inbound_bridge_ports()?;
+            info!(interfaces = ?cfg.inbound_interfaces, bridge = ?cfg.inbound_bridge, bridge_ports = ports, "inbound capture attached");
         }
         info!(
             cgroup_root = %cfg.cgroup_root.display(),
@@ -189,6 +216,31 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches inbound capture to the bridge's ports it is not on yet (pods come and go);
+    /// returns how many it is on.
+    pub fn attach_inbound_bridge_ports(&mut self) -> anyhow::Result<usize> {
+        let Some(bridge) = self.inbound_bridge else {
+            return Ok(0);
+        };
+        let ports = netlink::bridge_ports(bridge)?;
+        // Ports that went away took their attachments with them.
+        self.inbound_ports.retain(|port| ports.contains(port));
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, INBOUND_BRIDGED)?;
+        for port in ports {
+            if self.inbound_ports.contains(&port) {
+                continue;
+            }
+            match prog.attach(&port, TcAttachType::Ingress) {
+                Ok(_) => {
+                    self.inbound_ports.insert(port);
+                }
+                // The port may be gone already; the next scan settles it.
+                Err(e) => warn!(port, error = %e, "attaching inbound capture to a bridge port"),
+            }
+        }
+        Ok(self.inbound_ports.len())
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
@@ -196,7 +248,7 @@ impl Datapath {
     /// Detaches every program and removes every pin.
     pub fn shutdown(mut self) {
         if self.inbound_routing {
-            if let Err(e) = routing::remove_inbound() {
+            if let Err(e) = netlink::remove_inbound() {
                 warn!(error = %format!("{e:#}"), "removing the inbound policy routing");
             }
         }

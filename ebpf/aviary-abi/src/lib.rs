@@ -136,6 +136,10 @@ pub struct AgentConfig {
     /// The socket mark on the proxy's own upstream sockets: never captured.
     pub proxy_mark: u32,
     pub flags: u32,
+    /// The MAC of the bridge pods hang off: frames from one pod to another that inbound
+    /// capture takes are readdressed to it, so that the bridge hands them to the host.
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// An IP socket address: a captured service, or a connection's original destination.

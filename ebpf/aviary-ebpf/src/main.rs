@@ -334,12 +334,28 @@ const TCP_ACK: u8 = 0x10;
 /// Everything else, and connections that existed before the pod was enrolled, pass untouched.
 #[classifier]
 pub fn aviary_inbound(ctx: TcContext) -> i32 {
-    let _ = steer_inbound(&ctx);
+    let _ = steer_inbound(&ctx, true);
     TC_ACT_OK
 }
 
+/// At TC ingress of the bridge's ports (the pods' host-side veths), for clients on this node: a
+/// frame inbound capture takes is readdressed to the bridge, which then hands it to the host
+/// instead of forwarding it to the pod. The socket is assigned on the bridge's own ingress
+/// (by `aviary_inbound`), since an assignment does not survive the bridge.
+#[classifier]
+pub fn aviary_inbound_bridged(ctx: TcContext) -> i32 {
+    if steer_inbound(&ctx, false) == Some(true) {
+        if let Some(cfg) = config() {
+            let _ = ctx.store(0, &cfg.bridge_mac, 0);
+        }
+    }
+    TC_ACT_OK
+}
+
+/// Steers one packet to the proxy: Some(true) when it is the proxy's. With `assign` false it
+/// only decides, and leaves the assignment (and the mark) to a later hook.
 #[inline(always)]
-fn steer_inbound(ctx: &TcContext) -> Option<()> {
+fn steer_inbound(ctx: &TcContext, assign: bool) -> Option<bool> {
     let ethertype: u16 = ctx.load(12).ok()?;
     if ethertype != ETH_P_IP.to_be() {
         return None;
@@ -381,16 +397,20 @@ fn steer_inbound(ctx: &TcContext) -> Option<()> {
         // SAFETY: `sk` is a referenced socket the verifier lets us read `state` of.
         let state = unsafe { (*sk).state };
         if state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT {
-            // SAFETY: assign and release a referenced socket.
+            // SAFETY: assign (if asked) and release a referenced socket.
             let assigned = unsafe {
-                let assigned = bpf_sk_assign(skb, sk as *mut c_void, 0);
+                let assigned = if assign {
+                    bpf_sk_assign(skb, sk as *mut c_void, 0)
+                } else {
+                    0
+                };
                 bpf_sk_release(sk as *mut c_void);
                 assigned
             };
             if assigned == 0 {
                 ctx.set_mark(INBOUND_MARK);
             }
-            return Some(());
+            return Some(assigned == 0);
         }
         // SAFETY: release the reference the lookup took.
         unsafe { bpf_sk_release(sk as *mut c_void) };
@@ -411,17 +431,21 @@ fn steer_inbound(ctx: &TcContext) -> Option<()> {
         count(counter::INBOUND_FAILED_OPEN);
         return None;
     }
-    // SAFETY: assign and release a referenced socket.
+    // SAFETY: assign (if asked) and release a referenced socket.
     let assigned = unsafe {
-        let assigned = bpf_sk_assign(skb, listener, 0);
+        let assigned = if assign {
+            bpf_sk_assign(skb, listener, 0)
+        } else {
+            0
+        };
         bpf_sk_release(listener);
         assigned
     };
-    if assigned == 0 {
+    if assigned == 0 && assign {
         ctx.set_mark(INBOUND_MARK);
         count(counter::INBOUND_CAPTURED);
     }
-    Some(())
+    Some(assigned == 0)
 }
 
 #[panic_handler]

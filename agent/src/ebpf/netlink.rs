@@ -1,14 +1,17 @@
-//! The policy routing inbound capture needs, over rtnetlink: packets the TC program marked are
-//! delivered to the host (a `local` route in a table of their own), where the socket assigned
-//! to them takes them.
+//! What inbound capture asks of the kernel over rtnetlink (not sysfs, which shows the network
+//! namespace it was mounted in, not the agent's):
+//! - the policy routing: packets the TC program marked are delivered to the host (a `local`
+//!   route in a table of their own), where the socket assigned to them takes them;
+//! - the bridge's MAC and its ports, where capture runs for clients on this node.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use anyhow::{anyhow, Context as _};
 use aviary_abi::INBOUND_MARK;
 use futures::TryStreamExt as _;
 use rtnetlink::{
     packet_route::{
+        link::LinkAttribute,
         route::{RouteAttribute, RouteScope, RouteType},
         rule::{RuleAction, RuleAttribute},
     },
@@ -22,10 +25,11 @@ const PRIORITY: u32 = 100;
 
 /// Runs `f` on a netlink connection, on a thread of its own: the datapath is set up and torn
 /// down from synchronous code, inside or outside the agent's runtime.
-fn with_netlink<F, Fut>(what: &str, f: F) -> anyhow::Result<()>
+fn with_netlink<T, F, Fut>(what: &str, f: F) -> anyhow::Result<T>
 where
+    T: Send,
     F: FnOnce(Handle) -> Fut + Send,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     std::thread::scope(|scope| {
         scope
@@ -43,6 +47,49 @@ where
             .map_err(|_| anyhow!("the netlink thread panicked"))?
     })
     .with_context(|| what.to_owned())
+}
+
+/// An interface's index and MAC address.
+pub fn interface(name: &str) -> anyhow::Result<(u32, [u8; 6])> {
+    with_netlink(
+        &format!("looking up interface {name}"),
+        |handle| async move {
+            let link = handle
+                .link()
+                .get()
+                .match_name(name.to_owned())
+                .execute()
+                .try_next()
+                .await?
+                .ok_or_else(|| anyhow!("no interface {name}"))?;
+            let mac = link
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
+                    _ => None,
+                })
+                .ok_or_else(|| anyhow!("{name} has no MAC address"))?;
+            Ok((link.header.index, mac))
+        },
+    )
+}
+
+/// The names of the interfaces enslaved to the bridge with index `bridge`.
+pub fn bridge_ports(bridge: u32) -> anyhow::Result<BTreeSet<String>> {
+    with_netlink("listing the bridge's ports", |handle| async move {
+        let links: Vec<_> = handle.link().get().execute().try_collect().await?;
+        Ok(links
+            .into_iter()
+            .filter(|link| link.attributes.contains(&LinkAttribute::Controller(bridge)))
+            .filter_map(|link| {
+                link.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name),
+                    _ => None,
+                })
+            })
+            .collect())
+    })
 }
 
 /// The route that makes every marked packet local.
