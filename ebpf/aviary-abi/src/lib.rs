@@ -342,6 +342,7 @@ mod tests {
     fn layouts_match_the_programs() {
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
         assert_eq!(core::mem::size_of::<SockKey>(), 40);
-        assert_eq!(core::mem::size_of::<AgentConfig>(), 32);
+        assert_eq!(core::mem::size_of::<AgentConfig>(), 40);
+        assert_eq!(core::mem::size_of::<InboundPort>(), 8);
     }
 }

@@ -246,7 +246,7 @@ mod http {
     use std::{net::SocketAddr, path::Path, time::Duration};
 
     use anyhow::{bail, Context as _};
-    use aviary_tests::{policy, Node, Pod};
+    use aviary_tests::{policy, Node, Pod, UPLINK};
 
     use super::Args;
 
@@ -414,6 +414,8 @@ mod http {
         node.write_policy(&policy::documents(&[
             policy::namespace("bench", None),
             policy::pod(&client, "bench", Some("enabled")),
+            // Enrolled for the inbound shapes (inbound capture is off until asked for).
+            policy::pod(&primary, "bench", Some("enabled")),
             policy::http_service("plain", "bench", vip(20), PORT, &[]),
             policy::http_service(
                 "split",
@@ -456,7 +458,7 @@ mod http {
         ];
         eprintln!("HTTP: measuring through Aviary: no route, 90/10 split, 100% GET mirroring...");
         let agent = node.start_agent_quietly(&[]);
-        agent.wait_for_capture(&[&client], 6);
+        agent.wait_for_capture(&[&client, &primary], 6);
         agent.wait_for_log("routed=", Duration::from_secs(10));
         let pid = Some(agent.pid());
         for (name, n) in [
@@ -470,7 +472,7 @@ mod http {
         drop(agent);
         eprintln!("HTTP: measuring the 90/10 split with sk_msg...");
         let agent = node.start_agent_quietly(&["--sk-msg", "true"]);
-        agent.wait_for_capture(&[&client], 6);
+        agent.wait_for_capture(&[&client, &primary], 6);
         agent.wait_for_log("routed=", Duration::from_secs(10));
         let sk_msg = target(
             "90/10 split + sk_msg",
@@ -480,13 +482,35 @@ mod http {
         .measure(a, &script);
         drop(agent);
         columns.push(sk_msg);
-        report(&columns, a, rss);
+        report("HTTP/1.1 with wrk", &columns, a, rss);
+
+        eprintln!("HTTP: measuring inbound, from another host, direct and through Aviary...");
+        let remote = node.add_remote_host("remote");
+        let from_remote = |name, agent_pid| Target {
+            name,
+            url: url(SocketAddr::new(primary.ip.into(), PORT)),
+            agent_pid,
+            node,
+            client: &remote,
+        };
+        let mut inbound = vec![from_remote("direct", None).measure(a, &script)];
+        let agent = node.start_agent_quietly(&["--inbound-interfaces", UPLINK]);
+        agent.wait_for_log("inbound_added=1", Duration::from_secs(10));
+        inbound.push(from_remote("inbound proxy", Some(agent.pid())).measure(a, &script));
+        let rss = super::rss_kib(agent.pid())?;
+        drop(agent);
+        report(
+            "Inbound HTTP/1.1 from another host over the uplink, with wrk",
+            &inbound,
+            a,
+            rss,
+        );
         Ok(())
     }
 
-    fn report(columns: &[Column], a: &Args, rss_kib: u64) {
+    fn report(title: &str, columns: &[Column], a: &Args, rss_kib: u64) {
         println!(
-            "\nHTTP/1.1 with wrk: keep-alive over {} connections, a new connection per request \
+            "\n{title}: keep-alive over {} connections, a new connection per request \
              (4 connections), and a fixed {} req/s (8 paced connections); {} s each\n",
             a.conns, a.rate, a.secs
         );
