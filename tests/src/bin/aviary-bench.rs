@@ -495,7 +495,8 @@ mod http {
         };
         let mut inbound = vec![from_remote("direct", None).measure(a, &script)];
         let agent = node.start_agent_quietly(&["--inbound-interfaces", UPLINK]);
-        agent.wait_for_log("inbound_added=1", Duration::from_secs(10));
+        // The client and the primary are enrolled.
+        agent.wait_for_log("inbound_added=2", Duration::from_secs(10));
         inbound.push(from_remote("inbound proxy", Some(agent.pid())).measure(a, &script));
         let rss = super::rss_kib(agent.pid())?;
         drop(agent);
