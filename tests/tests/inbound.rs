@@ -4,28 +4,12 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use aviary_tests::{policy, wait_until, Node, Pod, NODE_IP, REMOTE_IP, UPLINK};
+use aviary_tests::{policy, tally, wait_until, Node, Pod, NODE_IP, REMOTE_IP, UPLINK};
 
 const PORT: u16 = 8080;
 const EXCLUDED: u16 = 8081;
 const VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 30);
 const AGENT_ARGS: &[&str] = &["--inbound-interfaces", UPLINK, "--inbound-bridge", "br0"];
-
-/// "word key n" lines of a client's output, as key -> n.
-fn tally(out: &std::process::Output, word: &str) -> BTreeMap<String, u32> {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix(word)?.trim().split(' ');
-            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
-        })
-        .collect()
-}
 
 /// Who the server saw each of 20 requests (on one connection) come from.
 fn peers(node: &Node, client: &Pod, server: &Pod) -> BTreeMap<String, u32> {

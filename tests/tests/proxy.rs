@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use aviary_tests::{apiserver::ApiServer, policy, wait_until, Node, Pod};
+use aviary_tests::{apiserver::ApiServer, policy, tally, wait_until, Node, Pod};
 
 const PODINFO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORT: u16 = 8080;
@@ -24,22 +24,6 @@ fn assert_split(counts: &BTreeMap<String, u32>, total: u32, canary: std::ops::Ra
         total,
         "{counts:?}"
     );
-}
-
-/// "word key n" lines of a client's output, as key -> n.
-fn tally(out: &std::process::Output, word: &str) -> BTreeMap<String, u32> {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix(word)?.trim().split(' ');
-            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
-        })
-        .collect()
 }
 
 fn load(node: &Node, client: &Pod, method: &str, count: u32) -> std::process::Output {

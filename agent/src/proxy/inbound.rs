@@ -6,13 +6,11 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use arc_swap::ArcSwap;
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::warn;
 
 use super::route::RouteTable;
 use crate::metrics::{Metrics, Route};
@@ -36,18 +34,11 @@ pub struct Inbound {
 
 impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((client, peer)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.handle(client, peer).await });
-                }
-                Err(e) => {
-                    warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
+        super::accept_each(listener, move |client, peer| {
+            let this = self.clone();
+            async move { this.handle(client, peer).await }
+        })
+        .await
     }
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {

@@ -8,17 +8,37 @@ pub mod outbound;
 pub mod route;
 pub mod split;
 
-use std::{io, net::SocketAddr};
+use std::{future::Future, io, net::SocketAddr, time::Duration};
 
 use nix::sys::socket::{setsockopt, sockopt};
-use tokio::net::{TcpSocket, TcpStream};
-use tracing::debug;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, warn};
 
 use crate::metrics::{Metrics, Route};
 
 /// Per direction: large enough that a bulk transfer moves in few reads and writes (tokio's
 /// default of 8 KiB costs a wakeup every 8 KiB).
 const SPLICE_BUFFER: usize = 64 * 1024;
+
+/// Accepts connections for ever, handling each in a task of its own.
+pub async fn accept_each<F, Fut>(listener: TcpListener, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer));
+            }
+            // Out of file descriptors or a connection reset before accept: keep serving.
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
 
 /// Connects an upstream socket carrying the proxy's mark, which the capture programs skip: the
 /// proxy's own traffic is never captured again.

@@ -16,7 +16,7 @@ use std::{
 use arc_swap::ArcSwap;
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     balance,
@@ -65,19 +65,11 @@ pub struct Outbound {
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((client, peer)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.handle(client, peer).await });
-                }
-                // Out of file descriptors or a connection reset before accept: keep serving.
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
+        super::accept_each(listener, move |client, peer| {
+            let this = self.clone();
+            async move { this.handle(client, peer).await }
+        })
+        .await
     }
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
