@@ -497,13 +497,7 @@ pub fn compile(store: &Store, node: Option<&str>) -> Policy {
 
     let enrolled = store
         .pods()
-        .filter(|pod| is_local(pod, node) && is_running(pod))
-        .filter(|pod| {
-            !pod.spec
-                .as_ref()
-                .and_then(|s| s.host_network)
-                .unwrap_or(false)
-        })
+        .filter(|pod| is_local(pod, node) && is_running(pod) && !is_host_network(pod))
         .filter_map(|pod| {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
             let capture =
@@ -526,6 +520,15 @@ pub fn compile(store: &Store, node: Option<&str>) -> Policy {
         .collect();
 
     Policy { enrolled, captured }
+}
+
+/// hostNetwork pods share the node's network: they are never enrolled and have no address of
+/// their own.
+fn is_host_network(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
 }
 
 /// A pod's addresses, from `status.podIPs` (and `status.podIP`, which older objects carry alone).

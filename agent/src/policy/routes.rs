@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
-use super::{gamma, service_addresses, workload::workload_name, Store};
+use super::{gamma, is_host_network, pod_ips, service_addresses, workload::workload_name, Store};
 use crate::proxy::route::{
     AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, RouteTable, Rule,
     SafeMethods, ServiceRoutes, WeightedBackend, Workload,
@@ -376,30 +376,14 @@ fn pod_addresses(
     workloads: &HashMap<(&str, &str), Arc<Workload>>,
 ) -> HashMap<IpAddr, Arc<Workload>> {
     let mut pods = HashMap::new();
-    for pod in store.pods() {
-        if pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false)
-        {
-            continue;
-        }
+    for pod in store.pods().filter(|pod| !is_host_network(pod)) {
         let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
         let name = pod.metadata.name.as_deref().unwrap_or_default();
         let Some(workload) = workloads.get(&(namespace, name)) else {
             continue;
         };
-        let status = pod.status.as_ref();
-        let ips = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|ip| ip.ip.as_str());
-        for ip in ips.chain(status.and_then(|s| s.pod_ip.as_deref())) {
-            if let Ok(ip) = ip.parse() {
-                pods.insert(ip, workload.clone());
-            }
+        for ip in pod_ips(pod) {
+            pods.insert(ip, workload.clone());
         }
     }
     pods
