@@ -20,9 +20,7 @@ use crate::metrics::{Metrics, Route};
 pub fn bind(port: u16) -> io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     setsockopt(&socket, sockopt::IpTransparent, &true)?;
-    socket.set_reuseaddr(true)?;
-    socket.bind((Ipv4Addr::UNSPECIFIED, port).into())?;
-    socket.listen(4096)
+    super::listen(socket, (Ipv4Addr::UNSPECIFIED, port).into())
 }
 
 pub struct Inbound {
@@ -42,7 +40,6 @@ impl Inbound {
     }
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
-        let _ = client.set_nodelay(true);
         let Ok(pod) = client.local_addr() else {
             return;
         };

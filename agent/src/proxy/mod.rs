@@ -20,7 +20,16 @@ use crate::metrics::{Metrics, Route};
 /// default of 8 KiB costs a wakeup every 8 KiB).
 const SPLICE_BUFFER: usize = 64 * 1024;
 
-/// Accepts connections for ever, handling each in a task of its own.
+const BACKLOG: u32 = 4096;
+
+/// Binds and listens, as every proxy listener does.
+fn listen(socket: TcpSocket, addr: SocketAddr) -> io::Result<TcpListener> {
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Accepts connections for ever, handling each (without Nagle) in a task of its own.
 pub async fn accept_each<F, Fut>(listener: TcpListener, handle: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
@@ -29,6 +38,7 @@ where
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle(stream, peer));
             }
             // Out of file descriptors or a connection reset before accept: keep serving.

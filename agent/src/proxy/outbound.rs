@@ -30,25 +30,17 @@ use crate::{
     metrics::{Metrics, Route},
 };
 
-const BACKLOG: u32 = 4096;
-
 /// Binds the IPv4 listener on every address: pods reach it at the node address the programs
 /// redirect to.
 pub fn bind_v4(port: u16) -> io::Result<TcpListener> {
-    listen(TcpSocket::new_v4()?, (Ipv4Addr::UNSPECIFIED, port).into())
+    super::listen(TcpSocket::new_v4()?, (Ipv4Addr::UNSPECIFIED, port).into())
 }
 
 /// Binds the IPv6 listener, IPv6 only: IPv4 (and v4-mapped) connects go to the IPv4 one.
 pub fn bind_v6(port: u16) -> io::Result<TcpListener> {
     let socket = TcpSocket::new_v6()?;
     setsockopt(&socket, sockopt::Ipv6V6Only, &true)?;
-    listen(socket, (Ipv6Addr::UNSPECIFIED, port).into())
-}
-
-fn listen(socket: TcpSocket, addr: SocketAddr) -> io::Result<TcpListener> {
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    super::listen(socket, (Ipv6Addr::UNSPECIFIED, port).into())
 }
 
 /// What every proxied connection needs.
@@ -73,7 +65,6 @@ impl Outbound {
     }
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
-        let _ = client.set_nodelay(true);
         let Some(dst) = client
             .local_addr()
             .ok()
