@@ -22,7 +22,10 @@ use std::{
 use http::Method;
 use prometheus_client::{
     collector::Collector,
-    encoding::{text::encode, DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric},
+    encoding::{
+        text::encode, DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+        LabelValueEncoder,
+    },
     metrics::{
         counter::{ConstCounter, Counter},
         family::{Family, MetricConstructor},
@@ -36,7 +39,7 @@ use crate::{
     ebpf::maps::Stats,
     proxy::{
         http::MirrorOutcome,
-        route::{ServiceRoutes, Workload},
+        route::{unknown, ServiceRoutes, Workload},
     },
 };
 
@@ -103,9 +106,6 @@ pub struct Route {
     pub destination_version: Name,
 }
 
-/// The label value for what is not known (no backend was chosen, or the pod is not known).
-pub const UNKNOWN: &str = "unknown";
-
 impl Route {
     /// Traffic from `source` to `service`, answered by the backend Service `version` at `pod`.
     pub fn outbound(
@@ -120,13 +120,11 @@ impl Route {
             source_workload: source.workload.clone(),
             destination_namespace: service.namespace.clone(),
             destination_service: service.name.clone(),
-            destination_workload: pod.map_or_else(|| UNKNOWN.into(), |p| p.workload.clone()),
-            destination_version: version.cloned().unwrap_or_else(|| UNKNOWN.into()),
+            destination_workload: pod.map_or_else(unknown, |p| p.workload.clone()),
+            destination_version: version.cloned().unwrap_or_else(unknown),
         }
     }
-}
 
-impl Route {
     /// Traffic the inbound proxy delivered from `source` to the enrolled pod `destination`.
     pub fn inbound(source: &Workload, destination: &Workload) -> Self {
         Self {
@@ -134,9 +132,9 @@ impl Route {
             source_namespace: source.namespace.clone(),
             source_workload: source.workload.clone(),
             destination_namespace: destination.namespace.clone(),
-            destination_service: UNKNOWN.into(),
+            destination_service: unknown(),
             destination_workload: destination.workload.clone(),
-            destination_version: UNKNOWN.into(),
+            destination_version: unknown(),
         }
     }
 }
@@ -159,33 +157,23 @@ struct FlaggerLabels {
     status: u16,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-enum Outcome {
-    sent,
-    skipped_not_idempotent,
-    skipped_body_too_large,
-    dropped_overload,
-    failed,
-    timed_out,
-}
-
-impl From<MirrorOutcome> for Outcome {
-    fn from(outcome: MirrorOutcome) -> Self {
-        match outcome {
-            MirrorOutcome::Sent => Self::sent,
-            MirrorOutcome::SkippedNotIdempotent => Self::skipped_not_idempotent,
-            MirrorOutcome::SkippedBodyTooLarge => Self::skipped_body_too_large,
-            MirrorOutcome::DroppedOverload => Self::dropped_overload,
-            MirrorOutcome::Failed => Self::failed,
-            MirrorOutcome::TimedOut => Self::timed_out,
-        }
+impl EncodeLabelValue for MirrorOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        let outcome = match self {
+            Self::Sent => "sent",
+            Self::SkippedNotIdempotent => "skipped_not_idempotent",
+            Self::SkippedBodyTooLarge => "skipped_body_too_large",
+            Self::DroppedOverload => "dropped_overload",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+        };
+        EncodeLabelValue::encode(&outcome, encoder)
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct MirrorLabels {
-    outcome: Outcome,
+    outcome: MirrorOutcome,
     destination_namespace: Name,
     destination_service: Name,
 }
@@ -352,7 +340,7 @@ impl Metrics {
 
     pub fn mirror(&self, outcome: MirrorOutcome, namespace: &Name, service: &Name) {
         let labels = MirrorLabels {
-            outcome: outcome.into(),
+            outcome,
             destination_namespace: namespace.clone(),
             destination_service: service.clone(),
         };

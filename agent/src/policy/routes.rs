@@ -29,7 +29,7 @@ use gateway_api::apis::standard::httproutes::HttpRoute;
 
 use super::{gamma, is_host_network, pod_ips, service_addresses, workload::workload_name, Store};
 use crate::proxy::route::{
-    AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, RouteTable, Rule,
+    unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, RouteTable, Rule,
     SafeMethods, ServiceRoutes, WeightedBackend, Workload,
 };
 
@@ -564,7 +564,7 @@ impl Context<'_> {
                 .unwrap_or_else(|| {
                     Arc::new(Workload {
                         namespace: namespace.into(),
-                        workload: "unknown".into(),
+                        workload: unknown(),
                         pod: name.into(),
                     })
                 }),

@@ -71,7 +71,7 @@ impl Default for HttpConfig {
 }
 
 /// What happened to each request that a mirror rule applied to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MirrorOutcome {
     Sent,
     SkippedNotIdempotent,

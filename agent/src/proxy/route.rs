@@ -61,13 +61,20 @@ impl Workload {
     pub fn unknown() -> Arc<Self> {
         static UNKNOWN: std::sync::LazyLock<Arc<Workload>> = std::sync::LazyLock::new(|| {
             Arc::new(Workload {
-                namespace: "unknown".into(),
-                workload: "unknown".into(),
-                pod: "unknown".into(),
+                namespace: unknown(),
+                workload: unknown(),
+                pod: unknown(),
             })
         });
         UNKNOWN.clone()
     }
+}
+
+/// The name of what is not known (a pod's workload, the backend of a request no route took),
+/// shared rather than allocated each time it is used.
+pub fn unknown() -> Arc<str> {
+    static UNKNOWN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "unknown".into());
+    UNKNOWN.clone()
 }
 
 /// How a service port's traffic is read, from its Service's `appProtocol` or detected.
