@@ -104,7 +104,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         tokio::spawn(outbound.serve(v6));
     }
 
-    if !cfg.inbound_interfaces.is_empty() || cfg.inbound_bridge.is_some() {
+    if datapath.captures_inbound() {
         let listener = inbound::bind(cfg.inbound_port).with_context(|| {
             format!("binding the inbound listener on port {}", cfg.inbound_port)
         })?;
@@ -191,7 +191,8 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); break }
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break }
             _ = scan.tick(), if cfg.inbound_bridge.is_some() => {
-                if let Err(e) = datapath.attach_inbound_bridge_ports() {
+                // Netlink is synchronous here: let other tasks move off this worker meanwhile.
+                if let Err(e) = tokio::task::block_in_place(|| datapath.attach_inbound_bridge_ports()) {
                     tracing::warn!(error = %format!("{e:#}"), "scanning the bridge's ports");
                 }
             }

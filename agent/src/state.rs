@@ -48,8 +48,7 @@ impl Publisher {
     }
 
     /// Publishes a snapshot of the store unless it is unchanged since the last one; returns
-    /// whether it did.
-    /// Each object change since the last call gets its own log line.
+    /// whether it did. Each object change since the last call gets its own log line.
     pub fn publish(&mut self, store: &mut Store) -> bool {
         for change in store.take_changes() {
             info!("{change}");

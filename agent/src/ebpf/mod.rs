@@ -98,8 +98,8 @@ pub struct Datapath {
     inbound_routing: bool,
     /// The index of the bridge whose ports inbound capture runs on.
     inbound_bridge: Option<u32>,
-    /// The bridge ports inbound capture is attached to.
-    inbound_ports: BTreeSet<String>,
+    /// The bridge ports (by index) inbound capture is attached to.
+    inbound_ports: BTreeSet<u32>,
     ebpf: Ebpf,
 }
 
@@ -224,21 +224,26 @@ impl Datapath {
         };
         let ports = netlink::bridge_ports(bridge)?;
         // Ports that went away took their attachments with them.
-        self.inbound_ports.retain(|port| ports.contains(port));
+        self.inbound_ports.retain(|index| ports.contains_key(index));
         let prog: &mut SchedClassifier = program(&mut self.ebpf, INBOUND_BRIDGED)?;
-        for port in ports {
-            if self.inbound_ports.contains(&port) {
+        for (index, port) in ports {
+            if self.inbound_ports.contains(&index) {
                 continue;
             }
             match prog.attach(&port, TcAttachType::Ingress) {
                 Ok(_) => {
-                    self.inbound_ports.insert(port);
+                    self.inbound_ports.insert(index);
                 }
                 // The port may be gone already; the next scan settles it.
                 Err(e) => warn!(port, error = %e, "attaching inbound capture to a bridge port"),
             }
         }
         Ok(self.inbound_ports.len())
+    }
+
+    /// Whether inbound capture is attached, and so needs the inbound listener.
+    pub fn captures_inbound(&self) -> bool {
+        self.inbound_routing
     }
 
     pub fn pin_dir(&self) -> &Path {

@@ -4,7 +4,7 @@
 //!   route in a table of their own), where the socket assigned to them takes them;
 //! - the bridge's MAC and its ports, where capture runs for clients on this node.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{anyhow, Context as _};
 use aviary_abi::INBOUND_MARK;
@@ -75,16 +75,18 @@ pub fn interface(name: &str) -> anyhow::Result<(u32, [u8; 6])> {
     )
 }
 
-/// The names of the interfaces enslaved to the bridge with index `bridge`.
-pub fn bridge_ports(bridge: u32) -> anyhow::Result<BTreeSet<String>> {
+/// The interfaces enslaved to the bridge with index `bridge`, by index (an index is never reused
+/// for a new interface while the old one's name might be).
+pub fn bridge_ports(bridge: u32) -> anyhow::Result<BTreeMap<u32, String>> {
     with_netlink("listing the bridge's ports", |handle| async move {
         let links: Vec<_> = handle.link().get().execute().try_collect().await?;
         Ok(links
             .into_iter()
             .filter(|link| link.attributes.contains(&LinkAttribute::Controller(bridge)))
             .filter_map(|link| {
+                let index = link.header.index;
                 link.attributes.into_iter().find_map(|a| match a {
-                    LinkAttribute::IfName(name) => Some(name),
+                    LinkAttribute::IfName(name) => Some((index, name)),
                     _ => None,
                 })
             })
