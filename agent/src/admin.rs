@@ -313,7 +313,7 @@ mod tests {
                 namespace: "demo".into(),
                 name: name.into(),
                 port: 80,
-                endpoints: vec![Endpoint::new(([10, 244, 1, 3], port).into(), None)],
+                endpoints: vec![Endpoint::new(([10, 244, 1, 3], port).into(), None, false)],
             })
         };
         let weighted = |b: &Arc<Backend>, weight| WeightedBackend {

@@ -321,14 +321,15 @@ impl Metrics {
         }
     }
 
-    /// One answered request. `pod` is the destination pod when an endpoint answered.
-    pub fn request(&self, labels: &RequestLabels, pod: Option<&Workload>, took: Duration) {
+    /// One answered request. `flagger_pod` is the destination pod when an endpoint answered
+    /// and this agent is the one that reports the request in Flagger's family.
+    pub fn request(&self, labels: &RequestLabels, flagger_pod: Option<&Workload>, took: Duration) {
         self.requests.with(labels, |c| {
             c.inc();
         });
         let seconds = took.as_secs_f64();
         self.durations.with(labels, |h| h.observe(seconds));
-        if let (Some(flagger), Some(pod), false) = (&self.flagger, pod, labels.mirror) {
+        if let (Some(flagger), Some(pod), false) = (&self.flagger, flagger_pod, labels.mirror) {
             let labels = FlaggerLabels {
                 kubernetes_namespace: pod.namespace.clone(),
                 kubernetes_pod_name: pod.pod.clone(),

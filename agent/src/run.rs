@@ -29,7 +29,7 @@ use crate::{
         lease::{release, LeaseConfig},
     },
     metrics::Metrics,
-    policy::{self, Store},
+    policy::{self, routes::RouteOptions, Store},
     proxy::{
         detect::DETECT_TIMEOUT,
         http::{HttpConfig, HttpProxy},
@@ -71,15 +71,17 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let http_cfg = HttpConfig::default();
     let metrics = Arc::new(Metrics::new(cfg.flagger_metrics, Some(Stats::open(pins)?)));
+    // One HTTP proxy, and so one pool of upstream connections, for both directions.
+    let http = Arc::new(HttpProxy::new(
+        http_cfg.clone(),
+        routes.clone(),
+        cfg.proxy_mark,
+        metrics.clone(),
+    ));
     let outbound = Arc::new(Outbound {
         orig_dst: OrigDstTable::open(pins)?,
         mark: cfg.proxy_mark,
-        http: Arc::new(HttpProxy::new(
-            http_cfg.clone(),
-            routes.clone(),
-            cfg.proxy_mark,
-            metrics.clone(),
-        )),
+        http: http.clone(),
         metrics: metrics.clone(),
         routes: routes.clone(),
         detect_timeout: DETECT_TIMEOUT,
@@ -112,12 +114,18 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         let inbound = Arc::new(Inbound {
             mark: cfg.proxy_mark,
             routes: routes.clone(),
+            http,
             metrics: metrics.clone(),
+            detect_timeout: DETECT_TIMEOUT,
         });
         tokio::spawn(inbound.serve(listener));
     }
 
-    let (publisher, snapshots) = Publisher::new(cfg.node_name.clone(), http_cfg.mirror_in_flight);
+    let (publisher, snapshots) = Publisher::new(RouteOptions {
+        node: cfg.node_name.clone(),
+        mirror_in_flight: http_cfg.mirror_in_flight,
+        inbound_capture: datapath.captures_inbound(),
+    });
     tokio::spawn(apply_routes(snapshots.clone(), routes));
     // The status writer, when this agent runs one: stopped, and its lease released, on shutdown.
     let mut status_writer = None;

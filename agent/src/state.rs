@@ -8,7 +8,7 @@ use tracing::info;
 use crate::{
     policy::{
         compile,
-        routes::{compile_routes, routing_notes},
+        routes::{compile_routes, routing_notes, RouteOptions},
         Policy, Store,
     },
     proxy::route::RouteTable,
@@ -27,20 +27,18 @@ pub type SnapshotRx = watch::Receiver<Arc<Snapshot>>;
 /// Compiles a store into a new snapshot whenever the store changed.
 pub struct Publisher {
     tx: watch::Sender<Arc<Snapshot>>,
-    node: Option<String>,
-    mirror_in_flight: usize,
+    options: RouteOptions,
     published_revision: Option<u64>,
     /// Routing notes already logged, so each is said once.
     notes: Vec<String>,
 }
 
 impl Publisher {
-    pub fn new(node: Option<String>, mirror_in_flight: usize) -> (Self, SnapshotRx) {
+    pub fn new(options: RouteOptions) -> (Self, SnapshotRx) {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let publisher = Self {
             tx,
-            node,
-            mirror_in_flight,
+            options,
             published_revision: None,
             notes: Vec::new(),
         };
@@ -58,12 +56,8 @@ impl Publisher {
         }
         self.published_revision = Some(store.revision());
         let current = self.tx.borrow().clone();
-        let policy = compile(store, self.node.as_deref());
-        let routes = Arc::new(compile_routes(
-            store,
-            &current.routes,
-            self.mirror_in_flight,
-        ));
+        let policy = compile(store, self.options.node.as_deref());
+        let routes = Arc::new(compile_routes(store, &current.routes, &self.options));
         let notes = routing_notes(store);
         for note in notes.iter().filter(|n| !self.notes.contains(n)) {
             info!("{note}");
@@ -91,7 +85,7 @@ mod tests {
 
     #[test]
     fn publishes_only_changes() {
-        let (mut publisher, rx) = Publisher::new(None, 1);
+        let (mut publisher, rx) = Publisher::new(RouteOptions::default());
         let mut store = Store::default();
         assert!(
             publisher.publish(&mut store),

@@ -107,7 +107,10 @@ fn service_backend(name: &str, endpoints: &[SocketAddr]) -> Arc<Backend> {
         namespace: "shop".into(),
         name: name.into(),
         port: 80,
-        endpoints: endpoints.iter().map(|&a| Endpoint::new(a, None)).collect(),
+        endpoints: endpoints
+            .iter()
+            .map(|&a| Endpoint::new(a, None, false))
+            .collect(),
     })
 }
 
@@ -785,7 +788,7 @@ fn pod_backend(name: &str, workload: &str, pod: &str, addr: SocketAddr) -> Arc<B
         namespace: "shop".into(),
         name: name.into(),
         port: 80,
-        endpoints: vec![Endpoint::new(addr, Some(Arc::new(pod)))],
+        endpoints: vec![Endpoint::new(addr, Some(Arc::new(pod)), false)],
     })
 }
 
@@ -911,4 +914,212 @@ async fn metrics_count_every_request_by_version_status_and_destination_pod() {
         text.ends_with("# EOF\n"),
         "OpenMetrics text ends with # EOF"
     );
+}
+
+#[tokio::test]
+async fn a_pod_measured_at_its_destination_is_left_out_of_flaggers_family() {
+    let remote = backend("remote", Duration::ZERO).await;
+    let pod = Workload {
+        namespace: "shop".into(),
+        workload: "podinfo".into(),
+        pod: "podinfo-7d9f8b-ccccc".into(),
+    };
+    let on_another_node = Arc::new(Backend {
+        namespace: "shop".into(),
+        name: "podinfo".into(),
+        port: 80,
+        endpoints: vec![Endpoint::new(remote.addr, Some(Arc::new(pod)), true)],
+    });
+    let proxy = start_proxy(service(vec![], on_another_node)).await;
+    let mut conn = h1(proxy.addr).await;
+    for _ in 0..3 {
+        send(&mut conn, get("/")).await;
+    }
+    let text = proxy.metrics.render();
+    assert_eq!(
+        sample(
+            &text,
+            "aviary_requests_total",
+            &[
+                ("direction", "outbound"),
+                ("destination_workload", "podinfo")
+            ]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(&text, "http_request_duration_seconds_count", &[]),
+        0.0,
+        "the pod's own agent reports them: {text}"
+    );
+}
+
+/// The inbound proxy in front of the pod at `pod`, as the inbound listener hands it each
+/// connection (here from a plain loopback listener: TPROXY needs root).
+async fn start_inbound(pod: SocketAddr) -> (SocketAddr, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new(true, None));
+    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    let proxy = Arc::new(HttpProxy::new(
+        HttpConfig::default(),
+        routes,
+        0,
+        metrics.clone(),
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let destination = Arc::new(Workload {
+        namespace: "shop".into(),
+        workload: "podinfo".into(),
+        pod: "podinfo-7d9f8b-bbbbb".into(),
+    });
+    let source = Workload {
+        namespace: "web".into(),
+        workload: "frontend".into(),
+        pod: "frontend-1".into(),
+    };
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = listener.accept().await.unwrap();
+            let route = aviary_agent::metrics::Route::inbound(&source, &destination);
+            tokio::spawn(proxy.clone().serve_inbound(
+                stream,
+                pod,
+                peer,
+                route,
+                destination.clone(),
+            ));
+        }
+    });
+    (addr, metrics)
+}
+
+#[tokio::test]
+async fn inbound_requests_reach_the_pod_as_sent_and_are_measured_at_the_destination() {
+    let pod = backend("canary", Duration::ZERO).await;
+    let (inbound, metrics) = start_inbound(pod.addr).await;
+    let mut conn = h1(inbound).await;
+    for _ in 0..4 {
+        let (status, headers, body) = send(&mut conn, get("/api")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "canary"));
+        assert!(headers.get("x-hop").is_none(), "hop-by-hop headers go");
+    }
+    send(&mut conn, request(Method::POST, "/api", b"{}")).await;
+    let seen = pod.seen();
+    assert_eq!(seen.len(), 5);
+    assert_eq!(seen[4].body_len, 2);
+    assert_eq!(seen[0].headers["host"], "podinfo.shop", "the Host is kept");
+    assert_eq!(seen[0].headers["x-forwarded-for"], "127.0.0.1");
+
+    let text = metrics.render();
+    let inbound = [
+        ("direction", "inbound"),
+        ("source_namespace", "web"),
+        ("source_workload", "frontend"),
+        ("destination_namespace", "shop"),
+        ("destination_workload", "podinfo"),
+        ("status_code", "200"),
+    ];
+    let with = |method| [&inbound[..], &[("method", method)]].concat();
+    assert_eq!(sample(&text, "aviary_requests_total", &with("GET")), 4.0);
+    assert_eq!(sample(&text, "aviary_requests_total", &with("POST")), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            "http_request_duration_seconds_count",
+            &[
+                ("kubernetes_pod_name", "podinfo-7d9f8b-bbbbb"),
+                ("status", "200")
+            ]
+        ),
+        5.0,
+        "{text}"
+    );
+
+    // The pod gone: the client gets the proxy's 503, and it is measured.
+    let (inbound, metrics) = start_inbound(closed_port().await).await;
+    let (status, headers, _) = send(&mut h1(inbound).await, get("/")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("x-aviary-error"));
+    assert_eq!(
+        sample(
+            &metrics.render(),
+            "aviary_requests_total",
+            &[("direction", "inbound"), ("status_code", "503")]
+        ),
+        1.0
+    );
+}
+
+/// A pod that accepts upgrades to the `echo` protocol and then echoes bytes.
+async fn echo_upgrade_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let handler = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                assert_eq!(req.headers()["upgrade"], "echo");
+                let upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    let mut io = TokioIo::new(upgrade.await.unwrap());
+                    let mut buf = [0u8; 64];
+                    while let Ok(n @ 1..) = io.read(&mut buf).await {
+                        io.write_all(&buf[..n]).await.unwrap();
+                    }
+                });
+                let response = Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "echo")
+                    .body(Full::<Bytes>::default())
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), handler)
+                    .with_upgrades(),
+            );
+        }
+    });
+    addr
+}
+
+/// Asks the proxy at `proxy` for an upgrade to `echo`, then echoes through it.
+async fn upgrade_and_echo(proxy: SocketAddr) {
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    client
+        .write_all(b"GET /ws HTTP/1.1\r\nhost: pod\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(client.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for message in [&b"ping"[..], b"pong"] {
+        client.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, message);
+    }
+}
+
+#[tokio::test]
+async fn upgrades_are_passed_on_and_then_joined_byte_for_byte() {
+    let echo = echo_upgrade_backend().await;
+    let (inbound, metrics) = start_inbound(echo).await;
+    upgrade_and_echo(inbound).await;
+    assert_eq!(
+        sample(
+            &metrics.render(),
+            "aviary_requests_total",
+            &[("direction", "inbound"), ("status_code", "101")]
+        ),
+        1.0
+    );
+    let outbound = start_proxy(service(vec![], service_backend("echo", &[echo]))).await;
+    upgrade_and_echo(outbound.addr).await;
 }

@@ -4,10 +4,12 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use aviary_agent::metrics::sample;
 use aviary_tests::{policy, tally, wait_until, Node, Pod, NODE_IP, REMOTE_IP, UPLINK};
 
 const PORT: u16 = 8080;
 const EXCLUDED: u16 = 8081;
+const OPAQUE: u16 = 9000;
 const VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 30);
 const AGENT_ARGS: &[&str] = &["--inbound-interfaces", UPLINK, "--inbound-bridge", "br0"];
 
@@ -41,8 +43,10 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     let [enrolled, plain] = node.add_http_pods(["enrolled", "plain"], PORT);
     let caller = node.add_pod("caller");
     let remote = node.add_remote_host("remote");
-    // The enrolled pod also serves on 8081, which it opts out of inbound capture.
+    // The enrolled pod also serves on 8081, which it opts out of inbound capture, and opaque
+    // TCP on 9000.
     node.serve_http(&enrolled, EXCLUDED);
+    node.serve(&enrolled, OPAQUE, None);
     let enrolled_pod = policy::pod(&enrolled, "shop", None).replacen(
         &format!("uid: {}", enrolled.uid),
         &format!(
@@ -88,25 +92,86 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     assert_eq!(agent.counter("connect_captured"), 1);
     assert_eq!(agent.counter("inbound_captured"), 2);
 
-    let metrics = wait_until(Duration::from_secs(5), || {
+    // Opaque TCP (the server speaks first) is forwarded byte for byte.
+    let out = node.run(
+        &remote,
+        &[
+            "connect",
+            &format!("{}:{OPAQUE}", enrolled.ip),
+            "--count",
+            "3",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        tally(&out, "name"),
+        BTreeMap::from([(enrolled.name.clone(), 3)])
+    );
+    assert_eq!(agent.counter("inbound_captured"), 5);
+
+    // Each request is measured from the destination's side, with its source when the peer is a
+    // known pod; Flagger's family counts every request to the pod once: 40 inbound, and 20 the
+    // outbound proxy delivered on this node.
+    let inbound = [
+        ("direction", "inbound"),
+        ("destination_workload", "enrolled"),
+    ];
+    let scrape = || {
         let out = node.run(
             &plain,
             &["http-get", &format!("{NODE_IP}:15020"), "/metrics"],
             Duration::from_secs(10),
         );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let closed = aviary_agent::metrics::sample(
-            &text,
-            "aviary_tcp_connections_closed_total",
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let metrics = wait_until(Duration::from_secs(5), || {
+        let text = scrape();
+        let closed = sample(&text, "aviary_tcp_connections_closed_total", &inbound);
+        (closed == 3.0).then_some(text)
+    })
+    .expect("the opaque connections are counted once closed");
+    let requests = |source: &[(&str, &str)]| {
+        let labels: Vec<_> = inbound.iter().chain(source).copied().collect();
+        sample(&metrics, "aviary_requests_total", &labels)
+    };
+    assert_eq!(requests(&[("status_code", "200"), ("method", "GET")]), 40.0);
+    assert_eq!(
+        requests(&[("source_workload", "unknown")]),
+        20.0,
+        "the remote host"
+    );
+    assert_eq!(
+        requests(&[("source_namespace", "other"), ("source_workload", "plain")]),
+        20.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "aviary_requests_total",
             &[
-                ("direction", "inbound"),
-                ("destination_namespace", "shop"),
-                ("destination_workload", "enrolled"),
-            ],
-        );
-        (closed == 2.0).then_some(text)
-    });
-    assert!(metrics.is_some(), "both inbound connections are counted");
+                ("direction", "outbound"),
+                ("destination_workload", "enrolled")
+            ]
+        ),
+        20.0
+    );
+    let flagger = [
+        ("kubernetes_namespace", "shop"),
+        ("kubernetes_pod_name", enrolled.name.as_str()),
+    ];
+    assert_eq!(
+        sample(&metrics, "http_request_duration_seconds_count", &flagger),
+        60.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "aviary_tcp_connections_closed_total",
+            &[("direction", "inbound")]
+        ),
+        3.0,
+        "HTTP connections are counted as requests"
+    );
 
     // Without the agent, inbound traffic reaches the pod directly.
     agent.kill();

@@ -6,6 +6,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use aviary_agent::{
     kubernetes::{self, lease::LeaseConfig, status::Report},
+    policy::routes::RouteOptions,
     state::{Publisher, Snapshot, SnapshotRx},
 };
 use aviary_tests::apiserver::ApiServer;
@@ -98,7 +99,11 @@ fn start(server: &ApiServer, status_writer: Option<&str>) -> Source {
 
 fn start_with(server: &ApiServer, status_writer: Option<LeaseConfig>) -> Source {
     let client = client(server);
-    let (publisher, snapshots) = Publisher::new(Some(NODE.into()), 8);
+    let (publisher, snapshots) = Publisher::new(RouteOptions {
+        node: Some(NODE.into()),
+        mirror_in_flight: 8,
+        inbound_capture: false,
+    });
     let (updates_tx, updates) = mpsc::channel(64);
     kubernetes::spawn_watchers(&client, NODE, updates_tx);
     let (reports_tx, reports) = watch::channel(Report::default());

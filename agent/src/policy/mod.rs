@@ -490,25 +490,20 @@ impl Policy {
 /// Compiles the store into the policy for the node `node` (every pod counts as local when None,
 /// as in local mode without a node name).
 pub fn compile(store: &Store, node: Option<&str>) -> Policy {
-    let namespace_capture: BTreeMap<&str, Capture> = store
-        .namespaces()
-        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, Capture::of(&ns.metadata)?)))
-        .collect();
-
+    let namespace_capture = namespace_capture(store);
     let enrolled = store
         .pods()
         .filter(|pod| is_local(pod, node) && is_running(pod) && !is_host_network(pod))
-        .filter_map(|pod| {
+        .filter(|pod| is_enrolled(&pod.metadata, &namespace_capture))
+        .map(|pod| {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-            let capture =
-                Capture::of(&pod.metadata).or_else(|| namespace_capture.get(namespace).copied());
-            (capture == Some(Capture::Enabled)).then(|| EnrolledPod {
+            EnrolledPod {
                 namespace: namespace.to_owned(),
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 uid: pod.metadata.uid.clone().unwrap_or_default(),
                 ips: pod_ips(pod),
                 inbound_ports_excluded: inbound_ports_excluded(&pod.metadata).unwrap_or_default(),
-            })
+            }
         })
         .map(|pod| (pod.uid.clone(), pod))
         .collect();
@@ -520,6 +515,22 @@ pub fn compile(store: &Store, node: Option<&str>) -> Policy {
         .collect();
 
     Policy { enrolled, captured }
+}
+
+/// The namespaces whose annotation enrols or excludes their pods.
+fn namespace_capture(store: &Store) -> BTreeMap<&str, Capture> {
+    store
+        .namespaces()
+        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, Capture::of(&ns.metadata)?)))
+        .collect()
+}
+
+/// Whether a pod's annotations enrol it: its own, else its namespace's. This is all enrollment
+/// needs from a pod on another node, whose metadata is all the agent watches.
+fn is_enrolled(meta: &ObjectMeta, namespace_capture: &BTreeMap<&str, Capture>) -> bool {
+    let namespace = meta.namespace.as_deref().unwrap_or("default");
+    let capture = Capture::of(meta).or_else(|| namespace_capture.get(namespace).copied());
+    capture == Some(Capture::Enabled)
 }
 
 /// hostNetwork pods share the node's network: they are never enrolled and have no address of

@@ -16,7 +16,7 @@
 //! pass through to the address the pod dialled.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -27,7 +27,10 @@ use tokio::sync::Semaphore;
 
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
-use super::{gamma, is_host_network, pod_ips, service_addresses, workload::workload_name, Store};
+use super::{
+    gamma, is_enrolled, is_host_network, is_local, namespace_capture, pod_ips, service_addresses,
+    workload::workload_name, Store,
+};
 use crate::proxy::route::{
     unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, RouteTable, Rule,
     SafeMethods, ServiceRoutes, WeightedBackend, Workload,
@@ -210,9 +213,21 @@ pub fn routing_notes(store: &Store) -> Vec<String> {
 /// HTTPRoutes by the Service (namespace, name) they attach to, with the port they name.
 type AttachedRoutes<'a> = HashMap<(String, String), Vec<(&'a HttpRoute, Option<i32>)>>;
 
+/// What the routing table depends on besides the store.
+#[derive(Debug, Clone, Default)]
+pub struct RouteOptions {
+    /// This node (every pod is local when None, as in local mode without a node name).
+    pub node: Option<String>,
+    /// Bounds the requests in flight to each mirror backend.
+    pub mirror_in_flight: usize,
+    /// Whether the agents capture inbound traffic (a DaemonSet's agents share their flags).
+    pub inbound_capture: bool,
+}
+
 /// Compiles the routing table. Endpoints already in `previous` are reused, so the balancer's
-/// latency statistics survive policy changes; `mirror_in_flight` bounds each mirror.
-pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: usize) -> RouteTable {
+/// latency statistics survive policy changes.
+pub fn compile_routes(store: &Store, previous: &RouteTable, options: &RouteOptions) -> RouteTable {
+    let mirror_in_flight = options.mirror_in_flight;
     let known = known_endpoints(previous);
     let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in store.endpoint_slices() {
@@ -255,6 +270,11 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
         }
     }
     let workloads = workloads(store);
+    let measured_at_destination = if options.inbound_capture {
+        remote_enrolled(store, options.node.as_deref())
+    } else {
+        HashSet::new()
+    };
     let mut table = RouteTable {
         pods: pod_addresses(store, &workloads),
         ..Default::default()
@@ -263,6 +283,7 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
         slices,
         services,
         workloads,
+        measured_at_destination,
         known: known.into(),
         mirror_bounds: mirror_bounds(previous).into(),
     };
@@ -336,7 +357,30 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, mirror_in_flight: us
             }
         }
     }
+    ctx.add_endpoint_pods(&mut table.pods);
     table
+}
+
+/// The pods on other nodes whose annotations enrol them: their own agent's inbound capture
+/// measures the requests they receive.
+fn remote_enrolled<'a>(store: &'a Store, node: Option<&str>) -> HashSet<(&'a str, &'a str)> {
+    let local: HashSet<(&str, &str)> = store
+        .pods()
+        .filter(|pod| is_local(pod, node))
+        .filter_map(|pod| {
+            Some((
+                pod.metadata.namespace.as_deref()?,
+                pod.metadata.name.as_deref()?,
+            ))
+        })
+        .collect();
+    let namespace_capture = namespace_capture(store);
+    store
+        .pod_metadata()
+        .filter(|meta| is_enrolled(meta, &namespace_capture))
+        .filter_map(|meta| Some((meta.namespace.as_deref()?, meta.name.as_deref()?)))
+        .filter(|key| !local.contains(key))
+        .collect()
 }
 
 /// The routes that attach to `port` (those naming no port attach to all).
@@ -393,6 +437,8 @@ struct Context<'a> {
     slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
     services: HashMap<(&'a str, &'a str), &'a Service>,
     workloads: HashMap<(&'a str, &'a str), Arc<Workload>>,
+    /// Pods (namespace, name) whose requests their own node's inbound proxy measures.
+    measured_at_destination: HashSet<(&'a str, &'a str)>,
     /// One Endpoint per address, shared by every backend that lists it (a pod's load is the
     /// pod's, whichever Service reached it), carried over from the previous table.
     known: std::cell::RefCell<HashMap<SocketAddr, Arc<Endpoint>>>,
@@ -526,11 +572,21 @@ impl Context<'_> {
                     let addr = SocketAddr::new(ip, target as u16);
                     if !endpoints.iter().any(|e| e.addr == addr) {
                         let pod = self.endpoint_pod(namespace, endpoint);
+                        let measured_at_destination = pod.as_ref().is_some_and(|p| {
+                            self.measured_at_destination
+                                .contains(&(p.namespace.as_ref(), p.pod.as_ref()))
+                        });
                         let mut known = self.known.borrow_mut();
                         // Reused only for the same pod: a new pod at an old address starts
                         // with fresh statistics.
-                        let reused = known.get(&addr).filter(|e| e.pod == pod).cloned();
-                        let endpoint = reused.unwrap_or_else(|| Endpoint::new(addr, pod));
+                        let reused = known
+                            .get(&addr)
+                            .filter(|e| {
+                                e.pod == pod && e.measured_at_destination == measured_at_destination
+                            })
+                            .cloned();
+                        let endpoint = reused
+                            .unwrap_or_else(|| Endpoint::new(addr, pod, measured_at_destination));
                         known.insert(addr, endpoint.clone());
                         endpoints.push(endpoint);
                     }
@@ -543,6 +599,25 @@ impl Context<'_> {
             port: service_port.port as u16,
             endpoints,
         }))
+    }
+
+    /// Adds the pods the EndpointSlices name, on any node, to this node's (which win): the
+    /// inbound proxy's clients are often pods elsewhere.
+    fn add_endpoint_pods(&self, pods: &mut HashMap<IpAddr, Arc<Workload>>) {
+        for (&(namespace, _), slices) in &self.slices {
+            for endpoint in slices.iter().flat_map(|slice| &slice.endpoints) {
+                let Some(pod) = self.endpoint_pod(namespace, endpoint) else {
+                    continue;
+                };
+                for ip in endpoint
+                    .addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                {
+                    pods.entry(ip.to_canonical()).or_insert_with(|| pod.clone());
+                }
+            }
+        }
     }
 
     /// The pod an EndpointSlice endpoint names, with its workload when its metadata is known.
@@ -668,6 +743,14 @@ mod tests {
     use super::*;
     use crate::{policy::local::parse_documents, proxy::route::PathMatch};
 
+    /// The options of local mode with `mirror_in_flight`.
+    fn mirrors(mirror_in_flight: usize) -> RouteOptions {
+        RouteOptions {
+            mirror_in_flight,
+            ..Default::default()
+        }
+    }
+
     fn store(yaml: &str) -> Store {
         let mut store = Store::default();
         let rejected = store.replace_all(parse_documents(yaml).unwrap());
@@ -722,7 +805,11 @@ mod tests {
         let annotations =
             "aviary.dev/split: \"reviews-v1=90,reviews-v2=10\", aviary.dev/mirror: reviews-v2, \
                            aviary.dev/mirror-percent: \"50\", aviary.dev/mirror-methods: \"PUT\"";
-        let table = compile_routes(&store(&cluster(annotations)), &RouteTable::default(), 7);
+        let table = compile_routes(
+            &store(&cluster(annotations)),
+            &RouteTable::default(),
+            &mirrors(7),
+        );
         let routes = &table.services[&"10.96.0.10:80".parse().unwrap()];
         assert_eq!(
             (&*routes.name, routes.port, routes.protocol),
@@ -752,7 +839,7 @@ mod tests {
         assert_eq!(mirror.safe_methods.extra, [Method::PUT]);
         assert_eq!(mirror.in_flight.available_permits(), 7);
         // One bound per mirror backend, kept across recompiles.
-        let again = compile_routes(&store(&cluster(annotations)), &table, 7);
+        let again = compile_routes(&store(&cluster(annotations)), &table, &mirrors(7));
         let kept = &again.services[&"10.96.0.10:80".parse().unwrap()].rules[0]
             .mirror
             .as_ref()
@@ -770,7 +857,7 @@ mod tests {
         let table = compile_routes(
             &store(&cluster("aviary.dev/split: \"reviews-v1=50,ghost=50\"")),
             &RouteTable::default(),
-            1,
+            &mirrors(1),
         );
         let rule = &table.services[&"10.96.0.10:80".parse().unwrap()].rules[0];
         assert!(
@@ -783,7 +870,7 @@ mod tests {
         let table = compile_routes(
             &store(&svc("plain", "10.96.0.40", "")),
             &RouteTable::default(),
-            1,
+            &mirrors(1),
         );
         assert!(table.services.is_empty());
     }
@@ -795,14 +882,14 @@ mod tests {
                 "aviary.dev/split: \"reviews-v1=90,reviews-v2=10\"",
             )),
             &RouteTable::default(),
-            1,
+            &mirrors(1),
         );
         let after = compile_routes(
             &store(&cluster(
                 "aviary.dev/split: \"reviews-v1=50,reviews-v2=50\"",
             )),
             &before,
-            1,
+            &mirrors(1),
         );
         let endpoint = |table: &RouteTable| {
             table.services[&"10.96.0.11:80".parse().unwrap()]
@@ -861,7 +948,7 @@ mod tests {
             route.to_owned(),
         ]
         .join(CLUSTER);
-        compile_routes(&store(&yaml), &RouteTable::default(), 1)
+        compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1))
     }
 
     fn rules(table: &RouteTable) -> &[Rule] {
@@ -968,7 +1055,7 @@ mod tests {
              backendRefs: [{name: reviews-v2, port: 80}]\n",
         );
         let yaml = [cluster(""), first, second].join(CLUSTER);
-        let table = compile_routes(&store(&yaml), &RouteTable::default(), 1);
+        let table = compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1));
         let order: Vec<String> = rules(&table)
             .iter()
             .map(|r| {
@@ -1057,7 +1144,7 @@ mod tests {
             pod("other", "shop", "10.244.1.51"),
         ]
         .join(CLUSTER);
-        let table = compile_routes(&store(&yaml), &RouteTable::default(), 1);
+        let table = compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1));
         let vip = "10.96.0.10:80".parse().unwrap();
         let backend_for = |client: &str| {
             let routes = table.service_for(&vip, client.parse().unwrap()).unwrap();
@@ -1075,6 +1162,65 @@ mod tests {
             "unknown clients get the producer's"
         );
         assert_eq!(table.pods.len(), 2);
+    }
+
+    #[test]
+    fn enrolled_pods_on_other_nodes_are_measured_at_their_destination() {
+        // Two endpoints on node-b (one enrolled by its namespace, one opted out) and one
+        // enrolled pod on this node, node-a.
+        let pod = |name: &str, node: &str, ip: &str, capture: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: u-{name}, \
+                 annotations: {{{capture}}}}}\nspec: {{nodeName: {node}, containers: []}}\n\
+                 status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+            )
+        };
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: reviews-v1-x, \
+             namespace: shop, labels: {kubernetes.io/service-name: reviews-v1}}\naddressType: IPv4\n\
+             ports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n\
+             - {addresses: [10.244.2.11], targetRef: {kind: Pod, name: remote}}\n\
+             - {addresses: [10.244.2.12], targetRef: {kind: Pod, name: opted-out}}\n\
+             - {addresses: [10.244.1.13], targetRef: {kind: Pod, name: local}}\n";
+        let yaml = [
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, annotations: {aviary.dev/capture: enabled}}\n"
+                .to_owned(),
+            svc("reviews-v1", "10.96.0.11", ""),
+            slice.to_owned(),
+            pod("remote", "node-b", "10.244.2.11", ""),
+            pod("opted-out", "node-b", "10.244.2.12", "aviary.dev/capture: disabled"),
+            pod("local", "node-a", "10.244.1.13", ""),
+        ]
+        .join(CLUSTER);
+        let measured = |inbound_capture| {
+            let options = RouteOptions {
+                node: Some("node-a".into()),
+                mirror_in_flight: 1,
+                inbound_capture,
+            };
+            let table = compile_routes(&store(&yaml), &RouteTable::default(), &options);
+            let backend = &table.services[&"10.96.0.11:80".parse().unwrap()].default;
+            backend
+                .endpoints
+                .iter()
+                .map(|e| (e.addr.ip().to_string(), e.measured_at_destination))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            measured(true),
+            [
+                ("10.244.2.11".into(), true),
+                ("10.244.2.12".into(), false),
+                ("10.244.1.13".into(), false),
+            ]
+        );
+        assert!(measured(false)
+            .iter()
+            .all(|(_, at_destination)| !at_destination));
+
+        // The endpoints also name the pods on other nodes, for the inbound proxy's clients.
+        let table = compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1));
+        assert_eq!(&*table.pod("10.244.2.12".parse().unwrap()).pod, "opted-out");
+        assert_eq!(table.pods.len(), 3);
     }
 
     #[test]
@@ -1107,7 +1253,11 @@ mod tests {
         let annotations =
             "aviary.dev/mirror: reviews-v2, aviary.dev/mirror-methods: \"PUT,DELETE\", \
                            aviary.dev/mirror-idempotency-key: \"true\"";
-        let table = compile_routes(&store(&cluster(annotations)), &RouteTable::default(), 1);
+        let table = compile_routes(
+            &store(&cluster(annotations)),
+            &RouteTable::default(),
+            &mirrors(1),
+        );
         let safe = &rules(&table)[0].mirror.as_ref().unwrap().safe_methods;
         assert_eq!(
             safe,

@@ -123,7 +123,7 @@ mod tests {
 
     fn endpoints(n: u16) -> Vec<Arc<Endpoint>> {
         (0..n)
-            .map(|i| Endpoint::new(([10, 0, 0, 1], 8000 + i).into(), None))
+            .map(|i| Endpoint::new(([10, 0, 0, 1], 8000 + i).into(), None, false))
             .collect()
     }
 

@@ -22,7 +22,10 @@ use http::{
     header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
 use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
-use hyper::body::{Body as _, Incoming};
+use hyper::{
+    body::{Body as _, Incoming},
+    upgrade::OnUpgrade,
+};
 use hyper_util::{
     client::legacy::Client,
     rt::{TokioExecutor, TokioIo},
@@ -192,7 +195,7 @@ impl HttpProxy {
         });
         if let Err(e) = self
             .server
-            .serve_connection(TokioIo::new(stream), handler)
+            .serve_connection_with_upgrades(TokioIo::new(stream), handler)
             .await
         {
             debug!(%peer, error = %e, "HTTP connection ended with an error");
@@ -213,31 +216,105 @@ impl HttpProxy {
         let response = self
             .route_request(req, service, source, peer, &mut answered)
             .await;
-        let pod = answered.endpoint.as_ref().and_then(|e| e.pod.clone());
+        let endpoint = answered.endpoint.as_deref();
+        let pod = endpoint.and_then(|e| e.pod.as_deref());
         let labels = RequestLabels {
             route: metrics::Route::outbound(
                 source,
                 service,
                 answered.backend.as_ref().map(|b| &b.name),
-                pod.as_deref(),
+                pod,
             ),
             method,
             status_code: response.status().as_u16(),
             mirror: false,
         };
+        // A pod whose own agent measures its requests is left to that agent in Flagger's family.
+        let flagger_pod = pod.filter(|_| endpoint.is_some_and(|e| !e.measured_at_destination));
         self.metrics
-            .request(&labels, pod.as_deref(), started.elapsed());
+            .request(&labels, flagger_pod, started.elapsed());
+        response
+    }
+
+    /// Serves one connection the inbound listener took for the enrolled pod at `pod`: each
+    /// request goes to the pod as it came, and is measured from the destination's side, as
+    /// `route` from `destination`.
+    pub async fn serve_inbound(
+        self: Arc<Self>,
+        stream: TcpStream,
+        pod: SocketAddr,
+        peer: SocketAddr,
+        route: metrics::Route,
+        destination: Arc<Workload>,
+    ) {
+        let this = self.clone();
+        let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let route = route.clone();
+            let destination = destination.clone();
+            async move {
+                let started = Instant::now();
+                let method = MethodClass::from(req.method());
+                let response = this.forward_inbound(req, pod, peer).await;
+                let labels = RequestLabels {
+                    route,
+                    method,
+                    status_code: response.status().as_u16(),
+                    mirror: false,
+                };
+                this.metrics
+                    .request(&labels, Some(&destination), started.elapsed());
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = self
+            .server
+            .serve_connection_with_upgrades(TokioIo::new(stream), handler);
+        if let Err(e) = connection.await {
+            debug!(%peer, error = %e, "inbound HTTP connection ended with an error");
+        }
+    }
+
+    /// Sends one inbound request to the pod.
+    async fn forward_inbound(
+        &self,
+        mut req: Request<Incoming>,
+        pod: SocketAddr,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let upgrade = Upgrade::take(&mut req);
+        let (mut parts, body) = req.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        add_forwarding_headers(&mut parts.headers, peer);
+        if let Some(upgrade) = &upgrade {
+            upgrade.ask(&mut parts.headers);
+        }
+        let request = upstream_request(&parts, pod, body.boxed());
+        let client = if parts.version == Version::HTTP_2 {
+            &self.h2
+        } else {
+            &self.h1
+        };
+        let mut response = match client.request(request).await {
+            Ok(response) => response.map(|body| body.boxed()),
+            Err(e) if e.is_connect() => return connect_failed(pod, &e, ""),
+            Err(e) => return error(StatusCode::BAD_GATEWAY, &format!("{pod} failed: {e}")),
+        };
+        if !upgrade.is_some_and(|u| u.join(&mut response)) {
+            remove_hop_by_hop(response.headers_mut());
+        }
         response
     }
 
     async fn route_request(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         service: &ServiceRoutes,
         source: &Workload,
         peer: SocketAddr,
         answered: &mut Answered,
     ) -> Response<ProxyBody> {
+        let upgrade = Upgrade::take(&mut req);
         let (mut parts, body) = req.into_parts();
         let view = RequestView {
             method: &parts.method,
@@ -277,6 +354,10 @@ impl HttpProxy {
             self.mirror(mirror, &parts, &body, service, source);
         }
 
+        // Asked for after the mirror took its copy: a mirror never upgrades.
+        if let Some(upgrade) = &upgrade {
+            upgrade.ask(&mut parts.headers);
+        }
         let attempt = self.forward(&parts, body, &backend, rule, &mut answered.endpoint);
         let response = match rule.and_then(|r| r.timeout) {
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
@@ -285,8 +366,11 @@ impl HttpProxy {
             },
             None => attempt.await,
         };
+        let mut response = response;
+        if !upgrade.is_some_and(|u| u.join(&mut response)) {
+            remove_hop_by_hop(response.headers_mut());
+        }
         let (mut parts, body) = response.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
         if let Some(rule) = rule {
             rule.response_headers.apply(&mut parts.headers);
         }
@@ -570,6 +654,56 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
+    }
+}
+
+/// An HTTP/1.1 upgrade (WebSocket, say) a client asked for. It is passed on to the backend, and
+/// once the backend agrees (101), the two connections are joined byte for byte.
+struct Upgrade {
+    protocol: HeaderValue,
+    client: OnUpgrade,
+}
+
+impl Upgrade {
+    /// The upgrade `req` asks for (`Connection: upgrade` with `Upgrade`), if any.
+    fn take(req: &mut Request<Incoming>) -> Option<Self> {
+        let headers = req.headers();
+        let asked = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        let protocol = headers.get(header::UPGRADE).filter(|_| asked)?.clone();
+        Some(Self {
+            protocol,
+            client: hyper::upgrade::on(req),
+        })
+    }
+
+    /// Asks the backend for the upgrade (hop-by-hop removal took the client's own headers).
+    fn ask(&self, headers: &mut HeaderMap) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, self.protocol.clone());
+    }
+
+    /// Joins the connections when the backend agreed; returns whether it did. The 101 keeps its
+    /// Connection and Upgrade headers, which the client needs.
+    fn join(self, response: &mut Response<ProxyBody>) -> bool {
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return false;
+        }
+        let backend = hyper::upgrade::on(response);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(backend)) = (self.client.await, backend.await) {
+                let _ = tokio::io::copy_bidirectional(
+                    &mut TokioIo::new(client),
+                    &mut TokioIo::new(backend),
+                )
+                .await;
+            }
+        });
+        true
     }
 }
 

@@ -1,18 +1,24 @@
 //! The inbound listener (port 15006): takes the connections the TC programs steered to it from
 //! the node's uplink. Each one arrives with the pod's address as its local address (the TC
-//! program assigned the SYN to this listener, TPROXY-style), and is forwarded to that pod.
+//! program assigned the SYN to this listener, TPROXY-style), and is forwarded to that pod: HTTP
+//! per request, measured from the destination's side; anything else byte for byte.
 
 use std::{
     io,
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::route::RouteTable;
+use super::{
+    detect::{detect, Detected},
+    http::HttpProxy,
+    route::RouteTable,
+};
 use crate::metrics::{Metrics, Route};
 
 /// Binds the inbound listener. IP_TRANSPARENT lets its connections answer from the pods'
@@ -27,7 +33,9 @@ pub struct Inbound {
     /// The proxy's mark, on its connections to the pods.
     pub mark: u32,
     pub routes: Arc<ArcSwap<RouteTable>>,
+    pub http: Arc<HttpProxy>,
     pub metrics: Arc<Metrics>,
+    pub detect_timeout: Duration,
 }
 
 impl Inbound {
@@ -43,10 +51,24 @@ impl Inbound {
         let Ok(pod) = client.local_addr() else {
             return;
         };
-        let route = {
+        let (route, destination) = {
             let table = self.routes.load();
-            Route::inbound(&table.pod(peer.ip()), &table.pod(pod.ip()))
+            let destination = table.pod(pod.ip());
+            (
+                Route::inbound(&table.pod(peer.ip()), &destination),
+                destination,
+            )
         };
-        super::splice(client, peer, pod, self.mark, &self.metrics, Some(&route)).await
+        match detect(&client, self.detect_timeout).await {
+            Detected::Http => {
+                self.http
+                    .clone()
+                    .serve_inbound(client, pod, peer, route, destination)
+                    .await
+            }
+            Detected::Opaque => {
+                super::splice(client, peer, pod, self.mark, &self.metrics, Some(&route)).await
+            }
+        }
     }
 }

@@ -331,14 +331,22 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// The pod behind the address, when its EndpointSlice names one.
     pub pod: Option<Arc<Workload>>,
+    /// The pod is enrolled on another node, whose inbound proxy measures the requests it
+    /// receives; Flagger's family is left to that agent, so no request counts twice there.
+    pub measured_at_destination: bool,
     pub load: super::balance::Load,
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, pod: Option<Arc<Workload>>) -> Arc<Self> {
+    pub fn new(
+        addr: SocketAddr,
+        pod: Option<Arc<Workload>>,
+        measured_at_destination: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             addr,
             pod,
+            measured_at_destination,
             load: Default::default(),
         })
     }

@@ -9,7 +9,12 @@ use std::{
 
 use aviary_agent::{
     kubernetes::{self, status::Report},
-    policy::{compile, local::parse_documents, routes::compile_routes, Store},
+    policy::{
+        compile,
+        local::parse_documents,
+        routes::{compile_routes, RouteOptions},
+        Store,
+    },
     proxy::route::RouteTable,
     state::Publisher,
 };
@@ -132,10 +137,11 @@ fn main() -> anyhow::Result<()> {
     let stored = started.elapsed();
     let mut compile_times = Vec::new();
     let mut table = RouteTable::default();
+    let options = options();
     for _ in 0..3 {
         let started = Instant::now();
-        let policy = compile(&store, None);
-        table = compile_routes(&store, &table, 128);
+        let policy = compile(&store, Some(NODE));
+        table = compile_routes(&store, &table, &options);
         compile_times.push(started.elapsed());
         anyhow::ensure!(
             policy.captured.len() == args.services,
@@ -167,10 +173,10 @@ async fn propagation(args: &Args, objects: usize) -> anyhow::Result<()> {
         server.apply_yaml(&route(r, 90));
     }
     let client = kube::Client::try_from(kube::Config::new(server.url().parse()?))?;
-    let (publisher, mut snapshots) = Publisher::new(None, 128);
+    let (publisher, mut snapshots) = Publisher::new(options());
     let (updates_tx, updates) = mpsc::channel(4096);
     let started = Instant::now();
-    kubernetes::spawn_watchers(&client, "bench-node", updates_tx);
+    kubernetes::spawn_watchers(&client, NODE, updates_tx);
     let (reports, _reports) = watch::channel(Report::default());
     tokio::spawn(kubernetes::apply_updates(updates, publisher, reports));
     while snapshots.borrow_and_update().generation == 0 {
@@ -210,4 +216,16 @@ async fn propagation(args: &Args, objects: usize) -> anyhow::Result<()> {
         took.last().unwrap().as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+/// The node the benchmark's agent runs on.
+const NODE: &str = "bench-node";
+
+/// An agent's routing options, inbound capture on, as a DaemonSet would run it.
+fn options() -> RouteOptions {
+    RouteOptions {
+        node: Some(NODE.into()),
+        mirror_in_flight: 128,
+        inbound_capture: true,
+    }
 }
