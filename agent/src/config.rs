@@ -7,6 +7,8 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 
+use crate::ebpf::AUTO_UPLINKS;
+
 /// The socket mark on the proxy's own upstream sockets. Istio and ztunnel use 1337 (0x539) for
 /// the same purpose; Aviary uses its own value so the two never take each other's traffic.
 pub const DEFAULT_PROXY_MARK: u32 = 0xa71a;
@@ -95,13 +97,14 @@ pub struct Args {
     #[arg(long, env = "AVIARY_PROXY_IP6")]
     pub proxy_ip6: Option<Ipv6Addr>,
 
-    /// Interfaces whose ingress traffic to enrolled pods is captured for the inbound proxy (the
-    /// node's uplink; comma-separated). None: no inbound capture.
+    /// The node's uplinks (comma-separated), or `auto` for the interfaces of its default routes:
+    /// inbound capture runs on their ingress, and on the pods' host-side veths. None: no inbound
+    /// capture.
     #[arg(long, env = "AVIARY_INBOUND_INTERFACES", value_delimiter = ',')]
     pub inbound_interfaces: Vec<String>,
 
-    /// The bridge the pods hang off, when they do (a bridge CNI): inbound capture also runs on its
-    /// ports, for clients on this node.
+    /// The bridge the pods hang off, when they do (a bridge CNI): its ports get the program that
+    /// hands frames for enrolled pods to the host.
     #[arg(long, env = "AVIARY_INBOUND_BRIDGE")]
     pub inbound_bridge: Option<String>,
 
@@ -216,6 +219,16 @@ impl TryFrom<Args> for Config {
         let Some(proxy_v4) = args.proxy_ip else {
             anyhow::bail!("--proxy-ip (or AVIARY_PROXY_IP) is required: the node address pods reach the proxy at");
         };
+        let auto = args.inbound_interfaces.iter().any(|i| i == AUTO_UPLINKS);
+        if auto && args.inbound_interfaces.len() > 1 {
+            anyhow::bail!("--inbound-interfaces takes interface names, or {AUTO_UPLINKS:?} alone");
+        }
+        if args.inbound_bridge.is_some() && args.inbound_interfaces.is_empty() {
+            anyhow::bail!(
+                "--inbound-bridge needs --inbound-interfaces (the uplinks, or {AUTO_UPLINKS:?}): \
+                 inbound capture is on only with them"
+            );
+        }
         if args.pin_name.is_empty() || args.pin_name.contains('/') {
             anyhow::bail!(
                 "--pin-name must be a single directory name, got {:?}",
@@ -304,6 +317,26 @@ mod tests {
         assert!(matches!(args.command, Some(Command::Status { admin }) if admin.port() == 15000));
         let err = parse(&["--local", "p"]).unwrap_err();
         assert!(err.to_string().contains("--proxy-ip"), "{err}");
+    }
+
+    #[test]
+    fn inbound_uplinks_are_named_or_auto_alone() {
+        let inbound = |extra: &[&str]| {
+            parse(&[&["--local", "p", "--proxy-ip", "10.0.0.1"], extra].concat())
+                .map(|cfg| cfg.inbound_interfaces)
+        };
+        assert_eq!(
+            inbound(&["--inbound-interfaces", "auto"]).unwrap(),
+            ["auto"]
+        );
+        assert_eq!(
+            inbound(&["--inbound-interfaces", "eth0,eth1"]).unwrap(),
+            ["eth0", "eth1"]
+        );
+        let err = inbound(&["--inbound-interfaces", "auto,eth0"]).unwrap_err();
+        assert!(err.to_string().contains("alone"), "{err}");
+        let err = inbound(&["--inbound-bridge", "cni0"]).unwrap_err();
+        assert!(err.to_string().contains("--inbound-interfaces"), "{err}");
     }
 
     #[test]

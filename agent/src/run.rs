@@ -40,8 +40,8 @@ use crate::{
     state::Publisher,
 };
 
-/// How often the bridge's ports are scanned for new pods' veths.
-const BRIDGE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the node's interfaces are scanned for new pods' veths.
+const POD_INTERFACE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long shutdown waits to hand the status lease back.
 const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -192,16 +192,17 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
     });
 
     info!(port = cfg.outbound_port, proxy_ip = %cfg.proxy_v4, admin = %cfg.admin_addr, metrics = %cfg.metrics_addr, "agent ready");
-    // New pods bring new bridge ports, which inbound capture attaches to.
-    let mut scan = tokio::time::interval(BRIDGE_SCAN_INTERVAL);
+    // New pods bring new veths, which inbound capture attaches to.
+    let mut scan = tokio::time::interval(POD_INTERFACE_SCAN_INTERVAL);
+    let captures_inbound = datapath.captures_inbound();
     loop {
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); break }
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break }
-            _ = scan.tick(), if cfg.inbound_bridge.is_some() => {
+            _ = scan.tick(), if captures_inbound => {
                 // Netlink is synchronous here: let other tasks move off this worker meanwhile.
-                if let Err(e) = tokio::task::block_in_place(|| datapath.attach_inbound_bridge_ports()) {
-                    tracing::warn!(error = %format!("{e:#}"), "scanning the bridge's ports");
+                if let Err(e) = tokio::task::block_in_place(|| datapath.attach_inbound_pod_interfaces()) {
+                    tracing::warn!(error = %format!("{e:#}"), "scanning the pods' interfaces");
                 }
             }
         }

@@ -331,6 +331,53 @@ impl Node {
         pod
     }
 
+    /// A pod on no bridge, as a routed CNI (Calico, say) makes one: a /32 address in 10.244.2.0/24
+    /// behind a veth the node routes to, and the node as its gateway. IPv4 only.
+    pub fn add_routed_pod(&self, name: &str) -> Pod {
+        let host = self.next_host.fetch_add(1, Ordering::Relaxed) as u8;
+        let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), host);
+        let pod = Pod {
+            name: name.to_owned(),
+            ip: Ipv4Addr::new(10, 244, 2, host),
+            ip6: Ipv6Addr::UNSPECIFIED,
+            netns: format!("{}-{name}", self.id),
+            cgroup: self.cgroup_root.join(format!("pod{uid}")).join(name),
+            uid,
+        };
+        let build = || -> anyhow::Result<()> {
+            let (node, ns) = (self.netns.as_str(), pod.netns.as_str());
+            let veth = format!("vethr{host}");
+            sh(&["ip", "netns", "add", ns])?;
+            self.pods.lock().unwrap().push(ns.to_owned());
+            ip_in(
+                node,
+                &[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                ],
+            )?;
+            ip_in(node, &["link", "set", &veth, "up"])?;
+            let (ip, node_ip) = (format!("{}/32", pod.ip), NODE_IP.to_string());
+            ip_in(node, &["route", "add", &ip, "dev", &veth, "src", &node_ip])?;
+            ip_in(
+                ns,
+                &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
+            )?;
+            ip_in(ns, &["link", "set", "eth0", "up"])?;
+            ip_in(ns, &["link", "set", "lo", "up"])?;
+            let gateway = NODE_IP.to_string();
+            ip_in(
+                ns,
+                &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
+            )?;
+            ip_in(ns, &["route", "add", "default", "via", &gateway])?;
+            self.sysctls(ns, &[])?;
+            fs::create_dir_all(&pod.cgroup)?;
+            Ok(())
+        };
+        build().unwrap_or_else(|e| panic!("building routed pod {name}: {e:#}"));
+        pod
+    }
+
     fn build_pod(&self, pod: &Pod) -> anyhow::Result<()> {
         let (node, ns) = (self.netns.as_str(), pod.netns.as_str());
         // Named by address: interface names are limited to 15 bytes, pod names are not.

@@ -188,3 +188,45 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     assert!(!rules().contains("fwmark 0xa71b"), "{}", rules());
     assert_eq!(peers(&node, &remote, &enrolled), direct);
 }
+
+/// A routed CNI (no bridge): a pod of this node that is not enrolled, and another host, reach an
+/// enrolled pod through the inbound proxy. The uplink is the default route's interface.
+#[test]
+fn routed_pods_are_captured_and_the_uplink_is_found_by_the_default_route() {
+    let Some(node) = Node::new() else { return };
+    let enrolled = node.add_routed_pod("enrolled");
+    node.serve_http(&enrolled, PORT);
+    let client = node.add_routed_pod("client");
+    let remote = node.add_remote_host("remote");
+    aviary_tests::sh(&[
+        "ip",
+        "-n",
+        &node.netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &REMOTE_IP.to_string(),
+    ])
+    .unwrap();
+    node.write_policy(&policy::documents(&[
+        policy::namespace("shop", Some("enabled")),
+        policy::namespace("other", None),
+        policy::pod(&enrolled, "shop", None),
+        policy::pod(&client, "other", None),
+    ]));
+    let mut agent = node.start_agent(&["--inbound-interfaces", "auto"]);
+    agent.wait_for_log("inbound_added=1", Duration::from_secs(10));
+    agent.wait_for_log("uplinks=[\"up0\"]", Duration::from_secs(1));
+
+    let via_node = BTreeMap::from([(NODE_IP.to_string(), 20)]);
+    assert_eq!(peers(&node, &remote, &enrolled), via_node);
+    assert_eq!(peers(&node, &client, &enrolled), via_node);
+    assert_eq!(agent.counter("inbound_captured"), 2);
+    // The enrolled pod's own requests, and the replies to them, pass untouched.
+    let direct = BTreeMap::from([(enrolled.ip.to_string(), 20)]);
+    node.serve_http(&client, PORT);
+    assert_eq!(peers(&node, &enrolled, &client), direct);
+    assert_eq!(agent.counter("inbound_captured"), 2);
+    assert!(agent.terminate().success());
+}

@@ -8,7 +8,7 @@ pub mod maps;
 mod netlink;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     path::{Path, PathBuf},
 };
@@ -38,6 +38,9 @@ const SK_MSG: &str = "aviary_sk_msg";
 const INBOUND: &str = "aviary_inbound";
 const INBOUND_BRIDGED: &str = "aviary_inbound_bridged";
 
+/// The uplinks by their default routes, as the only value of `--inbound-interfaces`.
+pub const AUTO_UPLINKS: &str = "auto";
+
 /// Linux 5.10: listening sockets in a SockMap (fail-open check), cgroup bpf_link, ancestor
 /// cgroup ids in connect programs, and sk_msg on TCP.
 const MIN_KERNEL: (u32, u32) = (5, 10);
@@ -50,9 +53,10 @@ const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 #[derive(Debug, Clone)]
 pub struct DatapathConfig {
     pub cgroup_root: PathBuf,
-    /// Where inbound capture runs (TC ingress); empty: nowhere.
+    /// The uplinks, where inbound capture runs for clients elsewhere (TC ingress); `["auto"]`:
+    /// the default routes' interfaces; empty: no inbound capture.
     pub inbound_interfaces: Vec<String>,
-    /// The bridge whose ports (the pods' host-side veths) inbound capture also runs on.
+    /// The pods' bridge (a bridge CNI), whose ports are the pods' host-side veths.
     pub inbound_bridge: Option<String>,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
@@ -89,6 +93,22 @@ impl DatapathConfig {
     }
 }
 
+/// The uplinks named, by index: `["auto"]` stands for the default routes' interfaces.
+fn uplinks(names: &[String]) -> anyhow::Result<BTreeMap<u32, String>> {
+    if names == [AUTO_UPLINKS] {
+        let found = netlink::default_route_interfaces()?;
+        anyhow::ensure!(
+            !found.is_empty(),
+            "--inbound-interfaces auto: this node has no IPv4 default route to find its uplink by; name the uplink instead"
+        );
+        return Ok(found);
+    }
+    names
+        .iter()
+        .map(|name| Ok((netlink::interface(name)?.0, name.clone())))
+        .collect()
+}
+
 /// The loaded and attached programs. Dropping it without [`Datapath::shutdown`] leaves the pins,
 /// and with them the attachments, in place, as a SIGKILL would: capture then fails open.
 pub struct Datapath {
@@ -96,10 +116,12 @@ pub struct Datapath {
     links: Vec<PinnedLink>,
     /// Whether the inbound policy routing is installed (and so removed at shutdown).
     inbound_routing: bool,
-    /// The index of the bridge whose ports inbound capture runs on.
+    /// The uplinks inbound capture runs on, by index.
+    inbound_uplinks: BTreeSet<u32>,
+    /// The index of the pods' bridge.
     inbound_bridge: Option<u32>,
-    /// The bridge ports (by index) inbound capture is attached to.
-    inbound_ports: BTreeSet<u32>,
+    /// The pods' host-side veths (by index) inbound capture is attached to.
+    inbound_pods: BTreeSet<u32>,
     ebpf: Ebpf,
 }
 
@@ -117,8 +139,9 @@ impl Datapath {
             pin_dir: cfg.pin_dir.clone(),
             links: Vec::new(),
             inbound_routing: false,
+            inbound_uplinks: BTreeSet::new(),
             inbound_bridge: None,
-            inbound_ports: BTreeSet::new(),
+            inbound_pods: BTreeSet::new(),
             ebpf: EbpfLoader::new()
                 .load(PROGRAMS)
                 .map_err(|e| explain("loading the eBPF object", &e))?,
@@ -188,25 +211,25 @@ impl Datapath {
         prog.attach(&sockets_fd)
             .map_err(|e| explain("attaching sk_msg", &e))?;
 
-        if cfg.inbound_bridge.is_some() {
+        if !cfg.inbound_interfaces.is_empty() {
+            let uplinks = uplinks(&cfg.inbound_interfaces)?;
+            self.inbound_uplinks = uplinks.keys().copied().collect();
             let prog: &mut SchedClassifier = program(ebpf, INBOUND_BRIDGED)?;
             prog.load()
                 .map_err(|e| explain("loading inbound_bridged", &e))?;
-        }
-        if !cfg.inbound_interfaces.is_empty() || cfg.inbound_bridge.is_some() {
             // Links held by the loaded object, not pinned: a killed agent's TC programs go
             // with it, and inbound traffic reaches the pods directly.
             let prog: &mut SchedClassifier = program(&mut self.ebpf, INBOUND)?;
             prog.load().map_err(|e| explain("loading inbound", &e))?;
             // The bridge's own ingress is where frames from its ports reach the host.
-            for interface in cfg.inbound_interfaces.iter().chain(&cfg.inbound_bridge) {
+            for interface in uplinks.values().chain(&cfg.inbound_bridge) {
                 prog.attach(interface, TcAttachType::Ingress)
                     .map_err(|e| explain(&format!("attaching inbound to {interface}"), &e))?;
             }
             netlink::install_inbound()?;
             self.inbound_routing = true;
-            let ports = self.attach_inbound_bridge_ports()?;
-            info!(interfaces = ?cfg.inbound_interfaces, bridge = ?cfg.inbound_bridge, bridge_ports = ports, "inbound capture attached");
+            let pods = self.attach_inbound_pod_interfaces()?;
+            info!(uplinks = ?uplinks.values().collect::<Vec<_>>(), bridge = ?cfg.inbound_bridge, pod_interfaces = pods, "inbound capture attached");
         }
         info!(
             cgroup_root = %cfg.cgroup_root.display(),
@@ -216,29 +239,38 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches inbound capture to the bridge's ports it is not on yet (pods come and go);
-    /// returns how many it is on.
-    pub fn attach_inbound_bridge_ports(&mut self) -> anyhow::Result<usize> {
-        let Some(bridge) = self.inbound_bridge else {
+    /// Attaches inbound capture to the pods' host-side veths it is not on yet (pods come and
+    /// go); returns how many it is on. A bridge port gets the program that hands frames to the
+    /// host; a routed veth's frames reach the host anyway, and get the uplinks' program.
+    pub fn attach_inbound_pod_interfaces(&mut self) -> anyhow::Result<usize> {
+        if !self.inbound_routing {
             return Ok(0);
-        };
-        let ports = netlink::bridge_ports(bridge)?;
-        // Ports that went away took their attachments with them.
-        self.inbound_ports.retain(|index| ports.contains_key(index));
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, INBOUND_BRIDGED)?;
-        for (index, port) in ports {
-            if self.inbound_ports.contains(&index) {
+        }
+        let interfaces = netlink::pod_interfaces(self.inbound_bridge, &self.inbound_uplinks)?;
+        // Interfaces that went away took their attachments with them.
+        self.inbound_pods
+            .retain(|index| interfaces.contains_key(index));
+        for (index, interface) in interfaces {
+            if self.inbound_pods.contains(&index) {
                 continue;
             }
-            match prog.attach(&port, TcAttachType::Ingress) {
+            let name = if interface.bridged {
+                INBOUND_BRIDGED
+            } else {
+                INBOUND
+            };
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            match prog.attach(&interface.name, TcAttachType::Ingress) {
                 Ok(_) => {
-                    self.inbound_ports.insert(index);
+                    self.inbound_pods.insert(index);
                 }
-                // The port may be gone already; the next scan settles it.
-                Err(e) => warn!(port, error = %e, "attaching inbound capture to a bridge port"),
+                // The interface may be gone already; the next scan settles it.
+                Err(e) => {
+                    warn!(interface = interface.name, error = %e, "attaching inbound capture to a pod's interface")
+                }
             }
         }
-        Ok(self.inbound_ports.len())
+        Ok(self.inbound_pods.len())
     }
 
     /// Whether inbound capture is attached, and so needs the inbound listener.

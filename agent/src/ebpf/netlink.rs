@@ -2,16 +2,20 @@
 //! namespace it was mounted in, not the agent's):
 //! - the policy routing: packets the TC program marked are delivered to the host (a `local`
 //!   route in a table of their own), where the socket assigned to them takes them;
-//! - the bridge's MAC and its ports, where capture runs for clients on this node.
+//! - the uplinks (the default routes' interfaces), the bridge's MAC, and the pods' host-side
+//!   veths, where capture runs for clients on this node.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use anyhow::{anyhow, Context as _};
 use aviary_abi::INBOUND_MARK;
 use futures::TryStreamExt as _;
 use rtnetlink::{
     packet_route::{
-        link::LinkAttribute,
+        link::{InfoKind, LinkAttribute, LinkInfo},
         route::{RouteAttribute, RouteScope, RouteType},
         rule::{RuleAction, RuleAttribute},
     },
@@ -20,6 +24,8 @@ use rtnetlink::{
 
 /// The routing table of marked packets, named after the mark.
 const TABLE: u32 = INBOUND_MARK;
+/// The main routing table, whose default routes lead to the uplinks.
+const MAIN_TABLE: u32 = 254;
 /// Before the main table (32766), after the local one (0).
 const PRIORITY: u32 = 100;
 
@@ -75,23 +81,113 @@ pub fn interface(name: &str) -> anyhow::Result<(u32, [u8; 6])> {
     )
 }
 
-/// The interfaces enslaved to the bridge with index `bridge`, by index (an index is never reused
-/// for a new interface while the old one's name might be).
-pub fn bridge_ports(bridge: u32) -> anyhow::Result<BTreeMap<u32, String>> {
-    with_netlink("listing the bridge's ports", |handle| async move {
+/// A pod's host-side interface: the host end of a veth whose other end is in another network
+/// namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInterface {
+    pub name: String,
+    /// A port of the pods' bridge (a bridge CNI); else routed to by the host (a routed CNI).
+    pub bridged: bool,
+}
+
+/// The pods' host-side veths, by index (an index is never reused for a new interface while the
+/// old one's name might be): the ports of the bridge with index `bridge`, and the veths on no
+/// bridge at all. `uplinks` are left out (a test's uplink may be a veth too), and so are veths
+/// on another bridge or bond, which are not pods'.
+pub fn pod_interfaces(
+    bridge: Option<u32>,
+    uplinks: &BTreeSet<u32>,
+) -> anyhow::Result<BTreeMap<u32, PodInterface>> {
+    with_netlink("listing the pods' interfaces", |handle| async move {
         let links: Vec<_> = handle.link().get().execute().try_collect().await?;
         Ok(links
             .into_iter()
-            .filter(|link| link.attributes.contains(&LinkAttribute::Controller(bridge)))
+            .filter(|link| !uplinks.contains(&link.header.index))
             .filter_map(|link| {
-                let index = link.header.index;
-                link.attributes.into_iter().find_map(|a| match a {
-                    LinkAttribute::IfName(name) => Some((index, name)),
-                    _ => None,
-                })
+                let (mut name, mut veth, mut peer_elsewhere, mut controller) =
+                    (None, false, false, None);
+                for attribute in link.attributes {
+                    match attribute {
+                        LinkAttribute::IfName(n) => name = Some(n),
+                        LinkAttribute::LinkInfo(infos) => {
+                            veth = infos.contains(&LinkInfo::Kind(InfoKind::Veth))
+                        }
+                        LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
+                        LinkAttribute::Controller(index) => controller = Some(index),
+                        _ => {}
+                    }
+                }
+                let bridged = match controller {
+                    None => false,
+                    Some(index) if Some(index) == bridge => true,
+                    Some(_) => return None,
+                };
+                if !(veth && peer_elsewhere) {
+                    return None;
+                }
+                let name = name?;
+                Some((link.header.index, PodInterface { name, bridged }))
             })
             .collect())
     })
+}
+
+/// The interfaces of the IPv4 default routes of the main table: the node's uplinks.
+pub fn default_route_interfaces() -> anyhow::Result<BTreeMap<u32, String>> {
+    with_netlink(
+        "finding the default routes' interfaces",
+        |handle| async move {
+            let routes: Vec<_> = handle
+                .route()
+                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                .execute()
+                .try_collect()
+                .await?;
+            let mut indexes = BTreeSet::new();
+            for route in routes {
+                if route.header.destination_prefix_length != 0
+                    || route.header.kind != RouteType::Unicast
+                    || !route
+                        .attributes
+                        .contains(&RouteAttribute::Table(MAIN_TABLE))
+                {
+                    continue;
+                }
+                for attribute in route.attributes {
+                    match attribute {
+                        RouteAttribute::Oif(index) => {
+                            indexes.insert(index);
+                        }
+                        RouteAttribute::MultiPath(hops) => {
+                            indexes.extend(hops.iter().map(|hop| hop.interface_index));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let mut interfaces = BTreeMap::new();
+            for index in indexes {
+                let link = handle
+                    .link()
+                    .get()
+                    .match_index(index)
+                    .execute()
+                    .try_next()
+                    .await?;
+                let name = link
+                    .into_iter()
+                    .flat_map(|l| l.attributes)
+                    .find_map(|a| match a {
+                        LinkAttribute::IfName(name) => Some(name),
+                        _ => None,
+                    });
+                if let Some(name) = name {
+                    interfaces.insert(index, name);
+                }
+            }
+            Ok(interfaces)
+        },
+    )
 }
 
 /// The route that makes every marked packet local.
