@@ -219,11 +219,18 @@ impl TryFrom<Args> for Config {
         let Some(proxy_v4) = args.proxy_ip else {
             anyhow::bail!("--proxy-ip (or AVIARY_PROXY_IP) is required: the node address pods reach the proxy at");
         };
-        let auto = args.inbound_interfaces.iter().any(|i| i == AUTO_UPLINKS);
-        if auto && args.inbound_interfaces.len() > 1 {
+        // Empty values are unset ones: a manifest's "" turns a setting off.
+        let inbound_interfaces: Vec<String> = args
+            .inbound_interfaces
+            .into_iter()
+            .filter(|i| !i.is_empty())
+            .collect();
+        let inbound_bridge = args.inbound_bridge.filter(|b| !b.is_empty());
+        let auto = inbound_interfaces.iter().any(|i| i == AUTO_UPLINKS);
+        if auto && inbound_interfaces.len() > 1 {
             anyhow::bail!("--inbound-interfaces takes interface names, or {AUTO_UPLINKS:?} alone");
         }
-        if args.inbound_bridge.is_some() && args.inbound_interfaces.is_empty() {
+        if inbound_bridge.is_some() && inbound_interfaces.is_empty() {
             anyhow::bail!(
                 "--inbound-bridge needs --inbound-interfaces (the uplinks, or {AUTO_UPLINKS:?}): \
                  inbound capture is on only with them"
@@ -248,8 +255,8 @@ impl TryFrom<Args> for Config {
             health_addr: args.health_addr,
             flagger_metrics: args.flagger_metrics,
             outbound_port: args.outbound_port,
-            inbound_interfaces: args.inbound_interfaces,
-            inbound_bridge: args.inbound_bridge,
+            inbound_interfaces,
+            inbound_bridge,
             inbound_port: args.inbound_port,
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,
@@ -337,6 +344,12 @@ mod tests {
         assert!(err.to_string().contains("alone"), "{err}");
         let err = inbound(&["--inbound-bridge", "cni0"]).unwrap_err();
         assert!(err.to_string().contains("--inbound-interfaces"), "{err}");
+        assert!(
+            inbound(&["--inbound-interfaces", "", "--inbound-bridge", ""])
+                .unwrap()
+                .is_empty(),
+            "empty is off"
+        );
     }
 
     #[test]

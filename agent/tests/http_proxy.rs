@@ -1004,8 +1004,13 @@ async fn inbound_requests_reach_the_pod_as_sent_and_are_measured_at_the_destinat
         assert!(headers.get("x-hop").is_none(), "hop-by-hop headers go");
     }
     send(&mut conn, request(Method::POST, "/api", b"{}")).await;
+    let mut mirrored = get("/api");
+    mirrored
+        .headers_mut()
+        .insert("x-aviary-mirror", "1".parse().unwrap());
+    send(&mut conn, mirrored).await;
     let seen = pod.seen();
-    assert_eq!(seen.len(), 5);
+    assert_eq!(seen.len(), 6);
     assert_eq!(seen[4].body_len, 2);
     assert_eq!(seen[0].headers["host"], "podinfo.shop", "the Host is kept");
     assert_eq!(seen[0].headers["x-forwarded-for"], "127.0.0.1");
@@ -1019,9 +1024,20 @@ async fn inbound_requests_reach_the_pod_as_sent_and_are_measured_at_the_destinat
         ("destination_workload", "podinfo"),
         ("status_code", "200"),
     ];
-    let with = |method| [&inbound[..], &[("method", method)]].concat();
-    assert_eq!(sample(&text, "aviary_requests_total", &with("GET")), 4.0);
-    assert_eq!(sample(&text, "aviary_requests_total", &with("POST")), 1.0);
+    let with = |method, mirror| [&inbound[..], &[("method", method), ("mirror", mirror)]].concat();
+    assert_eq!(
+        sample(&text, "aviary_requests_total", &with("GET", "false")),
+        4.0
+    );
+    assert_eq!(
+        sample(&text, "aviary_requests_total", &with("POST", "false")),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "aviary_requests_total", &with("GET", "true")),
+        1.0,
+        "a mirror copy another agent sent"
+    );
     assert_eq!(
         sample(
             &text,

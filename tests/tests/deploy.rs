@@ -616,7 +616,7 @@ fn the_grafana_dashboard_queries_real_metrics() {
 // rewrites them), and rendered here by a renderer of exactly the template syntax they use.
 
 /// Base text -> template text.
-const SUBSTITUTIONS: [(&str, &str); 9] = [
+const SUBSTITUTIONS: [(&str, &str); 11] = [
     (
         "ghcr.io/aviary-mesh/aviary-agent:0.1.0",
         "{{ .Values.image.repository }}:{{ .Values.image.tag }}",
@@ -634,6 +634,14 @@ const SUBSTITUTIONS: [(&str, &str); 9] = [
         "value: {{ .Values.cgroupRoot }}",
     ),
     ("value: json", "value: {{ .Values.logFormat }}"),
+    (
+        "value: auto",
+        "value: {{ .Values.inbound.interfaces | quote }}",
+    ),
+    (
+        "AVIARY_INBOUND_BRIDGE\n              value: \"\"",
+        "AVIARY_INBOUND_BRIDGE\n              value: {{ .Values.inbound.bridge | quote }}",
+    ),
     ("cpu: 100m", "cpu: {{ .Values.resources.requests.cpu }}"),
     (
         "memory: 64Mi",

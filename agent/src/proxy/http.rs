@@ -255,12 +255,14 @@ impl HttpProxy {
             async move {
                 let started = Instant::now();
                 let method = MethodClass::from(req.method());
+                // Another agent's mirror copy: measured as one, and so not in Flagger's family.
+                let mirror = req.headers().contains_key(MIRROR_HEADER);
                 let response = this.forward_inbound(req, pod, peer).await;
                 let labels = RequestLabels {
                     route,
                     method,
                     status_code: response.status().as_u16(),
-                    mirror: false,
+                    mirror,
                 };
                 this.metrics
                     .request(&labels, Some(&destination), started.elapsed());
