@@ -74,11 +74,27 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     assert_eq!(agent.counter("inbound_captured"), 1);
     assert_eq!(peers(&node, &plain, &enrolled), via_node);
     assert_eq!(agent.counter("inbound_captured"), 2);
+    // The proxy closes first when the client asks it to, and holds a TIME_WAIT socket; a new
+    // connection from the same client port recycles it, as the pod itself would.
+    let out = node.run(
+        &remote,
+        &[
+            "reconnect",
+            &format!("{}:{PORT}", enrolled.ip),
+            "--port",
+            "40000",
+            "--count",
+            "3",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(tally(&out, "status"), BTreeMap::from([("200".into(), 3)]));
+    assert_eq!(agent.counter("inbound_captured"), 5);
     // Not enrolled, or an excluded port: untouched.
     let direct = BTreeMap::from([(REMOTE_IP.to_string(), 20)]);
     assert_eq!(peers(&node, &remote, &plain), direct);
     assert_eq!(peers_on(&node, &remote, &enrolled, EXCLUDED), direct);
-    assert_eq!(agent.counter("inbound_captured"), 2);
+    assert_eq!(agent.counter("inbound_captured"), 5);
 
     // An enrolled caller's request to the pod's Service goes through the outbound proxy, whose
     // connection to the pod leaves from the node's stack: it is not captured again.
@@ -90,7 +106,7 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     assert_eq!(tally(&out, "status"), BTreeMap::from([("200".into(), 20)]));
     assert_eq!(tally(&out, "peer"), via_node);
     assert_eq!(agent.counter("connect_captured"), 1);
-    assert_eq!(agent.counter("inbound_captured"), 2);
+    assert_eq!(agent.counter("inbound_captured"), 5);
 
     // Opaque TCP (the server speaks first) is forwarded byte for byte.
     let out = node.run(
@@ -107,10 +123,10 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
         tally(&out, "name"),
         BTreeMap::from([(enrolled.name.clone(), 3)])
     );
-    assert_eq!(agent.counter("inbound_captured"), 5);
+    assert_eq!(agent.counter("inbound_captured"), 8);
 
     // Each request is measured from the destination's side, with its source when the peer is a
-    // known pod; Flagger's family counts every request to the pod once: 40 inbound, and 20 the
+    // known pod; Flagger's family counts every request to the pod once: 43 inbound, and 20 the
     // outbound proxy delivered on this node.
     let inbound = [
         ("direction", "inbound"),
@@ -134,10 +150,10 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
         let labels: Vec<_> = inbound.iter().chain(source).copied().collect();
         sample(&metrics, "aviary_requests_total", &labels)
     };
-    assert_eq!(requests(&[("status_code", "200"), ("method", "GET")]), 40.0);
+    assert_eq!(requests(&[("status_code", "200"), ("method", "GET")]), 43.0);
     assert_eq!(
         requests(&[("source_workload", "unknown")]),
-        20.0,
+        23.0,
         "the remote host"
     );
     assert_eq!(
@@ -161,7 +177,7 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     ];
     assert_eq!(
         sample(&metrics, "http_request_duration_seconds_count", &flagger),
-        60.0
+        63.0
     );
     assert_eq!(
         sample(

@@ -19,7 +19,7 @@ use aya::{
     maps::{Array, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SkLookup, SkMsg, SockOps,
         TcAttachType,
     },
     Ebpf, EbpfLoader,
@@ -37,6 +37,7 @@ const SOCK_OPS: &str = "aviary_sock_ops";
 const SK_MSG: &str = "aviary_sk_msg";
 const INBOUND: &str = "aviary_inbound";
 const INBOUND_BRIDGED: &str = "aviary_inbound_bridged";
+const INBOUND_LOOKUP: &str = "aviary_inbound_lookup";
 
 /// The uplinks by their default routes, as the only value of `--inbound-interfaces`.
 pub const AUTO_UPLINKS: &str = "auto";
@@ -226,6 +227,13 @@ impl Datapath {
                 prog.attach(interface, TcAttachType::Ingress)
                     .map_err(|e| explain(&format!("attaching inbound to {interface}"), &e))?;
             }
+            let netns = fs::File::open("/proc/self/ns/net")
+                .context("opening the agent's network namespace")?;
+            let prog: &mut SkLookup = program(&mut self.ebpf, INBOUND_LOOKUP)?;
+            prog.load()
+                .map_err(|e| explain("loading inbound_lookup", &e))?;
+            prog.attach(netns)
+                .map_err(|e| explain("attaching inbound_lookup", &e))?;
             netlink::install_inbound()?;
             self.inbound_routing = true;
             let pods = self.attach_inbound_pod_interfaces()?;

@@ -26,9 +26,9 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_map_lookup_elem,
         bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
     },
-    macros::{cgroup_sock_addr, classifier, map, sk_msg, sock_ops},
+    macros::{cgroup_sock_addr, classifier, map, sk_lookup, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
     EbpfContext,
 };
 
@@ -329,8 +329,8 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
 /// Inbound capture, at TC ingress of the node's uplink: a TCP packet to an enrolled pod goes to
-/// the proxy's socket for its connection, and a new connection (a SYN) to the inbound listener.
-/// The mark makes policy routing deliver it to the host, where the assigned socket takes it.
+/// the proxy's socket for its connection, and a new connection (a SYN) to the inbound listener
+/// (through `aviary_inbound_lookup`). The mark makes policy routing deliver it to the host.
 /// Everything else, and connections that existed before the pod was enrolled, pass untouched.
 #[classifier]
 pub fn aviary_inbound(ctx: TcContext) -> i32 {
@@ -419,33 +419,70 @@ fn steer_inbound(ctx: &TcContext, assign: bool) -> Option<bool> {
         // Not the start of a connection, and not one of the proxy's: it predates enrollment.
         return None;
     }
+    // A new connection: marked for local delivery, where `aviary_inbound_lookup` gives it the
+    // listener. Not assigned here: the kernel must first see any TIME_WAIT socket the proxy
+    // holds for a reused client port, and recycle it as it would for its own listener.
+    let Some(listener) = inbound_listener() else {
+        count(counter::INBOUND_FAILED_OPEN);
+        return None;
+    };
+    // SAFETY: release the reference the lookup took.
+    unsafe { bpf_sk_release(listener) };
+    if assign {
+        ctx.set_mark(INBOUND_MARK);
+        count(counter::INBOUND_CAPTURED);
+    }
+    Some(true)
+}
+
+/// The inbound listener (a referenced socket the caller releases), or None while no agent
+/// listens: then inbound capture fails open.
+#[inline(always)]
+fn inbound_listener() -> Option<*mut c_void> {
     let key = LISTENER_INBOUND;
-    // SAFETY: a SockMap lookup returns a referenced socket or null; it is released below.
+    // SAFETY: a SockMap lookup returns a referenced socket or null.
     let listener = unsafe {
         bpf_map_lookup_elem(
             core::ptr::addr_of!(LISTENERS) as *mut c_void,
             core::ptr::addr_of!(key) as *const c_void,
         )
     };
-    if listener.is_null() {
-        count(counter::INBOUND_FAILED_OPEN);
-        return None;
+    (!listener.is_null()).then_some(listener)
+}
+
+/// The listener lookup of a TCP packet for an enrolled pod's address: only packets
+/// `aviary_inbound` marked are delivered to this host with such an address, so the lookup
+/// gets the inbound listener (excluded ports keep theirs, which is none).
+#[sk_lookup]
+pub fn aviary_inbound_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the context points at the kernel's bpf_sk_lookup for this lookup.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.family != AF_INET as u32 || lookup.protocol != u32::from(IPPROTO_TCP) {
+        return SK_PASS;
     }
-    // SAFETY: assign (if asked) and release a referenced socket.
-    let assigned = unsafe {
-        let assigned = if assign {
-            bpf_sk_assign(skb, listener, 0)
-        } else {
-            0
-        };
-        bpf_sk_release(listener);
-        assigned
+    let addr = lookup.local_ip4;
+    // SAFETY: the value is only tested for presence.
+    if unsafe { INBOUND.get(addr) }.is_none() {
+        return SK_PASS;
+    }
+    // local_port is in host order, unlike the packet's.
+    let port = InboundPort {
+        addr,
+        port: (lookup.local_port as u16).to_be(),
+        _pad: 0,
     };
-    if assigned == 0 && assign {
-        ctx.set_mark(INBOUND_MARK);
-        count(counter::INBOUND_CAPTURED);
+    // SAFETY: the value is only tested for presence.
+    if unsafe { INBOUND_EXCLUDED.get(port) }.is_some() {
+        return SK_PASS;
     }
-    Some(assigned == 0)
+    if let Some(listener) = inbound_listener() {
+        // SAFETY: assign, then release, a referenced socket.
+        unsafe {
+            bpf_sk_assign(ctx.as_ptr(), listener, 0);
+            bpf_sk_release(listener);
+        }
+    }
+    SK_PASS
 }
 
 #[panic_handler]

@@ -90,6 +90,16 @@ enum Command {
     },
     /// One HTTP/1.1 GET; prints the response body.
     HttpGet { addr: SocketAddr, path: String },
+    /// `count` GETs with `Connection: close`, each on a new connection from the same source
+    /// `port`: the server closes first and holds a TIME_WAIT socket the next connect must
+    /// recycle. Prints how many got each status ("status <code> <n>").
+    Reconnect {
+        addr: SocketAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: u32,
+    },
     /// Load for the benchmark; each mode runs for `secs` and prints one line of results.
     Load {
         #[command(subcommand)]
@@ -168,6 +178,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let deadline = Instant::now() + Duration::from_secs_f64(secs.unwrap_or(600.0));
             http_load(addr, count, deadline, &method, &path)
         }
+        Command::Reconnect { addr, port, count } => reconnect(addr, port, count),
         Command::HttpGet { addr, path } => {
             let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
             stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -481,6 +492,48 @@ struct Message {
     start: String,
     headers: BTreeMap<String, String>,
     body: Vec<u8>,
+}
+
+fn reconnect(addr: SocketAddr, port: u16, count: u32) -> anyhow::Result<()> {
+    use nix::sys::socket::{
+        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
+        SockaddrStorage,
+    };
+    use nix::sys::time::TimeVal;
+    use std::os::fd::AsRawFd as _;
+    let mut statuses = BTreeMap::new();
+    for _ in 0..count {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        // Bounds connect(): a SYN the peer drops would otherwise be retried for minutes.
+        setsockopt(
+            &fd,
+            sockopt::SendTimeout,
+            &TimeVal::new(IO_TIMEOUT.as_secs() as _, 0),
+        )?;
+        let local = SocketAddr::from(([0, 0, 0, 0], port));
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).context("binding the source port")?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+            .with_context(|| format!("connecting from port {port} again"))?;
+        let stream = TcpStream::from(fd);
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        (&stream).write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")?;
+        let mut reader = BufReader::new(stream);
+        let message = read_message(&mut reader)?.context("no response")?;
+        let status = message.start.split(' ').nth(1).unwrap_or("none").to_owned();
+        *statuses.entry(status).or_insert(0u32) += 1;
+        // Until the server's close: this end closes second, and holds no TIME_WAIT.
+        std::io::copy(&mut reader, &mut std::io::sink())?;
+    }
+    for (status, n) in statuses {
+        println!("status {status} {n}");
+    }
+    Ok(())
 }
 
 /// The next message, or None at a clean end of stream.
