@@ -324,11 +324,23 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, options: &RouteOptio
                     .map(|a| vec![ctx.rule(namespace, port.port, &default, a, mirror_in_flight)])
                     .unwrap_or_default()
             };
+            let protocol = AppProtocol::from_app_protocol(port.app_protocol.as_deref());
+            for endpoint in &default.endpoints {
+                table
+                    .endpoint_protocols
+                    .entry(endpoint.addr)
+                    .and_modify(|declared| {
+                        if *declared != protocol {
+                            *declared = AppProtocol::Detect;
+                        }
+                    })
+                    .or_insert(protocol);
+            }
             let routes = Arc::new(ServiceRoutes {
                 namespace: namespace.into(),
                 name: name.into(),
                 port: port.port as u16,
-                protocol: AppProtocol::from_app_protocol(port.app_protocol.as_deref()),
+                protocol,
                 rules,
                 default,
             });
@@ -1162,6 +1174,26 @@ mod tests {
             "unknown clients get the producer's"
         );
         assert_eq!(table.pods.len(), 2);
+    }
+
+    #[test]
+    fn pod_ports_are_read_as_their_services_declare_unless_they_disagree() {
+        let raw = svc("raw", "10.96.0.13", "").replace("appProtocol: http", "appProtocol: tcp");
+        let yaml = [
+            cluster(""),
+            raw,
+            slice("raw", &["10.244.1.12"], true).replace("raw-x", "raw-y"),
+        ]
+        .join(CLUSTER);
+        let table = compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1));
+        let protocol = |addr: &str| table.endpoint_protocol(&addr.parse().unwrap());
+        assert_eq!(protocol("10.244.1.11:8080"), AppProtocol::Http1);
+        assert_eq!(
+            protocol("10.244.1.12:8080"),
+            AppProtocol::Detect,
+            "http and tcp"
+        );
+        assert_eq!(protocol("10.244.9.9:8080"), AppProtocol::Detect, "unknown");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The inbound listener (port 15006): takes the connections the TC programs steered to it from
-//! the node's uplink. Each one arrives with the pod's address as its local address (the TC
-//! program assigned the SYN to this listener, TPROXY-style), and is forwarded to that pod: HTTP
-//! per request, measured from the destination's side; anything else byte for byte.
+//! the node's uplink. Each one arrives with the pod's address as its local address (the SYN was
+//! steered to this listener, TPROXY-style), and is forwarded to that pod: HTTP per request,
+//! measured from the destination's side; anything else byte for byte. How a pod port is read
+//! comes from its Services' `appProtocol`, else from the first bytes.
 
 use std::{
     io,
@@ -17,7 +18,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use super::{
     detect::{detect, Detected},
     http::HttpProxy,
-    route::RouteTable,
+    route::{AppProtocol, RouteTable},
 };
 use crate::metrics::{Metrics, Route};
 
@@ -51,15 +52,18 @@ impl Inbound {
         let Ok(pod) = client.local_addr() else {
             return;
         };
-        let (route, destination) = {
+        let (route, destination, protocol) = {
             let table = self.routes.load();
             let destination = table.pod(pod.ip());
-            (
-                Route::inbound(&table.pod(peer.ip()), &destination),
-                destination,
-            )
+            let route = Route::inbound(&table.pod(peer.ip()), &destination);
+            (route, destination, table.endpoint_protocol(&pod))
         };
-        match detect(&client, self.detect_timeout).await {
+        let detected = match protocol {
+            AppProtocol::Http1 | AppProtocol::Http2 => Detected::Http,
+            AppProtocol::Opaque => Detected::Opaque,
+            AppProtocol::Detect => detect(&client, self.detect_timeout).await,
+        };
+        match detected {
             Detected::Http => {
                 self.http
                     .clone()

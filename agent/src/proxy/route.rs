@@ -25,6 +25,9 @@ pub struct RouteTable {
     /// The pod at each address: which consumer routes apply to a client, and who it is in the
     /// metrics.
     pub pods: HashMap<IpAddr, Arc<Workload>>,
+    /// Endpoints (pod address and port) whose Services declare how they are read, for the
+    /// inbound proxy; a pod port that Services declare differently is detected.
+    pub endpoint_protocols: HashMap<SocketAddr, AppProtocol>,
 }
 
 impl RouteTable {
@@ -36,6 +39,14 @@ impl RouteTable {
             .get(&client.to_canonical())
             .and_then(|pod| self.consumers.get(&(pod.namespace.to_string(), *addr)));
         consumer.or_else(|| self.services.get(addr))
+    }
+
+    /// How the inbound proxy reads connections to the pod port `endpoint`.
+    pub fn endpoint_protocol(&self, endpoint: &SocketAddr) -> AppProtocol {
+        self.endpoint_protocols
+            .get(endpoint)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The pod at `ip`, or [`Workload::unknown`].
