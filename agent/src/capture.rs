@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     time::Duration,
 };
 
@@ -55,14 +55,16 @@ pub async fn run(
             .iter()
             .map(|&addr| addr.into())
             .collect();
-        let mut inbound: BTreeMap<Ipv4Addr, BTreeSet<u16>> = BTreeMap::new();
-        for pod in snapshot.policy.enrolled.values() {
-            for ip in &pod.ips {
-                if let IpAddr::V4(ip) = ip {
-                    inbound.insert(*ip, pod.inbound_ports_excluded.clone());
-                }
-            }
-        }
+        let inbound: BTreeMap<IpAddr, BTreeSet<u16>> = snapshot
+            .policy
+            .enrolled
+            .values()
+            .flat_map(|pod| {
+                pod.ips
+                    .iter()
+                    .map(|&ip| (ip, pod.inbound_ports_excluded.clone()))
+            })
+            .collect();
         let synced = table.sync(&pods, &services, &inbound);
         if synced.is_ok() {
             ready.store(true, std::sync::atomic::Ordering::Release);

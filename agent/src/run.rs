@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use aviary_abi::{LISTENER_INBOUND, LISTENER_V4, LISTENER_V6};
+use aviary_abi::{LISTENER_INBOUND_V4, LISTENER_INBOUND_V6, LISTENER_V4, LISTENER_V6};
 use tokio::{
     net::TcpListener,
     signal::unix::{signal, SignalKind},
@@ -107,10 +107,6 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
     }
 
     if datapath.captures_inbound() {
-        let listener = inbound::bind(cfg.inbound_port).with_context(|| {
-            format!("binding the inbound listener on port {}", cfg.inbound_port)
-        })?;
-        listeners.register(LISTENER_INBOUND, &listener)?;
         let inbound = Arc::new(Inbound {
             mark: cfg.proxy_mark,
             routes: routes.clone(),
@@ -118,7 +114,23 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             detect_timeout: DETECT_TIMEOUT,
         });
-        tokio::spawn(inbound.serve(listener));
+        for (slot, v6) in [(LISTENER_INBOUND_V4, false), (LISTENER_INBOUND_V6, true)] {
+            let listener = match inbound::bind(cfg.inbound_port, v6) {
+                Ok(listener) => listener,
+                // A node without IPv6: its pods have no IPv6 addresses to capture either.
+                Err(e) if v6 && e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
+                    info!("no IPv6 on this node: inbound capture is IPv4 only");
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("binding the inbound listener on port {}", cfg.inbound_port)
+                    })
+                }
+            };
+            listeners.register(slot, &listener)?;
+            tokio::spawn(inbound.clone().serve(listener));
+        }
     }
 
     let (publisher, snapshots) = Publisher::new(RouteOptions {

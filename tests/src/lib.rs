@@ -36,13 +36,16 @@ use aviary_agent::ebpf::maps::{CaptureTable, Stats};
 /// The cgroup v2 mount on the test machines.
 pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
 pub const BPFFS: &str = "/sys/fs/bpf";
-/// The node's address on the pod bridge; pods reach the proxy here.
-/// The node's uplink to a remote host ([`Node::add_remote_host`]), and that host's address.
+/// The node's uplink to a remote host ([`Node::add_remote_host`]), and that host's addresses.
 pub const UPLINK: &str = "up0";
 pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+pub const REMOTE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
+/// The node's IPv6 address on the uplink.
+const UPLINK_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
 
 /// The node name of test pods (spec.nodeName) and of an agent that reads the API server.
 pub const TEST_NODE: &str = "aviary-test-node";
+/// The node's addresses on the pod bridge; pods reach the proxy here.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
 /// The service ranges, unreachable inside the node except for the VIPs a test adds.
@@ -276,7 +279,7 @@ impl Node {
             name: name.to_owned(),
             uid: String::new(),
             ip: REMOTE_IP,
-            ip6: Ipv6Addr::UNSPECIFIED,
+            ip6: REMOTE_IP6,
             cgroup: self.cgroup_base.join(name),
             netns,
         };
@@ -284,21 +287,66 @@ impl Node {
             let (node, ns) = (self.netns.as_str(), host.netns.as_str());
             sh(&["ip", "netns", "add", ns])?;
             self.pods.lock().unwrap().push(ns.to_owned());
+            // Fixed MACs, so that each side can pin the other's IPv6 neighbour entry.
+            let (node_mac, host_mac) = ("02:00:00:00:01:01", "02:00:00:00:01:02");
             ip_in(
                 node,
                 &[
-                    "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                    "link", "add", UPLINK, "address", node_mac, "type", "veth", "peer", "name",
+                    "eth0", "address", host_mac, "netns", ns,
                 ],
             )?;
+            let (node6, host6) = (UPLINK_IP6.to_string(), REMOTE_IP6.to_string());
             ip_in(node, &["addr", "add", "10.0.0.1/30", "dev", UPLINK])?;
+            ip_in(
+                node,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{node6}/64"),
+                    "dev",
+                    UPLINK,
+                    "nodad",
+                ],
+            )?;
             ip_in(node, &["link", "set", UPLINK, "up"])?;
+            let neigh = |ns: &str, ip: &str, mac: &str, dev: &str| {
+                ip_in(
+                    ns,
+                    &[
+                        "neigh",
+                        "add",
+                        ip,
+                        "lladdr",
+                        mac,
+                        "dev",
+                        dev,
+                        "nud",
+                        "permanent",
+                    ],
+                )
+            };
+            neigh(node, &host6, host_mac, UPLINK)?;
             ip_in(
                 ns,
                 &["addr", "add", &format!("{REMOTE_IP}/30"), "dev", "eth0"],
             )?;
+            ip_in(
+                ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{host6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
             ip_in(ns, &["link", "set", "eth0", "up"])?;
             ip_in(ns, &["link", "set", "lo", "up"])?;
+            neigh(ns, &node6, node_mac, "eth0")?;
             ip_in(ns, &["route", "add", "default", "via", "10.0.0.1"])?;
+            ip_in(ns, &["-6", "route", "add", "default", "via", &node6])?;
             fs::create_dir_all(&host.cgroup)?;
             Ok(())
         };

@@ -25,6 +25,15 @@ pub fn pod(pod: &Pod, namespace: &str, capture: Option<&str>) -> String {
     pod_with_uid(&pod.name, &pod.uid, namespace, capture) + &status
 }
 
+/// A Pod with its IPv4 and IPv6 addresses.
+pub fn dual_stack_pod(pod: &Pod, namespace: &str, capture: Option<&str>) -> String {
+    let (ip, ip6) = (pod.ip, pod.ip6);
+    let status = format!(
+        "status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}, {{ip: \"{ip6}\"}}]}}\n"
+    );
+    pod_with_uid(&pod.name, &pod.uid, namespace, capture) + &status
+}
+
 pub fn pod_with_uid(name: &str, uid: &str, namespace: &str, capture: Option<&str>) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, uid: {uid}{}}}\n\

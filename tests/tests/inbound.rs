@@ -2,10 +2,12 @@
 //! enrolled (over the bridge) reach an enrolled pod through the inbound proxy; other pods and
 //! excluded ports are reached directly, and every pod directly once the agent is gone.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use aviary_agent::metrics::sample;
-use aviary_tests::{policy, tally, wait_until, Node, Pod, NODE_IP, REMOTE_IP, UPLINK};
+use aviary_tests::{
+    policy, tally, wait_until, Node, Pod, NODE_IP, NODE_IP6, REMOTE_IP, REMOTE_IP6, UPLINK,
+};
 
 const PORT: u16 = 8080;
 const EXCLUDED: u16 = 8081;
@@ -19,14 +21,18 @@ fn peers(node: &Node, client: &Pod, server: &Pod) -> BTreeMap<String, u32> {
 }
 
 fn peers_on(node: &Node, client: &Pod, server: &Pod, port: u16) -> BTreeMap<String, u32> {
+    peers_at(
+        node,
+        client,
+        server,
+        SocketAddr::new(server.ip.into(), port),
+    )
+}
+
+fn peers_at(node: &Node, client: &Pod, server: &Pod, addr: SocketAddr) -> BTreeMap<String, u32> {
     let out = node.run(
         client,
-        &[
-            "http-load",
-            &format!("{}:{port}", server.ip),
-            "--count",
-            "20",
-        ],
+        &["http-load", &addr.to_string(), "--count", "20"],
         Duration::from_secs(20),
     );
     assert_eq!(tally(&out, "status"), BTreeMap::from([("200".into(), 20)]));
@@ -35,6 +41,24 @@ fn peers_on(node: &Node, client: &Pod, server: &Pod, port: u16) -> BTreeMap<Stri
         [&server.name]
     );
     tally(&out, "peer")
+}
+
+/// Three requests from `client` to `addr`, each on a new connection from the same port
+/// (`aviary-testpod reconnect`); all must succeed.
+fn reconnect(node: &Node, client: &Pod, addr: SocketAddr) {
+    let out = node.run(
+        client,
+        &[
+            "reconnect",
+            &addr.to_string(),
+            "--port",
+            "40000",
+            "--count",
+            "3",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(tally(&out, "status"), BTreeMap::from([("200".into(), 3)]));
 }
 
 #[test]
@@ -76,19 +100,7 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     assert_eq!(agent.counter("inbound_captured"), 2);
     // The proxy closes first when the client asks it to, and holds a TIME_WAIT socket; a new
     // connection from the same client port recycles it, as the pod itself would.
-    let out = node.run(
-        &remote,
-        &[
-            "reconnect",
-            &format!("{}:{PORT}", enrolled.ip),
-            "--port",
-            "40000",
-            "--count",
-            "3",
-        ],
-        Duration::from_secs(20),
-    );
-    assert_eq!(tally(&out, "status"), BTreeMap::from([("200".into(), 3)]));
+    reconnect(&node, &remote, SocketAddr::new(enrolled.ip.into(), PORT));
     assert_eq!(agent.counter("inbound_captured"), 5);
     // Not enrolled, or an excluded port: untouched.
     let direct = BTreeMap::from([(REMOTE_IP.to_string(), 20)]);
@@ -194,11 +206,15 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     assert_eq!(peers(&node, &remote, &enrolled), direct);
 
     // A new agent replaces the policy routing the killed one left; a stopped one removes it.
-    let rules = || aviary_tests::sh(&["ip", "-n", &node.netns, "rule"]).unwrap();
+    // The rules of both families: one each while an agent runs.
+    let rules = || {
+        let family = |f: &str| aviary_tests::sh(&["ip", f, "-n", &node.netns, "rule"]).unwrap();
+        family("-4") + &family("-6")
+    };
     assert!(rules().contains("fwmark 0xa71b"), "{}", rules());
     let mut agent = node.start_agent(AGENT_ARGS);
     agent.wait_for_log("inbound_added=2", Duration::from_secs(10));
-    assert_eq!(rules().matches("fwmark 0xa71b").count(), 1, "{}", rules());
+    assert_eq!(rules().matches("fwmark 0xa71b").count(), 2, "{}", rules());
     assert_eq!(peers(&node, &remote, &enrolled), via_node);
     assert!(agent.terminate().success());
     assert!(!rules().contains("fwmark 0xa71b"), "{}", rules());
@@ -245,4 +261,41 @@ fn routed_pods_are_captured_and_the_uplink_is_found_by_the_default_route() {
     assert_eq!(peers(&node, &enrolled, &client), direct);
     assert_eq!(agent.counter("inbound_captured"), 2);
     assert!(agent.terminate().success());
+}
+
+/// IPv6: a client on another host reaches a dual-stack enrolled pod at its IPv6 address through
+/// the inbound proxy, and directly once the agent is gone.
+#[test]
+fn ipv6_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
+    let Some(node) = Node::new() else { return };
+    let [enrolled] = node.add_http_pods(["enrolled"], PORT);
+    let remote = node.add_remote_host("remote");
+    node.write_policy(&policy::documents(&[
+        policy::namespace("shop", Some("enabled")),
+        policy::dual_stack_pod(&enrolled, "shop", None),
+    ]));
+    let mut agent = node.start_agent(AGENT_ARGS);
+    agent.wait_for_log("inbound_added=2", Duration::from_secs(10));
+
+    let pod6 = SocketAddr::new(enrolled.ip6.into(), PORT);
+    let via_node = BTreeMap::from([(NODE_IP6.to_string(), 20)]);
+    assert_eq!(peers_at(&node, &remote, &enrolled, pod6), via_node);
+    assert_eq!(agent.counter("inbound_captured"), 1);
+    reconnect(&node, &remote, pod6);
+    assert_eq!(agent.counter("inbound_captured"), 4);
+    let out = node.run(
+        &enrolled,
+        &["http-get", &format!("{NODE_IP}:15020"), "/metrics"],
+        Duration::from_secs(10),
+    );
+    let inbound = [
+        ("direction", "inbound"),
+        ("destination_workload", "enrolled"),
+    ];
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(sample(&metrics, "aviary_requests_total", &inbound), 23.0);
+
+    agent.kill();
+    let direct = BTreeMap::from([(REMOTE_IP6.to_string(), 20)]);
+    assert_eq!(peers_at(&node, &remote, &enrolled, pod6), direct);
 }

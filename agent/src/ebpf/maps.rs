@@ -3,13 +3,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
-use aviary_abi::{counter, map_name, InboundPort, SockAddr, SockKey};
+use aviary_abi::{counter, map_name, SockAddr, SockKey};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash, SockMap};
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -23,14 +22,14 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
 pub struct CaptureTable {
     enrolled: HashMap<MapData, u64, u32>,
     services: HashMap<MapData, SockAddr, u32>,
-    /// Enrolled pods' IPv4 addresses, in network order as the TC program reads them.
-    inbound: HashMap<MapData, u32, u32>,
+    /// Enrolled pods' addresses (port 0).
+    inbound: HashMap<MapData, SockAddr, u32>,
     /// Their ports that inbound capture leaves alone.
-    inbound_excluded: HashMap<MapData, InboundPort, u32>,
+    inbound_excluded: HashMap<MapData, SockAddr, u32>,
     applied_pods: BTreeSet<u64>,
     applied_services: BTreeSet<SockAddr>,
-    applied_inbound: BTreeSet<u32>,
-    applied_excluded: BTreeSet<InboundPort>,
+    applied_inbound: BTreeSet<SockAddr>,
+    applied_excluded: BTreeSet<SockAddr>,
 }
 
 /// What a [`CaptureTable::sync`] changed.
@@ -55,8 +54,9 @@ impl CaptureTable {
         let enrolled: HashMap<MapData, u64, u32> = open(pin_dir, map_name::ENROLLED)?.try_into()?;
         let services: HashMap<MapData, SockAddr, u32> =
             open(pin_dir, map_name::SERVICES)?.try_into()?;
-        let inbound: HashMap<MapData, u32, u32> = open(pin_dir, map_name::INBOUND)?.try_into()?;
-        let inbound_excluded: HashMap<MapData, InboundPort, u32> =
+        let inbound: HashMap<MapData, SockAddr, u32> =
+            open(pin_dir, map_name::INBOUND)?.try_into()?;
+        let inbound_excluded: HashMap<MapData, SockAddr, u32> =
             open(pin_dir, map_name::INBOUND_EXCLUDED)?.try_into()?;
         Ok(Self {
             applied_pods: enrolled.keys().collect::<Result<_, _>>()?,
@@ -87,16 +87,14 @@ impl CaptureTable {
         &mut self,
         pods: &BTreeSet<u64>,
         services: &BTreeSet<SockAddr>,
-        inbound: &BTreeMap<Ipv4Addr, BTreeSet<u16>>,
+        inbound: &BTreeMap<IpAddr, BTreeSet<u16>>,
     ) -> anyhow::Result<SyncChanges> {
-        let excluded: BTreeSet<InboundPort> = inbound
+        let excluded: BTreeSet<SockAddr> = inbound
             .iter()
-            .flat_map(|(ip, ports)| {
-                ports.iter().map(|port| InboundPort {
-                    addr: u32::from_ne_bytes(ip.octets()),
-                    port: port.to_be(),
-                    _pad: 0,
-                })
+            .flat_map(|(&ip, ports)| {
+                ports
+                    .iter()
+                    .map(move |&port| SockAddr::from(SocketAddr::new(ip, port)))
             })
             .collect();
         // Exclusions first, so a port is never captured on its way to being excluded.
@@ -106,9 +104,9 @@ impl CaptureTable {
             &excluded,
         )
         .with_context(|| format!("updating {}", map_name::INBOUND_EXCLUDED))?;
-        let inbound: BTreeSet<u32> = inbound
+        let inbound: BTreeSet<SockAddr> = inbound
             .keys()
-            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .map(|&ip| SockAddr::from(SocketAddr::new(ip, 0)))
             .collect();
         let (inbound_added, inbound_removed) =
             sync_set(&mut self.inbound, &mut self.applied_inbound, &inbound)

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{anyhow, Context as _};
@@ -19,7 +19,7 @@ use rtnetlink::{
         route::{RouteAttribute, RouteScope, RouteType},
         rule::{RuleAction, RuleAttribute},
     },
-    Handle, IpVersion, RouteMessageBuilder,
+    Handle, IpVersion, RouteMessageBuilder, RuleAddRequest,
 };
 
 /// The routing table of marked packets, named after the mark.
@@ -190,39 +190,77 @@ pub fn default_route_interfaces() -> anyhow::Result<BTreeMap<u32, String>> {
     )
 }
 
-/// The route that makes every marked packet local.
-fn local_route() -> rtnetlink::packet_route::route::RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-        .table_id(TABLE)
-        .kind(RouteType::Local)
-        .scope(RouteScope::Host)
-        .output_interface(1) // lo
-        .build()
+/// The address families the node routes: IPv6 too, unless the kernel has it off.
+fn families() -> Vec<IpVersion> {
+    let mut families = vec![IpVersion::V4];
+    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        families.push(IpVersion::V6);
+    }
+    families
 }
 
-/// Installs the rule and the route, replacing any a killed agent left.
+/// The route that makes every marked packet of `family` local.
+fn local_route(family: &IpVersion) -> rtnetlink::packet_route::route::RouteMessage {
+    const LO: u32 = 1;
+    match family {
+        IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .table_id(TABLE)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .output_interface(LO)
+            .build(),
+        IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .table_id(TABLE)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .output_interface(LO)
+            .build(),
+    }
+}
+
+/// `fwmark 0xa71b lookup 42779`, in the request's family.
+async fn add_rule<T>(rule: RuleAddRequest<T>) -> Result<(), rtnetlink::Error> {
+    rule.fw_mark(INBOUND_MARK)
+        .table_id(TABLE)
+        .priority(PRIORITY)
+        .action(RuleAction::ToTable)
+        .execute()
+        .await
+}
+
+/// All routes of Aviary's table in `family`, as a dump request.
+fn table_routes(family: &IpVersion) -> rtnetlink::packet_route::route::RouteMessage {
+    match family {
+        IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(TABLE)
+            .build(),
+        IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+            .table_id(TABLE)
+            .build(),
+    }
+}
+
+/// Installs the rules and the routes, for IPv4 and IPv6, replacing any a killed agent left.
 pub fn install_inbound() -> anyhow::Result<()> {
     with_netlink(
         "installing the inbound policy routing",
         |handle| async move {
             remove(&handle).await?;
-            handle
-                .rule()
-                .add()
-                .v4()
-                .fw_mark(INBOUND_MARK)
-                .table_id(TABLE)
-                .priority(PRIORITY)
-                .action(RuleAction::ToTable)
-                .execute()
-                .await?;
-            handle
-                .route()
-                .add(local_route())
-                .replace()
-                .execute()
-                .await?;
+            for family in families() {
+                let rule = handle.rule().add();
+                match family {
+                    IpVersion::V4 => add_rule(rule.v4()).await?,
+                    IpVersion::V6 => add_rule(rule.v6()).await?,
+                }
+                handle
+                    .route()
+                    .add(local_route(&family))
+                    .replace()
+                    .execute()
+                    .await?;
+            }
             Ok(())
         },
     )
@@ -234,44 +272,42 @@ pub fn remove_inbound() -> anyhow::Result<()> {
     })
 }
 
-/// Deletes Aviary's rule (by its priority and table) and every route of its table.
+/// Deletes Aviary's rules (by their priority and table) and every route of its table.
 async fn remove(handle: &Handle) -> anyhow::Result<()> {
-    let rules: Vec<_> = handle
-        .rule()
-        .get(IpVersion::V4)
-        .execute()
-        .try_collect()
-        .await?;
-    for rule in rules {
-        let ours = rule.attributes.contains(&RuleAttribute::Priority(PRIORITY))
-            && rule.attributes.contains(&RuleAttribute::Table(TABLE));
-        if ours {
-            handle
-                .rule()
-                .del(rule)
-                .execute()
-                .await
-                .context("deleting the fwmark rule")?;
+    for family in families() {
+        let rules: Vec<_> = handle
+            .rule()
+            .get(family.clone())
+            .execute()
+            .try_collect()
+            .await?;
+        for rule in rules {
+            let ours = rule.attributes.contains(&RuleAttribute::Priority(PRIORITY))
+                && rule.attributes.contains(&RuleAttribute::Table(TABLE));
+            if ours {
+                handle
+                    .rule()
+                    .del(rule)
+                    .execute()
+                    .await
+                    .context("deleting the fwmark rule")?;
+            }
         }
-    }
-    let routes: Vec<_> = handle
-        .route()
-        .get(
-            RouteMessageBuilder::<Ipv4Addr>::new()
-                .table_id(TABLE)
-                .build(),
-        )
-        .execute()
-        .try_collect()
-        .await?;
-    for route in routes {
-        if route.attributes.contains(&RouteAttribute::Table(TABLE)) {
-            handle
-                .route()
-                .del(route)
-                .execute()
-                .await
-                .context("deleting a local route")?;
+        let routes: Vec<_> = handle
+            .route()
+            .get(table_routes(&family))
+            .execute()
+            .try_collect()
+            .await?;
+        for route in routes {
+            if route.attributes.contains(&RouteAttribute::Table(TABLE)) {
+                handle
+                    .route()
+                    .del(route)
+                    .execute()
+                    .await
+                    .context("deleting a local route")?;
+            }
         }
     }
     Ok(())

@@ -6,7 +6,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -22,12 +22,18 @@ use super::{
 };
 use crate::metrics::{Metrics, Route};
 
-/// Binds the inbound listener. IP_TRANSPARENT lets its connections answer from the pods'
-/// addresses, which are not the node's.
-pub fn bind(port: u16) -> io::Result<TcpListener> {
-    let socket = TcpSocket::new_v4()?;
+/// Binds an inbound listener, for IPv4 or (IPv6 only) for IPv6. IP_TRANSPARENT lets its
+/// connections answer from the pods' addresses, which are not the node's.
+pub fn bind(port: u16, v6: bool) -> io::Result<TcpListener> {
+    let (socket, addr) = if v6 {
+        let socket = TcpSocket::new_v6()?;
+        setsockopt(&socket, sockopt::Ipv6V6Only, &true)?;
+        (socket, IpAddr::from(Ipv6Addr::UNSPECIFIED))
+    } else {
+        (TcpSocket::new_v4()?, IpAddr::from(Ipv4Addr::UNSPECIFIED))
+    };
     setsockopt(&socket, sockopt::IpTransparent, &true)?;
-    super::listen(socket, (Ipv4Addr::UNSPECIFIED, port).into())
+    super::listen(socket, (addr, port).into())
 }
 
 pub struct Inbound {

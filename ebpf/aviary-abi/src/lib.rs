@@ -53,25 +53,14 @@ pub mod capacity {
     pub const INBOUND_EXCLUDED: u32 = 16_384;
 }
 
-/// An enrolled pod's port that inbound capture leaves alone
-/// (`aviary.dev/inbound-ports-exclude`): address and port as the packet carries them.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct InboundPort {
-    /// IPv4, network order in memory.
-    pub addr: u32,
-    /// Network order in memory.
-    pub port: u16,
-    pub _pad: u16,
-}
-
 /// Slots of the LISTENERS SockMap: the proxy's listening sockets. A slot empties by itself when
 /// the socket closes, which is how the programs know the proxy is gone and fail open.
 pub const LISTENER_V4: u32 = 0;
 pub const LISTENER_V6: u32 = 1;
-/// The inbound listener (15006), which TC programs hand new inbound connections to.
-pub const LISTENER_INBOUND: u32 = 2;
-pub const LISTENER_SLOTS: u32 = 3;
+/// The inbound listeners (15006), which new inbound connections are handed to.
+pub const LISTENER_INBOUND_V4: u32 = 2;
+pub const LISTENER_INBOUND_V6: u32 = 3;
+pub const LISTENER_SLOTS: u32 = 4;
 
 /// The mark inbound packets carry so that policy routing delivers them to the host, where the
 /// socket assigned to them (the proxy's) receives them.
@@ -275,7 +264,6 @@ mod user {
     unsafe impl aya::Pod for super::AgentConfig {}
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::SockKey {}
-    unsafe impl aya::Pod for super::InboundPort {}
 }
 
 #[cfg(test)]
@@ -343,6 +331,5 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
         assert_eq!(core::mem::size_of::<SockKey>(), 40);
         assert_eq!(core::mem::size_of::<AgentConfig>(), 40);
-        assert_eq!(core::mem::size_of::<InboundPort>(), 8);
     }
 }

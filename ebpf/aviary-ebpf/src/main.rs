@@ -11,9 +11,9 @@
 use core::ffi::c_void;
 
 use aviary_abi::{
-    capacity, counter, local_port, remote_port, AgentConfig, InboundPort, SockAddr, SockKey,
-    AF_INET, AF_INET6, CONFIG_IPV6, CONFIG_SK_MSG, INBOUND_MARK, LISTENER_INBOUND, LISTENER_SLOTS,
-    LISTENER_V4, LISTENER_V6, MAX_CGROUP_DEPTH,
+    capacity, counter, local_port, remote_port, AgentConfig, SockAddr, SockKey, AF_INET, AF_INET6,
+    CONFIG_IPV6, CONFIG_SK_MSG, INBOUND_MARK, LISTENER_INBOUND_V4, LISTENER_INBOUND_V6,
+    LISTENER_SLOTS, LISTENER_V4, LISTENER_V6, MAX_CGROUP_DEPTH,
 };
 use aya_ebpf::{
     bindings::{
@@ -70,14 +70,13 @@ static MSG_BYPASS: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(capac
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Enrolled pods' IPv4 addresses on this node (network order, as in the packet), for inbound
-/// capture.
+/// Enrolled pods' addresses on this node (port 0), for inbound capture.
 #[map]
-static INBOUND: HashMap<u32, u32> = HashMap::with_max_entries(capacity::INBOUND, 0);
+static INBOUND: HashMap<SockAddr, u32> = HashMap::with_max_entries(capacity::INBOUND, 0);
 
 /// Their ports that inbound capture leaves alone.
 #[map]
-static INBOUND_EXCLUDED: HashMap<InboundPort, u32> =
+static INBOUND_EXCLUDED: HashMap<SockAddr, u32> =
     HashMap::with_max_entries(capacity::INBOUND_EXCLUDED, 0);
 
 #[inline(always)]
@@ -324,6 +323,7 @@ pub fn aviary_sk_msg(ctx: SkMsgContext) -> u32 {
 #[cfg(not(test))]
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -357,42 +357,64 @@ pub fn aviary_inbound_bridged(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn steer_inbound(ctx: &TcContext, assign: bool) -> Option<bool> {
     let ethertype: u16 = ctx.load(12).ok()?;
-    if ethertype != ETH_P_IP.to_be() {
+    // SAFETY: a zeroed bpf_sock_tuple is valid; the member of the packet's family is filled.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // The pod's address, the TCP header's offset, and the tuple's size for the lookup.
+    let (pod, l4, tuple_size, listener_slot) = if ethertype == ETH_P_IP.to_be() {
+        let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
+        let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+        if version_ihl >> 4 != 4 || protocol != IPPROTO_TCP {
+            return None;
+        }
+        let daddr: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+        tuple.__bindgen_anon_1.ipv4.saddr = ctx.load(ETH_HLEN + 12).ok()?;
+        tuple.__bindgen_anon_1.ipv4.daddr = daddr;
+        let l4 = ETH_HLEN + usize::from(version_ihl & 0x0f) * 4;
+        (SockAddr::v4(daddr, 0), l4, 12, LISTENER_INBOUND_V4)
+    } else if ethertype == ETH_P_IPV6.to_be() {
+        // TCP right after the fixed header; extension headers are not followed.
+        let next_header: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+        if next_header != IPPROTO_TCP {
+            return None;
+        }
+        let daddr: [u32; 4] = ctx.load(ETH_HLEN + 24).ok()?;
+        tuple.__bindgen_anon_1.ipv6.saddr = ctx.load(ETH_HLEN + 8).ok()?;
+        tuple.__bindgen_anon_1.ipv6.daddr = daddr;
+        (
+            SockAddr::v6(daddr, 0),
+            ETH_HLEN + 40,
+            36,
+            LISTENER_INBOUND_V6,
+        )
+    } else {
         return None;
-    }
-    let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
-    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-    if version_ihl >> 4 != 4 || protocol != IPPROTO_TCP {
-        return None;
-    }
-    let saddr: u32 = ctx.load(ETH_HLEN + 12).ok()?;
-    let daddr: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+    };
     // SAFETY: the value is only tested for presence.
-    unsafe { INBOUND.get(daddr) }?;
-    let l4 = ETH_HLEN + usize::from(version_ihl & 0x0f) * 4;
+    unsafe { INBOUND.get(pod) }?;
     let sport: u16 = ctx.load(l4).ok()?;
     let dport: u16 = ctx.load(l4 + 2).ok()?;
     let flags: u8 = ctx.load(l4 + 13).ok()?;
-    let port = InboundPort {
-        addr: daddr,
-        port: dport,
-        _pad: 0,
+    let port = SockAddr {
+        port: u16::from_be(dport),
+        ..pod
     };
     // SAFETY: the value is only tested for presence.
     if unsafe { INBOUND_EXCLUDED.get(port) }.is_some() {
         return None;
     }
-
-    // SAFETY: a zeroed bpf_sock_tuple is valid; its ipv4 member is filled below.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    tuple.__bindgen_anon_1.ipv4.saddr = saddr;
-    tuple.__bindgen_anon_1.ipv4.daddr = daddr;
-    tuple.__bindgen_anon_1.ipv4.sport = sport;
-    tuple.__bindgen_anon_1.ipv4.dport = dport;
+    if tuple_size == 12 {
+        tuple.__bindgen_anon_1.ipv4.sport = sport;
+        tuple.__bindgen_anon_1.ipv4.dport = dport;
+    } else {
+        tuple.__bindgen_anon_1.ipv6.sport = sport;
+        tuple.__bindgen_anon_1.ipv6.dport = dport;
+    }
     let skb = ctx.skb.skb as *mut c_void;
     // The proxy's socket for this connection, if it has one: its local address is the pod's.
-    // SAFETY: the tuple is on the stack and sized for IPv4; a found socket is released below.
-    let sk = unsafe { bpf_skc_lookup_tcp(skb, &mut tuple, 12, BPF_F_CURRENT_NETNS as u64, 0) };
+    // SAFETY: the tuple is on the stack and `tuple_size` is its filled member's; a found
+    // socket is released below.
+    let sk =
+        unsafe { bpf_skc_lookup_tcp(skb, &mut tuple, tuple_size, BPF_F_CURRENT_NETNS as u64, 0) };
     if !sk.is_null() {
         // SAFETY: `sk` is a referenced socket the verifier lets us read `state` of.
         let state = unsafe { (*sk).state };
@@ -422,7 +444,7 @@ fn steer_inbound(ctx: &TcContext, assign: bool) -> Option<bool> {
     // A new connection: marked for local delivery, where `aviary_inbound_lookup` gives it the
     // listener. Not assigned here: the kernel must first see any TIME_WAIT socket the proxy
     // holds for a reused client port, and recycle it as it would for its own listener.
-    let Some(listener) = inbound_listener() else {
+    let Some(listener) = inbound_listener(listener_slot) else {
         count(counter::INBOUND_FAILED_OPEN);
         return None;
     };
@@ -435,11 +457,11 @@ fn steer_inbound(ctx: &TcContext, assign: bool) -> Option<bool> {
     Some(true)
 }
 
-/// The inbound listener (a referenced socket the caller releases), or None while no agent
-/// listens: then inbound capture fails open.
+/// The inbound listener in `slot` (a referenced socket the caller releases), or None while no
+/// agent listens: then inbound capture fails open.
 #[inline(always)]
-fn inbound_listener() -> Option<*mut c_void> {
-    let key = LISTENER_INBOUND;
+fn inbound_listener(slot: u32) -> Option<*mut c_void> {
+    let key = slot;
     // SAFETY: a SockMap lookup returns a referenced socket or null.
     let listener = unsafe {
         bpf_map_lookup_elem(
@@ -457,25 +479,32 @@ fn inbound_listener() -> Option<*mut c_void> {
 pub fn aviary_inbound_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the context points at the kernel's bpf_sk_lookup for this lookup.
     let lookup = unsafe { &*ctx.lookup };
-    if lookup.family != AF_INET as u32 || lookup.protocol != u32::from(IPPROTO_TCP) {
+    if lookup.protocol != u32::from(IPPROTO_TCP) {
         return SK_PASS;
     }
-    let addr = lookup.local_ip4;
+    let (pod, slot) = match lookup.family {
+        family if family == u32::from(AF_INET) => {
+            (SockAddr::v4(lookup.local_ip4, 0), LISTENER_INBOUND_V4)
+        }
+        family if family == u32::from(AF_INET6) => {
+            (SockAddr::v6(lookup.local_ip6, 0), LISTENER_INBOUND_V6)
+        }
+        _ => return SK_PASS,
+    };
     // SAFETY: the value is only tested for presence.
-    if unsafe { INBOUND.get(addr) }.is_none() {
+    if unsafe { INBOUND.get(pod) }.is_none() {
         return SK_PASS;
     }
-    // local_port is in host order, unlike the packet's.
-    let port = InboundPort {
-        addr,
-        port: (lookup.local_port as u16).to_be(),
-        _pad: 0,
+    // local_port is in host order, as SockAddr's is.
+    let port = SockAddr {
+        port: lookup.local_port as u16,
+        ..pod
     };
     // SAFETY: the value is only tested for presence.
     if unsafe { INBOUND_EXCLUDED.get(port) }.is_some() {
         return SK_PASS;
     }
-    if let Some(listener) = inbound_listener() {
+    if let Some(listener) = inbound_listener(slot) {
         // SAFETY: assign, then release, a referenced socket.
         unsafe {
             bpf_sk_assign(ctx.as_ptr(), listener, 0);

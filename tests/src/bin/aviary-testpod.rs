@@ -503,12 +503,12 @@ fn reconnect(addr: SocketAddr, port: u16, count: u32) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd as _;
     let mut statuses = BTreeMap::new();
     for _ in 0..count {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )?;
+        let family = if addr.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::empty(), None)?;
         setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         // Bounds connect(): a SYN the peer drops would otherwise be retried for minutes.
         setsockopt(
@@ -516,7 +516,10 @@ fn reconnect(addr: SocketAddr, port: u16, count: u32) -> anyhow::Result<()> {
             sockopt::SendTimeout,
             &TimeVal::new(IO_TIMEOUT.as_secs() as _, 0),
         )?;
-        let local = SocketAddr::from(([0, 0, 0, 0], port));
+        let local = match addr {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+        };
         bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).context("binding the source port")?;
         connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
             .with_context(|| format!("connecting from port {port} again"))?;
