@@ -354,10 +354,16 @@ impl Node {
         host
     }
 
-    /// A pod on the bridge with a cgroup `pod<uid>/<name>` under the root.
-    pub fn add_pod(&self, name: &str) -> Pod {
+    /// The next host number the harness hands out (.10 to .99), and a UID made from it.
+    fn next_host(&self) -> (u8, String) {
         let host = self.next_host.fetch_add(1, Ordering::Relaxed) as u8;
         let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), host);
+        (host, uid)
+    }
+
+    /// A pod on the bridge with a cgroup `pod<uid>/<name>` under the root.
+    pub fn add_pod(&self, name: &str) -> Pod {
+        let (host, uid) = self.next_host();
         self.add_pod_as(name, &uid, Ipv4Addr::new(10, 244, 1, host))
     }
 
@@ -382,8 +388,7 @@ impl Node {
     /// A pod on no bridge, as a routed CNI (Calico, say) makes one: a /32 address in 10.244.2.0/24
     /// behind a veth the node routes to, and the node as its gateway. IPv4 only.
     pub fn add_routed_pod(&self, name: &str) -> Pod {
-        let host = self.next_host.fetch_add(1, Ordering::Relaxed) as u8;
-        let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), host);
+        let (host, uid) = self.next_host();
         let pod = Pod {
             name: name.to_owned(),
             ip: Ipv4Addr::new(10, 244, 2, host),

@@ -157,6 +157,18 @@ async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, probe: impl Fn
     panic!("timed out waiting until {what}");
 }
 
+/// Waits until the server has had a request starting with `prefix` (method and path).
+async fn requested(server: &ApiServer, what: &str, prefix: &str) {
+    eventually(what, || async {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with(prefix))
+            .then_some(())
+    })
+    .await
+}
+
 fn captured(snapshot: &Snapshot, addr: &str) -> bool {
     snapshot.policy.captured.contains(&addr.parse().unwrap())
 }
@@ -565,13 +577,11 @@ async fn the_agent_uses_exactly_the_api_access_it_declares() {
     server.apply_yaml(&http_route(0, 0));
     let _source = start(&server, Some(NODE));
     // Everything the agent does: list, watch, hold the lease, write status, record an Event.
-    eventually("the refused route's Event is recorded", || async {
-        server
-            .requests()
-            .iter()
-            .any(|r| r.starts_with("POST /apis/events.k8s.io/"))
-            .then_some(())
-    })
+    requested(
+        &server,
+        "the refused route's Event is recorded",
+        "POST /apis/events.k8s.io/",
+    )
     .await;
     route_conditions(
         &server,
@@ -581,13 +591,11 @@ async fn the_agent_uses_exactly_the_api_access_it_declares() {
         ],
     )
     .await;
-    eventually("the lease is renewed", || async {
-        server
-            .requests()
-            .iter()
-            .any(|r| r.starts_with("PUT /apis/coordination.k8s.io/"))
-            .then_some(())
-    })
+    requested(
+        &server,
+        "the lease is renewed",
+        "PUT /apis/coordination.k8s.io/",
+    )
     .await;
     let used: std::collections::BTreeSet<(String, String, &str)> =
         server.requests().iter().map(|r| rbac_of(r)).collect();

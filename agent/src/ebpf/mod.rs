@@ -215,9 +215,11 @@ impl Datapath {
         if !cfg.inbound_interfaces.is_empty() {
             let uplinks = uplinks(&cfg.inbound_interfaces)?;
             self.inbound_uplinks = uplinks.keys().copied().collect();
-            let prog: &mut SchedClassifier = program(ebpf, INBOUND_BRIDGED)?;
-            prog.load()
-                .map_err(|e| explain("loading inbound_bridged", &e))?;
+            if cfg.inbound_bridge.is_some() {
+                let prog: &mut SchedClassifier = program(ebpf, INBOUND_BRIDGED)?;
+                prog.load()
+                    .map_err(|e| explain("loading inbound_bridged", &e))?;
+            }
             // Links held by the loaded object, not pinned: a killed agent's TC programs go
             // with it, and inbound traffic reaches the pods directly.
             let prog: &mut SchedClassifier = program(&mut self.ebpf, INBOUND)?;
@@ -249,11 +251,9 @@ impl Datapath {
 
     /// Attaches inbound capture to the pods' host-side veths it is not on yet (pods come and
     /// go); returns how many it is on. A bridge port gets the program that hands frames to the
-    /// host; a routed veth's frames reach the host anyway, and get the uplinks' program.
+    /// host; a routed veth's frames reach the host anyway, and get the uplinks' program. Only
+    /// while inbound capture is on.
     pub fn attach_inbound_pod_interfaces(&mut self) -> anyhow::Result<usize> {
-        if !self.inbound_routing {
-            return Ok(0);
-        }
         let interfaces = netlink::pod_interfaces(self.inbound_bridge, &self.inbound_uplinks)?;
         // Interfaces that went away took their attachments with them.
         self.inbound_pods

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::{net::TcpStream, time::Instant};
 
+use super::route::AppProtocol;
+
 /// How long a connection may stay silent before it is taken as opaque: server-first protocols
 /// (SMTP, MySQL, ...) wait for the server to speak, and must not be held back longer.
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
@@ -37,6 +39,15 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
         }
     }
     (bytes.len() > MAX_METHOD).then_some(Detected::Opaque)
+}
+
+/// How to read a connection whose policy says `declared`: as declared, or as detected.
+pub async fn read_as(declared: AppProtocol, stream: &TcpStream, wait: Duration) -> Detected {
+    match declared {
+        AppProtocol::Http1 | AppProtocol::Http2 => Detected::Http,
+        AppProtocol::Opaque => Detected::Opaque,
+        AppProtocol::Detect => detect(stream, wait).await,
+    }
 }
 
 /// Peeks at the connection until its protocol is clear, it closes, or `wait` passes.

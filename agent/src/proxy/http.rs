@@ -292,12 +292,7 @@ impl HttpProxy {
             upgrade.ask(&mut parts.headers);
         }
         let request = upstream_request(&parts, pod, body.boxed());
-        let client = if parts.version == Version::HTTP_2 {
-            &self.h2
-        } else {
-            &self.h1
-        };
-        let mut response = match client.request(request).await {
+        let mut response = match self.client(parts.version).request(request).await {
             Ok(response) => response.map(|body| body.boxed()),
             Err(e) if e.is_connect() => return connect_failed(pod, &e, ""),
             Err(e) => return error(StatusCode::BAD_GATEWAY, &format!("{pod} failed: {e}")),
@@ -361,14 +356,13 @@ impl HttpProxy {
             upgrade.ask(&mut parts.headers);
         }
         let attempt = self.forward(&parts, body, &backend, rule, &mut answered.endpoint);
-        let response = match rule.and_then(|r| r.timeout) {
+        let mut response = match rule.and_then(|r| r.timeout) {
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
                 Ok(response) => response,
                 Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "the request timed out"),
             },
             None => attempt.await,
         };
-        let mut response = response;
         if !upgrade.is_some_and(|u| u.join(&mut response)) {
             remove_hop_by_hop(response.headers_mut());
         }
@@ -380,6 +374,15 @@ impl HttpProxy {
             weighted.response_headers.apply(&mut parts.headers);
         }
         Response::from_parts(parts, body)
+    }
+
+    /// The client for a request of `version`: HTTP/2 upstream for HTTP/2 clients.
+    fn client(&self, version: Version) -> &Client<MarkedConnector, ProxyBody> {
+        if version == Version::HTTP_2 {
+            &self.h2
+        } else {
+            &self.h1
+        }
     }
 
     /// Buffers a body whose length is known and within the limit; streams any other.
@@ -435,14 +438,9 @@ impl HttpProxy {
                 RequestBody::Streaming(incoming) => incoming.boxed(),
             };
             let request = upstream_request(parts, endpoint.addr, attempt_body);
-            let client = if parts.version == Version::HTTP_2 {
-                &self.h2
-            } else {
-                &self.h1
-            };
             *used = Some(endpoint.clone());
             let in_flight = InFlight::start(endpoint.clone());
-            let sent = client.request(request);
+            let sent = self.client(parts.version).request(request);
             let result = match rule.and_then(|r| r.backend_timeout) {
                 Some(limit) => match tokio::time::timeout(limit, sent).await {
                     Ok(result) => result,
@@ -508,11 +506,7 @@ impl HttpProxy {
         request
             .headers_mut()
             .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
-        let client = if parts.version == Version::HTTP_2 {
-            self.h2.clone()
-        } else {
-            self.h1.clone()
-        };
+        let client = self.client(parts.version).clone();
         let timeout = self.cfg.mirror_timeout;
         let metrics = self.metrics.clone();
         let pod = endpoint.pod.clone();

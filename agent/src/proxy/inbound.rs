@@ -16,9 +16,9 @@ use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::{
-    detect::{detect, Detected},
+    detect::{read_as, Detected},
     http::HttpProxy,
-    route::{AppProtocol, RouteTable},
+    route::RouteTable,
 };
 use crate::metrics::{Metrics, Route};
 
@@ -64,12 +64,7 @@ impl Inbound {
             let route = Route::inbound(&table.pod(peer.ip()), &destination);
             (route, destination, table.endpoint_protocol(&pod))
         };
-        let detected = match protocol {
-            AppProtocol::Http1 | AppProtocol::Http2 => Detected::Http,
-            AppProtocol::Opaque => Detected::Opaque,
-            AppProtocol::Detect => detect(&client, self.detect_timeout).await,
-        };
-        match detected {
+        match read_as(protocol, &client, self.detect_timeout).await {
             Detected::Http => {
                 self.http
                     .clone()

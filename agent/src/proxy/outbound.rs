@@ -20,9 +20,9 @@ use tracing::debug;
 
 use super::{
     balance,
-    detect::{detect, Detected},
+    detect::{read_as, Detected},
     http::HttpProxy,
-    route::{AppProtocol, Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes},
+    route::{Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes},
     split::{pick_weighted, with_rng},
 };
 use crate::{
@@ -81,12 +81,7 @@ impl Outbound {
         };
         let source = table.pod(peer.ip());
         drop(table);
-        let detected = match service.protocol {
-            AppProtocol::Http1 | AppProtocol::Http2 => Detected::Http,
-            AppProtocol::Opaque => Detected::Opaque,
-            AppProtocol::Detect => detect(&client, self.detect_timeout).await,
-        };
-        match detected {
+        match read_as(service.protocol, &client, self.detect_timeout).await {
             Detected::Http => self.http.clone().serve(client, dst, peer).await,
             Detected::Opaque => match tcp_target(&service) {
                 Some((backend, endpoint)) => {
