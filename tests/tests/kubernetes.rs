@@ -157,6 +157,18 @@ async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, probe: impl Fn
     panic!("timed out waiting until {what}");
 }
 
+/// Who holds the status writer's Lease, if anyone.
+fn lease_holder(server: &ApiServer) -> Option<String> {
+    server
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            "aviary-system",
+            "aviary-status-writer",
+        )
+        .and_then(|lease| lease["spec"]["holderIdentity"].as_str().map(str::to_owned))
+}
+
 /// Waits until the server has had a request starting with `prefix` (method and path).
 async fn requested(server: &ApiServer, what: &str, prefix: &str) {
     eventually(what, || async {
@@ -486,18 +498,8 @@ async fn only_the_lease_holder_writes_status_and_another_agent_takes_over() {
     server.apply_yaml(CLUSTER);
     server.apply_yaml(&http_route(90, 10));
     let first = start(&server, Some("node-a"));
-    let holder = |server: &ApiServer| {
-        server
-            .get(
-                "coordination.k8s.io/v1",
-                "Lease",
-                "aviary-system",
-                "aviary-status-writer",
-            )
-            .and_then(|lease| lease["spec"]["holderIdentity"].as_str().map(str::to_owned))
-    };
     eventually("node-a holds the lease", || async {
-        (holder(&server).as_deref() == Some("node-a")).then_some(())
+        (lease_holder(&server).as_deref() == Some("node-a")).then_some(())
     })
     .await;
     let second = start(&server, Some("node-b"));
@@ -508,7 +510,7 @@ async fn only_the_lease_holder_writes_status_and_another_agent_takes_over() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        holder(&server).as_deref(),
+        lease_holder(&server).as_deref(),
         Some("node-a"),
         "the holder keeps renewing"
     );
@@ -524,7 +526,7 @@ async fn only_the_lease_holder_writes_status_and_another_agent_takes_over() {
     // The holder goes away; the other agent takes over after the lease expires and writes.
     drop(first);
     eventually("node-b holds the lease", || async {
-        (holder(&server).as_deref() == Some("node-b")).then_some(())
+        (lease_holder(&server).as_deref() == Some("node-b")).then_some(())
     })
     .await;
     server.apply_yaml(&http_route(0, 0));
@@ -630,16 +632,7 @@ async fn a_released_lease_passes_to_another_agent_at_once() {
         duration: Duration::from_secs(60),
         ..lease(identity)
     };
-    let holder = || {
-        server
-            .get(
-                "coordination.k8s.io/v1",
-                "Lease",
-                "aviary-system",
-                "aviary-status-writer",
-            )
-            .and_then(|lease| lease["spec"]["holderIdentity"].as_str().map(str::to_owned))
-    };
+    let holder = || lease_holder(&server);
     let first = start_with(&server, Some(long("node-a")));
     eventually("node-a holds the lease", || async {
         (holder().as_deref() == Some("node-a")).then_some(())
