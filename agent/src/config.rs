@@ -126,6 +126,11 @@ pub struct Args {
     #[arg(long, env = "AVIARY_SK_MSG", default_value_t = false, action = clap::ArgAction::Set)]
     pub sk_msg: bool,
 
+    /// Data-plane worker threads, each with its own runtime and listeners. 0 (the default):
+    /// the container's CPU limit (cgroup `cpu.max`), else the CPUs available.
+    #[arg(long, env = "AVIARY_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+
     /// Log format.
     #[arg(long, env = "AVIARY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -196,6 +201,8 @@ pub struct Config {
     pub inbound_port: u16,
     pub proxy_mark: u32,
     pub sk_msg: bool,
+    /// Data-plane workers, resolved (at least 1).
+    pub workers: usize,
     pub log_format: LogFormat,
 }
 
@@ -258,6 +265,7 @@ impl TryFrom<Args> for Config {
             inbound_interfaces,
             inbound_bridge,
             inbound_port: args.inbound_port,
+            workers: crate::proxy::workers::worker_count(Some(args.workers)),
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,
             log_format: args.log_format,

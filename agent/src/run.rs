@@ -36,9 +36,13 @@ use crate::{
         inbound::{self, Inbound},
         outbound::{self, Outbound},
         route::RouteTable,
+        workers::{WorkerTask, Workers},
     },
     state::Publisher,
 };
+
+/// How often each worker closes the upstream connections that idled too long.
+const POOL_REAP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often the node's interfaces are scanned for new pods' veths.
 const POD_INTERFACE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
@@ -86,52 +90,76 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         routes: routes.clone(),
         detect_timeout: DETECT_TIMEOUT,
     });
+    let inbound = Arc::new(Inbound {
+        mark: cfg.proxy_mark,
+        routes: routes.clone(),
+        http: http.clone(),
+        metrics: metrics.clone(),
+        detect_timeout: DETECT_TIMEOUT,
+    });
+    // Each worker gets a listener of its own per kind; the first of each kind stands in the
+    // LISTENERS map, where the programs check that the proxy is up.
     let mut listeners = Listeners::open(pins)?;
-    let v4 = outbound::bind_v4(cfg.outbound_port).with_context(|| {
-        format!(
-            "binding the outbound listener on port {}",
-            cfg.outbound_port
-        )
-    })?;
-    listeners.register(LISTENER_V4, &v4)?;
-    tokio::spawn(outbound.clone().serve(v4));
-    if cfg.proxy_v6.is_some() {
-        let v6 = outbound::bind_v6(cfg.outbound_port).with_context(|| {
+    let mut tasks: Vec<Vec<WorkerTask>> = (0..cfg.workers).map(|_| Vec::new()).collect();
+    for (worker, tasks) in tasks.iter_mut().enumerate() {
+        let v4 = outbound::bind_v4(cfg.outbound_port).with_context(|| {
             format!(
-                "binding the IPv6 outbound listener on port {}",
+                "binding the outbound listener on port {}",
                 cfg.outbound_port
             )
         })?;
-        listeners.register(LISTENER_V6, &v6)?;
-        tokio::spawn(outbound.serve(v6));
-    }
-
-    if datapath.captures_inbound() {
-        let inbound = Arc::new(Inbound {
-            mark: cfg.proxy_mark,
-            routes: routes.clone(),
-            http,
-            metrics: metrics.clone(),
-            detect_timeout: DETECT_TIMEOUT,
-        });
-        for (slot, v6) in [(LISTENER_INBOUND_V4, false), (LISTENER_INBOUND_V6, true)] {
-            let listener = match inbound::bind(cfg.inbound_port, v6) {
-                Ok(listener) => listener,
-                // A node without IPv6: its pods have no IPv6 addresses to capture either.
-                Err(e) if v6 && e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
-                    info!("no IPv6 on this node: inbound capture is IPv4 only");
-                    continue;
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("binding the inbound listener on port {}", cfg.inbound_port)
-                    })
-                }
-            };
-            listeners.register(slot, &listener)?;
-            tokio::spawn(inbound.clone().serve(listener));
+        if worker == 0 {
+            listeners.register(LISTENER_V4, &v4)?;
         }
+        tasks.push(serving(&outbound, v4, Outbound::serve));
+        if cfg.proxy_v6.is_some() {
+            let v6 = outbound::bind_v6(cfg.outbound_port).with_context(|| {
+                format!(
+                    "binding the IPv6 outbound listener on port {}",
+                    cfg.outbound_port
+                )
+            })?;
+            if worker == 0 {
+                listeners.register(LISTENER_V6, &v6)?;
+            }
+            tasks.push(serving(&outbound, v6, Outbound::serve));
+        }
+        if datapath.captures_inbound() {
+            for (slot, v6) in [(LISTENER_INBOUND_V4, false), (LISTENER_INBOUND_V6, true)] {
+                let listener = match inbound::bind(cfg.inbound_port, v6) {
+                    Ok(listener) => listener,
+                    // A node without IPv6: its pods have no IPv6 addresses to capture either.
+                    Err(e) if v6 && e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
+                        if worker == 0 {
+                            info!("no IPv6 on this node: inbound capture is IPv4 only");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("binding the inbound listener on port {}", cfg.inbound_port)
+                        })
+                    }
+                };
+                if worker == 0 {
+                    listeners.register(slot, &listener)?;
+                }
+                tasks.push(serving(&inbound, listener, Inbound::serve));
+            }
+        }
+        let http = http.clone();
+        tasks.push(Box::new(move || {
+            Box::pin(async move {
+                let mut reap = tokio::time::interval(POOL_REAP_INTERVAL);
+                loop {
+                    reap.tick().await;
+                    http.pool().reap();
+                }
+            })
+        }));
     }
+    let workers = Workers::start(tasks).context("starting the data-plane workers")?;
+    info!(workers = cfg.workers, "data plane started");
 
     let (publisher, snapshots) = Publisher::new(RouteOptions {
         node: cfg.node_name.clone(),
@@ -219,6 +247,8 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
             }
         }
     }
+    // The listeners close with their workers: new connections fail open from here on.
+    workers.stop();
     if let Some((writer, client, lease)) = status_writer {
         // Another agent takes over status writing at once instead of after the lease expires.
         writer.abort();
@@ -232,6 +262,19 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A worker task serving `listener` with `serve` on `proxy`.
+fn serving<P: Send + Sync + 'static, F>(
+    proxy: &Arc<P>,
+    listener: std::net::TcpListener,
+    serve: fn(Arc<P>, std::net::TcpListener) -> F,
+) -> WorkerTask
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let proxy = proxy.clone();
+    Box::new(move || Box::pin(serve(proxy, listener)))
 }
 
 /// Puts each snapshot's routes in force for the proxy: one atomic swap.

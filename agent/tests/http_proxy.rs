@@ -37,6 +37,8 @@ struct Seen {
     method: Method,
     headers: HeaderMap,
     body_len: usize,
+    /// The body arrived whole (it ended as its framing said), not cut off.
+    body_complete: bool,
 }
 
 /// A real HTTP backend (HTTP/1.1 and HTTP/2) that names itself in `x-backend`, records every
@@ -60,15 +62,12 @@ async fn backend(name: &'static str, delay: Duration) -> TestBackend {
                     let record = record.clone();
                     async move {
                         let (parts, body) = req.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
+                        let body = body.collect().await.map(|b| b.to_bytes());
                         record.lock().unwrap().push(Seen {
                             method: parts.method,
                             headers: parts.headers,
-                            body_len: body.len(),
+                            body_complete: body.is_ok(),
+                            body_len: body.map_or(0, |b| b.len()),
                         });
                         tokio::time::sleep(delay).await;
                         let response = Response::builder()
@@ -463,7 +462,7 @@ async fn closed_port() -> SocketAddr {
 }
 
 #[tokio::test]
-async fn connect_errors_are_retried_once_on_another_endpoint_for_idempotent_requests_only() {
+async fn a_request_no_endpoint_received_is_retried_once_on_another_endpoint() {
     let live = backend("live", Duration::ZERO).await;
     let dead = closed_port().await;
     let b = service_backend("podinfo", &[dead, live.addr]);
@@ -479,14 +478,16 @@ async fn connect_errors_are_retried_once_on_another_endpoint_for_idempotent_requ
     for _ in 0..50 {
         assert_eq!(send(&mut conn, get("/")).await.0, StatusCode::OK);
     }
-    // POST is not retried: when the balancer picks the dead endpoint, the client gets 503.
-    let mut statuses = Vec::new();
+    // A refused connect sent nothing, so even a POST goes again, whole, to the live endpoint.
     for _ in 0..50 {
-        statuses.push(send(&mut conn, request(Method::POST, "/", b"x")).await.0);
+        let (status, _, body) = send(&mut conn, request(Method::POST, "/", b"payload")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
     }
-    assert!(statuses
+    assert!(live
+        .seen()
         .iter()
-        .all(|s| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE));
+        .filter(|s| s.method == Method::POST)
+        .all(|s| s.body_complete && s.body_len == 7));
 
     let all_dead = service_backend("podinfo", &[dead]);
     let proxy = start_proxy(service(vec![], all_dead)).await;
@@ -771,9 +772,10 @@ async fn a_truncated_body_never_reaches_the_backend() {
     raw.read_to_end(&mut answer).await.unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // The body streams, so the backend may see the request begin; it must see it cut off.
     assert!(
-        primary.seen().is_empty(),
-        "the backend got a truncated request"
+        primary.seen().iter().all(|seen| !seen.body_complete),
+        "the backend got a truncated request as if it were whole"
     );
 }
 
@@ -1138,4 +1140,104 @@ async fn upgrades_are_passed_on_and_then_joined_byte_for_byte() {
     );
     let outbound = start_proxy(service(vec![], service_backend("echo", &[echo]))).await;
     upgrade_and_echo(outbound.addr).await;
+}
+
+/// A backend that reports each request's head as soon as it arrives, before reading its body,
+/// then answers with the body's length.
+async fn head_reporting_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Method>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (heads, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let _ = heads.send(req.method().clone());
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                            body.len().to_string(),
+                        ))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), handler)
+                    .await;
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// Sends `method` with a 10-byte body in two halves, 300 ms apart, on a raw connection; returns
+/// whether the backend saw the request's head before the second half was sent, and the answer.
+async fn send_in_halves(
+    proxy: SocketAddr,
+    method: &str,
+    heads: &mut tokio::sync::mpsc::UnboundedReceiver<Method>,
+) -> (bool, String) {
+    let mut raw = TcpStream::connect(proxy).await.unwrap();
+    raw.write_all(
+        format!("{method} / HTTP/1.1\r\nHost: podinfo.shop\r\nContent-Length: 10\r\n\r\n01234")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(300), heads.recv())
+        .await
+        .is_ok();
+    raw.write_all(b"56789").await.unwrap();
+    if !early {
+        tokio::time::timeout(Duration::from_secs(5), heads.recv())
+            .await
+            .expect("the backend got the request");
+    }
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    (early, String::from_utf8_lossy(&answer[..n]).into_owned())
+}
+
+#[tokio::test]
+async fn bodies_stream_unless_a_mirror_will_send_them_again() {
+    let (addr, mut heads) = head_reporting_backend().await;
+    let (shadow, s) = backend_service("shadow", Duration::ZERO).await;
+    let p = service_backend("podinfo-primary", &[addr]);
+    let safe = SafeMethods {
+        extra: vec![Method::PUT],
+        idempotency_key: false,
+    };
+    // PUT is mirrored, so its body is held; POST is not, so it streams.
+    let rule = Rule {
+        backends: vec![weighted(&p, 1)],
+        mirror: Some(mirrored(&s, 100, safe, 100)),
+        ..Default::default()
+    };
+    let proxy = start_proxy(service(vec![rule], p)).await;
+
+    let (early, answer) = send_in_halves(proxy.addr, "POST", &mut heads).await;
+    assert!(
+        early,
+        "a POST's body streamed: its head went ahead of the body's end"
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("10"),
+        "{answer}"
+    );
+
+    let (early, answer) = send_in_halves(proxy.addr, "PUT", &mut heads).await;
+    assert!(
+        !early,
+        "a mirrored PUT's body was held whole before it went out"
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("10"),
+        "{answer}"
+    );
+    wait_for(|| shadow.seen().len() == 1).await;
+    assert!(shadow.seen()[0].body_complete && shadow.seen()[0].body_len == 10);
 }

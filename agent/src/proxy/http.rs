@@ -1,33 +1,33 @@
 //! HTTP/1.1 and HTTP/2 proxying with per-request policy: route matching, weighted splits, header
-//! filters, timeouts, one retry on connect errors, and mirroring of idempotent requests.
+//! filters, timeouts, one retry of a request no endpoint received, and mirroring of idempotent
+//! requests.
+//!
+//! A request is forwarded, not rebuilt: its method, URI (origin-form, or HTTP/2's scheme and
+//! `:authority`), Host and headers move to the upstream request as they came, less the
+//! hop-by-hop headers. Bodies stream both ways; a request body is held in memory only when a
+//! mirror will send it again.
 //!
 //! Forwarding headers: like Envoy, the proxy appends the client's address to `x-forwarded-for`
 //! and sets `x-forwarded-proto` when absent; trace context (`traceparent`, `tracestate`) passes
-//! untouched. Hop-by-hop headers are removed in both directions.
+//! untouched. Hop-by-hop headers are removed in both directions, except `te: trailers`, which
+//! gRPC servers require.
 
 use std::{
     convert::Infallible,
-    future::Future,
-    io,
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{
-    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-};
-use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt as _, Full};
 use hyper::{
     body::{Body as _, Incoming},
     upgrade::OnUpgrade,
 };
 use hyper_util::{
-    client::legacy::Client,
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
@@ -36,29 +36,33 @@ use tracing::debug;
 
 use crate::metrics::{self, MethodClass, Metrics, RequestLabels};
 
+pub use super::pool::ProxyBody;
 use super::{
     balance::{self, InFlight},
+    pool::{Pool, PoolConfig, SendError},
     route::{
         Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes,
-        WeightedBackend, Workload,
+        TableId, WeightedBackend, Workload,
     },
     split::{pick_weighted, sampled, with_rng},
 };
-
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Marks mirrored requests, so a backend (and its metrics) can tell them apart.
 pub const MIRROR_HEADER: &str = "x-aviary-mirror";
 
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
-    /// Request bodies up to this size are buffered, so they can be mirrored or retried.
+    /// A request body up to this size is held, when a mirror will send it again.
     pub body_buffer_limit: usize,
     /// Mirrored requests in flight per mirror backend; more are dropped (and counted).
     pub mirror_in_flight: usize,
     pub mirror_timeout: Duration,
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// How long a connect to an endpoint may take before the request moves on.
+    pub connect_timeout: Duration,
+    /// How long an upstream connection may wait in the pool.
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -69,6 +73,8 @@ impl Default for HttpConfig {
             mirror_timeout: Duration::from_secs(10),
             max_headers: 100,
             max_header_bytes: 64 * 1024,
+            connect_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -91,54 +97,52 @@ struct Answered {
     endpoint: Option<Arc<Endpoint>>,
 }
 
-/// Connects upstream sockets with the proxy's mark, so the capture programs leave them alone.
-#[derive(Debug, Clone, Copy)]
-pub struct MarkedConnector {
-    pub mark: u32,
-}
-
-impl tower_service::Service<Uri> for MarkedConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let mark = self.mark;
-        Box::pin(async move {
-            // Upstream URIs always carry the endpoint's socket address.
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("not an endpoint: {uri}"),
-                    )
-                })?;
-            Ok(TokioIo::new(super::connect_marked(addr, mark).await?))
-        })
-    }
-}
-
 pub struct HttpProxy {
     cfg: HttpConfig,
     /// Looked up per request, so a policy change applies to the next request on every open
     /// connection.
     routes: Arc<ArcSwap<RouteTable>>,
-    h1: Client<MarkedConnector, ProxyBody>,
-    h2: Client<MarkedConnector, ProxyBody>,
+    pool: Pool,
     server: auto::Builder<TokioExecutor>,
     metrics: Arc<Metrics>,
 }
 
-/// A request body the proxy holds whole (so it can send it again), or one it streams.
-enum RequestBody {
-    Buffered(Bytes),
-    Streaming(Incoming),
+/// What a client connection resolved in one routing table: reused by each of its requests
+/// while that table stays in force.
+struct Resolved {
+    table: TableId,
+    service: Option<Arc<ServiceRoutes>>,
+    source: Arc<Workload>,
+}
+
+/// One client connection to a service.
+struct ClientConn {
+    peer: SocketAddr,
+    /// The service address the client dialled.
+    dst: SocketAddr,
+    /// The client's address, as `x-forwarded-for` carries it.
+    forwarded_for: HeaderValue,
+    resolved: Resolved,
+}
+
+impl ClientConn {
+    fn new(peer: SocketAddr, dst: SocketAddr, table: &RouteTable) -> Self {
+        let client = peer.ip().to_canonical().to_string();
+        Self {
+            peer,
+            dst,
+            forwarded_for: HeaderValue::try_from(client).expect("an IP address is a header value"),
+            resolved: Self::resolve(peer, dst, table),
+        }
+    }
+
+    fn resolve(peer: SocketAddr, dst: SocketAddr, table: &RouteTable) -> Resolved {
+        Resolved {
+            table: table.id,
+            service: table.service_for(&dst, peer.ip()).cloned(),
+            source: table.pod(peer.ip()),
+        }
+    }
 }
 
 impl HttpProxy {
@@ -148,11 +152,12 @@ impl HttpProxy {
         mark: u32,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let connector = MarkedConnector { mark };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(Duration::from_secs(60));
-        let h1 = builder.build(connector);
-        let h2 = builder.clone().http2_only(true).build(connector);
+        let pool = Pool::new(PoolConfig {
+            mark,
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.pool_idle_timeout,
+            ..PoolConfig::default()
+        });
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
@@ -164,31 +169,41 @@ impl HttpProxy {
         Self {
             cfg,
             routes,
-            h1,
-            h2,
+            pool,
             server,
             metrics,
         }
+    }
+
+    /// The upstream connection pools (this worker's, when called on a worker).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// Serves one client connection to the service at `dst` (HTTP/1.1 or HTTP/2, told apart
     /// by the HTTP/2 preface). A malformed request gets 400 and its connection closes; other
     /// connections carry on.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, dst: SocketAddr, peer: SocketAddr) {
+        let conn = Arc::new(ClientConn::new(peer, dst, &self.routes.load()));
         let this = self.clone();
         let handler = hyper::service::service_fn(move |req| {
             let this = this.clone();
+            let conn = conn.clone();
             async move {
-                let table = this.routes.load();
-                let response = match table.service_for(&dst, peer.ip()) {
-                    Some(service) => {
-                        let source = table.pod(peer.ip());
-                        this.handle(req, service, &source, peer).await
+                let (service, source) = {
+                    let table = this.routes.load();
+                    if table.id == conn.resolved.table {
+                        (conn.resolved.service.clone(), conn.resolved.source.clone())
+                    } else {
+                        let now = ClientConn::resolve(conn.peer, conn.dst, &table);
+                        (now.service, now.source)
                     }
-                    None => error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("{dst} is no longer routed"),
-                    ),
+                };
+                let response = match service {
+                    Some(service) => this.handle(req, &service, &source, &conn).await,
+                    // The service lost its routes: the request goes where it was sent, as a new
+                    // connection's bytes would.
+                    None => this.pass_through(req, &conn).await,
                 };
                 Ok::<_, Infallible>(response)
             }
@@ -208,13 +223,13 @@ impl HttpProxy {
         req: Request<Incoming>,
         service: &ServiceRoutes,
         source: &Workload,
-        peer: SocketAddr,
+        conn: &ClientConn,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = MethodClass::from(req.method());
         let mut answered = Answered::default();
         let response = self
-            .route_request(req, service, source, peer, &mut answered)
+            .route_request(req, service, source, conn, &mut answered)
             .await;
         let endpoint = answered.endpoint.as_deref();
         let pod = endpoint.and_then(|e| e.pod.as_deref());
@@ -247,17 +262,19 @@ impl HttpProxy {
         route: metrics::Route,
         destination: Arc<Workload>,
     ) {
+        let conn = Arc::new(ClientConn::new(peer, pod, &self.routes.load()));
         let this = self.clone();
         let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let route = route.clone();
             let destination = destination.clone();
+            let conn = conn.clone();
             async move {
                 let started = Instant::now();
                 let method = MethodClass::from(req.method());
                 // Another agent's mirror copy: measured as one, and so not in Flagger's family.
                 let mirror = req.headers().contains_key(MIRROR_HEADER);
-                let response = this.forward_inbound(req, pod, peer).await;
+                let response = this.pass_through(req, &conn).await;
                 let labels = RequestLabels {
                     route,
                     method,
@@ -277,28 +294,28 @@ impl HttpProxy {
         }
     }
 
-    /// Sends one inbound request to the pod.
-    async fn forward_inbound(
+    /// Sends a request, as it came, to the address its client dialled.
+    async fn pass_through(
         &self,
         mut req: Request<Incoming>,
-        pod: SocketAddr,
-        peer: SocketAddr,
+        conn: &ClientConn,
     ) -> Response<ProxyBody> {
         let upgrade = Upgrade::take(&mut req);
         let (mut parts, body) = req.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        add_forwarding_headers(&mut parts.headers, peer);
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarding_headers(&mut parts.headers, &conn.forwarded_for);
         if let Some(upgrade) = &upgrade {
             upgrade.ask(&mut parts.headers);
         }
-        let request = upstream_request(&parts, pod, body.boxed());
-        let mut response = match self.client(parts.version).request(request).await {
+        let request = upstream_request(parts, body.boxed());
+        let dst = conn.dst;
+        let mut response = match self.pool.send(dst, request, upgrade.is_some()).await {
             Ok(response) => response.map(|body| body.boxed()),
-            Err(e) if e.is_connect() => return connect_failed(pod, &e, ""),
-            Err(e) => return error(StatusCode::BAD_GATEWAY, &format!("{pod} failed: {e}")),
+            Err(SendError::NotSent { error, .. }) => return connect_failed(dst, &error, ""),
+            Err(SendError::Failed(e)) => return exchange_failed(dst, &e),
         };
         if !upgrade.is_some_and(|u| u.join(&mut response)) {
-            remove_hop_by_hop(response.headers_mut());
+            strip_hop_by_hop(response.headers_mut());
         }
         response
     }
@@ -308,7 +325,7 @@ impl HttpProxy {
         mut req: Request<Incoming>,
         service: &ServiceRoutes,
         source: &Workload,
-        peer: SocketAddr,
+        conn: &ClientConn,
         answered: &mut Answered,
     ) -> Response<ProxyBody> {
         let upgrade = Upgrade::take(&mut req);
@@ -334,28 +351,49 @@ impl HttpProxy {
         };
         answered.backend = Some(backend.clone());
 
-        remove_hop_by_hop(&mut parts.headers);
-        add_forwarding_headers(&mut parts.headers, peer);
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarding_headers(&mut parts.headers, &conn.forwarded_for);
         if let Some(rule) = rule {
             rule.request_headers.apply(&mut parts.headers);
         }
+        // The copy is taken before the chosen backend's own filters, which are not the
+        // mirror's.
+        let mirror = rule.and_then(|r| r.mirror.as_ref());
+        let body = match mirror.and_then(|m| self.mirror_wanted(m, &parts)) {
+            Some(mirror) => match self.hold(body).await {
+                Ok(Held::Whole(bytes)) => {
+                    self.mirror(mirror, &parts, bytes.clone(), service, source);
+                    full(bytes)
+                }
+                Ok(Held::TooLarge(body)) => {
+                    self.metrics.mirror(
+                        MirrorOutcome::SkippedBodyTooLarge,
+                        &mirror.backend.namespace,
+                        &mirror.backend.name,
+                    );
+                    body.boxed()
+                }
+                // A truncated body must never reach the backend as if it were whole.
+                Err(_) => return error(StatusCode::BAD_REQUEST, "the request body ended early"),
+            },
+            None => body.boxed(),
+        };
         if let Some(weighted) = weighted {
             weighted.request_headers.apply(&mut parts.headers);
-        }
-
-        let Ok(body) = self.read_body(body).await else {
-            // A truncated body must never reach the backend as if it were whole.
-            return error(StatusCode::BAD_REQUEST, "the request body ended early");
-        };
-        if let Some(mirror) = rule.and_then(|r| r.mirror.as_ref()) {
-            self.mirror(mirror, &parts, &body, service, source);
         }
 
         // Asked for after the mirror took its copy: a mirror never upgrades.
         if let Some(upgrade) = &upgrade {
             upgrade.ask(&mut parts.headers);
         }
-        let attempt = self.forward(&parts, body, &backend, rule, &mut answered.endpoint);
+        let request = upstream_request(parts, body);
+        let attempt = self.forward(
+            request,
+            &backend,
+            rule,
+            upgrade.is_some(),
+            &mut answered.endpoint,
+        );
         let mut response = match rule.and_then(|r| r.timeout) {
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
                 Ok(response) => response,
@@ -364,58 +402,48 @@ impl HttpProxy {
             None => attempt.await,
         };
         if !upgrade.is_some_and(|u| u.join(&mut response)) {
-            remove_hop_by_hop(response.headers_mut());
+            strip_hop_by_hop(response.headers_mut());
         }
-        let (mut parts, body) = response.into_parts();
-        if let Some(rule) = rule {
-            rule.response_headers.apply(&mut parts.headers);
+        if rule.is_some() || weighted.is_some() {
+            let headers = response.headers_mut();
+            if let Some(rule) = rule {
+                rule.response_headers.apply(headers);
+            }
+            if let Some(weighted) = weighted {
+                weighted.response_headers.apply(headers);
+            }
         }
-        if let Some(weighted) = weighted {
-            weighted.response_headers.apply(&mut parts.headers);
-        }
-        Response::from_parts(parts, body)
+        response
     }
 
-    /// The client for a request of `version`: HTTP/2 upstream for HTTP/2 clients.
-    fn client(&self, version: Version) -> &Client<MarkedConnector, ProxyBody> {
-        if version == Version::HTTP_2 {
-            &self.h2
-        } else {
-            &self.h1
+    /// Holds a body whose length is known and within the limit; gives any other back.
+    async fn hold(&self, body: Incoming) -> Result<Held, hyper::Error> {
+        if body.is_end_stream() {
+            return Ok(Held::Whole(Bytes::new()));
         }
-    }
-
-    /// Buffers a body whose length is known and within the limit; streams any other.
-    async fn read_body(&self, body: Incoming) -> Result<RequestBody, hyper::Error> {
-        let small = body.is_end_stream()
-            || body
-                .size_hint()
-                .exact()
-                .is_some_and(|n| n <= self.cfg.body_buffer_limit as u64);
+        let small = body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= self.cfg.body_buffer_limit as u64);
         if !small {
-            return Ok(RequestBody::Streaming(body));
+            return Ok(Held::TooLarge(body));
         }
-        Ok(RequestBody::Buffered(body.collect().await?.to_bytes()))
+        Ok(Held::Whole(body.collect().await?.to_bytes()))
     }
 
-    /// Sends the request to an endpoint of `backend`; retries once on another endpoint when the
-    /// connect fails and the request is idempotent and held whole. `used` is the endpoint that
+    /// Sends the request to an endpoint of `backend`. A request no endpoint received (the
+    /// connect failed) goes once more, to another endpoint. `used` is the endpoint that
     /// answered, or was tried last.
     async fn forward(
         &self,
-        parts: &http::request::Parts,
-        body: RequestBody,
+        mut request: Request<ProxyBody>,
         backend: &Backend,
         rule: Option<&Rule>,
+        upgrades: bool,
         used: &mut Option<Arc<Endpoint>>,
     ) -> Response<ProxyBody> {
-        let retryable = matches!(body, RequestBody::Buffered(_)) && is_idempotent(&parts.method);
-        let mut body = Some(body);
         // The endpoint whose connect failed, and why.
-        let mut failed: Option<(
-            Arc<super::route::Endpoint>,
-            hyper_util::client::legacy::Error,
-        )> = None;
+        let mut failed: Option<(Arc<Endpoint>, std::io::Error)> = None;
         loop {
             let skip = failed.as_ref().map(|(endpoint, _)| endpoint);
             let Some(endpoint) = with_rng(|rng| balance::pick(&backend.endpoints, skip, rng))
@@ -430,17 +458,9 @@ impl HttpProxy {
                     ),
                 };
             };
-            let attempt_body = match body.take().expect("a body for each attempt") {
-                RequestBody::Buffered(bytes) => {
-                    body = Some(RequestBody::Buffered(bytes.clone()));
-                    full(bytes)
-                }
-                RequestBody::Streaming(incoming) => incoming.boxed(),
-            };
-            let request = upstream_request(parts, endpoint.addr, attempt_body);
             *used = Some(endpoint.clone());
             let in_flight = InFlight::start(endpoint.clone());
-            let sent = self.client(parts.version).request(request);
+            let sent = self.pool.send(endpoint.addr, request, upgrades);
             let result = match rule.and_then(|r| r.backend_timeout) {
                 Some(limit) => match tokio::time::timeout(limit, sent).await {
                     Ok(result) => result,
@@ -455,19 +475,41 @@ impl HttpProxy {
                     in_flight.done();
                     return response.map(|body| body.boxed());
                 }
-                Err(e) if e.is_connect() && retryable && failed.is_none() => {
-                    debug!(endpoint = %endpoint.addr, error = %e, "connect failed; retrying on another endpoint");
-                    failed = Some((endpoint, e));
+                Err(SendError::NotSent {
+                    error,
+                    request: unsent,
+                }) if failed.is_none() => {
+                    debug!(endpoint = %endpoint.addr, %error, "connect failed; retrying on another endpoint");
+                    failed = Some((endpoint, error));
+                    request = *unsent;
                 }
-                Err(e) if e.is_connect() => return connect_failed(endpoint.addr, &e, ""),
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("{} failed: {e}", endpoint.addr),
-                    )
+                Err(SendError::NotSent { error, .. }) => {
+                    return connect_failed(endpoint.addr, &error, "")
                 }
+                Err(SendError::Failed(e)) => return exchange_failed(endpoint.addr, &e),
             }
         }
+    }
+
+    /// Whether this request is copied to `mirror`: sampled, then allowed by method. A request
+    /// left out for its method is counted.
+    fn mirror_wanted<'m>(
+        &self,
+        mirror: &'m Mirror,
+        parts: &http::request::Parts,
+    ) -> Option<&'m Mirror> {
+        if !with_rng(|rng| sampled(mirror.numerator, mirror.denominator, rng)) {
+            return None;
+        }
+        if !mirror.safe_methods.allows(&parts.method, &parts.headers) {
+            self.metrics.mirror(
+                MirrorOutcome::SkippedNotIdempotent,
+                &mirror.backend.namespace,
+                &mirror.backend.name,
+            );
+            return None;
+        }
+        Some(mirror)
     }
 
     /// Sends a copy of the request to the mirror backend, in the background: the primary never
@@ -476,23 +518,14 @@ impl HttpProxy {
         &self,
         mirror: &Mirror,
         parts: &http::request::Parts,
-        body: &RequestBody,
+        body: Bytes,
         service: &ServiceRoutes,
         source: &Workload,
     ) {
-        if !with_rng(|rng| sampled(mirror.numerator, mirror.denominator, rng)) {
-            return;
-        }
         let target = &mirror.backend;
         let record = |outcome| {
             self.metrics
                 .mirror(outcome, &target.namespace, &target.name)
-        };
-        if !mirror.safe_methods.allows(&parts.method, &parts.headers) {
-            return record(MirrorOutcome::SkippedNotIdempotent);
-        }
-        let RequestBody::Buffered(bytes) = body else {
-            return record(MirrorOutcome::SkippedBodyTooLarge);
         };
         let Ok(permit) = mirror.in_flight.clone().try_acquire_owned() else {
             return record(MirrorOutcome::DroppedOverload);
@@ -500,13 +533,29 @@ impl HttpProxy {
         let Some(endpoint) = with_rng(|rng| balance::pick(&target.endpoints, None, rng)) else {
             return record(MirrorOutcome::Failed);
         };
-        let mut request = upstream_request(parts, endpoint.addr, full(bytes.clone()));
+        let mut request = Request::new(full(body));
+        *request.method_mut() = parts.method.clone();
+        *request.version_mut() = upstream_version(parts.version);
+        *request.headers_mut() = parts.headers.clone();
         let host = mirror_host(&mirror.backend);
+        // HTTP/2 names the host in the URI's authority; HTTP/1.1 in Host.
+        *request.uri_mut() = match parts.version {
+            Version::HTTP_2 => {
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                http::Uri::builder()
+                    .scheme("http")
+                    .authority(host.as_bytes())
+                    .path_and_query(path)
+                    .build()
+                    .unwrap_or_else(|_| parts.uri.clone())
+            }
+            _ => parts.uri.clone(),
+        };
         request.headers_mut().insert(header::HOST, host);
         request
             .headers_mut()
             .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
-        let client = self.client(parts.version).clone();
+        let pool = self.pool.clone();
         let timeout = self.cfg.mirror_timeout;
         let metrics = self.metrics.clone();
         let pod = endpoint.pod.clone();
@@ -521,7 +570,11 @@ impl HttpProxy {
             let _permit = permit;
             let start = Instant::now();
             let exchange = async {
-                let response = client.request(request).await?;
+                let response = match pool.send(endpoint.addr, request, false).await {
+                    Ok(response) => response,
+                    Err(SendError::NotSent { error, .. }) => return Err(error.into()),
+                    Err(SendError::Failed(e)) => return Err(e.into()),
+                };
                 let status = response.status();
                 // Read the whole response, then drop it: measured, never seen.
                 response.into_body().collect().await?;
@@ -541,16 +594,25 @@ impl HttpProxy {
     }
 }
 
-fn connect_failed(
-    addr: SocketAddr,
-    e: &hyper_util::client::legacy::Error,
-    note: &str,
-) -> Response<ProxyBody> {
-    // The connector's own error says why (refused, unreachable), under hyper's wrapper.
-    let cause = std::error::Error::source(e).map_or_else(|| e.to_string(), |c| c.to_string());
+/// A request body the proxy holds whole (so it can send it again), or one too large to hold.
+enum Held {
+    Whole(Bytes),
+    TooLarge(Incoming),
+}
+
+/// An exchange that broke after the request started out: the client's own body ended early
+/// (400; the endpoint saw an aborted request, never a whole one), or the endpoint failed (502).
+fn exchange_failed(addr: SocketAddr, e: &hyper::Error) -> Response<ProxyBody> {
+    if e.is_user() {
+        return error(StatusCode::BAD_REQUEST, "the request body ended early");
+    }
+    error(StatusCode::BAD_GATEWAY, &format!("{addr} failed: {e}"))
+}
+
+fn connect_failed(addr: SocketAddr, e: &std::io::Error, note: &str) -> Response<ProxyBody> {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
-        &format!("connecting to {addr} failed: {cause}{note}"),
+        &format!("connecting to {addr} failed: {e}{note}"),
     )
 }
 
@@ -573,36 +635,20 @@ fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// The request as it goes to `endpoint`: same method, path, headers and version.
-fn upstream_request(
-    parts: &http::request::Parts,
-    endpoint: SocketAddr,
-    body: ProxyBody,
-) -> Request<ProxyBody> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = format!("http://{endpoint}{path}");
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri
-        .parse()
-        .expect("an endpoint and a valid path make a valid URI");
-    *request.version_mut() = if parts.version == Version::HTTP_2 {
+/// HTTP/2 upstream for HTTP/2 clients, HTTP/1.1 for the others (HTTP/1.0 included).
+fn upstream_version(version: Version) -> Version {
+    if version == Version::HTTP_2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
-    };
-    *request.headers_mut() = parts.headers.clone();
-    if parts.version == Version::HTTP_2 && !request.headers().contains_key(header::HOST) {
-        // HTTP/2 carries the host in :authority, which now names the endpoint.
-        if let Some(authority) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            request.headers_mut().insert(header::HOST, authority);
-        }
     }
-    request
+}
+
+/// The request as it goes upstream: the client's own parts, moved.
+fn upstream_request(mut parts: http::request::Parts, body: ProxyBody) -> Request<ProxyBody> {
+    parts.version = upstream_version(parts.version);
+    parts.extensions.clear();
+    Request::from_parts(parts, body)
 }
 
 /// The Host a mirror backend is addressed by: its Service's cluster DNS name.
@@ -617,27 +663,25 @@ fn mirror_host(backend: &Backend) -> HeaderValue {
     HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("mirror"))
 }
 
-/// GET, HEAD, OPTIONS, TRACE, PUT and DELETE are idempotent (RFC 9110); only these are retried.
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::PROXY_AUTHENTICATE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-];
-
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers the Connection header names are hop-by-hop too.
+/// Removes the headers that belong to one hop: the standard ones and those `Connection`
+/// names. `te: trailers` stays, since it says something of the request (gRPC servers need it).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names finds that out.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -648,8 +692,27 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
         headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -664,13 +727,14 @@ impl Upgrade {
     /// The upgrade `req` asks for (`Connection: upgrade` with `Upgrade`), if any.
     fn take(req: &mut Request<Incoming>) -> Option<Self> {
         let headers = req.headers();
+        let protocol = headers.get(header::UPGRADE)?;
         let asked = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-        let protocol = headers.get(header::UPGRADE).filter(|_| asked)?.clone();
+        let protocol = asked.then(|| protocol.clone())?;
         Some(Self {
             protocol,
             client: hyper::upgrade::on(req),
@@ -703,14 +767,20 @@ impl Upgrade {
     }
 }
 
-fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr) {
-    let client = peer.ip().to_canonical().to_string();
-    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {client}"),
-        None => client,
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
-        headers.insert("x-forwarded-for", value);
+/// Appends the client to `x-forwarded-for` and sets `x-forwarded-proto` when absent.
+fn add_forwarding_headers(headers: &mut HeaderMap, client: &HeaderValue) {
+    match headers.entry("x-forwarded-for") {
+        header::Entry::Vacant(entry) => {
+            entry.insert(client.clone());
+        }
+        header::Entry::Occupied(mut entry) => {
+            let mut joined = entry.get().as_bytes().to_vec();
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client.as_bytes());
+            if let Ok(value) = HeaderValue::from_bytes(&joined) {
+                entry.insert(value);
+            }
+        }
     }
     headers
         .entry("x-forwarded-proto")
@@ -728,4 +798,42 @@ fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
     );
     headers.insert("x-aviary-error", HeaderValue::from_static("1"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_but_te_trailers_stays() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", "keep-alive, x-hop".parse().unwrap());
+        headers.insert("x-hop", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("te", "trailers".parse().unwrap());
+        headers.insert("proxy-authenticate", "Basic".parse().unwrap());
+        headers.insert("x-end-to-end", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 2, "{headers:?}");
+        assert_eq!(headers["te"], "trailers");
+        assert_eq!(headers["x-end-to-end"], "1");
+
+        let mut headers = HeaderMap::new();
+        headers.insert("te", "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn forwarding_headers_append_the_client() {
+        let client = HeaderValue::from_static("10.0.0.1");
+        let mut headers = HeaderMap::new();
+        add_forwarding_headers(&mut headers, &client);
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        headers.insert("x-forwarded-proto", "https".parse().unwrap());
+        add_forwarding_headers(&mut headers, &HeaderValue::from_static("10.0.0.2"));
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 10.0.0.2");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+    }
 }

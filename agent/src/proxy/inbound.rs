@@ -12,8 +12,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use nix::sys::socket::{setsockopt, sockopt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use super::{
     detect::{read_as, Detected},
@@ -24,16 +23,17 @@ use crate::metrics::{Metrics, Route};
 
 /// Binds an inbound listener, for IPv4 or (IPv6 only) for IPv6. IP_TRANSPARENT lets its
 /// connections answer from the pods' addresses, which are not the node's.
-pub fn bind(port: u16, v6: bool) -> io::Result<TcpListener> {
-    let (socket, addr) = if v6 {
-        let socket = TcpSocket::new_v6()?;
-        setsockopt(&socket, sockopt::Ipv6V6Only, &true)?;
-        (socket, IpAddr::from(Ipv6Addr::UNSPECIFIED))
+pub fn bind(port: u16, v6: bool) -> io::Result<std::net::TcpListener> {
+    let addr = if v6 {
+        IpAddr::from(Ipv6Addr::UNSPECIFIED)
     } else {
-        (TcpSocket::new_v4()?, IpAddr::from(Ipv4Addr::UNSPECIFIED))
+        IpAddr::from(Ipv4Addr::UNSPECIFIED)
     };
-    setsockopt(&socket, sockopt::IpTransparent, &true)?;
-    super::listen(socket, (addr, port).into())
+    let options = super::ListenOptions {
+        v6_only: v6,
+        transparent: true,
+    };
+    super::listen((addr, port).into(), options)
 }
 
 pub struct Inbound {
@@ -46,7 +46,7 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve(self: Arc<Self>, listener: std::net::TcpListener) {
         super::accept_each(listener, move |client, peer| {
             let this = self.clone();
             async move { this.handle(client, peer).await }

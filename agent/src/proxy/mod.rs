@@ -5,12 +5,15 @@ pub mod detect;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod route;
 pub mod split;
+pub mod workers;
 
 use std::{future::Future, io, net::SocketAddr, time::Duration};
 
 use nix::sys::socket::{setsockopt, sockopt};
+use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
@@ -22,19 +25,48 @@ const SPLICE_BUFFER: usize = 64 * 1024;
 
 const BACKLOG: u32 = 4096;
 
-/// Binds and listens, as every proxy listener does.
-fn listen(socket: TcpSocket, addr: SocketAddr) -> io::Result<TcpListener> {
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
+/// How a listener's socket is set up beyond binding.
+#[derive(Debug, Clone, Copy, Default)]
+struct ListenOptions {
+    /// IPv6 only: IPv4 (and v4-mapped) connections go to the IPv4 listener.
+    v6_only: bool,
+    /// IP_TRANSPARENT: accepted connections may have addresses that are not the node's.
+    transparent: bool,
 }
 
-/// Accepts connections for ever, handling each (without Nagle) in a task of its own.
-pub async fn accept_each<F, Fut>(listener: TcpListener, handle: F)
+/// Binds and listens, as every proxy listener does. `SO_REUSEPORT` lets each data-plane worker
+/// have a listener of its own on the same address, and the kernel spread connections over
+/// them. Not yet registered with a runtime: the worker that serves it does that.
+fn listen(addr: SocketAddr, options: ListenOptions) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if options.v6_only {
+        socket.set_only_v6(true)?;
+    }
+    if options.transparent {
+        setsockopt(&socket, sockopt::IpTransparent, &true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG as i32)?;
+    Ok(socket.into())
+}
+
+/// Accepts connections for ever, handling each (without Nagle) in a task of its own on the
+/// calling worker.
+pub async fn accept_each<F, Fut>(listener: std::net::TcpListener, handle: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            warn!(error = %e, "a listener could not join its worker");
+            return;
+        }
+    };
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

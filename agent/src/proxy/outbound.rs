@@ -14,8 +14,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use nix::sys::socket::{setsockopt, sockopt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
@@ -30,17 +29,19 @@ use crate::{
     metrics::{Metrics, Route},
 };
 
-/// Binds the IPv4 listener on every address: pods reach it at the node address the programs
+/// Binds an IPv4 listener on every address: pods reach it at the node address the programs
 /// redirect to.
-pub fn bind_v4(port: u16) -> io::Result<TcpListener> {
-    super::listen(TcpSocket::new_v4()?, (Ipv4Addr::UNSPECIFIED, port).into())
+pub fn bind_v4(port: u16) -> io::Result<std::net::TcpListener> {
+    super::listen((Ipv4Addr::UNSPECIFIED, port).into(), Default::default())
 }
 
-/// Binds the IPv6 listener, IPv6 only: IPv4 (and v4-mapped) connects go to the IPv4 one.
-pub fn bind_v6(port: u16) -> io::Result<TcpListener> {
-    let socket = TcpSocket::new_v6()?;
-    setsockopt(&socket, sockopt::Ipv6V6Only, &true)?;
-    super::listen(socket, (Ipv6Addr::UNSPECIFIED, port).into())
+/// Binds an IPv6 listener, IPv6 only: IPv4 (and v4-mapped) connects go to the IPv4 one.
+pub fn bind_v6(port: u16) -> io::Result<std::net::TcpListener> {
+    let options = super::ListenOptions {
+        v6_only: true,
+        ..Default::default()
+    };
+    super::listen((Ipv6Addr::UNSPECIFIED, port).into(), options)
 }
 
 /// What every proxied connection needs.
@@ -56,7 +57,7 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve(self: Arc<Self>, listener: std::net::TcpListener) {
         super::accept_each(listener, move |client, peer| {
             let this = self.clone();
             async move { this.handle(client, peer).await }

@@ -15,9 +15,13 @@ use std::{
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
 
-/// Everything the proxy knows about captured services, by ClusterIP:port.
-#[derive(Debug, Default, Clone)]
+/// Everything the proxy knows about captured services, by ClusterIP:port. Not Clone: each table
+/// has an identity of its own.
+#[derive(Debug, Default)]
 pub struct RouteTable {
+    /// Tells this table from every other, so a connection can keep what it resolved in it for
+    /// as long as it stays in force.
+    pub id: TableId,
     /// The producers' view: routes in each Service's own namespace.
     pub services: HashMap<SocketAddr, Arc<ServiceRoutes>>,
     /// Consumer routes: for clients in one namespace, (namespace, ClusterIP:port).
@@ -30,14 +34,31 @@ pub struct RouteTable {
     pub endpoint_protocols: HashMap<SocketAddr, AppProtocol>,
 }
 
+/// A table's identity, unique per table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableId(u64);
+
+impl Default for TableId {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 impl RouteTable {
     /// The routes for a client at `client` calling `addr`: its namespace's consumer routes
     /// when there are any, else the producer's.
     pub fn service_for(&self, addr: &SocketAddr, client: IpAddr) -> Option<&Arc<ServiceRoutes>> {
-        let consumer = self
-            .pods
-            .get(&client.to_canonical())
-            .and_then(|pod| self.consumers.get(&(pod.namespace.to_string(), *addr)));
+        let consumer = || {
+            let pod = self.pods.get(&client.to_canonical())?;
+            self.consumers.get(&(pod.namespace.to_string(), *addr))
+        };
+        // Most tables have no consumer routes: no key to build then.
+        let consumer = if self.consumers.is_empty() {
+            None
+        } else {
+            consumer()
+        };
         consumer.or_else(|| self.services.get(addr))
     }
 

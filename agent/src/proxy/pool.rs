@@ -1,0 +1,556 @@
+//! Upstream HTTP connections, pooled per endpoint and per worker thread.
+//!
+//! Each data-plane worker owns its pools (a thread-local), as pingora's are per thread: a
+//! request checks a connection out and back in without a lock, and never hands the request to
+//! another thread. Pools are keyed by the endpoint's socket address, not by anything in the
+//! policy snapshot, so they survive snapshot swaps.
+//!
+//! - HTTP/1.1: idle senders wait in a LIFO stack per endpoint (the most recently used
+//!   connection is the warmest). A connection goes back when its response body has been read to
+//!   the end; one whose body is dropped half-read is closed, since it cannot carry another
+//!   request.
+//! - HTTP/2: one connection per endpoint, multiplexed by every request to it.
+//! - A request that a pooled connection could not carry because the connection was already
+//!   closed is returned by hyper unsent, and goes out on another connection. A failed connect
+//!   also sends nothing. Both are [`SendError::NotSent`], which the caller may retry on another
+//!   endpoint whatever the method.
+//! - Idle connections are reaped after `idle_timeout` ([`Pool::reap`], on a timer per worker),
+//!   and at most `max_idle_per_endpoint` wait per endpoint.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body_util::combinators::BoxBody;
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::debug;
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The proxy's socket mark, which the capture programs skip.
+    pub mark: u32,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_endpoint: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            mark: 0,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            max_idle_per_endpoint: 256,
+        }
+    }
+}
+
+/// Why a request did not get a response.
+#[derive(Debug)]
+pub enum SendError {
+    /// Nothing reached the endpoint (the connect failed, or a pooled connection was found
+    /// closed before the request was written): the request comes back for another try.
+    NotSent {
+        error: io::Error,
+        request: Box<Request<ProxyBody>>,
+    },
+    /// The exchange failed after the request was (partly) written.
+    Failed(hyper::Error),
+}
+
+struct IdleH1 {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Pools {
+    h1: HashMap<SocketAddr, Vec<IdleH1>>,
+    h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>>,
+    /// Connections opened by this thread, for the tests and the reaper's log.
+    opened: u64,
+}
+
+thread_local! {
+    static POOLS: RefCell<Pools> = RefCell::default();
+}
+
+/// The upstream side of the proxy. Cheap to share: its pools live in the worker threads.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    cfg: PoolConfig,
+}
+
+impl Pool {
+    pub fn new(cfg: PoolConfig) -> Self {
+        Self { cfg }
+    }
+
+    /// Sends `request` to `endpoint` over HTTP/2 when `version` is HTTP/2, else HTTP/1.1. With
+    /// `upgrades`, an HTTP/1.1 connection is opened just for this request and can be upgraded
+    /// (a 101 takes the connection out of any pool).
+    pub async fn send(
+        &self,
+        endpoint: SocketAddr,
+        request: Request<ProxyBody>,
+        upgrades: bool,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        if request.version() == Version::HTTP_2 {
+            return self.send_h2(endpoint, request).await;
+        }
+        let request = if upgrades {
+            request
+        } else {
+            match self.send_pooled_h1(endpoint, request).await {
+                Ok(sent) => return sent,
+                Err(unsent) => unsent,
+            }
+        };
+        let io = match self.connect(endpoint).await {
+            Ok(io) => io,
+            Err(error) => return Err(not_sent(error, request)),
+        };
+        let (mut sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(SendError::Failed)?;
+        if upgrades {
+            tokio::spawn(async move {
+                if let Err(e) = connection.with_upgrades().await {
+                    debug!(%endpoint, error = %e, "upgradable upstream connection ended");
+                }
+            });
+            // Never pooled: a 101 takes the connection over.
+            return sender
+                .send_request(request)
+                .await
+                .map(|response| response.map(UpstreamBody::plain))
+                .map_err(SendError::Failed);
+        }
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%endpoint, error = %e, "upstream connection ended with an error");
+            }
+        });
+        match sender.send_request(request).await {
+            Ok(response) => Ok(self.pooled(endpoint, sender, response)),
+            Err(e) => Err(SendError::Failed(e)),
+        }
+    }
+
+    /// Sends over an idle pooled connection; gives the request back when none could carry it.
+    async fn send_pooled_h1(
+        &self,
+        endpoint: SocketAddr,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Result<Response<UpstreamBody>, SendError>, Request<ProxyBody>> {
+        while let Some(mut sender) = self.checkout_h1(endpoint) {
+            // Ready at once unless the previous response's end is still being processed.
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(Ok(self.pooled(endpoint, sender, response))),
+                Err(mut e) => match e.take_message() {
+                    // The connection had closed: nothing was sent.
+                    Some(unsent) => request = unsent,
+                    None => return Ok(Err(SendError::Failed(e.into_error()))),
+                },
+            }
+        }
+        Err(request)
+    }
+
+    /// The most recently returned live sender for `endpoint`, if any.
+    fn checkout_h1(&self, endpoint: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
+        POOLS.with_borrow_mut(|pools| {
+            let idle = pools.h1.get_mut(&endpoint)?;
+            while let Some(entry) = idle.pop() {
+                if !entry.sender.is_closed() && entry.since.elapsed() < self.cfg.idle_timeout {
+                    return Some(entry.sender);
+                }
+            }
+            None
+        })
+    }
+
+    fn pooled(
+        &self,
+        endpoint: SocketAddr,
+        sender: http1::SendRequest<ProxyBody>,
+        response: Response<Incoming>,
+    ) -> Response<UpstreamBody> {
+        let max_idle = self.cfg.max_idle_per_endpoint;
+        response.map(|body| {
+            let mut body = UpstreamBody {
+                body,
+                checkin: Some(Checkin {
+                    endpoint,
+                    sender,
+                    max_idle,
+                }),
+            };
+            if body.body.is_end_stream() {
+                body.check_in();
+            }
+            body
+        })
+    }
+
+    async fn send_h2(
+        &self,
+        endpoint: SocketAddr,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let pooled = POOLS.with_borrow_mut(|pools| match pools.h2.get(&endpoint) {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                pools.h2.remove(&endpoint);
+                None
+            }
+            None => None,
+        });
+        if let Some(mut sender) = pooled {
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response.map(UpstreamBody::plain)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Failed(e.into_error())),
+                },
+            }
+        }
+        let io = match self.connect(endpoint).await {
+            Ok(io) => io,
+            Err(error) => return Err(not_sent(error, request)),
+        };
+        let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(SendError::Failed)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        POOLS.with_borrow_mut(|pools| pools.h2.insert(endpoint, sender.clone()));
+        sender
+            .send_request(request)
+            .await
+            .map(|response| response.map(UpstreamBody::plain))
+            .map_err(SendError::Failed)
+    }
+
+    async fn connect(&self, endpoint: SocketAddr) -> io::Result<TokioIo<tokio::net::TcpStream>> {
+        let stream = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            super::connect_marked(endpoint, self.cfg.mark),
+        )
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.cfg.connect_timeout),
+            )
+        })??;
+        POOLS.with_borrow_mut(|pools| pools.opened += 1);
+        Ok(TokioIo::new(stream))
+    }
+
+    /// Closes this worker's connections that idled past the timeout or whose peer closed them.
+    pub fn reap(&self) {
+        let timeout = self.cfg.idle_timeout;
+        POOLS.with_borrow_mut(|pools| {
+            pools.h1.retain(|_, idle| {
+                idle.retain(|e| !e.sender.is_closed() && e.since.elapsed() < timeout);
+                !idle.is_empty()
+            });
+            pools.h2.retain(|_, sender| !sender.is_closed());
+        });
+    }
+
+    /// This worker's pool: connections opened so far, idle HTTP/1.1 connections waiting, and
+    /// HTTP/2 connections held.
+    pub fn stats(&self) -> PoolStats {
+        POOLS.with_borrow(|pools| PoolStats {
+            opened: pools.opened,
+            idle_h1: pools.h1.values().map(Vec::len).sum(),
+            h2: pools.h2.len(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub opened: u64,
+    pub idle_h1: usize,
+    pub h2: usize,
+}
+
+fn not_sent(error: io::Error, request: Request<ProxyBody>) -> SendError {
+    SendError::NotSent {
+        error,
+        request: Box::new(request),
+    }
+}
+
+/// What goes back into the pool once a response has been read to its end.
+struct Checkin {
+    endpoint: SocketAddr,
+    sender: http1::SendRequest<ProxyBody>,
+    max_idle: usize,
+}
+
+/// A response body from upstream. An HTTP/1.1 connection goes back to this worker's pool when
+/// the body ends; dropped before its end, the connection closes with it.
+pub struct UpstreamBody {
+    body: Incoming,
+    checkin: Option<Checkin>,
+}
+
+impl UpstreamBody {
+    fn plain(body: Incoming) -> Self {
+        Self {
+            body,
+            checkin: None,
+        }
+    }
+
+    fn check_in(&mut self) {
+        let Some(Checkin {
+            endpoint,
+            sender,
+            max_idle,
+        }) = self.checkin.take()
+        else {
+            return;
+        };
+        if sender.is_closed() {
+            return;
+        }
+        POOLS.with_borrow_mut(|pools| {
+            let idle = pools.h1.entry(endpoint).or_default();
+            if idle.len() < max_idle {
+                idle.push(IdleH1 {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.check_in(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.check_in(),
+            // A broken body leaves a connection no one can use again.
+            Poll::Ready(Some(Err(_))) => self.checkin = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        },
+    };
+
+    use http_body_util::{BodyExt as _, Empty, Full};
+    use hyper::service::service_fn;
+    use hyper_util::server::conn::auto;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// An HTTP/1.1 and HTTP/2 backend that answers 64 bytes; counts the connections it accepted.
+    async fn backend() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let answer = service_fn(|_req: Request<Incoming>| async {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; 64]))))
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), answer)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(version: Version) -> Request<ProxyBody> {
+        let uri = if version == Version::HTTP_2 {
+            "http://backend/"
+        } else {
+            "/"
+        };
+        let mut request = Request::get(uri)
+            .header("host", "backend")
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        *request.version_mut() = version;
+        request
+    }
+
+    async fn exchange(pool: &Pool, addr: SocketAddr, version: Version) -> usize {
+        let response = pool.send(addr, get(version), false).await.unwrap();
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .len()
+    }
+
+    fn pool() -> Pool {
+        Pool::new(PoolConfig::default())
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused_once_a_response_is_read() {
+        let (addr, accepted) = backend().await;
+        let pool = pool();
+        let before = pool.stats().opened;
+        for _ in 0..20 {
+            assert_eq!(exchange(&pool, addr, Version::HTTP_11).await, 64);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.stats().opened - before, 1);
+        assert_eq!(pool.stats().idle_h1, 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_half_read_takes_its_connection_with_it() {
+        let (addr, accepted) = backend().await;
+        let pool = pool();
+        let response = pool.send(addr, get(Version::HTTP_11), false).await.unwrap();
+        drop(response);
+        assert_eq!(exchange(&pool, addr, Version::HTTP_11).await, 64);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_endpoint_closed_is_replaced() {
+        // Answers one request per connection, then closes it while it idles in the pool.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                });
+            }
+        });
+        let pool = pool();
+        let response = pool.send(addr, get(Version::HTTP_11), false).await.unwrap();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let response = pool.send(addr, get(Version::HTTP_11), false).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        pool.reap();
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection() {
+        let (addr, accepted) = backend().await;
+        let pool = pool();
+        // The first request opens the connection; the rest run on it at the same time.
+        assert_eq!(exchange(&pool, addr, Version::HTTP_2).await, 64);
+        let concurrent = (0..20).map(|_| exchange(&pool, addr, Version::HTTP_2));
+        let sizes = futures::future::join_all(concurrent).await;
+        assert!(sizes.iter().all(|&n| n == 64));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.stats().h2, 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_gives_the_request_back() {
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        match pool().send(addr, get(Version::HTTP_11), false).await {
+            Err(SendError::NotSent { error, request }) => {
+                assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+                assert_eq!(request.uri(), "/");
+            }
+            Err(SendError::Failed(e)) => panic!("expected NotSent, got {e}"),
+            Ok(response) => panic!("expected NotSent, got {}", response.status()),
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_timeout_are_reaped() {
+        let (addr, _) = backend().await;
+        let pool = Pool::new(PoolConfig {
+            idle_timeout: Duration::from_millis(50),
+            ..PoolConfig::default()
+        });
+        exchange(&pool, addr, Version::HTTP_11).await;
+        assert_eq!(pool.stats().idle_h1, 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pool.reap();
+        assert_eq!(pool.stats().idle_h1, 0);
+    }
+}
