@@ -91,8 +91,9 @@ fn run(task: Task) -> anyhow::Result<()> {
         }
         Task::Demo { short } => {
             setup()?;
-            cargo(&["build", "--bins"])?;
-            let mut demo = Command::new(target_dir().join("debug/aviary-demo"));
+            // The release agent, so the latencies the demo prints are the product's.
+            cargo(&["build", "--release", "--bins"])?;
+            let mut demo = Command::new(target_dir().join("release/aviary-demo"));
             if short {
                 demo.arg("--short");
             }
