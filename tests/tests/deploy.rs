@@ -468,10 +468,13 @@ fn exported() -> BTreeSet<String> {
         workload: name("b"),
         pod: name("b-1"),
     };
-    metrics.request(&labels, Some(&pod), std::time::Duration::from_millis(1));
+    metrics
+        .request_series(&labels, Some(&pod))
+        .record(std::time::Duration::from_millis(1));
     metrics.mirror(MirrorOutcome::Sent, &name("b"), &name("b"));
-    metrics.tcp_opened(&route);
-    metrics.tcp_closed(&route, 1, 1);
+    let tcp = metrics.tcp_series(&route);
+    tcp.opened();
+    tcp.closed(1, 1);
     let text = metrics.render();
     let mut names: BTreeSet<String> = text
         .lines()

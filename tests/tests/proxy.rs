@@ -100,8 +100,15 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
     let counts = mirrored.expect("the mirror never saw all 2000 GETs");
     assert!(!counts.contains("POST"), "{counts}");
 
-    // The metrics count exactly that traffic.
-    let metrics = scrape_metrics(&node, &watcher);
+    // The metrics count exactly that traffic. Their eBPF counters are the agent's last reading
+    // of the maps, taken every second: wait (bounded) for one taken after both connections.
+    let metrics = wait_until(Duration::from_secs(5), || {
+        let metrics = scrape_metrics(&node, &watcher);
+        let captured =
+            aviary_agent::metrics::sample(&metrics, "aviary_ebpf_connect_captured_total", &[]);
+        (captured >= 2.0).then_some(metrics)
+    })
+    .expect("/metrics never showed both captured connections");
     let sample = |series: &str, labels: &[(&str, &str)]| {
         aviary_agent::metrics::sample(&metrics, series, labels)
     };

@@ -246,8 +246,10 @@ impl HttpProxy {
         };
         // A pod whose own agent measures its requests is left to that agent in Flagger's family.
         let flagger_pod = pod.filter(|_| endpoint.is_some_and(|e| !e.measured_at_destination));
+        let took = started.elapsed();
         self.metrics
-            .request(&labels, flagger_pod, started.elapsed());
+            .request_series(&labels, flagger_pod)
+            .record(took);
         response
     }
 
@@ -281,8 +283,10 @@ impl HttpProxy {
                     status_code: response.status().as_u16(),
                     mirror,
                 };
+                let took = started.elapsed();
                 this.metrics
-                    .request(&labels, Some(&destination), started.elapsed());
+                    .request_series(&labels, Some(&destination))
+                    .record(took);
                 Ok::<_, Infallible>(response)
             }
         });
@@ -583,7 +587,8 @@ impl HttpProxy {
             let outcome = match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok(status)) => {
                     labels.status_code = status.as_u16();
-                    metrics.request(&labels, pod.as_deref(), start.elapsed());
+                    let took = start.elapsed();
+                    metrics.request_series(&labels, pod.as_deref()).record(took);
                     MirrorOutcome::Sent
                 }
                 Ok(Err(_)) => MirrorOutcome::Failed,

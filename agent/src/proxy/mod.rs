@@ -116,8 +116,9 @@ pub async fn splice(
             return;
         }
     };
-    if let Some(route) = route {
-        metrics.tcp_opened(route);
+    let series = route.map(|route| metrics.tcp_series(route));
+    if let Some(series) = &series {
+        series.opened();
     }
     let copied = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
@@ -137,7 +138,7 @@ pub async fn splice(
             (0, 0)
         }
     };
-    if let Some(route) = route {
-        metrics.tcp_closed(route, sent, received);
+    if let Some(series) = &series {
+        series.closed(sent, received);
     }
 }
