@@ -53,6 +53,9 @@ const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Watcher updates waiting for the store; a full queue holds the watchers back.
 const UPDATE_QUEUE: usize = 4096;
 
+/// How often the eBPF counters and map occupancy are read for the metrics.
+const EBPF_METRICS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often the eBPF counters are logged, when they changed.
 const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -212,8 +215,9 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
     let metrics_listener = TcpListener::bind(cfg.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics_addr))?;
+    let scraped = metrics.clone();
     tokio::spawn(serve_paths(metrics_listener, move |path| {
-        metrics_response(&metrics, path)
+        metrics_response(&scraped, path)
     }));
     tokio::spawn(capture::run(
         snapshots,
@@ -228,6 +232,14 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         loop {
             tick.tick().await;
             log_counters(&stats, &mut last);
+        }
+    });
+    // The programs' counters and maps are read here, on the control plane, never by a scrape.
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EBPF_METRICS_INTERVAL);
+        loop {
+            tick.tick().await;
+            metrics.refresh_ebpf();
         }
     });
 

@@ -956,11 +956,35 @@ async fn a_pod_measured_at_its_destination_is_left_out_of_flaggers_family() {
     );
 }
 
+/// The client of the inbound tests, at an address of its own (the pods listen on 127.0.0.1).
+const INBOUND_CLIENT: [u8; 4] = [127, 0, 0, 2];
+
 /// The inbound proxy in front of the pod at `pod`, as the inbound listener hands it each
-/// connection (here from a plain loopback listener: TPROXY needs root).
+/// connection (here from a plain loopback listener: TPROXY needs root). The routing table knows
+/// the pod, and the client at [`INBOUND_CLIENT`].
 async fn start_inbound(pod: SocketAddr) -> (SocketAddr, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new(true, None));
-    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    let workload = |namespace: &str, workload: &str, pod: &str| {
+        Arc::new(Workload {
+            namespace: namespace.into(),
+            workload: workload.into(),
+            pod: pod.into(),
+        })
+    };
+    let table = RouteTable {
+        pods: HashMap::from([
+            (
+                pod.ip(),
+                workload("shop", "podinfo", "podinfo-7d9f8b-bbbbb"),
+            ),
+            (
+                INBOUND_CLIENT.into(),
+                workload("web", "frontend", "frontend-1"),
+            ),
+        ]),
+        ..Default::default()
+    };
+    let routes = Arc::new(ArcSwap::from_pointee(table));
     let proxy = Arc::new(HttpProxy::new(
         HttpConfig::default(),
         routes,
@@ -969,37 +993,32 @@ async fn start_inbound(pod: SocketAddr) -> (SocketAddr, Arc<Metrics>) {
     ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let destination = Arc::new(Workload {
-        namespace: "shop".into(),
-        workload: "podinfo".into(),
-        pod: "podinfo-7d9f8b-bbbbb".into(),
-    });
-    let source = Workload {
-        namespace: "web".into(),
-        workload: "frontend".into(),
-        pod: "frontend-1".into(),
-    };
     tokio::spawn(async move {
         loop {
             let (stream, peer) = listener.accept().await.unwrap();
-            let route = aviary_agent::metrics::Route::inbound(&source, &destination);
-            tokio::spawn(proxy.clone().serve_inbound(
-                stream,
-                pod,
-                peer,
-                route,
-                destination.clone(),
-            ));
+            tokio::spawn(proxy.clone().serve_inbound(stream, pod, peer));
         }
     });
     (addr, metrics)
+}
+
+/// One HTTP/1.1 keep-alive connection to `addr` from [`INBOUND_CLIENT`].
+async fn h1_from_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((INBOUND_CLIENT, 0))).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
 }
 
 #[tokio::test]
 async fn inbound_requests_reach_the_pod_as_sent_and_are_measured_at_the_destination() {
     let pod = backend("canary", Duration::ZERO).await;
     let (inbound, metrics) = start_inbound(pod.addr).await;
-    let mut conn = h1(inbound).await;
+    let mut conn = h1_from_client(inbound).await;
     for _ in 0..4 {
         let (status, headers, body) = send(&mut conn, get("/api")).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "canary"));
@@ -1015,7 +1034,7 @@ async fn inbound_requests_reach_the_pod_as_sent_and_are_measured_at_the_destinat
     assert_eq!(seen.len(), 6);
     assert_eq!(seen[4].body_len, 2);
     assert_eq!(seen[0].headers["host"], "podinfo.shop", "the Host is kept");
-    assert_eq!(seen[0].headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen[0].headers["x-forwarded-for"], "127.0.0.2");
 
     let text = metrics.render();
     let inbound = [

@@ -34,7 +34,7 @@ use hyper_util::{
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::metrics::{self, MethodClass, Metrics, RequestLabels};
+use crate::metrics::{self, Direction, MethodClass, Metrics, RequestLabels};
 
 pub use super::pool::ProxyBody;
 use super::{
@@ -44,6 +44,7 @@ use super::{
         Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes,
         TableId, WeightedBackend, Workload,
     },
+    series::{self, SeriesKey},
     split::{pick_weighted, sampled, with_rng},
 };
 
@@ -109,16 +110,20 @@ pub struct HttpProxy {
 
 /// What a client connection resolved in one routing table: reused by each of its requests
 /// while that table stays in force.
+#[derive(Clone)]
 struct Resolved {
     table: TableId,
+    /// The routes of the service the client called (outbound).
     service: Option<Arc<ServiceRoutes>>,
     source: Arc<Workload>,
+    /// The pod the connection is for (inbound).
+    destination: Arc<Workload>,
 }
 
-/// One client connection to a service.
+/// One client connection, to a service (outbound) or to a pod (inbound).
 struct ClientConn {
     peer: SocketAddr,
-    /// The service address the client dialled.
+    /// The address the client dialled: a service's, or the pod's.
     dst: SocketAddr,
     /// The client's address, as `x-forwarded-for` carries it.
     forwarded_for: HeaderValue,
@@ -126,13 +131,13 @@ struct ClientConn {
 }
 
 impl ClientConn {
-    fn new(peer: SocketAddr, dst: SocketAddr, table: &RouteTable) -> Self {
+    fn new(peer: SocketAddr, dst: SocketAddr, routes: &ArcSwap<RouteTable>) -> Self {
         let client = peer.ip().to_canonical().to_string();
         Self {
             peer,
             dst,
             forwarded_for: HeaderValue::try_from(client).expect("an IP address is a header value"),
-            resolved: Self::resolve(peer, dst, table),
+            resolved: Self::resolve(peer, dst, &routes.load()),
         }
     }
 
@@ -141,6 +146,18 @@ impl ClientConn {
             table: table.id,
             service: table.service_for(&dst, peer.ip()).cloned(),
             source: table.pod(peer.ip()),
+            destination: table.pod(dst.ip()),
+        }
+    }
+
+    /// What this connection's next request works with: resolved again only when the routing
+    /// table changed since the connection began.
+    fn facts(&self, routes: &ArcSwap<RouteTable>) -> Resolved {
+        let table = routes.load();
+        if table.id == self.resolved.table {
+            self.resolved.clone()
+        } else {
+            Self::resolve(self.peer, self.dst, &table)
         }
     }
 }
@@ -184,23 +201,15 @@ impl HttpProxy {
     /// by the HTTP/2 preface). A malformed request gets 400 and its connection closes; other
     /// connections carry on.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, dst: SocketAddr, peer: SocketAddr) {
-        let conn = Arc::new(ClientConn::new(peer, dst, &self.routes.load()));
+        let conn = Arc::new(ClientConn::new(peer, dst, &self.routes));
         let this = self.clone();
         let handler = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let conn = conn.clone();
             async move {
-                let (service, source) = {
-                    let table = this.routes.load();
-                    if table.id == conn.resolved.table {
-                        (conn.resolved.service.clone(), conn.resolved.source.clone())
-                    } else {
-                        let now = ClientConn::resolve(conn.peer, conn.dst, &table);
-                        (now.service, now.source)
-                    }
-                };
-                let response = match service {
-                    Some(service) => this.handle(req, &service, &source, &conn).await,
+                let facts = conn.facts(&this.routes);
+                let response = match &facts.service {
+                    Some(service) => this.handle(req, service, &facts, &conn).await,
                     // The service lost its routes: the request goes where it was sent, as a new
                     // connection's bytes would.
                     None => this.pass_through(req, &conn).await,
@@ -221,55 +230,66 @@ impl HttpProxy {
     async fn handle(
         &self,
         req: Request<Incoming>,
-        service: &ServiceRoutes,
-        source: &Workload,
+        service: &Arc<ServiceRoutes>,
+        facts: &Resolved,
         conn: &ClientConn,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = MethodClass::from(req.method());
+        let source = &facts.source;
         let mut answered = Answered::default();
         let response = self
-            .route_request(req, service, source, conn, &mut answered)
+            .route_request(req, service, facts, conn, &mut answered)
             .await;
-        let endpoint = answered.endpoint.as_deref();
-        let pod = endpoint.and_then(|e| e.pod.as_deref());
-        let labels = RequestLabels {
-            route: metrics::Route::outbound(
+        let status = response.status().as_u16();
+        let Answered { backend, endpoint } = answered;
+        let pod = endpoint.as_ref().and_then(|e| e.pod.as_ref());
+        // A pod whose own agent measures its requests is left to that agent in Flagger's family.
+        let flagger = endpoint
+            .as_ref()
+            .is_some_and(|e| !e.measured_at_destination);
+        let key = SeriesKey::new(
+            Direction::outbound,
+            source,
+            Some(&**service),
+            backend.as_deref(),
+            pod.map(|p| &**p),
+            flagger,
+            method,
+            status,
+            false,
+        );
+        let labels = || {
+            let route = metrics::Route::outbound(
                 source,
                 service,
-                answered.backend.as_ref().map(|b| &b.name),
-                pod,
-            ),
-            method,
-            status_code: response.status().as_u16(),
-            mirror: false,
+                backend.as_ref().map(|b| &b.name),
+                pod.map(|p| &**p),
+            );
+            let labels = RequestLabels {
+                route,
+                method,
+                status_code: status,
+                mirror: false,
+            };
+            (labels, pod.filter(|_| flagger).cloned())
         };
-        // A pod whose own agent measures its requests is left to that agent in Flagger's family.
-        let flagger_pod = pod.filter(|_| endpoint.is_some_and(|e| !e.measured_at_destination));
-        let took = started.elapsed();
-        self.metrics
-            .request_series(&labels, flagger_pod)
-            .record(took);
+        series::record(&self.metrics, facts.table, key, labels, started.elapsed());
         response
     }
 
     /// Serves one connection the inbound listener took for the enrolled pod at `pod`: each
-    /// request goes to the pod as it came, and is measured from the destination's side, as
-    /// `route` from `destination`.
+    /// request goes to the pod as it came, and is measured from the destination's side.
     pub async fn serve_inbound(
         self: Arc<Self>,
         stream: TcpStream,
         pod: SocketAddr,
         peer: SocketAddr,
-        route: metrics::Route,
-        destination: Arc<Workload>,
     ) {
-        let conn = Arc::new(ClientConn::new(peer, pod, &self.routes.load()));
+        let conn = Arc::new(ClientConn::new(peer, pod, &self.routes));
         let this = self.clone();
         let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
-            let route = route.clone();
-            let destination = destination.clone();
             let conn = conn.clone();
             async move {
                 let started = Instant::now();
@@ -277,16 +297,30 @@ impl HttpProxy {
                 // Another agent's mirror copy: measured as one, and so not in Flagger's family.
                 let mirror = req.headers().contains_key(MIRROR_HEADER);
                 let response = this.pass_through(req, &conn).await;
-                let labels = RequestLabels {
-                    route,
+                let status = response.status().as_u16();
+                let facts = conn.facts(&this.routes);
+                let (source, destination) = (&facts.source, &facts.destination);
+                let key = SeriesKey::new(
+                    Direction::inbound,
+                    source,
+                    None::<&()>,
+                    None::<&()>,
+                    Some(&**destination),
+                    true,
                     method,
-                    status_code: response.status().as_u16(),
+                    status,
                     mirror,
+                );
+                let labels = || {
+                    let labels = RequestLabels {
+                        route: metrics::Route::inbound(source, destination),
+                        method,
+                        status_code: status,
+                        mirror,
+                    };
+                    (labels, Some(destination.clone()))
                 };
-                let took = started.elapsed();
-                this.metrics
-                    .request_series(&labels, Some(&destination))
-                    .record(took);
+                series::record(&this.metrics, facts.table, key, labels, started.elapsed());
                 Ok::<_, Infallible>(response)
             }
         });
@@ -327,8 +361,8 @@ impl HttpProxy {
     async fn route_request(
         &self,
         mut req: Request<Incoming>,
-        service: &ServiceRoutes,
-        source: &Workload,
+        service: &Arc<ServiceRoutes>,
+        facts: &Resolved,
         conn: &ClientConn,
         answered: &mut Answered,
     ) -> Response<ProxyBody> {
@@ -366,7 +400,7 @@ impl HttpProxy {
         let body = match mirror.and_then(|m| self.mirror_wanted(m, &parts)) {
             Some(mirror) => match self.hold(body).await {
                 Ok(Held::Whole(bytes)) => {
-                    self.mirror(mirror, &parts, bytes.clone(), service, source);
+                    self.mirror(mirror, &parts, bytes.clone(), service, facts);
                     full(bytes)
                 }
                 Ok(Held::TooLarge(body)) => {
@@ -523,8 +557,8 @@ impl HttpProxy {
         mirror: &Mirror,
         parts: &http::request::Parts,
         body: Bytes,
-        service: &ServiceRoutes,
-        source: &Workload,
+        service: &Arc<ServiceRoutes>,
+        facts: &Resolved,
     ) {
         let target = &mirror.backend;
         let record = |outcome| {
@@ -562,13 +596,8 @@ impl HttpProxy {
         let pool = self.pool.clone();
         let timeout = self.cfg.mirror_timeout;
         let metrics = self.metrics.clone();
-        let pod = endpoint.pod.clone();
-        let mut labels = RequestLabels {
-            route: metrics::Route::outbound(source, service, Some(&target.name), pod.as_deref()),
-            method: MethodClass::from(&parts.method),
-            status_code: 0,
-            mirror: true,
-        };
+        let method = MethodClass::from(&parts.method);
+        let (table, source, service) = (facts.table, facts.source.clone(), service.clone());
         let target = target.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -586,9 +615,35 @@ impl HttpProxy {
             };
             let outcome = match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok(status)) => {
-                    labels.status_code = status.as_u16();
-                    let took = start.elapsed();
-                    metrics.request_series(&labels, pod.as_deref()).record(took);
+                    let status = status.as_u16();
+                    let pod = endpoint.pod.as_ref();
+                    let key = SeriesKey::new(
+                        Direction::outbound,
+                        &source,
+                        Some(&*service),
+                        Some(&*target),
+                        pod.map(|p| &**p),
+                        true,
+                        method,
+                        status,
+                        true,
+                    );
+                    let labels = || {
+                        let route = metrics::Route::outbound(
+                            &source,
+                            &service,
+                            Some(&target.name),
+                            pod.map(|p| &**p),
+                        );
+                        let labels = RequestLabels {
+                            route,
+                            method,
+                            status_code: status,
+                            mirror: true,
+                        };
+                        (labels, pod.cloned())
+                    };
+                    series::record(&metrics, table, key, labels, start.elapsed());
                     MirrorOutcome::Sent
                 }
                 Ok(Err(_)) => MirrorOutcome::Failed,

@@ -58,19 +58,13 @@ impl Inbound {
         let Ok(pod) = client.local_addr() else {
             return;
         };
-        let (route, destination, protocol) = {
+        let (route, protocol) = {
             let table = self.routes.load();
-            let destination = table.pod(pod.ip());
-            let route = Route::inbound(&table.pod(peer.ip()), &destination);
-            (route, destination, table.endpoint_protocol(&pod))
+            let route = Route::inbound(&table.pod(peer.ip()), &table.pod(pod.ip()));
+            (route, table.endpoint_protocol(&pod))
         };
         match read_as(protocol, &client, self.detect_timeout).await {
-            Detected::Http => {
-                self.http
-                    .clone()
-                    .serve_inbound(client, pod, peer, route, destination)
-                    .await
-            }
+            Detected::Http => self.http.clone().serve_inbound(client, pod, peer).await,
             Detected::Opaque => {
                 super::splice(client, peer, pod, self.mark, &self.metrics, Some(&route)).await
             }

@@ -7,6 +7,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod pool;
 pub mod route;
+pub mod series;
 pub mod split;
 pub mod workers;
 

@@ -1,0 +1,100 @@
+//! Request metrics as the data plane records them: each worker keeps the series it resolved, so
+//! a request costs a lookup in a thread-local map keyed by the identities of the policy objects
+//! that name it, then atomic increments. No label set is built or hashed, and no lock taken,
+//! once a series is known.
+//!
+//! Keys are the addresses of objects that the routing table in force owns (the source and
+//! destination workloads, the service, the backend). The cache holds entries for one table at a
+//! time and is emptied when a request comes with another, so an address always means the object
+//! it meant when the entry was made: while a table is in force, nothing it owns is freed.
+
+use std::{cell::RefCell, collections::HashMap, sync::Arc, time::Duration};
+
+use crate::metrics::{Direction, MethodClass, Metrics, RequestLabels, RequestSeries};
+
+use super::route::{TableId, Workload};
+
+/// Entries a worker keeps before it starts again: far more than one table's live series.
+const MAX_ENTRIES: usize = 16_384;
+
+/// Who and what a request's series names, by identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    direction: Direction,
+    source: usize,
+    service: usize,
+    backend: usize,
+    pod: usize,
+    flagger: bool,
+    method: MethodClass,
+    status: u16,
+    mirror: bool,
+}
+
+fn id<T: ?Sized>(object: Option<&T>) -> usize {
+    object.map_or(0, |o| o as *const T as *const () as usize)
+}
+
+impl SeriesKey {
+    /// `service` and `backend` are absent inbound; `pod` is the endpoint's (outbound) or the
+    /// destination (inbound).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        direction: Direction,
+        source: &Workload,
+        service: Option<&impl Sized>,
+        backend: Option<&impl Sized>,
+        pod: Option<&Workload>,
+        flagger: bool,
+        method: MethodClass,
+        status: u16,
+        mirror: bool,
+    ) -> Self {
+        Self {
+            direction,
+            source: id(Some(source)),
+            service: id(service),
+            backend: id(backend),
+            pod: id(pod),
+            flagger,
+            method,
+            status,
+            mirror,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Cache {
+    table: Option<TableId>,
+    series: HashMap<SeriesKey, RequestSeries>,
+}
+
+thread_local! {
+    static CACHE: RefCell<Cache> = RefCell::default();
+}
+
+/// Records one request that took `took`, in the series `key` names under `table`. `labels`
+/// builds the label set (and `flagger_pod` the Flagger series) the first time only.
+pub fn record(
+    metrics: &Metrics,
+    table: TableId,
+    key: SeriesKey,
+    labels: impl FnOnce() -> (RequestLabels, Option<Arc<Workload>>),
+    took: Duration,
+) {
+    CACHE.with_borrow_mut(|cache| {
+        if cache.table != Some(table) || cache.series.len() >= MAX_ENTRIES {
+            cache.series.clear();
+            cache.table = Some(table);
+        }
+        cache
+            .series
+            .entry(key)
+            .or_insert_with(|| {
+                let (labels, flagger_pod) = labels();
+                metrics.request_series(&labels, flagger_pod.as_deref())
+            })
+            .record(took);
+    });
+}
