@@ -41,7 +41,8 @@ use crate::{
     state::Publisher,
 };
 
-/// How often each worker closes the upstream connections that idled too long.
+/// How often each worker closes the upstream connections that idled too long, and forgets
+/// endpoints it no longer uses.
 const POOL_REAP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often the node's interfaces are scanned for new pods' veths.
@@ -157,6 +158,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
                 loop {
                     reap.tick().await;
                     http.pool().reap();
+                    crate::proxy::balance::forget_idle();
                 }
             })
         }));
@@ -166,7 +168,6 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
 
     let (publisher, snapshots) = Publisher::new(RouteOptions {
         node: cfg.node_name.clone(),
-        mirror_in_flight: http_cfg.mirror_in_flight,
         inbound_capture: datapath.captures_inbound(),
     });
     tokio::spawn(apply_routes(snapshots.clone(), routes));

@@ -57,7 +57,7 @@ impl Publisher {
         self.published_revision = Some(store.revision());
         let current = self.tx.borrow().clone();
         let policy = compile(store, self.options.node.as_deref());
-        let routes = Arc::new(compile_routes(store, &current.routes, &self.options));
+        let routes = Arc::new(compile_routes(store, &self.options));
         let notes = routing_notes(store);
         for note in notes.iter().filter(|n| !self.notes.contains(n)) {
             info!("{note}");

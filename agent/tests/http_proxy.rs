@@ -500,13 +500,12 @@ async fn a_request_no_endpoint_received_is_retried_once_on_another_endpoint() {
     assert!(body.contains("no other endpoint"), "{body}");
 }
 
-fn mirrored(backend: &Arc<Backend>, percent: u32, safe: SafeMethods, in_flight: usize) -> Mirror {
+fn mirrored(backend: &Arc<Backend>, percent: u32, safe: SafeMethods) -> Mirror {
     Mirror {
         backend: backend.clone(),
         numerator: percent,
         denominator: 100,
         safe_methods: safe,
-        in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
     }
 }
 
@@ -524,7 +523,7 @@ async fn only_idempotent_requests_are_mirrored() {
     let (shadow, s) = backend_service("shadow", Duration::ZERO).await;
     let rule = Rule {
         backends: vec![weighted(&p, 1)],
-        mirror: Some(mirrored(&s, 100, SafeMethods::default(), 100)),
+        mirror: Some(mirrored(&s, 100, SafeMethods::default())),
         ..Default::default()
     };
     let proxy = start_proxy(service(vec![rule], p)).await;
@@ -584,7 +583,7 @@ async fn declared_methods_are_mirrored_and_large_bodies_are_not() {
     };
     let rule = Rule {
         backends: vec![weighted(&p, 1)],
-        mirror: Some(mirrored(&s, 100, safe, 100)),
+        mirror: Some(mirrored(&s, 100, safe)),
         ..Default::default()
     };
     let cfg = HttpConfig {
@@ -626,13 +625,14 @@ async fn a_slow_mirror_never_slows_the_primary_and_overload_is_dropped() {
         ..Default::default()
     };
     let with_mirror = Rule {
-        mirror: Some(mirrored(&s, 100, SafeMethods::default(), 4)),
+        mirror: Some(mirrored(&s, 100, SafeMethods::default())),
         ..plain.clone()
     };
     // Longer than the 300 requests take, shorter than the mirror's 5 s: all four permits stay
     // taken for the whole run, then every mirror times out.
     let cfg = HttpConfig {
         mirror_timeout: Duration::from_secs(2),
+        mirror_in_flight: 4,
         ..Default::default()
     };
 
@@ -1233,7 +1233,7 @@ async fn bodies_stream_unless_a_mirror_will_send_them_again() {
     // PUT is mirrored, so its body is held; POST is not, so it streams.
     let rule = Rule {
         backends: vec![weighted(&p, 1)],
-        mirror: Some(mirrored(&s, 100, safe, 100)),
+        mirror: Some(mirrored(&s, 100, safe)),
         ..Default::default()
     };
     let proxy = start_proxy(service(vec![rule], p)).await;

@@ -101,7 +101,6 @@ fn start_with(server: &ApiServer, status_writer: Option<LeaseConfig>) -> Source 
     let client = client(server);
     let (publisher, snapshots) = Publisher::new(RouteOptions {
         node: Some(NODE.into()),
-        mirror_in_flight: 8,
         inbound_capture: false,
     });
     let (updates_tx, updates) = mpsc::channel(64);

@@ -23,7 +23,6 @@ use std::{
 
 use http::Method;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use tokio::sync::Semaphore;
 
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
@@ -218,17 +217,13 @@ type AttachedRoutes<'a> = HashMap<(String, String), Vec<(&'a HttpRoute, Option<i
 pub struct RouteOptions {
     /// This node (every pod is local when None, as in local mode without a node name).
     pub node: Option<String>,
-    /// Bounds the requests in flight to each mirror backend.
-    pub mirror_in_flight: usize,
     /// Whether the agents capture inbound traffic (a DaemonSet's agents share their flags).
     pub inbound_capture: bool,
 }
 
-/// Compiles the routing table. Endpoints already in `previous` are reused, so the balancer's
-/// latency statistics survive policy changes.
-pub fn compile_routes(store: &Store, previous: &RouteTable, options: &RouteOptions) -> RouteTable {
-    let mirror_in_flight = options.mirror_in_flight;
-    let known = known_endpoints(previous);
+/// Compiles the routing table: plain policy data. What the proxy learns of endpoints (load,
+/// connections) it keeps by address, so it survives a new table by itself.
+pub fn compile_routes(store: &Store, options: &RouteOptions) -> RouteTable {
     let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in store.endpoint_slices() {
         let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
@@ -284,8 +279,6 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, options: &RouteOptio
         services,
         workloads,
         measured_at_destination,
-        known: known.into(),
-        mirror_bounds: mirror_bounds(previous).into(),
     };
 
     for (&(namespace, name), svc) in &ctx.services {
@@ -317,11 +310,11 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, options: &RouteOptio
             // An HTTPRoute attached to this port wins over the Service's annotations.
             let http_routes = on_port(routes_of_service, port.port);
             let rules = if !http_routes.is_empty() {
-                ctx.gamma_rules(port.port, &http_routes, mirror_in_flight)
+                ctx.gamma_rules(port.port, &http_routes)
             } else {
                 annotations
                     .as_ref()
-                    .map(|a| vec![ctx.rule(namespace, port.port, &default, a, mirror_in_flight)])
+                    .map(|a| vec![ctx.rule(namespace, port.port, &default, a)])
                     .unwrap_or_default()
             };
             let protocol = AppProtocol::from_app_protocol(port.app_protocol.as_deref());
@@ -355,7 +348,7 @@ pub fn compile_routes(store: &Store, previous: &RouteTable, options: &RouteOptio
                     continue;
                 }
                 let consumer = Arc::new(ServiceRoutes {
-                    rules: ctx.gamma_rules(port.port, &consumer_routes, mirror_in_flight),
+                    rules: ctx.gamma_rules(port.port, &consumer_routes),
                     ..(*routes).clone()
                 });
                 for addr in &addresses {
@@ -451,18 +444,12 @@ struct Context<'a> {
     workloads: HashMap<(&'a str, &'a str), Arc<Workload>>,
     /// Pods (namespace, name) whose requests their own node's inbound proxy measures.
     measured_at_destination: HashSet<(&'a str, &'a str)>,
-    /// One Endpoint per address, shared by every backend that lists it (a pod's load is the
-    /// pod's, whichever Service reached it), carried over from the previous table.
-    known: std::cell::RefCell<HashMap<SocketAddr, Arc<Endpoint>>>,
-    /// The in-flight bound of each mirror backend, shared by every rule mirroring to it and
-    /// carried over from the previous table.
-    mirror_bounds: std::cell::RefCell<HashMap<(String, String), Arc<Semaphore>>>,
 }
 
 impl Context<'_> {
     /// The rules of the HTTPRoutes attached to one service port, one per match, in Gateway API
     /// precedence order (ties: the oldest route, then by name, then rule and match order).
-    fn gamma_rules(&self, port: i32, routes: &[&HttpRoute], in_flight: usize) -> Vec<Rule> {
+    fn gamma_rules(&self, port: i32, routes: &[&HttpRoute]) -> Vec<Rule> {
         let mut ranked = Vec::new();
         for route in routes {
             let order = gamma::route_order(route);
@@ -515,7 +502,6 @@ impl Context<'_> {
                         denominator: m.denominator,
                         safe_methods: declared_safe(route.metadata.annotations.as_ref())
                             .unwrap_or_default(),
-                        in_flight: self.mirror_bound(mirror_namespace, &m.name, in_flight),
                     })
                 });
                 let timeout = |d: &Option<String>| {
@@ -542,15 +528,6 @@ impl Context<'_> {
                 .then_with(|| (&a.1, a.2, a.3).cmp(&(&b.1, b.2, b.3)))
         });
         ranked.into_iter().map(|(.., rule)| rule).collect()
-    }
-
-    fn mirror_bound(&self, namespace: &str, name: &str, permits: usize) -> Arc<Semaphore> {
-        let mut bounds = self.mirror_bounds.borrow_mut();
-        let key = (namespace.to_owned(), name.to_owned());
-        bounds
-            .entry(key)
-            .or_insert_with(|| Arc::new(Semaphore::new(permits)))
-            .clone()
     }
 
     /// The Service `namespace/name` as a backend on `port` (its port with that number, or its
@@ -588,18 +565,7 @@ impl Context<'_> {
                             self.measured_at_destination
                                 .contains(&(p.namespace.as_ref(), p.pod.as_ref()))
                         });
-                        let mut known = self.known.borrow_mut();
-                        // Reused only for the same pod: a new pod at an old address starts
-                        // with fresh statistics.
-                        let reused = known
-                            .get(&addr)
-                            .filter(|e| {
-                                e.pod == pod && e.measured_at_destination == measured_at_destination
-                            })
-                            .cloned();
-                        let endpoint = reused
-                            .unwrap_or_else(|| Endpoint::new(addr, pod, measured_at_destination));
-                        known.insert(addr, endpoint.clone());
+                        let endpoint = Endpoint::new(addr, pod, measured_at_destination);
                         endpoints.push(endpoint);
                     }
                 }
@@ -664,7 +630,6 @@ impl Context<'_> {
         port: i32,
         default: &Arc<Backend>,
         a: &ServiceAnnotations,
-        in_flight: usize,
     ) -> Rule {
         let weighted = |backend: BackendRef, weight: u32| WeightedBackend {
             backend,
@@ -696,7 +661,6 @@ impl Context<'_> {
                 numerator: a.mirror_percent,
                 denominator: 100,
                 safe_methods: a.mirror_safe.clone(),
-                in_flight: self.mirror_bound(namespace, name, in_flight),
             })
         });
         Rule {
@@ -707,47 +671,6 @@ impl Context<'_> {
     }
 }
 
-/// The in-flight bound of every mirror backend of a table.
-fn mirror_bounds(table: &RouteTable) -> HashMap<(String, String), Arc<Semaphore>> {
-    let mirrors = table
-        .services
-        .values()
-        .flat_map(|r| r.rules.iter())
-        .filter_map(|rule| rule.mirror.as_ref());
-    mirrors
-        .map(|m| {
-            (
-                (m.backend.namespace.to_string(), m.backend.name.to_string()),
-                m.in_flight.clone(),
-            )
-        })
-        .collect()
-}
-
-/// Every endpoint of a table, by address.
-fn known_endpoints(table: &RouteTable) -> HashMap<SocketAddr, Arc<Endpoint>> {
-    let mut known = HashMap::new();
-    let mut add = |backend: &Backend| {
-        for endpoint in &backend.endpoints {
-            known.insert(endpoint.addr, endpoint.clone());
-        }
-    };
-    for routes in table.services.values() {
-        add(&routes.default);
-        for rule in &routes.rules {
-            for weighted in &rule.backends {
-                if let BackendRef::Service(backend) = &weighted.backend {
-                    add(backend);
-                }
-            }
-            if let Some(mirror) = &rule.mirror {
-                add(&mirror.backend);
-            }
-        }
-    }
-    known
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -755,12 +678,9 @@ mod tests {
     use super::*;
     use crate::{policy::local::parse_documents, proxy::route::PathMatch};
 
-    /// The options of local mode with `mirror_in_flight`.
-    fn mirrors(mirror_in_flight: usize) -> RouteOptions {
-        RouteOptions {
-            mirror_in_flight,
-            ..Default::default()
-        }
+    /// The options of local mode.
+    fn local() -> RouteOptions {
+        RouteOptions::default()
     }
 
     fn store(yaml: &str) -> Store {
@@ -817,11 +737,7 @@ mod tests {
         let annotations =
             "aviary.dev/split: \"reviews-v1=90,reviews-v2=10\", aviary.dev/mirror: reviews-v2, \
                            aviary.dev/mirror-percent: \"50\", aviary.dev/mirror-methods: \"PUT\"";
-        let table = compile_routes(
-            &store(&cluster(annotations)),
-            &RouteTable::default(),
-            &mirrors(7),
-        );
+        let table = compile_routes(&store(&cluster(annotations)), &local());
         let routes = &table.services[&"10.96.0.10:80".parse().unwrap()];
         assert_eq!(
             (&*routes.name, routes.port, routes.protocol),
@@ -849,15 +765,6 @@ mod tests {
             ("reviews-v2", 50, 100)
         );
         assert_eq!(mirror.safe_methods.extra, [Method::PUT]);
-        assert_eq!(mirror.in_flight.available_permits(), 7);
-        // One bound per mirror backend, kept across recompiles.
-        let again = compile_routes(&store(&cluster(annotations)), &table, &mirrors(7));
-        let kept = &again.services[&"10.96.0.10:80".parse().unwrap()].rules[0]
-            .mirror
-            .as_ref()
-            .unwrap()
-            .in_flight;
-        assert!(Arc::ptr_eq(&mirror.in_flight, kept));
         // The backends' own services are routed too (they have endpoints), without rules.
         assert!(table.services[&"10.96.0.11:80".parse().unwrap()]
             .rules
@@ -868,8 +775,7 @@ mod tests {
     fn an_unknown_split_backend_takes_its_share_as_an_error() {
         let table = compile_routes(
             &store(&cluster("aviary.dev/split: \"reviews-v1=50,ghost=50\"")),
-            &RouteTable::default(),
-            &mirrors(1),
+            &local(),
         );
         let rule = &table.services[&"10.96.0.10:80".parse().unwrap()].rules[0];
         assert!(
@@ -879,37 +785,8 @@ mod tests {
 
     #[test]
     fn services_without_slices_or_annotations_pass_through() {
-        let table = compile_routes(
-            &store(&svc("plain", "10.96.0.40", "")),
-            &RouteTable::default(),
-            &mirrors(1),
-        );
+        let table = compile_routes(&store(&svc("plain", "10.96.0.40", "")), &local());
         assert!(table.services.is_empty());
-    }
-
-    #[test]
-    fn endpoints_and_their_statistics_survive_a_recompile() {
-        let before = compile_routes(
-            &store(&cluster(
-                "aviary.dev/split: \"reviews-v1=90,reviews-v2=10\"",
-            )),
-            &RouteTable::default(),
-            &mirrors(1),
-        );
-        let after = compile_routes(
-            &store(&cluster(
-                "aviary.dev/split: \"reviews-v1=50,reviews-v2=50\"",
-            )),
-            &before,
-            &mirrors(1),
-        );
-        let endpoint = |table: &RouteTable| {
-            table.services[&"10.96.0.11:80".parse().unwrap()]
-                .default
-                .endpoints[0]
-                .clone()
-        };
-        assert!(Arc::ptr_eq(&endpoint(&before), &endpoint(&after)));
     }
 
     #[test]
@@ -960,7 +837,7 @@ mod tests {
             route.to_owned(),
         ]
         .join(CLUSTER);
-        compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1))
+        compile_routes(&store(&yaml), &local())
     }
 
     fn rules(table: &RouteTable) -> &[Rule] {
@@ -1067,7 +944,7 @@ mod tests {
              backendRefs: [{name: reviews-v2, port: 80}]\n",
         );
         let yaml = [cluster(""), first, second].join(CLUSTER);
-        let table = compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1));
+        let table = compile_routes(&store(&yaml), &local());
         let order: Vec<String> = rules(&table)
             .iter()
             .map(|r| {
@@ -1156,7 +1033,7 @@ mod tests {
             pod("other", "shop", "10.244.1.51"),
         ]
         .join(CLUSTER);
-        let table = compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1));
+        let table = compile_routes(&store(&yaml), &local());
         let vip = "10.96.0.10:80".parse().unwrap();
         let backend_for = |client: &str| {
             let routes = table.service_for(&vip, client.parse().unwrap()).unwrap();
@@ -1185,7 +1062,7 @@ mod tests {
             slice("raw", &["10.244.1.12"], true).replace("raw-x", "raw-y"),
         ]
         .join(CLUSTER);
-        let table = compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1));
+        let table = compile_routes(&store(&yaml), &local());
         let protocol = |addr: &str| table.endpoint_protocol(&addr.parse().unwrap());
         assert_eq!(protocol("10.244.1.11:8080"), AppProtocol::Http1);
         assert_eq!(
@@ -1226,10 +1103,9 @@ mod tests {
         let measured = |inbound_capture| {
             let options = RouteOptions {
                 node: Some("node-a".into()),
-                mirror_in_flight: 1,
                 inbound_capture,
             };
-            let table = compile_routes(&store(&yaml), &RouteTable::default(), &options);
+            let table = compile_routes(&store(&yaml), &options);
             let backend = &table.services[&"10.96.0.11:80".parse().unwrap()].default;
             backend
                 .endpoints
@@ -1250,7 +1126,7 @@ mod tests {
             .all(|(_, at_destination)| !at_destination));
 
         // The endpoints also name the pods on other nodes, for the inbound proxy's clients.
-        let table = compile_routes(&store(&yaml), &RouteTable::default(), &mirrors(1));
+        let table = compile_routes(&store(&yaml), &local());
         assert_eq!(&*table.pod("10.244.2.12".parse().unwrap()).pod, "opted-out");
         assert_eq!(table.pods.len(), 3);
     }
@@ -1285,11 +1161,7 @@ mod tests {
         let annotations =
             "aviary.dev/mirror: reviews-v2, aviary.dev/mirror-methods: \"PUT,DELETE\", \
                            aviary.dev/mirror-idempotency-key: \"true\"";
-        let table = compile_routes(
-            &store(&cluster(annotations)),
-            &RouteTable::default(),
-            &mirrors(1),
-        );
+        let table = compile_routes(&store(&cluster(annotations)), &local());
         let safe = &rules(&table)[0].mirror.as_ref().unwrap().safe_methods;
         assert_eq!(
             safe,

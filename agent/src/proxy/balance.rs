@@ -1,12 +1,16 @@
 //! Load balancing inside a backend: the power of two choices over peak-EWMA latency, as
 //! linkerd2-proxy does. Each endpoint's cost is its smoothed latency times its outstanding
 //! requests plus one; of two endpoints drawn at random, the cheaper gets the request.
+//!
+//! The statistics belong to the proxy, not to the policy: each worker keeps its own, by endpoint
+//! address, so they outlive routing-table swaps and need neither atomics nor locks. A worker
+//! balances on what it has seen, as each of linkerd2-proxy's balancers does.
 
 use std::{
-    sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
-        Arc, OnceLock,
-    },
+    cell::RefCell,
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,80 +20,100 @@ use super::{route::Endpoint, split::Rng};
 const DECAY: Duration = Duration::from_secs(10);
 /// The latency assumed for an endpoint not yet measured, so a new endpoint is not flooded.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Statistics of an endpoint nothing used for this long are dropped.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 
-fn now_ns() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
-
-/// An endpoint's load: peak-EWMA latency and requests in flight. Lock-free.
-#[derive(Debug)]
-pub struct Load {
-    ewma_ns: AtomicU64,
-    updated_ns: AtomicU64,
-    pending: AtomicU32,
+/// An endpoint's load as one worker sees it: peak-EWMA latency and requests in flight.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    ewma_ns: f64,
+    updated: Instant,
+    pending: u32,
 }
 
 impl Default for Load {
     fn default() -> Self {
         Self {
-            ewma_ns: AtomicU64::new(DEFAULT_RTT.as_nanos() as u64),
-            updated_ns: AtomicU64::new(now_ns()),
-            pending: AtomicU32::new(0),
+            ewma_ns: DEFAULT_RTT.as_nanos() as f64,
+            updated: Instant::now(),
+            pending: 0,
         }
     }
 }
 
 impl Load {
     fn cost(&self) -> f64 {
-        let ewma = self.ewma_ns.load(Ordering::Relaxed) as f64;
-        ewma * f64::from(self.pending.load(Ordering::Relaxed) + 1)
+        self.ewma_ns * f64::from(self.pending + 1)
     }
 
     /// Records one response's latency: a higher one is taken at once (the "peak"), a lower one
     /// decays in over time.
-    fn observe(&self, rtt: Duration) {
+    fn observe(&mut self, rtt: Duration) {
         let rtt = rtt.as_nanos() as f64;
-        let now = now_ns();
-        let last = self.updated_ns.swap(now, Ordering::Relaxed);
-        let ewma = self.ewma_ns.load(Ordering::Relaxed) as f64;
-        let next = if rtt > ewma {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.updated);
+        self.updated = now;
+        self.ewma_ns = if rtt > self.ewma_ns {
             rtt
         } else {
-            let elapsed = now.saturating_sub(last) as f64;
-            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
-            ewma * w + rtt * (1.0 - w)
+            let w = (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp();
+            self.ewma_ns * w + rtt * (1.0 - w)
         };
-        self.ewma_ns.store(next as u64, Ordering::Relaxed);
     }
+}
+
+thread_local! {
+    static LOADS: RefCell<HashMap<SocketAddr, Load>> = RefCell::default();
+}
+
+fn cost(loads: &HashMap<SocketAddr, Load>, endpoint: &Endpoint) -> f64 {
+    loads
+        .get(&endpoint.addr)
+        .map_or(DEFAULT_RTT.as_nanos() as f64, Load::cost)
 }
 
 /// A request in flight to an endpoint; dropping it without [`InFlight::done`] (an error, a
 /// cancelled request) ends it without a latency sample.
 pub struct InFlight {
-    endpoint: Arc<Endpoint>,
+    addr: SocketAddr,
     start: Instant,
 }
 
 impl InFlight {
-    pub fn start(endpoint: Arc<Endpoint>) -> Self {
-        endpoint.load.pending.fetch_add(1, Ordering::Relaxed);
+    pub fn start(addr: SocketAddr) -> Self {
+        LOADS.with_borrow_mut(|loads| loads.entry(addr).or_default().pending += 1);
         Self {
-            endpoint,
+            addr,
             start: Instant::now(),
         }
     }
 
     /// The response arrived: its latency counts.
     pub fn done(self) {
-        self.endpoint.load.observe(self.start.elapsed());
+        let rtt = self.start.elapsed();
+        LOADS.with_borrow_mut(|loads| {
+            if let Some(load) = loads.get_mut(&self.addr) {
+                load.observe(rtt);
+            }
+        });
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.endpoint.load.pending.fetch_sub(1, Ordering::Relaxed);
+        LOADS.with_borrow_mut(|loads| {
+            if let Some(load) = loads.get_mut(&self.addr) {
+                load.pending = load.pending.saturating_sub(1);
+            }
+        });
     }
+}
+
+/// Drops this worker's statistics of endpoints nothing has used for a long while.
+pub fn forget_idle() {
+    LOADS.with_borrow_mut(|loads| {
+        loads.retain(|_, load| load.pending > 0 || load.updated.elapsed() < FORGET_AFTER)
+    });
 }
 
 /// Power of two choices; `skip` excludes one endpoint (the one a retry moves away from).
@@ -112,7 +136,8 @@ pub fn pick(
             let a = rng.below(n as u64) as usize;
             let b = (a + 1 + rng.below(n as u64 - 1) as usize) % n;
             let (a, b) = (candidate(a), candidate(b));
-            Some(if a.load.cost() <= b.load.cost() { a } else { b }.clone())
+            let cheaper = LOADS.with_borrow(|loads| cost(loads, a) <= cost(loads, b));
+            Some(if cheaper { a } else { b }.clone())
         }
     }
 }
@@ -130,10 +155,18 @@ mod tests {
     #[test]
     fn a_slow_endpoint_gets_less_traffic() {
         let eps = endpoints(2);
-        for _ in 0..5 {
-            eps[0].load.observe(Duration::from_millis(1));
-            eps[1].load.observe(Duration::from_millis(200));
-        }
+        LOADS.with_borrow_mut(|loads| {
+            for _ in 0..5 {
+                loads
+                    .entry(eps[0].addr)
+                    .or_default()
+                    .observe(Duration::from_millis(1));
+                loads
+                    .entry(eps[1].addr)
+                    .or_default()
+                    .observe(Duration::from_millis(200));
+            }
+        });
         let mut rng = Rng::seeded(1);
         let to_slow = (0..1000)
             .filter(|_| pick(&eps, None, &mut rng).unwrap().addr.port() == 8001)
@@ -144,21 +177,38 @@ mod tests {
     #[test]
     fn outstanding_requests_raise_the_cost() {
         let eps = endpoints(2);
-        let busy: Vec<InFlight> = (0..10).map(|_| InFlight::start(eps[0].clone())).collect();
+        let busy: Vec<InFlight> = (0..10).map(|_| InFlight::start(eps[0].addr)).collect();
         let mut rng = Rng::seeded(2);
         assert_eq!(pick(&eps, None, &mut rng).unwrap().addr.port(), 8001);
         drop(busy);
-        assert_eq!(eps[0].load.pending.load(Ordering::Relaxed), 0);
+        assert_eq!(LOADS.with_borrow(|loads| loads[&eps[0].addr].pending), 0);
     }
 
     #[test]
     fn peaks_count_at_once_and_decay_later() {
-        let load = Load::default();
+        let mut load = Load::default();
         load.observe(Duration::from_millis(500));
-        assert_eq!(load.ewma_ns.load(Ordering::Relaxed), 500_000_000);
+        assert_eq!(load.ewma_ns, 500_000_000.0);
         // A fast sample right after barely moves it: the peak holds.
         load.observe(Duration::from_millis(1));
-        assert!(load.ewma_ns.load(Ordering::Relaxed) > 490_000_000);
+        assert!(load.ewma_ns > 490_000_000.0);
+    }
+
+    #[test]
+    fn statistics_are_kept_by_address_so_a_new_table_keeps_them() {
+        let before = endpoints(2);
+        LOADS.with_borrow_mut(|loads| {
+            loads
+                .entry(before[1].addr)
+                .or_default()
+                .observe(Duration::from_millis(500))
+        });
+        // The same addresses in a newly compiled table: the slow one is still known as slow.
+        let after = endpoints(2);
+        let mut rng = Rng::seeded(4);
+        assert!((0..100).all(|_| pick(&after, None, &mut rng).unwrap().addr.port() == 8000));
+        forget_idle();
+        assert!(LOADS.with_borrow(|loads| loads.contains_key(&after[1].addr)));
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! gRPC servers require.
 
 use std::{
+    cell::RefCell,
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::Arc,
@@ -55,7 +57,8 @@ pub const MIRROR_HEADER: &str = "x-aviary-mirror";
 pub struct HttpConfig {
     /// A request body up to this size is held, when a mirror will send it again.
     pub body_buffer_limit: usize,
-    /// Mirrored requests in flight per mirror backend; more are dropped (and counted).
+    /// Mirrored requests in flight per mirror backend and worker; more are dropped (and
+    /// counted).
     pub mirror_in_flight: usize,
     pub mirror_timeout: Duration,
     pub max_headers: usize,
@@ -497,7 +500,7 @@ impl HttpProxy {
                 };
             };
             *used = Some(endpoint.clone());
-            let in_flight = InFlight::start(endpoint.clone());
+            let in_flight = InFlight::start(endpoint.addr);
             let sent = self.pool.send(endpoint.addr, request, upgrades);
             let result = match rule.and_then(|r| r.backend_timeout) {
                 Some(limit) => match tokio::time::timeout(limit, sent).await {
@@ -565,7 +568,7 @@ impl HttpProxy {
             self.metrics
                 .mirror(outcome, &target.namespace, &target.name)
         };
-        let Ok(permit) = mirror.in_flight.clone().try_acquire_owned() else {
+        let Some(permit) = MirrorSlot::take(target, self.cfg.mirror_in_flight) else {
             return record(MirrorOutcome::DroppedOverload);
         };
         let Some(endpoint) = with_rng(|rng| balance::pick(&target.endpoints, None, rng)) else {
@@ -650,6 +653,47 @@ impl HttpProxy {
                 Err(_) => MirrorOutcome::TimedOut,
             };
             metrics.mirror(outcome, &target.namespace, &target.name);
+        });
+    }
+}
+
+/// A mirror backend, by (namespace, name).
+type MirrorBackend = (Arc<str>, Arc<str>);
+
+thread_local! {
+    /// Mirrored requests in flight on this worker, by mirror backend.
+    static MIRRORS_IN_FLIGHT: RefCell<HashMap<MirrorBackend, usize>> = RefCell::default();
+}
+
+/// One mirrored request in flight to a backend; the place is given back when it drops (on the
+/// worker that took it: a mirror's task never leaves its worker).
+struct MirrorSlot {
+    backend: MirrorBackend,
+}
+
+impl MirrorSlot {
+    /// A place among `bound` for a copy to `backend`, or None when they are all taken.
+    fn take(backend: &Backend, bound: usize) -> Option<Self> {
+        let key = (backend.namespace.clone(), backend.name.clone());
+        MIRRORS_IN_FLIGHT.with_borrow_mut(|in_flight| {
+            let taken = in_flight.entry(key.clone()).or_default();
+            (*taken < bound).then(|| {
+                *taken += 1;
+                Self { backend: key }
+            })
+        })
+    }
+}
+
+impl Drop for MirrorSlot {
+    fn drop(&mut self) {
+        MIRRORS_IN_FLIGHT.with_borrow_mut(|in_flight| {
+            if let Some(taken) = in_flight.get_mut(&self.backend) {
+                *taken -= 1;
+                if *taken == 0 {
+                    in_flight.remove(&self.backend);
+                }
+            }
         });
     }
 }

@@ -356,9 +356,8 @@ pub struct Backend {
     pub endpoints: Vec<Arc<Endpoint>>,
 }
 
-/// One endpoint, with the load statistics the balancer keeps for it. The statistics outlive
-/// routing table swaps: a new table reuses the Endpoint of an address the old one had.
-#[derive(Debug)]
+/// One endpoint. What the proxy learns of it (load, connections) the proxy keeps by address.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     /// The pod behind the address, when its EndpointSlice names one.
@@ -366,7 +365,6 @@ pub struct Endpoint {
     /// The pod is enrolled on another node, whose inbound proxy measures the requests it
     /// receives; Flagger's family is left to that agent, so no request counts twice there.
     pub measured_at_destination: bool,
-    pub load: super::balance::Load,
 }
 
 impl Endpoint {
@@ -379,7 +377,6 @@ impl Endpoint {
             addr,
             pod,
             measured_at_destination,
-            load: Default::default(),
         })
     }
 }
@@ -392,9 +389,6 @@ pub struct Mirror {
     pub numerator: u32,
     pub denominator: u32,
     pub safe_methods: SafeMethods,
-    /// Bounds the requests in flight to the mirror backend (shared by every rule mirroring to
-    /// it); beyond it a mirror is dropped, and counted.
-    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Which requests may be mirrored. Mirroring a request that changes state would do the change

@@ -141,7 +141,7 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..3 {
         let started = Instant::now();
         let policy = compile(&store, Some(NODE));
-        table = compile_routes(&store, &table, &options);
+        table = compile_routes(&store, &options);
         compile_times.push(started.elapsed());
         anyhow::ensure!(
             policy.captured.len() == args.services,
@@ -225,7 +225,6 @@ const NODE: &str = "bench-node";
 fn options() -> RouteOptions {
     RouteOptions {
         node: Some(NODE.into()),
-        mirror_in_flight: 128,
         inbound_capture: true,
     }
 }
