@@ -240,7 +240,9 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(EBPF_METRICS_INTERVAL);
         loop {
             tick.tick().await;
-            metrics.refresh_ebpf();
+            // One bpf() call per map entry: on the blocking pool, not the control runtime.
+            let metrics = metrics.clone();
+            let _ = tokio::task::spawn_blocking(move || metrics.refresh_ebpf()).await;
         }
     });
 
