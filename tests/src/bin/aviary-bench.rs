@@ -193,6 +193,19 @@ fn run(a: &Args) -> anyhow::Result<()> {
         bail!("the benchmark needs root")
     };
     let scratch = Scratch::new(a.perf.is_some() && a.only != Only::L4)?;
+    // The node's namespace gives its ephemeral ports (1024-65000 in the harness) to the peer
+    // proxies' and the agent's upstream connections. A TIME_WAIT left on the agent's ports
+    // (15000-15021) or the peers' (18081-18083) stops the next agent or peer from binding
+    // them, so those are reserved, as a node reserves its agents' ports.
+    aviary_tests::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.netns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_reserved_ports=15000-15099,18081-18083",
+    ])?;
     let mut measured = goals::Measured::default();
     print_machine(a)?;
     if a.only != Only::Http {
@@ -488,7 +501,7 @@ mod peers {
         format!(
             "global
     nbthread 2
-    maxconn 20000
+    maxconn 4096
 
 defaults
     mode http
@@ -812,6 +825,10 @@ mod goals {
         v.map_or("not measured".into(), |v| format!("{v:.1} µs"))
     }
 
+    fn show_delta_us(v: Option<f64>) -> String {
+        v.map_or("not measured".into(), |v| format!("{v:+.1} µs"))
+    }
+
     /// The detail, or a plain "not measured" when none of its figures were.
     fn unless_missing(figures: &[Option<f64>], detail: String) -> String {
         if figures.iter().all(Option::is_none) {
@@ -876,9 +893,9 @@ mod goals {
                 detail: unless_missing(
                     &[m.split_seq_p50_us, m.haproxy_seq_p50_us],
                     format!(
-                        "Aviary +{}, haproxy +{} over direct's {}",
-                        show_us(added),
-                        show_us(haproxy_added),
+                        "Aviary {}, haproxy {} over direct's {}",
+                        show_delta_us(added),
+                        show_delta_us(haproxy_added),
                         show_us(m.direct_seq_p50_us)
                     ),
                 ),
@@ -889,8 +906,8 @@ mod goals {
                 detail: unless_missing(
                     &[m.split_fixed_p99_us],
                     format!(
-                        "+{} ({} against {})",
-                        show_us(fixed),
+                        "{} ({} against {})",
+                        show_delta_us(fixed),
                         show_us(m.split_fixed_p99_us),
                         show_us(m.direct_fixed_p99_us)
                     ),
@@ -968,6 +985,13 @@ mod goals {
             assert_eq!(
                 goals[2].detail,
                 "Aviary +40.0 µs, haproxy +30.0 µs over direct's 60.0 µs"
+            );
+            assert_eq!(goals[3].detail, "+250.0 µs (650.0 µs against 400.0 µs)");
+            let mut faster = full();
+            faster.split_fixed_p99_us = Some(350.0);
+            assert_eq!(
+                evaluate(&faster)[3].detail,
+                "-50.0 µs (350.0 µs against 400.0 µs)"
             );
         }
 
@@ -1214,12 +1238,15 @@ mod http {
         cpu_us: Option<f64>,
         /// How `perf record` went, when it ran beside the keep-alive shape.
         profiled: Option<anyhow::Result<()>>,
+        /// Why the target could not be set up (every shape then failed).
+        setup_error: Option<String>,
     }
 
     impl Column {
         /// A column whose target could not be set up.
         fn failed(name: &'static str, e: &anyhow::Error) -> Column {
-            let err = || Err(anyhow::anyhow!("{e:#}"));
+            eprintln!("  {name}: failed: {e:#}");
+            let err = || Err(anyhow::anyhow!("not set up"));
             Column {
                 name,
                 keep_alive: err(),
@@ -1228,6 +1255,7 @@ mod http {
                 fixed_rate: err(),
                 cpu_us: None,
                 profiled: None,
+                setup_error: Some(format!("{e:#}")),
             }
         }
     }
@@ -1275,6 +1303,17 @@ mod http {
             let new_connection =
                 self.wrk(&["-t", "2", "-c", "4", "-H", "Connection: close"], a.secs);
             let fixed_rate = self.wrk(&["-t", "1", "-c", "8", "-s", script], a.secs);
+            let show = |r: &anyhow::Result<Wrk>, pick: fn(&Wrk) -> f64| {
+                r.as_ref()
+                    .map_or_else(|e| format!("failed ({e:#})"), |w| format!("{:.0}", pick(w)))
+            };
+            eprintln!(
+                "  {}: keep-alive {} req/s, sequential p50 {} µs, fixed-rate p99 {} µs",
+                self.name,
+                show(&keep_alive, |w| w.rate),
+                show(&sequential, |w| w.p50_us),
+                show(&fixed_rate, |w| w.p99_us),
+            );
             Column {
                 name: self.name,
                 keep_alive,
@@ -1283,6 +1322,7 @@ mod http {
                 fixed_rate,
                 cpu_us,
                 profiled,
+                setup_error: None,
             }
         }
     }
@@ -1642,6 +1682,10 @@ mod http {
             .collect();
         println!("| errors, all shapes | {} |", errors.join(" | "));
         for column in columns {
+            if let Some(e) = &column.setup_error {
+                println!("failed under {}: {e}", column.name);
+                continue;
+            }
             for (shape, result) in [
                 ("keep-alive", &column.keep_alive),
                 ("sequential", &column.sequential),
