@@ -120,7 +120,9 @@ fn ip_in(ns: &str, args: &[&str]) -> anyhow::Result<String> {
     sh(&[&["ip", "-n", ns], args].concat())
 }
 
-fn ns_path(name: &str) -> PathBuf {
+/// The file of a network namespace the harness made (`/var/run/netns/<name>`), for `setns` or
+/// `nsenter --net=`.
+pub fn ns_path(name: &str) -> PathBuf {
     PathBuf::from("/var/run/netns").join(name)
 }
 

@@ -101,12 +101,24 @@ fn run(task: Task) -> anyhow::Result<()> {
         }
         Task::Bench { args } => {
             setup()?;
-            // The HTTP load generator.
-            ensure_debian_package("wrk", &["-v"], "wrk")?;
+            // The HTTP load generator, the peer proxies measured beside Aviary, and perf for
+            // `--perf`.
+            ensure_debian_packages(&[
+                ("wrk", &["-v"], "wrk"),
+                ("/usr/sbin/nginx", &["-v"], "nginx-light"),
+                ("/usr/sbin/haproxy", &["-v"], "haproxy"),
+                ("/usr/bin/perf", &["--version"], "linux-perf"),
+            ])?;
             cargo(&["build", "--release", "--bins"])?;
-            status(&mut Command::new(
-                target_dir().join("release/aviary-policy-bench"),
-            ))?;
+            // `--only` is for iterating on one section: the policy benchmark is left out.
+            if !args
+                .iter()
+                .any(|a| a == "--only" || a.starts_with("--only="))
+            {
+                status(&mut Command::new(
+                    target_dir().join("release/aviary-policy-bench"),
+                ))?;
+            }
             status(Command::new(target_dir().join("release/aviary-bench")).args(args))
         }
     }
@@ -173,15 +185,75 @@ fn ensure_iproute2() -> anyhow::Result<()> {
 
 /// Installs a Debian package unless `program args` already runs.
 fn ensure_debian_package(program: &str, args: &[&str], package: &str) -> anyhow::Result<()> {
-    if Command::new(program).args(args).output().is_ok() {
+    ensure_debian_packages(&[(program, args, package)])
+}
+
+/// Installs, in one apt-get run, the Debian packages whose `program args` does not run yet.
+///
+/// The packages of daemons (nginx, haproxy) start their own services on install; the benchmark
+/// starts its own instances and wants none on the host. So the install runs under a
+/// `/usr/sbin/policy-rc.d` that denies every start (exit 101, which invoke-rc.d and
+/// deb-systemd-invoke obey), unless one is there already, and a service that runs anyway
+/// afterwards is stopped.
+fn ensure_debian_packages(wanted: &[(&str, &[&str], &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(program, args, _)| Command::new(program).args(*args).output().is_err())
+        .map(|&(_, _, package)| package)
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("`{program}` is missing; install {package} (as root: apt-get install {package})");
+        bail!(
+            "missing: {0}; install them (as root: apt-get install {0})",
+            missing.join(" ")
+        );
     }
-    eprintln!("xtask: installing {package}");
-    status(Command::new("apt-get").arg("update"))?;
-    status(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", package]))
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let policy = Path::new(POLICY_RC_D);
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(policy, DENY_SERVICE_STARTS)
+            .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        status(Command::new("chmod").args(["755", POLICY_RC_D]))?;
+    }
+    let installed = status(Command::new("apt-get").arg("update")).and_then(|()| {
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    });
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed?;
+    for &(service, pidfile) in DAEMONS {
+        let package_installed = missing
+            .iter()
+            .any(|p| *p == service || p.starts_with(&format!("{service}-")));
+        if package_installed && running(pidfile) {
+            eprintln!("xtask: stopping the {service} service the package started");
+            status(Command::new("service").args([service, "stop"]))?;
+        }
+    }
+    Ok(())
+}
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+const DENY_SERVICE_STARTS: &str =
+    "#!/bin/sh\n# Written by `cargo xtask bench` for one apt-get run: start no service.\nexit 101\n";
+/// The services of the Debian packages the benchmark installs, with their pid files.
+const DAEMONS: &[(&str, &str)] = &[("nginx", "/run/nginx.pid"), ("haproxy", "/run/haproxy.pid")];
+
+/// Whether the pid file names a live process.
+fn running(pidfile: &str) -> bool {
+    std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|pid| pid.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 fn is_root() -> bool {

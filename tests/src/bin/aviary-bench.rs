@@ -1,12 +1,15 @@
 //! `cargo xtask bench`: the cost of Aviary's data path, as ratios to a direct connection
 //! measured in the same run, on a node built from network namespaces (all traffic stays there).
+//! HTTP is also measured through haproxy and nginx, run as explicit proxies in the node's
+//! network namespace over the same veths, and the run ends with the project's goals, each
+//! PASS or FAIL.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _};
-use aviary_tests::{policy, Node, Pod};
-use clap::Parser;
+use aviary_tests::{policy, Agent, Node, Pod};
+use clap::{Parser, ValueEnum};
 
 #[derive(Parser)]
 #[command(about = "Aviary's benchmark (run as root)")]
@@ -23,6 +26,57 @@ struct Args {
     /// The fixed request rate at which HTTP latency is compared, below saturation.
     #[arg(long, default_value_t = 2000)]
     rate: u32,
+    /// Which sections to run: the L4 shapes, the HTTP shapes (peers and inbound included), or
+    /// both. The goals that a section measures show as "n/a" when it is left out.
+    #[arg(long, value_enum, default_value_t = Only::All)]
+    only: Only,
+    /// Extra flags for every agent this run starts, split on whitespace (e.g. "--sk-msg true").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    agent_args: String,
+    /// Profile the agent with `perf record -F 2000 -g` for this many seconds during the Aviary
+    /// 90/10 keep-alive run (keep it at most --secs; perf's own cost lands in that column), and
+    /// print the top of `perf report` after the tables. The perf data is kept.
+    #[arg(long, value_name = "SECONDS")]
+    perf: Option<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Only {
+    Http,
+    L4,
+    All,
+}
+
+impl Args {
+    /// Starts the agent with `extra` and then the developer's `--agent-args`.
+    fn start_agent(&self, node: &Node, extra: &[&str]) -> Agent {
+        let mut args = extra.to_vec();
+        args.extend(self.agent_args.split_whitespace());
+        node.start_agent_quietly(&args)
+    }
+}
+
+/// The bench's own scratch directory: peer configs and logs, the pacing script, perf data.
+/// Removed on drop, unless it holds a profile.
+struct Scratch {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Scratch {
+    fn new(keep: bool) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("aviary-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path, keep })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// One measurement: requests (or bytes) per second and latency percentiles.
@@ -138,6 +192,68 @@ fn run(a: &Args) -> anyhow::Result<()> {
     let Some(node) = Node::new() else {
         bail!("the benchmark needs root")
     };
+    let scratch = Scratch::new(a.perf.is_some() && a.only != Only::L4)?;
+    // The node's namespace gives its ephemeral ports (1024-65000 in the harness) to the peer
+    // proxies' and the agent's upstream connections. A TIME_WAIT left on the agent's ports
+    // (15000-15021) or the peers' (18081-18083) stops the next agent or peer from binding
+    // them, so those are reserved, as a node reserves its agents' ports.
+    aviary_tests::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.netns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_reserved_ports=15000-15099,18081-18083",
+    ])?;
+    let mut measured = goals::Measured::default();
+    print_machine(a)?;
+    if a.only != Only::Http {
+        l4(&node, a, &mut measured)?;
+    }
+    if a.only != Only::L4 {
+        http::run(&node, a, &scratch.path, &mut measured)?;
+    }
+    println!("\nGoals (from this run):\n");
+    for goal in goals::evaluate(&measured) {
+        let verdict = match goal.pass {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "n/a ",
+        };
+        println!("{verdict}  {}: {}", goal.name, goal.detail);
+    }
+    Ok(())
+}
+
+/// The date, the machine and the run's parameters, above the tables.
+fn print_machine(a: &Args) -> anyhow::Result<()> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split(':')
+                .nth(1)
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    println!(
+        "{} | {} cores, {cpu} | Linux {} | {} s per measurement, {} keep-alive connections\n",
+        aviary_tests::sh(&["date", "-u", "+%Y-%m-%d"])?.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        aviary_tests::sh(&["uname", "-r"])?.trim(),
+        a.secs,
+        a.conns
+    );
+    if !a.agent_args.trim().is_empty() {
+        println!("extra agent flags: {}\n", a.agent_args.trim());
+    }
+    Ok(())
+}
+
+/// The L4 shapes: direct, through Aviary with its defaults (no route: opaque TCP), and with
+/// the sk_msg fast path.
+fn l4(node: &Node, a: &Args, measured: &mut goals::Measured) -> anyhow::Result<()> {
     let server = node.add_pod("server");
     let client = node.add_pod("client");
     node.serve(&server, 80, None);
@@ -151,39 +267,32 @@ fn run(a: &Args) -> anyhow::Result<()> {
     let service = SocketAddr::new(vip.into(), 80);
 
     eprintln!("measuring direct (no agent)...");
-    let direct = measure(&node, &client, service, a);
-    let connect_bare = connect_ns(&node, &client, a)?;
+    let direct = measure(node, &client, service, a);
+    let connect_bare = connect_ns(node, &client, a)?;
 
     eprintln!("measuring through Aviary (defaults)...");
-    let agent = node.start_agent_quietly(&[]);
+    let agent = a.start_agent(node, &[]);
     agent.wait_for_capture(&[&client], 1);
-    let proxied = measure(&node, &client, service, a);
-    let connect_attached = connect_ns(&node, &client, a)?;
+    let proxied = measure(node, &client, service, a);
+    let connect_attached = connect_ns(node, &client, a)?;
     let rss = rss_kib(agent.pid())?;
     drop(agent);
 
     eprintln!("measuring through Aviary with the sk_msg fast path...");
-    let agent = node.start_agent_quietly(&["--sk-msg", "true"]);
+    let agent = a.start_agent(node, &["--sk-msg", "true"]);
     agent.wait_for_capture(&[&client], 1);
-    let sk_msg = measure(&node, &client, service, a);
+    let sk_msg = measure(node, &client, service, a);
     drop(agent);
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")?
-                .split(':')
-                .nth(1)
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_default();
+    let finite = |v: f64| (!v.is_nan()).then_some(v);
+    measured.l4_direct_rate = finite(direct.rr.rate);
+    measured.l4_opaque_rate = finite(proxied.rr.rate);
+    measured.rss_kib(rss);
+
     println!(
-        "\n{} | {} cores, {cpu} | Linux {} | {} s per measurement, {} keep-alive connections\n",
-        aviary_tests::sh(&["date", "-u", "+%Y-%m-%d"])?.trim(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        aviary_tests::sh(&["uname", "-r"])?.trim(),
-        a.secs,
-        a.conns
+        "\nL4: a greeting/echo backend behind a service VIP, direct and through Aviary (no route: \
+         opaque TCP); {} s each\n",
+        a.secs
     );
     println!("| shape | direct | Aviary | ratio | Aviary + sk_msg | ratio |");
     println!("|---|---|---|---|---|---|");
@@ -237,20 +346,726 @@ fn run(a: &Args) -> anyhow::Result<()> {
             println!("failed under {config}: {failure}");
         }
     }
-    http::run(&node, a)
+    Ok(())
 }
 
-/// HTTP/1.1 through the proxy, measured with wrk: no route, a 90/10 split and 100% GET
-/// mirroring, each against the same backend reached directly.
-mod http {
-    use std::{net::SocketAddr, path::Path, time::Duration};
+/// CPU time of processes, from `/proc/<pid>/stat`.
+mod procfs {
+    use std::collections::BTreeMap;
+
+    use anyhow::Context as _;
+
+    /// What the bench reads from a process's `stat` line.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Stat {
+        pub state: char,
+        pub pgrp: u32,
+        /// utime + stime, in clock ticks (for a process, the sum over its threads).
+        pub ticks: f64,
+    }
+
+    /// Parses a `/proc/<pid>/stat` line.
+    pub fn parse_stat(stat: &str) -> anyhow::Result<Stat> {
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("malformed stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        anyhow::ensure!(fields.len() > 12, "short stat line: {stat:?}");
+        Ok(Stat {
+            state: fields[0].chars().next().context("no state")?,
+            pgrp: fields[2].parse()?,
+            ticks: fields[11].parse::<f64>()? + fields[12].parse::<f64>()?,
+        })
+    }
+
+    pub fn stat(pid: u32) -> anyhow::Result<Stat> {
+        parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
+    }
+
+    /// The processes of process group `pgid`, with their stats.
+    pub fn group(pgid: u32) -> BTreeMap<u32, Stat> {
+        let pids = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+        pids.filter_map(|pid| Some((pid, stat(pid).ok()?)))
+            .filter(|(_, s)| s.pgrp == pgid)
+            .collect()
+    }
+
+    pub fn ticks_per_second() -> anyhow::Result<f64> {
+        Ok(aviary_tests::sh(&["getconf", "CLK_TCK"])?.trim().parse()?)
+    }
+
+    /// Whose CPU time a measurement counts.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Cpu {
+        Nobody,
+        /// One process (the agent), all its threads.
+        Process(u32),
+        /// Every process of a process group (a peer proxy: nginx's master and workers).
+        Group(u32),
+    }
+
+    impl Cpu {
+        /// Ticks per process now (None: nobody to count).
+        pub fn sample(self) -> Option<BTreeMap<u32, f64>> {
+            match self {
+                Cpu::Nobody => None,
+                Cpu::Process(pid) => {
+                    Some(stat(pid).ok().map(|s| (pid, s.ticks)).into_iter().collect())
+                }
+                Cpu::Group(pgid) => {
+                    Some(group(pgid).into_iter().map(|(p, s)| (p, s.ticks)).collect())
+                }
+            }
+        }
+    }
+
+    /// Ticks used between two samples; a process that appeared in between counts in full.
+    pub fn used(before: &BTreeMap<u32, f64>, after: &BTreeMap<u32, f64>) -> f64 {
+        after
+            .iter()
+            .map(|(pid, t)| t - before.get(pid).copied().unwrap_or(0.0))
+            .sum()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn reads_a_stat_line() {
+            let line = "4242 (nginx: worker ) process) S 4240 4240 4240 0 -1 4194624 \
+                        120 0 0 0 37 12 0 0 20 0 1 0 5000 1000000 300 ...";
+            let stat = parse_stat(line).unwrap();
+            assert_eq!(
+                stat,
+                Stat {
+                    state: 'S',
+                    pgrp: 4240,
+                    ticks: 49.0
+                }
+            );
+            assert!(parse_stat("1 (init) S 0").is_err());
+        }
+
+        #[test]
+        fn counts_ticks_between_samples() {
+            let before = BTreeMap::from([(1, 10.0), (2, 5.0)]);
+            // Process 2 is gone (its last ticks are lost), process 3 is new.
+            let after = BTreeMap::from([(1, 14.0), (3, 2.0)]);
+            assert_eq!(used(&before, &after), 6.0);
+        }
+    }
+}
+
+/// haproxy and nginx as explicit HTTP proxies in the node's network namespace, forwarding to
+/// the backend pods over the same veths that Aviary uses.
+mod peers {
+    use std::{
+        net::SocketAddr,
+        os::unix::process::CommandExt as _,
+        path::{Path, PathBuf},
+        process::{Child, Command, Stdio},
+        time::{Duration, Instant},
+    };
 
     use anyhow::{bail, Context as _};
-    use aviary_tests::{policy, Node, Pod, UPLINK};
+    use aviary_tests::Node;
+    use nix::{
+        sys::signal::{killpg, Signal},
+        unistd::Pid,
+    };
 
-    use super::Args;
+    use crate::procfs;
+
+    pub const HAPROXY: &str = "/usr/sbin/haproxy";
+    pub const NGINX: &str = "/usr/sbin/nginx";
+
+    /// Where a peer forwards: a 90/10 split between primary and canary, and the mirror.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Backends {
+        pub primary: SocketAddr,
+        pub canary: SocketAddr,
+        pub mirror: SocketAddr,
+    }
+
+    /// haproxy 2.6: weights 90/10, two threads, keep-alive on both sides, idle server
+    /// connections shared safely between clients, no logging (no `log` line anywhere).
+    pub fn haproxy_config(listen: SocketAddr, to: &Backends) -> String {
+        format!(
+            "global
+    nbthread 2
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse safe
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+
+frontend bench
+    bind {listen}
+    default_backend split
+
+backend split
+    balance roundrobin
+    server primary {} weight 90
+    server canary {} weight 10
+",
+            to.primary, to.canary
+        )
+    }
+
+    /// nginx 1.22: `split_clients` 90/10 on `$request_id`, two workers, keep-alive pools to
+    /// the upstreams, no access log. With `mirror`, every request is also sent to the mirror.
+    pub fn nginx_config(
+        dir: &Path,
+        name: &str,
+        listen: SocketAddr,
+        to: &Backends,
+        mirror: bool,
+    ) -> String {
+        let d = dir.display();
+        let upstream = |name: &str, addr: SocketAddr| {
+            format!(
+                "    upstream {name} {{
+        server {addr};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+"
+            )
+        };
+        let (mirror_directive, mirror_location) = if mirror {
+            (
+                // nginx's `mirror` copies every request, whatever its method (a POST's body
+                // too); Aviary mirrors only GETs. The bench sends only GETs, so both mirror
+                // the same requests.
+                "            mirror /_mirror;\n",
+                "        location = /_mirror {
+            internal;
+            proxy_pass http://mirror$request_uri;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+",
+            )
+        } else {
+            ("", "")
+        };
+        format!(
+            "daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 16384;
+pid {d}/{name}.pid;
+error_log {d}/{name}.error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}/{name}-body;
+    proxy_temp_path {d}/{name}-proxy;
+
+    split_clients \"${{request_id}}\" $split_backend {{
+        90% primary;
+        *   canary;
+    }}
+
+{}{}{}
+    server {{
+        listen {listen} backlog=4096;
+        location / {{
+{mirror_directive}            proxy_pass http://$split_backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+{mirror_location}    }}
+}}
+",
+            upstream("primary", to.primary),
+            upstream("canary", to.canary),
+            upstream("mirror", to.mirror),
+        )
+    }
+
+    /// A peer proxy, started in the foreground in the node's network namespace, in a process
+    /// group of its own. Dropping it stops the whole group.
+    pub struct Peer {
+        child: Child,
+        log: PathBuf,
+    }
+
+    impl Peer {
+        /// Writes `config` to the scratch directory, starts `program` with `args` (where
+        /// `{config}` stands for the config file), and waits until an HTTP GET through it
+        /// answers 200.
+        pub fn start(
+            node: &Node,
+            dir: &Path,
+            name: &str,
+            program: &str,
+            args: &[&str],
+            config: &str,
+            listen: SocketAddr,
+        ) -> anyhow::Result<Peer> {
+            let config_path = dir.join(format!("{name}.conf"));
+            std::fs::write(&config_path, config)?;
+            let config_arg = config_path.to_string_lossy();
+            let log = dir.join(format!("{name}.log"));
+            let out = std::fs::File::create(&log)?;
+            let child = Command::new("/usr/bin/nsenter")
+                .arg(format!(
+                    "--net={}",
+                    aviary_tests::ns_path(&node.netns).display()
+                ))
+                .arg("--")
+                .arg(program)
+                .args(args.iter().map(|a| a.replace("{config}", &config_arg)))
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {program}"))?;
+            let mut peer = Peer { child, log };
+            peer.wait_until_serving(node, listen)
+                .with_context(|| format!("{name} did not start"))?;
+            Ok(peer)
+        }
+
+        /// The process group (the first process's pid).
+        pub fn pgid(&self) -> u32 {
+            self.child.id()
+        }
+
+        fn wait_until_serving(&mut self, node: &Node, listen: SocketAddr) -> anyhow::Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Some(status) = self.child.try_wait()? {
+                    bail!(
+                        "it exited ({status}): {}",
+                        std::fs::read_to_string(&self.log)
+                            .unwrap_or_default()
+                            .trim()
+                    );
+                }
+                let last = get_in_node(node, listen);
+                if last.is_ok() {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return last.with_context(|| {
+                        format!(
+                            "no answer at {listen} in 15 s; its output: {}",
+                            std::fs::read_to_string(&self.log)
+                                .unwrap_or_default()
+                                .trim()
+                        )
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    impl Drop for Peer {
+        fn drop(&mut self) {
+            // The group's id stays ours until the first process is reaped (below), so no other
+            // process can be signalled by it.
+            let group = Pid::from_raw(self.pgid() as i32);
+            let _ = killpg(group, Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline
+                && procfs::group(self.pgid()).values().any(|s| s.state != 'Z')
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = killpg(group, Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+
+    /// `GET /` at `addr` from the node's network namespace: Ok when the answer is a 200.
+    fn get_in_node(node: &Node, addr: SocketAddr) -> anyhow::Result<()> {
+        use std::io::{Read as _, Write as _};
+        let netns = aviary_tests::ns_path(&node.netns);
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            // setns moves only this thread.
+            let ns = std::fs::File::open(&netns)?;
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conn.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+            let mut answer = Vec::new();
+            conn.read_to_end(&mut answer)?;
+            let answer = String::from_utf8_lossy(&answer);
+            let status = answer.lines().next().unwrap_or_default();
+            anyhow::ensure!(status.contains(" 200 "), "answered {status:?}");
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the probe thread panicked"))?
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn backends() -> Backends {
+            Backends {
+                primary: "10.244.1.12:8080".parse().unwrap(),
+                canary: "10.244.1.13:8080".parse().unwrap(),
+                mirror: "10.244.1.14:8080".parse().unwrap(),
+            }
+        }
+
+        #[test]
+        fn haproxy_splits_90_10() {
+            let config = haproxy_config("10.244.1.1:18081".parse().unwrap(), &backends());
+            assert!(config.contains("bind 10.244.1.1:18081"));
+            assert!(config.contains("server primary 10.244.1.12:8080 weight 90"));
+            assert!(config.contains("server canary 10.244.1.13:8080 weight 10"));
+            assert!(config.contains("nbthread 2") && config.contains("http-reuse safe"));
+            assert!(!config.contains("log"));
+        }
+
+        #[test]
+        fn nginx_mirrors_only_when_asked() {
+            let listen = "10.244.1.1:18082".parse().unwrap();
+            let plain = nginx_config(Path::new("/tmp/x"), "nginx", listen, &backends(), false);
+            let mirrored = nginx_config(Path::new("/tmp/x"), "nginx", listen, &backends(), true);
+            assert!(plain.contains("split_clients \"${request_id}\" $split_backend"));
+            assert!(plain.contains("listen 10.244.1.1:18082"));
+            assert!(!plain.contains("mirror /_mirror;"));
+            assert!(mirrored.contains("mirror /_mirror;"));
+            assert!(mirrored.contains("server 10.244.1.14:8080;"));
+            let opens = mirrored.matches('{').count();
+            assert_eq!(opens, mirrored.matches('}').count());
+        }
+    }
+}
+
+/// The project's goals, judged from one run's figures.
+mod goals {
+    /// The figures the goals need; None when a section was left out or a shape failed.
+    #[derive(Debug, Default, Clone)]
+    pub struct Measured {
+        /// L4 keep-alive req/resp, req/s: direct, and through Aviary with no route.
+        pub l4_direct_rate: Option<f64>,
+        pub l4_opaque_rate: Option<f64>,
+        /// HTTP keep-alive throughput, req/s.
+        pub direct_rate: Option<f64>,
+        pub split_rate: Option<f64>,
+        pub mirror_rate: Option<f64>,
+        pub nginx_mirror_rate: Option<f64>,
+        /// Proxy CPU per keep-alive request, µs.
+        pub split_cpu_us: Option<f64>,
+        pub haproxy_cpu_us: Option<f64>,
+        /// One connection, sequential: p50 in µs.
+        pub direct_seq_p50_us: Option<f64>,
+        pub split_seq_p50_us: Option<f64>,
+        pub haproxy_seq_p50_us: Option<f64>,
+        /// At the fixed rate: p99 in µs.
+        pub direct_fixed_p99_us: Option<f64>,
+        pub split_fixed_p99_us: Option<f64>,
+        /// The agent's peak RSS, the highest seen in the run.
+        pub agent_rss_kib: Option<u64>,
+    }
+
+    impl Measured {
+        pub fn rss_kib(&mut self, kib: u64) {
+            self.agent_rss_kib = Some(self.agent_rss_kib.map_or(kib, |k| k.max(kib)));
+        }
+    }
+
+    #[derive(Debug, PartialEq)]
+    pub struct Goal {
+        pub name: &'static str,
+        /// None: not measured in this run.
+        pub pass: Option<bool>,
+        pub detail: String,
+    }
+
+    /// A goal made of checks: FAIL if any measured check fails, else n/a if one was not
+    /// measured, else PASS.
+    fn all(checks: &[Option<bool>]) -> Option<bool> {
+        if checks.contains(&Some(false)) {
+            Some(false)
+        } else if checks.contains(&None) {
+            None
+        } else {
+            Some(true)
+        }
+    }
+
+    fn show(v: Option<f64>, unit: &str) -> String {
+        v.map_or("not measured".into(), |v| format!("{v:.0}{unit}"))
+    }
+
+    fn show_ratio(v: Option<f64>) -> String {
+        v.map_or("not measured".into(), |v| format!("{v:.2}x"))
+    }
+
+    fn show_us(v: Option<f64>) -> String {
+        v.map_or("not measured".into(), |v| format!("{v:.1} µs"))
+    }
+
+    fn show_delta_us(v: Option<f64>) -> String {
+        v.map_or("not measured".into(), |v| format!("{v:+.1} µs"))
+    }
+
+    /// The detail, or a plain "not measured" when none of its figures were.
+    fn unless_missing(figures: &[Option<f64>], detail: String) -> String {
+        if figures.iter().all(Option::is_none) {
+            "not measured in this run".into()
+        } else {
+            detail
+        }
+    }
+
+    pub fn evaluate(m: &Measured) -> Vec<Goal> {
+        let ratio = |v: Option<f64>, d: Option<f64>| Some(v? / d?);
+        let minus = |v: Option<f64>, d: Option<f64>| Some(v? - d?);
+        let at_least = |v: Option<f64>, min: f64| v.map(|v| v >= min);
+
+        let split = ratio(m.split_rate, m.direct_rate);
+        let cpu = m
+            .split_cpu_us
+            .zip(m.haproxy_cpu_us)
+            .map(|(aviary, haproxy)| aviary <= haproxy);
+        let mirror = ratio(m.mirror_rate, m.direct_rate);
+        let nginx_mirror = ratio(m.nginx_mirror_rate, m.direct_rate);
+        let ahead = m
+            .mirror_rate
+            .zip(m.nginx_mirror_rate)
+            .map(|(aviary, nginx)| aviary > nginx);
+        let added = minus(m.split_seq_p50_us, m.direct_seq_p50_us);
+        let haproxy_added = minus(m.haproxy_seq_p50_us, m.direct_seq_p50_us);
+        let fixed = minus(m.split_fixed_p99_us, m.direct_fixed_p99_us);
+        let opaque = ratio(m.l4_opaque_rate, m.l4_direct_rate);
+        let rss_mib = m.agent_rss_kib.map(|k| k as f64 / 1024.0);
+        vec![
+            Goal {
+                name: "keep-alive 90/10 split >= 0.8x direct, CPU/request <= haproxy's",
+                pass: all(&[at_least(split, 0.8), cpu]),
+                detail: unless_missing(
+                    &[m.split_rate, m.split_cpu_us, m.haproxy_cpu_us],
+                    format!(
+                        "{} of direct; CPU {} per request, haproxy {}",
+                        show_ratio(split),
+                        show_us(m.split_cpu_us),
+                        show_us(m.haproxy_cpu_us)
+                    ),
+                ),
+            },
+            Goal {
+                name: "100% GET mirroring >= 0.6x direct, ahead of nginx's mirror",
+                pass: all(&[at_least(mirror, 0.6), ahead]),
+                detail: unless_missing(
+                    &[m.mirror_rate, m.nginx_mirror_rate],
+                    format!(
+                        "{} of direct ({}); nginx split + mirror {} ({})",
+                        show_ratio(mirror),
+                        show(m.mirror_rate, " req/s"),
+                        show_ratio(nginx_mirror),
+                        show(m.nginx_mirror_rate, " req/s")
+                    ),
+                ),
+            },
+            Goal {
+                name: "one connection, sequential: 90/10 added p50 <= haproxy's",
+                pass: added.zip(haproxy_added).map(|(a, h)| a <= h),
+                detail: unless_missing(
+                    &[m.split_seq_p50_us, m.haproxy_seq_p50_us],
+                    format!(
+                        "Aviary {}, haproxy {} over direct's {}",
+                        show_delta_us(added),
+                        show_delta_us(haproxy_added),
+                        show_us(m.direct_seq_p50_us)
+                    ),
+                ),
+            },
+            Goal {
+                name: "fixed 2,000 req/s: 90/10 p99 within +0.3 ms of direct",
+                pass: fixed.map(|f| f <= 300.0),
+                detail: unless_missing(
+                    &[m.split_fixed_p99_us],
+                    format!(
+                        "{} ({} against {})",
+                        show_delta_us(fixed),
+                        show_us(m.split_fixed_p99_us),
+                        show_us(m.direct_fixed_p99_us)
+                    ),
+                ),
+            },
+            Goal {
+                name: "opaque TCP (no route) keep-alive >= 0.8x direct",
+                pass: at_least(opaque, 0.8),
+                detail: unless_missing(
+                    &[m.l4_opaque_rate],
+                    format!(
+                        "{} ({} against {})",
+                        show_ratio(opaque),
+                        show(m.l4_opaque_rate, " req/s"),
+                        show(m.l4_direct_rate, " req/s")
+                    ),
+                ),
+            },
+            Goal {
+                name: "agent RSS under load < 40 MiB",
+                pass: rss_mib.map(|r| r < 40.0),
+                detail: rss_mib.map_or("not measured".into(), |r| format!("{r:.1} MiB peak")),
+            },
+        ]
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn full() -> Measured {
+            Measured {
+                l4_direct_rate: Some(70000.0),
+                l4_opaque_rate: Some(42000.0),
+                direct_rate: Some(60000.0),
+                split_rate: Some(50000.0),
+                mirror_rate: Some(20000.0),
+                nginx_mirror_rate: Some(25000.0),
+                split_cpu_us: Some(30.0),
+                haproxy_cpu_us: Some(40.0),
+                direct_seq_p50_us: Some(60.0),
+                split_seq_p50_us: Some(100.0),
+                haproxy_seq_p50_us: Some(90.0),
+                direct_fixed_p99_us: Some(400.0),
+                split_fixed_p99_us: Some(650.0),
+                agent_rss_kib: Some(26 * 1024),
+            }
+        }
+
+        fn verdicts(m: &Measured) -> Vec<Option<bool>> {
+            evaluate(m).into_iter().map(|g| g.pass).collect()
+        }
+
+        #[test]
+        fn judges_each_goal() {
+            // split 0.83x and cheaper than haproxy; mirror 0.33x and behind nginx; +40 µs
+            // against haproxy's +30; +250 µs at the fixed rate; opaque 0.6x; 26 MiB.
+            let m = full();
+            assert_eq!(
+                verdicts(&m),
+                [
+                    Some(true),
+                    Some(false),
+                    Some(false),
+                    Some(true),
+                    Some(false),
+                    Some(true)
+                ]
+            );
+            let goals = evaluate(&m);
+            assert_eq!(
+                goals[0].detail,
+                "0.83x of direct; CPU 30.0 µs per request, haproxy 40.0 µs"
+            );
+            assert_eq!(
+                goals[2].detail,
+                "Aviary +40.0 µs, haproxy +30.0 µs over direct's 60.0 µs"
+            );
+            assert_eq!(goals[3].detail, "+250.0 µs (650.0 µs against 400.0 µs)");
+            let mut faster = full();
+            faster.split_fixed_p99_us = Some(350.0);
+            assert_eq!(
+                evaluate(&faster)[3].detail,
+                "-50.0 µs (350.0 µs against 400.0 µs)"
+            );
+        }
+
+        #[test]
+        fn a_failed_check_fails_its_goal_and_a_missing_one_is_na() {
+            let mut m = full();
+            m.split_cpu_us = Some(50.0);
+            assert_eq!(verdicts(&m)[0], Some(false));
+            m.split_cpu_us = None;
+            assert_eq!(verdicts(&m)[0], None);
+            // Below 0.8x fails even with the CPU figure missing.
+            m.split_rate = Some(30000.0);
+            assert_eq!(verdicts(&m)[0], Some(false));
+        }
+
+        #[test]
+        fn sections_left_out_are_not_measured() {
+            let mut m = Measured::default();
+            m.rss_kib(30 * 1024);
+            m.rss_kib(20 * 1024);
+            assert_eq!(m.agent_rss_kib, Some(30 * 1024));
+            assert_eq!(verdicts(&m), [None, None, None, None, None, Some(true)]);
+            assert_eq!(evaluate(&m)[4].detail, "not measured in this run");
+        }
+
+        #[test]
+        fn boundaries_pass() {
+            let mut m = full();
+            m.split_rate = Some(48000.0);
+            m.split_fixed_p99_us = Some(700.0);
+            m.split_seq_p50_us = Some(90.0);
+            m.agent_rss_kib = Some(40 * 1024);
+            let v = verdicts(&m);
+            assert_eq!(
+                (v[0], v[2], v[3], v[5]),
+                (Some(true), Some(true), Some(true), Some(false))
+            );
+        }
+    }
+}
+
+/// HTTP/1.1 measured with wrk from an enrolled client pod: the backend directly; haproxy and
+/// nginx as explicit proxies in the node's network namespace; Aviary with no route, a 90/10
+/// split, 100% GET mirroring and the split with sk_msg. Then inbound, from another host.
+mod http {
+    use std::{
+        net::SocketAddr,
+        os::unix::process::CommandExt as _,
+        path::{Path, PathBuf},
+        process::{Child, Command, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{bail, Context as _};
+    use aviary_tests::{policy, Node, Pod, NODE_IP, UPLINK};
+
+    use crate::{
+        goals::Measured,
+        peers::{self, Backends, Peer},
+        procfs::{self, Cpu},
+        Args,
+    };
 
     const PORT: u16 = 8080;
+    /// The peers' ports on the node's bridge address.
+    const HAPROXY_PORT: u16 = 18081;
+    const NGINX_PORT: u16 = 18082;
+    const NGINX_MIRROR_PORT: u16 = 18083;
+    /// The columns the goals read.
+    const DIRECT: &str = "direct";
+    const HAPROXY: &str = "haproxy 90/10";
+    const NGINX_MIRROR: &str = "nginx split + mirror";
+    const AVIARY_SPLIT: &str = "Aviary 90/10";
+    const AVIARY_MIRROR: &str = "Aviary 100% GET mirror";
 
     /// One wrk run: requests per second, latency percentiles, and errors.
     #[derive(Debug, Clone, Copy)]
@@ -320,27 +1135,94 @@ mod http {
         Ok(path.to_string_lossy().into_owned())
     }
 
-    /// How many CPU seconds a process has used.
-    fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .context("malformed stat")?
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-        let per_second = aviary_tests::sh(&["getconf", "CLK_TCK"])?
-            .trim()
-            .parse::<f64>()?;
-        Ok(ticks / per_second)
+    /// `perf record` of the agent beside one keep-alive run.
+    pub struct Profile {
+        pub pid: u32,
+        pub secs: u32,
+        pub data: PathBuf,
+    }
+
+    /// A running `perf record`, in a process group of its own, stopped on drop.
+    struct Recording {
+        child: Child,
+        secs: u32,
+    }
+
+    impl Profile {
+        fn start(&self) -> anyhow::Result<Recording> {
+            let log = std::fs::File::create(self.data.with_extension("log"))?;
+            let child = Command::new("/usr/bin/perf")
+                .args(["record", "-F", "2000", "-g", "-p", &self.pid.to_string()])
+                .arg("-o")
+                .arg(&self.data)
+                .args(["--", "sleep", &self.secs.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .context("starting /usr/bin/perf (linux-perf)")?;
+            Ok(Recording {
+                child,
+                secs: self.secs,
+            })
+        }
+
+        /// The top of `perf report` by symbol, self time only.
+        pub fn report(&self) -> anyhow::Result<String> {
+            let data = self.data.to_string_lossy();
+            let report = aviary_tests::sh(&[
+                "/usr/bin/perf",
+                "report",
+                "-i",
+                &data,
+                "--no-children",
+                "--sort",
+                "sym",
+                "--stdio",
+                // One line per symbol; the call graphs stay in the data file.
+                "-g",
+                "none",
+            ])?;
+            let top: Vec<&str> = report
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .take(25)
+                .collect();
+            Ok(top.join("\n"))
+        }
+    }
+
+    impl Recording {
+        fn finish(mut self) -> anyhow::Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(u64::from(self.secs) + 30);
+            loop {
+                if let Some(status) = self.child.try_wait()? {
+                    anyhow::ensure!(status.success(), "perf record failed ({status})");
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!("perf record did not finish in time");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    impl Drop for Recording {
+        fn drop(&mut self) {
+            if self.child.try_wait().ok().flatten().is_none() {
+                let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::SIGKILL);
+                let _ = self.child.wait();
+            }
+        }
     }
 
     struct Target<'a> {
         name: &'static str,
         url: String,
-        agent_pid: Option<u32>,
+        cpu: Cpu,
         node: &'a Node,
         client: &'a Pod,
     }
@@ -349,10 +1231,33 @@ mod http {
     struct Column {
         name: &'static str,
         keep_alive: anyhow::Result<Wrk>,
+        sequential: anyhow::Result<Wrk>,
         new_connection: anyhow::Result<Wrk>,
         fixed_rate: anyhow::Result<Wrk>,
-        /// Agent CPU per keep-alive request, in µs.
+        /// The proxy's CPU per keep-alive request, in µs.
         cpu_us: Option<f64>,
+        /// How `perf record` went, when it ran beside the keep-alive shape.
+        profiled: Option<anyhow::Result<()>>,
+        /// Why the target could not be set up (every shape then failed).
+        setup_error: Option<String>,
+    }
+
+    impl Column {
+        /// A column whose target could not be set up.
+        fn failed(name: &'static str, e: &anyhow::Error) -> Column {
+            eprintln!("  {name}: failed: {e:#}");
+            let err = || Err(anyhow::anyhow!("not set up"));
+            Column {
+                name,
+                keep_alive: err(),
+                sequential: err(),
+                new_connection: err(),
+                fixed_rate: err(),
+                cpu_us: None,
+                profiled: None,
+                setup_error: Some(format!("{e:#}")),
+            }
+        }
     }
 
     impl Target<'_> {
@@ -380,31 +1285,51 @@ mod http {
             parse(&report).with_context(|| format!("wrk said: {report}"))
         }
 
-        fn measure(&self, a: &Args, script: &str) -> Column {
+        fn measure(&self, a: &Args, script: &str, profile: Option<&Profile>) -> Column {
             let conns = a.conns.to_string();
-            let before = self.agent_pid.map(cpu_seconds);
+            let ticks = procfs::ticks_per_second();
+            let before = self.cpu.sample();
+            let recording = profile.map(Profile::start);
             let keep_alive = self.wrk(&["-t", "2", "-c", &conns], a.secs);
-            let after = self.agent_pid.map(cpu_seconds);
-            let cpu_us = match (before, after, &keep_alive) {
-                (Some(Ok(b)), Some(Ok(e)), Ok(w)) if w.requests > 0.0 => {
-                    Some((e - b) / w.requests * 1e6)
+            let after = self.cpu.sample();
+            let profiled = recording.map(|r| r.and_then(Recording::finish));
+            let cpu_us = match (before, after, ticks, &keep_alive) {
+                (Some(b), Some(e), Ok(ticks), Ok(w)) if w.requests > 0.0 && !e.is_empty() => {
+                    Some(procfs::used(&b, &e) / ticks / w.requests * 1e6)
                 }
                 _ => None,
             };
+            let sequential = self.wrk(&["-t", "1", "-c", "1"], a.secs);
             let new_connection =
                 self.wrk(&["-t", "2", "-c", "4", "-H", "Connection: close"], a.secs);
             let fixed_rate = self.wrk(&["-t", "1", "-c", "8", "-s", script], a.secs);
+            let show = |r: &anyhow::Result<Wrk>, pick: fn(&Wrk) -> f64| {
+                r.as_ref()
+                    .map_or_else(|e| format!("failed ({e:#})"), |w| format!("{:.0}", pick(w)))
+            };
+            eprintln!(
+                "  {}: keep-alive {} req/s, sequential p50 {} µs, fixed-rate p99 {} µs",
+                self.name,
+                show(&keep_alive, |w| w.rate),
+                show(&sequential, |w| w.p50_us),
+                show(&fixed_rate, |w| w.p99_us),
+            );
             Column {
                 name: self.name,
                 keep_alive,
+                sequential,
                 new_connection,
                 fixed_rate,
                 cpu_us,
+                profiled,
+                setup_error: None,
             }
         }
     }
 
-    pub fn run(node: &Node, a: &Args) -> anyhow::Result<()> {
+    /// Measures the HTTP shapes and records the goals' figures; prints the tables, then the
+    /// agent's profile when `--perf` asked for one.
+    pub fn run(node: &Node, a: &Args, dir: &Path, measured: &mut Measured) -> anyhow::Result<()> {
         if !Path::new("/usr/bin/wrk").exists() {
             bail!("wrk is not installed: run `cargo xtask bench`, which installs it");
         }
@@ -442,77 +1367,180 @@ mod http {
             policy::endpoint_slice("canary", "bench", &[&canary], PORT),
             policy::endpoint_slice("mirror", "bench", &[&mirror], PORT),
         ]));
-        let script = pacing_script(&node.policy_dir, a.rate, 8)?;
+        let script = pacing_script(dir, a.rate, 8)?;
         let url = |addr: SocketAddr| format!("http://{addr}/");
-        let target = |name, addr, agent_pid| Target {
+        let target = |name, addr, cpu| Target {
             name,
             url: url(addr),
-            agent_pid,
+            cpu,
             node,
             client: &client,
         };
 
         eprintln!("HTTP: measuring direct (no agent)...");
-        let mut columns = vec![
-            target("direct", SocketAddr::new(primary.ip.into(), PORT), None).measure(a, &script),
+        let mut columns = vec![target(
+            DIRECT,
+            SocketAddr::new(primary.ip.into(), PORT),
+            Cpu::Nobody,
+        )
+        .measure(a, &script, None)];
+
+        // The peers run with no agent on the node: nothing of Aviary's is attached then.
+        let backends = Backends {
+            primary: SocketAddr::new(primary.ip.into(), PORT),
+            canary: SocketAddr::new(canary.ip.into(), PORT),
+            mirror: SocketAddr::new(mirror.ip.into(), PORT),
+        };
+        let peer_list: [(&'static str, &str, u16, &str); 3] = [
+            (HAPROXY, "haproxy", HAPROXY_PORT, peers::HAPROXY),
+            ("nginx 90/10", "nginx", NGINX_PORT, peers::NGINX),
+            (
+                NGINX_MIRROR,
+                "nginx-mirror",
+                NGINX_MIRROR_PORT,
+                peers::NGINX,
+            ),
         ];
+        for (column, name, port, program) in peer_list {
+            eprintln!("HTTP: measuring {column} (explicit proxy in the node's namespace)...");
+            let listen = SocketAddr::new(NODE_IP.into(), port);
+            let (config, args): (String, &[&str]) = if program == peers::HAPROXY {
+                (
+                    peers::haproxy_config(listen, &backends),
+                    &["-db", "-f", "{config}"],
+                )
+            } else {
+                let mirror = name == "nginx-mirror";
+                (
+                    peers::nginx_config(dir, name, listen, &backends, mirror),
+                    &["-c", "{config}", "-e", "stderr"],
+                )
+            };
+            let column = match Peer::start(node, dir, name, program, args, &config, listen) {
+                Ok(peer) => {
+                    let column =
+                        target(column, listen, Cpu::Group(peer.pgid())).measure(a, &script, None);
+                    drop(peer);
+                    column
+                }
+                Err(e) => Column::failed(column, &e),
+            };
+            columns.push(column);
+        }
+
         eprintln!("HTTP: measuring through Aviary: no route, 90/10 split, 100% GET mirroring...");
-        let agent = node.start_agent_quietly(&[]);
+        let agent = a.start_agent(node, &[]);
         agent.wait_for_capture(&[&client, &primary], 6);
         agent.wait_for_log("routed=", Duration::from_secs(10));
-        let pid = Some(agent.pid());
+        let cpu = Cpu::Process(agent.pid());
+        let profile = a.perf.map(|secs| Profile {
+            pid: agent.pid(),
+            secs,
+            data: dir.join("perf.data"),
+        });
         for (name, n) in [
-            ("no route", 20),
-            ("90/10 split", 21),
-            ("100% GET mirror", 22),
+            ("Aviary no route", 20),
+            (AVIARY_SPLIT, 21),
+            (AVIARY_MIRROR, 22),
         ] {
-            columns.push(target(name, SocketAddr::new(vip(n), 80), pid).measure(a, &script));
+            let profile = profile.as_ref().filter(|_| n == 21);
+            columns
+                .push(target(name, SocketAddr::new(vip(n), 80), cpu).measure(a, &script, profile));
         }
-        let rss = super::rss_kib(agent.pid())?;
+        measured.rss_kib(crate::rss_kib(agent.pid())?);
         drop(agent);
         eprintln!("HTTP: measuring the 90/10 split with sk_msg...");
-        let agent = node.start_agent_quietly(&["--sk-msg", "true"]);
+        let agent = a.start_agent(node, &["--sk-msg", "true"]);
         agent.wait_for_capture(&[&client, &primary], 6);
         agent.wait_for_log("routed=", Duration::from_secs(10));
         let sk_msg = target(
-            "90/10 split + sk_msg",
+            "Aviary 90/10 + sk_msg",
             SocketAddr::new(vip(21), 80),
-            Some(agent.pid()),
+            Cpu::Process(agent.pid()),
         )
-        .measure(a, &script);
+        .measure(a, &script, None);
+        measured.rss_kib(crate::rss_kib(agent.pid())?);
         drop(agent);
         columns.push(sk_msg);
-        report("HTTP/1.1 with wrk", &columns, a, rss);
+        report("HTTP/1.1 with wrk", &columns, a);
+
+        let column = |name: &str| columns.iter().find(|c| c.name == name);
+        let wrk = |name: &str, shape: fn(&Column) -> &anyhow::Result<Wrk>| {
+            column(name).and_then(|c| shape(c).as_ref().ok().copied())
+        };
+        let keep_alive = |name| wrk(name, |c| &c.keep_alive).map(|w| w.rate);
+        let sequential_p50 = |name| wrk(name, |c| &c.sequential).map(|w| w.p50_us);
+        let fixed_p99 = |name| wrk(name, |c| &c.fixed_rate).map(|w| w.p99_us);
+        let cpu = |name| column(name).and_then(|c| c.cpu_us);
+        measured.direct_rate = keep_alive(DIRECT);
+        measured.split_rate = keep_alive(AVIARY_SPLIT);
+        measured.mirror_rate = keep_alive(AVIARY_MIRROR);
+        measured.nginx_mirror_rate = keep_alive(NGINX_MIRROR);
+        measured.split_cpu_us = cpu(AVIARY_SPLIT);
+        measured.haproxy_cpu_us = cpu(HAPROXY);
+        measured.direct_seq_p50_us = sequential_p50(DIRECT);
+        measured.split_seq_p50_us = sequential_p50(AVIARY_SPLIT);
+        measured.haproxy_seq_p50_us = sequential_p50(HAPROXY);
+        measured.direct_fixed_p99_us = fixed_p99(DIRECT);
+        measured.split_fixed_p99_us = fixed_p99(AVIARY_SPLIT);
 
         eprintln!("HTTP: measuring inbound, from another host, direct and through Aviary...");
         let remote = node.add_remote_host("remote");
-        let from_remote = |name, agent_pid| Target {
+        let from_remote = |name, cpu| Target {
             name,
             url: url(SocketAddr::new(primary.ip.into(), PORT)),
-            agent_pid,
+            cpu,
             node,
             client: &remote,
         };
-        let mut inbound = vec![from_remote("direct", None).measure(a, &script)];
-        let agent = node.start_agent_quietly(&["--inbound-interfaces", UPLINK]);
+        let mut inbound = vec![from_remote("direct", Cpu::Nobody).measure(a, &script, None)];
+        let agent = a.start_agent(node, &["--inbound-interfaces", UPLINK]);
         // The client and the primary are enrolled.
         agent.wait_for_log("inbound_added=2", Duration::from_secs(10));
-        inbound.push(from_remote("inbound proxy", Some(agent.pid())).measure(a, &script));
-        let rss = super::rss_kib(agent.pid())?;
+        inbound.push(
+            from_remote("inbound proxy", Cpu::Process(agent.pid())).measure(a, &script, None),
+        );
+        measured.rss_kib(crate::rss_kib(agent.pid())?);
         drop(agent);
         report(
             "Inbound HTTP/1.1 from another host over the uplink, with wrk",
             &inbound,
             a,
-            rss,
         );
+        if let Some(rss) = measured.agent_rss_kib {
+            println!(
+                "\nagent peak RSS, the highest of the agents started: {:.1} MiB",
+                rss as f64 / 1024.0
+            );
+        }
+
+        if let Some(profile) = &profile {
+            let outcome = columns
+                .iter()
+                .find_map(|c| c.profiled.as_ref())
+                .map(|r| r.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")));
+            println!(
+                "\nThe agent under the Aviary 90/10 keep-alive run: perf record -F 2000 -g, {} s \
+                 (data: {}); perf report --no-children --sort sym, top 25:\n",
+                profile.secs,
+                profile.data.display()
+            );
+            match outcome.unwrap_or_else(|| Err(anyhow::anyhow!("perf did not run"))) {
+                Ok(_) => match profile.report() {
+                    Ok(top) => println!("{top}"),
+                    Err(e) => println!("perf report failed: {e:#}"),
+                },
+                Err(e) => println!("no profile: {e:#}"),
+            }
+        }
         Ok(())
     }
 
-    fn report(title: &str, columns: &[Column], a: &Args, rss_kib: u64) {
+    fn report(title: &str, columns: &[Column], a: &Args) {
         println!(
-            "\n{title}: keep-alive over {} connections, a new connection per request \
-             (4 connections), and a fixed {} req/s (8 paced connections); {} s each\n",
+            "\n{title}: keep-alive (wrk -t2 -c{}), one connection sequential (-t1 -c1), a new \
+             connection per request (-t2 -c4, Connection: close), and a fixed {} req/s (8 paced \
+             connections); {} s each. Ratios are to direct; (+n) is the difference from direct.\n",
             a.conns, a.rate, a.secs
         );
         let header: Vec<&str> = columns.iter().map(|c| c.name).collect();
@@ -542,13 +1570,50 @@ mod http {
             &'static str,
             bool,
         );
-        let rows: [Row; 6] = [
+        let keep_alive: [Row; 3] = [
             (
                 "keep-alive, throughput",
                 |c| &c.keep_alive,
                 |w| w.rate,
                 "req/s",
                 true,
+            ),
+            (
+                "keep-alive, p50",
+                |c| &c.keep_alive,
+                |w| w.p50_us,
+                "µs",
+                false,
+            ),
+            (
+                "keep-alive, p99",
+                |c| &c.keep_alive,
+                |w| w.p99_us,
+                "µs",
+                false,
+            ),
+        ];
+        let others: [Row; 7] = [
+            (
+                "one connection sequential, throughput",
+                |c| &c.sequential,
+                |w| w.rate,
+                "req/s",
+                true,
+            ),
+            (
+                "one connection sequential, p50",
+                |c| &c.sequential,
+                |w| w.p50_us,
+                "µs",
+                false,
+            ),
+            (
+                "one connection sequential, p99",
+                |c| &c.sequential,
+                |w| w.p99_us,
+                "µs",
+                false,
             ),
             (
                 "new connection per request, throughput",
@@ -578,33 +1643,52 @@ mod http {
                 "µs",
                 false,
             ),
-            (
-                "keep-alive, errors",
-                |c| &c.keep_alive,
-                |w| w.errors,
-                "",
-                false,
-            ),
         ];
-        for (name, shape, pick, unit, ratio) in rows {
-            let cells: Vec<String> = columns
-                .iter()
-                .map(|c| cell(shape(c), shape(direct), pick, unit, ratio))
-                .collect();
-            println!("| {name} | {} |", cells.join(" | "));
-        }
+        let print_rows = |rows: &[Row]| {
+            for (name, shape, pick, unit, ratio) in rows {
+                let cells: Vec<String> = columns
+                    .iter()
+                    .map(|c| cell(shape(c), shape(direct), *pick, unit, *ratio))
+                    .collect();
+                println!("| {name} | {} |", cells.join(" | "));
+            }
+        };
+        print_rows(&keep_alive);
         let cpu: Vec<String> = columns
             .iter()
             .map(|c| c.cpu_us.map_or("-".into(), |us| format!("{us:.1} µs")))
             .collect();
-        println!("| agent CPU per keep-alive request | {} |", cpu.join(" | "));
-        println!(
-            "\nagent peak RSS after the HTTP shapes: {:.1} MiB",
-            rss_kib as f64 / 1024.0
-        );
+        println!("| proxy CPU per keep-alive request | {} |", cpu.join(" | "));
+        print_rows(&others);
+        let errors: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let runs = [
+                    &c.keep_alive,
+                    &c.sequential,
+                    &c.new_connection,
+                    &c.fixed_rate,
+                ];
+                let ok: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|r| r.as_ref().ok().map(|w| w.errors))
+                    .collect();
+                if ok.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:.0}", ok.iter().sum::<f64>())
+                }
+            })
+            .collect();
+        println!("| errors, all shapes | {} |", errors.join(" | "));
         for column in columns {
+            if let Some(e) = &column.setup_error {
+                println!("failed under {}: {e}", column.name);
+                continue;
+            }
             for (shape, result) in [
                 ("keep-alive", &column.keep_alive),
+                ("sequential", &column.sequential),
                 ("new connection", &column.new_connection),
                 ("fixed rate", &column.fixed_rate),
             ] {
