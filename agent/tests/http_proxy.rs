@@ -1260,3 +1260,70 @@ async fn bodies_stream_unless_a_mirror_will_send_them_again() {
     wait_for(|| shadow.seen().len() == 1).await;
     assert!(shadow.seen()[0].body_complete && shadow.seen()[0].body_len == 10);
 }
+
+/// An HTTP/2 backend answering as a gRPC server does: a body, then the status in trailers. It
+/// answers 400 unless the request carried `te: trailers`, as gRPC servers require.
+async fn trailers_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let handler = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let te = req.headers().get("te").cloned();
+                    if te.as_ref().is_none_or(|v| v != "trailers") {
+                        let response = Response::builder()
+                            .status(400)
+                            .body(http_body_util::Either::Left(Full::new(Bytes::from(
+                                "te: trailers is missing",
+                            ))))
+                            .unwrap();
+                        return Ok::<_, Infallible>(response);
+                    }
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", "5".parse().unwrap());
+                    trailers.insert("grpc-message", "not found".parse().unwrap());
+                    let frames = futures::stream::iter([
+                        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(
+                            b"\0\0\0\0\0",
+                        ))),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ]);
+                    let body = http_body_util::StreamBody::new(frames);
+                    Ok(Response::new(http_body_util::Either::Right(body)))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), handler)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn te_trailers_reaches_the_backend_and_trailers_reach_the_client() {
+    let addr = trailers_backend().await;
+    let b = service_backend("grpc", &[addr]);
+    let rule = Rule {
+        backends: vec![weighted(&b, 90), weighted(&b, 10)],
+        ..Default::default()
+    };
+    let proxy = start_proxy(service(vec![rule], b)).await;
+    let mut conn = h2(proxy.addr).await;
+    let request = Request::post("http://grpc.shop/pkg.Service/Get")
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let response = conn.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers reached the client");
+    assert_eq!(trailers["grpc-status"], "5");
+    assert_eq!(trailers["grpc-message"], "not found");
+}

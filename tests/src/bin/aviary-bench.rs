@@ -426,6 +426,37 @@ mod procfs {
         }
     }
 
+    /// A process's context switches so far, voluntary and not, summed over its threads.
+    pub fn switches(pid: u32) -> Option<f64> {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut total = 0.0;
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            total += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        Some(total)
+    }
+
+    impl Cpu {
+        /// Context switches per process now (None: nobody to count).
+        pub fn switches(self) -> Option<BTreeMap<u32, f64>> {
+            let pids: Vec<u32> = match self {
+                Cpu::Nobody => return None,
+                Cpu::Process(pid) => vec![pid],
+                Cpu::Group(pgid) => group(pgid).into_keys().collect(),
+            };
+            Some(
+                pids.into_iter()
+                    .filter_map(|pid| Some((pid, switches(pid)?)))
+                    .collect(),
+            )
+        }
+    }
+
     /// Ticks used between two samples; a process that appeared in between counts in full.
     pub fn used(before: &BTreeMap<u32, f64>, after: &BTreeMap<u32, f64>) -> f64 {
         after
@@ -1236,6 +1267,9 @@ mod http {
         fixed_rate: anyhow::Result<Wrk>,
         /// The proxy's CPU per keep-alive request, in µs.
         cpu_us: Option<f64>,
+        /// The proxy's context switches per keep-alive request (a diagnostic: each is a
+        /// wakeup the proxy paid for).
+        switches: Option<f64>,
         /// How `perf record` went, when it ran beside the keep-alive shape.
         profiled: Option<anyhow::Result<()>>,
         /// Why the target could not be set up (every shape then failed).
@@ -1254,6 +1288,7 @@ mod http {
                 new_connection: err(),
                 fixed_rate: err(),
                 cpu_us: None,
+                switches: None,
                 profiled: None,
                 setup_error: Some(format!("{e:#}")),
             }
@@ -1289,9 +1324,17 @@ mod http {
             let conns = a.conns.to_string();
             let ticks = procfs::ticks_per_second();
             let before = self.cpu.sample();
+            let switched_before = self.cpu.switches();
             let recording = profile.map(Profile::start);
             let keep_alive = self.wrk(&["-t", "2", "-c", &conns], a.secs);
             let after = self.cpu.sample();
+            let switched_after = self.cpu.switches();
+            let switches = match (switched_before, switched_after, &keep_alive) {
+                (Some(b), Some(e), Ok(w)) if w.requests > 0.0 && !e.is_empty() => {
+                    Some(procfs::used(&b, &e) / w.requests)
+                }
+                _ => None,
+            };
             let profiled = recording.map(|r| r.and_then(Recording::finish));
             let cpu_us = match (before, after, ticks, &keep_alive) {
                 (Some(b), Some(e), Ok(ticks), Ok(w)) if w.requests > 0.0 && !e.is_empty() => {
@@ -1321,6 +1364,7 @@ mod http {
                 new_connection,
                 fixed_rate,
                 cpu_us,
+                switches,
                 profiled,
                 setup_error: None,
             }
@@ -1659,6 +1703,14 @@ mod http {
             .map(|c| c.cpu_us.map_or("-".into(), |us| format!("{us:.1} µs")))
             .collect();
         println!("| proxy CPU per keep-alive request | {} |", cpu.join(" | "));
+        let switches: Vec<String> = columns
+            .iter()
+            .map(|c| c.switches.map_or("-".into(), |n| format!("{n:.2}")))
+            .collect();
+        println!(
+            "| proxy context switches per keep-alive request | {} |",
+            switches.join(" | ")
+        );
         print_rows(&others);
         let errors: Vec<String> = columns
             .iter()
