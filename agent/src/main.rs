@@ -37,7 +37,16 @@ fn main() -> ExitCode {
     if let Err(e) = shutdown.thread_unblock() {
         tracing::warn!(error = %e, "could not unblock SIGTERM and SIGINT");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The control plane: watchers, compile, admin, metrics, netlink. One thread is plenty, and
+    // leaves the CPUs to the data-plane workers (proxy::workers), which have runtimes of their
+    // own; blocking work (the netlink scan, map walks) steps off it (block_in_place,
+    // spawn_blocking).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("aviary-control")
+        .enable_all()
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("aviary-agent: cannot start the runtime: {e}");

@@ -244,40 +244,27 @@ impl HttpProxy {
         let response = self
             .route_request(req, service, facts, conn, &mut answered)
             .await;
-        let status = response.status().as_u16();
         let Answered { backend, endpoint } = answered;
-        let pod = endpoint.as_ref().and_then(|e| e.pod.as_ref());
-        // A pod whose own agent measures its requests is left to that agent in Flagger's family.
-        let flagger = endpoint
-            .as_ref()
-            .is_some_and(|e| !e.measured_at_destination);
-        let key = SeriesKey::new(
-            Direction::outbound,
+        let answer = OutboundAnswer {
             source,
-            Some(&**service),
-            backend.as_deref(),
-            pod.map(|p| &**p),
-            flagger,
+            service,
+            backend: backend.as_deref(),
+            pod: endpoint.as_ref().and_then(|e| e.pod.as_ref()),
+            // A pod whose own agent measures its requests is left to that agent in Flagger's
+            // family.
+            flagger: endpoint
+                .as_ref()
+                .is_some_and(|e| !e.measured_at_destination),
+            mirror: false,
+        };
+        let status = response.status().as_u16();
+        answer.record(
+            &self.metrics,
+            facts.table,
             method,
             status,
-            false,
+            started.elapsed(),
         );
-        let labels = || {
-            let route = metrics::Route::outbound(
-                source,
-                service,
-                backend.as_ref().map(|b| &b.name),
-                pod.map(|p| &**p),
-            );
-            let labels = RequestLabels {
-                route,
-                method,
-                status_code: status,
-                mirror: false,
-            };
-            (labels, pod.filter(|_| flagger).cloned())
-        };
-        series::record(&self.metrics, facts.table, key, labels, started.elapsed());
         response
     }
 
@@ -618,35 +605,15 @@ impl HttpProxy {
             };
             let outcome = match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok(status)) => {
-                    let status = status.as_u16();
-                    let pod = endpoint.pod.as_ref();
-                    let key = SeriesKey::new(
-                        Direction::outbound,
-                        &source,
-                        Some(&*service),
-                        Some(&*target),
-                        pod.map(|p| &**p),
-                        true,
-                        method,
-                        status,
-                        true,
-                    );
-                    let labels = || {
-                        let route = metrics::Route::outbound(
-                            &source,
-                            &service,
-                            Some(&target.name),
-                            pod.map(|p| &**p),
-                        );
-                        let labels = RequestLabels {
-                            route,
-                            method,
-                            status_code: status,
-                            mirror: true,
-                        };
-                        (labels, pod.cloned())
+                    let answer = OutboundAnswer {
+                        source: &source,
+                        service: &service,
+                        backend: Some(&target),
+                        pod: endpoint.pod.as_ref(),
+                        flagger: true,
+                        mirror: true,
                     };
-                    series::record(&metrics, table, key, labels, start.elapsed());
+                    answer.record(&metrics, table, method, status.as_u16(), start.elapsed());
                     MirrorOutcome::Sent
                 }
                 Ok(Err(_)) => MirrorOutcome::Failed,
@@ -695,6 +662,58 @@ impl Drop for MirrorSlot {
                 }
             }
         });
+    }
+}
+
+/// Who answered an outbound request (or a mirror copy), for its metrics.
+struct OutboundAnswer<'a> {
+    source: &'a Workload,
+    service: &'a Arc<ServiceRoutes>,
+    /// The backend Service the split chose, when one was.
+    backend: Option<&'a Backend>,
+    /// The pod of the endpoint that answered, when one did and it is known.
+    pod: Option<&'a Arc<Workload>>,
+    /// Whether this agent reports the pod in Flagger's family.
+    flagger: bool,
+    mirror: bool,
+}
+
+impl OutboundAnswer<'_> {
+    fn record(
+        &self,
+        metrics: &Metrics,
+        table: TableId,
+        method: MethodClass,
+        status: u16,
+        took: Duration,
+    ) {
+        let key = SeriesKey::new(
+            Direction::outbound,
+            self.source,
+            Some(&**self.service),
+            self.backend,
+            self.pod.map(|p| &**p),
+            self.flagger,
+            method,
+            status,
+            self.mirror,
+        );
+        let labels = || {
+            let route = metrics::Route::outbound(
+                self.source,
+                self.service,
+                self.backend.map(|b| &b.name),
+                self.pod.map(|p| &**p),
+            );
+            let labels = RequestLabels {
+                route,
+                method,
+                status_code: status,
+                mirror: self.mirror,
+            };
+            (labels, self.pod.filter(|_| self.flagger).cloned())
+        };
+        series::record(metrics, table, key, labels, took);
     }
 }
 

@@ -460,9 +460,12 @@ mod tests {
 
     use super::*;
 
-    /// An HTTP/1.1 and HTTP/2 backend that answers 64 bytes (`/big`: 1 MiB); counts the
-    /// connections it accepted.
-    async fn backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A listener on loopback whose connections `serve` handles; counts the connections.
+    async fn counting_listener<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -471,23 +474,30 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let answer = service_fn(|req: Request<Incoming>| async move {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        let size = if req.uri().path() == "/big" {
-                            1 << 20
-                        } else {
-                            64
-                        };
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; size]))))
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), answer)
-                        .await;
-                });
+                tokio::spawn(serve(stream));
             }
         });
         (addr, accepted)
+    }
+
+    /// An HTTP/1.1 and HTTP/2 backend that answers 64 bytes (`/big`: 1 MiB); counts the
+    /// connections it accepted.
+    async fn backend() -> (SocketAddr, Arc<AtomicUsize>) {
+        counting_listener(|stream| async move {
+            let answer = service_fn(|req: Request<Incoming>| async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let size = if req.uri().path() == "/big" {
+                    1 << 20
+                } else {
+                    64
+                };
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; size]))))
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), answer)
+                .await;
+        })
+        .await
     }
 
     fn get(version: Version) -> Request<ProxyBody> {
@@ -567,24 +577,15 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_endpoint_closed_is_replaced() {
         // Answers one request per connection, then closes it while it idles in the pool.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let _ = stream.read(&mut buf).await;
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                });
-            }
-        });
+        let (addr, accepted) = counting_listener(|mut stream| async move {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        })
+        .await;
         let pool = pool();
         let response = pool.send(addr, get(Version::HTTP_11), false).await.unwrap();
         assert_eq!(
