@@ -501,12 +501,7 @@ async fn a_request_no_endpoint_received_is_retried_once_on_another_endpoint() {
 }
 
 fn mirrored(backend: &Arc<Backend>, percent: u32, safe: SafeMethods) -> Mirror {
-    Mirror {
-        backend: backend.clone(),
-        numerator: percent,
-        denominator: 100,
-        safe_methods: safe,
-    }
+    Mirror::new(backend.clone(), percent, 100, safe)
 }
 
 async fn wait_for(mut check: impl FnMut() -> bool) {

@@ -496,13 +496,12 @@ impl Context<'_> {
                     .collect();
                 let mirror = filters.mirror.as_ref().and_then(|m| {
                     let mirror_namespace = m.namespace.as_deref().unwrap_or(namespace);
-                    Some(Mirror {
-                        backend: self.backend(mirror_namespace, &m.name, m.port.unwrap_or(port))?,
-                        numerator: m.numerator,
-                        denominator: m.denominator,
-                        safe_methods: declared_safe(route.metadata.annotations.as_ref())
-                            .unwrap_or_default(),
-                    })
+                    Some(Mirror::new(
+                        self.backend(mirror_namespace, &m.name, m.port.unwrap_or(port))?,
+                        m.numerator,
+                        m.denominator,
+                        declared_safe(route.metadata.annotations.as_ref()).unwrap_or_default(),
+                    ))
                 });
                 let timeout = |d: &Option<String>| {
                     d.as_deref()
@@ -656,12 +655,12 @@ impl Context<'_> {
                 .collect()
         };
         let mirror = a.mirror.as_ref().and_then(|name| {
-            Some(Mirror {
-                backend: self.backend(namespace, name, port)?,
-                numerator: a.mirror_percent,
-                denominator: 100,
-                safe_methods: a.mirror_safe.clone(),
-            })
+            Some(Mirror::new(
+                self.backend(namespace, name, port)?,
+                a.mirror_percent,
+                100,
+                a.mirror_safe.clone(),
+            ))
         });
         Rule {
             backends,

@@ -565,21 +565,19 @@ impl HttpProxy {
         *request.method_mut() = parts.method.clone();
         *request.version_mut() = upstream_version(parts.version);
         *request.headers_mut() = parts.headers.clone();
-        let host = mirror_host(&mirror.backend);
         // HTTP/2 names the host in the URI's authority; HTTP/1.1 in Host.
         *request.uri_mut() = match parts.version {
             Version::HTTP_2 => {
-                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                http::Uri::builder()
-                    .scheme("http")
-                    .authority(host.as_bytes())
-                    .path_and_query(path)
-                    .build()
-                    .unwrap_or_else(|_| parts.uri.clone())
+                let mut uri = parts.uri.clone().into_parts();
+                uri.scheme = Some(http::uri::Scheme::HTTP);
+                uri.authority = Some(mirror.authority.clone());
+                http::Uri::from_parts(uri).unwrap_or_else(|_| parts.uri.clone())
             }
             _ => parts.uri.clone(),
         };
-        request.headers_mut().insert(header::HOST, host);
+        request
+            .headers_mut()
+            .insert(header::HOST, mirror.host.clone());
         request
             .headers_mut()
             .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
@@ -772,18 +770,6 @@ fn upstream_request(mut parts: http::request::Parts, body: ProxyBody) -> Request
     parts.version = upstream_version(parts.version);
     parts.extensions.clear();
     Request::from_parts(parts, body)
-}
-
-/// The Host a mirror backend is addressed by: its Service's cluster DNS name.
-fn mirror_host(backend: &Backend) -> HeaderValue {
-    let host = match backend.port {
-        80 => format!("{}.{}.svc.cluster.local", backend.name, backend.namespace),
-        port => format!(
-            "{}.{}.svc.cluster.local:{port}",
-            backend.name, backend.namespace
-        ),
-    };
-    HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("mirror"))
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {

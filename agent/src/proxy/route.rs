@@ -389,6 +389,41 @@ pub struct Mirror {
     pub numerator: u32,
     pub denominator: u32,
     pub safe_methods: SafeMethods,
+    /// The host copies name, in Host (HTTP/1.1) and `:authority` (HTTP/2): the mirror
+    /// Service's cluster DNS name, made once here rather than per copy.
+    pub host: HeaderValue,
+    pub authority: http::uri::Authority,
+}
+
+impl Mirror {
+    pub fn new(
+        backend: Arc<Backend>,
+        numerator: u32,
+        denominator: u32,
+        safe_methods: SafeMethods,
+    ) -> Self {
+        let host = match backend.port {
+            80 => format!("{}.{}.svc.cluster.local", backend.name, backend.namespace),
+            port => format!(
+                "{}.{}.svc.cluster.local:{port}",
+                backend.name, backend.namespace
+            ),
+        };
+        // Kubernetes names are DNS labels, so this always parses; "mirror" is a safe fallback.
+        let host = bytes::Bytes::from(host);
+        let authority = http::uri::Authority::from_maybe_shared(host.clone())
+            .unwrap_or_else(|_| http::uri::Authority::from_static("mirror"));
+        let host = HeaderValue::from_maybe_shared(host)
+            .unwrap_or_else(|_| HeaderValue::from_static("mirror"));
+        Self {
+            backend,
+            numerator,
+            denominator,
+            safe_methods,
+            host,
+            authority,
+        }
+    }
 }
 
 /// Which requests may be mirrored. Mirroring a request that changes state would do the change
@@ -560,6 +595,23 @@ mod tests {
         keyed.insert("idempotency-key", "abc".parse().unwrap());
         assert!(opted.allows(&Method::POST, &keyed));
         assert!(!default.allows(&Method::POST, &keyed));
+    }
+
+    #[test]
+    fn a_mirror_names_its_service_by_cluster_dns_name() {
+        let backend = |port| {
+            Arc::new(Backend {
+                namespace: "shop".into(),
+                name: "podinfo-shadow".into(),
+                port,
+                endpoints: vec![],
+            })
+        };
+        let mirror = Mirror::new(backend(80), 1, 1, SafeMethods::default());
+        assert_eq!(mirror.host, "podinfo-shadow.shop.svc.cluster.local");
+        assert_eq!(mirror.authority, "podinfo-shadow.shop.svc.cluster.local");
+        let mirror = Mirror::new(backend(8080), 1, 1, SafeMethods::default());
+        assert_eq!(mirror.host, "podinfo-shadow.shop.svc.cluster.local:8080");
     }
 
     #[test]
