@@ -199,8 +199,11 @@ fn convert_match(m: &HttpRouteRulesMatches) -> Result<RankedMatch, String> {
     })
 }
 
+/// A Gateway API regular expression: it must match the whole value, as Envoy's RE2 matching
+/// does for routes (Flagger writes `.*canary.*` meaning "contains").
 fn regex(pattern: &str) -> Result<Regex, String> {
-    Regex::new(pattern).map_err(|e| format!("bad regular expression {pattern:?}: {e}"))
+    Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| format!("bad regular expression {pattern:?}: {e}"))
 }
 
 /// A header modifier filter as the proxy's HeaderModifier. The generated types of rule filters
@@ -343,27 +346,39 @@ pub fn modifier<'a>(
 /// A Gateway API duration: one or more `<number><unit>` with units h, m, s, ms ("1h30m",
 /// "500ms"); "0s" means none.
 pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
+    // The Gateway API's format: ^([0-9]{1,5}(h|m|s|ms)){1,4}$. Its bounds keep every sum far
+    // from overflow; the arithmetic is checked all the same, so no input can panic here.
+    const MAX_DIGITS: usize = 5;
+    const MAX_PARTS: usize = 4;
     let bad =
         || format!("{text:?} is not a Gateway API duration (e.g. \"10s\", \"1m30s\", \"500ms\")");
     let mut total = Duration::ZERO;
     let mut rest = text;
+    let mut parts = 0;
     if rest.is_empty() {
         return Err(bad());
     }
     while !rest.is_empty() {
+        parts += 1;
         let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 || digits > MAX_DIGITS || parts > MAX_PARTS {
+            return Err(bad());
+        }
         let number: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
         let (unit, len) = [("ms", 2), ("h", 1), ("m", 1), ("s", 1)]
             .into_iter()
             .find(|(u, _)| rest.starts_with(u))
             .ok_or_else(bad)?;
-        total += match unit {
-            "ms" => Duration::from_millis(number),
-            "h" => Duration::from_secs(number * 3600),
-            "m" => Duration::from_secs(number * 60),
-            _ => Duration::from_secs(number),
+        let part = match unit {
+            "ms" => Some(Duration::from_millis(number)),
+            "h" => number.checked_mul(3600).map(Duration::from_secs),
+            "m" => number.checked_mul(60).map(Duration::from_secs),
+            _ => Some(Duration::from_secs(number)),
         };
+        total = part
+            .and_then(|part| total.checked_add(part))
+            .ok_or_else(bad)?;
         rest = &rest[len..];
     }
     Ok((!total.is_zero()).then_some(total))
@@ -383,4 +398,29 @@ pub fn route_order(route: &HttpRoute) -> (String, String) {
         route.metadata.name.as_deref().unwrap_or_default()
     );
     (created, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regular_expressions_match_whole_values() {
+        let beta = regex("beta").unwrap();
+        assert!(beta.is_match("beta"));
+        assert!(
+            !beta.is_match("x-beta"),
+            "a part of the value is not a match"
+        );
+        // Flagger's "contains" patterns and its anchored cookie pattern both still work.
+        let contains = regex(".*canary.*").unwrap();
+        assert!(contains.is_match("session=1; canary=always"));
+        let cookie = regex("^(.*?;)?(canary=always)(;.*)?$").unwrap();
+        assert!(cookie.is_match("a=1;canary=always"));
+        // An alternation is anchored as a whole, not only its first branch.
+        let either = regex("a|b").unwrap();
+        assert!(either.is_match("b"));
+        assert!(!either.is_match("ab"));
+        assert!(regex("(").is_err());
+    }
 }

@@ -1004,9 +1004,16 @@ mod tests {
             Some(Duration::from_millis(3_723_004))
         );
         assert_eq!(gamma::parse_duration("0s").unwrap(), None);
-        for bad in ["", "10", "1d", "s", "1.5s"] {
+        for bad in ["", "10", "1d", "s", "1.5s", "123456s", "1s1s1s1s1s"] {
             assert!(gamma::parse_duration(bad).is_err(), "{bad}");
         }
+        // Once a panic that stopped all policy (Duration overflow); now refused like any other.
+        let overflow = "18446744073709551615s18446744073709551615s";
+        assert!(gamma::parse_duration(overflow).is_err());
+        assert_eq!(
+            gamma::parse_duration("99999h99999h99999h99999h").unwrap(),
+            Some(Duration::from_secs(4 * 99_999 * 3600))
+        );
     }
 
     #[test]
