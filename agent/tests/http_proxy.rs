@@ -149,14 +149,24 @@ impl TestProxy {
 
 /// A routing table holding just SERVICE.
 fn table(routes: ServiceRoutes) -> RouteTable {
+    table_at(SERVICE.parse().unwrap(), routes)
+}
+
+/// A routing table holding just the service at `addr`.
+fn table_at(addr: SocketAddr, routes: ServiceRoutes) -> RouteTable {
     RouteTable {
-        services: HashMap::from([(SERVICE.parse().unwrap(), Arc::new(routes))]),
+        services: HashMap::from([(addr, Arc::new(routes))]),
         ..Default::default()
     }
 }
 
 async fn start_proxy_with(cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
-    let routes = Arc::new(ArcSwap::from_pointee(table(routes)));
+    start_proxy_at(SERVICE.parse().unwrap(), cfg, routes).await
+}
+
+/// The proxy on loopback, serving every connection as traffic the client sent to `dst`.
+async fn start_proxy_at(dst: SocketAddr, cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
+    let routes = Arc::new(ArcSwap::from_pointee(table_at(dst, routes)));
     // Mark 0: no socket mark (that needs CAP_NET_ADMIN, and nothing captures here).
     let metrics = Arc::new(Metrics::new(true, None));
     let proxy = Arc::new(HttpProxy::new(cfg, routes.clone(), 0, metrics.clone()));
@@ -166,11 +176,7 @@ async fn start_proxy_with(cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
     tokio::spawn(async move {
         loop {
             let (stream, peer) = listener.accept().await.unwrap();
-            tokio::spawn(
-                serving
-                    .clone()
-                    .serve(stream, SERVICE.parse().unwrap(), peer),
-            );
+            tokio::spawn(serving.clone().serve(stream, dst, peer));
         }
     });
     TestProxy {
@@ -1321,4 +1327,42 @@ async fn te_trailers_reaches_the_backend_and_trailers_reach_the_client() {
         .expect("trailers reached the client");
     assert_eq!(trailers["grpc-status"], "5");
     assert_eq!(trailers["grpc-message"], "not found");
+}
+
+#[tokio::test]
+async fn a_service_that_loses_its_routes_passes_open_connections_through() {
+    // The address the client dialled is a real server here (on loopback, never a VIP), so that
+    // passing through reaches something.
+    let dialled = backend("dialled", Duration::ZERO).await;
+    let (_canary, c) = backend_service("canary", Duration::ZERO).await;
+    let rule = Rule {
+        backends: vec![weighted(&c, 1)],
+        ..Default::default()
+    };
+    let proxy = start_proxy_at(dialled.addr, HttpConfig::default(), service(vec![rule], c)).await;
+    let mut conn = h1(proxy.addr).await;
+    assert_eq!(backend_of(&send(&mut conn, get("/")).await.1), "canary");
+    // The service's routes go; the same connection's next request goes where it was sent.
+    proxy.routes.store(Arc::new(RouteTable::default()));
+    let (status, headers, _) = send(&mut conn, get("/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backend_of(&headers), "dialled");
+}
+
+#[tokio::test]
+async fn options_asterisk_is_forwarded() {
+    let (primary, p) = backend_service("primary", Duration::ZERO).await;
+    let proxy = start_proxy(service(vec![], p)).await;
+    let mut raw = TcpStream::connect(proxy.addr).await.unwrap();
+    raw.write_all(b"OPTIONS * HTTP/1.1\r\nHost: podinfo.shop\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(primary.seen()[0].method, Method::OPTIONS);
 }
