@@ -230,8 +230,8 @@ impl PathMatch {
 #[derive(Debug, Clone)]
 pub enum StringMatch {
     Exact(String),
-    /// Anchored only where the pattern anchors itself, as Envoy's RE2 matching does for
-    /// Gateway API routes (Flagger writes `^(.*?;)?(canary=always)(;.*)?$` for cookies).
+    /// A full match, as Envoy's RE2 matching does for Gateway API routes: the policy compiles
+    /// every pattern anchored at both ends.
     Regex(Regex),
 }
 
