@@ -12,3 +12,4 @@ pub mod policy;
 pub mod proxy;
 pub mod run;
 pub mod state;
+pub mod supervise;

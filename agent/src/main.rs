@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cfg.log_format);
+    aviary_agent::supervise::abort_on_panic();
     // A parent may hand down a signal mask that blocks these; the agent must always be able to
     // shut down cleanly (unpinning everything) when asked.
     let shutdown = nix::sys::signal::SigSet::from_iter([

@@ -39,6 +39,7 @@ use crate::{
         workers::{WorkerTask, Workers},
     },
     state::Publisher,
+    supervise::Supervisor,
 };
 
 /// How often each worker closes the upstream connections that idled too long, and forgets
@@ -167,12 +168,14 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         node: cfg.node_name.clone(),
         inbound_capture: datapath.captures_inbound(),
     });
-    tokio::spawn(apply_routes(snapshots.clone(), routes));
+    // Every long-lived control-plane task: one that ends is a failure of the agent.
+    let mut supervisor = Supervisor::default();
+    supervisor.spawn("routing table", apply_routes(snapshots.clone(), routes));
     // The status writer, when this agent runs one: stopped, and its lease released, on shutdown.
     let mut status_writer = None;
     match &cfg.policy {
         PolicySource::Local(path) => {
-            tokio::spawn(watch_local(path.clone(), publisher));
+            supervisor.spawn("local policy", watch_local(path.clone(), publisher));
         }
         PolicySource::Kubernetes {
             kubeconfig,
@@ -184,7 +187,10 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
             let (updates_tx, updates) = mpsc::channel(UPDATE_QUEUE);
             kubernetes::spawn_watchers(&client, node, updates_tx);
             let (reports_tx, reports) = watch::channel(Default::default());
-            tokio::spawn(kubernetes::apply_updates(updates, publisher, reports_tx));
+            supervisor.spawn(
+                "policy",
+                kubernetes::apply_updates(updates, publisher, reports_tx),
+            );
             if *write_status {
                 let lease = LeaseConfig::new(namespace.clone(), node.clone());
                 let writer = tokio::spawn(kubernetes::status::write_reports(
@@ -208,23 +214,32 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
     let health_listener = TcpListener::bind(cfg.health_addr)
         .await
         .with_context(|| format!("binding the health endpoint on {}", cfg.health_addr))?;
-    tokio::spawn(admin.clone().serve_health(health_listener));
-    tokio::spawn(admin.serve(admin_listener));
+    supervisor.spawn(
+        "health endpoint",
+        admin.clone().serve_health(health_listener),
+    );
+    supervisor.spawn("admin endpoint", admin.serve(admin_listener));
     let metrics_listener = TcpListener::bind(cfg.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics_addr))?;
     let scraped = metrics.clone();
-    tokio::spawn(serve_paths(metrics_listener, move |path| {
-        metrics_response(&scraped, path)
-    }));
-    tokio::spawn(capture::run(
-        snapshots,
-        CaptureTable::open(pins)?,
-        PodCgroups::new(cfg.cgroup_root.clone()),
-        ready,
-    ));
+    supervisor.spawn(
+        "metrics endpoint",
+        serve_paths(metrics_listener, move |path| {
+            metrics_response(&scraped, path)
+        }),
+    );
+    supervisor.spawn(
+        "capture",
+        capture::run(
+            snapshots,
+            CaptureTable::open(pins)?,
+            PodCgroups::new(cfg.cgroup_root.clone()),
+            ready.clone(),
+        ),
+    );
     let stats = Stats::open(pins)?;
-    tokio::spawn(async move {
+    supervisor.spawn("counter log", async move {
         let mut last = Vec::new();
         let mut tick = tokio::time::interval(COUNTER_LOG_INTERVAL);
         loop {
@@ -233,7 +248,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         }
     });
     // The programs' counters and maps are read here, on the control plane, never by a scrape.
-    tokio::spawn(async move {
+    supervisor.spawn("eBPF metrics", async move {
         let mut tick = tokio::time::interval(EBPF_METRICS_INTERVAL);
         loop {
             tick.tick().await;
@@ -247,10 +262,19 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
     // New pods bring new veths, which inbound capture attaches to.
     let mut scan = tokio::time::interval(POD_INTERFACE_SCAN_INTERVAL);
     let captures_inbound = datapath.captures_inbound();
+    let mut failed = None;
     loop {
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); break }
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break }
+            failure = supervisor.failure() => {
+                // Not ready from here on, and out with a non-zero exit: the kubelet restarts
+                // the agent, and capture fails open meanwhile.
+                ready.store(false, std::sync::atomic::Ordering::Release);
+                tracing::error!("{failure:#}: shutting down");
+                failed = Some(failure);
+                break;
+            }
             _ = scan.tick(), if captures_inbound => {
                 // Netlink is synchronous here: let other tasks move off this worker meanwhile.
                 if let Err(e) = tokio::task::block_in_place(|| datapath.attach_inbound_pod_interfaces()) {
@@ -273,7 +297,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
             Err(_) => tracing::warn!("releasing the status lease timed out; it expires by itself"),
         }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// A worker task serving `listener` with `serve` on `proxy`.
