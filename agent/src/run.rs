@@ -102,7 +102,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         detect_timeout: DETECT_TIMEOUT,
     });
-    // Each worker gets outbound listeners of its own; the first of each kind stands in the
+    // Each worker gets a listener of its own per kind; the first of each kind stands in the
     // LISTENERS map, where the programs check that the proxy is up.
     let mut listeners = Listeners::open(pins)?;
     let mut tasks: Vec<Vec<WorkerTask>> = (0..cfg.workers).map(|_| Vec::new()).collect();
@@ -129,14 +129,15 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
             }
             tasks.push(serving(&outbound, v6, Outbound::serve));
         }
-        // The inbound listeners are not shared (see inbound::bind): the first worker has them.
-        if worker == 0 && datapath.captures_inbound() {
+        if datapath.captures_inbound() {
             for (slot, v6) in [(LISTENER_INBOUND_V4, false), (LISTENER_INBOUND_V6, true)] {
                 let listener = match inbound::bind(cfg.inbound_port, v6) {
                     Ok(listener) => listener,
                     // A node without IPv6: its pods have no IPv6 addresses to capture either.
                     Err(e) if v6 && e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
-                        info!("no IPv6 on this node: inbound capture is IPv4 only");
+                        if worker == 0 {
+                            info!("no IPv6 on this node: inbound capture is IPv4 only");
+                        }
                         continue;
                     }
                     Err(e) => {
@@ -145,7 +146,9 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
                         })
                     }
                 };
-                listeners.register(slot, &listener)?;
+                if worker == 0 {
+                    listeners.register(slot, &listener)?;
+                }
                 tasks.push(serving(&inbound, listener, Inbound::serve));
             }
         }

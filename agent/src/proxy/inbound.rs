@@ -29,13 +29,9 @@ pub fn bind(port: u16, v6: bool) -> io::Result<std::net::TcpListener> {
     } else {
         IpAddr::from(Ipv4Addr::UNSPECIFIED)
     };
-    // Not shared between workers: a listener in an SO_REUSEPORT group, even a group of one,
-    // took new connections steered by sk_lookup at well under half the rate (0.42x of direct
-    // against 0.66x, a new connection per request). One worker serves inbound.
     let options = super::ListenOptions {
         v6_only: v6,
         transparent: true,
-        shared: false,
     };
     super::listen((addr, port).into(), options)
 }

@@ -33,13 +33,11 @@ struct ListenOptions {
     v6_only: bool,
     /// IP_TRANSPARENT: accepted connections may have addresses that are not the node's.
     transparent: bool,
-    /// SO_REUSEPORT: each data-plane worker has a listener of its own on the same address, and
-    /// the kernel spreads connections over them.
-    shared: bool,
 }
 
-/// Binds and listens, as every proxy listener does. Not yet registered with a runtime: the
-/// worker that serves it does that.
+/// Binds and listens, as every proxy listener does. `SO_REUSEPORT` lets each data-plane worker
+/// have a listener of its own on the same address, and the kernel spread connections over
+/// them. Not yet registered with a runtime: the worker that serves it does that.
 fn listen(addr: SocketAddr, options: ListenOptions) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if options.v6_only {
@@ -49,9 +47,7 @@ fn listen(addr: SocketAddr, options: ListenOptions) -> io::Result<std::net::TcpL
         setsockopt(&socket, sockopt::IpTransparent, &true)?;
     }
     socket.set_reuse_address(true)?;
-    if options.shared {
-        socket.set_reuse_port(true)?;
-    }
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG as i32)?;

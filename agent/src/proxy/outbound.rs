@@ -30,21 +30,15 @@ use crate::{
 };
 
 /// Binds an IPv4 listener on every address: pods reach it at the node address the programs
-/// redirect to. One per worker, on the same port.
+/// redirect to.
 pub fn bind_v4(port: u16) -> io::Result<std::net::TcpListener> {
-    let options = super::ListenOptions {
-        shared: true,
-        ..Default::default()
-    };
-    super::listen((Ipv4Addr::UNSPECIFIED, port).into(), options)
+    super::listen((Ipv4Addr::UNSPECIFIED, port).into(), Default::default())
 }
 
-/// Binds an IPv6 listener, IPv6 only: IPv4 (and v4-mapped) connects go to the IPv4 one. One per
-/// worker, on the same port.
+/// Binds an IPv6 listener, IPv6 only: IPv4 (and v4-mapped) connects go to the IPv4 one.
 pub fn bind_v6(port: u16) -> io::Result<std::net::TcpListener> {
     let options = super::ListenOptions {
         v6_only: true,
-        shared: true,
         ..Default::default()
     };
     super::listen((Ipv6Addr::UNSPECIFIED, port).into(), options)
