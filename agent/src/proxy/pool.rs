@@ -118,9 +118,10 @@ impl Pool {
     async fn exchange(
         &self,
         endpoint: SocketAddr,
-        request: Request<ProxyBody>,
+        mut request: Request<ProxyBody>,
         upgrades: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        addressed(&mut request, endpoint);
         if request.version() == Version::HTTP_2 {
             return self.send_h2(endpoint, request).await;
         }
@@ -314,12 +315,44 @@ pub struct PoolStats {
     pub h2: usize,
 }
 
+/// Gives a request what its version needs to leave: HTTP/2 a scheme and an authority (the
+/// client's Host, else the endpoint), HTTP/1.1 a Host (the endpoint, for an HTTP/1.0 client
+/// that sent none). A request that has them is left as it came.
+fn addressed(request: &mut Request<ProxyBody>, endpoint: SocketAddr) {
+    let host = request.headers().get(http::header::HOST).cloned();
+    if request.version() != Version::HTTP_2 {
+        if host.is_none() {
+            if let Ok(value) = http::HeaderValue::try_from(endpoint.to_string()) {
+                request.headers_mut().insert(http::header::HOST, value);
+            }
+        }
+        return;
+    }
+    if request.uri().scheme().is_some() && request.uri().authority().is_some() {
+        return;
+    }
+    let authority = host
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| http::uri::Authority::try_from(endpoint.to_string()).ok());
+    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = authority;
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    *request.uri_mut() = http::Uri::from_parts(parts).unwrap_or_default();
+}
+
 fn not_sent(error: io::Error, request: Request<ProxyBody>) -> SendError {
     SendError::NotSent {
         error,
         request: Box::new(request),
     }
 }
+
+/// How long a connection whose response ended may take to finish sending its request (a body
+/// still uploading when the endpoint answered early) before it goes back to the pool.
+const CHECKIN_READY_WAIT: Duration = Duration::from_secs(1);
 
 /// What goes back into the pool once a response has been read to its end.
 struct Checkin {
@@ -381,16 +414,32 @@ impl UpstreamBody {
         if sender.is_closed() {
             return;
         }
-        POOLS.with_borrow_mut(|pools| {
-            let idle = pools.h1.entry(endpoint).or_default();
-            if idle.len() < max_idle {
-                idle.push(IdleH1 {
-                    sender,
-                    since: Instant::now(),
-                });
+        if sender.is_ready() {
+            return idle_h1(endpoint, sender, max_idle);
+        }
+        // The response ended before the request did (an early answer to an upload): the
+        // connection goes back only once it can carry another request, so that no request
+        // ever waits on it.
+        let mut sender = sender;
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(CHECKIN_READY_WAIT, sender.ready()).await {
+                idle_h1(endpoint, sender, max_idle);
             }
         });
     }
+}
+
+/// Puts a ready HTTP/1.1 connection in this worker's pool, unless the pool is full.
+fn idle_h1(endpoint: SocketAddr, sender: http1::SendRequest<ProxyBody>, max_idle: usize) {
+    POOLS.with_borrow_mut(|pools| {
+        let idle = pools.h1.entry(endpoint).or_default();
+        if idle.len() < max_idle {
+            idle.push(IdleH1 {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    });
 }
 
 impl Body for UpstreamBody {
@@ -625,6 +674,83 @@ mod tests {
             Err(SendError::Failed(e)) => panic!("expected NotSent, got {e}"),
             Ok(response) => panic!("expected NotSent, got {}", response.status()),
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
+        // Answers 413 at once, without reading the body, and then drains whatever comes.
+        let (addr, accepted) = counting_listener(|mut stream| async move {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        let pool = pool();
+        // An upload that never ends: its connection stays busy writing it.
+        let (_uploading, chunks) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+        let body = http_body_util::StreamBody::new(tokio_stream_from(chunks)).boxed();
+        let upload = Request::post("/")
+            .header("host", "backend")
+            .header("content-length", "1000000")
+            .body(body)
+            .unwrap();
+        let response = pool.send(addr, upload, false).await.unwrap();
+        assert_eq!(response.status(), 413);
+        drop(response);
+        // The next request must not wait on that connection.
+        let next = tokio::time::timeout(Duration::from_secs(2), exchange_status(&pool, addr));
+        assert_eq!(next.await.expect("the next request was not held up"), 413);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A stream of the frames sent on `rx`.
+    fn tokio_stream_from(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, hyper::Error>>,
+    ) -> impl futures::Stream<Item = Result<Frame<Bytes>, hyper::Error>> {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    async fn exchange_status(pool: &Pool, addr: SocketAddr) -> u16 {
+        let response = pool.send(addr, get(Version::HTTP_11), false).await.unwrap();
+        response.status().as_u16()
+    }
+
+    #[test]
+    fn requests_get_what_their_version_needs_to_leave() {
+        let endpoint: SocketAddr = "10.244.1.5:8080".parse().unwrap();
+        let empty = || Empty::new().map_err(|never| match never {}).boxed();
+        // HTTP/2 with only a Host: the authority comes from it.
+        let mut h2 = Request::get("/x?y=1")
+            .header("host", "podinfo.shop")
+            .body(empty())
+            .unwrap();
+        *h2.version_mut() = Version::HTTP_2;
+        addressed(&mut h2, endpoint);
+        assert_eq!(h2.uri(), "http://podinfo.shop/x?y=1");
+        // HTTP/2 with neither: the endpoint.
+        let mut bare = Request::get("/").body(empty()).unwrap();
+        *bare.version_mut() = Version::HTTP_2;
+        addressed(&mut bare, endpoint);
+        assert_eq!(bare.uri(), "http://10.244.1.5:8080/");
+        // HTTP/2 that has its own authority keeps it.
+        let mut full = Request::get("http://a.b/c").body(empty()).unwrap();
+        *full.version_mut() = Version::HTTP_2;
+        addressed(&mut full, endpoint);
+        assert_eq!(full.uri(), "http://a.b/c");
+        // HTTP/1.x without a Host gets the endpoint's; with one keeps it.
+        let mut old = Request::get("/").body(empty()).unwrap();
+        addressed(&mut old, endpoint);
+        assert_eq!(old.headers()["host"], "10.244.1.5:8080");
+        let mut kept = Request::get("/")
+            .header("host", "podinfo.shop")
+            .body(empty())
+            .unwrap();
+        addressed(&mut kept, endpoint);
+        assert_eq!(kept.headers()["host"], "podinfo.shop");
     }
 
     #[tokio::test]
