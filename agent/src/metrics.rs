@@ -375,6 +375,8 @@ pub struct Metrics {
     ebpf: Option<Stats>,
     /// The last reading of `ebpf`, which scrapes encode.
     ebpf_reading: Arc<ArcSwap<EbpfReading>>,
+    /// Families cleared at their bound so far.
+    resets: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -463,7 +465,7 @@ impl Metrics {
         );
         let ebpf_reading = Arc::new(ArcSwap::from_pointee(EbpfReading::default()));
         registry.register_collector(Box::new(Internal {
-            resets,
+            resets: resets.clone(),
             ebpf: ebpf_reading.clone(),
         }));
         Self {
@@ -478,7 +480,14 @@ impl Metrics {
             tcp_received,
             ebpf,
             ebpf_reading,
+            resets,
         }
+    }
+
+    /// How many times a family was cleared at its bound: a handle resolved before the latest
+    /// clear is no longer exported, so holders of handles resolve them again when this moves.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
     }
 
     /// The series answered requests with `labels` are counted in, created if new (one lookup

@@ -6,7 +6,9 @@
 //! Keys are the addresses of objects that the routing table in force owns (the source and
 //! destination workloads, the service, the backend). The cache holds entries for one table at a
 //! time and is emptied when a request comes with another, so an address always means the object
-//! it meant when the entry was made: while a table is in force, nothing it owns is freed.
+//! it meant when the entry was made: while a table is in force, nothing it owns is freed. It is
+//! emptied too when a metric family was cleared at its bound, whose old handles are no longer
+//! exported.
 
 use std::{cell::RefCell, collections::HashMap, sync::Arc, time::Duration};
 
@@ -67,6 +69,8 @@ impl SeriesKey {
 #[derive(Default)]
 struct Cache {
     table: Option<TableId>,
+    /// The families' resets when the entries were made.
+    resets: u64,
     series: HashMap<SeriesKey, RequestSeries>,
 }
 
@@ -83,10 +87,13 @@ pub fn record(
     labels: impl FnOnce() -> (RequestLabels, Option<Arc<Workload>>),
     took: Duration,
 ) {
+    let resets = metrics.resets();
     CACHE.with_borrow_mut(|cache| {
-        if cache.table != Some(table) || cache.series.len() >= MAX_ENTRIES {
+        if cache.table != Some(table) || cache.resets != resets || cache.series.len() >= MAX_ENTRIES
+        {
             cache.series.clear();
             cache.table = Some(table);
+            cache.resets = resets;
         }
         cache
             .series
@@ -97,4 +104,72 @@ pub fn record(
             })
             .record(took);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::metrics::{sample, Route, MAX_SERIES};
+
+    use super::*;
+
+    fn labels(service: &str) -> RequestLabels {
+        let name = |s: &str| -> Arc<str> { s.into() };
+        RequestLabels {
+            route: Route {
+                direction: Direction::outbound,
+                source_namespace: name("web"),
+                source_workload: name("frontend"),
+                destination_namespace: name("shop"),
+                destination_service: name(service),
+                destination_workload: name("podinfo"),
+                destination_version: name("podinfo"),
+            },
+            method: MethodClass::GET,
+            status_code: 200,
+            mirror: false,
+        }
+    }
+
+    #[test]
+    fn series_resolved_before_a_family_was_cleared_are_resolved_again() {
+        let metrics = Metrics::new(false, None);
+        let table = crate::proxy::route::RouteTable::default();
+        let source = Workload::unknown();
+        let key = SeriesKey::new(
+            Direction::outbound,
+            &source,
+            None::<&()>,
+            None::<&()>,
+            None,
+            false,
+            MethodClass::GET,
+            200,
+            false,
+        );
+        let count = |metrics: &Metrics| {
+            sample(
+                &metrics.render(),
+                "aviary_requests_total",
+                &[("destination_service", "cached")],
+            )
+        };
+        let record_cached = || {
+            record(
+                &metrics,
+                table.id,
+                key,
+                || (labels("cached"), None),
+                Duration::from_millis(1),
+            )
+        };
+        record_cached();
+        assert_eq!(count(&metrics), 1.0);
+        // Other series fill the family to its bound, and one more clears it.
+        for n in 0..MAX_SERIES {
+            metrics.request_series(&labels(&format!("other-{n}")), None);
+        }
+        assert!(metrics.resets() > 0);
+        record_cached();
+        assert_eq!(count(&metrics), 1.0, "the cached series is exported again");
+    }
 }
