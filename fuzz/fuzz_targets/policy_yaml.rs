@@ -1,5 +1,6 @@
-//! Local mode's policy files: any text is parsed as Kubernetes YAML, stored, and compiled into
-//! the enrolment policy and the routing table, which then routes a few requests (rules, weights, endpoints, mirrors); none of it may
+//! Local mode's policy files: any text is parsed as Kubernetes YAML, stored (with the log lines
+//! and route statuses that come of it), and compiled into the enrolment policy and the routing
+//! table, which then routes a few requests (rules, weights, endpoints, mirrors); none of it may
 //! panic. A key that appears twice is an update, so the store's change log runs too.
 #![no_main]
 
@@ -7,7 +8,7 @@ use aviary_agent::{
     policy::{
         self, local,
         routes::{self, RouteOptions},
-        Store,
+        status, Store,
     },
     proxy::{
         balance,
@@ -31,7 +32,14 @@ fuzz_target!(|data: &[u8]| {
         let _ = store.upsert(object);
     }
     let _ = store.replace_all(objects);
-    let _ = store.take_changes();
+    // What the agent logs and reports of them: each change and refusal, each route's status.
+    for change in store.take_changes() {
+        let _ = change.to_string();
+    }
+    for (rejected, _) in store.rejections() {
+        let _ = rejected.to_string();
+    }
+    let _ = status::route_statuses(&store);
 
     let local_policy = policy::compile(&store, None);
     let node_policy = policy::compile(&store, Some("node-a"));
