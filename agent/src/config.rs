@@ -3,11 +3,16 @@
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
 use clap::{Parser, ValueEnum};
 
-use crate::ebpf::AUTO_UPLINKS;
+use crate::{
+    ebpf::AUTO_UPLINKS,
+    policy::gamma::parse_duration,
+    proxy::{balance::OutlierConfig, http::HttpConfig},
+};
 
 /// The socket mark on the proxy's own upstream sockets. Istio and ztunnel use 1337 (0x539) for
 /// the same purpose; Aviary uses its own value so the two never take each other's traffic.
@@ -131,9 +136,118 @@ pub struct Args {
     #[arg(long, env = "AVIARY_WORKERS", default_value_t = 0)]
     pub workers: usize,
 
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+
     /// Log format.
     #[arg(long, env = "AVIARY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// How the proxy bounds time and memory, and when it gives up on an endpoint. Durations are
+/// written as in the Gateway API ("500ms", "1m30s"); "0s" turns a timeout off where that is
+/// allowed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// How long a connect to an endpoint may take before the request moves to another.
+    #[arg(long, env = "AVIARY_CONNECT_TIMEOUT", value_parser = parse_flag_duration, default_value = "1s")]
+    pub connect_timeout: Duration,
+
+    /// How long an HTTP/1.1 client may take to send a request's headers, counted from when the
+    /// proxy starts waiting for them: the connection's start, or the end of the previous
+    /// response. It therefore also ends HTTP/1.1 connections idle between requests, as nginx's
+    /// client_header_timeout does. "0s": no limit.
+    #[arg(long, env = "AVIARY_HEADER_READ_TIMEOUT", value_parser = parse_flag_duration, default_value = "60s")]
+    pub header_read_timeout: Duration,
+
+    /// A client connection (HTTP or opaque TCP) that moves no byte either way for this long is
+    /// closed; for opaque TCP, the upstream connection with it. "0s": never.
+    #[arg(long, env = "AVIARY_IDLE_TIMEOUT", value_parser = parse_flag_duration, default_value = "1h")]
+    pub idle_timeout: Duration,
+
+    /// How long an upstream HTTP connection may wait in the pool for its next request.
+    #[arg(long, env = "AVIARY_UPSTREAM_IDLE_TIMEOUT", value_parser = parse_flag_duration, default_value = "60s")]
+    pub upstream_idle_timeout: Duration,
+
+    /// HTTP/2 connections, client and upstream, are pinged this often; "0s": never.
+    #[arg(long, env = "AVIARY_HTTP2_KEEPALIVE_INTERVAL", value_parser = parse_flag_duration, default_value = "20s")]
+    pub http2_keepalive_interval: Duration,
+
+    /// An HTTP/2 connection whose ping is not answered within this time is closed.
+    #[arg(long, env = "AVIARY_HTTP2_KEEPALIVE_TIMEOUT", value_parser = parse_flag_duration, default_value = "20s")]
+    pub http2_keepalive_timeout: Duration,
+
+    /// A request body up to this size is held in memory when a mirror will send it again;
+    /// larger bodies stream and are not mirrored.
+    #[arg(long, env = "AVIARY_BODY_BUFFER_LIMIT", default_value_t = 1024 * 1024)]
+    pub body_buffer_limit: usize,
+
+    /// The bytes of request bodies held at once, across all requests; beyond it, bodies stream
+    /// and their mirror copies are skipped (and counted).
+    #[arg(long, env = "AVIARY_BODY_BUFFER_BUDGET", default_value_t = 64 * 1024 * 1024)]
+    pub body_buffer_budget: usize,
+
+    /// Outlier detection: 5xx answers in a row that eject an endpoint; 0 turns it off. A
+    /// failed connect always ejects.
+    #[arg(long, env = "AVIARY_OUTLIER_CONSECUTIVE_5XX", default_value_t = 5)]
+    pub outlier_consecutive_5xx: u32,
+
+    /// Outlier detection: the first ejection's length; each ejection in a row doubles it.
+    #[arg(long, env = "AVIARY_OUTLIER_BASE_EJECTION", value_parser = parse_flag_duration, default_value = "5s")]
+    pub outlier_base_ejection: Duration,
+
+    /// Outlier detection: the longest an ejection lasts.
+    #[arg(long, env = "AVIARY_OUTLIER_MAX_EJECTION", value_parser = parse_flag_duration, default_value = "2m")]
+    pub outlier_max_ejection: Duration,
+
+    /// Outlier detection: the share of a backend's endpoints ejected at once at most, in
+    /// percent (one of several always may be; the last never is).
+    #[arg(long, env = "AVIARY_OUTLIER_MAX_EJECTED_PERCENT", value_parser = clap::value_parser!(u8).range(0..=100), default_value_t = 50)]
+    pub outlier_max_ejected_percent: u8,
+}
+
+impl ProxyArgs {
+    fn http(&self) -> anyhow::Result<HttpConfig> {
+        let required = [
+            ("--connect-timeout", self.connect_timeout),
+            ("--upstream-idle-timeout", self.upstream_idle_timeout),
+            ("--http2-keepalive-timeout", self.http2_keepalive_timeout),
+            ("--outlier-base-ejection", self.outlier_base_ejection),
+            ("--outlier-max-ejection", self.outlier_max_ejection),
+        ];
+        if let Some((flag, _)) = required.iter().find(|(_, d)| d.is_zero()) {
+            anyhow::bail!("{flag} must be longer than 0s");
+        }
+        if self.outlier_max_ejection < self.outlier_base_ejection {
+            anyhow::bail!("--outlier-max-ejection must be at least --outlier-base-ejection");
+        }
+        if self.body_buffer_budget < self.body_buffer_limit {
+            anyhow::bail!("--body-buffer-budget must be at least --body-buffer-limit");
+        }
+        let unless_zero = |d: Duration| (!d.is_zero()).then_some(d);
+        Ok(HttpConfig {
+            body_buffer_limit: self.body_buffer_limit,
+            body_buffer_budget: self.body_buffer_budget,
+            connect_timeout: self.connect_timeout,
+            header_read_timeout: unless_zero(self.header_read_timeout),
+            idle_timeout: unless_zero(self.idle_timeout),
+            pool_idle_timeout: self.upstream_idle_timeout,
+            http2_keepalive_interval: unless_zero(self.http2_keepalive_interval),
+            http2_keepalive_timeout: self.http2_keepalive_timeout,
+            outlier: OutlierConfig {
+                consecutive_server_errors: self.outlier_consecutive_5xx,
+                base_ejection: self.outlier_base_ejection,
+                max_ejection: self.outlier_max_ejection,
+                max_ejected_percent: self.outlier_max_ejected_percent,
+            },
+            ..HttpConfig::default()
+        })
+    }
+}
+
+/// A duration flag, in the Gateway API's format (the one policy uses); "0s" is zero.
+fn parse_flag_duration(s: &str) -> Result<Duration, String> {
+    Ok(parse_duration(s)?.unwrap_or(Duration::ZERO))
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -203,6 +317,7 @@ pub struct Config {
     pub sk_msg: bool,
     /// Data-plane workers, resolved (at least 1).
     pub workers: usize,
+    pub http: HttpConfig,
     pub log_format: LogFormat,
 }
 
@@ -249,6 +364,7 @@ impl TryFrom<Args> for Config {
                 args.pin_name
             );
         }
+        let http = args.proxy.http()?;
         Ok(Self {
             policy,
             node_name: args.node_name,
@@ -268,6 +384,7 @@ impl TryFrom<Args> for Config {
             workers: crate::proxy::workers::worker_count(Some(args.workers)),
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,
+            http,
             log_format: args.log_format,
         })
     }
@@ -289,6 +406,48 @@ mod tests {
         assert_eq!(cfg.outbound_port, 15001);
         assert_eq!(cfg.proxy_mark, DEFAULT_PROXY_MARK);
         assert!(!cfg.sk_msg);
+    }
+
+    #[test]
+    fn proxy_limits_have_defaults_and_take_durations() {
+        let base = ["--local", "p.yaml", "--proxy-ip", "10.0.0.1"];
+        let http = parse(&base).unwrap().http;
+        assert_eq!(http.connect_timeout, Duration::from_secs(1));
+        assert_eq!(http.header_read_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(http.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(http.pool_idle_timeout, Duration::from_secs(60));
+        assert_eq!(http.http2_keepalive_interval, Some(Duration::from_secs(20)));
+        assert_eq!(http.outlier, OutlierConfig::default());
+        assert_eq!(http.body_buffer_budget, 64 << 20);
+
+        let set = [
+            "--connect-timeout=250ms",
+            "--idle-timeout=0s",
+            "--header-read-timeout=5s",
+            "--outlier-max-ejection=1h",
+            "--outlier-max-ejected-percent=20",
+        ];
+        let http = parse(&[&base[..], &set].concat()).unwrap().http;
+        assert_eq!(http.connect_timeout, Duration::from_millis(250));
+        assert_eq!(http.idle_timeout, None, "0s turns it off");
+        assert_eq!(http.header_read_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(http.outlier.max_ejection, Duration::from_secs(3600));
+        assert_eq!(http.outlier.max_ejected_percent, 20);
+
+        for bad in [
+            "--connect-timeout=0s",
+            "--connect-timeout=10",
+            "--idle-timeout=99999999h",
+            "--outlier-max-ejected-percent=101",
+            "--outlier-max-ejection=1s",
+            "--body-buffer-budget=1",
+        ] {
+            let err = parse(&[&base[..], &[bad]].concat())
+                .unwrap_err()
+                .to_string();
+            let flag = bad.split('=').next().unwrap();
+            assert!(err.contains(flag), "{bad}: {err}");
+        }
     }
 
     #[test]

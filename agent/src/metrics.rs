@@ -49,6 +49,7 @@ use tracing::debug;
 use crate::{
     ebpf::maps::{Occupancy, Stats},
     proxy::{
+        balance::Failure,
         http::MirrorOutcome,
         route::{unknown, ServiceRoutes, Workload},
     },
@@ -174,12 +175,31 @@ impl EncodeLabelValue for MirrorOutcome {
             Self::Sent => "sent",
             Self::SkippedNotIdempotent => "skipped_not_idempotent",
             Self::SkippedBodyTooLarge => "skipped_body_too_large",
+            Self::SkippedBufferBudget => "skipped_buffer_budget",
             Self::DroppedOverload => "dropped_overload",
             Self::Failed => "failed",
             Self::TimedOut => "timed_out",
         };
         EncodeLabelValue::encode(&outcome, encoder)
     }
+}
+
+impl EncodeLabelValue for Failure {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        let reason = match self {
+            Self::Connect => "connect_failure",
+            Self::Server => "server_error",
+        };
+        EncodeLabelValue::encode(&reason, encoder)
+    }
+}
+
+/// An endpoint failure, or an ejection, in one backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointFailureLabels {
+    reason: Failure,
+    destination_namespace: Name,
+    destination_service: Name,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -367,6 +387,8 @@ pub struct Metrics {
     durations: Bounded<RequestLabels, AtomicHistogram>,
     flagger: Option<Bounded<FlaggerLabels, AtomicHistogram>>,
     mirrors: Bounded<MirrorLabels, Counter>,
+    endpoint_failures: Bounded<EndpointFailureLabels, Counter>,
+    ejections: Bounded<EndpointFailureLabels, Counter>,
     tcp_opened: Bounded<Route, Counter>,
     tcp_closed: Bounded<Route, Counter>,
     tcp_sent: Bounded<Route, Counter>,
@@ -435,6 +457,20 @@ impl Metrics {
             "Requests a mirror rule applied to, by what happened to the copy",
             Family::default(),
         );
+        let endpoint_failures = bounded(
+            &mut registry,
+            &resets,
+            "aviary_endpoint_failures",
+            "Requests an endpoint failed: a connect that failed, or a 5xx or broken exchange",
+            Family::default(),
+        );
+        let ejections = bounded(
+            &mut registry,
+            &resets,
+            "aviary_endpoint_ejections",
+            "Endpoints outlier detection left out of load balancing, by the failure that did it",
+            Family::default(),
+        );
         let tcp_opened = bounded(
             &mut registry,
             &resets,
@@ -474,6 +510,8 @@ impl Metrics {
             durations,
             flagger,
             mirrors,
+            endpoint_failures,
+            ejections,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -536,6 +574,26 @@ impl Metrics {
             destination_service: service.clone(),
         };
         self.mirrors.series(&labels).inc();
+    }
+
+    /// An endpoint of the backend `namespace/service` failed a request (`reason`), and whether
+    /// that ejected it. A lookup each time: failures are the exception.
+    pub fn endpoint_failure(
+        &self,
+        reason: Failure,
+        namespace: &Name,
+        service: &Name,
+        ejected: bool,
+    ) {
+        let labels = EndpointFailureLabels {
+            reason,
+            destination_namespace: namespace.clone(),
+            destination_service: service.clone(),
+        };
+        self.endpoint_failures.series(&labels).inc();
+        if ejected {
+            self.ejections.series(&labels).inc();
+        }
     }
 
     /// Reads the eBPF counters and map occupancy once (bpf() syscalls: one per counter, one

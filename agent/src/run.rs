@@ -32,7 +32,7 @@ use crate::{
     policy::{self, routes::RouteOptions, Store},
     proxy::{
         detect::DETECT_TIMEOUT,
-        http::{HttpConfig, HttpProxy},
+        http::HttpProxy,
         inbound::{self, Inbound},
         outbound::{self, Outbound},
         route::RouteTable,
@@ -78,11 +78,10 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
 
     // Empty until the first snapshot: every service passes through meanwhile.
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-    let http_cfg = HttpConfig::default();
     let metrics = Arc::new(Metrics::new(cfg.flagger_metrics, Some(Stats::open(pins)?)));
     // One HTTP proxy, and so one pool of upstream connections, for both directions.
     let http = Arc::new(HttpProxy::new(
-        http_cfg.clone(),
+        cfg.http.clone(),
         routes.clone(),
         cfg.proxy_mark,
         metrics.clone(),

@@ -3,6 +3,7 @@
 pub mod balance;
 pub mod detect;
 pub mod http;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
