@@ -954,6 +954,35 @@ async fn per_backend_header_filters_apply_to_requests_and_responses() {
 }
 
 #[tokio::test]
+async fn the_mirror_copy_has_the_rules_filters_but_not_the_chosen_backends() {
+    let (primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (shadow, s) = backend_service("shadow", Duration::ZERO).await;
+    let mut w = weighted(&p, 1);
+    w.request_headers
+        .set
+        .push(("x-backend-only".parse().unwrap(), "1".parse().unwrap()));
+    let mut rule = Rule {
+        backends: vec![w],
+        mirror: Some(mirrored(&s, 100, SafeMethods::default())),
+        ..Default::default()
+    };
+    rule.request_headers
+        .set
+        .push(("x-rule".parse().unwrap(), "1".parse().unwrap()));
+    let proxy = start_proxy(service(vec![rule], p)).await;
+    assert_eq!(
+        send(&mut h1(proxy.addr).await, get("/")).await.0,
+        StatusCode::OK
+    );
+    wait_for(|| shadow.seen().len() == 1).await;
+    let (copy, original) = (&shadow.seen()[0].headers, &primary.seen()[0].headers);
+    assert_eq!(copy["x-rule"], "1");
+    assert!(!copy.contains_key("x-backend-only"), "{copy:?}");
+    assert_eq!(original["x-rule"], "1");
+    assert_eq!(original["x-backend-only"], "1");
+}
+
+#[tokio::test]
 async fn a_malformed_request_gets_400_and_others_are_still_served() {
     let primary = backend("primary", Duration::ZERO).await;
     let p = service_backend("podinfo-primary", &[primary.addr]);
