@@ -531,15 +531,16 @@ impl Metrics {
     /// The series answered requests with `labels` are counted in, created if new (one lookup
     /// per family). `flagger_pod` is the destination pod when an endpoint answered and this
     /// agent is the one that reports the request in Flagger's family; the series then includes
-    /// that family, unless the request is a mirror copy (`labels.mirror`), which Flagger never
-    /// sees.
+    /// that family. Mirror copies are in it too, by the pod that served them: Flagger's
+    /// blue/green mirroring analysis judges the canary by them with the built-in checks, as it
+    /// does on Istio, whose sidecars count mirrored requests as any other.
     pub fn request_series(
         &self,
         labels: &RequestLabels,
         flagger_pod: Option<&Workload>,
     ) -> RequestSeries {
-        let flagger = match (&self.flagger, flagger_pod, labels.mirror) {
-            (Some(flagger), Some(pod), false) => Some(flagger.series(&FlaggerLabels {
+        let flagger = match (&self.flagger, flagger_pod) {
+            (Some(flagger), Some(pod)) => Some(flagger.series(&FlaggerLabels {
                 kubernetes_namespace: pod.namespace.clone(),
                 kubernetes_pod_name: pod.pod.clone(),
                 status: labels.status_code,
@@ -939,9 +940,11 @@ mod tests {
     }
 
     #[test]
-    fn flaggers_family_counts_only_requests_to_a_known_pod_that_are_not_mirror_copies() {
+    fn flaggers_family_counts_requests_to_a_known_pod_mirror_copies_included() {
         let metrics = Metrics::new(true, None);
         let took = Duration::from_millis(3);
+        // A request and its mirror copy, each answered by a pod this agent reports; then two
+        // that no known pod answered (or that another agent reports).
         metrics
             .request_series(&labels("podinfo", 200, false), Some(&pod()))
             .record(took);
@@ -960,6 +963,7 @@ mod tests {
             sample(&text, "aviary_request_duration_seconds_count", &[]),
             4.0
         );
+        // Aviary's own family tells the copies apart; Flagger's counts what each pod served.
         assert_eq!(
             sample(
                 &text,
@@ -970,7 +974,7 @@ mod tests {
         );
         assert_eq!(
             sample(&text, "http_request_duration_seconds_count", &[]),
-            1.0,
+            2.0,
             "{text}"
         );
         assert_eq!(
@@ -983,7 +987,7 @@ mod tests {
                     ("status", "200")
                 ]
             ),
-            1.0
+            2.0
         );
         assert_eq!(
             sample(
@@ -991,7 +995,7 @@ mod tests {
                 "http_request_duration_seconds_bucket",
                 &[("status", "200"), ("le", "0.005")]
             ),
-            1.0
+            2.0
         );
 
         // Without the family, no request is in it.

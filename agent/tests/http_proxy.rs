@@ -1328,8 +1328,8 @@ async fn inbound_requests_reach_the_pod_as_sent_and_are_measured_at_the_destinat
                 ("status", "200")
             ]
         ),
-        5.0,
-        "{text}"
+        6.0,
+        "every request the pod served, the mirror copy included: {text}"
     );
 
     // The pod gone: the client gets the proxy's 503, and it is measured.

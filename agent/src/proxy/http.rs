@@ -325,7 +325,8 @@ impl HttpProxy {
             async move {
                 let started = Instant::now();
                 let method = MethodClass::from(req.method());
-                // Another agent's mirror copy: measured as one, and so not in Flagger's family.
+                // Another agent's mirror copy: measured as one, and in Flagger's family as any
+                // request this pod served.
                 let mirror = req.headers().contains_key(MIRROR_HEADER);
                 let response = this.pass_through(req, &conn).await;
                 let status = response.status().as_u16();
@@ -684,7 +685,9 @@ impl HttpProxy {
                         service: &service,
                         backend: Some(&target),
                         pod: endpoint.pod.as_ref(),
-                        flagger: true,
+                        // As for the request it copies: left to the pod's own agent when that
+                        // one measures it.
+                        flagger: !endpoint.measured_at_destination,
                         mirror: true,
                     };
                     answer.record(&metrics, table, method, status.as_u16(), start.elapsed());
