@@ -719,6 +719,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_http2_endpoint_that_stops_answering_pings_fails_its_requests() {
+        // Reads and discards everything, answers nothing: not even SETTINGS or PING.
+        let (addr, _) = counting_listener(|mut stream| async move {
+            let mut buf = [0u8; 4096];
+            while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        let pool = Pool::new(PoolConfig {
+            http2_keepalive_interval: Some(Duration::from_millis(100)),
+            http2_keepalive_timeout: Duration::from_millis(100),
+            ..PoolConfig::default()
+        });
+        let sent = pool.send(addr, get(Version::HTTP_2), false);
+        match tokio::time::timeout(Duration::from_secs(2), sent).await {
+            Ok(Err(SendError::Failed(_))) => {}
+            Ok(Err(SendError::NotSent { error, .. })) => panic!("expected Failed, got {error}"),
+            Ok(Ok(response)) => panic!("expected Failed, got {}", response.status()),
+            Err(_) => panic!("the request waited on a dead connection"),
+        }
+        pool.reap();
+        assert_eq!(pool.stats().h2, 0, "the dead connection left the pool");
+    }
+
+    #[tokio::test]
     async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
         // Answers 413 at once, without reading the body, and then drains whatever comes.
         let (addr, accepted) = counting_listener(|mut stream| async move {
