@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod grpc;
 pub mod policy;
 
 use std::{
