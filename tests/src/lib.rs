@@ -580,6 +580,20 @@ impl Node {
         );
     }
 
+    /// Starts the gRPC backend in `pod` (see `aviary-testpod grpc-serve`).
+    pub fn serve_grpc(&self, pod: &Pod, port: u16) {
+        self.start_server(
+            pod,
+            &[
+                "grpc-serve",
+                "--name",
+                &pod.name,
+                "--port",
+                &port.to_string(),
+            ],
+        );
+    }
+
     fn start_server(&self, pod: &Pod, args: &[&str]) {
         let mut child = self
             .testpod(pod, args)
