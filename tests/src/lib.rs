@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod grpc;
 pub mod policy;
 
 use std::{
@@ -571,6 +572,20 @@ impl Node {
             pod,
             &[
                 "http-serve",
+                "--name",
+                &pod.name,
+                "--port",
+                &port.to_string(),
+            ],
+        );
+    }
+
+    /// Starts the gRPC backend in `pod` (see `aviary-testpod grpc-serve`).
+    pub fn serve_grpc(&self, pod: &Pod, port: u16) {
+        self.start_server(
+            pod,
+            &[
+                "grpc-serve",
                 "--name",
                 &pod.name,
                 "--port",

@@ -5,6 +5,9 @@
 //! - `serve`: a backend that greets each TCP connection with its name and the addresses it
 //!   sees, then echoes; it also echoes UDP datagrams.
 //! - `connect`, `session`, `udp`: clients.
+//! - `http-serve`, `http-load`, `http-get`, `reconnect`: an HTTP/1.1 backend and its clients.
+//! - `grpc-serve`, `grpc-unary`, `grpc-stream`: a gRPC backend and its client
+//!   (`aviary_tests::grpc`).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -21,6 +24,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use aviary_tests::grpc::{self, EchoRequest};
 use clap::{Parser, Subcommand};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,6 +103,39 @@ enum Command {
         port: u16,
         #[arg(long)]
         count: u32,
+    },
+    /// A gRPC backend (`aviary_tests::grpc`) on `port`, naming itself in its replies.
+    GrpcServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// `count` unary calls on one HTTP/2 connection, each asking to end with `code` (0: OK, an
+    /// echo of `text`). Prints how many ended with each status ("status <code> <n>"), the
+    /// backends that answered ("backend <name> <n>"), and each failure ("failed <code>
+    /// <message>").
+    GrpcUnary {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 0)]
+        code: i32,
+        #[arg(long, default_value = "echo")]
+        text: String,
+    },
+    /// One server-streaming call asking for `replies` replies and to end with `code`. Prints
+    /// how many replies came ("replies <n>", after checking they came in order), their backend
+    /// ("backend <name> <n>"), the status ("status <code> 1"), and a failure ("failed <code>
+    /// <message>").
+    GrpcStream {
+        addr: SocketAddr,
+        #[arg(long)]
+        replies: u32,
+        #[arg(long, default_value_t = 0)]
+        code: i32,
+        #[arg(long, default_value = "echo")]
+        text: String,
     },
     /// Load for the benchmark; each mode runs for `secs` and prints one line of results.
     Load {
@@ -179,6 +216,23 @@ fn run(command: Command) -> anyhow::Result<()> {
             http_load(addr, count, deadline, &method, &path)
         }
         Command::Reconnect { addr, port, count } => reconnect(addr, port, count),
+        Command::GrpcServe { name, port } => runtime()?.block_on(async {
+            let listener = tokio::net::TcpListener::bind(("::", port)).await?;
+            println!("serving {name} on {port}");
+            Ok(grpc::serve(listener, &name).await?)
+        }),
+        Command::GrpcUnary {
+            addr,
+            count,
+            code,
+            text,
+        } => runtime()?.block_on(grpc_unary(addr, count, code, text)),
+        Command::GrpcStream {
+            addr,
+            replies,
+            code,
+            text,
+        } => runtime()?.block_on(grpc_stream(addr, replies, code, text)),
         Command::HttpGet { addr, path } => {
             let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
             stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -673,6 +727,78 @@ fn http_load(
         let at = |p: f64| latencies[(last as f64 * p).round() as usize].as_micros();
         println!("latency p50_us {}", at(0.5));
         println!("latency p99_us {}", at(0.99));
+    }
+    Ok(())
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Prints "`word` key n" for each key.
+fn print_tally(word: &str, counts: &BTreeMap<String, u32>) {
+    for (key, n) in counts {
+        println!("{word} {key} {n}");
+    }
+}
+
+async fn grpc_unary(addr: SocketAddr, count: u32, code: i32, text: String) -> anyhow::Result<()> {
+    let mut client = grpc::Client::connect(addr).await?;
+    let (mut statuses, mut backends) = (BTreeMap::new(), BTreeMap::new());
+    for _ in 0..count {
+        let request = EchoRequest {
+            text: text.clone(),
+            code,
+            count: 0,
+        };
+        let code = match client.unary(request).await {
+            Ok(reply) => {
+                if reply.text != text {
+                    bail!("echoed {:?} for {text:?}", reply.text);
+                }
+                *backends.entry(reply.backend).or_default() += 1;
+                tonic::Code::Ok
+            }
+            Err(status) => {
+                println!("failed {:?} {}", status.code(), status.message());
+                status.code()
+            }
+        };
+        *statuses.entry(format!("{code:?}")).or_default() += 1;
+    }
+    print_tally("status", &statuses);
+    print_tally("backend", &backends);
+    Ok(())
+}
+
+async fn grpc_stream(
+    addr: SocketAddr,
+    replies: u32,
+    code: i32,
+    text: String,
+) -> anyhow::Result<()> {
+    let mut client = grpc::Client::connect(addr).await?;
+    let request = EchoRequest {
+        text,
+        code,
+        count: replies,
+    };
+    let streamed = client.server_streaming(request).await;
+    let mut backends = BTreeMap::new();
+    for (expected, reply) in (0..).zip(&streamed.replies) {
+        if reply.index != expected {
+            bail!("reply {} came as number {expected}", reply.index);
+        }
+        *backends.entry(reply.backend.clone()).or_default() += 1;
+    }
+    println!("replies {}", streamed.replies.len());
+    print_tally("backend", &backends);
+    let status = &streamed.status;
+    println!("status {:?} 1", status.code());
+    if status.code() != tonic::Code::Ok {
+        println!("failed {:?} {}", status.code(), status.message());
     }
     Ok(())
 }
