@@ -24,6 +24,14 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
 
+/// How long a metric series may go without a recording before it is removed; linkerd2-proxy
+/// keeps idle series for the same 10 minutes.
+pub const DEFAULT_METRICS_IDLE_EXPIRY: &str = "10m";
+
+/// The shortest idle expiry: Prometheus's default scrape interval, so that a series is scraped
+/// after its last recording before it can expire.
+const MIN_METRICS_IDLE_EXPIRY: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "aviary-agent",
@@ -96,6 +104,11 @@ pub struct Args {
     /// built-in checks work without a MetricTemplate.
     #[arg(long, env = "AVIARY_FLAGGER_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub flagger_metrics: bool,
+
+    /// How long a metric series nothing records into is kept before it is removed (a number and
+    /// a unit, `s`, `m` or `h`; at least 1m). A series that comes back starts again from 0.
+    #[arg(long, env = "AVIARY_METRICS_IDLE_EXPIRY", value_parser = parse_idle_expiry, default_value = DEFAULT_METRICS_IDLE_EXPIRY)]
+    pub metrics_idle_expiry: Duration,
 
     /// The IPv6 address at which pods reach the proxy; without it only IPv4 services (and
     /// v4-mapped connects) are captured.
@@ -283,6 +296,23 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_idle_expiry(s: &str) -> Result<Duration, String> {
+    let unit = match s.chars().last() {
+        Some('s') => 1,
+        Some('m') => 60,
+        Some('h') => 3600,
+        _ => return Err("a number and a unit: s, m or h (e.g. 10m)".into()),
+    };
+    let count: u64 = s[..s.len() - 1]
+        .parse()
+        .map_err(|e| format!("not a number and a unit (e.g. 10m): {e}"))?;
+    let expiry = Duration::from_secs(count.saturating_mul(unit));
+    if expiry < MIN_METRICS_IDLE_EXPIRY {
+        return Err("at least 1m: a series must outlive a scrape after its last recording".into());
+    }
+    Ok(expiry)
+}
+
 /// Where policy comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
@@ -309,6 +339,7 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub flagger_metrics: bool,
+    pub metrics_idle_expiry: Duration,
     pub outbound_port: u16,
     pub inbound_interfaces: Vec<String>,
     pub inbound_bridge: Option<String>,
@@ -377,6 +408,7 @@ impl TryFrom<Args> for Config {
             metrics_addr: args.metrics_addr,
             health_addr: args.health_addr,
             flagger_metrics: args.flagger_metrics,
+            metrics_idle_expiry: args.metrics_idle_expiry,
             outbound_port: args.outbound_port,
             inbound_interfaces,
             inbound_bridge,
@@ -406,6 +438,18 @@ mod tests {
         assert_eq!(cfg.outbound_port, 15001);
         assert_eq!(cfg.proxy_mark, DEFAULT_PROXY_MARK);
         assert!(!cfg.sk_msg);
+        assert_eq!(cfg.metrics_idle_expiry, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn the_metrics_idle_expiry_takes_a_unit_and_is_a_minute_at_least() {
+        assert_eq!(parse_idle_expiry("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_idle_expiry("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_idle_expiry("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_idle_expiry("30s").is_err());
+        assert!(parse_idle_expiry("600").is_err());
+        assert!(parse_idle_expiry("m").is_err());
+        assert!(parse_idle_expiry("").is_err());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::{
         self,
         lease::{release, LeaseConfig},
     },
-    metrics::Metrics,
+    metrics::{Metrics, SWEEP_INTERVAL},
     policy::{self, routes::RouteOptions, Store},
     proxy::{
         detect::DETECT_TIMEOUT,
@@ -247,6 +247,21 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         loop {
             tick.tick().await;
             log_counters(&stats, &mut last);
+        }
+    });
+    let swept = metrics.clone();
+    let idle_expiry = cfg.metrics_idle_expiry;
+    supervisor.spawn("metrics expiry", async move {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            // A pass over every series (a few ms at the caps): on the blocking pool, as reads of
+            // the eBPF maps are, not on the control runtime.
+            let swept = swept.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                swept.sweep(idle_expiry, std::time::Instant::now())
+            })
+            .await;
         }
     });
     // The programs' counters and maps are read here, on the control plane, never by a scrape.
