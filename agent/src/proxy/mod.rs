@@ -1,6 +1,7 @@
 //! The node proxy.
 
 pub mod balance;
+pub mod copy;
 pub mod detect;
 pub mod http;
 pub mod inbound;
@@ -19,10 +20,6 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::metrics::{Metrics, Route};
-
-/// Per direction: large enough that a bulk transfer moves in few reads and writes (tokio's
-/// default of 8 KiB costs a wakeup every 8 KiB).
-const SPLICE_BUFFER: usize = 64 * 1024;
 
 const BACKLOG: u32 = 4096;
 
@@ -121,24 +118,12 @@ pub async fn splice(
     if let Some(series) = &series {
         series.opened();
     }
-    let copied = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        SPLICE_BUFFER,
-        SPLICE_BUFFER,
-    )
-    .await;
-    let (sent, received) = match copied {
-        Ok((sent, received)) => {
-            debug!(%peer, %dst, sent, received, "connection closed");
-            (sent, received)
-        }
-        Err(e) => {
-            // The byte counts of a failed copy are not known; the close still counts.
-            debug!(%peer, %dst, error = %e, "connection ended with an error");
-            (0, 0)
-        }
-    };
+    let copied = copy::bidirectional(&mut client, &mut upstream).await;
+    let (sent, received) = (copied.sent, copied.received);
+    match copied.result {
+        Ok(()) => debug!(%peer, %dst, sent, received, "connection closed"),
+        Err(e) => debug!(%peer, %dst, sent, received, error = %e, "connection ended with an error"),
+    }
     if let Some(series) = &series {
         series.closed(sent, received);
     }
