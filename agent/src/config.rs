@@ -19,6 +19,9 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
 
+/// Per listener kind. TODO justify after measuring.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "aviary-agent",
@@ -131,6 +134,12 @@ pub struct Args {
     #[arg(long, env = "AVIARY_WORKERS", default_value_t = 0)]
     pub workers: usize,
 
+    /// Connections each kind of proxy listener (outbound, inbound) holds at once, across the
+    /// workers; one more is reset as soon as it is accepted.
+    #[arg(long, env = "AVIARY_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// Log format.
     #[arg(long, env = "AVIARY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -203,6 +212,8 @@ pub struct Config {
     pub sk_msg: bool,
     /// Data-plane workers, resolved (at least 1).
     pub workers: usize,
+    /// Per listener kind.
+    pub max_connections: usize,
     pub log_format: LogFormat,
 }
 
@@ -268,6 +279,7 @@ impl TryFrom<Args> for Config {
             workers: crate::proxy::workers::worker_count(Some(args.workers)),
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,
+            max_connections: args.max_connections as usize,
             log_format: args.log_format,
         })
     }
@@ -289,6 +301,25 @@ mod tests {
         assert_eq!(cfg.outbound_port, 15001);
         assert_eq!(cfg.proxy_mark, DEFAULT_PROXY_MARK);
         assert!(!cfg.sk_msg);
+        assert_eq!(cfg.max_connections, DEFAULT_MAX_CONNECTIONS as usize);
+    }
+
+    #[test]
+    fn the_connection_limit_is_at_least_one() {
+        let max = |value: &str| {
+            parse(&[
+                "--local",
+                "p",
+                "--proxy-ip",
+                "10.0.0.1",
+                "--max-connections",
+                value,
+            ])
+            .map(|cfg| cfg.max_connections)
+        };
+        assert_eq!(max("500").unwrap(), 500);
+        assert!(max("0").is_err());
+        assert!(max("-1").is_err());
     }
 
     #[test]

@@ -150,6 +150,12 @@ impl Route {
     }
 }
 
+/// The proxy listener a connection came to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: Direction,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
     #[prometheus(flatten)]
@@ -371,6 +377,8 @@ pub struct Metrics {
     tcp_closed: Bounded<Route, Counter>,
     tcp_sent: Bounded<Route, Counter>,
     tcp_received: Bounded<Route, Counter>,
+    /// By listener kind: two series at most, so not bounded.
+    connections_refused: Family<ListenerLabels, Counter>,
     /// The pinned counters and maps, read by [`Metrics::refresh_ebpf`] only.
     ebpf: Option<Stats>,
     /// The last reading of `ebpf`, which scrapes encode.
@@ -463,6 +471,12 @@ impl Metrics {
             "Bytes of opaque TCP connections, destination to client",
             Family::default(),
         );
+        let connections_refused = Family::default();
+        registry.register(
+            "aviary_connections_refused",
+            "Connections reset on accept because their listener held --max-connections already",
+            connections_refused.clone(),
+        );
         let ebpf_reading = Arc::new(ArcSwap::from_pointee(EbpfReading::default()));
         registry.register_collector(Box::new(Internal {
             resets: resets.clone(),
@@ -478,6 +492,7 @@ impl Metrics {
             tcp_closed,
             tcp_sent,
             tcp_received,
+            connections_refused,
             ebpf,
             ebpf_reading,
             resets,
@@ -524,6 +539,13 @@ impl Metrics {
             sent: self.tcp_sent.series(route),
             received: self.tcp_received.series(route),
         }
+    }
+
+    /// The counter of connections `listener` refused at its connection limit, created (at 0)
+    /// if new: the family is never cleared, so the handle stays exported.
+    pub fn connections_refused(&self, listener: Direction) -> Counter {
+        self.connections_refused
+            .get_or_create_owned(&ListenerLabels { listener })
     }
 
     /// What happened to the copy of one request a mirror rule applied to. A lookup each time,

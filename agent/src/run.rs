@@ -28,7 +28,7 @@ use crate::{
         self,
         lease::{release, LeaseConfig},
     },
-    metrics::Metrics,
+    metrics::{Direction, Metrics},
     policy::{self, routes::RouteOptions, Store},
     proxy::{
         detect::DETECT_TIMEOUT,
@@ -37,6 +37,7 @@ use crate::{
         outbound::{self, Outbound},
         route::RouteTable,
         workers::{WorkerTask, Workers},
+        ConnectionLimit,
     },
     state::Publisher,
     supervise::Supervisor,
@@ -94,6 +95,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         routes: routes.clone(),
         detect_timeout: DETECT_TIMEOUT,
+        limit: ConnectionLimit::new(Direction::outbound, cfg.max_connections, &metrics),
     });
     let inbound = Arc::new(Inbound {
         mark: cfg.proxy_mark,
@@ -101,6 +103,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         http: http.clone(),
         metrics: metrics.clone(),
         detect_timeout: DETECT_TIMEOUT,
+        limit: ConnectionLimit::new(Direction::inbound, cfg.max_connections, &metrics),
     });
     // Each worker gets a listener of its own per kind; the first of each kind stands in the
     // LISTENERS map, where the programs check that the proxy is up.
