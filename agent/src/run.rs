@@ -63,6 +63,7 @@ const EBPF_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    raise_open_files_limit(cfg.max_connections);
     let mut datapath = Datapath::load(&DatapathConfig::from_config(&cfg))?;
     let result = serve(&cfg, &mut datapath).await;
     if let Ok(stats) = Stats::open(datapath.pin_dir()) {
@@ -304,6 +305,43 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         }
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// Raises the soft limit on open files to the hard limit, as Envoy and ztunnel deployments
+/// expect of a proxy: container runtimes often start processes with a soft limit of 1,024,
+/// which would refuse connections at accept long before `max_connections` (per listener kind,
+/// each proxied connection holding two descriptors: the client's and the upstream's).
+fn raise_open_files_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open files limit");
+            return;
+        }
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open files limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    info!(open_files = limit, "open files limit");
+    let descriptors = 2 * max_connections as u64;
+    if limit < descriptors {
+        tracing::warn!(
+            open_files = limit,
+            max_connections,
+            "the open files limit is below two descriptors per connection of --max-connections: \
+             accepts will fail before the connection limit is reached; raise the hard limit \
+             (LimitNOFILE, or the container runtime's default ulimits)"
+        );
+    }
 }
 
 /// A worker task serving `listener` with `serve` on `proxy`.
