@@ -31,6 +31,8 @@ pub const DEFAULT_METRICS_IDLE_EXPIRY: &str = "10m";
 /// The shortest idle expiry: Prometheus's default scrape interval, so that a series is scraped
 /// after its last recording before it can expire.
 const MIN_METRICS_IDLE_EXPIRY: Duration = Duration::from_secs(60);
+/// Per listener kind. TODO justify after measuring.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -151,6 +153,11 @@ pub struct Args {
 
     #[command(flatten)]
     pub proxy: ProxyArgs,
+    /// Connections each kind of proxy listener (outbound, inbound) holds at once, across the
+    /// workers; one more is reset as soon as it is accepted.
+    #[arg(long, env = "AVIARY_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 
     /// Log format.
     #[arg(long, env = "AVIARY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -349,6 +356,8 @@ pub struct Config {
     /// Data-plane workers, resolved (at least 1).
     pub workers: usize,
     pub http: HttpConfig,
+    /// Per listener kind.
+    pub max_connections: usize,
     pub log_format: LogFormat,
 }
 
@@ -417,6 +426,7 @@ impl TryFrom<Args> for Config {
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,
             http,
+            max_connections: args.max_connections as usize,
             log_format: args.log_format,
         })
     }
@@ -439,6 +449,7 @@ mod tests {
         assert_eq!(cfg.proxy_mark, DEFAULT_PROXY_MARK);
         assert!(!cfg.sk_msg);
         assert_eq!(cfg.metrics_idle_expiry, Duration::from_secs(600));
+        assert_eq!(cfg.max_connections, DEFAULT_MAX_CONNECTIONS as usize);
     }
 
     #[test]
@@ -492,6 +503,24 @@ mod tests {
             let flag = bad.split('=').next().unwrap();
             assert!(err.contains(flag), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn the_connection_limit_is_at_least_one() {
+        let max = |value: &str| {
+            parse(&[
+                "--local",
+                "p",
+                "--proxy-ip",
+                "10.0.0.1",
+                "--max-connections",
+                value,
+            ])
+            .map(|cfg| cfg.max_connections)
+        };
+        assert_eq!(max("500").unwrap(), 500);
+        assert!(max("0").is_err());
+        assert!(max("-1").is_err());
     }
 
     #[test]

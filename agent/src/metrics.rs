@@ -54,6 +54,7 @@ use prometheus_client::{
     },
     metrics::{
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::ConstGauge,
         MetricType, TypedMetric,
     },
@@ -172,6 +173,12 @@ impl Route {
             destination_version: unknown(),
         }
     }
+}
+
+/// The proxy listener a connection came to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: Direction,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -625,6 +632,9 @@ pub struct Metrics {
     ejections: Arc<Store<EndpointFailureLabels, Counter>>,
     /// The four `aviary_tcp_` families.
     tcp: Arc<Store<Route, TcpValues>>,
+    /// By listener kind: two series at most, whose handles the listeners hold for good, so
+    /// never swept.
+    connections_refused: Family<ListenerLabels, Counter>,
     /// The pinned counters and maps, read by [`Metrics::refresh_ebpf`] only.
     ebpf: Option<Stats>,
     /// The last reading of `ebpf`, which scrapes encode.
@@ -738,6 +748,12 @@ impl Metrics {
             &tcp,
             |values: &TcpValues| &values.received,
         );
+        let connections_refused = Family::default();
+        registry.register(
+            "aviary_connections_refused",
+            "Connections reset on accept because their listener held --max-connections already",
+            connections_refused.clone(),
+        );
         let ebpf_reading = Arc::new(ArcSwap::from_pointee(EbpfReading::default()));
         let mut stores = vec![("requests", requests.counts.clone())];
         stores.extend(flagger.as_ref().map(|f| ("flagger", f.counts.clone())));
@@ -757,6 +773,7 @@ impl Metrics {
             endpoint_failures,
             ejections,
             tcp,
+            connections_refused,
             ebpf,
             ebpf_reading,
             removals: AtomicU64::new(0),
@@ -834,6 +851,13 @@ impl Metrics {
         TcpSeries {
             values: self.tcp.series(route),
         }
+    }
+
+    /// The counter of connections `listener` refused at its connection limit, created (at 0)
+    /// if new: the family is never cleared, so the handle stays exported.
+    pub fn connections_refused(&self, listener: Direction) -> Counter {
+        self.connections_refused
+            .get_or_create_owned(&ListenerLabels { listener })
     }
 
     /// What happened to the copy of one request a mirror rule applied to. A lookup each time,

@@ -18,6 +18,7 @@ use super::{
     detect::{read_as, Detected},
     http::HttpProxy,
     route::RouteTable,
+    ConnectionLimit,
 };
 use crate::metrics::{Metrics, Route};
 
@@ -43,11 +44,14 @@ pub struct Inbound {
     pub http: Arc<HttpProxy>,
     pub metrics: Arc<Metrics>,
     pub detect_timeout: Duration,
+    /// Shared by this kind's listeners on every worker.
+    pub limit: ConnectionLimit,
 }
 
 impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: std::net::TcpListener) {
-        super::accept_each(listener, move |client, peer| {
+        let limit = self.limit.clone();
+        super::accept_each(listener, limit, move |client, peer| {
             let this = self.clone();
             async move { this.handle(client, peer).await }
         })

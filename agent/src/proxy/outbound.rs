@@ -23,6 +23,7 @@ use super::{
     http::HttpProxy,
     route::{Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes},
     split::{pick_weighted, with_rng},
+    ConnectionLimit,
 };
 use crate::{
     ebpf::maps::OrigDstTable,
@@ -54,11 +55,14 @@ pub struct Outbound {
     pub http: Arc<HttpProxy>,
     pub metrics: Arc<Metrics>,
     pub detect_timeout: Duration,
+    /// Shared by this kind's listeners on every worker.
+    pub limit: ConnectionLimit,
 }
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: std::net::TcpListener) {
-        super::accept_each(listener, move |client, peer| {
+        let limit = self.limit.clone();
+        super::accept_each(listener, limit, move |client, peer| {
             let this = self.clone();
             async move { this.handle(client, peer).await }
         })
