@@ -231,6 +231,11 @@ impl HttpProxy {
         }
     }
 
+    /// The limits and timeouts it runs with, which opaque TCP shares.
+    pub fn config(&self) -> &HttpConfig {
+        &self.cfg
+    }
+
     /// The upstream connection pools (this worker's, when called on a worker).
     pub fn pool(&self) -> &Pool {
         &self.pool

@@ -70,7 +70,14 @@ impl Inbound {
         match read_as(protocol, &client, self.detect_timeout).await {
             Detected::Http => self.http.clone().serve_inbound(client, pod, peer).await,
             Detected::Opaque => {
-                super::splice(client, peer, pod, self.mark, &self.metrics, Some(&route)).await
+                let relay = super::Relay {
+                    peer,
+                    mark: self.mark,
+                    idle_timeout: self.http.config().idle_timeout,
+                    metrics: &self.metrics,
+                    route: Some(&route),
+                };
+                super::splice(client, pod, relay).await
             }
         }
     }

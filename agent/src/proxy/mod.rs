@@ -149,36 +149,53 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
     Ok(stream)
 }
 
-/// Connects to `dst` (marked) and copies bytes both ways until both sides close; a connection
-/// with a `route` is counted in the metrics.
-pub async fn splice(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    dst: SocketAddr,
-    mark: u32,
-    metrics: &Metrics,
-    route: Option<&Route>,
-) {
-    let mut upstream = match connect_marked(dst, mark).await {
-        Ok(upstream) => upstream,
+/// Connects to `dst` (marked) and relays bytes both ways ([`relay`]); a connect that fails
+/// resets the client.
+pub async fn splice(client: TcpStream, dst: SocketAddr, relay: Relay<'_>) {
+    match connect_marked(dst, relay.mark).await {
+        Ok(upstream) => relay.run(client, upstream).await,
         Err(e) => {
-            debug!(%peer, %dst, error = %e, "upstream connect failed");
+            debug!(peer = %relay.peer, %dst, error = %e, "upstream connect failed");
             let _ = client.set_zero_linger();
-            return;
         }
-    };
-    let series = route.map(|route| metrics.tcp_series(route));
-    if let Some(series) = &series {
-        series.opened();
     }
-    let copied = copy::bidirectional(&mut client, &mut upstream).await;
-    let (sent, received) = (copied.sent, copied.received);
-    match copied.result {
-        Ok(()) => debug!(%peer, %dst, sent, received, "connection closed"),
-        Err(e) => debug!(%peer, %dst, sent, received, error = %e, "connection ended with an error"),
-    }
-    if let Some(series) = &series {
-        series.closed(sent, received);
+}
+
+/// What relaying one opaque connection needs.
+pub struct Relay<'a> {
+    pub peer: SocketAddr,
+    /// The proxy's mark, for the upstream connect.
+    pub mark: u32,
+    /// Both sockets close once neither moved a byte for this long.
+    pub idle_timeout: Option<Duration>,
+    pub metrics: &'a Metrics,
+    /// A routed connection is counted in the metrics along its route.
+    pub route: Option<&'a Route>,
+}
+
+impl Relay<'_> {
+    /// Copies bytes both ways until both sides close, one fails, or the connection idles past
+    /// the timeout.
+    pub async fn run(self, client: TcpStream, upstream: TcpStream) {
+        let (peer, dst) = (self.peer, upstream.peer_addr().ok());
+        let series = self.route.map(|route| self.metrics.tcp_series(route));
+        if let Some(series) = &series {
+            series.opened();
+        }
+        // Both ends are watched: a copy stuck writing to one still polls the other.
+        let mut client = idle::IdleTimeout::new(client, self.idle_timeout);
+        let mut upstream = idle::IdleTimeout::new(upstream, self.idle_timeout);
+        let copied = copy::bidirectional(&mut client, &mut upstream).await;
+        let (sent, received) = (copied.sent, copied.received);
+        match copied.result {
+            Ok(()) => debug!(%peer, ?dst, sent, received, "connection closed"),
+            Err(e) => {
+                debug!(%peer, ?dst, sent, received, error = %e, "connection ended with an error")
+            }
+        }
+        if let Some(series) = &series {
+            series.closed(sent, received);
+        }
     }
 }
 
@@ -240,5 +257,42 @@ mod tests {
         freed.await.expect("a closed connection kept its place");
         let _fourth = served(addr).await;
         assert_eq!(refused(&metrics), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_relayed_connection_that_idles_past_the_timeout_is_closed_both_ways() {
+        let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream_listener.local_addr().unwrap();
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let metrics = Metrics::new(false, None);
+        let relayed = async {
+            let (client, peer) = front.accept().await.unwrap();
+            let relay = Relay {
+                peer,
+                mark: 0,
+                idle_timeout: Some(Duration::from_millis(300)),
+                metrics: &metrics,
+                route: None,
+            };
+            splice(client, upstream_addr, relay).await;
+        };
+        let client = async {
+            let mut client = TcpStream::connect(front_addr).await.unwrap();
+            let (mut upstream, _) = upstream_listener.accept().await.unwrap();
+            // Bytes every 150 ms keep it open.
+            let mut buf = [0u8; 4];
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                client.write_all(b"ping").await.unwrap();
+                upstream.read_exact(&mut buf).await.unwrap();
+            }
+            let start = std::time::Instant::now();
+            assert_eq!(client.read(&mut buf).await.unwrap_or(0), 0, "closed");
+            assert_eq!(upstream.read(&mut buf).await.unwrap_or(0), 0, "closed");
+            start.elapsed()
+        };
+        let ((), idled) = tokio::join!(relayed, client);
+        assert!(idled >= Duration::from_millis(250), "{idled:?}");
     }
 }
