@@ -107,8 +107,8 @@ pub struct Args {
     #[arg(long, env = "AVIARY_FLAGGER_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub flagger_metrics: bool,
 
-    /// How long a metric series nothing records into is kept before it is removed (a number and
-    /// a unit, `s`, `m` or `h`; at least 1m). A series that comes back starts again from 0.
+    /// How long a metric series nothing records into is kept before it is removed (at least
+    /// 1m). A series that comes back starts again from 0.
     #[arg(long, env = "AVIARY_METRICS_IDLE_EXPIRY", value_parser = parse_idle_expiry, default_value = DEFAULT_METRICS_IDLE_EXPIRY)]
     pub metrics_idle_expiry: Duration,
 
@@ -303,17 +303,9 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The metrics idle expiry: a duration flag of at least a minute.
 fn parse_idle_expiry(s: &str) -> Result<Duration, String> {
-    let unit = match s.chars().last() {
-        Some('s') => 1,
-        Some('m') => 60,
-        Some('h') => 3600,
-        _ => return Err("a number and a unit: s, m or h (e.g. 10m)".into()),
-    };
-    let count: u64 = s[..s.len() - 1]
-        .parse()
-        .map_err(|e| format!("not a number and a unit (e.g. 10m): {e}"))?;
-    let expiry = Duration::from_secs(count.saturating_mul(unit));
+    let expiry = parse_flag_duration(s)?;
     if expiry < MIN_METRICS_IDLE_EXPIRY {
         return Err("at least 1m: a series must outlive a scrape after its last recording".into());
     }
