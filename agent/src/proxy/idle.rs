@@ -42,10 +42,6 @@ impl<T> IdleTimeout<T> {
         Self { io, timer }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
-
     fn moved(&mut self) {
         if let Some(timer) = &mut self.timer {
             timer.active = Instant::now();
