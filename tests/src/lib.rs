@@ -579,22 +579,42 @@ impl Node {
         );
     }
 
+    /// Starts the backend of `aviary-testpod hold-serve` in `pod`: it greets each connection,
+    /// then holds it silent until its peer closes it, however many there are.
+    pub fn serve_held(&self, pod: &Pod, port: u16) {
+        self.start_server(
+            pod,
+            &[
+                "hold-serve",
+                "--name",
+                &pod.name,
+                "--port",
+                &port.to_string(),
+            ],
+        );
+    }
+
     fn start_server(&self, pod: &Pod, args: &[&str]) {
-        let mut child = self
-            .testpod(pod, args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
         let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
+        self.spawn(pod, args).read_line(&mut first).unwrap();
         assert!(
             first.starts_with("serving"),
             "backend {} did not start: {first:?}",
             pod.name
         );
+    }
+
+    /// Starts `aviary-testpod <args>` in `pod` and returns its output as it comes; the process
+    /// is killed with the node if it is still running then.
+    pub fn spawn(&self, pod: &Pod, args: &[&str]) -> BufReader<ChildStdout> {
+        let mut child = self
+            .testpod(pod, args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
         self.children.lock().unwrap().push(child);
+        stdout
     }
 
     /// Runs `program` in `pod` to completion (bounded by `timeout`).

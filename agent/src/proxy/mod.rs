@@ -14,6 +14,7 @@ pub mod workers;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
+use futures::FutureExt as _;
 use nix::sys::socket::{setsockopt, sockopt};
 use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, Socket, Type};
@@ -117,11 +118,9 @@ where
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = handle(stream, peer);
-                tokio::spawn(async move {
-                    connection.await;
-                    drop(admitted);
-                });
+                // Not an async block awaiting the connection: that would hold the connection's
+                // future twice (rust-lang/rust#108906), doubling each connection's task.
+                tokio::spawn(handle(stream, peer).map(move |()| drop(admitted)));
             }
             // Out of file descriptors or a connection reset before accept: keep serving.
             Err(e) => {
