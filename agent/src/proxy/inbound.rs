@@ -68,7 +68,8 @@ impl Inbound {
             (route, table.endpoint_protocol(&pod))
         };
         match read_as(protocol, &client, self.detect_timeout).await {
-            Detected::Http => self.http.clone().serve_inbound(client, pod, peer).await,
+            // Boxed, as outbound: opaque connections' tasks stay small.
+            Detected::Http => Box::pin(self.http.clone().serve_inbound(client, pod, peer)).await,
             Detected::Opaque => {
                 let relay = super::Relay {
                     peer,

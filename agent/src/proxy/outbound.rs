@@ -88,7 +88,9 @@ impl Outbound {
         let source = table.pod(peer.ip());
         drop(table);
         match read_as(service.protocol, &client, self.detect_timeout).await {
-            Detected::Http => self.http.clone().serve(client, dst, peer).await,
+            // Boxed: an opaque connection's task, idle for hours perhaps, need not be as large
+            // as an HTTP connection's future.
+            Detected::Http => Box::pin(self.http.clone().serve(client, dst, peer)).await,
             Detected::Opaque => {
                 self.relay_opaque(client, peer, dst, &source, &service)
                     .await

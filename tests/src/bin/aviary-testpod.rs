@@ -4,7 +4,9 @@
 //!   process, placed the way a container runtime places it.
 //! - `serve`: a backend that greets each TCP connection with its name and the addresses it
 //!   sees, then echoes; it also echoes UDP datagrams.
-//! - `connect`, `session`, `udp`: clients.
+//! - `hold-serve`: greets like `serve`, then holds each connection silent until its peer closes
+//!   it, however many there are, on one thread.
+//! - `connect`, `session`, `udp`, `hold`: clients.
 //! - `http-serve`, `http-load`, `http-get`, `reconnect`: an HTTP/1.1 backend and its clients.
 //! - `grpc-serve`, `grpc-unary`, `grpc-stream`: a gRPC backend and its client
 //!   (`aviary_tests::grpc`).
@@ -64,6 +66,26 @@ enum Command {
         count: u64,
         #[arg(long, default_value_t = 1)]
         parallel: u64,
+    },
+    /// Greet each TCP connection on `port` like `serve`, then say nothing more and close it when
+    /// the peer closes: many idle connections on one thread.
+    HoldServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// Open `count` connections (`parallel` at a time), read each one's greeting, then hold them
+    /// all open and idle for `secs` and exit. Prints the first greeting, then "open <count>"
+    /// once every connection is open.
+    Hold {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+        #[arg(long)]
+        secs: f64,
     },
     /// One connection: print the greeting, then echo each stdin line through it.
     Session { addr: SocketAddr },
@@ -200,6 +222,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             count,
             parallel,
         } => connect_many(addr, count, parallel),
+        Command::HoldServe { name, port } => hold_serve(name, port),
+        Command::Hold {
+            addr,
+            count,
+            parallel,
+            secs,
+        } => hold(addr, count, parallel, Duration::from_secs_f64(secs)),
         Command::Session { addr } => session(addr),
         Command::Udp { addr } => udp(addr),
         Command::Load { mode } => load(mode),
@@ -299,6 +328,90 @@ fn serve(name: String, port: u16, udp_port: Option<u16>) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: many connections need many.
+fn raise_open_files_limit() -> anyhow::Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising the open files limit")
+}
+
+fn hold_serve(name: String, port: u16) -> anyhow::Result<()> {
+    raise_open_files_limit()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("::", port)).await?;
+        println!("serving {name} on {port}");
+        loop {
+            let (mut stream, peer) = listener.accept().await?;
+            let local = stream.local_addr()?;
+            let greeting = format!(
+                "hello from {name} peer={} local={}\n",
+                canonical(peer),
+                canonical(local)
+            );
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                if stream.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                // Until the peer closes (or sends something, which this server never expects).
+                let _ = stream.read(&mut [0u8; 1]).await;
+            });
+        }
+    })
+}
+
+fn hold(addr: SocketAddr, count: usize, parallel: usize, secs: Duration) -> anyhow::Result<()> {
+    raise_open_files_limit()?;
+    let next = AtomicU64::new(0);
+    let first = Mutex::new(None);
+    let held = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..parallel.max(1))
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<Vec<TcpStream>> {
+                    let mut held = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if i >= count {
+                            return Ok(held);
+                        }
+                        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                            .with_context(|| format!("connection {i}"))?;
+                        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                        let greeting = read_line(&stream).context("reading the greeting")?;
+                        first.lock().unwrap().get_or_insert(greeting);
+                        held.push(stream);
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker panicked"))
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    println!("{}", first.into_inner().unwrap().unwrap_or_default());
+    println!("open {}", held.iter().map(Vec::len).sum::<usize>());
+    std::io::stdout().flush()?;
+    std::thread::sleep(secs);
+    Ok(())
+}
+
+/// One line, read without a buffer that could take bytes past it.
+fn read_line(mut stream: &TcpStream) -> anyhow::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if stream.read(&mut byte)? == 0 {
+            bail!("closed after {} bytes", line.len());
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).trim_end().to_owned())
 }
 
 /// A v4-mapped address as the IPv4 address it is.
