@@ -1,5 +1,5 @@
-//! `cargo xtask setup|build|lint|test|demo|bench`: everything the project needs, from a fresh
-//! machine, in one place. Each command does its own set-up first.
+//! `cargo xtask setup|build|lint|test|fuzz|demo|bench`: everything the project needs, from a
+//! fresh machine, in one place. Each command does its own set-up first.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -12,6 +12,13 @@ use clap::{Parser, Subcommand};
 
 const BPF_LINKER_VERSION: &str = "0.10.1";
 const NIGHTLY: &str = "nightly";
+/// The newest cargo-fuzz; it builds on the installed stable toolchain.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The fuzz targets in fuzz/fuzz_targets, each with its seed corpus in fuzz/corpus/<target>.
+const FUZZ_TARGETS: &[&str] = &["duration", "annotations", "policy_yaml", "http_request"];
+/// How long `cargo xtask test` fuzzes each target, from its seeds: a smoke test that keeps the
+/// targets building and the seeds passing.
+const FUZZ_SMOKE_SECONDS: u32 = 20;
 
 #[derive(Parser)]
 #[command(about = "Aviary's build, test, demo and benchmark tasks")]
@@ -22,17 +29,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the build needs (idempotent): nightly rust-src, bpf-linker, iproute2.
+    /// Install what the build needs (idempotent): nightly rust-src, bpf-linker, cargo-fuzz,
+    /// iproute2.
     Setup,
     /// Build the agent (release).
     Build,
     /// cargo fmt --check and cargo clippy -D warnings, for the host crates and the programs.
     Lint,
-    /// Every test: unit tests, then the privileged end-to-end tests (as root).
+    /// Every test: unit tests, then the privileged end-to-end tests (as root), then a short run
+    /// of each fuzz target (left out when arguments select tests).
     Test {
         /// Extra arguments for cargo test (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fuzzes each target (or one) for a while, from its seeds and what earlier runs found.
+    Fuzz {
+        /// One of: duration, annotations, policy_yaml, http_request.
+        #[arg(long)]
+        target: Option<String>,
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
     },
     /// The demo, in local mode on a node built from network namespaces (as root).
     Demo {
@@ -65,6 +83,8 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Lint => {
             setup()?;
             cargo(&["fmt", "--all", "--", "--check"])?;
+            // The fuzz targets are a workspace of their own.
+            cargo(&["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             // The programs only build for the BPF target, with the nightly toolchain.
             status(Command::new("cargo").args([
@@ -87,7 +107,24 @@ fn run(task: Task) -> anyhow::Result<()> {
             cargo(&["build", "--bins"])?;
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            cargo(&test)?;
+            if args.is_empty() {
+                fuzz(FUZZ_TARGETS, FUZZ_SMOKE_SECONDS)?;
+            }
+            Ok(())
+        }
+        Task::Fuzz { target, seconds } => {
+            setup()?;
+            match target {
+                None => fuzz(FUZZ_TARGETS, seconds),
+                Some(target) if FUZZ_TARGETS.contains(&target.as_str()) => {
+                    fuzz(&[&target], seconds)
+                }
+                Some(target) => bail!(
+                    "no fuzz target {target:?}; the targets are {}",
+                    FUZZ_TARGETS.join(", ")
+                ),
+            }
         }
         Task::Demo { short } => {
             setup()?;
@@ -127,7 +164,58 @@ fn run(task: Task) -> anyhow::Result<()> {
 fn setup() -> anyhow::Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
     ensure_iproute2()
+}
+
+/// Runs each fuzz target for `seconds`, one after another (libFuzzer, with the address
+/// sanitizer, overflow checks and debug assertions, on the nightly toolchain). The inputs a run
+/// finds go to fuzz/corpus/<target> under the target directory (the committed seeds stay as
+/// they are), and a failing input to fuzz/artifacts/<target> there; a failure fails the run.
+fn fuzz(targets: &[&str], seconds: u32) -> anyhow::Result<()> {
+    let work = target_dir().join("fuzz");
+    for target in targets {
+        let corpus = work.join("corpus").join(target);
+        let artifacts = work.join("artifacts").join(target);
+        for dir in [&corpus, &artifacts] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        status(
+            Command::new("cargo")
+                .arg(format!("+{NIGHTLY}"))
+                .args(["fuzz", "run", "--target-dir"])
+                .arg(target_dir())
+                .arg(target)
+                .arg(&corpus)
+                .arg(Path::new("fuzz/corpus").join(target))
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                // An input that takes this long is a hang, and a failure like a crash.
+                .arg("-timeout=10")
+                .arg(format!("-artifact_prefix={}/", artifacts.display()))
+                .arg("-print_final_stats=1"),
+        )?;
+    }
+    Ok(())
+}
+
+/// cargo-fuzz, which builds the fuzz targets with the nightly toolchain. The nightly needs no
+/// component for it: its standard library ships the sanitizers' runtimes.
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    let current = Command::new("cargo").args(["fuzz", "--version"]).output();
+    if let Ok(out) = current {
+        if String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION) {
+            return Ok(());
+        }
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    status(Command::new("cargo").args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        "--locked",
+        "--force",
+    ]))
 }
 
 fn ensure_nightly_rust_src() -> anyhow::Result<()> {

@@ -36,7 +36,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use crate::metrics::{self, Direction, MethodClass, Metrics, RequestLabels};
@@ -243,8 +243,12 @@ impl HttpProxy {
 
     /// Serves one client connection to the service at `dst` (HTTP/1.1 or HTTP/2, told apart
     /// by the HTTP/2 preface). A malformed request gets 400 and its connection closes; other
-    /// connections carry on.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, dst: SocketAddr, peer: SocketAddr) {
+    /// connections carry on. The connection is any byte stream: a captured TCP connection, or
+    /// the fuzz targets' in-memory one.
+    pub async fn serve<S>(self: Arc<Self>, stream: S, dst: SocketAddr, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let conn = Arc::new(ClientConn::new(peer, dst, &self.routes));
         let this = self.clone();
         let handler = hyper::service::service_fn(move |req| {
@@ -316,12 +320,10 @@ impl HttpProxy {
 
     /// Serves one connection the inbound listener took for the enrolled pod at `pod`: each
     /// request goes to the pod as it came, and is measured from the destination's side.
-    pub async fn serve_inbound(
-        self: Arc<Self>,
-        stream: TcpStream,
-        pod: SocketAddr,
-        peer: SocketAddr,
-    ) {
+    pub async fn serve_inbound<S>(self: Arc<Self>, stream: S, pod: SocketAddr, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let conn = Arc::new(ClientConn::new(peer, pod, &self.routes));
         let this = self.clone();
         let handler = hyper::service::service_fn(move |req: Request<Incoming>| {

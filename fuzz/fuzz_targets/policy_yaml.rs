@@ -1,0 +1,80 @@
+//! Local mode's policy files: any text is parsed as Kubernetes YAML, stored, and compiled into
+//! the enrolment policy and the routing table, which then routes a few requests (rules, weights, endpoints, mirrors); none of it may
+//! panic. A key that appears twice is an update, so the store's change log runs too.
+#![no_main]
+
+use aviary_agent::{
+    policy::{
+        self, local,
+        routes::{self, RouteOptions},
+        Store,
+    },
+    proxy::{
+        balance,
+        route::{BackendRef, RequestView},
+        split::{pick_weighted, sampled, Rng},
+    },
+};
+use http::{HeaderMap, HeaderValue, Method};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(objects) = local::parse_documents(text) else {
+        return;
+    };
+    let mut store = Store::default();
+    // One at a time, as a watch delivers them; then the whole listing, as a relist does.
+    for object in objects.iter().cloned() {
+        let _ = store.upsert(object);
+    }
+    let _ = store.replace_all(objects);
+    let _ = store.take_changes();
+
+    let local_policy = policy::compile(&store, None);
+    let node_policy = policy::compile(&store, Some("node-a"));
+    let _ = node_policy.describe_change(&local_policy);
+    let _ = routes::routing_notes(&store);
+
+    let mut headers = HeaderMap::new();
+    headers.insert("x-canary", HeaderValue::from_static("always"));
+    headers.append("cookie", HeaderValue::from_static("canary=always"));
+    headers.append("cookie", HeaderValue::from_static("session=1"));
+    for options in [
+        RouteOptions::default(),
+        RouteOptions {
+            node: Some("node-a".into()),
+            inbound_capture: true,
+        },
+    ] {
+        let table = routes::compile_routes(&store, &options);
+        for service in table.services.values().chain(table.consumers.values()) {
+            for (method, path, query) in [
+                (Method::GET, "/", None),
+                (Method::POST, "/api/v1/items", Some("v=2&debug")),
+            ] {
+                let request = RequestView {
+                    method: &method,
+                    path,
+                    query,
+                    headers: &headers,
+                };
+                let Some(rule) = service.route(&request) else {
+                    continue;
+                };
+                // The draws each request makes: a backend by weight, an endpoint, a mirror.
+                let mut rng = Rng::seeded(data.len() as u64);
+                if let Some(index) = pick_weighted(rule.weights(), &mut rng) {
+                    if let BackendRef::Service(backend) = &rule.backends[index].backend {
+                        let _ = balance::pick(&backend.endpoints, None, &mut rng);
+                    }
+                }
+                if let Some(mirror) = &rule.mirror {
+                    let _ = sampled(mirror.numerator, mirror.denominator, &mut rng);
+                }
+            }
+        }
+    }
+});
