@@ -275,7 +275,7 @@ impl HttpProxy {
     }
 
     /// A client connection as the server reads it: closed once idle for the idle timeout.
-    fn client_io(&self, stream: TcpStream) -> TokioIo<IdleTimeout<TcpStream>> {
+    fn client_io<S>(&self, stream: S) -> TokioIo<IdleTimeout<S>> {
         TokioIo::new(IdleTimeout::new(stream, self.cfg.idle_timeout))
     }
 
