@@ -3,11 +3,16 @@
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
 use clap::{Parser, ValueEnum};
 
-use crate::ebpf::AUTO_UPLINKS;
+use crate::{
+    ebpf::AUTO_UPLINKS,
+    policy::gamma::parse_duration,
+    proxy::{balance::OutlierConfig, http::HttpConfig},
+};
 
 /// The socket mark on the proxy's own upstream sockets. Istio and ztunnel use 1337 (0x539) for
 /// the same purpose; Aviary uses its own value so the two never take each other's traffic.
@@ -18,6 +23,22 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
+
+/// How long a metric series may go without a recording before it is removed; linkerd2-proxy
+/// keeps idle series for the same 10 minutes.
+pub const DEFAULT_METRICS_IDLE_EXPIRY: &str = "10m";
+
+/// The shortest idle expiry: Prometheus's default scrape interval, so that a series is scraped
+/// after its last recording before it can expire.
+const MIN_METRICS_IDLE_EXPIRY: Duration = Duration::from_secs(60);
+
+/// Connections per listener kind. An idle opaque connection costs about 10 KiB: 2.2 KiB of the
+/// agent's own memory and two sockets' kernel objects, which the memory cgroup charges to the
+/// agent too. Both kinds at this bound come to about 310 MiB, which with the policy of a large
+/// cluster (124 MiB for 10,000 Services) fits the DaemonSet's 512 MiB limit: past the bound new
+/// connections are refused, where past the memory limit the kernel would kill the agent and
+/// every connection with it. Raise the two together.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16_384;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -92,6 +113,11 @@ pub struct Args {
     #[arg(long, env = "AVIARY_FLAGGER_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub flagger_metrics: bool,
 
+    /// How long a metric series nothing records into is kept before it is removed (at least
+    /// 1m). A series that comes back starts again from 0.
+    #[arg(long, env = "AVIARY_METRICS_IDLE_EXPIRY", value_parser = parse_idle_expiry, default_value = DEFAULT_METRICS_IDLE_EXPIRY)]
+    pub metrics_idle_expiry: Duration,
+
     /// The IPv6 address at which pods reach the proxy; without it only IPv4 services (and
     /// v4-mapped connects) are captured.
     #[arg(long, env = "AVIARY_PROXY_IP6")]
@@ -131,9 +157,123 @@ pub struct Args {
     #[arg(long, env = "AVIARY_WORKERS", default_value_t = 0)]
     pub workers: usize,
 
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+    /// Connections each kind of proxy listener (outbound, inbound) holds at once, across the
+    /// workers; one more is reset as soon as it is accepted.
+    #[arg(long, env = "AVIARY_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// Log format.
     #[arg(long, env = "AVIARY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// How the proxy bounds time and memory, and when it gives up on an endpoint. Durations are
+/// written as in the Gateway API ("500ms", "1m30s"); "0s" turns a timeout off where that is
+/// allowed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// How long a connect to an endpoint may take before the request moves to another.
+    #[arg(long, env = "AVIARY_CONNECT_TIMEOUT", value_parser = parse_flag_duration, default_value = "1s")]
+    pub connect_timeout: Duration,
+
+    /// How long an HTTP/1.1 client may take to send a request's headers, counted from when the
+    /// proxy starts waiting for them: the connection's start, or the end of the previous
+    /// response. It therefore also ends HTTP/1.1 connections idle between requests, as nginx's
+    /// client_header_timeout does. "0s": no limit.
+    #[arg(long, env = "AVIARY_HEADER_READ_TIMEOUT", value_parser = parse_flag_duration, default_value = "60s")]
+    pub header_read_timeout: Duration,
+
+    /// A client connection (HTTP or opaque TCP) that moves no byte either way for this long is
+    /// closed; for opaque TCP, the upstream connection with it. "0s": never.
+    #[arg(long, env = "AVIARY_IDLE_TIMEOUT", value_parser = parse_flag_duration, default_value = "1h")]
+    pub idle_timeout: Duration,
+
+    /// How long an upstream HTTP connection may wait in the pool for its next request.
+    #[arg(long, env = "AVIARY_UPSTREAM_IDLE_TIMEOUT", value_parser = parse_flag_duration, default_value = "60s")]
+    pub upstream_idle_timeout: Duration,
+
+    /// HTTP/2 connections, client and upstream, are pinged this often; "0s": never.
+    #[arg(long, env = "AVIARY_HTTP2_KEEPALIVE_INTERVAL", value_parser = parse_flag_duration, default_value = "20s")]
+    pub http2_keepalive_interval: Duration,
+
+    /// An HTTP/2 connection whose ping is not answered within this time is closed.
+    #[arg(long, env = "AVIARY_HTTP2_KEEPALIVE_TIMEOUT", value_parser = parse_flag_duration, default_value = "20s")]
+    pub http2_keepalive_timeout: Duration,
+
+    /// A request body up to this size is held in memory when a mirror will send it again;
+    /// larger bodies stream and are not mirrored.
+    #[arg(long, env = "AVIARY_BODY_BUFFER_LIMIT", default_value_t = 1024 * 1024)]
+    pub body_buffer_limit: usize,
+
+    /// The bytes of request bodies held at once, across all requests; beyond it, bodies stream
+    /// and their mirror copies are skipped (and counted).
+    #[arg(long, env = "AVIARY_BODY_BUFFER_BUDGET", default_value_t = 64 * 1024 * 1024)]
+    pub body_buffer_budget: usize,
+
+    /// Outlier detection: 5xx answers in a row that eject an endpoint; 0 turns it off. A
+    /// failed connect always ejects.
+    #[arg(long, env = "AVIARY_OUTLIER_CONSECUTIVE_5XX", default_value_t = 5)]
+    pub outlier_consecutive_5xx: u32,
+
+    /// Outlier detection: the first ejection's length; each ejection in a row doubles it.
+    #[arg(long, env = "AVIARY_OUTLIER_BASE_EJECTION", value_parser = parse_flag_duration, default_value = "5s")]
+    pub outlier_base_ejection: Duration,
+
+    /// Outlier detection: the longest an ejection lasts.
+    #[arg(long, env = "AVIARY_OUTLIER_MAX_EJECTION", value_parser = parse_flag_duration, default_value = "2m")]
+    pub outlier_max_ejection: Duration,
+
+    /// Outlier detection: the share of a backend's endpoints ejected at once at most, in
+    /// percent (one of several always may be; the last never is).
+    #[arg(long, env = "AVIARY_OUTLIER_MAX_EJECTED_PERCENT", value_parser = clap::value_parser!(u8).range(0..=100), default_value_t = 50)]
+    pub outlier_max_ejected_percent: u8,
+}
+
+impl ProxyArgs {
+    fn http(&self) -> anyhow::Result<HttpConfig> {
+        let required = [
+            ("--connect-timeout", self.connect_timeout),
+            ("--upstream-idle-timeout", self.upstream_idle_timeout),
+            ("--http2-keepalive-timeout", self.http2_keepalive_timeout),
+            ("--outlier-base-ejection", self.outlier_base_ejection),
+            ("--outlier-max-ejection", self.outlier_max_ejection),
+        ];
+        if let Some((flag, _)) = required.iter().find(|(_, d)| d.is_zero()) {
+            anyhow::bail!("{flag} must be longer than 0s");
+        }
+        if self.outlier_max_ejection < self.outlier_base_ejection {
+            anyhow::bail!("--outlier-max-ejection must be at least --outlier-base-ejection");
+        }
+        if self.body_buffer_budget < self.body_buffer_limit {
+            anyhow::bail!("--body-buffer-budget must be at least --body-buffer-limit");
+        }
+        let unless_zero = |d: Duration| (!d.is_zero()).then_some(d);
+        Ok(HttpConfig {
+            body_buffer_limit: self.body_buffer_limit,
+            body_buffer_budget: self.body_buffer_budget,
+            connect_timeout: self.connect_timeout,
+            header_read_timeout: unless_zero(self.header_read_timeout),
+            idle_timeout: unless_zero(self.idle_timeout),
+            pool_idle_timeout: self.upstream_idle_timeout,
+            http2_keepalive_interval: unless_zero(self.http2_keepalive_interval),
+            http2_keepalive_timeout: self.http2_keepalive_timeout,
+            outlier: OutlierConfig {
+                consecutive_server_errors: self.outlier_consecutive_5xx,
+                base_ejection: self.outlier_base_ejection,
+                max_ejection: self.outlier_max_ejection,
+                max_ejected_percent: self.outlier_max_ejected_percent,
+            },
+            ..HttpConfig::default()
+        })
+    }
+}
+
+/// A duration flag, in the Gateway API's format (the one policy uses); "0s" is zero.
+fn parse_flag_duration(s: &str) -> Result<Duration, String> {
+    Ok(parse_duration(s)?.unwrap_or(Duration::ZERO))
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -169,6 +309,15 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The metrics idle expiry: a duration flag of at least a minute.
+fn parse_idle_expiry(s: &str) -> Result<Duration, String> {
+    let expiry = parse_flag_duration(s)?;
+    if expiry < MIN_METRICS_IDLE_EXPIRY {
+        return Err("at least 1m: a series must outlive a scrape after its last recording".into());
+    }
+    Ok(expiry)
+}
+
 /// Where policy comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
@@ -195,6 +344,7 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub flagger_metrics: bool,
+    pub metrics_idle_expiry: Duration,
     pub outbound_port: u16,
     pub inbound_interfaces: Vec<String>,
     pub inbound_bridge: Option<String>,
@@ -203,6 +353,9 @@ pub struct Config {
     pub sk_msg: bool,
     /// Data-plane workers, resolved (at least 1).
     pub workers: usize,
+    pub http: HttpConfig,
+    /// Per listener kind.
+    pub max_connections: usize,
     pub log_format: LogFormat,
 }
 
@@ -249,6 +402,7 @@ impl TryFrom<Args> for Config {
                 args.pin_name
             );
         }
+        let http = args.proxy.http()?;
         Ok(Self {
             policy,
             node_name: args.node_name,
@@ -261,6 +415,7 @@ impl TryFrom<Args> for Config {
             metrics_addr: args.metrics_addr,
             health_addr: args.health_addr,
             flagger_metrics: args.flagger_metrics,
+            metrics_idle_expiry: args.metrics_idle_expiry,
             outbound_port: args.outbound_port,
             inbound_interfaces,
             inbound_bridge,
@@ -268,6 +423,8 @@ impl TryFrom<Args> for Config {
             workers: crate::proxy::workers::worker_count(Some(args.workers)),
             proxy_mark: args.proxy_mark,
             sk_msg: args.sk_msg,
+            http,
+            max_connections: args.max_connections as usize,
             log_format: args.log_format,
         })
     }
@@ -289,6 +446,79 @@ mod tests {
         assert_eq!(cfg.outbound_port, 15001);
         assert_eq!(cfg.proxy_mark, DEFAULT_PROXY_MARK);
         assert!(!cfg.sk_msg);
+        assert_eq!(cfg.metrics_idle_expiry, Duration::from_secs(600));
+        assert_eq!(cfg.max_connections, DEFAULT_MAX_CONNECTIONS as usize);
+    }
+
+    #[test]
+    fn the_metrics_idle_expiry_takes_a_unit_and_is_a_minute_at_least() {
+        assert_eq!(parse_idle_expiry("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_idle_expiry("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_idle_expiry("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_idle_expiry("30s").is_err());
+        assert!(parse_idle_expiry("600").is_err());
+        assert!(parse_idle_expiry("m").is_err());
+        assert!(parse_idle_expiry("").is_err());
+    }
+
+    #[test]
+    fn proxy_limits_have_defaults_and_take_durations() {
+        let base = ["--local", "p.yaml", "--proxy-ip", "10.0.0.1"];
+        let http = parse(&base).unwrap().http;
+        assert_eq!(http.connect_timeout, Duration::from_secs(1));
+        assert_eq!(http.header_read_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(http.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(http.pool_idle_timeout, Duration::from_secs(60));
+        assert_eq!(http.http2_keepalive_interval, Some(Duration::from_secs(20)));
+        assert_eq!(http.outlier, OutlierConfig::default());
+        assert_eq!(http.body_buffer_budget, 64 << 20);
+
+        let set = [
+            "--connect-timeout=250ms",
+            "--idle-timeout=0s",
+            "--header-read-timeout=5s",
+            "--outlier-max-ejection=1h",
+            "--outlier-max-ejected-percent=20",
+        ];
+        let http = parse(&[&base[..], &set].concat()).unwrap().http;
+        assert_eq!(http.connect_timeout, Duration::from_millis(250));
+        assert_eq!(http.idle_timeout, None, "0s turns it off");
+        assert_eq!(http.header_read_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(http.outlier.max_ejection, Duration::from_secs(3600));
+        assert_eq!(http.outlier.max_ejected_percent, 20);
+
+        for bad in [
+            "--connect-timeout=0s",
+            "--connect-timeout=10",
+            "--idle-timeout=99999999h",
+            "--outlier-max-ejected-percent=101",
+            "--outlier-max-ejection=1s",
+            "--body-buffer-budget=1",
+        ] {
+            let err = parse(&[&base[..], &[bad]].concat())
+                .unwrap_err()
+                .to_string();
+            let flag = bad.split('=').next().unwrap();
+            assert!(err.contains(flag), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_connection_limit_is_at_least_one() {
+        let max = |value: &str| {
+            parse(&[
+                "--local",
+                "p",
+                "--proxy-ip",
+                "10.0.0.1",
+                "--max-connections",
+                value,
+            ])
+            .map(|cfg| cfg.max_connections)
+        };
+        assert_eq!(max("500").unwrap(), 500);
+        assert!(max("0").is_err());
+        assert!(max("-1").is_err());
     }
 
     #[test]

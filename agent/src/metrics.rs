@@ -2,30 +2,46 @@
 //! slow scrape never competes with traffic.
 //!
 //! The request path takes no lock and hashes no labels: a caller resolves a series handle once
-//! ([`Metrics::request_series`], [`Metrics::tcp_series`]: one family lookup each) and records
-//! through it as often as it likes, with atomic increments only. Durations go to an
+//! ([`Metrics::request_series`], [`Metrics::tcp_series`]: a map lookup each) and records through
+//! it as often as it likes, with atomic increments only. Durations go to an
 //! [`AtomicHistogram`], which renders exactly as prometheus-client's `Histogram` but observes
 //! without its lock. Scrapes make no bpf() syscalls either: the eBPF counters and map
 //! occupancy are read by [`Metrics::refresh_ebpf`], on the control plane's timer, and a scrape
 //! encodes the last reading.
 //!
-//! Cardinality is bounded twice over:
+//! Cardinality is bounded three times over:
 //! - every label value comes from the policy snapshot (namespaces, Services, workloads, pods the
 //!   node's clients reach) or from a fixed set (direction, method class, status code, mirror
 //!   outcome); nothing a request carries becomes a label value;
-//! - each family holds at most [`MAX_SERIES`] series. A family that reaches it is cleared and
-//!   starts again, which Prometheus reads as a counter reset, and
-//!   `aviary_metrics_series_resets_total` counts it. A series handle obtained before a clear
-//!   is no longer exported after it.
+//! - series expire one by one, as linkerd2-proxy's do: one that nothing recorded into for the
+//!   idle expiry (`--metrics-idle-expiry`, 10 minutes by default) is removed by
+//!   [`Metrics::sweep`], which the control plane runs every [`SWEEP_INTERVAL`]. Prometheus
+//!   reads a series that comes back later as a counter that restarted from 0. The series of a
+//!   route, Service or pod gone from the snapshot are no exception: nothing hits them any more,
+//!   so they go idle and expire. Removing them as soon as the snapshot drops them would lose
+//!   what was recorded into them since the last scrape, and what requests and connections
+//!   still under the old table go on recording;
+//! - a family holds at most [`MAX_SERIES`] series, as a last resort. At its cap it refuses new
+//!   series (what they would have counted is lost, and `aviary_metrics_series_refused_total`
+//!   counts them) and never touches the series being recorded into; the next sweep makes room
+//!   by evicting the series quiet the longest, for a sweep at least, down to [`EVICT_TO`]
+//!   (`aviary_metrics_series_removed_total{reason="evicted"}`).
+//!
+//! A handle outlives its series only briefly. A sweep moves [`Metrics::removals`] once it
+//! removed series, and holders of long-lived handles (the data plane's per-worker cache)
+//! compare it before each use and resolve their handles again when it moved. An opaque TCP
+//! connection holds its handle for its whole life, so a series with a connection open is never
+//! removed.
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
     hash::Hash,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicU64, Ordering},
+        Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -38,7 +54,7 @@ use prometheus_client::{
     },
     metrics::{
         counter::{ConstCounter, Counter},
-        family::{Family, MetricConstructor},
+        family::Family,
         gauge::ConstGauge,
         MetricType, TypedMetric,
     },
@@ -49,13 +65,22 @@ use tracing::debug;
 use crate::{
     ebpf::maps::{Occupancy, Stats},
     proxy::{
+        balance::Failure,
         http::MirrorOutcome,
         route::{unknown, ServiceRoutes, Workload},
     },
 };
 
-/// Series per family before it is cleared.
+/// Series a family holds at most: a family at its cap refuses new series.
 pub const MAX_SERIES: usize = 20_000;
+
+/// Series a sweep brings a family back to, by evicting its quietest, when it holds more: room
+/// for new series to be created until the next sweep.
+pub const EVICT_TO: usize = MAX_SERIES / 10 * 9;
+
+/// How often the control plane sweeps the series; a series must have been quiet for a sweep at
+/// least to be evicted.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Request duration buckets, in seconds: 0.5 ms to 10 s (Flagger checks p99 in milliseconds).
 const DURATION_BUCKETS: [f64; 14] = [
@@ -150,6 +175,12 @@ impl Route {
     }
 }
 
+/// The proxy listener a connection came to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: Direction,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
     #[prometheus(flatten)]
@@ -174,12 +205,31 @@ impl EncodeLabelValue for MirrorOutcome {
             Self::Sent => "sent",
             Self::SkippedNotIdempotent => "skipped_not_idempotent",
             Self::SkippedBodyTooLarge => "skipped_body_too_large",
+            Self::SkippedBufferBudget => "skipped_buffer_budget",
             Self::DroppedOverload => "dropped_overload",
             Self::Failed => "failed",
             Self::TimedOut => "timed_out",
         };
         EncodeLabelValue::encode(&outcome, encoder)
     }
+}
+
+impl EncodeLabelValue for Failure {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        let reason = match self {
+            Self::Connect => "connect_failure",
+            Self::Server => "server_error",
+        };
+        EncodeLabelValue::encode(&reason, encoder)
+    }
+}
+
+/// An endpoint failure, or an ejection, in one backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointFailureLabels {
+    reason: Failure,
+    destination_namespace: Name,
+    destination_service: Name,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -246,6 +296,12 @@ impl AtomicHistogram {
             });
     }
 
+    /// Observations so far.
+    fn count(&self) -> u64 {
+        let buckets = &self.inner.buckets;
+        buckets.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
     /// The sum, the count and the per-bucket counts (not cumulative), the last bucket's bound
     /// being `f64::MAX`, which the encoder renders as `+Inf`.
     fn snapshot(&self) -> (f64, u64, [(f64, u64); BUCKETS]) {
@@ -278,31 +334,239 @@ impl EncodeMetric for AtomicHistogram {
     }
 }
 
-/// A family that never holds more than [`MAX_SERIES`] series.
-struct Bounded<S, M, C = fn() -> M> {
-    family: Family<S, M, C>,
-    /// Series created since the family was last cleared (racing creators may count one twice,
-    /// which errs on the safe side).
-    series: AtomicUsize,
-    resets: Arc<AtomicU64>,
+/// The values of one series, recorded into through handles with atomic operations only.
+trait Values: Default + Send + Sync + 'static {
+    /// A number that moves with every recording: a sweep that finds it where the previous sweep
+    /// left it knows that nothing was recorded in between.
+    ///
+    /// Idleness is read off the values themselves rather than off a last-recorded timestamp that
+    /// each recording would store: recording then costs nothing beyond its increments (no clock
+    /// read, no further store to a cache line all the workers share), and the work moves to the
+    /// sweep, which reads each series once every [`SWEEP_INTERVAL`].
+    fn activity(&self) -> u64;
+
+    /// Whether a holder of `values` is still going to record into them: such a series is kept
+    /// however long it has been quiet.
+    fn in_use(_values: &Arc<Self>) -> bool {
+        false
+    }
 }
 
-impl<S: Clone + Eq + Hash, M: Clone, C: MetricConstructor<M>> Bounded<S, M, C> {
-    /// The series of `labels` (a handle: a clone shares its value), created if new. Creating
-    /// one in a full family clears the family first. A handle obtained before a clear stays
-    /// usable but is no longer exported: what is recorded through it afterwards is lost, and
-    /// the next lookup of its labels creates a new series. (Per-series expiry will replace the
-    /// clearing.)
-    fn series(&self, labels: &S) -> M {
-        if let Some(metric) = self.family.get(labels) {
-            return M::clone(&metric);
+/// The values of a request series: its count and its durations, two families with the same
+/// labels, recorded together.
+#[derive(Debug, Default)]
+struct RequestValues {
+    requests: Counter,
+    duration: AtomicHistogram,
+}
+
+impl Values for RequestValues {
+    fn activity(&self) -> u64 {
+        self.requests.get()
+    }
+}
+
+/// Flagger's series.
+impl Values for AtomicHistogram {
+    fn activity(&self) -> u64 {
+        self.count()
+    }
+}
+
+/// Mirror outcomes.
+impl Values for Counter {
+    fn activity(&self) -> u64 {
+        self.get()
+    }
+}
+
+/// The values of an opaque TCP series, four families with the same labels.
+#[derive(Debug, Default)]
+struct TcpValues {
+    opened: Counter,
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+impl Values for TcpValues {
+    /// The bytes are counted when a connection closes, so they move only with `closed`.
+    fn activity(&self) -> u64 {
+        self.opened.get().wrapping_add(self.closed.get())
+    }
+
+    /// A connection holds its handle from its open to its close, which may be hours apart with
+    /// nothing recorded in between.
+    fn in_use(values: &Arc<Self>) -> bool {
+        Arc::strong_count(values) > 1
+    }
+}
+
+/// [`Entry::swept`] of a series no sweep has seen yet.
+const UNSWEPT: u64 = u64::MAX;
+
+/// A series and what the sweeps saw of it.
+struct Entry<V> {
+    values: Arc<V>,
+    /// Its activity at the last sweep, or [`UNSWEPT`].
+    swept: AtomicU64,
+    /// The last sweep that saw its activity move, in ms since [`Metrics::epoch`].
+    quiet_since: AtomicU64,
+}
+
+/// What a store holds and what it removed or refused, for the agent's own metrics.
+#[derive(Debug, Default)]
+struct StoreCounts {
+    held: AtomicU64,
+    expired: AtomicU64,
+    evicted: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// The series of one or more families that share their labels and are recorded together (a
+/// request's count and duration): the data plane looks series up in it when it has no handle
+/// yet, the control plane's sweep removes idle ones, and the registry encodes it through a
+/// [`FamilyView`] per family.
+struct Store<L, V> {
+    series: RwLock<HashMap<L, Entry<V>>>,
+    counts: Arc<StoreCounts>,
+}
+
+/// Nothing panics while holding a store's lock (its map is only read, inserted into and removed
+/// from), so a poisoned one still guards a whole map.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<L: Clone + Eq + Hash, V: Values> Store<L, V> {
+    fn new() -> Self {
+        Self {
+            series: RwLock::default(),
+            counts: Arc::default(),
         }
-        if self.series.fetch_add(1, Ordering::Relaxed) >= MAX_SERIES {
-            self.family.clear();
-            self.series.store(1, Ordering::Relaxed);
-            self.resets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The series of `labels` (a handle: what is recorded through it is exported while the
+    /// series lives), created if new. A store at [`MAX_SERIES`] creates none and hands out
+    /// values of no series, never exported; its hot series are kept.
+    fn series(&self, labels: &L) -> Arc<V> {
+        // The handle is cloned under the lock, so a sweep, which checks `V::in_use` under the
+        // write lock, sees it.
+        if let Some(entry) = read(&self.series).get(labels) {
+            return entry.values.clone();
         }
-        self.family.get_or_create_owned(labels)
+        let mut series = write(&self.series);
+        // Another worker may have created it since.
+        if let Some(entry) = series.get(labels) {
+            return entry.values.clone();
+        }
+        if series.len() >= MAX_SERIES {
+            self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            return Arc::default();
+        }
+        let values = Arc::<V>::default();
+        series.insert(
+            labels.clone(),
+            Entry {
+                values: values.clone(),
+                swept: AtomicU64::new(UNSWEPT),
+                quiet_since: AtomicU64::new(0),
+            },
+        );
+        self.counts
+            .held
+            .store(series.len() as u64, Ordering::Relaxed);
+        values
+    }
+
+    /// Removes the series whose activity has not moved for `expiry` and that nothing holds for
+    /// further use; then, if the store is still above [`EVICT_TO`], evicts series that have
+    /// not moved since the previous sweep, the longest quiet first, down to it. `now` and
+    /// `expiry` are in ms since [`Metrics::epoch`]. Returns whether it removed any.
+    ///
+    /// It reads under the read lock, so lookups go on meanwhile, and takes the write lock only
+    /// to remove, checking again that each series is still idle.
+    fn sweep(&self, now: u64, expiry: u64) -> bool {
+        let (expired, evicted) = {
+            let series = read(&self.series);
+            let crowded = series.len() > EVICT_TO;
+            let (mut expired, mut quiet) = (Vec::new(), Vec::new());
+            for (labels, entry) in series.iter() {
+                let activity = entry.values.activity();
+                if entry.swept.swap(activity, Ordering::Relaxed) != activity {
+                    entry.quiet_since.store(now, Ordering::Relaxed);
+                } else if !V::in_use(&entry.values) {
+                    let quiet_since = entry.quiet_since.load(Ordering::Relaxed);
+                    if now.saturating_sub(quiet_since) >= expiry {
+                        expired.push(labels.clone());
+                    } else if crowded {
+                        quiet.push((quiet_since, labels.clone()));
+                    }
+                }
+            }
+            let excess = (series.len() - expired.len()).saturating_sub(EVICT_TO);
+            quiet.sort_unstable_by_key(|&(quiet_since, _)| quiet_since);
+            quiet.truncate(excess);
+            (expired, quiet)
+        };
+        if expired.is_empty() && evicted.is_empty() {
+            return false;
+        }
+        let mut series = write(&self.series);
+        let mut remove = |labels: &L| {
+            let idle = series.get(labels).is_some_and(|entry| {
+                entry.values.activity() == entry.swept.load(Ordering::Relaxed)
+                    && !V::in_use(&entry.values)
+            });
+            idle && series.remove(labels).is_some()
+        };
+        let expired = expired.iter().filter(|labels| remove(labels)).count() as u64;
+        let evicted = evicted.iter().filter(|(_, labels)| remove(labels)).count() as u64;
+        let counts = &self.counts;
+        counts.expired.fetch_add(expired, Ordering::Relaxed);
+        counts.evicted.fetch_add(evicted, Ordering::Relaxed);
+        counts.held.store(series.len() as u64, Ordering::Relaxed);
+        expired + evicted > 0
+    }
+}
+
+/// One family of a store's series, as the registry encodes it: `metric` picks the family's
+/// metric out of a series' values.
+struct FamilyView<L, V, M> {
+    store: Arc<Store<L, V>>,
+    metric: fn(&V) -> &M,
+}
+
+impl<L, V, M> std::fmt::Debug for FamilyView<L, V, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FamilyView").finish_non_exhaustive()
+    }
+}
+
+impl<L, V, M> EncodeMetric for FamilyView<L, V, M>
+where
+    L: EncodeLabelSet + Send + Sync,
+    V: Send + Sync,
+    M: EncodeMetric + TypedMetric,
+{
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, entry) in read(&self.store.series).iter() {
+            (self.metric)(&entry.values).encode(encoder.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
+    }
+
+    /// A family without series is left out of a scrape, as prometheus-client's `Family` is.
+    fn is_empty(&self) -> bool {
+        read(&self.store.series).is_empty()
     }
 }
 
@@ -311,23 +575,21 @@ impl<S: Clone + Eq + Hash, M: Clone, C: MetricConstructor<M>> Bounded<S, M, C> {
 /// clone shares the same series.
 ///
 /// A handle is meant to be kept while its labels hold (e.g. per connection, route, method and
-/// status); a handle kept across a family's clearing at its series bound records into series
-/// that are no longer exported (see [`MAX_SERIES`]), so a long-lived cache of handles should
-/// be rebuilt from time to time.
+/// status); a holder that keeps it longer compares [`Metrics::removals`] before each use, as
+/// the series may have expired, and resolves it again when that moved.
 #[derive(Debug, Clone)]
 pub struct RequestSeries {
-    requests: Counter,
-    duration: AtomicHistogram,
+    values: Arc<RequestValues>,
     /// `http_request_duration_seconds`, when this agent reports these requests to Flagger.
-    flagger: Option<AtomicHistogram>,
+    flagger: Option<Arc<AtomicHistogram>>,
 }
 
 impl RequestSeries {
     /// One answered request that took `took`, from the request to its response headers.
     pub fn record(&self, took: Duration) {
-        self.requests.inc();
+        self.values.requests.inc();
         let seconds = took.as_secs_f64();
-        self.duration.observe(seconds);
+        self.values.duration.observe(seconds);
         if let Some(flagger) = &self.flagger {
             flagger.observe(seconds);
         }
@@ -336,47 +598,70 @@ impl RequestSeries {
 
 /// The series of opaque TCP connections along one [`Route`]: resolved once per connection by
 /// [`Metrics::tcp_series`], then updated with atomic increments only. A clone shares the same
-/// series; the same caveat about the series bound as for [`RequestSeries`] applies.
+/// series, which is never removed while a handle to it lives: a connection holds one from its
+/// open to its close.
 #[derive(Debug, Clone)]
 pub struct TcpSeries {
-    opened: Counter,
-    closed: Counter,
-    sent: Counter,
-    received: Counter,
+    values: Arc<TcpValues>,
 }
 
 impl TcpSeries {
     /// A connection along the route was opened (its upstream connect succeeded).
     pub fn opened(&self) {
-        self.opened.inc();
+        self.values.opened.inc();
     }
 
     /// A connection along the route ended, having copied `sent` bytes from the client to the
     /// destination and `received` bytes back.
     pub fn closed(&self, sent: u64, received: u64) {
-        self.closed.inc();
-        self.sent.inc_by(sent);
-        self.received.inc_by(received);
+        self.values.closed.inc();
+        self.values.sent.inc_by(sent);
+        self.values.received.inc_by(received);
     }
 }
 
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
-    requests: Bounded<RequestLabels, Counter>,
-    durations: Bounded<RequestLabels, AtomicHistogram>,
-    flagger: Option<Bounded<FlaggerLabels, AtomicHistogram>>,
-    mirrors: Bounded<MirrorLabels, Counter>,
-    tcp_opened: Bounded<Route, Counter>,
-    tcp_closed: Bounded<Route, Counter>,
-    tcp_sent: Bounded<Route, Counter>,
-    tcp_received: Bounded<Route, Counter>,
+    /// `aviary_requests_total` and `aviary_request_duration_seconds`.
+    requests: Arc<Store<RequestLabels, RequestValues>>,
+    /// `http_request_duration_seconds`, when exported.
+    flagger: Option<Arc<Store<FlaggerLabels, AtomicHistogram>>>,
+    mirrors: Arc<Store<MirrorLabels, Counter>>,
+    endpoint_failures: Arc<Store<EndpointFailureLabels, Counter>>,
+    ejections: Arc<Store<EndpointFailureLabels, Counter>>,
+    /// The four `aviary_tcp_` families.
+    tcp: Arc<Store<Route, TcpValues>>,
+    /// By listener kind: two series at most, whose handles the listeners hold for good, so
+    /// never swept.
+    connections_refused: Family<ListenerLabels, Counter>,
     /// The pinned counters and maps, read by [`Metrics::refresh_ebpf`] only.
     ebpf: Option<Stats>,
     /// The last reading of `ebpf`, which scrapes encode.
     ebpf_reading: Arc<ArcSwap<EbpfReading>>,
-    /// Families cleared at their bound so far.
-    resets: Arc<AtomicU64>,
+    /// Sweeps that removed series so far.
+    removals: AtomicU64,
+    /// Where the sweeps' clock starts.
+    epoch: Instant,
+}
+
+/// Registers the family `name`, made of `store`'s series: `metric` picks it out of their values.
+fn register<L, V, M>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    store: &Arc<Store<L, V>>,
+    metric: fn(&V) -> &M,
+) where
+    L: EncodeLabelSet + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    M: EncodeMetric + TypedMetric + 'static,
+{
+    let view = FamilyView {
+        store: store.clone(),
+        metric,
+    };
+    registry.register(name, help, view);
 }
 
 impl Metrics {
@@ -384,124 +669,170 @@ impl Metrics {
     /// checks. `ebpf`: the pinned counters and maps, read by each [`Metrics::refresh_ebpf`].
     pub fn new(flagger_family: bool, ebpf: Option<Stats>) -> Self {
         let mut registry = Registry::default();
-        let resets = Arc::new(AtomicU64::new(0));
-        fn bounded<S, M, C>(
-            registry: &mut Registry,
-            resets: &Arc<AtomicU64>,
-            name: &str,
-            help: &str,
-            family: Family<S, M, C>,
-        ) -> Bounded<S, M, C>
-        where
-            Family<S, M, C>: EncodeMetric + TypedMetric,
-            S: Send + Sync + std::fmt::Debug + 'static,
-            M: Send + Sync + std::fmt::Debug + 'static,
-            C: Clone + Send + Sync + std::fmt::Debug + 'static,
-        {
-            registry.register(name, help, family.clone());
-            Bounded {
-                family,
-                series: AtomicUsize::new(0),
-                resets: resets.clone(),
-            }
-        }
-        let requests = bounded(
+        let requests = Arc::new(Store::new());
+        register(
             &mut registry,
-            &resets,
             "aviary_requests",
             "HTTP requests the proxy answered, mirror copies included (mirror=\"true\")",
-            Family::default(),
+            &requests,
+            |values: &RequestValues| &values.requests,
         );
-        let durations = bounded(
+        register(
             &mut registry,
-            &resets,
             "aviary_request_duration_seconds",
             "Time from a request to its response headers",
-            Family::default(),
+            &requests,
+            |values: &RequestValues| &values.duration,
         );
         let flagger = flagger_family.then(|| {
-            bounded(
+            let flagger = Arc::new(Store::new());
+            register(
                 &mut registry,
-                &resets,
                 "http_request_duration_seconds",
                 "Requests by destination pod, in the family Flagger's built-in checks query",
-                Family::default(),
-            )
+                &flagger,
+                |histogram: &AtomicHistogram| histogram,
+            );
+            flagger
         });
-        let mirrors = bounded(
+        let mirrors = Arc::new(Store::new());
+        register(
             &mut registry,
-            &resets,
             "aviary_mirror_requests",
             "Requests a mirror rule applied to, by what happened to the copy",
-            Family::default(),
+            &mirrors,
+            |counter: &Counter| counter,
         );
-        let tcp_opened = bounded(
+        let endpoint_failures = Arc::new(Store::new());
+        register(
             &mut registry,
-            &resets,
+            "aviary_endpoint_failures",
+            "Requests an endpoint failed: a connect that failed, or a 5xx or broken exchange",
+            &endpoint_failures,
+            |counter: &Counter| counter,
+        );
+        let ejections = Arc::new(Store::new());
+        register(
+            &mut registry,
+            "aviary_endpoint_ejections",
+            "Endpoints outlier detection left out of load balancing, by the failure that did it",
+            &ejections,
+            |counter: &Counter| counter,
+        );
+        let tcp = Arc::new(Store::new());
+        register(
+            &mut registry,
             "aviary_tcp_connections_opened",
             "Opaque TCP connections the proxy opened",
-            Family::default(),
+            &tcp,
+            |values: &TcpValues| &values.opened,
         );
-        let tcp_closed = bounded(
+        register(
             &mut registry,
-            &resets,
             "aviary_tcp_connections_closed",
             "Opaque TCP connections that ended",
-            Family::default(),
+            &tcp,
+            |values: &TcpValues| &values.closed,
         );
-        let tcp_sent = bounded(
+        register(
             &mut registry,
-            &resets,
             "aviary_tcp_sent_bytes",
             "Bytes of opaque TCP connections, client to destination",
-            Family::default(),
+            &tcp,
+            |values: &TcpValues| &values.sent,
         );
-        let tcp_received = bounded(
+        register(
             &mut registry,
-            &resets,
             "aviary_tcp_received_bytes",
             "Bytes of opaque TCP connections, destination to client",
-            Family::default(),
+            &tcp,
+            |values: &TcpValues| &values.received,
+        );
+        let connections_refused = Family::default();
+        registry.register(
+            "aviary_connections_refused",
+            "Connections reset on accept because their listener held --max-connections already",
+            connections_refused.clone(),
         );
         let ebpf_reading = Arc::new(ArcSwap::from_pointee(EbpfReading::default()));
+        let mut stores = vec![("requests", requests.counts.clone())];
+        stores.extend(flagger.as_ref().map(|f| ("flagger", f.counts.clone())));
+        stores.push(("mirrors", mirrors.counts.clone()));
+        stores.push(("endpoint_failures", endpoint_failures.counts.clone()));
+        stores.push(("ejections", ejections.counts.clone()));
+        stores.push(("tcp", tcp.counts.clone()));
         registry.register_collector(Box::new(Internal {
-            resets: resets.clone(),
+            stores,
             ebpf: ebpf_reading.clone(),
         }));
         Self {
             registry,
             requests,
-            durations,
             flagger,
             mirrors,
-            tcp_opened,
-            tcp_closed,
-            tcp_sent,
-            tcp_received,
+            endpoint_failures,
+            ejections,
+            tcp,
+            connections_refused,
             ebpf,
             ebpf_reading,
-            resets,
+            removals: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
-    /// How many times a family was cleared at its bound: a handle resolved before the latest
-    /// clear is no longer exported, so holders of handles resolve them again when this moves.
-    pub fn resets(&self) -> u64 {
-        self.resets.load(Ordering::Relaxed)
+    /// How many sweeps removed series so far. A handle resolved before the latest of them may
+    /// be to a removed series, whose counts are no longer exported: holders of long-lived
+    /// handles compare this before each use, and resolve their handles again when it moved.
+    pub fn removals(&self) -> u64 {
+        // Moved after the removals, so a holder that sees it move and then resolves its handles
+        // again finds the removed series gone.
+        self.removals.load(Ordering::Acquire)
     }
 
-    /// The series answered requests with `labels` are counted in, created if new (one lookup
-    /// per family). `flagger_pod` is the destination pod when an endpoint answered and this
-    /// agent is the one that reports the request in Flagger's family; the series then includes
-    /// that family, unless the request is a mirror copy (`labels.mirror`), which Flagger never
-    /// sees.
+    /// Removes, as of `now`, the series nothing recorded into for `idle_expiry` (and from a
+    /// family above [`EVICT_TO`], its quietest ones), then moves [`Metrics::removals`] if it
+    /// removed any. The control plane calls it every [`SWEEP_INTERVAL`].
+    ///
+    /// A series is kept while anything may still record into it for long: an opaque TCP
+    /// connection's series while it is open, and a series a worker has cached until its next
+    /// request, which sees [`Metrics::removals`] move. Only a request that a worker records in
+    /// the instant between that check and its increment, into a series idle for the whole
+    /// expiry until then, can be lost.
+    pub fn sweep(&self, idle_expiry: Duration, now: Instant) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let (now, expiry) = (
+            ms(now.saturating_duration_since(self.epoch)),
+            ms(idle_expiry),
+        );
+        // Every store is swept, whether or not one before removed anything.
+        let removed = [
+            self.requests.sweep(now, expiry),
+            self.flagger.as_ref().is_some_and(|f| f.sweep(now, expiry)),
+            self.mirrors.sweep(now, expiry),
+            self.endpoint_failures.sweep(now, expiry),
+            self.ejections.sweep(now, expiry),
+            self.tcp.sweep(now, expiry),
+        ];
+        if removed.contains(&true) {
+            self.removals.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// The series answered requests with `labels` are counted in, created if new (one lookup,
+    /// and one more for Flagger's family). `flagger_pod` is the destination pod when an
+    /// endpoint answered and this agent is the one that reports the request in Flagger's
+    /// family; the series then includes that family. Mirror copies are in it too, by the pod
+    /// that served them: Flagger's blue/green mirroring analysis judges the canary by them with
+    /// the built-in checks, as it does on Istio, whose sidecars count mirrored requests as any
+    /// other.
     pub fn request_series(
         &self,
         labels: &RequestLabels,
         flagger_pod: Option<&Workload>,
     ) -> RequestSeries {
-        let flagger = match (&self.flagger, flagger_pod, labels.mirror) {
-            (Some(flagger), Some(pod), false) => Some(flagger.series(&FlaggerLabels {
+        let flagger = match (&self.flagger, flagger_pod) {
+            (Some(flagger), Some(pod)) => Some(flagger.series(&FlaggerLabels {
                 kubernetes_namespace: pod.namespace.clone(),
                 kubernetes_pod_name: pod.pod.clone(),
                 status: labels.status_code,
@@ -509,21 +840,24 @@ impl Metrics {
             _ => None,
         };
         RequestSeries {
-            requests: self.requests.series(labels),
-            duration: self.durations.series(labels),
+            values: self.requests.series(labels),
             flagger,
         }
     }
 
     /// The series opaque TCP connections along `route` are counted in, created if new (one
-    /// lookup per family).
+    /// lookup for the four families).
     pub fn tcp_series(&self, route: &Route) -> TcpSeries {
         TcpSeries {
-            opened: self.tcp_opened.series(route),
-            closed: self.tcp_closed.series(route),
-            sent: self.tcp_sent.series(route),
-            received: self.tcp_received.series(route),
+            values: self.tcp.series(route),
         }
+    }
+
+    /// The counter of connections `listener` refused at its connection limit, created (at 0)
+    /// if new: the family is never cleared, so the handle stays exported.
+    pub fn connections_refused(&self, listener: Direction) -> Counter {
+        self.connections_refused
+            .get_or_create_owned(&ListenerLabels { listener })
     }
 
     /// What happened to the copy of one request a mirror rule applied to. A lookup each time,
@@ -536,6 +870,26 @@ impl Metrics {
             destination_service: service.clone(),
         };
         self.mirrors.series(&labels).inc();
+    }
+
+    /// An endpoint of the backend `namespace/service` failed a request (`reason`), and whether
+    /// that ejected it. A lookup each time: failures are the exception.
+    pub fn endpoint_failure(
+        &self,
+        reason: Failure,
+        namespace: &Name,
+        service: &Name,
+        ejected: bool,
+    ) {
+        let labels = EndpointFailureLabels {
+            reason,
+            destination_namespace: namespace.clone(),
+            destination_service: service.clone(),
+        };
+        self.endpoint_failures.series(&labels).inc();
+        if ejected {
+            self.ejections.series(&labels).inc();
+        }
     }
 
     /// Reads the eBPF counters and map occupancy once (bpf() syscalls: one per counter, one
@@ -580,10 +934,11 @@ struct EbpfReading {
     occupancy: Option<Occupancy>,
 }
 
-/// Metrics encoded at scrape time from values kept elsewhere: the series resets, and the last
-/// eBPF reading (a scrape makes no bpf() syscall).
+/// Metrics encoded at scrape time from values kept elsewhere: the series stores' counts, and the
+/// last eBPF reading (a scrape makes no bpf() syscall).
 struct Internal {
-    resets: Arc<AtomicU64>,
+    /// Each store's counts, by the `family` label that names it.
+    stores: Vec<(&'static str, Arc<StoreCounts>)>,
     ebpf: Arc<ArcSwap<EbpfReading>>,
 }
 
@@ -595,13 +950,42 @@ impl std::fmt::Debug for Internal {
 
 impl Collector for Internal {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let resets = ConstCounter::new(self.resets.load(Ordering::Relaxed));
-        resets.encode(encoder.encode_descriptor(
-            "aviary_metrics_series_resets",
-            "Families cleared because they reached their series bound",
+        let load = |count: &AtomicU64| count.load(Ordering::Relaxed);
+        let mut held = encoder.encode_descriptor(
+            "aviary_metrics_series",
+            "Series held, by family (requests counts both request families, tcp the four TCP \
+             ones, which share their series)",
             None,
-            resets.metric_type(),
-        )?)?;
+            MetricType::Gauge,
+        )?;
+        for (family, counts) in &self.stores {
+            let labels = [("family", *family)];
+            ConstGauge::new(load(&counts.held) as i64).encode(held.encode_family(&labels)?)?;
+        }
+        let mut removed = encoder.encode_descriptor(
+            "aviary_metrics_series_removed",
+            "Series removed: idle for the expiry (reason=\"expired\"), or quiet in a family near \
+             its cap (reason=\"evicted\")",
+            None,
+            MetricType::Counter,
+        )?;
+        for (family, counts) in &self.stores {
+            for (reason, count) in [("expired", &counts.expired), ("evicted", &counts.evicted)] {
+                let labels = [("family", *family), ("reason", reason)];
+                ConstCounter::new(load(count)).encode(removed.encode_family(&labels)?)?;
+            }
+        }
+        let mut refused = encoder.encode_descriptor(
+            "aviary_metrics_series_refused",
+            "New series not created because their family held its cap: what they would have \
+             counted is lost",
+            None,
+            MetricType::Counter,
+        )?;
+        for (family, counts) in &self.stores {
+            let labels = [("family", *family)];
+            ConstCounter::new(load(&counts.refused)).encode(refused.encode_family(&labels)?)?;
+        }
         let reading = self.ebpf.load();
         if let Some(counters) = &reading.counters {
             for &(name, value) in counters {
@@ -662,6 +1046,8 @@ pub fn sample(text: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use prometheus_client::metrics::family::Family;
+
     use super::*;
 
     fn mirror(metrics: &Metrics, service: usize) {
@@ -669,30 +1055,183 @@ mod tests {
         metrics.mirror(MirrorOutcome::Sent, &name, &name);
     }
 
+    /// The value of the mirror series of `service`, if the family holds it.
+    fn mirrored(metrics: &Metrics, service: usize) -> Option<u64> {
+        let name: Name = format!("svc-{service}").into();
+        let labels = MirrorLabels {
+            outcome: MirrorOutcome::Sent,
+            destination_namespace: name.clone(),
+            destination_service: name,
+        };
+        let series = read(&metrics.mirrors.series);
+        series.get(&labels).map(|entry| entry.values.get())
+    }
+
+    const EXPIRY: Duration = Duration::from_secs(600);
+
     #[test]
-    fn a_family_at_its_series_bound_is_cleared_and_the_reset_counted() {
+    fn a_family_at_its_cap_refuses_new_series_keeps_its_hot_ones_and_evicts_the_quietest() {
         let metrics = Metrics::new(false, None);
+        let start = Instant::now();
         for service in 0..MAX_SERIES {
             mirror(&metrics, service);
         }
-        let text = metrics.render();
-        assert_eq!(
-            sample(&text, "aviary_metrics_series_resets_total", &[]),
-            0.0
-        );
-        assert_eq!(
-            sample(&text, "aviary_mirror_requests_total", &[]),
-            MAX_SERIES as f64
-        );
-        // An existing series never triggers the bound; a new one past it does.
+        // At the cap, an existing series counts on and a new one is refused, counted apart.
         mirror(&metrics, 0);
         mirror(&metrics, MAX_SERIES);
         let text = metrics.render();
         assert_eq!(
-            sample(&text, "aviary_metrics_series_resets_total", &[]),
+            sample(&text, "aviary_mirror_requests_total", &[]),
+            MAX_SERIES as f64 + 1.0
+        );
+        assert_eq!(mirrored(&metrics, 0), Some(2));
+        assert_eq!(mirrored(&metrics, MAX_SERIES), None);
+        let family = [("family", "mirrors")];
+        assert_eq!(
+            sample(&text, "aviary_metrics_series_refused_total", &family),
             1.0
         );
-        assert_eq!(sample(&text, "aviary_mirror_requests_total", &[]), 1.0);
+        assert_eq!(
+            sample(&text, "aviary_metrics_series", &family),
+            MAX_SERIES as f64
+        );
+
+        // The first sweep sees every series move. Then one in ten is hot, and one in ten was
+        // hot until the second sweep only.
+        metrics.sweep(EXPIRY, start);
+        let hot = |service: &usize| service.is_multiple_of(10);
+        let lately = |service: &usize| service % 10 == 1;
+        for service in (0..MAX_SERIES).filter(|s| hot(s) || lately(s)) {
+            mirror(&metrics, service);
+        }
+        // The family is above EVICT_TO: the sweep evicts, from the series quiet since the
+        // first sweep, as many as it takes to come down to EVICT_TO.
+        metrics.sweep(EXPIRY, start + SWEEP_INTERVAL);
+        assert_eq!(metrics.removals(), 1);
+        let held = |metrics: &Metrics| read(&metrics.mirrors.series).len();
+        assert_eq!(held(&metrics), EVICT_TO);
+        for service in (0..MAX_SERIES).filter(|s| hot(s) || lately(s)) {
+            let value = if service == 0 { 3 } else { 2 };
+            assert_eq!(mirrored(&metrics, service), Some(value), "svc-{service}");
+        }
+        // Room for new series again, up to the cap.
+        for service in MAX_SERIES..MAX_SERIES + (MAX_SERIES - EVICT_TO) {
+            mirror(&metrics, service);
+        }
+        assert_eq!(held(&metrics), MAX_SERIES);
+        assert_eq!(mirrored(&metrics, MAX_SERIES), Some(1));
+
+        // Next time the hot ones move again, the new ones are seen for the first time, and the
+        // quietest, the ones quiet since the first sweep, go before the ones hot until the
+        // second.
+        for service in (0..MAX_SERIES).filter(hot) {
+            mirror(&metrics, service);
+        }
+        metrics.sweep(EXPIRY, start + 2 * SWEEP_INTERVAL);
+        assert_eq!(metrics.removals(), 2);
+        assert_eq!(held(&metrics), EVICT_TO);
+        for service in (0..MAX_SERIES).filter(|s| hot(s) || lately(s)) {
+            assert!(mirrored(&metrics, service).is_some(), "svc-{service}");
+        }
+        let text = metrics.render();
+        assert_eq!(
+            sample(
+                &text,
+                "aviary_metrics_series_removed_total",
+                &[("family", "mirrors"), ("reason", "evicted")]
+            ),
+            2.0 * (MAX_SERIES - EVICT_TO) as f64
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "aviary_metrics_series_removed_total",
+                &[("reason", "expired")]
+            ),
+            0.0
+        );
+    }
+
+    #[test]
+    fn an_idle_series_expires_while_a_hot_one_in_its_family_keeps_its_value() {
+        let metrics = Metrics::new(true, None);
+        let start = Instant::now();
+        let took = Duration::from_millis(3);
+        let hot = metrics.request_series(&labels("hot", 200, false), Some(&pod()));
+        let idle = metrics.request_series(&labels("idle", 200, false), None);
+        hot.record(took);
+        idle.record(took);
+        metrics.sweep(EXPIRY, start);
+        // The hot series is recorded into between every two sweeps, the idle one never again.
+        for minute in 1..=10 {
+            assert_eq!(metrics.removals(), 0, "minute {minute}");
+            hot.record(took);
+            metrics.sweep(EXPIRY, start + Duration::from_secs(60 * minute));
+        }
+        assert_eq!(metrics.removals(), 1);
+        let text = metrics.render();
+        assert!(!text.contains("destination_service=\"idle\""), "{text}");
+        let hot = [("destination_service", "hot")];
+        assert_eq!(sample(&text, "aviary_requests_total", &hot), 11.0);
+        assert_eq!(
+            sample(&text, "aviary_request_duration_seconds_count", &hot),
+            11.0
+        );
+        assert_eq!(
+            sample(&text, "http_request_duration_seconds_count", &[]),
+            11.0
+        );
+        let requests = [("family", "requests")];
+        assert_eq!(sample(&text, "aviary_metrics_series", &requests), 1.0);
+        assert_eq!(
+            sample(&text, "aviary_metrics_series", &[("family", "flagger")]),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "aviary_metrics_series_removed_total",
+                &[("family", "requests"), ("reason", "expired")]
+            ),
+            1.0
+        );
+        // A series that comes back starts again from 0.
+        metrics
+            .request_series(&labels("idle", 200, false), None)
+            .record(took);
+        let text = metrics.render();
+        let idle = [("destination_service", "idle")];
+        assert_eq!(sample(&text, "aviary_requests_total", &idle), 1.0);
+    }
+
+    #[test]
+    fn a_tcp_series_with_a_connection_open_outlives_the_expiry() {
+        let metrics = Metrics::new(false, None);
+        let start = Instant::now();
+        let connection = metrics.tcp_series(&route("db"));
+        connection.opened();
+        for expiries in 0..3 {
+            metrics.sweep(EXPIRY, start + expiries * EXPIRY);
+        }
+        assert_eq!(metrics.removals(), 0);
+        connection.closed(10, 20);
+        drop(connection);
+        let text = metrics.render();
+        assert_eq!(
+            sample(&text, "aviary_tcp_connections_closed_total", &[]),
+            1.0
+        );
+        assert_eq!(sample(&text, "aviary_tcp_received_bytes_total", &[]), 20.0);
+        // Closed, it is idle from its close on.
+        metrics.sweep(EXPIRY, start + 3 * EXPIRY);
+        assert_eq!(metrics.removals(), 0);
+        metrics.sweep(EXPIRY, start + 4 * EXPIRY);
+        assert_eq!(metrics.removals(), 1);
+        let text = metrics.render();
+        assert!(
+            !text.contains("aviary_tcp_connections_opened_total"),
+            "{text}"
+        );
     }
 
     fn name(s: &str) -> Name {
@@ -881,9 +1420,11 @@ mod tests {
     }
 
     #[test]
-    fn flaggers_family_counts_only_requests_to_a_known_pod_that_are_not_mirror_copies() {
+    fn flaggers_family_counts_requests_to_a_known_pod_mirror_copies_included() {
         let metrics = Metrics::new(true, None);
         let took = Duration::from_millis(3);
+        // A request and its mirror copy, each answered by a pod this agent reports; then two
+        // that no known pod answered (or that another agent reports).
         metrics
             .request_series(&labels("podinfo", 200, false), Some(&pod()))
             .record(took);
@@ -902,6 +1443,7 @@ mod tests {
             sample(&text, "aviary_request_duration_seconds_count", &[]),
             4.0
         );
+        // Aviary's own family tells the copies apart; Flagger's counts what each pod served.
         assert_eq!(
             sample(
                 &text,
@@ -912,7 +1454,7 @@ mod tests {
         );
         assert_eq!(
             sample(&text, "http_request_duration_seconds_count", &[]),
-            1.0,
+            2.0,
             "{text}"
         );
         assert_eq!(
@@ -925,7 +1467,7 @@ mod tests {
                     ("status", "200")
                 ]
             ),
-            1.0
+            2.0
         );
         assert_eq!(
             sample(
@@ -933,7 +1475,7 @@ mod tests {
                 "http_request_duration_seconds_bucket",
                 &[("status", "200"), ("le", "0.005")]
             ),
-            1.0
+            2.0
         );
 
         // Without the family, no request is in it.
@@ -944,54 +1486,6 @@ mod tests {
         let text = metrics.render();
         assert!(!text.contains("http_request_duration_seconds"), "{text}");
         assert_eq!(sample(&text, "aviary_requests_total", &[]), 1.0);
-    }
-
-    #[test]
-    fn request_families_at_their_series_bound_are_cleared_and_old_handles_no_longer_exported() {
-        let metrics = Metrics::new(false, None);
-        let first = metrics.request_series(&labels("svc-0", 200, false), None);
-        for service in 1..MAX_SERIES {
-            metrics.request_series(&labels(&format!("svc-{service}"), 200, false), None);
-        }
-        // An existing series never triggers the bound.
-        let again = metrics.request_series(&labels("svc-0", 200, false), None);
-        again.record(Duration::from_millis(1));
-        // (Not rendered: 20,000 histograms make a large text.)
-        assert_eq!(metrics.requests.resets.load(Ordering::Relaxed), 0);
-        // A new one past it clears both request families, each counted.
-        let new = metrics.request_series(&labels("svc-new", 200, false), None);
-        new.record(Duration::from_millis(1));
-        first.record(Duration::from_millis(1));
-        let text = metrics.render();
-        assert_eq!(
-            sample(&text, "aviary_metrics_series_resets_total", &[]),
-            2.0
-        );
-        assert_eq!(sample(&text, "aviary_requests_total", &[]), 1.0, "{text}");
-        assert_eq!(
-            sample(
-                &text,
-                "aviary_requests_total",
-                &[("destination_service", "svc-new")]
-            ),
-            1.0
-        );
-        assert_eq!(
-            sample(&text, "aviary_request_duration_seconds_count", &[]),
-            1.0
-        );
-        // Looked up again, the old labels make a new series.
-        metrics
-            .request_series(&labels("svc-0", 200, false), None)
-            .record(Duration::from_millis(1));
-        assert_eq!(
-            sample(
-                &metrics.render(),
-                "aviary_requests_total",
-                &[("destination_service", "svc-0")]
-            ),
-            1.0
-        );
     }
 
     #[test]

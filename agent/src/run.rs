@@ -28,15 +28,16 @@ use crate::{
         self,
         lease::{release, LeaseConfig},
     },
-    metrics::Metrics,
+    metrics::{Direction, Metrics, SWEEP_INTERVAL},
     policy::{self, routes::RouteOptions, Store},
     proxy::{
         detect::DETECT_TIMEOUT,
-        http::{HttpConfig, HttpProxy},
+        http::HttpProxy,
         inbound::{self, Inbound},
         outbound::{self, Outbound},
         route::RouteTable,
         workers::{WorkerTask, Workers},
+        ConnectionLimit,
     },
     state::Publisher,
     supervise::Supervisor,
@@ -62,6 +63,7 @@ const EBPF_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    raise_open_files_limit(cfg.max_connections);
     let mut datapath = Datapath::load(&DatapathConfig::from_config(&cfg))?;
     let result = serve(&cfg, &mut datapath).await;
     if let Ok(stats) = Stats::open(datapath.pin_dir()) {
@@ -78,11 +80,10 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
 
     // Empty until the first snapshot: every service passes through meanwhile.
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-    let http_cfg = HttpConfig::default();
     let metrics = Arc::new(Metrics::new(cfg.flagger_metrics, Some(Stats::open(pins)?)));
     // One HTTP proxy, and so one pool of upstream connections, for both directions.
     let http = Arc::new(HttpProxy::new(
-        http_cfg.clone(),
+        cfg.http.clone(),
         routes.clone(),
         cfg.proxy_mark,
         metrics.clone(),
@@ -94,6 +95,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         routes: routes.clone(),
         detect_timeout: DETECT_TIMEOUT,
+        limit: ConnectionLimit::new(Direction::outbound, cfg.max_connections, &metrics),
     });
     let inbound = Arc::new(Inbound {
         mark: cfg.proxy_mark,
@@ -101,6 +103,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         http: http.clone(),
         metrics: metrics.clone(),
         detect_timeout: DETECT_TIMEOUT,
+        limit: ConnectionLimit::new(Direction::inbound, cfg.max_connections, &metrics),
     });
     // Each worker gets a listener of its own per kind; the first of each kind stands in the
     // LISTENERS map, where the programs check that the proxy is up.
@@ -250,6 +253,21 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
             log_counters(&stats, &mut last);
         }
     });
+    let swept = metrics.clone();
+    let idle_expiry = cfg.metrics_idle_expiry;
+    supervisor.spawn("metrics expiry", async move {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            // A pass over every series (a few ms at the caps): on the blocking pool, as reads of
+            // the eBPF maps are, not on the control runtime.
+            let swept = swept.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                swept.sweep(idle_expiry, std::time::Instant::now())
+            })
+            .await;
+        }
+    });
     // The programs' counters and maps are read here, on the control plane, never by a scrape.
     supervisor.spawn("eBPF metrics", async move {
         let mut tick = tokio::time::interval(EBPF_METRICS_INTERVAL);
@@ -301,6 +319,43 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         }
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// Raises the soft limit on open files to the hard limit, as Envoy and ztunnel deployments
+/// expect of a proxy: container runtimes often start processes with a soft limit of 1,024,
+/// which would refuse connections at accept long before `max_connections` (per listener kind,
+/// each proxied connection holding two descriptors: the client's and the upstream's).
+fn raise_open_files_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open files limit");
+            return;
+        }
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open files limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    info!(open_files = limit, "open files limit");
+    let descriptors = 2 * max_connections as u64;
+    if limit < descriptors {
+        tracing::warn!(
+            open_files = limit,
+            max_connections,
+            "the open files limit is below two descriptors per connection of --max-connections: \
+             accepts will fail before the connection limit is reached; raise the hard limit \
+             (LimitNOFILE, or the container runtime's default ulimits)"
+        );
+    }
 }
 
 /// A worker task serving `listener` with `serve` on `proxy`.

@@ -506,6 +506,97 @@ async fn a_request_no_endpoint_received_is_retried_once_on_another_endpoint() {
     assert!(body.contains("no other endpoint"), "{body}");
 }
 
+#[tokio::test]
+async fn an_endpoint_whose_connect_fails_is_ejected_after_the_first_failure() {
+    let healthy = backend("healthy", Duration::from_millis(50)).await;
+    let refusing = closed_port().await;
+    let b = service_backend("podinfo", &[refusing, healthy.addr]);
+    let proxy = start_proxy(service(vec![], b)).await;
+    let mut conn = h1(proxy.addr).await;
+    // The refusing endpoint is never measured, so it looks cheaper than the healthy one at
+    // 50 ms: without ejection, every request would try it first.
+    for _ in 0..10 {
+        let (status, _, body) = send(&mut conn, request(Method::POST, "/", b"payload")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(send(&mut conn, get("/")).await.0, StatusCode::OK);
+    }
+    let failures = [
+        ("reason", "connect_failure"),
+        ("destination_service", "podinfo"),
+    ];
+    assert_eq!(
+        proxy.sample("aviary_endpoint_failures_total", &failures),
+        1.0,
+        "one failed connect, then no request paid for another"
+    );
+    assert_eq!(
+        proxy.sample("aviary_endpoint_ejections_total", &failures),
+        1.0
+    );
+    assert_eq!(healthy.seen().len(), 20);
+}
+
+/// A backend that answers every request with `status` after `delay`, counting them.
+async fn answering(
+    status: StatusCode,
+    delay: Duration,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let counted = counted.clone();
+            let handler = hyper::service::service_fn(move |_: Request<Incoming>| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                let response = Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()));
+                async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, Infallible>(response.unwrap())
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), handler)
+                    .await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn an_endpoint_answering_server_errors_in_a_row_is_ejected() {
+    use std::sync::atomic::Ordering;
+    // Failing fast looks cheap to latency-aware balancing: without ejection, the failing
+    // endpoint would take nearly every request.
+    let (failing, failed) = answering(StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO).await;
+    let (healthy, served) = answering(StatusCode::OK, Duration::from_millis(40)).await;
+    let b = service_backend("podinfo", &[failing, healthy]);
+    let proxy = start_proxy(service(vec![], b)).await;
+    let mut conn = h1(proxy.addr).await;
+    for _ in 0..40 {
+        send(&mut conn, get("/")).await;
+    }
+    // Five 5xx in a row eject it (the default), for longer than this test runs.
+    assert_eq!(failed.load(Ordering::Relaxed), 5);
+    assert_eq!(served.load(Ordering::Relaxed), 35);
+    let server_errors = [("reason", "server_error")];
+    assert_eq!(
+        proxy.sample("aviary_endpoint_failures_total", &server_errors),
+        5.0
+    );
+    assert_eq!(
+        proxy.sample("aviary_endpoint_ejections_total", &server_errors),
+        1.0
+    );
+}
+
 fn mirrored(backend: &Arc<Backend>, percent: u32, safe: SafeMethods) -> Mirror {
     Mirror::new(backend.clone(), percent, 100, safe)
 }
@@ -618,6 +709,145 @@ async fn declared_methods_are_mirrored_and_large_bodies_are_not() {
 }
 
 #[tokio::test]
+async fn bodies_past_the_buffer_budget_stream_and_skip_their_mirror() {
+    let (primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (shadow, s) = backend_service("shadow", Duration::ZERO).await;
+    let safe = SafeMethods {
+        extra: vec![Method::PUT],
+        idempotency_key: false,
+    };
+    let rule = Rule {
+        backends: vec![weighted(&p, 1)],
+        mirror: Some(mirrored(&s, 100, safe)),
+        ..Default::default()
+    };
+    let cfg = HttpConfig {
+        body_buffer_limit: 100,
+        body_buffer_budget: 150,
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(cfg, service(vec![rule], p)).await;
+    // A slow upload: its 100 bytes are reserved while they arrive.
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"PUT / HTTP/1.1\r\nhost: podinfo.shop\r\ncontent-length: 100\r\n\r\n")
+        .await
+        .unwrap();
+    slow.write_all(&[b'x'; 50]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut conn = h1(proxy.addr).await;
+    let put = || request(Method::PUT, "/", &[b'x'; 100]);
+    assert_eq!(send(&mut conn, put()).await.0, StatusCode::OK);
+    let outcome = |o| proxy.sample("aviary_mirror_requests_total", &[("outcome", o)]);
+    assert_eq!(
+        outcome("skipped_buffer_budget"),
+        1.0,
+        "it streamed, unmirrored"
+    );
+
+    slow.write_all(&[b'x'; 50]).await.unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(slow.read(&mut buf).await.unwrap() > 0);
+    wait_for(|| outcome("sent") == 1.0).await;
+    // The upload is done and its copy sent: the budget is back.
+    assert_eq!(send(&mut conn, put()).await.0, StatusCode::OK);
+    wait_for(|| outcome("sent") == 2.0).await;
+    assert_eq!(shadow.seen().len(), 2);
+    assert_eq!(primary.seen().len(), 3);
+    assert!(primary
+        .seen()
+        .iter()
+        .all(|s| s.body_len == 100 && s.body_complete));
+}
+
+/// Reads until the proxy closes the connection; how long that took.
+async fn closed_after(stream: &mut TcpStream) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the proxy kept the connection open"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_slow_to_send_its_headers_or_idle_between_requests_is_closed() {
+    let (_primary, p) = backend_service("primary", Duration::ZERO).await;
+    let cfg = HttpConfig {
+        header_read_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(cfg, service(vec![], p)).await;
+
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: podinfo.shop\r\n")
+        .await
+        .unwrap();
+    let waited = closed_after(&mut slow).await;
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+
+    let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: podinfo.shop\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(
+        idle.read(&mut buf).await.unwrap() > 0,
+        "the first request is answered"
+    );
+    let waited = closed_after(&mut idle).await;
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+}
+
+#[tokio::test]
+async fn a_connection_that_moves_no_bytes_for_the_idle_timeout_is_closed() {
+    let (_primary, p) = backend_service("primary", Duration::ZERO).await;
+    let cfg = HttpConfig {
+        header_read_timeout: None,
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(cfg, service(vec![], p)).await;
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    // Bytes every 100 ms keep it open: a request, slowly.
+    for part in [
+        "GET / HTTP/1.1\r\n",
+        "host: podinfo.shop\r\n",
+        "x-slow: 1\r\n",
+    ] {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conn.write_all(part.as_bytes()).await.unwrap();
+    }
+    conn.write_all(b"\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(conn.read(&mut buf).await.unwrap() > 0, "answered");
+    let waited = closed_after(&mut conn).await;
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+}
+
+#[tokio::test]
+async fn an_http2_client_that_stops_answering_pings_is_closed() {
+    let (_primary, p) = backend_service("primary", Duration::ZERO).await;
+    let cfg = HttpConfig {
+        http2_keepalive_interval: Some(Duration::from_millis(200)),
+        http2_keepalive_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(cfg, service(vec![], p)).await;
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    // The connection preface and an empty SETTINGS frame, then silence: the proxy's SETTINGS
+    // and PINGs are never acknowledged.
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let waited = closed_after(&mut conn).await;
+    assert!(waited >= Duration::from_millis(350), "{waited:?}");
+}
+
+#[tokio::test]
 async fn a_slow_mirror_never_slows_the_primary_and_overload_is_dropped() {
     let (_primary, p) = backend_service("primary", Duration::ZERO).await;
     let (_shadow, s) = backend_service("shadow", Duration::from_secs(5)).await;
@@ -721,6 +951,35 @@ async fn per_backend_header_filters_apply_to_requests_and_responses() {
     let (_, headers, _) = send(&mut h1(proxy.addr).await, get("/")).await;
     assert_eq!(headers["set-cookie"], "canary=always; Max-Age=3600");
     assert_eq!(canary.seen()[0].headers["x-route"], "canary");
+}
+
+#[tokio::test]
+async fn the_mirror_copy_has_the_rules_filters_but_not_the_chosen_backends() {
+    let (primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (shadow, s) = backend_service("shadow", Duration::ZERO).await;
+    let mut w = weighted(&p, 1);
+    w.request_headers
+        .set
+        .push(("x-backend-only".parse().unwrap(), "1".parse().unwrap()));
+    let mut rule = Rule {
+        backends: vec![w],
+        mirror: Some(mirrored(&s, 100, SafeMethods::default())),
+        ..Default::default()
+    };
+    rule.request_headers
+        .set
+        .push(("x-rule".parse().unwrap(), "1".parse().unwrap()));
+    let proxy = start_proxy(service(vec![rule], p)).await;
+    assert_eq!(
+        send(&mut h1(proxy.addr).await, get("/")).await.0,
+        StatusCode::OK
+    );
+    wait_for(|| shadow.seen().len() == 1).await;
+    let (copy, original) = (&shadow.seen()[0].headers, &primary.seen()[0].headers);
+    assert_eq!(copy["x-rule"], "1");
+    assert!(!copy.contains_key("x-backend-only"), "{copy:?}");
+    assert_eq!(original["x-rule"], "1");
+    assert_eq!(original["x-backend-only"], "1");
 }
 
 #[tokio::test]
@@ -1069,8 +1328,8 @@ async fn inbound_requests_reach_the_pod_as_sent_and_are_measured_at_the_destinat
                 ("status", "200")
             ]
         ),
-        5.0,
-        "{text}"
+        6.0,
+        "every request the pod served, the mirror copy included: {text}"
     );
 
     // The pod gone: the client gets the proxy's 503, and it is measured.

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod grpc;
 pub mod policy;
 
 use std::{
@@ -567,34 +568,47 @@ impl Node {
 
     /// Starts the HTTP/1.1 backend in `pod` (see `aviary-testpod http-serve`).
     pub fn serve_http(&self, pod: &Pod, port: u16) {
-        self.start_server(
-            pod,
-            &[
-                "http-serve",
-                "--name",
-                &pod.name,
-                "--port",
-                &port.to_string(),
-            ],
-        );
+        self.start_named(pod, "http-serve", port);
+    }
+
+    /// Starts the gRPC backend in `pod` (see `aviary-testpod grpc-serve`).
+    pub fn serve_grpc(&self, pod: &Pod, port: u16) {
+        self.start_named(pod, "grpc-serve", port);
+    }
+
+    /// Starts the backend of `aviary-testpod hold-serve` in `pod`: it greets each connection,
+    /// then holds it silent until its peer closes it, however many there are.
+    pub fn serve_held(&self, pod: &Pod, port: u16) {
+        self.start_named(pod, "hold-serve", port);
+    }
+
+    /// Starts the backend `command`, named after `pod`, on `port`.
+    fn start_named(&self, pod: &Pod, command: &str, port: u16) {
+        let port = port.to_string();
+        self.start_server(pod, &[command, "--name", &pod.name, "--port", &port]);
     }
 
     fn start_server(&self, pod: &Pod, args: &[&str]) {
-        let mut child = self
-            .testpod(pod, args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
         let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
+        self.spawn(pod, args).read_line(&mut first).unwrap();
         assert!(
             first.starts_with("serving"),
             "backend {} did not start: {first:?}",
             pod.name
         );
+    }
+
+    /// Starts `aviary-testpod <args>` in `pod` and returns its output as it comes; the process
+    /// is killed with the node if it is still running then.
+    pub fn spawn(&self, pod: &Pod, args: &[&str]) -> BufReader<ChildStdout> {
+        let mut child = self
+            .testpod(pod, args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
         self.children.lock().unwrap().push(child);
+        stdout
     }
 
     /// Runs `program` in `pod` to completion (bounded by `timeout`).

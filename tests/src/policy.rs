@@ -68,13 +68,40 @@ pub fn http_service(
     target_port: u16,
     annotations: &[(&str, &str)],
 ) -> String {
+    http_port_service(name, namespace, vip, target_port, None, annotations)
+}
+
+/// An [`http_service`] whose port declares `appProtocol: kubernetes.io/h2c` (HTTP/2 without
+/// TLS, as gRPC is served in a cluster).
+pub fn h2c_service(name: &str, namespace: &str, vip: IpAddr, target_port: u16) -> String {
+    http_port_service(
+        name,
+        namespace,
+        vip,
+        target_port,
+        Some("kubernetes.io/h2c"),
+        &[],
+    )
+}
+
+fn http_port_service(
+    name: &str,
+    namespace: &str,
+    vip: IpAddr,
+    target_port: u16,
+    app_protocol: Option<&str>,
+    annotations: &[(&str, &str)],
+) -> String {
     let annotations: Vec<String> = annotations
         .iter()
         .map(|(k, v)| format!("{k}: \"{v}\""))
         .collect();
+    let app_protocol = app_protocol
+        .map(|p| format!(", appProtocol: {p}"))
+        .unwrap_or_default();
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}, annotations: {{{}}}}}\n\
-         spec: {{clusterIP: \"{vip}\", ports: [{{name: http, port: 80, targetPort: {target_port}, protocol: TCP}}]}}\n",
+         spec: {{clusterIP: \"{vip}\", ports: [{{name: http, port: 80, targetPort: {target_port}, protocol: TCP{app_protocol}}}]}}\n",
         annotations.join(", ")
     )
 }

@@ -546,6 +546,10 @@ fn the_monitoring_and_flagger_objects_are_well_formed_and_query_real_metrics() {
                     assert!(a.step_weight.is_some() || a.iterations.is_some());
                     if a.mirror == Some(true) {
                         assert!(a.iterations.is_some(), "Flagger mirrors only in blue/green");
+                        assert!(
+                            a.metrics.iter().all(|m| m.template_ref.is_none()),
+                            "the built-in checks count the canary's answers to the copies"
+                        );
                     }
                     let _ = (
                         &a.interval,

@@ -1,17 +1,34 @@
 //! The Kubernetes source with the real kube-rs client against the list/watch fixture: initial
 //! lists, watch events, bookmarks, 410 Gone, dropped streams, outages, a CRD that is not
-//! installed, and status and Events written by the Lease holder only.
+//! installed, and status and Events written by the Lease holder only. Then two agents' views of
+//! one cluster, each driving its proxy, count every request once in Flagger's family.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
+use arc_swap::ArcSwap;
 use aviary_agent::{
     kubernetes::{self, lease::LeaseConfig, status::Report},
+    metrics::{sample, Metrics},
     policy::routes::RouteOptions,
+    proxy::http::{HttpConfig, HttpProxy},
     state::{Publisher, Snapshot, SnapshotRx},
 };
 use aviary_tests::apiserver::ApiServer;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -98,13 +115,23 @@ fn start(server: &ApiServer, status_writer: Option<&str>) -> Source {
 }
 
 fn start_with(server: &ApiServer, status_writer: Option<LeaseConfig>) -> Source {
+    start_on(server, NODE, false, status_writer)
+}
+
+/// The source of the agent on `node`.
+fn start_on(
+    server: &ApiServer,
+    node: &str,
+    inbound_capture: bool,
+    status_writer: Option<LeaseConfig>,
+) -> Source {
     let client = client(server);
     let (publisher, snapshots) = Publisher::new(RouteOptions {
-        node: Some(NODE.into()),
-        inbound_capture: false,
+        node: Some(node.into()),
+        inbound_capture,
     });
     let (updates_tx, updates) = mpsc::channel(64);
-    kubernetes::spawn_watchers(&client, NODE, updates_tx);
+    kubernetes::spawn_watchers(&client, node, updates_tx);
     let (reports_tx, reports) = watch::channel(Report::default());
     let mut tasks = vec![tokio::spawn(kubernetes::apply_updates(
         updates, publisher, reports_tx,
@@ -662,5 +689,329 @@ async fn a_released_lease_passes_to_another_agent_at_once() {
             .await
             .unwrap(),
         "only the holder releases"
+    );
+}
+
+// Flagger's family across nodes: node-a runs the caller; node-b runs four pods, two of them
+// enrolled by annotations that contradict their namespace's. Every address is on loopback, so
+// nothing this test sends can leave the machine (the Services' addresses are never dialled).
+const TWO_NODES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, annotations: {aviary.dev/capture: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-a, containers: [{name: c, image: test}]}
+status: {phase: Running, podIP: 127.0.10.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: shop, annotations: {aviary.dev/capture: disabled}}
+spec: {nodeName: node-b, containers: [{name: c, image: test}]}
+status: {phase: Running, podIP: 127.0.10.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: shadow-enrolled, namespace: shop}
+spec: {nodeName: node-b, containers: [{name: c, image: test}]}
+status: {phase: Running, podIP: 127.0.10.12}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-in, namespace: plain, annotations: {aviary.dev/capture: enabled}}
+spec: {nodeName: node-b, containers: [{name: c, image: test}]}
+status: {phase: Running, podIP: 127.0.10.21}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: shadow-plain, namespace: plain}
+spec: {nodeName: node-b, containers: [{name: c, image: test}]}
+status: {phase: Running, podIP: 127.0.10.22}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop, annotations: {aviary.dev/mirror: reviews-shadow}}
+spec: {clusterIP: 127.0.96.11, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-shadow, namespace: shop}
+spec: {clusterIP: 127.0.96.12, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: plain, annotations: {aviary.dev/mirror: ratings-shadow}}
+spec: {clusterIP: 127.0.96.21, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings-shadow, namespace: plain}
+spec: {clusterIP: 127.0.96.22, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-1, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 9898, protocol: TCP}]
+endpoints: [{addresses: ["127.0.10.11"], targetRef: {kind: Pod, name: opted-out}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-shadow-1, namespace: shop, labels: {kubernetes.io/service-name: reviews-shadow}}
+addressType: IPv4
+ports: [{name: http, port: 9898, protocol: TCP}]
+endpoints: [{addresses: ["127.0.10.12"], targetRef: {kind: Pod, name: shadow-enrolled}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ratings-1, namespace: plain, labels: {kubernetes.io/service-name: ratings}}
+addressType: IPv4
+ports: [{name: http, port: 9898, protocol: TCP}]
+endpoints: [{addresses: ["127.0.10.21"], targetRef: {kind: Pod, name: opted-in}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ratings-shadow-1, namespace: plain, labels: {kubernetes.io/service-name: ratings-shadow}}
+addressType: IPv4
+ports: [{name: http, port: 9898, protocol: TCP}]
+endpoints: [{addresses: ["127.0.10.22"], targetRef: {kind: Pod, name: shadow-plain}}]
+"#;
+
+/// The port the pods serve on, as their EndpointSlices say.
+const POD_PORT: u16 = 9898;
+
+/// Tasks a test started, stopped when it ends however it ends.
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Accepts on `listener` and hands each connection to `serve` with its peer.
+fn accept_each<F: Future<Output = ()> + Send + 'static>(
+    listener: TcpListener,
+    serve: impl Fn(TcpStream, SocketAddr) -> F + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            tokio::spawn(serve(stream, peer));
+        }
+    })
+}
+
+/// A pod's HTTP/1.1 server at `addr`: answers 200 and counts the requests it served.
+async fn pod_server(addr: SocketAddr, served: Arc<AtomicUsize>) -> JoinHandle<()> {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    accept_each(listener, move |stream, _| {
+        let served = served.clone();
+        async move {
+            let service = hyper::service::service_fn(move |_request| {
+                served.fetch_add(1, Ordering::Relaxed);
+                async { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from("ok")))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+}
+
+/// An HTTP proxy over the agent's routing table of `snapshot`, with metrics of its own.
+fn proxy_of(snapshot: &Snapshot) -> (Arc<HttpProxy>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new(true, None));
+    let routes = Arc::new(ArcSwap::new(snapshot.routes.clone()));
+    // Mark 0: no socket mark (that needs CAP_NET_ADMIN, and nothing captures here).
+    let proxy = HttpProxy::new(HttpConfig::default(), routes, 0, metrics.clone());
+    (Arc::new(proxy), metrics)
+}
+
+/// Each request and mirror copy in Flagger's family by the pod that served it: node-a's outbound
+/// proxy and node-b's inbound proxy, each over the routing table its agent compiled from the
+/// fixture, count it once between them, whatever the pod's annotations say.
+#[tokio::test]
+async fn flaggers_family_counts_each_request_once_across_two_agents() {
+    let server = ApiServer::start().await.unwrap();
+    server.apply_yaml(TWO_NODES);
+    let mut node_a = start_on(&server, "node-a", true, None);
+    let mut node_b = start_on(&server, "node-b", true, None);
+    let vips = [
+        "127.0.96.11:80",
+        "127.0.96.12:80",
+        "127.0.96.21:80",
+        "127.0.96.22:80",
+    ];
+    let a = snapshot_where(&mut node_a.snapshots, "node-a has every endpoint", |s| {
+        vips.iter().all(|vip| {
+            s.routes
+                .services
+                .get(&vip.parse().unwrap())
+                .is_some_and(|r| !r.default.endpoints.is_empty())
+        })
+    })
+    .await;
+    let b = snapshot_where(&mut node_b.snapshots, "node-b enrols its pods", |s| {
+        s.policy.enrolled.len() == 2
+    })
+    .await;
+
+    // Node-b enrols its pods by their own annotations, over their namespaces'; node-a, which
+    // knows them by their metadata only, leaves exactly those to node-b.
+    let mut enrolled: Vec<&str> = b
+        .policy
+        .enrolled
+        .values()
+        .map(|p| p.name.as_str())
+        .collect();
+    enrolled.sort();
+    assert_eq!(enrolled, ["opted-in", "shadow-enrolled"]);
+    let at_destination: Vec<(String, bool)> = vips
+        .iter()
+        .map(|vip| &a.routes.services[&vip.parse().unwrap()].default.endpoints[0])
+        .map(|e| {
+            (
+                e.pod.as_ref().unwrap().pod.to_string(),
+                e.measured_at_destination,
+            )
+        })
+        .collect();
+    let expected = [
+        ("opted-out", false),
+        ("shadow-enrolled", true),
+        ("opted-in", true),
+        ("shadow-plain", false),
+    ];
+    assert_eq!(
+        at_destination,
+        expected.map(|(pod, at)| (pod.to_owned(), at))
+    );
+
+    // The pods. Inbound capture needs root, so node-b's is played by its inbound proxy listening
+    // at the address of each pod port its policy captures (as capture.rs fills the TC programs'
+    // map), in front of the pod, which then serves on another port of its address.
+    let (outbound, metrics_a) = proxy_of(&a);
+    let (inbound, metrics_b) = proxy_of(&b);
+    let mut tasks = Tasks(Vec::new());
+    let mut served = Vec::new();
+    for (pod, _) in expected {
+        let ip = a
+            .routes
+            .services
+            .values()
+            .flat_map(|r| &r.default.endpoints)
+            .find(|e| e.pod.as_ref().is_some_and(|p| &*p.pod == pod))
+            .unwrap()
+            .addr
+            .ip();
+        let captured = b
+            .policy
+            .enrolled
+            .values()
+            .any(|p| p.ips.contains(&ip) && !p.inbound_ports_excluded.contains(&POD_PORT));
+        let count = Arc::new(AtomicUsize::new(0));
+        served.push((pod, count.clone()));
+        let port = if captured {
+            POD_PORT + 10_000
+        } else {
+            POD_PORT
+        };
+        let app = SocketAddr::new(ip, port);
+        tasks.0.push(pod_server(app, count).await);
+        if captured {
+            let listener = TcpListener::bind((ip, POD_PORT)).await.unwrap();
+            let inbound = inbound.clone();
+            tasks.0.push(accept_each(listener, move |stream, peer| {
+                inbound.clone().serve_inbound(stream, app, peer)
+            }));
+        }
+    }
+
+    // The caller, at its pod's address, through node-a's outbound proxy: every GET is served by
+    // the Service's pod and mirrored to its shadow.
+    let requests = [
+        ("127.0.96.11:80", "reviews.shop", 5),
+        ("127.0.96.21:80", "ratings.plain", 3),
+    ];
+    for (vip, host, count) in requests {
+        let vip: SocketAddr = vip.parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = listener.local_addr().unwrap();
+        let outbound = outbound.clone();
+        tasks.0.push(accept_each(listener, move |stream, peer| {
+            outbound.clone().serve(stream, vip, peer)
+        }));
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.10.1:0".parse().unwrap()).unwrap();
+        let stream = socket.connect(proxy_addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tasks.0.push(tokio::spawn(async move {
+            let _ = conn.await;
+        }));
+        for _ in 0..count {
+            let request = hyper::Request::get("/")
+                .header("host", host)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response =
+                tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+                    .await
+                    .expect("an answer in time")
+                    .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    }
+
+    // Each pod served what the caller sent its Service; the copies are measured once their
+    // responses are read, after the caller had its own, and Aviary's own family tells them
+    // apart on both sides: 5 + 3 copies from node-a, of which node-b's pod served 5.
+    let mirrored = |metrics: &Metrics, direction: &str| {
+        let labels = [("direction", direction), ("mirror", "true")];
+        sample(&metrics.render(), "aviary_requests_total", &labels)
+    };
+    eventually("every copy is served and measured", || async {
+        let served: Vec<usize> = served
+            .iter()
+            .map(|(_, s)| s.load(Ordering::Relaxed))
+            .collect();
+        let measured = (
+            mirrored(&metrics_a, "outbound"),
+            mirrored(&metrics_b, "inbound"),
+        );
+        (served == [5, 5, 3, 3] && measured == (8.0, 5.0)).then_some(())
+    })
+    .await;
+
+    // Flagger's family, on node-a and on node-b: each request and copy once, by its pod.
+    let flagger = |metrics: &Metrics, pod: &str| {
+        let labels = [("kubernetes_pod_name", pod)];
+        sample(
+            &metrics.render(),
+            "http_request_duration_seconds_count",
+            &labels,
+        ) as usize
+    };
+    let counted: Vec<(&str, (usize, usize))> = served
+        .iter()
+        .map(|(pod, _)| (*pod, (flagger(&metrics_a, pod), flagger(&metrics_b, pod))))
+        .collect();
+    assert_eq!(
+        counted,
+        [
+            ("opted-out", (5, 0)),
+            ("shadow-enrolled", (0, 5)),
+            ("opted-in", (0, 3)),
+            ("shadow-plain", (3, 0)),
+        ]
     );
 }

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{
-    policy::{workload::POD_TEMPLATE_HASH, Kind, Object, ObjectKey, Store},
+    policy::{Kind, Object, ObjectKey, Store},
     state::Publisher,
 };
 
@@ -83,19 +83,7 @@ impl Watched for EndpointSlice {
 impl Watched for PartialObjectMeta<Pod> {
     const KIND: Kind = Kind::PodMetadata;
     fn into_object(self) -> Object {
-        // Only what names a workload is kept: 100,000 pods' annotations would be most of it.
-        let labels = self.metadata.labels.and_then(|mut labels| {
-            let hash = labels.remove_entry(POD_TEMPLATE_HASH)?;
-            Some([hash].into())
-        });
-        Object::PodMetadata(Box::new(ObjectMeta {
-            name: self.metadata.name,
-            namespace: self.metadata.namespace,
-            uid: self.metadata.uid,
-            labels,
-            owner_references: self.metadata.owner_references,
-            ..ObjectMeta::default()
-        }))
+        Object::pod_metadata(self.metadata)
     }
 }
 

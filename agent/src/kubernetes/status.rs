@@ -40,6 +40,7 @@ impl Report {
     pub fn of(store: &Store) -> Self {
         let refused = store
             .rejections()
+            .filter(|(rejected, _)| !refused_in_full(store, &rejected.key))
             .map(|(rejected, object)| {
                 let mut reason = rejected.reason.clone();
                 if rejected.kept_previous {
@@ -54,6 +55,16 @@ impl Report {
             refused,
         }
     }
+}
+
+/// Whether `key` is a pod's metadata whose Pod, on this node, is refused too: the Pod's refusal
+/// says it, and one Event for one pod is enough.
+fn refused_in_full(store: &Store, key: &ObjectKey) -> bool {
+    key.kind == Kind::PodMetadata
+        && store.is_rejected(&ObjectKey {
+            kind: Kind::Pod,
+            ..key.clone()
+        })
 }
 
 fn reference(object: &Object) -> ObjectReference {
@@ -229,7 +240,8 @@ fn condition_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::status::ParentStatus;
+    use crate::policy::{status::ParentStatus, INBOUND_PORTS_EXCLUDE};
+    use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
     fn status(accepted: bool) -> RouteStatus {
         let condition = |type_, ok: bool| Condition {
@@ -251,6 +263,34 @@ mod tests {
                 ],
             }],
         }
+    }
+
+    #[test]
+    fn a_pod_refused_in_full_and_by_its_metadata_is_reported_once() {
+        let pod = |name: &str| ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("shop".into()),
+            uid: Some(format!("u-{name}")),
+            annotations: Some([(INBOUND_PORTS_EXCLUDE.into(), "http".into())].into()),
+            ..ObjectMeta::default()
+        };
+        let mut store = Store::default();
+        // One pod on this node, seen by both watches; one on another node, by its metadata.
+        let here = Pod {
+            metadata: pod("here"),
+            ..Pod::default()
+        };
+        store.upsert(Object::Pod(Box::new(here))).unwrap_err();
+        store.upsert(Object::pod_metadata(pod("here"))).unwrap_err();
+        store
+            .upsert(Object::pod_metadata(pod("there")))
+            .unwrap_err();
+        let refused: Vec<String> = Report::of(&store)
+            .refused
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(refused, ["Pod/shop/here", "PodMetadata/shop/there"]);
     }
 
     #[test]

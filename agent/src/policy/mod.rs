@@ -28,6 +28,9 @@ pub const CAPTURE_ANNOTATION: &str = "aviary.dev/capture";
 /// On a Pod: ports inbound capture leaves alone, comma-separated (as Istio's
 /// `traffic.sidecar.istio.io/excludeInboundPorts`).
 pub const INBOUND_PORTS_EXCLUDE: &str = "aviary.dev/inbound-ports-exclude";
+/// The annotations of a Pod that decide its enrolment and inbound capture: all that is kept of
+/// the annotations of the pods known by their metadata only.
+const POD_ANNOTATIONS: [&str; 2] = [CAPTURE_ANNOTATION, INBOUND_PORTS_EXCLUDE];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Kind {
@@ -36,7 +39,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     HttpRoute,
-    /// Any pod's metadata (owner references), for the workload names of endpoints.
+    /// Any pod's metadata (owner references and enrolment annotations), for the workload names
+    /// of endpoints and whether their own agent measures them.
     PodMetadata,
 }
 
@@ -79,6 +83,33 @@ pub enum Object {
 }
 
 impl Object {
+    /// A pod known by its metadata only (any node's, as the metadata watch sees it), trimmed to
+    /// what policy reads: what names its workload, and the annotations that decide whether it is
+    /// enrolled, exactly as they do for this node's pods. Of 100,000 pods, their other labels
+    /// and annotations would be most of the memory.
+    pub fn pod_metadata(meta: ObjectMeta) -> Self {
+        let labels = meta.labels.and_then(|mut labels| {
+            let hash = labels.remove_entry(workload::POD_TEMPLATE_HASH)?;
+            Some([hash].into())
+        });
+        let annotations = meta.annotations.and_then(|mut annotations| {
+            let kept: BTreeMap<String, String> = POD_ANNOTATIONS
+                .iter()
+                .filter_map(|key| annotations.remove_entry(*key))
+                .collect();
+            (!kept.is_empty()).then_some(kept)
+        });
+        Self::PodMetadata(Box::new(ObjectMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            uid: meta.uid,
+            labels,
+            annotations,
+            owner_references: meta.owner_references,
+            ..ObjectMeta::default()
+        }))
+    }
+
     fn meta(&self) -> &ObjectMeta {
         match self {
             Self::Namespace(o) => &o.metadata,
@@ -147,7 +178,9 @@ impl Object {
             }
             Self::EndpointSlice(_) => Ok(()),
             Self::HttpRoute(route) => gamma::validate(route),
-            Self::PodMetadata(_) => Ok(()),
+            // Refused as its own agent refuses the Pod, so that every agent takes the pod for
+            // enrolled or not alike.
+            Self::PodMetadata(meta) => inbound_ports_excluded(meta).map(drop),
         }
     }
 }
@@ -840,6 +873,60 @@ spec: {containers: []}
             store.take_changes(),
             [Change::Removed(key)],
             "removing what is gone changes nothing"
+        );
+    }
+
+    #[test]
+    fn pod_metadata_keeps_what_names_the_workload_and_decides_enrolment_only() {
+        let meta: ObjectMeta = serde_yaml::from_str(
+            r#"
+name: podinfo-7d9f8b-x2x9z
+namespace: shop
+uid: u1
+labels: {pod-template-hash: 7d9f8b, app: podinfo}
+annotations:
+  aviary.dev/capture: disabled
+  aviary.dev/inbound-ports-exclude: "9090"
+  kubectl.kubernetes.io/last-applied-configuration: "{}"
+ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-7d9f8b, uid: rs}]
+"#,
+        )
+        .unwrap();
+        let Object::PodMetadata(kept) = Object::pod_metadata(meta.clone()) else {
+            panic!("pod metadata");
+        };
+        let expected = ObjectMeta {
+            labels: Some([("pod-template-hash".into(), "7d9f8b".into())].into()),
+            annotations: Some(
+                [
+                    (CAPTURE_ANNOTATION.into(), "disabled".into()),
+                    (INBOUND_PORTS_EXCLUDE.into(), "9090".into()),
+                ]
+                .into(),
+            ),
+            ..meta.clone()
+        };
+        assert_eq!(*kept, expected);
+        let bare = ObjectMeta {
+            annotations: Some([("app".into(), "podinfo".into())].into()),
+            ..meta.clone()
+        };
+        let Object::PodMetadata(kept) = Object::pod_metadata(bare) else {
+            panic!("pod metadata");
+        };
+        assert_eq!(kept.annotations, None);
+
+        // Refused for what its own agent refuses the Pod for, so that every agent agrees.
+        let bad = ObjectMeta {
+            annotations: Some([(INBOUND_PORTS_EXCLUDE.into(), "http".into())].into()),
+            ..meta
+        };
+        let rejected = Store::default()
+            .upsert(Object::pod_metadata(bad))
+            .unwrap_err();
+        assert!(
+            rejected.reason.contains("inbound-ports-exclude"),
+            "{rejected}"
         );
     }
 

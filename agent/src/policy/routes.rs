@@ -16,7 +16,7 @@
 //! pass through to the address the pod dialled.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -27,8 +27,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
 use super::{
-    gamma, is_enrolled, is_host_network, is_local, namespace_capture, pod_ips, service_addresses,
-    workload::workload_name, Store,
+    gamma, inbound_ports_excluded, is_enrolled, is_host_network, is_local, namespace_capture,
+    pod_ips, service_addresses, workload::workload_name, Store,
 };
 use crate::proxy::route::{
     unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, RouteTable, Rule,
@@ -268,7 +268,7 @@ pub fn compile_routes(store: &Store, options: &RouteOptions) -> RouteTable {
     let measured_at_destination = if options.inbound_capture {
         remote_enrolled(store, options.node.as_deref())
     } else {
-        HashSet::new()
+        HashMap::new()
     };
     let mut table = RouteTable {
         pods: pod_addresses(store, &workloads),
@@ -366,9 +366,13 @@ pub fn compile_routes(store: &Store, options: &RouteOptions) -> RouteTable {
     table
 }
 
-/// The pods on other nodes whose annotations enrol them: their own agent's inbound capture
-/// measures the requests they receive.
-fn remote_enrolled<'a>(store: &'a Store, node: Option<&str>) -> HashSet<(&'a str, &'a str)> {
+/// The pods on other nodes whose annotations enrol them, with the ports their inbound capture
+/// leaves alone: their own agent's inbound proxy measures the requests they receive on any
+/// other port.
+fn remote_enrolled<'a>(
+    store: &'a Store,
+    node: Option<&str>,
+) -> HashMap<(&'a str, &'a str), BTreeSet<u16>> {
     let local: HashSet<(&str, &str)> = store
         .pods()
         .filter(|pod| is_local(pod, node))
@@ -383,8 +387,12 @@ fn remote_enrolled<'a>(store: &'a Store, node: Option<&str>) -> HashSet<(&'a str
     store
         .pod_metadata()
         .filter(|meta| is_enrolled(meta, &namespace_capture))
-        .filter_map(|meta| Some((meta.namespace.as_deref()?, meta.name.as_deref()?)))
-        .filter(|key| !local.contains(key))
+        .filter_map(|meta| {
+            let key = (meta.namespace.as_deref()?, meta.name.as_deref()?);
+            let excluded = inbound_ports_excluded(meta).ok()?;
+            Some((key, excluded))
+        })
+        .filter(|(key, _)| !local.contains(key))
         .collect()
 }
 
@@ -442,8 +450,9 @@ struct Context<'a> {
     slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
     services: HashMap<(&'a str, &'a str), &'a Service>,
     workloads: HashMap<(&'a str, &'a str), Arc<Workload>>,
-    /// Pods (namespace, name) whose requests their own node's inbound proxy measures.
-    measured_at_destination: HashSet<(&'a str, &'a str)>,
+    /// Pods (namespace, name) whose requests their own node's inbound proxy measures, but for
+    /// those to the ports it leaves alone.
+    measured_at_destination: HashMap<(&'a str, &'a str), BTreeSet<u16>>,
 }
 
 impl Context<'_> {
@@ -562,7 +571,8 @@ impl Context<'_> {
                         let pod = self.endpoint_pod(namespace, endpoint);
                         let measured_at_destination = pod.as_ref().is_some_and(|p| {
                             self.measured_at_destination
-                                .contains(&(p.namespace.as_ref(), p.pod.as_ref()))
+                                .get(&(p.namespace.as_ref(), p.pod.as_ref()))
+                                .is_some_and(|excluded| !excluded.contains(&addr.port()))
                         });
                         let endpoint = Endpoint::new(addr, pod, measured_at_destination);
                         endpoints.push(endpoint);
@@ -675,7 +685,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{policy::local::parse_documents, proxy::route::PathMatch};
+    use crate::{
+        policy::{local::parse_documents, Object},
+        proxy::route::PathMatch,
+    };
 
     /// The options of local mode.
     fn local() -> RouteOptions {
@@ -1080,61 +1093,116 @@ mod tests {
     }
 
     #[test]
-    fn enrolled_pods_on_other_nodes_are_measured_at_their_destination() {
-        // Two endpoints on node-b (one enrolled by its namespace, one opted out) and one
-        // enrolled pod on this node, node-a.
-        let pod = |name: &str, node: &str, ip: &str, capture: &str| {
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: u-{name}, \
-                 annotations: {{{capture}}}}}\nspec: {{nodeName: {node}, containers: []}}\n\
-                 status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
-            )
-        };
-        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: reviews-v1-x, \
-             namespace: shop, labels: {kubernetes.io/service-name: reviews-v1}}\naddressType: IPv4\n\
-             ports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n\
-             - {addresses: [10.244.2.11], targetRef: {kind: Pod, name: remote}}\n\
-             - {addresses: [10.244.2.12], targetRef: {kind: Pod, name: opted-out}}\n\
-             - {addresses: [10.244.1.13], targetRef: {kind: Pod, name: local}}\n";
-        let yaml = [
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, annotations: {aviary.dev/capture: enabled}}\n"
-                .to_owned(),
-            svc("reviews-v1", "10.96.0.11", ""),
-            slice.to_owned(),
-            pod("remote", "node-b", "10.244.2.11", ""),
-            pod("opted-out", "node-b", "10.244.2.12", "aviary.dev/capture: disabled"),
-            pod("local", "node-a", "10.244.1.13", ""),
+    fn pods_on_other_nodes_are_measured_at_their_destination_as_their_annotations_say() {
+        // Node-a's view, as its watches give it: its own pods in full, every pod by its
+        // metadata. shop is enrolled and plain is not; a pod's own annotations win over its
+        // namespace's, and its excluded ports are never captured inbound.
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, annotations: {aviary.dev/capture: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: plain}
+spec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-x, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.2.11], targetRef: {kind: Pod, name: enrolled}}
+- {addresses: [10.244.2.12], targetRef: {kind: Pod, name: opted-out}}
+- {addresses: [10.244.2.13], targetRef: {kind: Pod, name: port-excluded}}
+- {addresses: [10.244.1.14], targetRef: {kind: Pod, name: local}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ratings-x, namespace: plain, labels: {kubernetes.io/service-name: ratings}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.2.21], targetRef: {kind: Pod, name: opted-in}}
+- {addresses: [10.244.2.22], targetRef: {kind: Pod, name: bystander}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: local, namespace: shop, uid: u-local}
+spec: {nodeName: node-a, containers: []}
+status: {podIP: 10.244.1.14}
+"#;
+        let metadata = [
+            ("shop", "enrolled", ""),
+            ("shop", "opted-out", "aviary.dev/capture: disabled"),
+            (
+                "shop",
+                "port-excluded",
+                "aviary.dev/inbound-ports-exclude: \"8080\"",
+            ),
+            ("shop", "local", ""),
+            ("plain", "opted-in", "aviary.dev/capture: enabled"),
+            ("plain", "bystander", ""),
         ]
-        .join(CLUSTER);
+        .map(|(namespace, name, annotation)| {
+            // Annotations Aviary does not read come too, as they would from the API server.
+            let annotations: Vec<&str> = ["kubectl.kubernetes.io/restartedAt: now", annotation]
+                .into_iter()
+                .filter(|a| !a.is_empty())
+                .collect();
+            let meta = format!(
+                "{{name: {name}, namespace: {namespace}, uid: u-{name}, annotations: {{{}}}}}",
+                annotations.join(", ")
+            );
+            Object::pod_metadata(serde_yaml::from_str(&meta).unwrap())
+        });
+        let mut store = store(yaml);
+        for object in metadata {
+            store.upsert(object).unwrap();
+        }
         let measured = |inbound_capture| {
             let options = RouteOptions {
                 node: Some("node-a".into()),
                 inbound_capture,
             };
-            let table = compile_routes(&store(&yaml), &options);
-            let backend = &table.services[&"10.96.0.11:80".parse().unwrap()].default;
-            backend
-                .endpoints
+            let table = compile_routes(&store, &options);
+            ["10.96.0.11:80", "10.96.0.12:80"]
                 .iter()
-                .map(|e| (e.addr.ip().to_string(), e.measured_at_destination))
+                .flat_map(|vip| &table.services[&vip.parse().unwrap()].default.endpoints)
+                .map(|e| {
+                    let pod = e.pod.as_ref().unwrap();
+                    (pod.pod.to_string(), e.measured_at_destination)
+                })
                 .collect::<Vec<_>>()
         };
-        assert_eq!(
-            measured(true),
-            [
-                ("10.244.2.11".into(), true),
-                ("10.244.2.12".into(), false),
-                ("10.244.1.13".into(), false),
-            ]
-        );
+        let expected = [
+            ("enrolled", true),
+            ("opted-out", false),
+            ("port-excluded", false),
+            ("local", false),
+            ("opted-in", true),
+            ("bystander", false),
+        ]
+        .map(|(pod, at_destination)| (pod.to_owned(), at_destination));
+        assert_eq!(measured(true), expected);
         assert!(measured(false)
             .iter()
             .all(|(_, at_destination)| !at_destination));
 
         // The endpoints also name the pods on other nodes, for the inbound proxy's clients.
-        let table = compile_routes(&store(&yaml), &local());
+        let table = compile_routes(&store, &local());
         assert_eq!(&*table.pod("10.244.2.12".parse().unwrap()).pod, "opted-out");
-        assert_eq!(table.pods.len(), 3);
+        assert_eq!(table.pods.len(), 6);
     }
 
     #[test]

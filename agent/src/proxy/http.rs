@@ -17,7 +17,10 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -30,7 +33,7 @@ use hyper::{
     upgrade::OnUpgrade,
 };
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -40,7 +43,8 @@ use crate::metrics::{self, Direction, MethodClass, Metrics, RequestLabels};
 
 pub use super::pool::ProxyBody;
 use super::{
-    balance::{self, InFlight},
+    balance::{self, Failure, InFlight, OutlierConfig},
+    idle::IdleTimeout,
     pool::{Pool, PoolConfig, SendError},
     route::{
         Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes,
@@ -57,6 +61,8 @@ pub const MIRROR_HEADER: &str = "x-aviary-mirror";
 pub struct HttpConfig {
     /// A request body up to this size is held, when a mirror will send it again.
     pub body_buffer_limit: usize,
+    /// The bytes of request bodies held at once, across all requests and workers.
+    pub body_buffer_budget: usize,
     /// Mirrored requests in flight per mirror backend and worker; more are dropped (and
     /// counted).
     pub mirror_in_flight: usize,
@@ -67,18 +73,33 @@ pub struct HttpConfig {
     pub connect_timeout: Duration,
     /// How long an upstream connection may wait in the pool.
     pub pool_idle_timeout: Duration,
+    /// How long an HTTP/1.1 client may take to send a request's headers (see the flag).
+    pub header_read_timeout: Option<Duration>,
+    /// A client connection that moves no byte for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// HTTP/2 pings, client and upstream, and how long one may go unanswered.
+    pub http2_keepalive_interval: Option<Duration>,
+    pub http2_keepalive_timeout: Duration,
+    /// When an endpoint that fails is left out of load balancing.
+    pub outlier: OutlierConfig,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             body_buffer_limit: 1024 * 1024,
+            body_buffer_budget: 64 * 1024 * 1024,
             mirror_in_flight: 100,
             mirror_timeout: Duration::from_secs(10),
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             connect_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Some(Duration::from_secs(60)),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            http2_keepalive_interval: Some(Duration::from_secs(20)),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            outlier: OutlierConfig::default(),
         }
     }
 }
@@ -89,6 +110,8 @@ pub enum MirrorOutcome {
     Sent,
     SkippedNotIdempotent,
     SkippedBodyTooLarge,
+    /// The body would have taken the bodies held at once past their budget.
+    SkippedBufferBudget,
     DroppedOverload,
     Failed,
     TimedOut,
@@ -109,6 +132,7 @@ pub struct HttpProxy {
     pool: Pool,
     server: auto::Builder<TokioExecutor>,
     metrics: Arc<Metrics>,
+    body_budget: Arc<BodyBudget>,
 }
 
 /// What a client connection resolved in one routing table: reused by each of its requests
@@ -176,23 +200,40 @@ impl HttpProxy {
             mark,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.pool_idle_timeout,
+            http2_keepalive_interval: cfg.http2_keepalive_interval,
+            http2_keepalive_timeout: cfg.http2_keepalive_timeout,
             ..PoolConfig::default()
         });
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
             .max_headers(cfg.max_headers)
             .max_buf_size(cfg.max_header_bytes.max(8192));
         server
             .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(cfg.http2_keepalive_interval)
+            .keep_alive_timeout(cfg.http2_keepalive_timeout)
             .max_header_list_size(cfg.max_header_bytes as u32);
+        let body_budget = Arc::new(BodyBudget {
+            held: AtomicUsize::new(0),
+            limit: cfg.body_buffer_budget,
+        });
         Self {
             cfg,
             routes,
             pool,
             server,
             metrics,
+            body_budget,
         }
+    }
+
+    /// The limits and timeouts it runs with, which opaque TCP shares.
+    pub fn config(&self) -> &HttpConfig {
+        &self.cfg
     }
 
     /// The upstream connection pools (this worker's, when called on a worker).
@@ -226,11 +267,16 @@ impl HttpProxy {
         });
         if let Err(e) = self
             .server
-            .serve_connection_with_upgrades(TokioIo::new(stream), handler)
+            .serve_connection_with_upgrades(self.client_io(stream), handler)
             .await
         {
             debug!(%peer, error = %e, "HTTP connection ended with an error");
         }
+    }
+
+    /// A client connection as the server reads it: closed once idle for the idle timeout.
+    fn client_io<S>(&self, stream: S) -> TokioIo<IdleTimeout<S>> {
+        TokioIo::new(IdleTimeout::new(stream, self.cfg.idle_timeout))
     }
 
     /// Answers one request and records it in the metrics.
@@ -286,7 +332,8 @@ impl HttpProxy {
             async move {
                 let started = Instant::now();
                 let method = MethodClass::from(req.method());
-                // Another agent's mirror copy: measured as one, and so not in Flagger's family.
+                // Another agent's mirror copy: measured as one, and in Flagger's family as any
+                // request this pod served.
                 let mirror = req.headers().contains_key(MIRROR_HEADER);
                 let response = this.pass_through(req, &conn).await;
                 let status = response.status().as_u16();
@@ -318,7 +365,7 @@ impl HttpProxy {
         });
         let connection = self
             .server
-            .serve_connection_with_upgrades(TokioIo::new(stream), handler);
+            .serve_connection_with_upgrades(self.client_io(stream), handler);
         if let Err(e) = connection.await {
             debug!(%peer, error = %e, "inbound HTTP connection ended with an error");
         }
@@ -396,11 +443,15 @@ impl HttpProxy {
                     full(bytes)
                 }
                 Ok(Held::TooLarge(body)) => {
-                    self.metrics.mirror(
-                        MirrorOutcome::SkippedBodyTooLarge,
-                        &mirror.backend.namespace,
-                        &mirror.backend.name,
-                    );
+                    let outcome = MirrorOutcome::SkippedBodyTooLarge;
+                    self.metrics
+                        .mirror(outcome, &mirror.backend.namespace, &mirror.backend.name);
+                    body.boxed()
+                }
+                Ok(Held::OverBudget(body)) => {
+                    let outcome = MirrorOutcome::SkippedBufferBudget;
+                    self.metrics
+                        .mirror(outcome, &mirror.backend.namespace, &mirror.backend.name);
                     body.boxed()
                 }
                 // A truncated body must never reach the backend as if it were whole.
@@ -446,19 +497,28 @@ impl HttpProxy {
         response
     }
 
-    /// Holds a body whose length is known and within the limit; gives any other back.
+    /// Holds a body whose length is known, within the limit and within what is left of the
+    /// budget; gives any other back.
     async fn hold(&self, body: Incoming) -> Result<Held, hyper::Error> {
         if body.is_end_stream() {
             return Ok(Held::Whole(Bytes::new()));
         }
-        let small = body
+        let Some(length) = body
             .size_hint()
             .exact()
-            .is_some_and(|n| n <= self.cfg.body_buffer_limit as u64);
-        if !small {
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= self.cfg.body_buffer_limit)
+        else {
             return Ok(Held::TooLarge(body));
-        }
-        Ok(Held::Whole(body.collect().await?.to_bytes()))
+        };
+        let Some(reservation) = self.body_budget.reserve(length) else {
+            return Ok(Held::OverBudget(body));
+        };
+        let bytes = body.collect().await?.to_bytes();
+        Ok(Held::Whole(Bytes::from_owner(HeldBody {
+            bytes,
+            _reservation: reservation,
+        })))
     }
 
     /// Sends the request to an endpoint of `backend`. A request no endpoint received (the
@@ -495,30 +555,52 @@ impl HttpProxy {
                 Some(limit) => match tokio::time::timeout(limit, sent).await {
                     Ok(result) => result,
                     Err(_) => {
-                        return error(StatusCode::GATEWAY_TIMEOUT, "the backend request timed out")
+                        self.endpoint_failed(in_flight, Failure::Server, backend);
+                        return error(StatusCode::GATEWAY_TIMEOUT, "the backend request timed out");
                     }
                 },
                 None => sent.await,
             };
             match result {
                 Ok(response) => {
-                    in_flight.done();
+                    let server_error = response.status().is_server_error();
+                    let outlier = &self.cfg.outlier;
+                    let ejected = in_flight.answered(server_error, &backend.endpoints, outlier);
+                    if server_error {
+                        self.metrics.endpoint_failure(
+                            Failure::Server,
+                            &backend.namespace,
+                            &backend.name,
+                            ejected,
+                        );
+                    }
                     return response.map(|body| body.boxed());
                 }
                 Err(SendError::NotSent {
                     error,
                     request: unsent,
-                }) if failed.is_none() => {
+                }) => {
+                    self.endpoint_failed(in_flight, Failure::Connect, backend);
+                    if failed.is_some() {
+                        return connect_failed(endpoint.addr, &error, "");
+                    }
                     debug!(endpoint = %endpoint.addr, %error, "connect failed; retrying on another endpoint");
                     failed = Some((endpoint, error));
                     request = *unsent;
                 }
-                Err(SendError::NotSent { error, .. }) => {
-                    return connect_failed(endpoint.addr, &error, "")
+                Err(SendError::Failed(e)) => {
+                    self.endpoint_failed(in_flight, Failure::Server, backend);
+                    return exchange_failed(endpoint.addr, &e);
                 }
-                Err(SendError::Failed(e)) => return exchange_failed(endpoint.addr, &e),
             }
         }
+    }
+
+    /// Counts an endpoint's failure towards its ejection, and in the metrics.
+    fn endpoint_failed(&self, in_flight: InFlight, failure: Failure, backend: &Backend) {
+        let ejected = in_flight.failed(failure, &backend.endpoints, &self.cfg.outlier);
+        self.metrics
+            .endpoint_failure(failure, &backend.namespace, &backend.name, ejected);
     }
 
     /// Whether this request is copied to `mirror`: sampled, then allowed by method. A request
@@ -610,7 +692,9 @@ impl HttpProxy {
                         service: &service,
                         backend: Some(&target),
                         pod: endpoint.pod.as_ref(),
-                        flagger: true,
+                        // As for the request it copies: left to the pod's own agent when that
+                        // one measures it.
+                        flagger: !endpoint.measured_at_destination,
                         mirror: true,
                     };
                     answer.record(&metrics, table, method, status.as_u16(), start.elapsed());
@@ -721,6 +805,54 @@ impl OutboundAnswer<'_> {
 enum Held {
     Whole(Bytes),
     TooLarge(Incoming),
+    OverBudget(Incoming),
+}
+
+/// The bytes of request bodies held at once, across every worker: bounds the memory mirrors
+/// can take however many requests arrive together.
+#[derive(Debug)]
+struct BodyBudget {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl BodyBudget {
+    /// Takes `bytes` out of the budget until the reservation drops, or None when they don't fit.
+    fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(bytes).filter(|&after| after <= self.limit)
+            })
+            .ok()?;
+        Some(Reservation {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+}
+
+struct Reservation {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// A held body that gives its bytes back to the budget when the last copy of it is dropped
+/// (the primary's body and the mirror's share it).
+struct HeldBody {
+    bytes: Bytes,
+    _reservation: Reservation,
+}
+
+impl AsRef<[u8]> for HeldBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 /// An exchange that broke after the request started out: the client's own body ended early

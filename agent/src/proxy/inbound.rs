@@ -18,6 +18,7 @@ use super::{
     detect::{read_as, Detected},
     http::HttpProxy,
     route::RouteTable,
+    ConnectionLimit,
 };
 use crate::metrics::{Metrics, Route};
 
@@ -43,11 +44,14 @@ pub struct Inbound {
     pub http: Arc<HttpProxy>,
     pub metrics: Arc<Metrics>,
     pub detect_timeout: Duration,
+    /// Shared by this kind's listeners on every worker.
+    pub limit: ConnectionLimit,
 }
 
 impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: std::net::TcpListener) {
-        super::accept_each(listener, move |client, peer| {
+        let limit = self.limit.clone();
+        super::accept_each(listener, limit, move |client, peer| {
             let this = self.clone();
             async move { this.handle(client, peer).await }
         })
@@ -64,9 +68,17 @@ impl Inbound {
             (route, table.endpoint_protocol(&pod))
         };
         match read_as(protocol, &client, self.detect_timeout).await {
-            Detected::Http => self.http.clone().serve_inbound(client, pod, peer).await,
+            // Boxed, as outbound: opaque connections' tasks stay small.
+            Detected::Http => Box::pin(self.http.clone().serve_inbound(client, pod, peer)).await,
             Detected::Opaque => {
-                super::splice(client, peer, pod, self.mark, &self.metrics, Some(&route)).await
+                let relay = super::Relay {
+                    peer,
+                    mark: self.mark,
+                    idle_timeout: self.http.config().idle_timeout,
+                    metrics: &self.metrics,
+                    route: Some(&route),
+                };
+                super::splice(client, pod, relay).await
             }
         }
     }

@@ -1,8 +1,10 @@
 //! The node proxy.
 
 pub mod balance;
+pub mod copy;
 pub mod detect;
 pub mod http;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -11,18 +13,19 @@ pub mod series;
 pub mod split;
 pub mod workers;
 
-use std::{future::Future, io, net::SocketAddr, time::Duration};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
+use futures::FutureExt as _;
 use nix::sys::socket::{setsockopt, sockopt};
+use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tracing::{debug, warn};
 
-use crate::metrics::{Metrics, Route};
-
-/// Per direction: large enough that a bulk transfer moves in few reads and writes (tokio's
-/// default of 8 KiB costs a wakeup every 8 KiB).
-const SPLICE_BUFFER: usize = 64 * 1024;
+use crate::metrics::{Direction, Metrics, Route};
 
 const BACKLOG: u32 = 4096;
 
@@ -54,9 +57,49 @@ fn listen(addr: SocketAddr, options: ListenOptions) -> io::Result<std::net::TcpL
     Ok(socket.into())
 }
 
+/// The bound on the connections one kind of listener (outbound or inbound) holds at once,
+/// shared by its listeners on every worker, as Envoy's overload manager bounds downstream
+/// connections: past it, file descriptors and memory would run out for every connection at
+/// once, where a bound refuses only the newest. A clone shares the same bound.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimit {
+    listener: Direction,
+    max: usize,
+    /// One permit per connection that may be open; a connection's task holds one until it ends.
+    open: Arc<Semaphore>,
+    refused: Counter,
+}
+
+impl ConnectionLimit {
+    /// At most `max` connections of `listener` at once (at least 1); those refused beyond it
+    /// are counted in the metrics.
+    pub fn new(listener: Direction, max: usize, metrics: &Metrics) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            listener,
+            max,
+            open: Arc::new(Semaphore::new(max)),
+            refused: metrics.connections_refused(listener),
+        }
+    }
+
+    /// A place for one more connection, or None at the limit.
+    fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.open.clone().try_acquire_owned().ok()
+    }
+
+    /// Resets a connection accepted beyond the limit: the client learns at once, instead of
+    /// waiting on a connection no one serves.
+    fn refuse(&self, stream: TcpStream, peer: SocketAddr) {
+        self.refused.inc();
+        debug!(%peer, listener = ?self.listener, max = self.max, "refused a connection: the listener is at its connection limit");
+        let _ = stream.set_zero_linger();
+    }
+}
+
 /// Accepts connections for ever, handling each (without Nagle) in a task of its own on the
-/// calling worker.
-pub async fn accept_each<F, Fut>(listener: std::net::TcpListener, handle: F)
+/// calling worker; beyond `limit`, a connection is reset as soon as it is accepted.
+pub async fn accept_each<F, Fut>(listener: std::net::TcpListener, limit: ConnectionLimit, handle: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -71,8 +114,14 @@ where
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Some(admitted) = limit.admit() else {
+                    limit.refuse(stream, peer);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer));
+                // Not an async block awaiting the connection: that would hold the connection's
+                // future twice (rust-lang/rust#108906), doubling each connection's task.
+                tokio::spawn(handle(stream, peer).map(move |()| drop(admitted)));
             }
             // Out of file descriptors or a connection reset before accept: keep serving.
             Err(e) => {
@@ -99,47 +148,155 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
     Ok(stream)
 }
 
-/// Connects to `dst` (marked) and copies bytes both ways until both sides close; a connection
-/// with a `route` is counted in the metrics.
-pub async fn splice(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    dst: SocketAddr,
-    mark: u32,
-    metrics: &Metrics,
-    route: Option<&Route>,
-) {
-    let mut upstream = match connect_marked(dst, mark).await {
-        Ok(upstream) => upstream,
+/// Connects to `dst` (marked) and relays bytes both ways ([`relay`]); a connect that fails
+/// resets the client.
+pub async fn splice(client: TcpStream, dst: SocketAddr, relay: Relay<'_>) {
+    match connect_marked(dst, relay.mark).await {
+        Ok(upstream) => relay.run(client, upstream).await,
         Err(e) => {
-            debug!(%peer, %dst, error = %e, "upstream connect failed");
+            debug!(peer = %relay.peer, %dst, error = %e, "upstream connect failed");
             let _ = client.set_zero_linger();
-            return;
         }
-    };
-    let series = route.map(|route| metrics.tcp_series(route));
-    if let Some(series) = &series {
-        series.opened();
     }
-    let copied = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        SPLICE_BUFFER,
-        SPLICE_BUFFER,
-    )
-    .await;
-    let (sent, received) = match copied {
-        Ok((sent, received)) => {
-            debug!(%peer, %dst, sent, received, "connection closed");
-            (sent, received)
+}
+
+/// What relaying one opaque connection needs.
+pub struct Relay<'a> {
+    pub peer: SocketAddr,
+    /// The proxy's mark, for the upstream connect.
+    pub mark: u32,
+    /// Both sockets close once neither moved a byte for this long.
+    pub idle_timeout: Option<Duration>,
+    pub metrics: &'a Metrics,
+    /// A routed connection is counted in the metrics along its route.
+    pub route: Option<&'a Route>,
+}
+
+impl Relay<'_> {
+    /// Copies bytes both ways until both sides close, one fails, or the connection idles past
+    /// the timeout.
+    pub async fn run(self, client: TcpStream, upstream: TcpStream) {
+        let (peer, dst) = (self.peer, upstream.peer_addr().ok());
+        let series = self.route.map(|route| self.metrics.tcp_series(route));
+        if let Some(series) = &series {
+            series.opened();
         }
-        Err(e) => {
-            // The byte counts of a failed copy are not known; the close still counts.
-            debug!(%peer, %dst, error = %e, "connection ended with an error");
-            (0, 0)
+        // Both ends are watched: a copy stuck writing to one still polls the other.
+        let mut client = idle::IdleTimeout::new(client, self.idle_timeout);
+        let mut upstream = idle::IdleTimeout::new(upstream, self.idle_timeout);
+        let copied = copy::bidirectional(&mut client, &mut upstream).await;
+        let (sent, received) = (copied.sent, copied.received);
+        match copied.result {
+            Ok(()) => debug!(%peer, ?dst, sent, received, "connection closed"),
+            Err(e) => {
+                debug!(%peer, ?dst, sent, received, error = %e, "connection ended with an error")
+            }
         }
-    };
-    if let Some(series) = &series {
-        series.closed(sent, received);
+        if let Some(series) = &series {
+            series.closed(sent, received);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::metrics::sample;
+
+    /// Echoes until the client closes.
+    async fn echo(mut stream: TcpStream, _peer: SocketAddr) {
+        let (mut read, mut write) = stream.split();
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+    }
+
+    /// A connection that the listener serves: its echo comes back.
+    async fn served(addr: SocketAddr) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"ping").await.unwrap();
+        let mut pong = [0u8; 4];
+        stream.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"ping");
+        stream
+    }
+
+    fn refused(metrics: &Metrics) -> f64 {
+        let text = metrics.render();
+        sample(
+            &text,
+            "aviary_connections_refused_total",
+            &[("listener", "outbound")],
+        )
+    }
+
+    #[tokio::test]
+    async fn a_connection_beyond_the_limit_is_reset_and_counted_until_one_closes() {
+        let metrics = Metrics::new(false, None);
+        let limit = ConnectionLimit::new(Direction::outbound, 2, &metrics);
+        assert!(
+            metrics
+                .render()
+                .contains("aviary_connections_refused_total{listener=\"outbound\"} 0"),
+            "exported from the start"
+        );
+        let listener = listen("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(accept_each(listener, limit.clone(), echo));
+
+        let first = served(addr).await;
+        let _second = served(addr).await;
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let reset = third.read(&mut [0u8; 1]).await.unwrap_err();
+        assert_eq!(reset.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(refused(&metrics), 1.0);
+
+        // The first one's task ends once it closes, and its place is free again.
+        drop(first);
+        let freed = tokio::time::timeout(Duration::from_secs(5), async {
+            while limit.open.available_permits() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        freed.await.expect("a closed connection kept its place");
+        let _fourth = served(addr).await;
+        assert_eq!(refused(&metrics), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_relayed_connection_that_idles_past_the_timeout_is_closed_both_ways() {
+        let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream_listener.local_addr().unwrap();
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let metrics = Metrics::new(false, None);
+        let relayed = async {
+            let (client, peer) = front.accept().await.unwrap();
+            let relay = Relay {
+                peer,
+                mark: 0,
+                idle_timeout: Some(Duration::from_millis(300)),
+                metrics: &metrics,
+                route: None,
+            };
+            splice(client, upstream_addr, relay).await;
+        };
+        let client = async {
+            let mut client = TcpStream::connect(front_addr).await.unwrap();
+            let (mut upstream, _) = upstream_listener.accept().await.unwrap();
+            // Bytes every 150 ms keep it open.
+            let mut buf = [0u8; 4];
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                client.write_all(b"ping").await.unwrap();
+                upstream.read_exact(&mut buf).await.unwrap();
+            }
+            let start = std::time::Instant::now();
+            assert_eq!(client.read(&mut buf).await.unwrap_or(0), 0, "closed");
+            assert_eq!(upstream.read(&mut buf).await.unwrap_or(0), 0, "closed");
+            start.elapsed()
+        };
+        let ((), idled) = tokio::join!(relayed, client);
+        assert!(idled >= Duration::from_millis(250), "{idled:?}");
     }
 }

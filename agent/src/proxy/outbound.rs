@@ -18,11 +18,13 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    balance,
+    balance::{self, Failure, InFlight},
+    connect_marked,
     detect::{read_as, Detected},
     http::HttpProxy,
-    route::{Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes},
+    route::{Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes, Workload},
     split::{pick_weighted, with_rng},
+    ConnectionLimit, Relay,
 };
 use crate::{
     ebpf::maps::OrigDstTable,
@@ -54,11 +56,14 @@ pub struct Outbound {
     pub http: Arc<HttpProxy>,
     pub metrics: Arc<Metrics>,
     pub detect_timeout: Duration,
+    /// Shared by this kind's listeners on every worker.
+    pub limit: ConnectionLimit,
 }
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: std::net::TcpListener) {
-        super::accept_each(listener, move |client, peer| {
+        let limit = self.limit.clone();
+        super::accept_each(listener, limit, move |client, peer| {
             let this = self.clone();
             async move { this.handle(client, peer).await }
         })
@@ -78,45 +83,90 @@ impl Outbound {
         };
         let table = self.routes.load();
         let Some(service) = table.service_for(&dst, peer.ip()).cloned() else {
-            return self.splice(client, peer, dst, None).await;
+            return super::splice(client, dst, self.relay(peer, None)).await;
         };
         let source = table.pod(peer.ip());
         drop(table);
         match read_as(service.protocol, &client, self.detect_timeout).await {
-            Detected::Http => self.http.clone().serve(client, dst, peer).await,
-            Detected::Opaque => match tcp_target(&service) {
-                Some((backend, endpoint)) => {
-                    let route = Route::outbound(
-                        &source,
-                        &service,
-                        Some(&backend.name),
-                        endpoint.pod.as_deref(),
-                    );
-                    self.splice(client, peer, endpoint.addr, Some(route)).await
-                }
-                None => {
-                    debug!(%peer, %dst, "no endpoint for an opaque connection");
-                    let _ = client.set_zero_linger();
-                }
-            },
+            // Boxed: an opaque connection's task, idle for hours perhaps, need not be as large
+            // as an HTTP connection's future.
+            Detected::Http => Box::pin(self.http.clone().serve(client, dst, peer)).await,
+            Detected::Opaque => {
+                self.relay_opaque(client, peer, dst, &source, &service)
+                    .await
+            }
         }
     }
 
-    /// Copies bytes both ways; a routed connection (`route`) is counted in the metrics.
-    async fn splice(
+    /// Relays an opaque connection to an endpoint of the backend its service's weights pick.
+    /// A connect that fails counts against its endpoint (outlier detection), and the connection
+    /// goes once more, to another endpoint: nothing of it was sent.
+    async fn relay_opaque(
         &self,
         client: TcpStream,
         peer: SocketAddr,
         dst: SocketAddr,
-        route: Option<Route>,
+        source: &Workload,
+        service: &ServiceRoutes,
     ) {
-        super::splice(client, peer, dst, self.mark, &self.metrics, route.as_ref()).await
+        let Some(backend) = tcp_backend(service) else {
+            debug!(%peer, %dst, "no backend for an opaque connection");
+            let _ = client.set_zero_linger();
+            return;
+        };
+        let outlier = &self.http.config().outlier;
+        let mut failed: Option<Arc<Endpoint>> = None;
+        loop {
+            let picked = with_rng(|rng| balance::pick(&backend.endpoints, failed.as_ref(), rng));
+            let Some(endpoint) = picked else {
+                debug!(%peer, %dst, "no endpoint for an opaque connection");
+                let _ = client.set_zero_linger();
+                return;
+            };
+            // Held while the connection lasts: the balancer sees open connections as load.
+            let in_flight = InFlight::start(endpoint.addr);
+            match connect_marked(endpoint.addr, self.mark).await {
+                Ok(upstream) => {
+                    let route = Route::outbound(
+                        source,
+                        service,
+                        Some(&backend.name),
+                        endpoint.pod.as_deref(),
+                    );
+                    self.relay(peer, Some(&route)).run(client, upstream).await;
+                    drop(in_flight);
+                    return;
+                }
+                Err(e) => {
+                    debug!(%peer, endpoint = %endpoint.addr, error = %e, "upstream connect failed");
+                    let ejected = in_flight.failed(Failure::Connect, &backend.endpoints, outlier);
+                    let (namespace, name) = (&backend.namespace, &backend.name);
+                    self.metrics
+                        .endpoint_failure(Failure::Connect, namespace, name, ejected);
+                    if failed.is_some() {
+                        let _ = client.set_zero_linger();
+                        return;
+                    }
+                    failed = Some(endpoint);
+                }
+            }
+        }
+    }
+
+    fn relay<'a>(&'a self, peer: SocketAddr, route: Option<&'a Route>) -> Relay<'a> {
+        Relay {
+            peer,
+            mark: self.mark,
+            idle_timeout: self.http.config().idle_timeout,
+            metrics: &self.metrics,
+            route,
+        }
     }
 }
 
-/// An opaque connection's endpoint: split by the weights of the first rule that matches every
+/// An opaque connection's backend: split by the weights of the first rule that matches every
 /// request (matches on HTTP attributes mean nothing to raw bytes), else the service's own.
-fn tcp_target(service: &ServiceRoutes) -> Option<(Arc<Backend>, Arc<Endpoint>)> {
+fn tcp_backend(service: &ServiceRoutes) -> Option<Arc<Backend>> {
     let backend: Arc<Backend> = match service.rules.iter().find(|rule| rule.matches.is_empty()) {
         Some(rule) => {
             let index = with_rng(|rng| pick_weighted(rule.weights(), rng))?;
@@ -127,6 +177,5 @@ fn tcp_target(service: &ServiceRoutes) -> Option<(Arc<Backend>, Arc<Endpoint>)> 
         }
         None => service.default.clone(),
     };
-    let endpoint = with_rng(|rng| balance::pick(&backend.endpoints, None, rng))?;
-    Some((backend, endpoint))
+    Some(backend)
 }

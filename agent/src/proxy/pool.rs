@@ -46,6 +46,10 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
+    /// HTTP/2 connections are pinged this often, idle or not, so a dead one leaves the pool
+    /// before a request finds it; one whose ping goes unanswered for the timeout is closed.
+    pub http2_keepalive_interval: Option<Duration>,
+    pub http2_keepalive_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -55,6 +59,8 @@ impl Default for PoolConfig {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             max_idle_per_endpoint: 256,
+            http2_keepalive_interval: Some(Duration::from_secs(20)),
+            http2_keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -251,6 +257,9 @@ impl Pool {
         };
         let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .keep_alive_interval(self.cfg.http2_keepalive_interval)
+            .keep_alive_timeout(self.cfg.http2_keepalive_timeout)
+            .keep_alive_while_idle(true)
             .handshake(io)
             .await
             .map_err(SendError::Failed)?;
@@ -668,6 +677,69 @@ mod tests {
             Err(SendError::Failed(e)) => panic!("expected NotSent, got {e}"),
             Ok(response) => panic!("expected NotSent, got {}", response.status()),
         }
+    }
+
+    #[tokio::test]
+    async fn a_connect_nobody_answers_times_out_and_gives_the_request_back() {
+        // A listener whose accept queue is full drops further SYNs: a black hole.
+        let full =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        full.listen(0).unwrap();
+        let addr = full.local_addr().unwrap().as_socket().unwrap();
+        let mut queued = Vec::new();
+        // Connects to a full queue hang; those that got in stay queued, never accepted.
+        while let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            queued.push(stream);
+        }
+        let pool = Pool::new(PoolConfig {
+            connect_timeout: Duration::from_millis(300),
+            ..PoolConfig::default()
+        });
+        let start = std::time::Instant::now();
+        match pool.send(addr, get(Version::HTTP_11), false).await {
+            Err(SendError::NotSent { error, request }) => {
+                assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+                assert_eq!(request.uri(), "/");
+            }
+            Err(SendError::Failed(e)) => panic!("expected NotSent, got {e}"),
+            Ok(response) => panic!("expected NotSent, got {}", response.status()),
+        }
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(1),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http2_endpoint_that_stops_answering_pings_fails_its_requests() {
+        // Reads and discards everything, answers nothing: not even SETTINGS or PING.
+        let (addr, _) = counting_listener(|mut stream| async move {
+            let mut buf = [0u8; 4096];
+            while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        let pool = Pool::new(PoolConfig {
+            http2_keepalive_interval: Some(Duration::from_millis(100)),
+            http2_keepalive_timeout: Duration::from_millis(100),
+            ..PoolConfig::default()
+        });
+        let sent = pool.send(addr, get(Version::HTTP_2), false);
+        match tokio::time::timeout(Duration::from_secs(2), sent).await {
+            Ok(Err(SendError::Failed(_))) => {}
+            Ok(Err(SendError::NotSent { error, .. })) => panic!("expected Failed, got {error}"),
+            Ok(Ok(response)) => panic!("expected Failed, got {}", response.status()),
+            Err(_) => panic!("the request waited on a dead connection"),
+        }
+        pool.reap();
+        assert_eq!(pool.stats().h2, 0, "the dead connection left the pool");
     }
 
     #[tokio::test]

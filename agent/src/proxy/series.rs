@@ -7,8 +7,9 @@
 //! destination workloads, the service, the backend). The cache holds entries for one table at a
 //! time and is emptied when a request comes with another, so an address always means the object
 //! it meant when the entry was made: while a table is in force, nothing it owns is freed. It is
-//! emptied too when a metric family was cleared at its bound, whose old handles are no longer
-//! exported.
+//! emptied too when a sweep removed idle series ([`Metrics::removals`] moved), so that no entry
+//! goes on recording into a series that is no longer exported: the next request of a removed
+//! series creates it again.
 
 use std::{cell::RefCell, collections::HashMap, sync::Arc, time::Duration};
 
@@ -69,8 +70,8 @@ impl SeriesKey {
 #[derive(Default)]
 struct Cache {
     table: Option<TableId>,
-    /// The families' resets when the entries were made.
-    resets: u64,
+    /// [`Metrics::removals`] when the entries were made.
+    removals: u64,
     series: HashMap<SeriesKey, RequestSeries>,
 }
 
@@ -87,13 +88,15 @@ pub fn record(
     labels: impl FnOnce() -> (RequestLabels, Option<Arc<Workload>>),
     took: Duration,
 ) {
-    let resets = metrics.resets();
+    let removals = metrics.removals();
     CACHE.with_borrow_mut(|cache| {
-        if cache.table != Some(table) || cache.resets != resets || cache.series.len() >= MAX_ENTRIES
+        if cache.table != Some(table)
+            || cache.removals != removals
+            || cache.series.len() >= MAX_ENTRIES
         {
             cache.series.clear();
             cache.table = Some(table);
-            cache.resets = resets;
+            cache.removals = removals;
         }
         cache
             .series
@@ -108,7 +111,9 @@ pub fn record(
 
 #[cfg(test)]
 mod tests {
-    use crate::metrics::{sample, Route, MAX_SERIES};
+    use std::time::Instant;
+
+    use crate::metrics::{sample, Route};
 
     use super::*;
 
@@ -131,7 +136,7 @@ mod tests {
     }
 
     #[test]
-    fn series_resolved_before_a_family_was_cleared_are_resolved_again() {
+    fn a_cached_series_that_expired_is_resolved_again_and_counts_where_it_is_exported() {
         let metrics = Metrics::new(false, None);
         let table = crate::proxy::route::RouteTable::default();
         let source = Workload::unknown();
@@ -163,13 +168,19 @@ mod tests {
             )
         };
         record_cached();
-        assert_eq!(count(&metrics), 1.0);
-        // Other series fill the family to its bound, and one more clears it.
-        for n in 0..MAX_SERIES {
-            metrics.request_series(&labels(&format!("other-{n}")), None);
-        }
-        assert!(metrics.resets() > 0);
+        record_cached();
+        assert_eq!(count(&metrics), 2.0);
+        // Nothing recorded for the expiry: the series is removed.
+        let (start, expiry) = (Instant::now(), Duration::from_secs(600));
+        metrics.sweep(expiry, start);
+        metrics.sweep(expiry, start + expiry);
+        assert_eq!(metrics.removals(), 1);
+        assert!(!metrics.render().contains("cached"));
+        // The cached handle is not used again: the series is created anew, exported, and
+        // counts from 0.
         record_cached();
         assert_eq!(count(&metrics), 1.0, "the cached series is exported again");
+        record_cached();
+        assert_eq!(count(&metrics), 2.0);
     }
 }

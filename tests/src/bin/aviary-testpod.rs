@@ -4,7 +4,12 @@
 //!   process, placed the way a container runtime places it.
 //! - `serve`: a backend that greets each TCP connection with its name and the addresses it
 //!   sees, then echoes; it also echoes UDP datagrams.
-//! - `connect`, `session`, `udp`: clients.
+//! - `hold-serve`: greets like `serve`, then holds each connection silent until its peer closes
+//!   it, however many there are, on one thread.
+//! - `connect`, `session`, `udp`, `hold`: clients.
+//! - `http-serve`, `http-load`, `http-get`, `reconnect`: an HTTP/1.1 backend and its clients.
+//! - `grpc-serve`, `grpc-unary`, `grpc-stream`: a gRPC backend and its client
+//!   (`aviary_tests::grpc`).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -21,6 +26,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use aviary_tests::grpc::{self, EchoRequest};
 use clap::{Parser, Subcommand};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,6 +67,26 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         parallel: u64,
     },
+    /// Greet each TCP connection on `port` like `serve`, then say nothing more and close it when
+    /// the peer closes: many idle connections on one thread.
+    HoldServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// Open `count` connections (`parallel` at a time), read each one's greeting, then hold them
+    /// all open and idle for `secs` and exit. Prints the first greeting, then "open <count>"
+    /// once every connection is open.
+    Hold {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+        #[arg(long)]
+        secs: f64,
+    },
     /// One connection: print the greeting, then echo each stdin line through it.
     Session { addr: SocketAddr },
     /// Send one datagram and print the reply.
@@ -99,6 +125,39 @@ enum Command {
         port: u16,
         #[arg(long)]
         count: u32,
+    },
+    /// A gRPC backend (`aviary_tests::grpc`) on `port`, naming itself in its replies.
+    GrpcServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// `count` unary calls on one HTTP/2 connection, each asking to end with `code` (0: OK, an
+    /// echo of `text`). Prints how many ended with each status ("status <code> <n>"), the
+    /// backends that answered ("backend <name> <n>"), and each failure ("failed <code>
+    /// <message>").
+    GrpcUnary {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 0)]
+        code: i32,
+        #[arg(long, default_value = "echo")]
+        text: String,
+    },
+    /// One server-streaming call asking for `replies` replies and to end with `code`. Prints
+    /// how many replies came ("replies <n>", after checking they came in order), their backend
+    /// ("backend <name> <n>"), the status ("status <code> 1"), and a failure ("failed <code>
+    /// <message>").
+    GrpcStream {
+        addr: SocketAddr,
+        #[arg(long)]
+        replies: u32,
+        #[arg(long, default_value_t = 0)]
+        code: i32,
+        #[arg(long, default_value = "echo")]
+        text: String,
     },
     /// Load for the benchmark; each mode runs for `secs` and prints one line of results.
     Load {
@@ -163,6 +222,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             count,
             parallel,
         } => connect_many(addr, count, parallel),
+        Command::HoldServe { name, port } => hold_serve(name, port),
+        Command::Hold {
+            addr,
+            count,
+            parallel,
+            secs,
+        } => hold(addr, count, parallel, Duration::from_secs_f64(secs)),
         Command::Session { addr } => session(addr),
         Command::Udp { addr } => udp(addr),
         Command::Load { mode } => load(mode),
@@ -179,6 +245,23 @@ fn run(command: Command) -> anyhow::Result<()> {
             http_load(addr, count, deadline, &method, &path)
         }
         Command::Reconnect { addr, port, count } => reconnect(addr, port, count),
+        Command::GrpcServe { name, port } => runtime()?.block_on(async {
+            let listener = tokio::net::TcpListener::bind(("::", port)).await?;
+            println!("serving {name} on {port}");
+            Ok(grpc::serve(listener, &name).await?)
+        }),
+        Command::GrpcUnary {
+            addr,
+            count,
+            code,
+            text,
+        } => runtime()?.block_on(grpc_unary(addr, count, code, text)),
+        Command::GrpcStream {
+            addr,
+            replies,
+            code,
+            text,
+        } => runtime()?.block_on(grpc_stream(addr, replies, code, text)),
         Command::HttpGet { addr, path } => {
             let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
             stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -245,6 +328,90 @@ fn serve(name: String, port: u16, udp_port: Option<u16>) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: many connections need many.
+fn raise_open_files_limit() -> anyhow::Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising the open files limit")
+}
+
+fn hold_serve(name: String, port: u16) -> anyhow::Result<()> {
+    raise_open_files_limit()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("::", port)).await?;
+        println!("serving {name} on {port}");
+        loop {
+            let (mut stream, peer) = listener.accept().await?;
+            let local = stream.local_addr()?;
+            let greeting = format!(
+                "hello from {name} peer={} local={}\n",
+                canonical(peer),
+                canonical(local)
+            );
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                if stream.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                // Until the peer closes (or sends something, which this server never expects).
+                let _ = stream.read(&mut [0u8; 1]).await;
+            });
+        }
+    })
+}
+
+fn hold(addr: SocketAddr, count: usize, parallel: usize, secs: Duration) -> anyhow::Result<()> {
+    raise_open_files_limit()?;
+    let next = AtomicU64::new(0);
+    let first = Mutex::new(None);
+    let held = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..parallel.max(1))
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<Vec<TcpStream>> {
+                    let mut held = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if i >= count {
+                            return Ok(held);
+                        }
+                        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                            .with_context(|| format!("connection {i}"))?;
+                        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                        let greeting = read_line(&stream).context("reading the greeting")?;
+                        first.lock().unwrap().get_or_insert(greeting);
+                        held.push(stream);
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker panicked"))
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    println!("{}", first.into_inner().unwrap().unwrap_or_default());
+    println!("open {}", held.iter().map(Vec::len).sum::<usize>());
+    std::io::stdout().flush()?;
+    std::thread::sleep(secs);
+    Ok(())
+}
+
+/// One line, read without a buffer that could take bytes past it.
+fn read_line(mut stream: &TcpStream) -> anyhow::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if stream.read(&mut byte)? == 0 {
+            bail!("closed after {} bytes", line.len());
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).trim_end().to_owned())
 }
 
 /// A v4-mapped address as the IPv4 address it is.
@@ -673,6 +840,78 @@ fn http_load(
         let at = |p: f64| latencies[(last as f64 * p).round() as usize].as_micros();
         println!("latency p50_us {}", at(0.5));
         println!("latency p99_us {}", at(0.99));
+    }
+    Ok(())
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Prints "`word` key n" for each key.
+fn print_tally(word: &str, counts: &BTreeMap<String, u32>) {
+    for (key, n) in counts {
+        println!("{word} {key} {n}");
+    }
+}
+
+async fn grpc_unary(addr: SocketAddr, count: u32, code: i32, text: String) -> anyhow::Result<()> {
+    let mut client = grpc::Client::connect(addr).await?;
+    let (mut statuses, mut backends) = (BTreeMap::new(), BTreeMap::new());
+    for _ in 0..count {
+        let request = EchoRequest {
+            text: text.clone(),
+            code,
+            count: 0,
+        };
+        let code = match client.unary(request).await {
+            Ok(reply) => {
+                if reply.text != text {
+                    bail!("echoed {:?} for {text:?}", reply.text);
+                }
+                *backends.entry(reply.backend).or_default() += 1;
+                tonic::Code::Ok
+            }
+            Err(status) => {
+                println!("failed {:?} {}", status.code(), status.message());
+                status.code()
+            }
+        };
+        *statuses.entry(format!("{code:?}")).or_default() += 1;
+    }
+    print_tally("status", &statuses);
+    print_tally("backend", &backends);
+    Ok(())
+}
+
+async fn grpc_stream(
+    addr: SocketAddr,
+    replies: u32,
+    code: i32,
+    text: String,
+) -> anyhow::Result<()> {
+    let mut client = grpc::Client::connect(addr).await?;
+    let request = EchoRequest {
+        text,
+        code,
+        count: replies,
+    };
+    let streamed = client.server_streaming(request).await;
+    let mut backends = BTreeMap::new();
+    for (expected, reply) in (0..).zip(&streamed.replies) {
+        if reply.index != expected {
+            bail!("reply {} came as number {expected}", reply.index);
+        }
+        *backends.entry(reply.backend.clone()).or_default() += 1;
+    }
+    println!("replies {}", streamed.replies.len());
+    print_tally("backend", &backends);
+    let status = &streamed.status;
+    println!("status {:?} 1", status.code());
+    if status.code() != tonic::Code::Ok {
+        println!("failed {:?} {}", status.code(), status.message());
     }
     Ok(())
 }
