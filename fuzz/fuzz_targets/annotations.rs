@@ -3,8 +3,8 @@
 //! through the store's validation and both compilations, as the agent runs them.
 //!
 //! The input is text, one annotation a line, `key=value`; the same annotations go on each object
-//! of a small cluster (its Namespace, a Pod, the Services and the HTTPRoute), so each object
-//! kind reads them its own way.
+//! of a small cluster (its Namespace, a Pod, another node's pod known by its metadata, the
+//! Services and the HTTPRoute), so each object kind reads them its own way.
 #![no_main]
 
 use std::{collections::BTreeMap, sync::LazyLock};
@@ -14,6 +14,7 @@ use aviary_agent::policy::{
     routes::{self, RouteOptions},
     Object, Store,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use libfuzzer_sys::fuzz_target;
 
 const CLUSTER: &str = r#"
@@ -46,7 +47,9 @@ kind: EndpointSlice
 metadata: {name: web-x, namespace: shop, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.0.0.5], targetRef: {kind: Pod, namespace: shop, name: web-7d9f8b6c4-x2x9z}}]
+endpoints:
+- {addresses: [10.0.0.5], targetRef: {kind: Pod, namespace: shop, name: web-7d9f8b6c4-x2x9z}}
+- {addresses: [10.0.1.7], targetRef: {kind: Pod, namespace: shop, name: web-7d9f8b6c4-r8k2p}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -74,6 +77,17 @@ fuzz_target!(|data: &[u8]| {
         .collect();
 
     let mut store = Store::default();
+    // A pod on another node, which the agent knows by its metadata only (as its watch of every
+    // pod's metadata delivers it): its annotations decide whether its own agent measures it.
+    let remote = Object::pod_metadata(ObjectMeta {
+        name: Some("web-7d9f8b6c4-r8k2p".into()),
+        namespace: Some("shop".into()),
+        uid: Some("00000000-0000-4000-8000-000000000002".into()),
+        labels: Some(annotations.clone()),
+        annotations: Some(annotations.clone()),
+        ..ObjectMeta::default()
+    });
+    let _ = store.upsert(remote);
     for object in OBJECTS.iter() {
         let mut object = object.clone();
         let meta = match &mut object {
