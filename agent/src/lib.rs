@@ -6,6 +6,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod config;
 pub mod ebpf;
+pub mod handoff;
 pub mod kubernetes;
 pub mod metrics;
 pub mod policy;

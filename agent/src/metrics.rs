@@ -89,7 +89,9 @@ const DURATION_BUCKETS: [f64; 14] = [
 
 pub type Name = Arc<str>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue, serde::Serialize, serde::Deserialize,
+)]
 #[allow(non_camel_case_types)]
 pub enum Direction {
     outbound,
@@ -130,7 +132,9 @@ impl From<&Method> for MethodClass {
 }
 
 /// Who sent a request or opened a connection, and where it went.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet, serde::Serialize, serde::Deserialize,
+)]
 pub struct Route {
     pub direction: Direction,
     pub source_namespace: Name,

@@ -11,7 +11,7 @@
 //! without zeroing it) when the stream is readable. An idle connection costs no copy buffer.
 
 use std::{
-    future::{poll_fn, Future as _},
+    future::{poll_fn, Future},
     io,
     pin::{pin, Pin},
     task::{ready, Context, Poll},
@@ -34,24 +34,34 @@ pub struct Copied {
     pub sent: u64,
     /// Bytes written to the client, from the upstream.
     pub received: u64,
-    /// The first error of either direction, which ended both; Ok when both sides closed.
+    /// The first error of either direction, which ended both; Ok when both sides closed, or
+    /// when the copy paused.
     pub result: io::Result<()>,
+    /// The copy stopped when asked, with every byte it read written: the connection can go on
+    /// from here in another copy, another process's even (an upgrade hands it over).
+    pub paused: bool,
 }
 
-/// Copies bytes from `client` to `upstream` and back until both directions end. The end of one
-/// side's stream is carried to the other as a shutdown of writing (a half-close), and the other
+/// Copies bytes from `client` to `upstream` and back until both directions end, or until
+/// `pause` resolves and every byte read so far is written (then `paused`). The end of one side's
+/// stream is carried to the other as a shutdown of writing (a half-close), and the other
 /// direction goes on. An error in either direction ends both. The byte counts are those written,
 /// up to the end, error or not.
-pub async fn bidirectional<C, U>(client: &mut C, upstream: &mut U) -> Copied
+pub async fn bidirectional<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    pause: impl Future<Output = ()>,
+) -> Copied
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let (mut sent, mut received) = (Direction::default(), Direction::default());
-    let result = both_ways(client, upstream, &mut sent, &mut received).await;
+    let result = both_ways(client, upstream, &mut sent, &mut received, pause).await;
     Copied {
         sent: sent.written,
         received: received.written,
+        paused: result.is_ok() && !(sent.shut_down && received.shut_down),
         result,
     }
 }
@@ -61,12 +71,18 @@ async fn both_ways<C, U>(
     upstream: &mut U,
     sent: &mut Direction,
     received: &mut Direction,
+    pause: impl Future<Output = ()>,
 ) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let mut pause = pin!(pause);
     poll_fn(|cx| {
+        if !sent.pausing && pause.as_mut().poll(cx).is_ready() {
+            sent.pausing = true;
+            received.pausing = true;
+        }
         let to_upstream = sent.poll_copy(cx, client, upstream)?;
         let to_client = received.poll_copy(cx, upstream, client)?;
         match (to_upstream, to_client) {
@@ -93,6 +109,8 @@ struct Direction {
     need_flush: bool,
     read_done: bool,
     shut_down: bool,
+    /// Asked to stop: no more reads, only the writes of what was read.
+    pausing: bool,
 }
 
 impl Default for Direction {
@@ -105,6 +123,7 @@ impl Default for Direction {
             need_flush: false,
             read_done: false,
             shut_down: false,
+            pausing: false,
         }
     }
 }
@@ -138,6 +157,14 @@ impl Direction {
                 self.shut_down = true;
                 self.buf = Vec::new();
                 continue;
+            }
+            if self.pausing {
+                self.buf = Vec::new();
+                if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                return Poll::Ready(Ok(()));
             }
             self.buf.clear();
             self.pos = 0;
@@ -216,7 +243,11 @@ mod tests {
             let (mut proxy_upstream, upstream) = socket_pair().await;
             let (to_upstream, to_client) = (pattern(up, 1), pattern(down, 2));
             let (copied, at_client, at_upstream) = tokio::join!(
-                bidirectional(&mut proxy_client, &mut proxy_upstream),
+                bidirectional(
+                    &mut proxy_client,
+                    &mut proxy_upstream,
+                    std::future::pending()
+                ),
                 send_and_read_all(client, to_upstream.clone()),
                 send_and_read_all(upstream, to_client.clone()),
             );
@@ -231,10 +262,14 @@ mod tests {
     async fn a_half_close_is_passed_on_and_the_other_direction_goes_on() {
         let (mut client, mut proxy_client) = socket_pair().await;
         let (mut proxy_upstream, mut upstream) = socket_pair().await;
-        let copy =
-            tokio::spawn(
-                async move { bidirectional(&mut proxy_client, &mut proxy_upstream).await },
-            );
+        let copy = tokio::spawn(async move {
+            bidirectional(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                std::future::pending(),
+            )
+            .await
+        });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         // The upstream sees the request, then the end of it.
@@ -261,10 +296,14 @@ mod tests {
     async fn an_error_ends_both_directions_with_the_counts_so_far() {
         let (mut client, mut proxy_client) = socket_pair().await;
         let (mut proxy_upstream, upstream) = socket_pair().await;
-        let copy =
-            tokio::spawn(
-                async move { bidirectional(&mut proxy_client, &mut proxy_upstream).await },
-            );
+        let copy = tokio::spawn(async move {
+            bidirectional(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                std::future::pending(),
+            )
+            .await
+        });
         client.write_all(b"hello").await.unwrap();
         let mut upstream = upstream;
         let mut hello = [0u8; 5];
@@ -291,7 +330,13 @@ mod tests {
         sent: &mut Direction,
         received: &mut Direction,
     ) {
-        let copy = both_ways(proxy_client, proxy_upstream, sent, received);
+        let copy = both_ways(
+            proxy_client,
+            proxy_upstream,
+            sent,
+            received,
+            std::future::pending(),
+        );
         let ended = tokio::time::timeout(Duration::from_millis(50), copy).await;
         assert!(ended.is_err(), "the copy ended: {ended:?}");
     }

@@ -16,6 +16,7 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     convert::Infallible,
+    io,
     net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -30,13 +31,14 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Status
 use http_body_util::{BodyExt as _, Full};
 use hyper::{
     body::{Body as _, Incoming},
+    server::conn::{http1, http2},
     upgrade::OnUpgrade,
 };
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use crate::metrics::{self, Direction, MethodClass, Metrics, RequestLabels};
@@ -44,15 +46,25 @@ use crate::metrics::{self, Direction, MethodClass, Metrics, RequestLabels};
 pub use super::pool::ProxyBody;
 use super::{
     balance::{self, Failure, InFlight, OutlierConfig},
+    drain::{Detach, Detachable, Drain, DrainSignal, Http1State, Moved},
     idle::IdleTimeout,
     pool::{Pool, PoolConfig, SendError},
+    rewind::Rewind,
     route::{
         Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes,
         TableId, WeightedBackend, Workload,
     },
     series::{self, SeriesKey},
     split::{pick_weighted, sampled, with_rng},
+    Relay,
 };
+
+/// An HTTP/1.1 client connection as the server reads it: replaying what was read to tell its
+/// version, closed once idle for the idle timeout, and able to be let go of at a drain.
+type Http1Io<S> = TokioIo<Detachable<IdleTimeout<Rewind<S>>>>;
+
+/// The HTTP/2 connection preface, which tells HTTP/2 (prior knowledge) from HTTP/1.1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Marks mirrored requests, so a backend (and its metrics) can tell them apart.
 pub const MIRROR_HEADER: &str = "x-aviary-mirror";
@@ -130,9 +142,12 @@ pub struct HttpProxy {
     /// connection.
     routes: Arc<ArcSwap<RouteTable>>,
     pool: Pool,
-    server: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     metrics: Arc<Metrics>,
     body_budget: Arc<BodyBudget>,
+    /// When to stop serving client connections, or hand them over.
+    drain: Drain,
 }
 
 /// What a client connection resolved in one routing table: reused by each of its requests
@@ -204,15 +219,14 @@ impl HttpProxy {
             http2_keepalive_timeout: cfg.http2_keepalive_timeout,
             ..PoolConfig::default()
         });
-        let mut server = auto::Builder::new(TokioExecutor::new());
-        server
-            .http1()
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
             .max_headers(cfg.max_headers)
             .max_buf_size(cfg.max_header_bytes.max(8192));
-        server
-            .http2()
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .keep_alive_interval(cfg.http2_keepalive_interval)
             .keep_alive_timeout(cfg.http2_keepalive_timeout)
@@ -225,10 +239,23 @@ impl HttpProxy {
             cfg,
             routes,
             pool,
-            server,
+            http1,
+            http2,
             metrics,
             body_budget,
+            // Never drains until told where to look.
+            drain: DrainSignal::new().1,
         }
+    }
+
+    /// Drains its client connections when `drain` says so.
+    pub fn draining_on(mut self, drain: Drain) -> Self {
+        self.drain = drain;
+        self
+    }
+
+    pub fn drain(&self) -> &Drain {
+        &self.drain
     }
 
     /// The limits and timeouts it runs with, which opaque TCP shares.
@@ -249,9 +276,180 @@ impl HttpProxy {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let conn = Arc::new(ClientConn::new(peer, dst, &self.routes));
+        let state = Http1State {
+            listener: Direction::outbound,
+            peer,
+            dst,
+        };
+        self.serve_client(stream, None, state).await
+    }
+
+    /// Serves one connection the inbound listener took for the enrolled pod at `pod`: each
+    /// request goes to the pod as it came, and is measured from the destination's side.
+    pub async fn serve_inbound<S>(self: Arc<Self>, stream: S, pod: SocketAddr, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let state = Http1State {
+            listener: Direction::inbound,
+            peer,
+            dst: pod,
+        };
+        self.serve_client(stream, None, state).await
+    }
+
+    /// Carries on an HTTP/1.1 connection a predecessor agent handed over between requests,
+    /// with the bytes of the next request it had read already.
+    pub async fn resume(self: Arc<Self>, client: TcpStream, buffered: Bytes, state: Http1State) {
+        self.serve_client(client, Some(buffered), state).await
+    }
+
+    /// Serves a client connection until it ends, or the drain ends or moves it. `http1`: the
+    /// connection is HTTP/1.1, with these bytes of it read already; else its version is read
+    /// from its first bytes.
+    async fn serve_client<S>(
+        self: Arc<Self>,
+        mut stream: S,
+        http1: Option<Bytes>,
+        state: Http1State,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (is_http2, read) = match http1 {
+            Some(buffered) => (false, buffered),
+            None => {
+                let preface = read_preface(&mut stream);
+                let read = match self.cfg.header_read_timeout {
+                    Some(limit) => tokio::time::timeout(limit, preface)
+                        .await
+                        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+                    None => preface.await,
+                };
+                match read {
+                    Ok(read) => (read.as_ref() == H2_PREFACE, read),
+                    Err(e) => {
+                        debug!(peer = %state.peer, error = %e, "HTTP connection ended before its first request");
+                        return;
+                    }
+                }
+            }
+        };
+        let stream = Rewind::new(read, stream);
+        let conn = Arc::new(ClientConn::new(state.peer, state.dst, &self.routes));
+        let result = match (state.listener, is_http2) {
+            (Direction::outbound, true) => {
+                self.serve_http2(stream, self.outbound_service(conn)).await
+            }
+            (Direction::inbound, true) => {
+                self.serve_http2(stream, self.inbound_service(conn)).await
+            }
+            (Direction::outbound, false) => {
+                self.serve_http1(stream, self.outbound_service(conn), state.clone())
+                    .await
+            }
+            (Direction::inbound, false) => {
+                self.serve_http1(stream, self.inbound_service(conn), state.clone())
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            debug!(peer = %state.peer, listener = ?state.listener, error = %e, "HTTP connection ended with an error");
+        }
+    }
+
+    /// Serves HTTP/2 until the connection ends; a drain sends GOAWAY, and the requests in
+    /// flight finish.
+    async fn serve_http2<S, H>(&self, stream: Rewind<S>, service: H) -> hyper::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        H: hyper::service::HttpService<Incoming, ResBody = ProxyBody> + Send + 'static,
+        H::Future: Send + 'static,
+        H::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let io = TokioIo::new(IdleTimeout::new(stream, self.cfg.idle_timeout));
+        let conn = self.http2.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            _ = self.drain.started() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 (upgrades included) until the connection ends. A drain closes it at
+    /// its next response boundary (`Connection: close`), or, when it is idle between requests
+    /// and a successor takes connections, hands it over whole.
+    async fn serve_http1<S, H>(
+        &self,
+        stream: Rewind<S>,
+        service: H,
+        state: Http1State,
+    ) -> hyper::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        H: hyper::service::HttpService<Incoming, ResBody = ProxyBody> + Unpin + Send + 'static,
+        H::Future: Send + 'static,
+        H::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let detach = Detach::default();
+        let io: Http1Io<S> = TokioIo::new(Detachable::new(
+            IdleTimeout::new(stream, self.cfg.idle_timeout),
+            detach.clone(),
+        ));
+        let mut conn = self.http1.serve_connection(io, service).with_upgrades();
+        let result = tokio::select! {
+            result = &mut conn => result,
+            handover = self.drain.started() => {
+                if handover.is_some() {
+                    detach.request();
+                }
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
+                (&mut conn).await
+            }
+        };
+        if detach.detached() {
+            if let (Some(parts), Some(handover)) = (conn.into_parts(), self.drain.handover()) {
+                let (rest, stream) = parts.io.into_inner().into_inner().into_inner().into_parts();
+                let buffered = if rest.is_empty() {
+                    parts.read_buf
+                } else {
+                    [parts.read_buf, rest].concat().into()
+                };
+                // Only a TCP connection can move (the fuzz targets' in-memory ones cannot).
+                let stream: Box<dyn std::any::Any> = Box::new(stream);
+                if let Ok(client) = stream.downcast::<TcpStream>() {
+                    if let Ok(client) = client.into_std() {
+                        let moved = Moved::Http1 {
+                            client,
+                            buffered,
+                            state,
+                        };
+                        if !handover.send(moved) {
+                            debug!("the successor is gone: an idle HTTP/1.1 connection closes");
+                        }
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// Answers the requests of a client connection to a service.
+    fn outbound_service(
+        self: &Arc<Self>,
+        conn: Arc<ClientConn>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Unpin
+           + Send
+           + 'static {
         let this = self.clone();
-        let handler = hyper::service::service_fn(move |req| {
+        hyper::service::service_fn(move |req| {
             let this = this.clone();
             let conn = conn.clone();
             async move {
@@ -264,19 +462,7 @@ impl HttpProxy {
                 };
                 Ok::<_, Infallible>(response)
             }
-        });
-        if let Err(e) = self
-            .server
-            .serve_connection_with_upgrades(self.client_io(stream), handler)
-            .await
-        {
-            debug!(%peer, error = %e, "HTTP connection ended with an error");
-        }
-    }
-
-    /// A client connection as the server reads it: closed once idle for the idle timeout.
-    fn client_io<S>(&self, stream: S) -> TokioIo<IdleTimeout<S>> {
-        TokioIo::new(IdleTimeout::new(stream, self.cfg.idle_timeout))
+        })
     }
 
     /// Answers one request and records it in the metrics.
@@ -318,15 +504,21 @@ impl HttpProxy {
         response
     }
 
-    /// Serves one connection the inbound listener took for the enrolled pod at `pod`: each
-    /// request goes to the pod as it came, and is measured from the destination's side.
-    pub async fn serve_inbound<S>(self: Arc<Self>, stream: S, pod: SocketAddr, peer: SocketAddr)
-    where
-        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
-        let conn = Arc::new(ClientConn::new(peer, pod, &self.routes));
+    /// Answers the requests of a client connection to an enrolled pod, measured from the
+    /// destination's side.
+    fn inbound_service(
+        self: &Arc<Self>,
+        conn: Arc<ClientConn>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Unpin
+           + Send
+           + 'static {
         let this = self.clone();
-        let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
+        hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let conn = conn.clone();
             async move {
@@ -362,13 +554,7 @@ impl HttpProxy {
                 series::record(&this.metrics, facts.table, key, labels, started.elapsed());
                 Ok::<_, Infallible>(response)
             }
-        });
-        let connection = self
-            .server
-            .serve_connection_with_upgrades(self.client_io(stream), handler);
-        if let Err(e) = connection.await {
-            debug!(%peer, error = %e, "inbound HTTP connection ended with an error");
-        }
+        })
     }
 
     /// Sends a request, as it came, to the address its client dialled.
@@ -391,7 +577,7 @@ impl HttpProxy {
             Err(SendError::NotSent { error, .. }) => return connect_failed(dst, &error, ""),
             Err(SendError::Failed(e)) => return exchange_failed(dst, &e),
         };
-        if !upgrade.is_some_and(|u| u.join(&mut response)) {
+        if !upgrade.is_some_and(|u| u.join(&mut response, self)) {
             strip_hop_by_hop(response.headers_mut());
         }
         response
@@ -482,7 +668,7 @@ impl HttpProxy {
             },
             None => attempt.await,
         };
-        if !upgrade.is_some_and(|u| u.join(&mut response)) {
+        if !upgrade.is_some_and(|u| u.join(&mut response, self)) {
             strip_hop_by_hop(response.headers_mut());
         }
         if rule.is_some() || weighted.is_some() {
@@ -991,23 +1177,82 @@ impl Upgrade {
     }
 
     /// Joins the connections when the backend agreed; returns whether it did. The 101 keeps its
-    /// Connection and Upgrade headers, which the client needs.
-    fn join(self, response: &mut Response<ProxyBody>) -> bool {
+    /// Connection and Upgrade headers, which the client needs. Once joined, the connection is
+    /// an opaque relay, which a drain can hand over.
+    fn join(self, response: &mut Response<ProxyBody>, proxy: &HttpProxy) -> bool {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return false;
         }
         let backend = hyper::upgrade::on(response);
+        let (metrics, drain, idle_timeout) = (
+            proxy.metrics.clone(),
+            proxy.drain.clone(),
+            proxy.cfg.idle_timeout,
+        );
         tokio::spawn(async move {
-            if let (Ok(client), Ok(backend)) = (self.client.await, backend.await) {
-                let _ = tokio::io::copy_bidirectional(
-                    &mut TokioIo::new(client),
-                    &mut TokioIo::new(backend),
-                )
-                .await;
+            let (Ok(client), Ok(backend)) = (self.client.await, backend.await) else {
+                return;
+            };
+            match (
+                client.downcast::<Http1Io<TcpStream>>(),
+                backend.downcast::<TokioIo<TcpStream>>(),
+            ) {
+                (Ok(client), Ok(backend)) => {
+                    let (rest, mut client_stream) = client
+                        .io
+                        .into_inner()
+                        .into_inner()
+                        .into_inner()
+                        .into_parts();
+                    let mut backend_stream = backend.io.into_inner();
+                    // What either side sent past the upgrade, read already, goes first.
+                    let early = async {
+                        backend_stream.write_all(&client.read_buf).await?;
+                        backend_stream.write_all(&rest).await?;
+                        client_stream.write_all(&backend.read_buf).await
+                    };
+                    if early.await.is_err() {
+                        return;
+                    }
+                    let Ok(peer) = client_stream.peer_addr() else {
+                        return;
+                    };
+                    let relay = Relay {
+                        peer,
+                        idle_timeout,
+                        metrics: &metrics,
+                        route: None,
+                        drain: &drain,
+                    };
+                    relay.run(client_stream, backend_stream).await;
+                }
+                // Not TCP (the fuzz targets' in-memory connections): copied as they are.
+                (client, backend) => {
+                    if let (Err(client), Err(backend)) = (client, backend) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(client),
+                            &mut TokioIo::new(backend),
+                        )
+                        .await;
+                    }
+                }
             }
         });
         true
     }
+}
+
+/// Reads a connection's first bytes until they differ from the HTTP/2 preface or are all of
+/// it: what was read, to be replayed.
+async fn read_preface<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Bytes> {
+    let mut read = bytes::BytesMut::with_capacity(H2_PREFACE.len());
+    while read.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&read) {
+        let mut limited = (&mut *stream).take((H2_PREFACE.len() - read.len()) as u64);
+        if limited.read_buf(&mut read).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(read.freeze())
 }
 
 /// Appends the client to `x-forwarded-for` and sets `x-forwarded-proto` when absent.

@@ -42,6 +42,10 @@ impl<T> IdleTimeout<T> {
         Self { io, timer }
     }
 
+    pub fn into_inner(self) -> T {
+        self.io
+    }
+
     fn moved(&mut self) {
         if let Some(timer) = &mut self.timer {
             timer.active = Instant::now();

@@ -50,8 +50,8 @@ pub struct Inbound {
 
 impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: std::net::TcpListener) {
-        let limit = self.limit.clone();
-        super::accept_each(listener, limit, move |client, peer| {
+        let (limit, drain) = (self.limit.clone(), self.http.drain().clone());
+        super::accept_each(listener, limit, drain, move |client, peer| {
             let this = self.clone();
             async move { this.handle(client, peer).await }
         })
@@ -73,12 +73,12 @@ impl Inbound {
             Detected::Opaque => {
                 let relay = super::Relay {
                     peer,
-                    mark: self.mark,
                     idle_timeout: self.http.config().idle_timeout,
                     metrics: &self.metrics,
                     route: Some(&route),
+                    drain: self.http.drain(),
                 };
-                super::splice(client, pod, relay).await
+                super::splice(client, pod, self.mark, relay).await
             }
         }
     }

@@ -3,11 +3,13 @@
 pub mod balance;
 pub mod copy;
 pub mod detect;
+pub mod drain;
 pub mod http;
 pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod rewind;
 pub mod route;
 pub mod series;
 pub mod split;
@@ -97,10 +99,15 @@ impl ConnectionLimit {
     }
 }
 
-/// Accepts connections for ever, handling each (without Nagle) in a task of its own on the
-/// calling worker; beyond `limit`, a connection is reset as soon as it is accepted.
-pub async fn accept_each<F, Fut>(listener: std::net::TcpListener, limit: ConnectionLimit, handle: F)
-where
+/// Accepts connections until the drain begins, handling each (without Nagle) in a task of its
+/// own on the calling worker; beyond `limit`, a connection is reset as soon as it is accepted.
+/// At the drain the listener closes here (a successor holds it open, if one took it over).
+pub async fn accept_each<F, Fut>(
+    listener: std::net::TcpListener,
+    limit: ConnectionLimit,
+    drain: drain::Drain,
+    handle: F,
+) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -112,7 +119,11 @@ where
         }
     };
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.started() => return,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 let Some(admitted) = limit.admit() else {
                     limit.refuse(stream, peer);
@@ -148,10 +159,10 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
     Ok(stream)
 }
 
-/// Connects to `dst` (marked) and relays bytes both ways ([`relay`]); a connect that fails
-/// resets the client.
-pub async fn splice(client: TcpStream, dst: SocketAddr, relay: Relay<'_>) {
-    match connect_marked(dst, relay.mark).await {
+/// Connects to `dst` (with the proxy's `mark`) and relays bytes both ways ([`Relay`]); a
+/// connect that fails resets the client.
+pub async fn splice(client: TcpStream, dst: SocketAddr, mark: u32, relay: Relay<'_>) {
+    match connect_marked(dst, mark).await {
         Ok(upstream) => relay.run(client, upstream).await,
         Err(e) => {
             debug!(peer = %relay.peer, %dst, error = %e, "upstream connect failed");
@@ -163,18 +174,18 @@ pub async fn splice(client: TcpStream, dst: SocketAddr, relay: Relay<'_>) {
 /// What relaying one opaque connection needs.
 pub struct Relay<'a> {
     pub peer: SocketAddr,
-    /// The proxy's mark, for the upstream connect.
-    pub mark: u32,
     /// Both sockets close once neither moved a byte for this long.
     pub idle_timeout: Option<Duration>,
     pub metrics: &'a Metrics,
     /// A routed connection is counted in the metrics along its route.
     pub route: Option<&'a Route>,
+    /// A drain that hands connections over moves this one, once every byte read is written.
+    pub drain: &'a drain::Drain,
 }
 
 impl Relay<'_> {
-    /// Copies bytes both ways until both sides close, one fails, or the connection idles past
-    /// the timeout.
+    /// Copies bytes both ways until both sides close, one fails, the connection idles past
+    /// the timeout, or a drain hands it over to the successor agent.
     pub async fn run(self, client: TcpStream, upstream: TcpStream) {
         let (peer, dst) = (self.peer, upstream.peer_addr().ok());
         let series = self.route.map(|route| self.metrics.tcp_series(route));
@@ -184,9 +195,48 @@ impl Relay<'_> {
         // Both ends are watched: a copy stuck writing to one still polls the other.
         let mut client = idle::IdleTimeout::new(client, self.idle_timeout);
         let mut upstream = idle::IdleTimeout::new(upstream, self.idle_timeout);
-        let copied = copy::bidirectional(&mut client, &mut upstream).await;
-        let (sent, received) = (copied.sent, copied.received);
-        match copied.result {
+        let (mut sent, mut received) = (0, 0);
+        let mut handing_over = true;
+        let result = loop {
+            let pause = async {
+                if handing_over {
+                    self.drain.handing_over().await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let copied = copy::bidirectional(&mut client, &mut upstream, pause).await;
+            (sent, received) = (sent + copied.sent, received + copied.received);
+            if !copied.paused {
+                break copied.result;
+            }
+            // A successor gone meanwhile: the relay goes on here.
+            let Some(handover) = self.drain.handover().filter(drain::Handover::is_open) else {
+                handing_over = false;
+                continue;
+            };
+            let (Ok(client), Ok(upstream)) = (
+                client.into_inner().into_std(),
+                upstream.into_inner().into_std(),
+            ) else {
+                return;
+            };
+            let state = drain::RelayState {
+                peer,
+                route: self.route.cloned(),
+            };
+            if handover.send(drain::Moved::Relay {
+                client,
+                upstream,
+                state,
+            }) {
+                debug!(%peer, ?dst, sent, received, "connection handed over to the successor");
+            } else {
+                debug!(%peer, ?dst, "the successor went away while a connection moved to it");
+            }
+            return;
+        };
+        match result {
             Ok(()) => debug!(%peer, ?dst, sent, received, "connection closed"),
             Err(e) => {
                 debug!(%peer, ?dst, sent, received, error = %e, "connection ended with an error")
@@ -242,7 +292,8 @@ mod tests {
         );
         let listener = listen("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(accept_each(listener, limit.clone(), echo));
+        let drain = drain::DrainSignal::new().1;
+        tokio::spawn(accept_each(listener, limit.clone(), drain, echo));
 
         let first = served(addr).await;
         let _second = served(addr).await;
@@ -272,14 +323,15 @@ mod tests {
         let metrics = Metrics::new(false, None);
         let relayed = async {
             let (client, peer) = front.accept().await.unwrap();
+            let drain = drain::DrainSignal::new().1;
             let relay = Relay {
                 peer,
-                mark: 0,
                 idle_timeout: Some(Duration::from_millis(300)),
                 metrics: &metrics,
                 route: None,
+                drain: &drain,
             };
-            splice(client, upstream_addr, relay).await;
+            splice(client, upstream_addr, 0, relay).await;
         };
         let client = async {
             let mut client = TcpStream::connect(front_addr).await.unwrap();

@@ -62,8 +62,8 @@ pub struct Outbound {
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: std::net::TcpListener) {
-        let limit = self.limit.clone();
-        super::accept_each(listener, limit, move |client, peer| {
+        let (limit, drain) = (self.limit.clone(), self.http.drain().clone());
+        super::accept_each(listener, limit, drain, move |client, peer| {
             let this = self.clone();
             async move { this.handle(client, peer).await }
         })
@@ -83,7 +83,7 @@ impl Outbound {
         };
         let table = self.routes.load();
         let Some(service) = table.service_for(&dst, peer.ip()).cloned() else {
-            return super::splice(client, dst, self.relay(peer, None)).await;
+            return super::splice(client, dst, self.mark, self.relay(peer, None)).await;
         };
         let source = table.pod(peer.ip());
         drop(table);
@@ -156,10 +156,10 @@ impl Outbound {
     fn relay<'a>(&'a self, peer: SocketAddr, route: Option<&'a Route>) -> Relay<'a> {
         Relay {
             peer,
-            mark: self.mark,
             idle_timeout: self.http.config().idle_timeout,
             metrics: &self.metrics,
             route,
+            drain: self.http.drain(),
         }
     }
 }
