@@ -91,6 +91,21 @@ pub struct Args {
     #[arg(long, env = "AVIARY_PIN_NAME", default_value = "aviary")]
     pub pin_name: String,
 
+    /// The Unix socket where a successor agent (an upgrade) takes over from this one: the
+    /// listening sockets and the open connections move to it. In a directory the old and the
+    /// new agent's pods both mount.
+    #[arg(
+        long,
+        env = "AVIARY_HANDOFF_SOCKET",
+        default_value = "/run/aviary/handoff.sock"
+    )]
+    pub handoff_socket: PathBuf,
+
+    /// How long a stopping agent lets in-flight requests, mirrors and connections finish
+    /// before it exits: below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "AVIARY_DRAIN_TIMEOUT", value_parser = parse_flag_duration, default_value = "20s")]
+    pub drain_timeout: Duration,
+
     /// The IPv4 address at which pods reach this node's proxy (the node's address). Required.
     #[arg(long, env = "AVIARY_PROXY_IP")]
     pub proxy_ip: Option<Ipv4Addr>,
@@ -338,6 +353,8 @@ pub struct Config {
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
+    pub handoff_socket: PathBuf,
+    pub drain_timeout: Duration,
     pub proxy_v4: Ipv4Addr,
     pub proxy_v6: Option<Ipv6Addr>,
     pub admin_addr: SocketAddr,
@@ -409,6 +426,8 @@ impl TryFrom<Args> for Config {
             cgroup_root: args.cgroup_root,
             pin_dir: args.bpffs.join(&args.pin_name),
             bpffs: args.bpffs,
+            handoff_socket: args.handoff_socket,
+            drain_timeout: args.drain_timeout,
             proxy_v4,
             proxy_v6: args.proxy_ip6,
             admin_addr: args.admin_addr,

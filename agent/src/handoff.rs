@@ -18,7 +18,8 @@ use std::{
     mem::MaybeUninit,
     net::{TcpListener, TcpStream},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
+    sync::Arc,
     time::Duration,
 };
 
@@ -75,6 +76,60 @@ enum Message {
         state: RelayState,
     },
     Done,
+}
+
+/// The agent's listening sockets: those a predecessor handed over, taken by kind and address
+/// family, else bound anew; and a copy of each, for a successor.
+#[derive(Default)]
+pub struct Sockets {
+    received: Vec<(ListenerKind, TcpListener)>,
+    held: Vec<(ListenerKind, OwnedFd)>,
+}
+
+impl Sockets {
+    pub fn new(received: Vec<(ListenerKind, TcpListener)>) -> Self {
+        Self {
+            received,
+            held: Vec::new(),
+        }
+    }
+
+    /// A listener of `kind` (IPv6 or not): a received one, else `bind`'s.
+    pub fn get(
+        &mut self,
+        kind: ListenerKind,
+        v6: bool,
+        bind: impl FnOnce() -> io::Result<TcpListener>,
+    ) -> io::Result<TcpListener> {
+        let found = self.received.iter().position(|(k, listener)| {
+            *k == kind && listener.local_addr().is_ok_and(|a| a.is_ipv6() == v6)
+        });
+        let listener = match found {
+            Some(index) => self.received.swap_remove(index).1,
+            None => bind()?,
+        };
+        listener.set_nonblocking(true)?;
+        self.held
+            .push((kind, listener.as_fd().try_clone_to_owned()?));
+        Ok(listener)
+    }
+
+    /// The received listeners no [`Sockets::get`] took (the predecessor ran more workers):
+    /// still to be served, or the connections in their queues would wait for ever.
+    pub fn rest(&mut self) -> io::Result<Vec<(ListenerKind, TcpListener)>> {
+        let rest = std::mem::take(&mut self.received);
+        for (kind, listener) in &rest {
+            listener.set_nonblocking(true)?;
+            self.held
+                .push((*kind, listener.as_fd().try_clone_to_owned()?));
+        }
+        Ok(rest)
+    }
+
+    /// Copies of every listener this agent serves, for a successor.
+    pub fn held(&self) -> &[(ListenerKind, OwnedFd)] {
+        &self.held
+    }
 }
 
 /// One end of a hand-off connection, blocking.
@@ -156,7 +211,16 @@ fn unix_socket() -> io::Result<OwnedFd> {
 /// The running agent's side: where successors knock. A thread of its own accepts them (and
 /// reads their hello), so that the control plane only awaits the next one.
 pub struct HandoffListener {
+    socket: Arc<OwnedFd>,
     successors: tokio::sync::mpsc::Receiver<Successor>,
+}
+
+impl Drop for HandoffListener {
+    /// Stops taking successors: the thread's accept fails, and it ends (closing the socket, so
+    /// that a successor that knocks now starts on its own).
+    fn drop(&mut self) {
+        let _ = net::shutdown(&*self.socket, net::Shutdown::Read);
+    }
 }
 
 impl HandoffListener {
@@ -176,11 +240,13 @@ impl HandoffListener {
         net::bind(&socket, &addr)
             .with_context(|| format!("binding the hand-off socket {}", path.display()))?;
         net::listen(&socket, 4)?;
+        let socket = Arc::new(socket);
         let (tx, successors) = tokio::sync::mpsc::channel(1);
+        let accepting = socket.clone();
         std::thread::Builder::new()
             .name("aviary-handoff".into())
-            .spawn(move || accept_successors(&socket, &tx))?;
-        Ok(Self { successors })
+            .spawn(move || accept_successors(&accepting, &tx))?;
+        Ok(Self { socket, successors })
     }
 
     /// The next successor that said hello in this protocol's version.
@@ -197,6 +263,7 @@ fn accept_successors(socket: &OwnedFd, successors: &tokio::sync::mpsc::Sender<Su
     loop {
         let channel = match net::accept_with(socket, SocketFlags::CLOEXEC) {
             Ok(socket) => Channel(socket),
+            Err(_) if successors.is_closed() => return,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a successor on the hand-off socket");
                 std::thread::sleep(Duration::from_millis(100));
@@ -377,7 +444,7 @@ mod tests {
     use super::*;
     use crate::metrics::Direction;
 
-    fn socket_path(name: &str) -> PathBuf {
+    fn socket_path(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("aviary-handoff-{}-{name}.sock", std::process::id()))
     }
 

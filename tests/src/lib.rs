@@ -37,6 +37,8 @@ use aviary_agent::ebpf::maps::{CaptureTable, Stats};
 /// The cgroup v2 mount on the test machines.
 pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// Where the agents of test nodes keep their hand-off sockets.
+pub const HANDOFF_DIR: &str = "/run/aviary-tests";
 /// The node's uplink to a remote host ([`Node::add_remote_host`]), and that host's addresses.
 pub const UPLINK: &str = "up0";
 pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -698,6 +700,12 @@ impl Node {
         self.spawn_agent(&[&source, extra].concat(), true)
     }
 
+    /// Where this node's agents hand over to their successors (one per node, as on a real
+    /// node: tests run nodes side by side).
+    pub fn handoff_socket(&self) -> PathBuf {
+        Path::new(HANDOFF_DIR).join(format!("{}.sock", self.pin_name))
+    }
+
     /// A listening socket in the node's network namespace, where the agent runs.
     pub fn listen_in_node(&self) -> std::net::TcpListener {
         let netns = ns_path(&self.netns);
@@ -717,6 +725,7 @@ impl Node {
         fs::create_dir_all(&cgroup).unwrap();
         let root = self.cgroup_root.to_string_lossy().into_owned();
         let node_ip = NODE_IP.to_string();
+        let handoff = self.handoff_socket().to_string_lossy().into_owned();
         let mut args = source.to_vec();
         args.extend([
             "--proxy-ip",
@@ -725,6 +734,8 @@ impl Node {
             &root,
             "--pin-name",
             &self.pin_name,
+            "--handoff-socket",
+            &handoff,
         ]);
         let child = self
             .command_in(&self.netns, &cgroup, &workspace_bin("aviary-agent"), &args)
@@ -753,6 +764,7 @@ impl Drop for Node {
         let _ = sh(&["ip", "netns", "del", &self.netns]);
         remove_tree(&self.cgroup_base);
         remove_tree(&Path::new(BPFFS).join(&self.pin_name));
+        let _ = fs::remove_file(self.handoff_socket());
         let _ = fs::remove_dir_all(&self.policy_dir);
     }
 }

@@ -16,10 +16,11 @@ use std::{
     net::{SocketAddr, TcpStream},
     pin::Pin,
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU8, AtomicUsize, Ordering},
         Arc,
     },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -79,32 +80,70 @@ enum State {
     HandingOver(mpsc::UnboundedSender<Moved>),
 }
 
-/// The agent's side: starts the drain, once.
+/// The agent's side: starts the drain, and learns when it is over.
 #[derive(Debug)]
-pub struct DrainSignal(watch::Sender<State>);
+pub struct DrainSignal {
+    state: watch::Sender<State>,
+    tasks: Arc<AtomicUsize>,
+}
+
+/// How often the end of a drain is checked for.
+const DRAIN_CHECK: Duration = Duration::from_millis(20);
 
 impl DrainSignal {
     pub fn new() -> (Self, Drain) {
         let (tx, rx) = watch::channel(State::Serving);
-        (Self(tx), Drain(rx))
+        let tasks = Arc::new(AtomicUsize::new(0));
+        let drain = Drain {
+            state: rx,
+            tasks: tasks.clone(),
+        };
+        (Self { state: tx, tasks }, drain)
+    }
+
+    /// Waits until every tracked task has ended, or `timeout` passed; returns how many were
+    /// left.
+    pub async fn finished(&self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = self.tasks.load(Ordering::Acquire);
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(DRAIN_CHECK).await;
+        }
     }
 
     /// Connections close (or finish), none moves.
     pub fn close(&self) {
-        self.0.send_replace(State::Closing);
+        self.state.send_replace(State::Closing);
     }
 
     /// Connections move to the successor: they arrive on the returned channel.
     pub fn hand_over(&self) -> mpsc::UnboundedReceiver<Moved> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.0.send_replace(State::HandingOver(tx));
+        self.state.send_replace(State::HandingOver(tx));
         rx
     }
 }
 
-/// A connection's side of the drain signal. Cloning it is cheap (one reference count).
+/// A connection's side of the drain signal. Cloning it is cheap (reference counts).
 #[derive(Debug, Clone)]
-pub struct Drain(watch::Receiver<State>);
+pub struct Drain {
+    state: watch::Receiver<State>,
+    /// Tasks that the drain waits for.
+    tasks: Arc<AtomicUsize>,
+}
+
+/// A task the drain waits for, while it lives.
+#[derive(Debug)]
+pub struct Tracked(Arc<AtomicUsize>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Where a connection goes to move to the successor.
 #[derive(Debug, Clone)]
@@ -123,9 +162,15 @@ impl Handover {
 }
 
 impl Drain {
+    /// Makes the drain wait for the task that holds the result.
+    pub fn track(&self) -> Tracked {
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        Tracked(self.tasks.clone())
+    }
+
     /// Resolves once the drain begins: with where connections move, if a successor takes them.
     pub async fn started(&self) -> Option<Handover> {
-        let mut rx = self.0.clone();
+        let mut rx = self.state.clone();
         let state = rx
             .wait_for(|s| !matches!(s, State::Serving))
             .await
@@ -148,7 +193,7 @@ impl Drain {
 
     /// Where connections move now, if they do.
     pub fn handover(&self) -> Option<Handover> {
-        match &*self.0.borrow() {
+        match &*self.state.borrow() {
             State::HandingOver(tx) => Some(Handover(tx.clone())),
             _ => None,
         }

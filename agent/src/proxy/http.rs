@@ -857,8 +857,10 @@ impl HttpProxy {
         let method = MethodClass::from(&parts.method);
         let (table, source, service) = (facts.table, facts.source.clone(), service.clone());
         let target = target.clone();
+        // A drain lets a mirror finish, within its timeout.
+        let tracked = self.drain.track();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, tracked);
             let start = Instant::now();
             let exchange = async {
                 let response = match pool.send(endpoint.addr, request, false).await {
@@ -1189,7 +1191,9 @@ impl Upgrade {
             proxy.drain.clone(),
             proxy.cfg.idle_timeout,
         );
+        let tracked = drain.track();
         tokio::spawn(async move {
+            let _tracked = tracked;
             let (Ok(client), Ok(backend)) = (self.client.await, backend.await) else {
                 return;
             };

@@ -132,7 +132,8 @@ pub async fn accept_each<F, Fut>(
                 let _ = stream.set_nodelay(true);
                 // Not an async block awaiting the connection: that would hold the connection's
                 // future twice (rust-lang/rust#108906), doubling each connection's task.
-                tokio::spawn(handle(stream, peer).map(move |()| drop(admitted)));
+                let tracked = drain.track();
+                tokio::spawn(handle(stream, peer).map(move |()| drop((admitted, tracked))));
             }
             // Out of file descriptors or a connection reset before accept: keep serving.
             Err(e) => {
@@ -169,6 +170,50 @@ pub async fn splice(client: TcpStream, dst: SocketAddr, mark: u32, relay: Relay<
             let _ = client.set_zero_linger();
         }
     }
+}
+
+/// Carries on, on a worker, a connection a predecessor agent handed over.
+pub fn carry_on(
+    moved: drain::Moved,
+    http: Arc<http::HttpProxy>,
+    metrics: Arc<Metrics>,
+) -> workers::WorkerTask {
+    Box::new(move || {
+        Box::pin(async move {
+            let _tracked = http.drain().track();
+            match moved {
+                drain::Moved::Http1 {
+                    client,
+                    buffered,
+                    state,
+                } => {
+                    let Ok(client) = TcpStream::from_std(client) else {
+                        return;
+                    };
+                    http.clone().resume(client, buffered, state).await
+                }
+                drain::Moved::Relay {
+                    client,
+                    upstream,
+                    state,
+                } => {
+                    let (Ok(client), Ok(upstream)) =
+                        (TcpStream::from_std(client), TcpStream::from_std(upstream))
+                    else {
+                        return;
+                    };
+                    let relay = Relay {
+                        peer: state.peer,
+                        idle_timeout: http.config().idle_timeout,
+                        metrics: &metrics,
+                        route: state.route.as_ref(),
+                        drain: http.drain(),
+                    };
+                    relay.run(client, upstream).await
+                }
+            }
+        })
+    })
 }
 
 /// What relaying one opaque connection needs.

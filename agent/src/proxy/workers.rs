@@ -9,10 +9,14 @@ use std::{
     io,
     path::{Path, PathBuf},
     pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     thread::JoinHandle,
 };
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 /// What one worker serves: built on the worker's own thread, inside its runtime.
@@ -22,18 +26,38 @@ pub type WorkerTask = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send
 pub struct Workers {
     threads: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
+    spawner: Spawner,
+}
+
+/// Runs more tasks on the workers, in turn: the connections a predecessor agent hands over.
+#[derive(Clone)]
+pub struct Spawner {
+    workers: Arc<[mpsc::UnboundedSender<WorkerTask>]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Spawner {
+    pub fn spawn(&self, task: WorkerTask) {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        // A stopped worker drops the task, and the connection with it.
+        let _ = self.workers[index].send(task);
+    }
 }
 
 impl Workers {
-    /// Starts one thread per entry of `tasks`. Each runs its tasks until [`Workers::stop`].
+    /// Starts one thread per entry of `tasks`. Each runs its tasks, and those of the
+    /// [`Spawner`], until [`Workers::stop`].
     pub fn start(tasks: Vec<Vec<WorkerTask>>) -> io::Result<Self> {
         let (stop, stopped) = watch::channel(false);
         let mut threads = Vec::with_capacity(tasks.len());
+        let mut spawners = Vec::with_capacity(tasks.len());
         for (index, tasks) in tasks.into_iter().enumerate() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let mut stopped = stopped.clone();
+            let (spawner, mut spawned) = mpsc::unbounded_channel::<WorkerTask>();
+            spawners.push(spawner);
             let thread = std::thread::Builder::new()
                 .name(format!("aviary-worker-{index}"))
                 .spawn(move || {
@@ -41,13 +65,32 @@ impl Workers {
                         for task in tasks {
                             tokio::spawn(task());
                         }
-                        let _ = stopped.wait_for(|stop| *stop).await;
+                        loop {
+                            tokio::select! {
+                                _ = stopped.wait_for(|stop| *stop) => break,
+                                Some(task) = spawned.recv() => {
+                                    tokio::spawn(task());
+                                }
+                            }
+                        }
                     });
                     // Dropping the runtime ends every connection this worker held.
                 })?;
             threads.push(thread);
         }
-        Ok(Self { threads, stop })
+        let spawner = Spawner {
+            workers: spawners.into(),
+            next: Arc::default(),
+        };
+        Ok(Self {
+            threads,
+            stop,
+            spawner,
+        })
+    }
+
+    pub fn spawner(&self) -> Spawner {
+        self.spawner.clone()
     }
 
     /// Stops every worker and waits for its thread to end.
