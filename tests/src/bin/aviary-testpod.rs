@@ -99,16 +99,21 @@ enum Command {
         #[arg(long)]
         port: u16,
     },
-    /// `count` requests (or as many as fit in `secs`) on one keep-alive HTTP/1.1 connection;
-    /// prints how many got each status ("status <code> <n>") and each backend ("backend <name>
-    /// <n>"), the peers the backends saw ("peer <ip> <n>"), the backend of the last one
-    /// ("last <name>"), and the latency percentiles ("latency p50_us <n>", "latency p99_us <n>").
+    /// `count` requests (or as many as fit in `secs`) on each of `connections` keep-alive
+    /// HTTP/1.1 connections, reconnecting after a `connection: close` response; prints how many
+    /// got each status ("status <code> <n>") and each backend ("backend <name> <n>"), the peers
+    /// the backends saw ("peer <ip> <n>"), the backend of the last one ("last <name>"), how
+    /// many requests failed ("errors <n>", and "error <why>" for each), the connections opened
+    /// ("connections <n>") and the latency percentiles ("latency p50_us <n>", "latency p99_us
+    /// <n>").
     HttpLoad {
         addr: SocketAddr,
         #[arg(long, default_value_t = u32::MAX)]
         count: u32,
         #[arg(long)]
         secs: Option<f64>,
+        #[arg(long, default_value_t = 1)]
+        connections: u32,
         #[arg(long, default_value = "GET")]
         method: String,
         #[arg(long, default_value = "/")]
@@ -141,6 +146,10 @@ enum Command {
         addr: SocketAddr,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// Calls until this many seconds passed instead (on the same channel, which reconnects
+        /// as it must).
+        #[arg(long)]
+        secs: Option<f64>,
         #[arg(long, default_value_t = 0)]
         code: i32,
         #[arg(long, default_value = "echo")]
@@ -158,6 +167,17 @@ enum Command {
         code: i32,
         #[arg(long, default_value = "echo")]
         text: String,
+    },
+    /// One long-lived connection carrying a byte pattern to an echoing backend (`serve`, or with
+    /// `--upgrade` an HTTP upgrade to `http-serve`) and checking every byte that comes back, for
+    /// `secs`; then a half-close, and the rest of the echo. Prints "stream <bytes> ok"; fails on
+    /// the first byte out of place, or a connection that ends early.
+    EchoStream {
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Load for the benchmark; each mode runs for `secs` and prints one line of results.
     Load {
@@ -237,13 +257,19 @@ fn run(command: Command) -> anyhow::Result<()> {
             addr,
             count,
             secs,
+            connections,
             method,
             path,
         } => {
             // Bounded either way: by count, or by time.
             let deadline = Instant::now() + Duration::from_secs_f64(secs.unwrap_or(600.0));
-            http_load(addr, count, deadline, &method, &path)
+            http_load(addr, count, connections, deadline, &method, &path)
         }
+        Command::EchoStream {
+            addr,
+            secs,
+            upgrade,
+        } => echo_stream(addr, Duration::from_secs_f64(secs), upgrade),
         Command::Reconnect { addr, port, count } => reconnect(addr, port, count),
         Command::GrpcServe { name, port } => runtime()?.block_on(async {
             let listener = tokio::net::TcpListener::bind(("::", port)).await?;
@@ -253,9 +279,13 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::GrpcUnary {
             addr,
             count,
+            secs,
             code,
             text,
-        } => runtime()?.block_on(grpc_unary(addr, count, code, text)),
+        } => {
+            let deadline = Instant::now() + Duration::from_secs_f64(secs.unwrap_or(600.0));
+            runtime()?.block_on(grpc_unary(addr, count, deadline, code, text))
+        }
         Command::GrpcStream {
             addr,
             replies,
@@ -744,6 +774,20 @@ fn http_serve(name: String, port: u16) -> anyhow::Result<()> {
             let peer = stream.peer_addr()?.ip().to_canonical();
             let mut reader = BufReader::new(stream.try_clone()?);
             while let Some(Message { start, headers, .. }) = read_message(&mut reader)? {
+                if let Some(protocol) = headers.get("upgrade") {
+                    // An upgrade: agreed to, then every byte echoed until the peer closes.
+                    let switched = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\nx-backend: {name}\r\n\r\n"
+                    );
+                    (&stream).write_all(switched.as_bytes())?;
+                    let early = reader.buffer().to_vec();
+                    (&stream).write_all(&early)?;
+                    let mut raw = reader.into_inner();
+                    raw.set_read_timeout(None)?;
+                    std::io::copy(&mut raw, &mut &stream)?;
+                    stream.shutdown(std::net::Shutdown::Write)?;
+                    return Ok(());
+                }
                 let method = start.split(' ').next().unwrap_or_default().to_owned();
                 let body = if start.starts_with("GET /stats ") {
                     let counts = mirrored.lock().unwrap();
@@ -785,63 +829,209 @@ fn http_serve(name: String, port: u16) -> anyhow::Result<()> {
 fn http_load(
     addr: SocketAddr,
     count: u32,
+    connections: u32,
     deadline: Instant,
     method: &str,
     path: &str,
 ) -> anyhow::Result<()> {
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let (mut statuses, mut backends) = (
-        BTreeMap::<String, u32>::new(),
-        BTreeMap::<String, u32>::new(),
-    );
+    let results: Vec<LoadResults> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..connections.max(1))
+            .map(|_| scope.spawn(|| http_load_one(addr, count, deadline, method, path)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a load thread panicked"))
+            .collect()
+    });
+    let mut all = LoadResults::default();
+    for result in results {
+        for (map, from) in [
+            (&mut all.statuses, result.statuses),
+            (&mut all.backends, result.backends),
+            (&mut all.peers, result.peers),
+        ] {
+            for (key, n) in from {
+                *map.entry(key).or_default() += n;
+            }
+        }
+        all.errors.extend(result.errors);
+        all.latencies.extend(result.latencies);
+        all.connections += result.connections;
+        all.last = result.last;
+    }
+    for (peer, n) in &all.peers {
+        println!("peer {peer} {n}");
+    }
+    println!("last {}", all.last);
+    print_tally("status", &all.statuses);
+    print_tally("backend", &all.backends);
+    println!("errors {}", all.errors.len());
+    for error in &all.errors {
+        println!("error {error}");
+    }
+    println!("connections {}", all.connections);
+    all.latencies.sort();
+    if let Some(last) = all.latencies.len().checked_sub(1) {
+        let at = |p: f64| all.latencies[(last as f64 * p).round() as usize].as_micros();
+        println!("latency p50_us {}", at(0.5));
+        println!("latency p99_us {}", at(0.99));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct LoadResults {
+    statuses: BTreeMap<String, u32>,
+    backends: BTreeMap<String, u32>,
+    peers: BTreeMap<String, u32>,
+    errors: Vec<String>,
+    latencies: Vec<Duration>,
+    connections: u32,
+    last: String,
+}
+
+/// One connection's load: requests one after another, a new connection after a
+/// `connection: close` answer or a failure (which counts as an error).
+fn http_load_one(
+    addr: SocketAddr,
+    count: u32,
+    deadline: Instant,
+    method: &str,
+    path: &str,
+) -> LoadResults {
+    let mut results = LoadResults::default();
     let body = if method == "GET" || method == "HEAD" {
         ""
     } else {
         "data"
     };
-    let mut last = String::new();
-    let mut peers = BTreeMap::<String, u32>::new();
-    let mut latencies = Vec::new();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: podinfo\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let connect = || -> anyhow::Result<(TcpStream, BufReader<TcpStream>)> {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok((stream, reader))
+    };
+    let mut conn = None;
     for _ in 0..count {
         if Instant::now() > deadline {
             break;
         }
         let sent = Instant::now();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nhost: podinfo\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        (&stream).write_all(request.as_bytes())?;
-        let Message { start, headers, .. } =
-            read_message(&mut reader)?.context("the connection closed")?;
-        latencies.push(sent.elapsed());
+        let exchange = (|| -> anyhow::Result<Message> {
+            if conn.is_none() {
+                conn = Some(connect()?);
+                results.connections += 1;
+            }
+            let (stream, reader) = conn.as_mut().expect("connected");
+            (&*stream).write_all(request.as_bytes())?;
+            read_message(reader)?.context("the connection closed before the response")
+        })();
+        let Message { start, headers, .. } = match exchange {
+            Ok(message) => message,
+            Err(e) => {
+                results.errors.push(format!("{e:#}"));
+                conn = None;
+                continue;
+            }
+        };
+        results.latencies.push(sent.elapsed());
+        if headers
+            .get("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        {
+            conn = None;
+        }
         let status = start.split(' ').nth(1).unwrap_or("?").to_owned();
-        *statuses.entry(status).or_default() += 1;
-        last = headers.get("x-backend").cloned().unwrap_or_default();
-        *backends.entry(last.clone()).or_default() += 1;
-        *peers
+        *results.statuses.entry(status).or_default() += 1;
+        results.last = headers.get("x-backend").cloned().unwrap_or_default();
+        *results.backends.entry(results.last.clone()).or_default() += 1;
+        *results
+            .peers
             .entry(headers.get("x-peer").cloned().unwrap_or_default())
             .or_default() += 1;
     }
-    for (peer, n) in peers {
-        println!("peer {peer} {n}");
+    results
+}
+
+/// The byte at `offset` of an echo stream's pattern: it changes at every offset, and does not
+/// repeat with a short period, so a lost, doubled or reordered chunk shows.
+fn pattern_byte(offset: u64) -> u8 {
+    (offset.wrapping_mul(2654435761) >> 13) as u8
+}
+
+fn echo_stream(addr: SocketAddr, secs: Duration, upgrade: bool) -> anyhow::Result<()> {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    if upgrade {
+        (&stream).write_all(
+            b"GET /echo HTTP/1.1\r\nhost: echo\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )?;
+        let head = read_head(&stream)?;
+        if !head.starts_with("HTTP/1.1 101") {
+            bail!("the upgrade was refused: {head:?}");
+        }
+    } else {
+        let greeting = read_line(&stream)?;
+        if !greeting.starts_with("hello from") {
+            bail!("no greeting: {greeting:?}");
+        }
     }
-    println!("last {last}");
-    for (status, n) in statuses {
-        println!("status {status} {n}");
+    let deadline = Instant::now() + secs;
+    let writer = stream.try_clone()?;
+    let sending = std::thread::spawn(move || -> anyhow::Result<u64> {
+        let mut offset = 0u64;
+        let mut chunk = vec![0u8; 4096];
+        while Instant::now() < deadline {
+            for byte in chunk.iter_mut() {
+                *byte = pattern_byte(offset);
+                offset += 1;
+            }
+            (&writer).write_all(&chunk).context("writing")?;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        writer.shutdown(std::net::Shutdown::Write)?;
+        Ok(offset)
+    });
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = (&stream).read(&mut buf).context("reading the echo")?;
+        if n == 0 {
+            break;
+        }
+        for &byte in &buf[..n] {
+            if byte != pattern_byte(received) {
+                bail!(
+                    "byte {received} came back as {byte}, not {}",
+                    pattern_byte(received)
+                );
+            }
+            received += 1;
+        }
     }
-    for (backend, n) in backends {
-        println!("backend {backend} {n}");
+    let sent = sending.join().expect("the writer panicked")?;
+    if received != sent {
+        bail!("sent {sent} bytes, {received} came back");
     }
-    latencies.sort();
-    if let Some(last) = latencies.len().checked_sub(1) {
-        let at = |p: f64| latencies[(last as f64 * p).round() as usize].as_micros();
-        println!("latency p50_us {}", at(0.5));
-        println!("latency p99_us {}", at(0.99));
-    }
+    println!("stream {received} ok");
     Ok(())
+}
+
+/// A response head, read byte by byte so that nothing past it is taken.
+fn read_head(stream: &TcpStream) -> anyhow::Result<String> {
+    let mut head = String::new();
+    loop {
+        let line = read_line(stream)?;
+        if line.is_empty() {
+            return Ok(head);
+        }
+        head.push_str(&line);
+        head.push('\n');
+    }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -857,10 +1047,19 @@ fn print_tally(word: &str, counts: &BTreeMap<String, u32>) {
     }
 }
 
-async fn grpc_unary(addr: SocketAddr, count: u32, code: i32, text: String) -> anyhow::Result<()> {
+async fn grpc_unary(
+    addr: SocketAddr,
+    count: u32,
+    deadline: Instant,
+    code: i32,
+    text: String,
+) -> anyhow::Result<()> {
     let mut client = grpc::Client::connect(addr).await?;
     let (mut statuses, mut backends) = (BTreeMap::new(), BTreeMap::new());
     for _ in 0..count {
+        if Instant::now() > deadline {
+            break;
+        }
         let request = EchoRequest {
             text: text.clone(),
             code,

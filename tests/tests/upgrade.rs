@@ -1,0 +1,177 @@
+//! Upgrades under load: a successor agent takes over from the running one (listeners and open
+//! connections through the hand-off socket) while clients keep going, and not one request or
+//! connection fails.
+
+use std::{
+    collections::BTreeMap,
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use aviary_tests::{policy, Agent, Node, Pod};
+
+const PORT: u16 = 8080;
+const GRPC_PORT: u16 = 50051;
+const ECHO_PORT: u16 = 9000;
+
+/// A service VIP, 10.96.0.n.
+fn vip(n: u8) -> IpAddr {
+    Ipv4Addr::new(10, 96, 0, n).into()
+}
+
+/// Starts a successor on the node, waits until the running agent has drained into it, and stops
+/// the running agent (its SIGTERM, as the DaemonSet controller sends it once the successor is
+/// ready). Returns the successor, and how many connections moved to it.
+fn upgrade(node: &Node, mut running: Agent) -> (Agent, u32) {
+    let successor = node.start_agent(&[]);
+    successor.wait_for_log("took over from the running agent", Duration::from_secs(10));
+    let drained = running.wait_for_log("drained into the successor", Duration::from_secs(30));
+    let moved = drained
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("moved="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of moved connections in {drained:?}"));
+    let status = running.terminate();
+    assert!(status.success(), "{status:?}");
+    (successor, moved)
+}
+
+/// What a load client printed, once it ended.
+fn finished(mut output: impl std::io::Read) -> String {
+    let mut text = String::new();
+    output.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// "`word` key n" lines as a map.
+fn tally(text: &str, word: &str) -> BTreeMap<String, u32> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix(word)?.strip_prefix(' ')?.split(' ');
+            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn http_pods(node: &Node) -> (Pod, [Pod; 2], [Pod; 2]) {
+    let client = node.add_pod("client");
+    let http = node.add_http_pods(["primary", "canary"], PORT);
+    let grpc = ["grpc-primary", "grpc-canary"].map(|name| {
+        let pod = node.add_pod(name);
+        node.serve_grpc(&pod, GRPC_PORT);
+        pod
+    });
+    (client, http, grpc)
+}
+
+/// A GAMMA HTTPRoute splitting `echo` 90/10 over `echo-primary` and `echo-canary`.
+const GRPC_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+     metadata: {name: echo, namespace: demo}\n\
+     spec:\n  parentRefs: [{group: core, kind: Service, name: echo, port: 80}]\n  rules:\n\
+     \x20 - backendRefs:\n\
+     \x20   - {group: \"\", kind: Service, name: echo-primary, port: 80, weight: 90}\n\
+     \x20   - {group: \"\", kind: Service, name: echo-canary, port: 80, weight: 10}\n";
+
+#[test]
+fn keep_alive_load_over_http1_and_http2_sees_no_failure_across_an_upgrade() {
+    let Some(node) = Node::new() else { return };
+    let (client, [primary, canary], [grpc_primary, grpc_canary]) = http_pods(&node);
+    let split = [("aviary.dev/split", "podinfo-primary=90,podinfo-canary=10")];
+    let h2c = |name: &str, n: u8| policy::h2c_service(name, "demo", vip(n), GRPC_PORT);
+    node.write_policy(&policy::documents(&[
+        policy::namespace("demo", None),
+        policy::pod(&client, "demo", Some("enabled")),
+        policy::http_service("podinfo", "demo", vip(10), PORT, &split),
+        policy::http_service("podinfo-primary", "demo", vip(11), PORT, &[]),
+        policy::http_service("podinfo-canary", "demo", vip(12), PORT, &[]),
+        policy::endpoint_slice("podinfo-primary", "demo", &[&primary], PORT),
+        policy::endpoint_slice("podinfo-canary", "demo", &[&canary], PORT),
+        h2c("echo", 30),
+        h2c("echo-primary", 31),
+        h2c("echo-canary", 32),
+        policy::endpoint_slice("echo-primary", "demo", &[&grpc_primary], GRPC_PORT),
+        policy::endpoint_slice("echo-canary", "demo", &[&grpc_canary], GRPC_PORT),
+        GRPC_ROUTE.to_owned(),
+    ]));
+    let agent = node.start_agent(&[]);
+    agent.wait_for_capture(&[&client], 6);
+    agent.wait_for_log("routed=6", Duration::from_secs(10));
+
+    // Several keep-alive HTTP/1.1 connections, and gRPC over one HTTP/2 connection, for 8 s;
+    // the upgrade comes 2 s in.
+    let http1 = node.spawn(
+        &client,
+        &[
+            "http-load",
+            "10.96.0.10:80",
+            "--secs",
+            "8",
+            "--connections",
+            "4",
+        ],
+    );
+    let grpc = node.spawn(&client, &["grpc-unary", "10.96.0.30:80", "--secs", "8"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let (successor, _) = upgrade(&node, agent);
+
+    let http1 = finished(http1);
+    let statuses = tally(&http1, "status");
+    assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "{http1}");
+    assert_eq!(tally(&http1, "errors").len(), 0, "{http1}");
+    assert!(http1.contains("\nerrors 0\n"), "{http1}");
+    assert!(statuses["200"] > 100, "{http1}");
+    let grpc = finished(grpc);
+    let statuses = tally(&grpc, "status");
+    assert_eq!(statuses.keys().collect::<Vec<_>>(), ["Ok"], "{grpc}");
+    assert!(statuses["Ok"] > 100, "{grpc}");
+    // The successor carried requests: its metrics count them.
+    successor.wait_for_log("agent ready", Duration::from_secs(1));
+}
+
+#[test]
+fn long_lived_streams_survive_three_upgrades_byte_for_byte() {
+    let Some(node) = Node::new() else { return };
+    let client = node.add_pod("client");
+    let echo = node.add_pod("echo");
+    node.serve(&echo, ECHO_PORT, None);
+    let [web] = node.add_http_pods(["web"], PORT);
+    node.write_policy(&policy::documents(&[
+        policy::namespace("demo", None),
+        policy::pod(&client, "demo", Some("enabled")),
+        policy::http_service("db", "demo", vip(20), ECHO_PORT, &[]),
+        policy::endpoint_slice("db", "demo", &[&echo], ECHO_PORT),
+        policy::http_service("web", "demo", vip(21), PORT, &[]),
+        policy::endpoint_slice("web", "demo", &[&web], PORT),
+    ]));
+    let mut agent = node.start_agent(&[]);
+    agent.wait_for_capture(&[&client], 2);
+    agent.wait_for_log("routed=2", Duration::from_secs(10));
+
+    // An opaque stream (the backend greets first) and a WebSocket-style upgraded one, each
+    // checking every byte that comes back.
+    let opaque = node.spawn(&client, &["echo-stream", "10.96.0.20:80", "--secs", "12"]);
+    let upgraded = node.spawn(
+        &client,
+        &["echo-stream", "10.96.0.21:80", "--secs", "12", "--upgrade"],
+    );
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(2));
+        let moved;
+        (agent, moved) = upgrade(&node, agent);
+        assert_eq!(moved, 2, "both streams moved");
+    }
+    for (name, stream) in [("opaque", opaque), ("upgraded", upgraded)] {
+        let out = finished(stream);
+        assert!(
+            out.starts_with("stream ") && out.trim_end().ends_with(" ok"),
+            "the {name} stream broke: {out:?}; agent logs:\n{}",
+            agent.logs().join("\n")
+        );
+    }
+    assert_eq!(
+        agent.counter("connect_captured"),
+        2,
+        "the two streams were captured once, and never again"
+    );
+}
