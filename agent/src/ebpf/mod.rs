@@ -428,7 +428,7 @@ impl Datapath {
                 bridge: bridge.as_ref().map(|(index, _)| *index),
                 pods: BTreeSet::new(),
             });
-            let pods = self.attach_inbound_pod_interfaces()?;
+            let pods = self.scan_pod_interfaces(&mut count)?;
             let inbound = self
                 .inbound
                 .as_ref()
@@ -467,6 +467,10 @@ impl Datapath {
     /// the program that hands frames to the host; a routed veth's frames reach the host anyway,
     /// and get the uplinks' program. Nothing while inbound capture is off.
     pub fn attach_inbound_pod_interfaces(&mut self) -> anyhow::Result<usize> {
+        self.scan_pod_interfaces(&mut AttachCount::default())
+    }
+
+    fn scan_pod_interfaces(&mut self, count: &mut AttachCount) -> anyhow::Result<usize> {
         let Some(inbound) = &mut self.inbound else {
             return Ok(0);
         };
@@ -489,7 +493,8 @@ impl Datapath {
                 INBOUND
             };
             match attach_tc(&mut self.ebpf, name, &links_dir, index, &interface.name) {
-                Ok(_) => {
+                Ok(attached) => {
+                    count.add(attached);
                     inbound.pods.insert(index);
                 }
                 // The interface may be gone already; the next scan settles it.
