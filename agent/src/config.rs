@@ -608,7 +608,7 @@ mod tests {
         let args = Args::try_parse_from(["aviary-agent", "uninstall", "--pin-name", "x"]).unwrap();
         assert!(matches!(
             args.command,
-            Some(Command::Uninstall { bpffs, pin_name }) if bpffs == PathBuf::from("/sys/fs/bpf") && pin_name == "x"
+            Some(Command::Uninstall { bpffs, pin_name }) if bpffs.as_path() == std::path::Path::new("/sys/fs/bpf") && pin_name == "x"
         ));
         assert!(Args::try_parse_from(["aviary-agent", "uninstall", "--pin-name", ".."]).is_err());
         assert!(

@@ -419,7 +419,7 @@ impl Datapath {
                 let id = prog
                     .attach(netns)
                     .map_err(|e| explain("attaching inbound_lookup", &e))?;
-                Ok(prog.take_link(id)?.try_into()?)
+                Ok(prog.take_link(id)?.into())
             })?);
             wanted.insert(pin);
             netlink::install_inbound()?;
