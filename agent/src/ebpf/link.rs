@@ -1,6 +1,6 @@
 //! The bpf_link commands aya 0.14 keeps to itself (its links hide their descriptors, and it
-//! uses BPF_LINK_UPDATE only for XDP and TC links it made): opening a pinned link, replacing its
-//! program atomically, which is how a new agent takes over the attachments a previous one left
+//! uses BPF_LINK_UPDATE only for XDP and TC links it made): opening a pinned link, reading which
+//! program it runs and where, replacing its program atomically, which is how a new agent takes over the attachments a previous one left
 //! without a moment of no capture, and detaching it however many references to it remain,
 //! which is how `uninstall` leaves nothing attached even while an agent still runs.
 #![allow(unsafe_code)]
@@ -25,6 +25,26 @@ struct ObjGet {
     file_flags: u32,
 }
 
+/// `bpf_attr.info`, for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+struct ObjGetInfo {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The start of `struct bpf_link_info` (the kernel fills as much as it is given).
+#[repr(C)]
+#[derive(Default)]
+struct BpfLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    /// The first word of the per-type union: a cgroup link's cgroup id.
+    target: u64,
+}
+
 /// `bpf_attr.link_update`, as far as this command reads it (the kernel takes a shorter
 /// `bpf_attr` and treats the rest as zero).
 #[repr(C)]
@@ -44,7 +64,8 @@ struct LinkDetach {
 /// The return value: a new descriptor for the commands that make one.
 fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, writable repr(C) prefix of `bpf_attr` for `cmd`, and its size is
-    // passed along, so the kernel reads (and writes) no more than it holds.
+    // passed along, so the kernel reads (and writes) no more than it holds; a buffer it points
+    // to (a path, BpfLinkInfo) is live for the call and its size is in `attr` too.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -73,6 +94,33 @@ pub fn open(path: &Path) -> io::Result<OwnedFd> {
     )?;
     // SAFETY: BPF_OBJ_GET returned a new descriptor, which nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What a link runs, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// The program the link runs.
+    pub program_id: u32,
+    /// For a cgroup link, the id of its cgroup (0 once the cgroup is gone); not meaningful for
+    /// other links.
+    pub cgroup_id: u64,
+}
+
+/// What `link` runs, and where.
+pub fn info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    let mut info = BpfLinkInfo::default();
+    bpf(
+        bpf_cmd::BPF_OBJ_GET_INFO_BY_FD,
+        &mut ObjGetInfo {
+            bpf_fd: link.as_raw_fd() as u32,
+            info_len: std::mem::size_of::<BpfLinkInfo>() as u32,
+            info: &mut info as *mut BpfLinkInfo as u64,
+        },
+    )?;
+    Ok(LinkInfo {
+        program_id: info.prog_id,
+        cgroup_id: info.target,
+    })
 }
 
 /// Makes `link` run `program` instead of the program it runs now, in one step (Linux 5.7+;

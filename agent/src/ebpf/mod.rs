@@ -156,11 +156,13 @@ impl PinnedMaps {
     }
 }
 
-/// What became of an attachment a load asked for.
+/// Where a pinned link stands to the program a load puts through it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Attached {
     /// The link a previous agent pinned now runs this agent's program.
     Replaced,
+    /// The link runs a newer agent's program already (two agents overlap in an upgrade).
+    Newer,
     /// A new link, pinned.
     New,
 }
@@ -177,34 +179,55 @@ impl AttachCount {
         match attached {
             Attached::Replaced => self.replaced += 1,
             Attached::New => self.new += 1,
+            Attached::Newer => {}
         }
     }
 }
 
-/// Attaches `program` through the link pinned at `pin`: a link a previous agent left there gets
-/// the program in one step (bpf_link_update), so that what it attaches to is never without
-/// one; else `attach` makes a link, which is pinned there.
+/// A program to put in force through a pinned link.
+struct Attach<'a> {
+    fd: BorrowedFd<'a>,
+    id: u32,
+}
+
+/// Attaches `program` through the link pinned at `pin`. A link pinned there (a previous
+/// agent's) gets the program in one step (bpf_link_update), so what it is attached to is never
+/// without one; unless it already runs a newer program: program ids grow with each load, and a
+/// link never goes back to an older agent's program (the old agent still scans for new pods'
+/// interfaces while its successor starts). A link `in_place` rejects (its target is not this
+/// agent's) is detached. Without a link, `attach` makes one, which is pinned there.
 fn attach_pinned(
     pin: &Path,
-    program: BorrowedFd<'_>,
+    program: Attach<'_>,
+    in_place: impl FnOnce(&link::LinkInfo) -> bool,
     attach: impl FnOnce() -> anyhow::Result<FdLink>,
 ) -> anyhow::Result<Attached> {
     match link::open(pin) {
-        Ok(old) => match link::update(old.as_fd(), program) {
-            Ok(()) => return Ok(Attached::Replaced),
-            // What it was attached to went away, and the link with it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
-                debug!(pin = %pin.display(), "a pinned link whose target is gone: replacing it");
-                remove_pin(pin)?;
-            }
-            Err(e) => {
-                warn!(pin = %pin.display(), error = %e, "could not replace the program of a pinned link; detaching it and attaching anew");
-                if let Err(e) = link::detach(old.as_fd()) {
-                    warn!(pin = %pin.display(), error = %e, "detaching a pinned link");
+        Ok(old) => {
+            let info = link::info(old.as_fd()).map_err(|e| {
+                explain(&format!("reading the link pinned at {}", pin.display()), &e)
+            })?;
+            if !in_place(&info) {
+                info!(pin = %pin.display(), "a pinned link is attached elsewhere than this agent attaches: detaching it");
+                detach_pinned(pin)?;
+            } else if info.program_id >= program.id {
+                debug!(pin = %pin.display(), "a newer agent's program is attached here already");
+                return Ok(Attached::Newer);
+            } else {
+                match link::update(old.as_fd(), program.fd) {
+                    Ok(()) => return Ok(Attached::Replaced),
+                    // What it was attached to went away, and the link with it.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+                        debug!(pin = %pin.display(), "a pinned link whose target is gone: replacing it");
+                        remove_pin(pin)?;
+                    }
+                    Err(e) => {
+                        warn!(pin = %pin.display(), error = %e, "could not replace the program of a pinned link; detaching it and attaching anew");
+                        detach_pinned(pin)?;
+                    }
                 }
-                remove_pin(pin)?;
             }
-        },
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {
             return Err(explain(
@@ -244,12 +267,22 @@ fn attach_tc(
 ) -> anyhow::Result<Attached> {
     let prog: &mut SchedClassifier = program(ebpf, name)?;
     let fd = prog.fd()?.try_clone()?;
-    attach_pinned(&tc_pin(links_dir, index), fd.as_fd(), || {
-        let id = prog
-            .attach(interface, TcAttachType::Ingress)
-            .map_err(|e| explain(&format!("attaching {name} to {interface}"), &e))?;
-        Ok(prog.take_link(id)?.try_into()?)
-    })
+    let ours = Attach {
+        fd: fd.as_fd(),
+        id: prog.info()?.id(),
+    };
+    // The pin names the interface.
+    attach_pinned(
+        &tc_pin(links_dir, index),
+        ours,
+        |_| true,
+        || {
+            let id = prog
+                .attach(interface, TcAttachType::Ingress)
+                .map_err(|e| explain(&format!("attaching {name} to {interface}"), &e))?;
+            Ok(prog.take_link(id)?.try_into()?)
+        },
+    )
 }
 
 /// Inbound capture's interfaces.
@@ -353,13 +386,22 @@ impl Datapath {
         let mut wanted: BTreeSet<PathBuf> = BTreeSet::new();
         let cgroup = fs::File::open(&cfg.cgroup_root)
             .with_context(|| format!("opening cgroup root {}", cfg.cgroup_root.display()))?;
+        let cgroup_id = crate::cgroup::cgroup_id(&cfg.cgroup_root)
+            .with_context(|| format!("reading cgroup root {}", cfg.cgroup_root.display()))?;
+        // A link a previous agent attached to another cgroup root (--cgroup-root changed) is
+        // detached, not taken over.
+        let on_cgroup_root = |info: &link::LinkInfo| info.cgroup_id == cgroup_id;
         for name in [CONNECT4, CONNECT6] {
             let prog: &mut CgroupSockAddr = program(ebpf, name)?;
             prog.load()
                 .map_err(|e| explain(&format!("loading {name}"), &e))?;
             let fd = prog.fd()?.try_clone()?;
+            let ours = Attach {
+                fd: fd.as_fd(),
+                id: prog.info()?.id(),
+            };
             let pin = links_dir.join(name);
-            count.add(attach_pinned(&pin, fd.as_fd(), || {
+            count.add(attach_pinned(&pin, ours, on_cgroup_root, || {
                 let id = prog
                     .attach(&cgroup, LINK_MODE)
                     .map_err(|e| explain(&format!("attaching {name}"), &e))?;
@@ -370,8 +412,12 @@ impl Datapath {
         let prog: &mut SockOps = program(ebpf, SOCK_OPS)?;
         prog.load().map_err(|e| explain("loading sock_ops", &e))?;
         let fd = prog.fd()?.try_clone()?;
+        let ours = Attach {
+            fd: fd.as_fd(),
+            id: prog.info()?.id(),
+        };
         let pin = links_dir.join(SOCK_OPS);
-        count.add(attach_pinned(&pin, fd.as_fd(), || {
+        count.add(attach_pinned(&pin, ours, on_cgroup_root, || {
             let id = prog
                 .attach(&cgroup, LINK_MODE)
                 .map_err(|e| explain("attaching sock_ops", &e))?;
@@ -414,13 +460,23 @@ impl Datapath {
             prog.load()
                 .map_err(|e| explain("loading inbound_lookup", &e))?;
             let fd = prog.fd()?.try_clone()?;
+            let ours = Attach {
+                fd: fd.as_fd(),
+                id: prog.info()?.id(),
+            };
             let pin = links_dir.join(INBOUND_LOOKUP);
-            count.add(attach_pinned(&pin, fd.as_fd(), || {
-                let id = prog
-                    .attach(netns)
-                    .map_err(|e| explain("attaching inbound_lookup", &e))?;
-                Ok(prog.take_link(id)?.into())
-            })?);
+            // The agent's network namespace is the node's: where the previous agent's was.
+            count.add(attach_pinned(
+                &pin,
+                ours,
+                |_| true,
+                || {
+                    let id = prog
+                        .attach(netns)
+                        .map_err(|e| explain("attaching inbound_lookup", &e))?;
+                    Ok(prog.take_link(id)?.into())
+                },
+            )?);
             wanted.insert(pin);
             netlink::install_inbound()?;
             self.inbound = Some(InboundCapture {
