@@ -1,5 +1,6 @@
 //! Keeps the capture maps equal to the policy in force: enrolled pods (by pod cgroup id) and
-//! captured service addresses.
+//! captured service addresses. The maps outlive agents, so they start out holding what the
+//! previous agent wrote: the first sync converges them (what is wanted stays throughout).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,6 +16,11 @@ use crate::{cgroup::PodCgroups, ebpf::maps::CaptureTable, state::SnapshotRx};
 /// Pods enrolled before their cgroup exists are looked for again this often.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the maps' contents are read again before a sync (one syscall per entry): a
+/// previous agent may still be writing them while this one starts (an upgrade), and whatever
+/// it wrote last is set right within this time.
+const REREAD_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Keeps the maps in sync; sets `ready` once the first snapshot is in them.
 pub async fn run(
     mut snapshots: SnapshotRx,
@@ -24,14 +30,30 @@ pub async fn run(
 ) {
     let mut waiting_for_cgroup = BTreeSet::new();
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    let mut reread = tokio::time::interval_at(
+        tokio::time::Instant::now() + REREAD_INTERVAL,
+        REREAD_INTERVAL,
+    );
+    // The first sync starts from the maps as they are then, not as they were when opened.
+    let mut stale = true;
     loop {
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },
             _ = retry.tick(), if !waiting_for_cgroup.is_empty() => {},
+            _ = reread.tick() => stale = true,
         }
         let snapshot = snapshots.borrow_and_update().clone();
         if snapshot.generation == 0 {
             continue;
+        }
+        if stale {
+            match table.reread() {
+                Ok(()) => stale = false,
+                Err(e) => {
+                    warn!(error = %e, "reading the capture maps failed; retrying");
+                    continue;
+                }
+            }
         }
         let mut pods = BTreeSet::new();
         let mut missing = BTreeSet::new();

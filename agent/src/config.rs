@@ -88,7 +88,7 @@ pub struct Args {
     pub bpffs: PathBuf,
 
     /// Directory name under the bpf filesystem for Aviary's pinned maps and links.
-    #[arg(long, env = "AVIARY_PIN_NAME", default_value = "aviary")]
+    #[arg(long, env = "AVIARY_PIN_NAME", default_value = "aviary", value_parser = parse_pin_name)]
     pub pin_name: String,
 
     /// The Unix socket where a successor agent (an upgrade) takes over from this one: the
@@ -299,6 +299,17 @@ pub enum Command {
         #[arg(default_value = "/sys/fs/bpf")]
         path: PathBuf,
     },
+    /// Take Aviary's datapath off this node: detach every program, remove the inbound policy
+    /// routing and every pin. An agent's exit leaves them in place for the next agent; this is
+    /// the last step of removing Aviary. Idempotent.
+    Uninstall {
+        /// The bpf filesystem the agent pinned under.
+        #[arg(long, env = "AVIARY_BPFFS", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// The agent's directory name under the bpf filesystem.
+        #[arg(long, env = "AVIARY_PIN_NAME", default_value = "aviary", value_parser = parse_pin_name)]
+        pin_name: String,
+    },
     /// Print a summary of a running agent, read from its admin endpoint (like `cilium status`).
     Status {
         #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
@@ -310,6 +321,14 @@ pub enum Command {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// A directory name under the bpf filesystem: one path component.
+fn parse_pin_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains('/') || s == "." || s == ".." {
+        return Err(format!("a single directory name, got {s:?}"));
+    }
+    Ok(s.to_owned())
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -411,12 +430,6 @@ impl TryFrom<Args> for Config {
             anyhow::bail!(
                 "--inbound-bridge needs --inbound-interfaces (the uplinks, or {AUTO_UPLINKS:?}): \
                  inbound capture is on only with them"
-            );
-        }
-        if args.pin_name.is_empty() || args.pin_name.contains('/') {
-            anyhow::bail!(
-                "--pin-name must be a single directory name, got {:?}",
-                args.pin_name
             );
         }
         let http = args.proxy.http()?;
@@ -606,6 +619,19 @@ mod tests {
                 .unwrap()
                 .is_empty(),
             "empty is off"
+        );
+    }
+
+    #[test]
+    fn uninstall_takes_the_pin_flags_and_nothing_else() {
+        let args = Args::try_parse_from(["aviary-agent", "uninstall", "--pin-name", "x"]).unwrap();
+        assert!(matches!(
+            args.command,
+            Some(Command::Uninstall { bpffs, pin_name }) if bpffs.as_path() == std::path::Path::new("/sys/fs/bpf") && pin_name == "x"
+        ));
+        assert!(Args::try_parse_from(["aviary-agent", "uninstall", "--pin-name", ".."]).is_err());
+        assert!(
+            Args::try_parse_from(["aviary-agent", "uninstall", "--proxy-ip", "10.0.0.1"]).is_err()
         );
     }
 

@@ -1,5 +1,6 @@
 //! Aviary's node agent: eBPF capture, the node proxy, and policy from Kubernetes objects.
-#![forbid(unsafe_code)]
+// The one exception, ebpf::link, says why.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod capture;

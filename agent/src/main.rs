@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Some(Command::Status { admin }) => return status(admin),
+        Some(Command::Uninstall { bpffs, pin_name }) => return uninstall(&bpffs.join(pin_name)),
         Some(Command::MountBpffs { path }) => {
             return match aviary_agent::ebpf::ensure_bpffs(&path) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
     init_tracing(cfg.log_format);
     aviary_agent::supervise::abort_on_panic();
     // A parent may hand down a signal mask that blocks these; the agent must always be able to
-    // shut down cleanly (unpinning everything) when asked.
+    // shut down cleanly (finishing its work) when asked.
     let shutdown = nix::sys::signal::SigSet::from_iter([
         nix::sys::signal::Signal::SIGTERM,
         nix::sys::signal::Signal::SIGINT,
@@ -78,6 +79,32 @@ fn status(admin: std::net::SocketAddr) -> ExitCode {
         }
         Err(e) => {
             eprintln!("aviary-agent status: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn uninstall(pin_dir: &std::path::Path) -> ExitCode {
+    match aviary_agent::ebpf::uninstall(pin_dir) {
+        Ok(removed) if removed.is_empty() => {
+            println!(
+                "nothing to uninstall: no Aviary datapath at {}",
+                pin_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            println!(
+                "uninstalled Aviary's datapath at {}: {} attachments detached, {} maps and {} policy routing entries removed",
+                pin_dir.display(),
+                removed.links,
+                removed.maps,
+                removed.routes
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("aviary-agent uninstall: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -74,7 +74,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Ok(stats) = Stats::open(datapath.pin_dir()) {
         log_counters(&stats, &mut Vec::new());
     }
-    datapath.shutdown();
+    // The datapath stays attached and pinned: capture fails open until the next agent takes it
+    // over (`aviary-agent uninstall` removes it).
+    drop(datapath);
     result
 }
 

@@ -10,8 +10,10 @@
 //! - Service VIPs exist only inside the node: a backend pod holds the VIP on its loopback, and
 //!   the node routes the VIP to it (what kube-proxy's DNAT achieves on a real node).
 //!
-//! Everything created is removed on drop, also when a test panics; resources left by a test
-//! process that was killed are swept by the next one.
+//! Everything created is removed on drop, also when a test panics: the datapath an agent leaves
+//! attached and pinned when it exits, with `aviary-agent uninstall` as on a real node, and the
+//! namespaces and cgroups. Resources left by a test process that was killed are swept by the
+//! next one.
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
@@ -706,6 +708,20 @@ impl Node {
         Path::new(HANDOFF_DIR).join(format!("{}.sock", self.pin_name))
     }
 
+    /// `aviary-agent uninstall` for this node's agent, run where the agent runs: takes away the
+    /// datapath an agent leaves when it exits.
+    pub fn uninstall(&self) -> std::io::Result<Output> {
+        let cgroup = self.agent_cgroup();
+        fs::create_dir_all(&cgroup)?;
+        self.command_in(
+            &self.netns,
+            &cgroup,
+            &workspace_bin("aviary-agent"),
+            &["uninstall", "--pin-name", &self.pin_name],
+        )
+        .output()
+    }
+
     /// A listening socket in the node's network namespace, where the agent runs.
     pub fn listen_in_node(&self) -> std::net::TcpListener {
         let netns = ns_path(&self.netns);
@@ -754,6 +770,18 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // First, while the node's network namespace (with the inbound policy routing and the
+        // interfaces' attachments) still exists.
+        if Path::new(BPFFS).join(&self.pin_name).exists() {
+            match self.uninstall() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!(
+                    "aviary-agent uninstall failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                Err(e) => eprintln!("running aviary-agent uninstall: {e}"),
+            }
+        }
         for mut child in self.children.lock().unwrap().drain(..) {
             let _ = child.kill();
             let _ = child.wait();

@@ -205,18 +205,23 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     agent.kill();
     assert_eq!(peers(&node, &remote, &enrolled), direct);
 
-    // A new agent replaces the policy routing the killed one left; a stopped one removes it.
-    // The rules of both families: one each while an agent runs.
+    // A new agent keeps the policy routing the killed one left, takes over its attachments
+    // (the uplink's, the bridge's, the pods' veths', sk_lookup's) and its maps, which already
+    // hold the enrolled pods; a stopped one leaves them, failing open; uninstall removes them.
+    // The rules of both families: one each.
     let rules = || {
         let family = |f: &str| aviary_tests::sh(&["ip", f, "-n", &node.netns, "rule"]).unwrap();
         family("-4") + &family("-6")
     };
-    assert!(rules().contains("fwmark 0xa71b"), "{}", rules());
+    assert_eq!(rules().matches("fwmark 0xa71b").count(), 2, "{}", rules());
     let mut agent = node.start_agent(AGENT_ARGS);
-    agent.wait_for_log("inbound_added=2", Duration::from_secs(10));
+    agent.wait_for_log("replaced=9 new=0 detached=0", Duration::from_secs(1));
     assert_eq!(rules().matches("fwmark 0xa71b").count(), 2, "{}", rules());
     assert_eq!(peers(&node, &remote, &enrolled), via_node);
     assert!(agent.terminate().success());
+    assert_eq!(rules().matches("fwmark 0xa71b").count(), 2, "{}", rules());
+    assert_eq!(peers(&node, &remote, &enrolled), direct);
+    assert!(node.uninstall().unwrap().status.success());
     assert!(!rules().contains("fwmark 0xa71b"), "{}", rules());
     assert_eq!(peers(&node, &remote, &enrolled), direct);
 }

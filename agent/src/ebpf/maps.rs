@@ -18,7 +18,10 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
 }
 
 /// Which pods are enrolled and which services are captured: the only state policy writes.
-/// It remembers what it wrote, so a sync costs one syscall per change, not per entry.
+/// It remembers what the maps hold, so a sync costs one syscall per change, not per entry. The
+/// maps outlive agents: what it remembers starts from their contents, a previous agent's
+/// entries included, and [`CaptureTable::reread`] catches up with another writer (a previous
+/// agent still running).
 pub struct CaptureTable {
     enrolled: HashMap<MapData, u64, u32>,
     services: HashMap<MapData, SockAddr, u32>,
@@ -58,16 +61,27 @@ impl CaptureTable {
             open(pin_dir, map_name::INBOUND)?.try_into()?;
         let inbound_excluded: HashMap<MapData, SockAddr, u32> =
             open(pin_dir, map_name::INBOUND_EXCLUDED)?.try_into()?;
-        Ok(Self {
-            applied_pods: enrolled.keys().collect::<Result<_, _>>()?,
-            applied_services: services.keys().collect::<Result<_, _>>()?,
-            applied_inbound: inbound.keys().collect::<Result<_, _>>()?,
-            applied_excluded: inbound_excluded.keys().collect::<Result<_, _>>()?,
+        let mut table = Self {
             inbound_excluded,
             enrolled,
             services,
             inbound,
-        })
+            applied_pods: BTreeSet::new(),
+            applied_services: BTreeSet::new(),
+            applied_inbound: BTreeSet::new(),
+            applied_excluded: BTreeSet::new(),
+        };
+        table.reread()?;
+        Ok(table)
+    }
+
+    /// Reads what the maps hold now (one syscall per entry), for the next sync to start from.
+    pub fn reread(&mut self) -> Result<(), MapError> {
+        self.applied_pods = self.enrolled.keys().collect::<Result<_, _>>()?;
+        self.applied_services = self.services.keys().collect::<Result<_, _>>()?;
+        self.applied_inbound = self.inbound.keys().collect::<Result<_, _>>()?;
+        self.applied_excluded = self.inbound_excluded.keys().collect::<Result<_, _>>()?;
+        Ok(())
     }
 
     /// The enrolled pod cgroup ids, read from the map itself.
@@ -82,7 +96,7 @@ impl CaptureTable {
 
     /// Makes the maps hold exactly these pods, services and inbound pod addresses. Adds go in
     /// before removals, so that a pod moving between two states never passes through "not
-    /// enrolled".
+    /// enrolled", and entries a previous agent wrote that are still wanted are never missing.
     pub fn sync(
         &mut self,
         pods: &BTreeSet<u64>,

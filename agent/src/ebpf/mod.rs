@@ -1,30 +1,36 @@
-//! The eBPF datapath: loads the embedded programs, attaches them at the pod cgroup root, pins
-//! maps and links under the bpf filesystem, and removes all of it on shutdown.
+//! The eBPF datapath: loads the embedded programs, attaches them at the pod cgroup root (and,
+//! for inbound capture, on the node's interfaces and in its network namespace), and pins maps
+//! and links under the bpf filesystem, where they outlive the agent: a restarted or upgraded
+//! agent reuses the maps, with every connection's state in them, and swaps its programs into
+//! the pinned links in one step each, so capture never pauses. Only `aviary-agent uninstall`
+//! takes the datapath away.
 //!
-//! Layout under the pin directory: `maps/<NAME>` for every map, `links/<program>` for every
-//! cgroup attachment. sk_msg is attached to the pinned SOCKETS map and lives as long as it does.
+//! Layout under the pin directory: `maps/<NAME>` for every map; `links/<program>` for the
+//! cgroup and network namespace attachments, `links/tc-<ifindex>` for inbound capture on an
+//! interface. sk_msg is attached to the pinned SOCKETS map and lives as long as it does.
 
+mod link;
 pub mod maps;
 mod netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, Context as _};
-use aviary_abi::{map_name, AgentConfig, SockAddr, CONFIG_IPV6, CONFIG_SK_MSG};
+use aviary_abi::{map_name, AgentConfig, SockAddr, ABI_VERSION, CONFIG_IPV6, CONFIG_SK_MSG};
 use aya::{
-    maps::{Array, SockHash},
+    maps::{Array, MapData, SockHash},
     programs::{
-        links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SkLookup, SkMsg, SockOps,
-        TcAttachType,
+        links::FdLink, CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SkLookup,
+        SkMsg, SockOps, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 
@@ -39,12 +45,20 @@ const INBOUND: &str = "aviary_inbound";
 const INBOUND_BRIDGED: &str = "aviary_inbound_bridged";
 const INBOUND_LOOKUP: &str = "aviary_inbound_lookup";
 
+/// The pin directory's subdirectories.
+const MAPS_DIR: &str = "maps";
+const LINKS_DIR: &str = "links";
+
 /// The uplinks by their default routes, as the only value of `--inbound-interfaces`.
 pub const AUTO_UPLINKS: &str = "auto";
 
 /// Linux 5.10: listening sockets in a SockMap (fail-open check), cgroup bpf_link, ancestor
 /// cgroup ids in connect programs, and sk_msg on TCP.
 const MIN_KERNEL: (u32, u32) = (5, 10);
+
+/// Linux 6.6: TCX, whose bpf_links can be pinned and have their program replaced, which is how
+/// inbound capture on the interfaces outlives the agent and is handed from one to the next.
+const MIN_INBOUND_KERNEL: (u32, u32) = (6, 6);
 
 /// Cgroup programs attach through bpf_link (Linux 5.7+), which takes no attach flags and always
 /// runs alongside other programs on the same cgroup (a CNI's, a security agent's).
@@ -110,98 +124,306 @@ fn uplinks(names: &[String]) -> anyhow::Result<BTreeMap<u32, String>> {
         .collect()
 }
 
-/// The loaded and attached programs. Dropping it without [`Datapath::shutdown`] leaves the pins,
-/// and with them the attachments, in place, as a SIGKILL would: capture then fails open.
+/// What a start finds of the maps a previous agent pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PinnedMaps {
+    /// None: this is the first agent (since an uninstall).
+    Absent,
+    /// Of this agent's layout: reused, with the state in them.
+    Compatible,
+    /// Of another layout (`found`; None: from before layouts had versions): replaced by new
+    /// ones.
+    Incompatible { found: Option<u32> },
+}
+
+impl PinnedMaps {
+    /// `any_pinned`: whether any map is pinned; `found`: the version in the pinned ABI map.
+    fn judge(any_pinned: bool, found: Option<u32>) -> Self {
+        match found {
+            Some(ABI_VERSION) => Self::Compatible,
+            found if any_pinned => Self::Incompatible { found },
+            _ => Self::Absent,
+        }
+    }
+
+    fn inspect(maps_dir: &Path) -> Self {
+        let any_pinned = fs::read_dir(maps_dir).is_ok_and(|mut entries| entries.next().is_some());
+        let found = MapData::from_pin(maps_dir.join(map_name::ABI))
+            .ok()
+            .and_then(|data| Array::<_, u32>::try_from(aya::maps::Map::Array(data)).ok())
+            .and_then(|abi| abi.get(&0, 0).ok());
+        Self::judge(any_pinned, found)
+    }
+}
+
+/// Where a pinned link stands to the program a load puts through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attached {
+    /// The link a previous agent pinned now runs this agent's program.
+    Replaced,
+    /// The link runs a newer agent's program already (two agents overlap in an upgrade).
+    Newer,
+    /// A new link, pinned.
+    New,
+}
+
+/// How many attachments a load replaced and made.
+#[derive(Debug, Default)]
+struct AttachCount {
+    replaced: usize,
+    new: usize,
+}
+
+impl AttachCount {
+    fn add(&mut self, attached: Attached) {
+        match attached {
+            Attached::Replaced => self.replaced += 1,
+            Attached::New => self.new += 1,
+            Attached::Newer => {}
+        }
+    }
+}
+
+/// A program to put in force through a pinned link.
+struct Attach<'a> {
+    fd: BorrowedFd<'a>,
+    id: u32,
+}
+
+/// Attaches `program` through the link pinned at `pin`. A link pinned there (a previous
+/// agent's) gets the program in one step (bpf_link_update), so what it is attached to is never
+/// without one; unless it already runs a newer program: program ids grow with each load, and a
+/// link never goes back to an older agent's program (the old agent still scans for new pods'
+/// interfaces while its successor starts). A link `in_place` rejects (its target is not this
+/// agent's) is detached. Without a link, `attach` makes one, which is pinned there.
+fn attach_pinned(
+    pin: &Path,
+    program: Attach<'_>,
+    in_place: impl FnOnce(&link::LinkInfo) -> bool,
+    attach: impl FnOnce() -> anyhow::Result<FdLink>,
+) -> anyhow::Result<Attached> {
+    match link::open(pin) {
+        Ok(old) => {
+            let info = link::info(old.as_fd()).map_err(|e| {
+                explain(&format!("reading the link pinned at {}", pin.display()), &e)
+            })?;
+            if !in_place(&info) {
+                info!(pin = %pin.display(), "a pinned link is attached elsewhere than this agent attaches: detaching it");
+                detach_pinned(pin)?;
+            } else if info.program_id >= program.id {
+                debug!(pin = %pin.display(), "a newer agent's program is attached here already");
+                return Ok(Attached::Newer);
+            } else {
+                match link::update(old.as_fd(), program.fd) {
+                    Ok(()) => return Ok(Attached::Replaced),
+                    // What it was attached to went away, and the link with it.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+                        debug!(pin = %pin.display(), "a pinned link whose target is gone: replacing it");
+                        remove_pin(pin)?;
+                    }
+                    Err(e) => {
+                        warn!(pin = %pin.display(), error = %e, "could not replace the program of a pinned link; detaching it and attaching anew");
+                        detach_pinned(pin)?;
+                    }
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(explain(
+                &format!("opening the link pinned at {}", pin.display()),
+                &e,
+            ))
+        }
+    }
+    attach()?
+        .pin(pin)
+        .map_err(|e| explain(&format!("pinning link {}", pin.display()), &e))?;
+    Ok(Attached::New)
+}
+
+fn remove_pin(pin: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(pin) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", pin.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The pin of inbound capture's link on the interface with index `index`.
+fn tc_pin(links_dir: &Path, index: u32) -> PathBuf {
+    links_dir.join(format!("tc-{index}"))
+}
+
+/// Attaches the TC program `name` to the ingress of `interface` (with index `index`) through
+/// its pinned link.
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &str,
+    links_dir: &Path,
+    index: u32,
+    interface: &str,
+) -> anyhow::Result<Attached> {
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    let fd = prog.fd()?.try_clone()?;
+    let ours = Attach {
+        fd: fd.as_fd(),
+        id: prog.info()?.id(),
+    };
+    // The pin names the interface.
+    attach_pinned(
+        &tc_pin(links_dir, index),
+        ours,
+        |_| true,
+        || {
+            let id = prog
+                .attach(interface, TcAttachType::Ingress)
+                .map_err(|e| explain(&format!("attaching {name} to {interface}"), &e))?;
+            Ok(prog.take_link(id)?.try_into()?)
+        },
+    )
+}
+
+/// Inbound capture's interfaces.
+struct InboundCapture {
+    /// The uplinks, by index.
+    uplinks: BTreeSet<u32>,
+    /// The index of the pods' bridge.
+    bridge: Option<u32>,
+    /// The pods' host-side veths (by index) it is attached to.
+    pods: BTreeSet<u32>,
+}
+
+/// The loaded and attached programs. Dropping it leaves everything attached and pinned: capture
+/// goes on without the agent, failing open (new connections go direct) while no proxy listens,
+/// until the next agent takes over or `aviary-agent uninstall` removes it.
 pub struct Datapath {
     pin_dir: PathBuf,
-    links: Vec<PinnedLink>,
-    /// Whether the inbound policy routing is installed (and so removed at shutdown).
-    inbound_routing: bool,
-    /// The uplinks inbound capture runs on, by index.
-    inbound_uplinks: BTreeSet<u32>,
-    /// The index of the pods' bridge.
-    inbound_bridge: Option<u32>,
-    /// The pods' host-side veths (by index) inbound capture is attached to.
-    inbound_pods: BTreeSet<u32>,
+    /// While inbound capture is on.
+    inbound: Option<InboundCapture>,
     ebpf: Ebpf,
 }
 
 impl Datapath {
+    /// Loads the programs and puts them in force, taking over what a previous agent left: the
+    /// pinned maps when their layout is this agent's, and every pinned link.
     pub fn load(cfg: &DatapathConfig) -> anyhow::Result<Self> {
         preflight(cfg)?;
-        clear_stale_pins(&cfg.pin_dir)?;
-        let maps_dir = cfg.pin_dir.join("maps");
-        let links_dir = cfg.pin_dir.join("links");
+        let first = !cfg.pin_dir.exists();
+        let maps_dir = cfg.pin_dir.join(MAPS_DIR);
+        let links_dir = cfg.pin_dir.join(LINKS_DIR);
+        match PinnedMaps::inspect(&maps_dir) {
+            PinnedMaps::Absent => {}
+            PinnedMaps::Compatible => info!(
+                pins = %maps_dir.display(),
+                abi = ABI_VERSION,
+                "reusing the pinned maps: connection tracking and capture state carry over"
+            ),
+            PinnedMaps::Incompatible { found } => {
+                let found = found.map_or_else(|| "none".to_owned(), |v| v.to_string());
+                warn!(
+                    pins = %maps_dir.display(),
+                    found,
+                    want = ABI_VERSION,
+                    "the pinned maps have another layout (ABI version {found}, this agent's is {ABI_VERSION}): replacing them; connections captured before lose their state"
+                );
+                fs::remove_dir_all(&maps_dir)
+                    .with_context(|| format!("removing {}", maps_dir.display()))?;
+            }
+        }
         for dir in [&maps_dir, &links_dir] {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        // From here on a failure must not leave half a datapath pinned.
+        let mut loader = EbpfLoader::new();
+        for name in map_name::ALL {
+            // Opened when pinned there, else created and pinned there.
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
         let mut datapath = Self {
             pin_dir: cfg.pin_dir.clone(),
-            links: Vec::new(),
-            inbound_routing: false,
-            inbound_uplinks: BTreeSet::new(),
-            inbound_bridge: None,
-            inbound_pods: BTreeSet::new(),
-            ebpf: EbpfLoader::new()
+            inbound: None,
+            ebpf: loader
                 .load(PROGRAMS)
                 .map_err(|e| explain("loading the eBPF object", &e))?,
         };
-        match datapath.attach(cfg, &maps_dir, &links_dir) {
+        match datapath.attach(cfg, &links_dir) {
             Ok(()) => Ok(datapath),
             Err(e) => {
-                datapath.shutdown();
+                // A previous agent's datapath stays as it is; a first one must not stay half made.
+                if first {
+                    if let Err(e) = uninstall(&cfg.pin_dir) {
+                        warn!(error = %format!("{e:#}"), "removing the partly installed datapath");
+                    }
+                }
                 Err(e)
             }
         }
     }
 
-    fn attach(
-        &mut self,
-        cfg: &DatapathConfig,
-        maps_dir: &Path,
-        links_dir: &Path,
-    ) -> anyhow::Result<()> {
-        let ebpf = &mut self.ebpf;
-        let config_map = ebpf
-            .map_mut(map_name::CONFIG)
-            .context("CONFIG map missing")?;
+    fn attach(&mut self, cfg: &DatapathConfig, links_dir: &Path) -> anyhow::Result<()> {
         let mut programs = cfg.programs;
-        if let Some(bridge) = &cfg.inbound_bridge {
-            let (index, mac) = netlink::interface(bridge)?;
-            programs.bridge_mac = mac;
-            self.inbound_bridge = Some(index);
-        }
-        Array::<_, AgentConfig>::try_from(config_map)?
-            .set(0, programs, 0)
-            .map_err(|e| explain("writing the program configuration", &e))?;
-        for name in map_name::ALL {
-            let map = ebpf
-                .map(name)
-                .with_context(|| format!("map {name} missing from the eBPF object"))?;
-            map.pin(maps_dir.join(name))
-                .map_err(|e| explain(&format!("pinning map {name}"), &e))?;
-        }
+        let bridge = match &cfg.inbound_bridge {
+            Some(bridge) if !cfg.inbound_interfaces.is_empty() => {
+                let (index, mac) = netlink::interface(bridge)?;
+                programs.bridge_mac = mac;
+                Some((index, bridge.clone()))
+            }
+            _ => None,
+        };
+        let ebpf = &mut self.ebpf;
+        Array::<_, AgentConfig>::try_from(
+            ebpf.map_mut(map_name::CONFIG)
+                .context("CONFIG map missing")?,
+        )?
+        .set(0, programs, 0)
+        .map_err(|e| explain("writing the program configuration", &e))?;
+        Array::<_, u32>::try_from(ebpf.map_mut(map_name::ABI).context("ABI map missing")?)?
+            .set(0, ABI_VERSION, 0)
+            .map_err(|e| explain("writing the maps' ABI version", &e))?;
 
+        let mut count = AttachCount::default();
+        let mut wanted: BTreeSet<PathBuf> = BTreeSet::new();
         let cgroup = fs::File::open(&cfg.cgroup_root)
             .with_context(|| format!("opening cgroup root {}", cfg.cgroup_root.display()))?;
+        let cgroup_id = crate::cgroup::cgroup_id(&cfg.cgroup_root)
+            .with_context(|| format!("reading cgroup root {}", cfg.cgroup_root.display()))?;
+        // A link a previous agent attached to another cgroup root (--cgroup-root changed) is
+        // detached, not taken over.
+        let on_cgroup_root = |info: &link::LinkInfo| info.cgroup_id == cgroup_id;
         for name in [CONNECT4, CONNECT6] {
             let prog: &mut CgroupSockAddr = program(ebpf, name)?;
             prog.load()
                 .map_err(|e| explain(&format!("loading {name}"), &e))?;
-            let id = prog
-                .attach(&cgroup, LINK_MODE)
-                .map_err(|e| explain(&format!("attaching {name}"), &e))?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
-            self.links.push(pin_link(link, links_dir, name)?);
+            let fd = prog.fd()?.try_clone()?;
+            let ours = Attach {
+                fd: fd.as_fd(),
+                id: prog.info()?.id(),
+            };
+            let pin = links_dir.join(name);
+            count.add(attach_pinned(&pin, ours, on_cgroup_root, || {
+                let id = prog
+                    .attach(&cgroup, LINK_MODE)
+                    .map_err(|e| explain(&format!("attaching {name}"), &e))?;
+                Ok(prog.take_link(id)?.try_into()?)
+            })?);
+            wanted.insert(pin);
         }
         let prog: &mut SockOps = program(ebpf, SOCK_OPS)?;
         prog.load().map_err(|e| explain("loading sock_ops", &e))?;
-        let id = prog
-            .attach(&cgroup, LINK_MODE)
-            .map_err(|e| explain("attaching sock_ops", &e))?;
-        let link: FdLink = prog.take_link(id)?.try_into()?;
-        self.links.push(pin_link(link, links_dir, SOCK_OPS)?);
+        let fd = prog.fd()?.try_clone()?;
+        let ours = Attach {
+            fd: fd.as_fd(),
+            id: prog.info()?.id(),
+        };
+        let pin = links_dir.join(SOCK_OPS);
+        count.add(attach_pinned(&pin, ours, on_cgroup_root, || {
+            let id = prog
+                .attach(&cgroup, LINK_MODE)
+                .map_err(|e| explain("attaching sock_ops", &e))?;
+            Ok(prog.take_link(id)?.try_into()?)
+        })?);
+        wanted.insert(pin);
 
         let sockets = SockHash::<_, aviary_abi::SockKey>::try_from(
             ebpf.map(map_name::SOCKETS).context("SOCKETS map missing")?,
@@ -209,57 +431,116 @@ impl Datapath {
         let sockets_fd = sockets.fd().try_clone()?;
         let prog: &mut SkMsg = program(ebpf, SK_MSG)?;
         prog.load().map_err(|e| explain("loading sk_msg", &e))?;
-        prog.attach(&sockets_fd)
+        // Takes the place of the program a previous agent attached to the same map.
+        let id = prog
+            .attach(&sockets_fd)
             .map_err(|e| explain("attaching sk_msg", &e))?;
+        // An attachment to a map, not a link: dropping its handle would detach it, and it must
+        // stay for as long as the map.
+        std::mem::forget(prog.take_link(id)?);
 
+        let had_inbound = links_dir.join(INBOUND_LOOKUP).exists();
         if !cfg.inbound_interfaces.is_empty() {
             let uplinks = uplinks(&cfg.inbound_interfaces)?;
-            self.inbound_uplinks = uplinks.keys().copied().collect();
-            if cfg.inbound_bridge.is_some() {
+            let prog: &mut SchedClassifier = program(ebpf, INBOUND)?;
+            prog.load().map_err(|e| explain("loading inbound", &e))?;
+            if bridge.is_some() {
                 let prog: &mut SchedClassifier = program(ebpf, INBOUND_BRIDGED)?;
                 prog.load()
                     .map_err(|e| explain("loading inbound_bridged", &e))?;
             }
-            // Links held by the loaded object, not pinned: a killed agent's TC programs go
-            // with it, and inbound traffic reaches the pods directly.
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, INBOUND)?;
-            prog.load().map_err(|e| explain("loading inbound", &e))?;
             // The bridge's own ingress is where frames from its ports reach the host.
-            for interface in uplinks.values().chain(&cfg.inbound_bridge) {
-                prog.attach(interface, TcAttachType::Ingress)
-                    .map_err(|e| explain(&format!("attaching inbound to {interface}"), &e))?;
+            for (&index, interface) in uplinks.iter().chain(bridge.as_ref().map(|(i, n)| (i, n))) {
+                count.add(attach_tc(ebpf, INBOUND, links_dir, index, interface)?);
+                wanted.insert(tc_pin(links_dir, index));
             }
             let netns = fs::File::open("/proc/self/ns/net")
                 .context("opening the agent's network namespace")?;
-            let prog: &mut SkLookup = program(&mut self.ebpf, INBOUND_LOOKUP)?;
+            let prog: &mut SkLookup = program(ebpf, INBOUND_LOOKUP)?;
             prog.load()
                 .map_err(|e| explain("loading inbound_lookup", &e))?;
-            prog.attach(netns)
-                .map_err(|e| explain("attaching inbound_lookup", &e))?;
+            let fd = prog.fd()?.try_clone()?;
+            let ours = Attach {
+                fd: fd.as_fd(),
+                id: prog.info()?.id(),
+            };
+            let pin = links_dir.join(INBOUND_LOOKUP);
+            // The agent's network namespace is the node's: where the previous agent's was.
+            count.add(attach_pinned(
+                &pin,
+                ours,
+                |_| true,
+                || {
+                    let id = prog
+                        .attach(netns)
+                        .map_err(|e| explain("attaching inbound_lookup", &e))?;
+                    Ok(prog.take_link(id)?.into())
+                },
+            )?);
+            wanted.insert(pin);
             netlink::install_inbound()?;
-            self.inbound_routing = true;
-            let pods = self.attach_inbound_pod_interfaces()?;
+            self.inbound = Some(InboundCapture {
+                uplinks: uplinks.keys().copied().collect(),
+                bridge: bridge.as_ref().map(|(index, _)| *index),
+                pods: BTreeSet::new(),
+            });
+            let pods = self.scan_pod_interfaces(&mut count)?;
+            let inbound = self
+                .inbound
+                .as_ref()
+                .expect("inbound capture was just set up");
+            wanted.extend(inbound.pods.iter().map(|&index| tc_pin(links_dir, index)));
             info!(uplinks = ?uplinks.values().collect::<Vec<_>>(), bridge = ?cfg.inbound_bridge, pod_interfaces = pods, "inbound capture attached");
+        } else if had_inbound {
+            // The previous agent captured inbound connections and this one does not.
+            netlink::remove_inbound()?;
+        }
+        // What a previous agent attached and this one does not: inbound capture it had on,
+        // interfaces gone since.
+        let mut detached = 0;
+        for entry in
+            fs::read_dir(links_dir).with_context(|| format!("listing {}", links_dir.display()))?
+        {
+            let pin = entry?.path();
+            if !wanted.contains(&pin) {
+                detach_pinned(&pin)?;
+                detached += 1;
+            }
         }
         info!(
             cgroup_root = %cfg.cgroup_root.display(),
             pins = %self.pin_dir.display(),
+            replaced = count.replaced,
+            new = count.new,
+            detached,
             "eBPF programs attached"
         );
         Ok(())
     }
 
     /// Attaches inbound capture to the pods' host-side veths it is not on yet (pods come and
-    /// go); returns how many it is on. A bridge port gets the program that hands frames to the
-    /// host; a routed veth's frames reach the host anyway, and get the uplinks' program. Only
-    /// while inbound capture is on.
+    /// go), and lets go of those that went away; returns how many it is on. A bridge port gets
+    /// the program that hands frames to the host; a routed veth's frames reach the host anyway,
+    /// and get the uplinks' program. Nothing while inbound capture is off.
     pub fn attach_inbound_pod_interfaces(&mut self) -> anyhow::Result<usize> {
-        let interfaces = netlink::pod_interfaces(self.inbound_bridge, &self.inbound_uplinks)?;
-        // Interfaces that went away took their attachments with them.
-        self.inbound_pods
-            .retain(|index| interfaces.contains_key(index));
+        self.scan_pod_interfaces(&mut AttachCount::default())
+    }
+
+    fn scan_pod_interfaces(&mut self, count: &mut AttachCount) -> anyhow::Result<usize> {
+        let Some(inbound) = &mut self.inbound else {
+            return Ok(0);
+        };
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        let interfaces = netlink::pod_interfaces(inbound.bridge, &inbound.uplinks)?;
+        // Interfaces that went away took their attachments with them; their pins go too.
+        for &index in inbound.pods.iter() {
+            if !interfaces.contains_key(&index) {
+                remove_pin(&tc_pin(&links_dir, index))?;
+            }
+        }
+        inbound.pods.retain(|index| interfaces.contains_key(index));
         for (index, interface) in interfaces {
-            if self.inbound_pods.contains(&index) {
+            if inbound.pods.contains(&index) {
                 continue;
             }
             let name = if interface.bridged {
@@ -267,47 +548,95 @@ impl Datapath {
             } else {
                 INBOUND
             };
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-            match prog.attach(&interface.name, TcAttachType::Ingress) {
-                Ok(_) => {
-                    self.inbound_pods.insert(index);
+            match attach_tc(&mut self.ebpf, name, &links_dir, index, &interface.name) {
+                Ok(attached) => {
+                    count.add(attached);
+                    inbound.pods.insert(index);
                 }
                 // The interface may be gone already; the next scan settles it.
                 Err(e) => {
-                    warn!(interface = interface.name, error = %e, "attaching inbound capture to a pod's interface")
+                    warn!(interface = interface.name, error = %format!("{e:#}"), "attaching inbound capture to a pod's interface")
                 }
             }
         }
-        Ok(self.inbound_pods.len())
+        Ok(inbound.pods.len())
     }
 
     /// Whether inbound capture is attached, and so needs the inbound listener.
     pub fn captures_inbound(&self) -> bool {
-        self.inbound_routing
+        self.inbound.is_some()
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
+}
 
-    /// Detaches every program and removes every pin.
-    pub fn shutdown(mut self) {
-        if self.inbound_routing {
-            if let Err(e) = netlink::remove_inbound() {
-                warn!(error = %format!("{e:#}"), "removing the inbound policy routing");
+/// Detaches the link pinned at `pin` and removes the pin.
+fn detach_pinned(pin: &Path) -> anyhow::Result<()> {
+    match link::open(pin) {
+        Ok(fd) => match link::detach(fd.as_fd()) {
+            // ENOLINK: detached already (its target went away).
+            Err(e) if e.raw_os_error() != Some(libc::ENOLINK) => {
+                return Err(explain(
+                    &format!("detaching the link pinned at {}", pin.display()),
+                    &e,
+                ))
             }
-        }
-        for link in self.links.drain(..) {
-            // Unpinning drops the last reference to the link, which detaches it.
-            if let Err(e) = link.unpin() {
-                warn!(error = %e, "unpinning a link");
-            }
-        }
-        match fs::remove_dir_all(&self.pin_dir) {
-            Ok(()) => info!(pins = %self.pin_dir.display(), "eBPF programs detached and unpinned"),
-            Err(e) => warn!(error = %e, pins = %self.pin_dir.display(), "removing pins"),
-        }
+            _ => {}
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        // Not a link: removing the pin is all there is to do.
+        Err(e) => debug!(pin = %pin.display(), error = %e, "opening a pinned link"),
     }
+    remove_pin(pin)
+}
+
+/// What [`uninstall`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Uninstalled {
+    /// Attachments (links) detached.
+    pub links: usize,
+    /// Pinned maps removed.
+    pub maps: usize,
+    /// Policy routing rules and routes removed.
+    pub routes: usize,
+}
+
+impl Uninstalled {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Takes the datapath pinned at `pin_dir` away: detaches every program (even from a running
+/// agent), removes the inbound policy routing and every pin. Idempotent: nothing installed is
+/// not an error.
+pub fn uninstall(pin_dir: &Path) -> anyhow::Result<Uninstalled> {
+    let mut removed = Uninstalled::default();
+    let links_dir = pin_dir.join(LINKS_DIR);
+    match fs::read_dir(&links_dir) {
+        Ok(entries) => {
+            for entry in entries {
+                detach_pinned(&entry?.path())?;
+                removed.links += 1;
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("listing {}", links_dir.display())),
+    }
+    removed.routes = netlink::remove_inbound()?;
+    let maps_dir = pin_dir.join(MAPS_DIR);
+    removed.maps = fs::read_dir(&maps_dir).map_or(0, |entries| entries.count());
+    // Without their pins (and the programs, detached above), the maps are freed, and sk_msg's
+    // attachment to SOCKETS with them.
+    match fs::remove_dir_all(pin_dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", pin_dir.display()))?
+        }
+        _ => {}
+    }
+    Ok(removed)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
@@ -320,11 +649,6 @@ where
     Ok(prog.try_into()?)
 }
 
-fn pin_link(link: FdLink, dir: &Path, name: &str) -> anyhow::Result<PinnedLink> {
-    link.pin(dir.join(name))
-        .map_err(|e| explain(&format!("pinning link {name}"), &e))
-}
-
 /// Checks what a load needs, so that a missing piece is named, with its remedy, before the
 /// kernel answers with a bare errno.
 fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
@@ -335,6 +659,14 @@ fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
         anyhow::bail!(
             "kernel {current:?} is too old: Aviary needs Linux {major}.{minor} or later (sockmap \
              listeners, cgroup bpf links); upgrade the node's kernel"
+        );
+    }
+    let (major, minor) = MIN_INBOUND_KERNEL;
+    if !cfg.inbound_interfaces.is_empty()
+        && current < aya::util::KernelVersion::new(major as u8, minor as u8, 0)
+    {
+        anyhow::bail!(
+            "kernel {current:?} is too old for inbound capture: it needs Linux {major}.{minor} or              later (TCX links, which outlive the agent and pass from one agent to the next);              leave --inbound-interfaces unset, or upgrade the node's kernel"
         );
     }
     crate::cgroup::ensure_cgroup2(&cfg.cgroup_root)?;
@@ -382,17 +714,6 @@ fn raise_memlock() {
             "could not raise RLIMIT_MEMLOCK; fine on Linux 5.11+, which accounts BPF memory to the memcg"
         );
     }
-}
-
-/// Pins left by an agent that did not shut down (SIGKILL, a crash). Their programs are still
-/// attached and fail open with no proxy; removing the pins detaches them before ours attach.
-fn clear_stale_pins(pin_dir: &Path) -> anyhow::Result<()> {
-    if !pin_dir.exists() {
-        return Ok(());
-    }
-    warn!(pins = %pin_dir.display(), "removing pins left by a previous agent (detaches its programs)");
-    fs::remove_dir_all(pin_dir)
-        .with_context(|| format!("removing stale pins in {}", pin_dir.display()))
 }
 
 /// One line that names the cause of a load failure and its remedy.
@@ -488,6 +809,36 @@ mod tests {
     fn other_errors_keep_their_chain() {
         let err = io::Error::new(io::ErrorKind::NotFound, "no such map");
         assert_eq!(explain("pinning", &err).to_string(), "pinning: no such map");
+    }
+
+    #[test]
+    fn pinned_maps_are_reused_only_at_this_agents_abi_version() {
+        assert_eq!(PinnedMaps::judge(false, None), PinnedMaps::Absent);
+        assert_eq!(
+            PinnedMaps::judge(true, Some(ABI_VERSION)),
+            PinnedMaps::Compatible
+        );
+        assert_eq!(
+            PinnedMaps::judge(true, Some(ABI_VERSION + 1)),
+            PinnedMaps::Incompatible {
+                found: Some(ABI_VERSION + 1)
+            }
+        );
+        // Maps pinned by an agent from before layouts had versions.
+        assert_eq!(
+            PinnedMaps::judge(true, None),
+            PinnedMaps::Incompatible { found: None }
+        );
+    }
+
+    #[test]
+    fn uninstalling_nothing_is_empty() {
+        assert!(Uninstalled::default().is_empty());
+        assert!(!Uninstalled {
+            routes: 2,
+            ..Default::default()
+        }
+        .is_empty());
     }
 
     #[test]

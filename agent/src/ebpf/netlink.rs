@@ -242,17 +242,21 @@ fn table_routes(family: &IpVersion) -> rtnetlink::packet_route::route::RouteMess
     }
 }
 
-/// Installs the rules and the routes, for IPv4 and IPv6, replacing any a killed agent left.
+/// Installs the rules and the routes, for IPv4 and IPv6. Idempotent: what a previous agent
+/// installed stays in place (a restart never takes inbound routing away).
 pub fn install_inbound() -> anyhow::Result<()> {
     with_netlink(
         "installing the inbound policy routing",
         |handle| async move {
-            remove(&handle).await?;
             for family in families() {
                 let rule = handle.rule().add();
-                match family {
-                    IpVersion::V4 => add_rule(rule.v4()).await?,
-                    IpVersion::V6 => add_rule(rule.v6()).await?,
+                let added = match family {
+                    IpVersion::V4 => add_rule(rule.v4()).await,
+                    IpVersion::V6 => add_rule(rule.v6()).await,
+                };
+                match added {
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                    other => other?,
                 }
                 handle
                     .route()
@@ -266,14 +270,17 @@ pub fn install_inbound() -> anyhow::Result<()> {
     )
 }
 
-pub fn remove_inbound() -> anyhow::Result<()> {
+/// Removes the rules and the routes; returns how many there were.
+pub fn remove_inbound() -> anyhow::Result<usize> {
     with_netlink("removing the inbound policy routing", |handle| async move {
         remove(&handle).await
     })
 }
 
-/// Deletes Aviary's rules (by their priority and table) and every route of its table.
-async fn remove(handle: &Handle) -> anyhow::Result<()> {
+/// Deletes Aviary's rules (by their priority and table) and every route of its table; returns
+/// how many it deleted.
+async fn remove(handle: &Handle) -> anyhow::Result<usize> {
+    let mut removed = 0;
     for family in families() {
         let rules: Vec<_> = handle
             .rule()
@@ -291,6 +298,7 @@ async fn remove(handle: &Handle) -> anyhow::Result<()> {
                     .execute()
                     .await
                     .context("deleting the fwmark rule")?;
+                removed += 1;
             }
         }
         let routes: Vec<_> = handle
@@ -307,8 +315,9 @@ async fn remove(handle: &Handle) -> anyhow::Result<()> {
                     .execute()
                     .await
                     .context("deleting a local route")?;
+                removed += 1;
             }
         }
     }
-    Ok(())
+    Ok(removed)
 }

@@ -9,8 +9,17 @@
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// The layout of the pinned maps. A new agent reuses the maps a running (or killed) one pinned
+/// only when their versions match, so bump it with any change to a map's type, key, value or
+/// capacity, or to what an entry means; a new map needs no bump (it is created beside the old
+/// ones).
+pub const ABI_VERSION: u32 = 1;
+
 /// Map names, as the loader finds and pins them.
 pub mod map_name {
+    /// The single entry: the [`ABI_VERSION`](super::ABI_VERSION) of the agent that created the
+    /// maps. Its own layout never changes.
+    pub const ABI: &str = "ABI";
     pub const CONFIG: &str = "CONFIG";
     pub const ENROLLED: &str = "ENROLLED";
     pub const SERVICES: &str = "SERVICES";
@@ -24,7 +33,8 @@ pub mod map_name {
     pub const INBOUND_EXCLUDED: &str = "INBOUND_EXCLUDED";
 
     /// Every map that holds state, and so is pinned. (The compiler's read-only data maps are not.)
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
+        ABI,
         CONFIG,
         ENROLLED,
         SERVICES,

@@ -36,6 +36,11 @@ use aya_ebpf::{
 const CONNECT_PROCEED: i32 = 1;
 const SOCK_STREAM: u32 = 1;
 
+/// The layout version of these maps (aviary_abi::ABI_VERSION), written by the agent; the
+/// programs never read it.
+#[map]
+static ABI: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map]
 static CONFIG: Array<AgentConfig> = Array::with_max_entries(1, 0);
 
