@@ -12,6 +12,7 @@ use std::{
 use arc_swap::ArcSwap;
 use aviary_agent::metrics::{sample, Metrics};
 use aviary_agent::proxy::{
+    drain::{Drain, DrainSignal, Moved},
     http::{HttpConfig, HttpProxy},
     route::{
         AppProtocol, Backend, BackendRef, Endpoint, HeaderMatch, HeaderModifier, Mirror, PathMatch,
@@ -166,10 +167,21 @@ async fn start_proxy_with(cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
 
 /// The proxy on loopback, serving every connection as traffic the client sent to `dst`.
 async fn start_proxy_at(dst: SocketAddr, cfg: HttpConfig, routes: ServiceRoutes) -> TestProxy {
+    start_proxy_draining_on(dst, cfg, routes, DrainSignal::new().1).await
+}
+
+/// The same, draining its connections when `drain` says so.
+async fn start_proxy_draining_on(
+    dst: SocketAddr,
+    cfg: HttpConfig,
+    routes: ServiceRoutes,
+    drain: Drain,
+) -> TestProxy {
     let routes = Arc::new(ArcSwap::from_pointee(table_at(dst, routes)));
     // Mark 0: no socket mark (that needs CAP_NET_ADMIN, and nothing captures here).
     let metrics = Arc::new(Metrics::new(true, None));
-    let proxy = Arc::new(HttpProxy::new(cfg, routes.clone(), 0, metrics.clone()));
+    let proxy =
+        Arc::new(HttpProxy::new(cfg, routes.clone(), 0, metrics.clone()).draining_on(drain));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let serving = proxy;
@@ -1624,4 +1636,68 @@ async fn options_asterisk_is_forwarded() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(primary.seen()[0].method, Method::OPTIONS);
+}
+
+#[tokio::test]
+async fn a_drain_closes_busy_http1_at_its_response_hands_idle_http1_over_and_sends_goaway() {
+    let (_slow, slow) = backend_service("slow", Duration::from_millis(300)).await;
+    let (signal, drain) = DrainSignal::new();
+    let routes = service(vec![], slow);
+    let proxy = start_proxy_draining_on(
+        SERVICE.parse().unwrap(),
+        HttpConfig::default(),
+        routes.clone(),
+        drain,
+    )
+    .await;
+    // Idle between requests when the drain begins.
+    let mut idle = h1(proxy.addr).await;
+    assert_eq!(send(&mut idle, get("/")).await.0, StatusCode::OK);
+    // Busy: a request in flight on HTTP/1.1 and on HTTP/2.
+    let mut busy = h1(proxy.addr).await;
+    let busy = tokio::spawn(async move { send(&mut busy, get("/")).await });
+    let mut multiplexed = h2(proxy.addr).await;
+    let in_flight = multiplexed.send_request(get("/"));
+    let in_flight = tokio::spawn(in_flight);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut moved = signal.hand_over();
+    // The busy HTTP/1.1 connection gets its answer, and is told to close.
+    let (status, headers, body) = busy.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "slow"));
+    assert_eq!(headers["connection"], "close");
+    // HTTP/2: the stream in flight finishes; the GOAWAY refuses new ones.
+    assert_eq!(in_flight.await.unwrap().unwrap().status(), StatusCode::OK);
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        multiplexed.ready().await?;
+        multiplexed.send_request(get("/")).await
+    });
+    assert!(
+        refused.await.unwrap().is_err(),
+        "a stream opened after GOAWAY"
+    );
+
+    // The idle connection moves whole, with nothing of a next request read.
+    let next = tokio::time::timeout(Duration::from_secs(5), moved.recv());
+    let Some(Moved::Http1 {
+        client,
+        buffered,
+        state,
+    }) = next.await.unwrap()
+    else {
+        panic!("no HTTP/1.1 connection moved")
+    };
+    assert!(buffered.is_empty(), "{buffered:?}");
+    assert_eq!(state.dst, SERVICE.parse::<SocketAddr>().unwrap());
+    // A successor carries it on: the client's next request on the same connection is answered.
+    let successor = Arc::new(HttpProxy::new(
+        HttpConfig::default(),
+        Arc::new(ArcSwap::from_pointee(table(routes))),
+        0,
+        Arc::new(Metrics::new(true, None)),
+    ));
+    let client = TcpStream::from_std(client).unwrap();
+    tokio::spawn(successor.resume(client, buffered, state));
+    let (status, _, body) = send(&mut idle, get("/")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "slow"));
 }

@@ -111,7 +111,17 @@ fn keep_alive_load_over_http1_and_http2_sees_no_failure_across_an_upgrade() {
             "4",
         ],
     );
-    let grpc = node.spawn(&client, &["grpc-unary", "10.96.0.30:80", "--secs", "8"]);
+    let grpc = node.spawn(
+        &client,
+        &[
+            "grpc-unary",
+            "10.96.0.30:80",
+            "--secs",
+            "8",
+            "--count",
+            "1000000",
+        ],
+    );
     std::thread::sleep(Duration::from_secs(2));
     let (successor, _) = upgrade(&node, agent);
 

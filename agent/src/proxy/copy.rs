@@ -61,7 +61,7 @@ where
     Copied {
         sent: sent.written,
         received: received.written,
-        paused: result.is_ok() && !(sent.shut_down && received.shut_down),
+        paused: result.is_ok() && sent.pausing && !(sent.shut_down && received.shut_down),
         result,
     }
 }
@@ -320,6 +320,42 @@ mod tests {
             io::ErrorKind::ConnectionReset
         );
         assert_eq!((copied.sent, copied.received), (5, 0));
+    }
+
+    #[tokio::test]
+    async fn a_paused_copy_writes_what_it_read_and_the_rest_waits_for_the_next_copy() {
+        let (mut client, mut proxy_client) = duplex(1 << 16);
+        let (mut proxy_upstream, mut upstream) = duplex(1 << 16);
+        client.write_all(b"before").await.unwrap();
+        let (pause, paused) = tokio::sync::oneshot::channel::<()>();
+        let copy = tokio::spawn(async move {
+            let copied = bidirectional(&mut proxy_client, &mut proxy_upstream, async {
+                let _ = paused.await;
+            })
+            .await;
+            (copied, proxy_client, proxy_upstream)
+        });
+        let mut before = [0u8; 6];
+        upstream.read_exact(&mut before).await.unwrap();
+        pause.send(()).unwrap();
+        let (copied, mut proxy_client, mut proxy_upstream) = copy.await.unwrap();
+        assert!(copied.paused && copied.result.is_ok(), "{copied:?}");
+        assert_eq!((copied.sent, copied.received), (6, 0));
+
+        // Bytes sent while nothing copies wait; the next copy (a successor's) moves them.
+        client.write_all(b"after").await.unwrap();
+        let next = tokio::spawn(async move {
+            bidirectional(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                std::future::pending(),
+            )
+            .await
+        });
+        let mut after = [0u8; 5];
+        upstream.read_exact(&mut after).await.unwrap();
+        assert_eq!(&after, b"after");
+        next.abort();
     }
 
     /// Runs the copy between two duplex pipes until it has nothing to do for a moment, then
