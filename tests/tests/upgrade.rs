@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Read as _,
     net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
