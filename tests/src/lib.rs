@@ -153,6 +153,11 @@ fn sweep_stale() {
             }
         }
     }
+    for entry in fs::read_dir(HANDOFF_DIR).into_iter().flatten().flatten() {
+        if stale(&entry.file_name().to_string_lossy()) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Removes a cgroup or bpffs tree: cgroups must be removed bottom-up with rmdir.
