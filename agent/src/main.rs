@@ -2,13 +2,16 @@
 
 use std::process::ExitCode;
 
-use aviary_agent::config::{Args, Command, Config, LogFormat};
+use aviary_agent::config::{Args, Command, Config, LogFormat, Probe};
 use clap::Parser as _;
 
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Some(Command::Status { admin }) => return status(admin),
+        Some(Command::Probe(Probe::Ready { health, pod_name })) => {
+            return probe_ready(health, pod_name)
+        }
         Some(Command::MountBpffs { path }) => {
             return match aviary_agent::ebpf::ensure_bpffs(&path) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -78,6 +81,23 @@ fn status(admin: std::net::SocketAddr) -> ExitCode {
         }
         Err(e) => {
             eprintln!("aviary-agent status: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit 0 or 1, with the reason on one line: the kubelet records an exec probe's output.
+fn probe_ready(health: std::net::SocketAddr, pod_name: Option<http::HeaderValue>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match runtime
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(aviary_agent::admin::probe_ready(health, pod_name.as_ref())))
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aviary-agent probe ready: {e:#}");
             ExitCode::FAILURE
         }
     }

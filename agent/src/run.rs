@@ -213,6 +213,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         ready: ready.clone(),
         snapshots: snapshots.clone(),
         stats: Stats::open(pins)?,
+        pod_name: cfg.pod_name.clone(),
     });
     let admin_listener = TcpListener::bind(cfg.admin_addr)
         .await
