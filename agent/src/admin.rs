@@ -1,6 +1,7 @@
 //! The admin endpoint, on its own local port so that a slow query never competes with traffic:
 //! `/healthz`, `/ready`, `/config_dump` (the snapshot in force) and `/stats/ebpf`.
-//! `aviary-agent status` reads it and prints a summary.
+//! `aviary-agent status` reads it and prints a summary; `aviary-agent probe ready` asks the
+//! health port's `/ready` for the kubelet.
 
 use std::{
     convert::Infallible,
@@ -12,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
@@ -31,7 +32,18 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
     pub snapshots: SnapshotRx,
     pub stats: Stats,
+    /// The agent's pod, named in `/ready`'s answers ([`POD_HEADER`]).
+    pub pod_name: Option<HeaderValue>,
 }
+
+/// The header in which `/ready` names the agent's pod: while a rolling update overlaps the old
+/// and the new pod, both agents share the node's network and so the health port, and a probe
+/// must tell which of them answered.
+pub const POD_HEADER: &str = "aviary-pod";
+
+/// How long `probe ready` waits for an answer: under the kubelet's probe timeout, so the
+/// kubelet records the probe's own reason.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -54,11 +66,7 @@ impl Admin {
     fn handle(&self, path: &str) -> Response<Full<Bytes>> {
         match path {
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/ready" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-            "/ready" => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: waiting for the first policy snapshot\n",
-            ),
+            "/ready" => ready_response(self.ready.load(Ordering::Acquire), self.pod_name.as_ref()),
             "/config_dump" => self.json(config_dump(&self.snapshots.borrow())),
             "/stats/ebpf" => match (self.stats.counters(), self.stats.occupancy()) {
                 (Ok(counters), Ok(occupancy)) => {
@@ -88,6 +96,21 @@ impl Admin {
         );
         response
     }
+}
+
+fn ready_response(ready: bool, pod_name: Option<&HeaderValue>) -> Response<Full<Bytes>> {
+    let mut response = if ready {
+        text(StatusCode::OK, "ready\n")
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the first policy snapshot\n",
+        )
+    };
+    if let Some(pod) = pod_name {
+        response.headers_mut().insert(POD_HEADER, pod.clone());
+    }
+    response
 }
 
 /// Answers each request on `listener` by its path alone: the admin and metrics ports serve
@@ -207,17 +230,15 @@ pub fn describe_routes(table: &RouteTable) -> Vec<Value> {
 
 /// `aviary-agent status`: reads the admin endpoint and prints a summary.
 pub async fn status(admin: SocketAddr) -> anyhow::Result<String> {
-    let (ready_status, ready) = get(admin, "/ready").await?;
-    let (_, dump) = get(admin, "/config_dump").await?;
-    let (_, stats) = get(admin, "/stats/ebpf").await?;
-    let dump: Value = serde_json::from_str(&dump)?;
-    let stats: Value = serde_json::from_str(&stats)?;
+    let ready = get(admin, "/ready").await?;
+    let dump: Value = serde_json::from_str(get(admin, "/config_dump").await?.body())?;
+    let stats: Value = serde_json::from_str(get(admin, "/stats/ebpf").await?.body())?;
     let mut out = format!(
         "Aviary agent at {admin}: {}\n",
-        if ready_status.is_success() {
+        if ready.status().is_success() {
             "ready"
         } else {
-            ready.trim()
+            ready.body().trim()
         }
     );
     let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
@@ -281,20 +302,55 @@ pub async fn status(admin: SocketAddr) -> anyhow::Result<String> {
     Ok(out)
 }
 
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, String)> {
+/// `aviary-agent probe ready`: Ok if the agent at `health` is ready and, given `pod_name`, is
+/// that pod's agent; else the reason.
+pub async fn probe_ready(health: SocketAddr, pod_name: Option<&HeaderValue>) -> anyhow::Result<()> {
+    let mut health = health;
+    if health.ip().is_unspecified() {
+        health.set_ip(match health {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let response = tokio::time::timeout(PROBE_TIMEOUT, get(health, "/ready"))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {health} within {PROBE_TIMEOUT:?}"))??;
+    let answered_by = response.headers().get(POD_HEADER);
+    if let Some(pod) = pod_name.filter(|&pod| answered_by != Some(pod)) {
+        let who = answered_by.map_or_else(
+            || "an agent that names no pod".to_owned(),
+            |other| {
+                format!(
+                    "the agent of pod {}",
+                    String::from_utf8_lossy(other.as_bytes())
+                )
+            },
+        );
+        anyhow::bail!(
+            "{who} answered on {health}, not this pod's ({}): this pod's agent does not serve yet",
+            String::from_utf8_lossy(pod.as_bytes())
+        );
+    }
+    anyhow::ensure!(response.status().is_success(), "{}", response.body().trim());
+    Ok(())
+}
+
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Response<String>> {
     use anyhow::Context as _;
     let stream = tokio::net::TcpStream::connect(addr)
         .await
-        .with_context(|| format!("no agent admin endpoint at {addr} (is the agent running?)"))?;
+        .with_context(|| format!("no agent endpoint at {addr} (is the agent running?)"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let request = Request::get(path)
         .header("host", "aviary-admin")
         .body(Full::<Bytes>::default())?;
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    let (parts, body) = sender.send_request(request).await?.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Response::from_parts(
+        parts,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
 }
 
 #[cfg(test)]
@@ -305,6 +361,60 @@ mod tests {
     use crate::proxy::route::{
         AppProtocol, Backend, Endpoint, HeaderModifier, Rule, WeightedBackend,
     };
+
+    /// A health port answering `/ready` as an agent of `pod` in the given state would.
+    async fn health_port(ready: bool, pod: Option<&'static str>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pod = pod.map(HeaderValue::from_static);
+        tokio::spawn(serve_paths(listener, move |_| {
+            ready_response(ready, pod.as_ref())
+        }));
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_ready_probe_counts_only_this_pods_agent() {
+        let this = HeaderValue::from_static("aviary-new");
+        let mine = health_port(true, Some("aviary-new")).await;
+        probe_ready(mine, Some(&this)).await.unwrap();
+        // The DaemonSet's probe asks the unspecified address: this host's loopback.
+        probe_ready(([0, 0, 0, 0], mine.port()).into(), Some(&this))
+            .await
+            .unwrap();
+
+        let old = health_port(true, Some("aviary-old")).await;
+        let err = probe_ready(old, Some(&this)).await.unwrap_err().to_string();
+        assert!(
+            err.contains("the agent of pod aviary-old") && err.contains("(aviary-new)"),
+            "{err}"
+        );
+        let unnamed = health_port(true, None).await;
+        let err = probe_ready(unnamed, Some(&this)).await.unwrap_err();
+        assert!(err.to_string().contains("names no pod"), "{err}");
+
+        let starting = health_port(false, Some("aviary-new")).await;
+        let err = probe_ready(starting, Some(&this)).await.unwrap_err();
+        assert!(err.to_string().contains("not ready"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn without_a_pod_name_the_probe_asks_readiness_alone() {
+        probe_ready(health_port(true, Some("aviary-old")).await, None)
+            .await
+            .unwrap();
+        let err = probe_ready(health_port(false, None).await, None)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not ready"), "{err}");
+
+        let closed = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listener.local_addr().unwrap()
+        };
+        let err = probe_ready(closed, None).await.unwrap_err();
+        assert!(err.to_string().contains("is the agent running"), "{err:#}");
+    }
 
     #[test]
     fn routes_are_described_with_their_weights() {

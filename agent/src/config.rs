@@ -7,6 +7,7 @@ use std::{
 };
 
 use clap::{Parser, ValueEnum};
+use http::HeaderValue;
 
 use crate::{
     ebpf::AUTO_UPLINKS,
@@ -69,6 +70,11 @@ pub struct Args {
     /// The agent's own namespace, where the Lease that picks the one status writer lives.
     #[arg(long, env = "POD_NAMESPACE", default_value = "aviary-system")]
     pub namespace: String,
+
+    /// The agent's own pod (the downward API's metadata.name): `/ready` names it in an
+    /// `aviary-pod` header, for `aviary-agent probe ready`.
+    #[arg(long, env = "POD_NAME", value_parser = parse_pod_name)]
+    pub pod_name: Option<HeaderValue>,
 
     /// Write HTTPRoute status and Events (by the Lease holder only).
     #[arg(long, env = "AVIARY_WRITE_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -315,6 +321,24 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
         admin: SocketAddr,
     },
+    /// Probe a running agent for the kubelet: exit 0 if it is healthy, else 1 with the reason.
+    #[command(subcommand)]
+    Probe(Probe),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Probe {
+    /// Ready, and this pod's agent: the agents of the old and the new pod share the node's
+    /// network, and so the health port, while they overlap in a rolling update, so an HTTP
+    /// probe could be answered by the old pod's agent. With POD_NAME set, only an answer that
+    /// names this pod counts.
+    Ready {
+        /// The agent's health endpoint; an unspecified address means this host's loopback.
+        #[arg(long, env = "AVIARY_HEALTH_ADDR", default_value = DEFAULT_HEALTH_ADDR)]
+        health: SocketAddr,
+        #[arg(long, env = "POD_NAME", value_parser = parse_pod_name)]
+        pod_name: Option<HeaderValue>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -329,6 +353,11 @@ fn parse_pin_name(s: &str) -> Result<String, String> {
         return Err(format!("a single directory name, got {s:?}"));
     }
     Ok(s.to_owned())
+}
+
+/// A pod name, as the header value `/ready` answers with.
+fn parse_pod_name(s: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(s).map_err(|_| format!("not a pod name: {s:?}"))
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -369,6 +398,7 @@ pub enum PolicySource {
 pub struct Config {
     pub policy: PolicySource,
     pub node_name: Option<String>,
+    pub pod_name: Option<HeaderValue>,
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
@@ -436,6 +466,7 @@ impl TryFrom<Args> for Config {
         Ok(Self {
             policy,
             node_name: args.node_name,
+            pod_name: args.pod_name,
             cgroup_root: args.cgroup_root,
             pin_dir: args.bpffs.join(&args.pin_name),
             bpffs: args.bpffs,
@@ -594,6 +625,24 @@ mod tests {
         assert!(matches!(args.command, Some(Command::Status { admin }) if admin.port() == 15000));
         let err = parse(&["--local", "p"]).unwrap_err();
         assert!(err.to_string().contains("--proxy-ip"), "{err}");
+    }
+
+    #[test]
+    fn the_ready_probe_needs_no_run_flags() {
+        let probe = |args: &[&str]| match Args::try_parse_from(
+            [&["aviary-agent", "probe", "ready"], args].concat(),
+        )
+        .unwrap()
+        .command
+        {
+            Some(Command::Probe(Probe::Ready { health, pod_name })) => (health, pod_name),
+            other => panic!("{other:?}"),
+        };
+        let (health, _) = probe(&[]);
+        assert_eq!(health, DEFAULT_HEALTH_ADDR.parse().unwrap());
+        let (health, pod) = probe(&["--health", "127.0.0.1:9", "--pod-name", "aviary-x1"]);
+        assert_eq!(health.port(), 9);
+        assert_eq!(pod.unwrap(), "aviary-x1");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use aviary_agent::config::{Args, Command, Config, LogFormat};
+use aviary_agent::config::{Args, Command, Config, LogFormat, Probe};
 use clap::Parser as _;
 
 fn main() -> ExitCode {
@@ -10,6 +10,9 @@ fn main() -> ExitCode {
     match args.command {
         Some(Command::Status { admin }) => return status(admin),
         Some(Command::Uninstall { bpffs, pin_name }) => return uninstall(&bpffs.join(pin_name)),
+        Some(Command::Probe(Probe::Ready { health, pod_name })) => {
+            return probe_ready(health, pod_name)
+        }
         Some(Command::MountBpffs { path }) => {
             return match aviary_agent::ebpf::ensure_bpffs(&path) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +108,23 @@ fn uninstall(pin_dir: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("aviary-agent uninstall: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit 0 or 1, with the reason on one line: the kubelet records an exec probe's output.
+fn probe_ready(health: std::net::SocketAddr, pod_name: Option<http::HeaderValue>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match runtime
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(aviary_agent::admin::probe_ready(health, pod_name.as_ref())))
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aviary-agent probe ready: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -317,6 +317,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         ready: ready.clone(),
         snapshots: snapshots.clone(),
         stats: Stats::open(pins)?,
+        pod_name: cfg.pod_name.clone(),
     });
     supervisor.spawn(
         "health endpoint",

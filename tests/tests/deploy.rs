@@ -7,19 +7,25 @@ use std::{
     fs,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use aviary_agent::{
-    config::{Args, Config, PolicySource, DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR},
+    config::{
+        Args, Command, Config, PolicySource, Probe, DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR,
+    },
     kubernetes::api_access,
     metrics::{Direction, MethodClass, Metrics, RequestLabels, Route},
     proxy::{http::MirrorOutcome, route::Workload},
 };
 use clap::{CommandFactory as _, Parser as _};
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{Namespace, Service, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{Namespace, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
@@ -172,7 +178,7 @@ fn daemonset() -> DaemonSet {
 }
 
 /// The agent's flags, from the DaemonSet container's environment (each variable must be one
-/// the agent reads, so a typo fails here).
+/// the agent reads, so a typo fails here) and its arguments.
 fn agent_args(ds: &DaemonSet) -> Vec<String> {
     let container = &ds
         .spec
@@ -200,7 +206,92 @@ fn agent_args(ds: &DaemonSet) -> Vec<String> {
         };
         args.extend([format!("--{flag}"), value]);
     }
+    args.extend(container.args.iter().flatten().cloned());
     args
+}
+
+/// What a rolling update without a failed request needs of the DaemonSet (README: Upgrades);
+/// returns the agent's drain timeout and the pod's grace period.
+fn check_hitless_upgrades(ds: &DaemonSet) -> (Duration, Duration) {
+    let spec = ds.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    let container = &pod.containers[0];
+
+    // The successor starts beside the old pod, which goes only once the successor is ready.
+    let strategy = spec.update_strategy.as_ref().unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = strategy.rolling_update.as_ref().unwrap();
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    // With host networking every declared port is a host port, and the scheduler would keep
+    // the successor off a node whose old pod holds it: the rollout would stall.
+    assert_eq!(pod.host_network, Some(true));
+    for c in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+    {
+        assert!(c.ports.is_none(), "{} declares ports", c.name);
+    }
+
+    // The hand-off socket is in a host directory both pods mount.
+    let args = agent_args(ds);
+    let flag = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("no --{name}= in {args:?}"))
+            .to_owned()
+    };
+    let socket = PathBuf::from(flag("handoff-socket"));
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| socket.starts_with(&m.mount_path))
+        .unwrap_or_else(|| panic!("nothing mounted for {}", socket.display()));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let host = volume.host_path.as_ref().expect("a host directory");
+    assert_eq!(
+        (host.path.as_str(), host.type_.as_deref()),
+        (mount.mount_path.as_str(), Some("DirectoryOrCreate"))
+    );
+    assert_eq!(mount.read_only, None);
+
+    // Readiness: only this pod's agent's answer counts (both share the health port).
+    let pod_name = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_NAME")
+        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(pod_name, Some("metadata.name"));
+    let readiness = container.readiness_probe.as_ref().unwrap();
+    assert!(readiness.http_get.is_none());
+    let command = readiness.exec.as_ref().unwrap().command.clone().unwrap();
+    let init = &pod.init_containers.as_deref().unwrap()[0];
+    assert_eq!(command[0], init.command.as_deref().unwrap()[0], "the agent");
+    let parsed = Args::try_parse_from(
+        ["aviary-agent"]
+            .into_iter()
+            .chain(command[1..].iter().map(String::as_str)),
+    )
+    .unwrap();
+    assert!(
+        matches!(parsed.command, Some(Command::Probe(Probe::Ready { .. }))),
+        "{command:?}"
+    );
+
+    let drain = aviary_agent::policy::gamma::parse_duration(&flag("drain-timeout"))
+        .unwrap()
+        .expect("a drain timeout");
+    let grace = Duration::from_secs(pod.termination_grace_period_seconds.unwrap() as u64);
+    (drain, grace)
 }
 
 #[test]
@@ -263,38 +354,35 @@ fn the_daemonset_configures_mounts_and_exposes_what_the_agent_uses() {
         Some("Bidirectional")
     );
 
-    // Ports and probes are the agent's defaults.
-    let port = |name: &str| {
-        container
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name))
-            .map(|p| p.container_port)
-    };
+    // The metrics Service and the liveness probe use the agent's default ports.
     let default_port = |addr: &str| i32::from(addr.parse::<std::net::SocketAddr>().unwrap().port());
-    assert_eq!(port("metrics"), Some(default_port(DEFAULT_METRICS_ADDR)));
-    assert_eq!(port("health"), Some(default_port(DEFAULT_HEALTH_ADDR)));
     assert_eq!(
         cfg.metrics_addr.port() as i32,
         default_port(DEFAULT_METRICS_ADDR)
     );
-    let probe_path = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
-        probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .map(|h| h.path.clone().unwrap_or_default())
-    };
+    let objects = base_objects();
+    let service: Service = serde_json::from_value(of_kind(&objects, "Service")[0].clone()).unwrap();
     assert_eq!(
-        probe_path(&container.readiness_probe).as_deref(),
-        Some("/ready")
+        service.spec.unwrap().ports.unwrap()[0].target_port,
+        Some(IntOrString::Int(default_port(DEFAULT_METRICS_ADDR)))
     );
+    let liveness = container
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .unwrap();
+    assert_eq!(liveness.path.as_deref(), Some("/healthz"));
     assert_eq!(
-        probe_path(&container.liveness_probe).as_deref(),
-        Some("/healthz")
+        liveness.port,
+        IntOrString::Int(default_port(DEFAULT_HEALTH_ADDR))
+    );
+    let (drain, grace) = check_hitless_upgrades(&ds);
+    assert!(
+        drain < grace,
+        "drain timeout {drain:?}, grace period {grace:?}"
     );
 
-    // Node-wide, least privilege, on every node, one node at a time.
+    // Node-wide, least privilege, on every node.
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.host_pid, None);
     let security = container.security_context.as_ref().unwrap();
@@ -317,17 +405,6 @@ fn the_daemonset_configures_mounts_and_exposes_what_the_agent_uses() {
     );
     let resources = container.resources.as_ref().unwrap();
     assert!(resources.requests.is_some() && resources.limits.is_some());
-    let rolling = spec
-        .update_strategy
-        .as_ref()
-        .unwrap()
-        .rolling_update
-        .as_ref()
-        .unwrap();
-    assert_eq!(
-        rolling.max_unavailable,
-        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
-    );
     assert_eq!(pod.service_account_name.as_deref(), Some("aviary"));
 }
 
@@ -345,15 +422,15 @@ struct Crd<S> {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct PodMonitorSpec {
+struct ServiceMonitorSpec {
     selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
     namespace_selector: BTreeMap<String, Vec<String>>,
-    pod_metrics_endpoints: Vec<PodMetricsEndpoint>,
+    endpoints: Vec<MonitorEndpoint>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct PodMetricsEndpoint {
+struct MonitorEndpoint {
     port: String,
     path: String,
     interval: String,
@@ -504,24 +581,36 @@ fn exported() -> BTreeSet<String> {
 #[test]
 fn the_monitoring_and_flagger_objects_are_well_formed_and_query_real_metrics() {
     let exported = exported();
-    let monitor = &documents(&deploy().join("monitoring/podmonitor.yaml"))[0];
-    let monitor: Crd<PodMonitorSpec> = typed(monitor);
+    let monitor = &documents(&deploy().join("monitoring/servicemonitor.yaml"))[0];
+    let monitor: Crd<ServiceMonitorSpec> = typed(monitor);
     assert_eq!(
         (monitor.api_version.as_str(), monitor.kind.as_str()),
-        ("monitoring.coreos.com/v1", "PodMonitor")
+        ("monitoring.coreos.com/v1", "ServiceMonitor")
     );
-    let endpoint = &monitor.spec.pod_metrics_endpoints[0];
-    assert_eq!(
-        (endpoint.port.as_str(), endpoint.path.as_str()),
-        ("metrics", "/metrics")
+    // It selects the metrics Service, by its labels and its port's name.
+    let objects = base_objects();
+    let service: Service = serde_json::from_value(of_kind(&objects, "Service")[0].clone()).unwrap();
+    let labels = service.metadata.labels.clone().unwrap_or_default();
+    let selector = monitor
+        .spec
+        .selector
+        .match_labels
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "{selector:?} vs {labels:?}"
     );
+    let endpoint = &monitor.spec.endpoints[0];
+    let service_port = &service.spec.as_ref().unwrap().ports.as_deref().unwrap()[0];
+    assert_eq!(service_port.name.as_deref(), Some(endpoint.port.as_str()));
+    assert_eq!(endpoint.path, "/metrics");
     assert!(
         endpoint.honor_labels,
         "Flagger's labels name the destination pod"
     );
     assert!(!endpoint.interval.is_empty() && !monitor.spec.namespace_selector.is_empty());
     assert_eq!(monitor.metadata.namespace.as_deref(), Some("aviary-system"));
-    let _ = &monitor.spec.selector;
 
     let mut canaries = 0;
     let mut templates = BTreeSet::new();
@@ -623,7 +712,7 @@ fn the_grafana_dashboard_queries_real_metrics() {
 // rewrites them), and rendered here by a renderer of exactly the template syntax they use.
 
 /// Base text -> template text.
-const SUBSTITUTIONS: [(&str, &str); 11] = [
+const SUBSTITUTIONS: [(&str, &str); 13] = [
     (
         "ghcr.io/aviary-mesh/aviary-agent:0.1.0",
         "{{ .Values.image.repository }}:{{ .Values.image.tag }}",
@@ -641,6 +730,14 @@ const SUBSTITUTIONS: [(&str, &str); 11] = [
         "value: {{ .Values.cgroupRoot }}",
     ),
     ("value: json", "value: {{ .Values.logFormat }}"),
+    (
+        "--drain-timeout=20s",
+        "--drain-timeout={{ .Values.drainTimeout }}",
+    ),
+    (
+        "terminationGracePeriodSeconds: 30",
+        "terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}",
+    ),
     (
         "value: auto",
         "value: {{ .Values.inbound.interfaces | quote }}",
@@ -668,7 +765,7 @@ const GENERATED: &str =
     "# Generated from deploy/ by tests/tests/deploy.rs; edit the plain manifests.\n";
 
 /// The chart's templates: every base file but the Namespace (`helm install --create-namespace`
-/// makes it), and the PodMonitor behind a value.
+/// makes it), and the ServiceMonitor behind a value.
 fn chart_templates() -> BTreeMap<String, String> {
     let mut templates = BTreeMap::new();
     let kustomization = &documents(&deploy().join("base/kustomization.yaml"))[0];
@@ -680,11 +777,11 @@ fn chart_templates() -> BTreeMap<String, String> {
         let text = fs::read_to_string(deploy().join("base").join(file)).unwrap();
         templates.insert(file.to_owned(), format!("{GENERATED}{}", substitute(&text)));
     }
-    let monitor = fs::read_to_string(deploy().join("monitoring/podmonitor.yaml")).unwrap();
+    let monitor = fs::read_to_string(deploy().join("monitoring/servicemonitor.yaml")).unwrap();
     templates.insert(
-        "podmonitor.yaml".into(),
+        "servicemonitor.yaml".into(),
         format!(
-            "{GENERATED}{{{{- if .Values.podMonitor.enabled }}}}\n{}{{{{- end }}}}\n",
+            "{GENERATED}{{{{- if .Values.serviceMonitor.enabled }}}}\n{}{{{{- end }}}}\n",
             substitute(&monitor)
         ),
     );
@@ -790,18 +887,26 @@ fn the_helm_chart_renders_the_plain_manifests() {
         .collect();
     assert_eq!(sorted(rendered(&values)), sorted(plain.clone()));
 
-    values["podMonitor"]["enabled"] = Value::Bool(true);
+    values["serviceMonitor"]["enabled"] = Value::Bool(true);
     let mut with_monitor = plain;
-    with_monitor.extend(documents(&deploy().join("monitoring/podmonitor.yaml")));
+    with_monitor.extend(documents(&deploy().join("monitoring/servicemonitor.yaml")));
     assert_eq!(sorted(rendered(&values)), sorted(with_monitor));
 
-    // Values change what they should: another namespace and image.
+    // Values change what they should: another namespace and image; the drain timeout and the
+    // grace period, and the rendering still upgrades without a failed request.
     values["image"]["tag"] = Value::String("9.9.9".into());
+    values["drainTimeout"] = Value::String("50s".into());
+    values["terminationGracePeriodSeconds"] = Value::from(60);
     let objects = rendered(&values);
     let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
     assert_eq!(
         ds["spec"]["template"]["spec"]["containers"][0]["image"],
         "ghcr.io/aviary-mesh/aviary-agent:9.9.9"
+    );
+    let ds = round_trips_as::<DaemonSet>(ds);
+    assert_eq!(
+        check_hitless_upgrades(&ds),
+        (Duration::from_secs(50), Duration::from_secs(60))
     );
 }
 

@@ -466,3 +466,35 @@ fn aviary_agent_status_summarises_the_running_agent() {
     );
     assert!(summary.contains("connect_captured=0"), "{summary}");
 }
+
+#[test]
+fn the_ready_probe_counts_only_its_own_pods_agent() {
+    let Some(node) = Node::new() else { return };
+    let client = node.add_pod("client");
+    let (primary, canary) = (node.add_pod("primary"), node.add_pod("canary"));
+    node.write_policy(&flagger_cluster(&client, &primary, &canary, 90, 10));
+    let agent = node.start_agent(&["--pod-name", "aviary-old12"]);
+    agent.wait_for_capture(&[&client], 3);
+    // As the kubelet runs it in a pod: on the node, with the pod's environment.
+    let probe = |pod: &str| {
+        let bin = aviary_tests::workspace_bin("aviary-agent");
+        node.command_in(&node.netns, &node.agent_cgroup(), &bin, &["probe", "ready"])
+            .env("POD_NAME", pod)
+            .env("NODE_NAME", "node-1")
+            .output()
+            .unwrap()
+    };
+    let ready = wait_until(Duration::from_secs(10), || {
+        Some(probe("aviary-old12")).filter(|out| out.status.success())
+    });
+    assert!(ready.is_some(), "{:?}", probe("aviary-old12"));
+    // The successor's probe, while only the old pod's agent answers on the node.
+    let out = probe("aviary-new34");
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("the agent of pod aviary-old12") && said.contains("(aviary-new34)"),
+        "{said}"
+    );
+    assert_eq!(said.trim().lines().count(), 1, "one line: {said}");
+}

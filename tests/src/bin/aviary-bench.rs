@@ -26,8 +26,9 @@ struct Args {
     /// The fixed request rate at which HTTP latency is compared, below saturation.
     #[arg(long, default_value_t = 2000)]
     rate: u32,
-    /// Which sections to run: the L4 shapes, the HTTP shapes (peers and inbound included), or
-    /// both. The goals that a section measures show as "n/a" when it is left out.
+    /// Which sections to run: the L4 shapes, the HTTP shapes (peers and inbound included), an
+    /// upgrade under load, or all. The goals that a section measures show as "n/a" when it is
+    /// left out.
     #[arg(long, value_enum, default_value_t = Only::All)]
     only: Only,
     /// Extra flags for every agent this run starts, split on whitespace (e.g. "--sk-msg true").
@@ -44,7 +45,14 @@ struct Args {
 enum Only {
     Http,
     L4,
+    Upgrade,
     All,
+}
+
+impl Only {
+    fn runs(self, section: Only) -> bool {
+        self == Only::All || self == section
+    }
 }
 
 impl Args {
@@ -192,7 +200,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
     let Some(node) = Node::new() else {
         bail!("the benchmark needs root")
     };
-    let scratch = Scratch::new(a.perf.is_some() && a.only != Only::L4)?;
+    let scratch = Scratch::new(a.perf.is_some() && a.only.runs(Only::Http))?;
     // The node's namespace gives its ephemeral ports (1024-65000 in the harness) to the peer
     // proxies' and the agent's upstream connections. A TIME_WAIT left on the agent's ports
     // (15000-15021) or the peers' (18081-18083) stops the next agent or peer from binding
@@ -208,11 +216,14 @@ fn run(a: &Args) -> anyhow::Result<()> {
     ])?;
     let mut measured = goals::Measured::default();
     print_machine(a)?;
-    if a.only != Only::Http {
+    if a.only.runs(Only::L4) {
         l4(&node, a, &mut measured)?;
     }
-    if a.only != Only::L4 {
+    if a.only.runs(Only::Http) {
         http::run(&node, a, &scratch.path, &mut measured)?;
+    }
+    if a.only.runs(Only::Upgrade) {
+        upgrade::run(&node, a, &scratch.path, &mut measured)?;
     }
     println!("\nGoals (from this run):\n");
     for goal in goals::evaluate(&measured) {
@@ -816,6 +827,19 @@ mod goals {
         pub split_fixed_p99_us: Option<f64>,
         /// The agent's peak RSS, the highest seen in the run.
         pub agent_rss_kib: Option<u64>,
+        /// Keep-alive load across an upgrade, or why there was no upgrade to measure.
+        pub upgrade: Option<Result<Upgrade, String>>,
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct Upgrade {
+        /// Non-2xx answers and requests that timed out.
+        pub failed: f64,
+        /// Connections broken on connect, read or write.
+        pub connection_errors: f64,
+        pub p99_us: f64,
+        /// The same load with no upgrade.
+        pub steady_p99_us: f64,
     }
 
     impl Measured {
@@ -962,6 +986,24 @@ mod goals {
                 pass: rss_mib.map(|r| r < 40.0),
                 detail: rss_mib.map_or("not measured".into(), |r| format!("{r:.1} MiB peak")),
             },
+            Goal {
+                name: "0 failed requests and 0 broken connections across an upgrade under load",
+                pass: m.upgrade.as_ref().map(|u| {
+                    u.as_ref()
+                        .is_ok_and(|u| u.failed == 0.0 && u.connection_errors == 0.0)
+                }),
+                detail: match &m.upgrade {
+                    None => "not measured in this run".into(),
+                    Some(Err(why)) => format!("no upgrade: {why}"),
+                    Some(Ok(u)) => format!(
+                        "{:.0} failed, {:.0} broken; p99 {} across the upgrade, {} without",
+                        u.failed,
+                        u.connection_errors,
+                        show_us(Some(u.p99_us)),
+                        show_us(Some(u.steady_p99_us))
+                    ),
+                },
+            },
         ]
     }
 
@@ -985,6 +1027,12 @@ mod goals {
                 direct_fixed_p99_us: Some(400.0),
                 split_fixed_p99_us: Some(650.0),
                 agent_rss_kib: Some(26 * 1024),
+                upgrade: Some(Ok(Upgrade {
+                    failed: 0.0,
+                    connection_errors: 0.0,
+                    p99_us: 900.0,
+                    steady_p99_us: 700.0,
+                })),
             }
         }
 
@@ -1005,6 +1053,7 @@ mod goals {
                     Some(false),
                     Some(true),
                     Some(false),
+                    Some(true),
                     Some(true)
                 ]
             );
@@ -1018,6 +1067,10 @@ mod goals {
                 "Aviary +40.0 µs, haproxy +30.0 µs over direct's 60.0 µs"
             );
             assert_eq!(goals[3].detail, "+250.0 µs (650.0 µs against 400.0 µs)");
+            assert_eq!(
+                goals[6].detail,
+                "0 failed, 0 broken; p99 900.0 µs across the upgrade, 700.0 µs without"
+            );
             let mut faster = full();
             faster.split_fixed_p99_us = Some(350.0);
             assert_eq!(
@@ -1044,8 +1097,27 @@ mod goals {
             m.rss_kib(30 * 1024);
             m.rss_kib(20 * 1024);
             assert_eq!(m.agent_rss_kib, Some(30 * 1024));
-            assert_eq!(verdicts(&m), [None, None, None, None, None, Some(true)]);
+            assert_eq!(
+                verdicts(&m),
+                [None, None, None, None, None, Some(true), None]
+            );
             assert_eq!(evaluate(&m)[4].detail, "not measured in this run");
+        }
+
+        #[test]
+        fn one_broken_connection_or_no_upgrade_fails_the_upgrade_goal() {
+            let mut m = full();
+            let Some(Ok(upgrade)) = &mut m.upgrade else {
+                unreachable!()
+            };
+            upgrade.connection_errors = 1.0;
+            assert_eq!(verdicts(&m)[6], Some(false));
+            m.upgrade = Some(Err("the agent has no --handoff-socket".into()));
+            assert_eq!(verdicts(&m)[6], Some(false));
+            assert_eq!(
+                evaluate(&m)[6].detail,
+                "no upgrade: the agent has no --handoff-socket"
+            );
         }
 
         #[test]
@@ -1105,7 +1177,19 @@ mod http {
         pub p50_us: f64,
         pub p99_us: f64,
         pub requests: f64,
-        pub errors: f64,
+        /// Answers other than 2xx and 3xx.
+        pub non_2xx: f64,
+        /// Requests with no answer within wrk's --timeout.
+        pub timeouts: f64,
+        /// Socket errors on connect, read and write: broken connections.
+        pub connection_errors: f64,
+    }
+
+    impl Wrk {
+        /// Failed requests and connection errors together.
+        pub fn errors(&self) -> f64 {
+            self.non_2xx + self.timeouts + self.connection_errors
+        }
     }
 
     fn duration_us(text: &str) -> anyhow::Result<f64> {
@@ -1140,17 +1224,28 @@ mod http {
             .and_then(|l| l.split_whitespace().next()?.parse().ok())
             .context("no request count")?;
         let non_2xx: f64 = words("Non-2xx").map_or(Ok(0.0), |w| w[4].parse())?;
-        let socket: f64 = words("Socket errors:").map_or(0.0, |w| {
-            w.iter()
-                .filter_map(|x| x.trim_end_matches(',').parse::<f64>().ok())
-                .sum()
-        });
+        // "Socket errors: connect 0, read 16, write 0, timeout 0"
+        let socket = words("Socket errors:").unwrap_or_default();
+        let socket_errors = |kind: &str| -> anyhow::Result<f64> {
+            match socket.iter().position(|w| w == kind) {
+                Some(at) => Ok(socket
+                    .get(at + 1)
+                    .context("a socket error count")?
+                    .trim_end_matches(',')
+                    .parse()?),
+                None => Ok(0.0),
+            }
+        };
         Ok(Wrk {
             rate: requests,
             p50_us: percentile("50%")?,
             p99_us: percentile("99%")?,
             requests: total,
-            errors: non_2xx + socket,
+            non_2xx,
+            timeouts: socket_errors("timeout")?,
+            connection_errors: socket_errors("connect")?
+                + socket_errors("read")?
+                + socket_errors("write")?,
         })
     }
 
@@ -1295,29 +1390,40 @@ mod http {
         }
     }
 
+    /// wrk from `client` to `url` for `secs`, with `args` (threads, connections, ...).
+    pub fn wrk(
+        node: &Node,
+        client: &Pod,
+        url: &str,
+        args: &[&str],
+        secs: f64,
+    ) -> anyhow::Result<Wrk> {
+        let secs_arg = format!("{}s", secs.ceil());
+        let args = [
+            &["--latency", "-d", &secs_arg, "--timeout", "5s"],
+            args,
+            &[url],
+        ]
+        .concat();
+        let out = node.run_program(
+            client,
+            Path::new("/usr/bin/wrk"),
+            &args,
+            Duration::from_secs_f64(secs + 60.0),
+        );
+        let report = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "wrk failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        parse(&report).with_context(|| format!("wrk said: {report}"))
+    }
+
     impl Target<'_> {
         fn wrk(&self, args: &[&str], secs: f64) -> anyhow::Result<Wrk> {
-            let secs_arg = format!("{}s", secs.ceil());
-            let args = [
-                &["--latency", "-d", &secs_arg, "--timeout", "5s"],
-                args,
-                &[self.url.as_str()],
-            ]
-            .concat();
-            let out = self.node.run_program(
-                self.client,
-                Path::new("/usr/bin/wrk"),
-                &args,
-                Duration::from_secs_f64(secs + 60.0),
-            );
-            let report = String::from_utf8_lossy(&out.stdout);
-            if !out.status.success() {
-                bail!(
-                    "wrk failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            parse(&report).with_context(|| format!("wrk said: {report}"))
+            wrk(self.node, self.client, &self.url, args, secs)
         }
 
         fn measure(&self, a: &Args, script: &str, profile: Option<&Profile>) -> Column {
@@ -1723,7 +1829,7 @@ mod http {
                 ];
                 let ok: Vec<f64> = runs
                     .iter()
-                    .filter_map(|r| r.as_ref().ok().map(|w| w.errors))
+                    .filter_map(|r| r.as_ref().ok().map(Wrk::errors))
                     .collect();
                 if ok.is_empty() {
                     "-".into()
@@ -1764,7 +1870,205 @@ mod http {
             assert_eq!(wrk.p50_us, 250.0);
             assert_eq!(wrk.p99_us, 2500.0);
             assert_eq!(wrk.requests, 123456.0);
-            assert_eq!(wrk.errors, 3.0);
+            assert_eq!(wrk.errors(), 3.0);
+
+            let broken = report.replace(
+                "Requests/sec",
+                "Socket errors: connect 1, read 16, write 2, timeout 4\nRequests/sec",
+            );
+            let wrk = super::parse(&broken).unwrap();
+            assert_eq!(
+                (wrk.non_2xx, wrk.timeouts, wrk.connection_errors),
+                (3.0, 4.0, 19.0)
+            );
+            assert_eq!(wrk.errors(), 26.0);
         }
+    }
+}
+
+/// An upgrade under load, as a DaemonSet's rolling update does it on one node: wrk's keep-alive
+/// load through the 90/10 split while a successor agent starts with the same hand-off socket,
+/// takes over from the running agent, and the old agent gets SIGTERM; against the same load
+/// with no upgrade. HTTP/1.1 only: the bench has no HTTP/2 load generator.
+mod upgrade {
+    use std::{
+        net::SocketAddr,
+        path::Path,
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{bail, ensure, Context as _};
+    use aviary_tests::{policy, wait_until, workspace_bin, Agent, Node};
+
+    use crate::{
+        goals::{Measured, Upgrade},
+        http::{self, Wrk},
+        Args,
+    };
+
+    const PORT: u16 = 8080;
+    /// What the successor logs once it holds the running agent's listeners and connections.
+    const TOOK_OVER: &str = "took over from the running agent";
+
+    pub fn run(node: &Node, a: &Args, dir: &Path, measured: &mut Measured) -> anyhow::Result<()> {
+        if !Path::new("/usr/bin/wrk").exists() {
+            bail!("wrk is not installed: run `cargo xtask bench`, which installs it");
+        }
+        let help = std::process::Command::new(workspace_bin("aviary-agent"))
+            .arg("--help")
+            .output()
+            .context("aviary-agent --help")?;
+        if !String::from_utf8_lossy(&help.stdout).contains("--handoff-socket") {
+            eprintln!("Upgrade: not measured: the agent has no --handoff-socket");
+            measured.upgrade = Some(Err(
+                "the agent has no --handoff-socket to hand over to a successor".into(),
+            ));
+            return Ok(());
+        }
+        let client = node.add_pod("uclient");
+        let [primary, canary] = node.add_http_pods(["uprimary", "ucanary"], PORT);
+        let vip = std::net::IpAddr::from([10, 96, 2, 21]);
+        node.write_policy(&policy::documents(&[
+            policy::namespace("bench", None),
+            policy::pod(&client, "bench", Some("enabled")),
+            policy::http_service(
+                "split",
+                "bench",
+                vip,
+                PORT,
+                &[("aviary.dev/split", "primary=90,canary=10")],
+            ),
+            policy::http_service(
+                "primary",
+                "bench",
+                std::net::IpAddr::from([10, 96, 2, 23]),
+                PORT,
+                &[],
+            ),
+            policy::http_service(
+                "canary",
+                "bench",
+                std::net::IpAddr::from([10, 96, 2, 24]),
+                PORT,
+                &[],
+            ),
+            policy::endpoint_slice("primary", "bench", &[&primary], PORT),
+            policy::endpoint_slice("canary", "bench", &[&canary], PORT),
+        ]));
+        let socket = dir.join("handoff.sock").to_string_lossy().into_owned();
+        let flags = ["--handoff-socket", socket.as_str()];
+        let url = format!("http://{}/", SocketAddr::new(vip, 80));
+        let conns = a.conns.to_string();
+        // Long enough for a successor to start, take over and the old agent to exit in the
+        // middle of it.
+        let window = (4.0 * a.secs).max(15.0);
+        let load = || http::wrk(node, &client, &url, &["-t", "2", "-c", &conns], window);
+
+        let mut old = a.start_agent(node, &flags);
+        old.wait_for_capture(&[&client], 3);
+        old.wait_for_log("routed=", Duration::from_secs(10));
+        eprintln!("Upgrade: keep-alive load through the 90/10 split, no upgrade ({window} s)...");
+        let steady = load();
+        eprintln!("Upgrade: the same load while a successor takes over...");
+        let (upgraded, handed_over) = std::thread::scope(|s| {
+            let running = s.spawn(load);
+            let started = Instant::now();
+            std::thread::sleep(Duration::from_secs_f64(window / 4.0));
+            let handed_over = hand_over(node, a, &flags, &mut old, started, window);
+            (running.join().expect("the load thread"), handed_over)
+        });
+        let (successor, timeline) = match handed_over {
+            Ok(done) => done,
+            Err(e) => {
+                eprintln!("Upgrade: failed: {e:#}");
+                measured.upgrade = Some(Err(format!("{e:#}")));
+                return Ok(());
+            }
+        };
+        measured.rss_kib(crate::rss_kib(successor.pid())?);
+        drop(successor);
+
+        println!(
+            "\nUpgrade under load: wrk -t2 -c{} keep-alive through the 90/10 split, {window} s \
+             each; {timeline}. Failed: non-2xx answers and timeouts; broken: socket errors on \
+             connect, read or write. HTTP/1.1 only.\n",
+            a.conns
+        );
+        println!("| load | requests | failed | broken | p50 | p99 |");
+        println!("|---|---|---|---|---|---|");
+        for (name, run) in [("no upgrade", &steady), ("across the upgrade", &upgraded)] {
+            match run {
+                Ok(w) => println!(
+                    "| {name} | {:.0} | {:.0} | {:.0} | {:.0} µs | {:.0} µs |",
+                    w.requests,
+                    w.non_2xx + w.timeouts,
+                    w.connection_errors,
+                    w.p50_us,
+                    w.p99_us
+                ),
+                Err(e) => println!("| {name} | failed: {e:#} | | | | |"),
+            }
+        }
+        measured.upgrade = Some(match (&steady, &upgraded) {
+            (Ok(steady), Ok(upgraded)) => Ok(figures(steady, upgraded)),
+            (Err(e), _) | (_, Err(e)) => Err(format!("the load failed: {e:#}")),
+        });
+        Ok(())
+    }
+
+    fn figures(steady: &Wrk, upgraded: &Wrk) -> Upgrade {
+        Upgrade {
+            failed: upgraded.non_2xx + upgraded.timeouts,
+            connection_errors: upgraded.connection_errors,
+            p99_us: upgraded.p99_us,
+            steady_p99_us: steady.p99_us,
+        }
+    }
+
+    /// Starts the successor, waits for its takeover, then stops the old agent as the kubelet
+    /// does once the successor is ready; the successor, and when each step happened.
+    fn hand_over(
+        node: &Node,
+        a: &Args,
+        flags: &[&str],
+        old: &mut Agent,
+        started: Instant,
+        window: f64,
+    ) -> anyhow::Result<(Agent, String)> {
+        let at = |instant: Instant| instant.duration_since(started).as_secs_f64();
+        let launched = Instant::now();
+        // Returns once the successor logged "agent ready".
+        let successor = a.start_agent(node, flags);
+        let took_over = wait_until(Duration::from_secs(10), || {
+            successor
+                .logs()
+                .iter()
+                .any(|l| l.contains(TOOK_OVER))
+                .then(Instant::now)
+        })
+        .with_context(|| {
+            format!(
+                "the successor never logged {TOOK_OVER:?}; its logs:\n{}",
+                successor.logs().join("\n")
+            )
+        })?;
+        let status = old.terminate();
+        let exited = Instant::now();
+        ensure!(status.success(), "the old agent exited with {status}");
+        ensure!(
+            at(exited) < window,
+            "the upgrade outlasted the load: the old agent exited at {:.1} s of {window} s",
+            at(exited)
+        );
+        Ok((
+            successor,
+            format!(
+                "the successor started at {:.1} s, took over at {:.1} s, and the old agent \
+                 exited on SIGTERM at {:.1} s",
+                at(launched),
+                at(took_over),
+                at(exited)
+            ),
+        ))
     }
 }
