@@ -56,12 +56,31 @@ impl Only {
 }
 
 impl Args {
-    /// Starts the agent with `extra` and then the developer's `--agent-args`.
+    /// Starts the agent with `extra` and then the developer's `--agent-args`, on a datapath of
+    /// its own: what the agents before it left (pinned maps, attached programs) is uninstalled
+    /// first, so that no configuration is measured with another's state.
     fn start_agent(&self, node: &Node, extra: &[&str]) -> Agent {
+        uninstall(node);
+        self.start_successor(node, extra)
+    }
+
+    /// The same beside a running agent, which it takes over from.
+    fn start_successor(&self, node: &Node, extra: &[&str]) -> Agent {
         let mut args = extra.to_vec();
         args.extend(self.agent_args.split_whitespace());
         node.start_agent_quietly(&args)
     }
+}
+
+/// Takes away the datapath the agents before left attached (it fails open, but its programs
+/// still run on every connect): a measurement without an agent is one without Aviary at all.
+fn uninstall(node: &Node) {
+    let uninstalled = node.uninstall().expect("running aviary-agent uninstall");
+    assert!(
+        uninstalled.status.success(),
+        "aviary-agent uninstall: {}",
+        String::from_utf8_lossy(&uninstalled.stderr)
+    );
 }
 
 /// The bench's own scratch directory: peer configs and logs, the pacing script, perf data.
@@ -1528,6 +1547,7 @@ mod http {
         };
 
         eprintln!("HTTP: measuring direct (no agent)...");
+        crate::uninstall(node);
         let mut columns = vec![target(
             DIRECT,
             SocketAddr::new(primary.ip.into(), PORT),
@@ -1643,6 +1663,7 @@ mod http {
             node,
             client: &remote,
         };
+        crate::uninstall(node);
         let mut inbound = vec![from_remote("direct", Cpu::Nobody).measure(a, &script, None)];
         let agent = a.start_agent(node, &["--inbound-interfaces", UPLINK]);
         // The client and the primary are enrolled.
@@ -2038,7 +2059,7 @@ mod upgrade {
         let at = |instant: Instant| instant.duration_since(started).as_secs_f64();
         let launched = Instant::now();
         // Returns once the successor logged "agent ready".
-        let successor = a.start_agent(node, flags);
+        let successor = a.start_successor(node, flags);
         let took_over = wait_until(Duration::from_secs(10), || {
             successor
                 .logs()
