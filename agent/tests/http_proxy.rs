@@ -1701,3 +1701,40 @@ async fn a_drain_closes_busy_http1_at_its_response_hands_idle_http1_over_and_sen
     let (status, _, body) = send(&mut idle, get("/")).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "slow"));
 }
+
+#[tokio::test]
+async fn a_drain_waits_for_the_mirrors_in_flight() {
+    let (_primary, p) = backend_service("primary", Duration::ZERO).await;
+    let (_shadow, s) = backend_service("shadow", Duration::from_millis(400)).await;
+    let rule = Rule {
+        backends: vec![weighted(&p, 1)],
+        mirror: Some(mirrored(&s, 100, SafeMethods::default())),
+        ..Default::default()
+    };
+    let (signal, drain) = DrainSignal::new();
+    let proxy = start_proxy_draining_on(
+        SERVICE.parse().unwrap(),
+        HttpConfig::default(),
+        service(vec![rule], p),
+        drain,
+    )
+    .await;
+    let mut conn = h1(proxy.addr).await;
+    assert_eq!(send(&mut conn, get("/")).await.0, StatusCode::OK);
+    // The primary answered at once; the mirror's backend takes 400 ms.
+    signal.close();
+    let started = Instant::now();
+    assert_eq!(
+        signal.finished(Duration::from_millis(100)).await,
+        1,
+        "the mirror is in flight"
+    );
+    assert_eq!(signal.finished(Duration::from_secs(5)).await, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    let sent = proxy.sample("aviary_mirror_requests_total", &[("outcome", "sent")]);
+    assert_eq!(sent, 1.0, "the mirror finished before the drain did");
+}

@@ -242,7 +242,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
         http::run(&node, a, &scratch.path, &mut measured)?;
     }
     if a.only.runs(Only::Upgrade) {
-        upgrade::run(&node, a, &scratch.path, &mut measured)?;
+        upgrade::run(&node, a, &mut measured)?;
     }
     println!("\nGoals (from this run):\n");
     for goal in goals::evaluate(&measured) {
@@ -1131,11 +1131,11 @@ mod goals {
             };
             upgrade.connection_errors = 1.0;
             assert_eq!(verdicts(&m)[6], Some(false));
-            m.upgrade = Some(Err("the agent has no --handoff-socket".into()));
+            m.upgrade = Some(Err("the successor never took over".into()));
             assert_eq!(verdicts(&m)[6], Some(false));
             assert_eq!(
                 evaluate(&m)[6].detail,
-                "no upgrade: the agent has no --handoff-socket"
+                "no upgrade: the successor never took over"
             );
         }
 
@@ -1919,7 +1919,7 @@ mod upgrade {
     };
 
     use anyhow::{bail, ensure, Context as _};
-    use aviary_tests::{policy, wait_until, workspace_bin, Agent, Node};
+    use aviary_tests::{policy, wait_until, Agent, Node};
 
     use crate::{
         goals::{Measured, Upgrade},
@@ -1931,20 +1931,9 @@ mod upgrade {
     /// What the successor logs once it holds the running agent's listeners and connections.
     const TOOK_OVER: &str = "took over from the running agent";
 
-    pub fn run(node: &Node, a: &Args, dir: &Path, measured: &mut Measured) -> anyhow::Result<()> {
+    pub fn run(node: &Node, a: &Args, measured: &mut Measured) -> anyhow::Result<()> {
         if !Path::new("/usr/bin/wrk").exists() {
             bail!("wrk is not installed: run `cargo xtask bench`, which installs it");
-        }
-        let help = std::process::Command::new(workspace_bin("aviary-agent"))
-            .arg("--help")
-            .output()
-            .context("aviary-agent --help")?;
-        if !String::from_utf8_lossy(&help.stdout).contains("--handoff-socket") {
-            eprintln!("Upgrade: not measured: the agent has no --handoff-socket");
-            measured.upgrade = Some(Err(
-                "the agent has no --handoff-socket to hand over to a successor".into(),
-            ));
-            return Ok(());
         }
         let client = node.add_pod("uclient");
         let [primary, canary] = node.add_http_pods(["uprimary", "ucanary"], PORT);
@@ -1976,8 +1965,6 @@ mod upgrade {
             policy::endpoint_slice("primary", "bench", &[&primary], PORT),
             policy::endpoint_slice("canary", "bench", &[&canary], PORT),
         ]));
-        let socket = dir.join("handoff.sock").to_string_lossy().into_owned();
-        let flags = ["--handoff-socket", socket.as_str()];
         let url = format!("http://{}/", SocketAddr::new(vip, 80));
         let conns = a.conns.to_string();
         // Long enough for a successor to start, take over and the old agent to exit in the
@@ -1985,7 +1972,8 @@ mod upgrade {
         let window = (4.0 * a.secs).max(15.0);
         let load = || http::wrk(node, &client, &url, &["-t", "2", "-c", &conns], window);
 
-        let mut old = a.start_agent(node, &flags);
+        // The harness gives the node's agents their hand-off socket.
+        let mut old = a.start_agent(node, &[]);
         old.wait_for_capture(&[&client], 3);
         old.wait_for_log("routed=", Duration::from_secs(10));
         eprintln!("Upgrade: keep-alive load through the 90/10 split, no upgrade ({window} s)...");
@@ -1995,7 +1983,7 @@ mod upgrade {
             let running = s.spawn(load);
             let started = Instant::now();
             std::thread::sleep(Duration::from_secs_f64(window / 4.0));
-            let handed_over = hand_over(node, a, &flags, &mut old, started, window);
+            let handed_over = hand_over(node, a, &mut old, started, window);
             (running.join().expect("the load thread"), handed_over)
         });
         let (successor, timeline) = match handed_over {
@@ -2051,7 +2039,6 @@ mod upgrade {
     fn hand_over(
         node: &Node,
         a: &Args,
-        flags: &[&str],
         old: &mut Agent,
         started: Instant,
         window: f64,
@@ -2059,7 +2046,7 @@ mod upgrade {
         let at = |instant: Instant| instant.duration_since(started).as_secs_f64();
         let launched = Instant::now();
         // Returns once the successor logged "agent ready".
-        let successor = a.start_successor(node, flags);
+        let successor = a.start_successor(node, &[]);
         let took_over = wait_until(Duration::from_secs(10), || {
             successor
                 .logs()
