@@ -1,8 +1,9 @@
 //! The bpf_link commands aya 0.14 keeps to itself (its links hide their descriptors, and it
 //! uses BPF_LINK_UPDATE only for XDP and TC links it made): opening a pinned link, reading which
-//! program it runs and where, replacing its program atomically, which is how a new agent takes over the attachments a previous one left
-//! without a moment of no capture, and detaching it however many references to it remain,
-//! which is how `uninstall` leaves nothing attached even while an agent still runs.
+//! program it runs and where, replacing its program atomically, which is how a new agent takes
+//! over the attachments a previous one left without a moment of no capture, and detaching it
+//! however many references to it remain, which is how `uninstall` leaves nothing attached even
+//! while an agent still runs.
 #![allow(unsafe_code)]
 
 use std::{
