@@ -234,7 +234,6 @@ fn check_hitless_upgrades(ds: &DaemonSet) -> (Duration, Duration) {
         assert!(c.ports.is_none(), "{} declares ports", c.name);
     }
 
-    // The hand-off socket is in a host directory both pods mount.
     let args = agent_args(ds);
     let flag = |name: &str| {
         args.iter()
@@ -242,25 +241,6 @@ fn check_hitless_upgrades(ds: &DaemonSet) -> (Duration, Duration) {
             .unwrap_or_else(|| panic!("no --{name}= in {args:?}"))
             .to_owned()
     };
-    let socket = PathBuf::from(flag("handoff-socket"));
-    let mount = container
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| socket.starts_with(&m.mount_path))
-        .unwrap_or_else(|| panic!("nothing mounted for {}", socket.display()));
-    let volume = pod
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .unwrap();
-    let host = volume.host_path.as_ref().expect("a host directory");
-    assert_eq!(
-        (host.path.as_str(), host.type_.as_deref()),
-        (mount.mount_path.as_str(), Some("DirectoryOrCreate"))
-    );
-    assert_eq!(mount.read_only, None);
 
     // Readiness: only this pod's agent's answer counts (both share the health port).
     let pod_name = container
@@ -322,9 +302,10 @@ fn the_daemonset_configures_mounts_and_exposes_what_the_agent_uses() {
     assert_eq!(field("NODE_NAME").as_deref(), Some("spec.nodeName"));
     assert_eq!(field("AVIARY_PROXY_IP").as_deref(), Some("status.hostIP"));
 
-    // Every path the agent opens is inside a host mount.
+    // Every path the agent opens is inside a host mount; the hand-off socket's, which both
+    // pods of an upgrade mount, is made if missing, and writable.
     let mounts = container.volume_mounts.as_deref().unwrap();
-    for path in [&cfg.bpffs, &cfg.cgroup_root] {
+    for path in [&cfg.bpffs, &cfg.cgroup_root, &cfg.handoff_socket] {
         let mount = mounts
             .iter()
             .find(|m| path.starts_with(&m.mount_path))
@@ -339,6 +320,11 @@ fn the_daemonset_configures_mounts_and_exposes_what_the_agent_uses() {
             volume.host_path.as_ref().map(|h| h.path.as_str()),
             Some(mount.mount_path.as_str())
         );
+        if path == &cfg.handoff_socket {
+            let kind = volume.host_path.as_ref().and_then(|h| h.type_.as_deref());
+            assert_eq!(kind, Some("DirectoryOrCreate"));
+            assert_eq!(mount.read_only, None);
+        }
     }
     let bpffs = mounts
         .iter()

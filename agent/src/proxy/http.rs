@@ -59,6 +59,31 @@ use super::{
     Relay,
 };
 
+/// What answers the requests of one client connection.
+trait ClientService:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<T> ClientService for T where
+    T: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Unpin
+        + Send
+        + 'static
+{
+}
+
 /// An HTTP/1.1 client connection as the server reads it: replaying what was read to tell its
 /// version, closed once idle for the idle timeout, and able to be let go of at a drain.
 type Http1Io<S> = TokioIo<Detachable<IdleTimeout<Rewind<S>>>>;
@@ -359,12 +384,13 @@ impl HttpProxy {
 
     /// Serves HTTP/2 until the connection ends; a drain sends GOAWAY, and the requests in
     /// flight finish.
-    async fn serve_http2<S, H>(&self, stream: Rewind<S>, service: H) -> hyper::Result<()>
+    async fn serve_http2<S>(
+        &self,
+        stream: Rewind<S>,
+        service: impl ClientService,
+    ) -> hyper::Result<()>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-        H: hyper::service::HttpService<Incoming, ResBody = ProxyBody> + Send + 'static,
-        H::Future: Send + 'static,
-        H::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let io = TokioIo::new(IdleTimeout::new(stream, self.cfg.idle_timeout));
         let conn = self.http2.serve_connection(io, service);
@@ -381,17 +407,14 @@ impl HttpProxy {
     /// Serves HTTP/1.1 (upgrades included) until the connection ends. A drain closes it at
     /// its next response boundary (`Connection: close`), or, when it is idle between requests
     /// and a successor takes connections, hands it over whole.
-    async fn serve_http1<S, H>(
+    async fn serve_http1<S>(
         &self,
         stream: Rewind<S>,
-        service: H,
+        service: impl ClientService,
         state: Http1State,
     ) -> hyper::Result<()>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-        H: hyper::service::HttpService<Incoming, ResBody = ProxyBody> + Unpin + Send + 'static,
-        H::Future: Send + 'static,
-        H::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let detach = Detach::default();
         let io: Http1Io<S> = TokioIo::new(Detachable::new(
@@ -437,17 +460,7 @@ impl HttpProxy {
     }
 
     /// Answers the requests of a client connection to a service.
-    fn outbound_service(
-        self: &Arc<Self>,
-        conn: Arc<ClientConn>,
-    ) -> impl hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<ProxyBody>,
-        Error = Infallible,
-        Future: Send + 'static,
-    > + Unpin
-           + Send
-           + 'static {
+    fn outbound_service(self: &Arc<Self>, conn: Arc<ClientConn>) -> impl ClientService {
         let this = self.clone();
         hyper::service::service_fn(move |req| {
             let this = this.clone();
@@ -506,17 +519,7 @@ impl HttpProxy {
 
     /// Answers the requests of a client connection to an enrolled pod, measured from the
     /// destination's side.
-    fn inbound_service(
-        self: &Arc<Self>,
-        conn: Arc<ClientConn>,
-    ) -> impl hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<ProxyBody>,
-        Error = Infallible,
-        Future: Send + 'static,
-    > + Unpin
-           + Send
-           + 'static {
+    fn inbound_service(self: &Arc<Self>, conn: Arc<ClientConn>) -> impl ClientService {
         let this = self.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
