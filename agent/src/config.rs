@@ -80,14 +80,12 @@ pub struct Args {
     #[arg(long, env = "AVIARY_WRITE_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
     pub write_status: bool,
 
-    /// The cgroup v2 directory that holds the node's pod cgroups (the kubelet's kubepods root).
-    /// The capture programs are attached here.
-    #[arg(
-        long,
-        env = "AVIARY_CGROUP_ROOT",
-        default_value = "/sys/fs/cgroup/unified/kubepods"
-    )]
-    pub cgroup_root: PathBuf,
+    /// The cgroup v2 directory that holds the node's pod cgroups (the kubelet's kubepods root),
+    /// where the capture programs are attached. Unset: found at start, `kubepods.slice`
+    /// (systemd driver) or `kubepods` (cgroupfs driver) under the cgroup v2 mount.
+    /// An empty value is unset, as a manifest writes it (clap's own path parser refuses it).
+    #[arg(long, env = "AVIARY_CGROUP_ROOT", value_parser = parse_path)]
+    pub cgroup_root: Option<PathBuf>,
 
     /// The bpf filesystem; mounted if nothing is mounted there.
     #[arg(long, env = "AVIARY_BPFFS", default_value = "/sys/fs/bpf")]
@@ -355,6 +353,11 @@ fn parse_pin_name(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// A path, empty or not.
+fn parse_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
 /// A pod name, as the header value `/ready` answers with.
 fn parse_pod_name(s: &str) -> Result<HeaderValue, String> {
     HeaderValue::from_str(s).map_err(|_| format!("not a pod name: {s:?}"))
@@ -399,7 +402,8 @@ pub struct Config {
     pub policy: PolicySource,
     pub node_name: Option<String>,
     pub pod_name: Option<HeaderValue>,
-    pub cgroup_root: PathBuf,
+    /// None: found at start ([`crate::cgroup::pod_root`]).
+    pub cgroup_root: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
     pub handoff_socket: PathBuf,
@@ -467,7 +471,7 @@ impl TryFrom<Args> for Config {
             policy,
             node_name: args.node_name,
             pod_name: args.pod_name,
-            cgroup_root: args.cgroup_root,
+            cgroup_root: args.cgroup_root.filter(|p| !p.as_os_str().is_empty()),
             pin_dir: args.bpffs.join(&args.pin_name),
             bpffs: args.bpffs,
             handoff_socket: args.handoff_socket,
@@ -695,5 +699,17 @@ mod tests {
             "a/b"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn the_cgroup_root_is_found_unless_given_and_empty_is_unset() {
+        let base = ["--local", "p", "--proxy-ip", "10.0.0.1"];
+        let root = |extra: &[&str]| parse(&[&base[..], extra].concat()).unwrap().cgroup_root;
+        assert_eq!(root(&[]), None);
+        assert_eq!(root(&["--cgroup-root", ""]), None);
+        assert_eq!(
+            root(&["--cgroup-root", "/sys/fs/cgroup/kubepods"]),
+            Some(PathBuf::from("/sys/fs/cgroup/kubepods"))
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Wires the agent together: datapath, proxy, policy source, and shutdown on SIGTERM/SIGINT.
 
 use std::{
+    path::PathBuf,
     sync::{atomic::AtomicBool, Arc},
     time::Duration,
 };
@@ -69,8 +70,9 @@ const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_open_files_limit(cfg.max_connections);
-    let mut datapath = Datapath::load(&DatapathConfig::from_config(&cfg))?;
-    let result = serve(&cfg, &mut datapath).await;
+    let pod_root = crate::cgroup::pod_root(cfg.cgroup_root.as_deref())?;
+    let mut datapath = Datapath::load(&DatapathConfig::from_config(&cfg, pod_root.clone()))?;
+    let result = serve(&cfg, &mut datapath, pod_root).await;
     if let Ok(stats) = Stats::open(datapath.pin_dir()) {
         log_counters(&stats, &mut Vec::new());
     }
@@ -80,7 +82,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
+async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyhow::Result<()> {
     let pins = datapath.pin_dir();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -341,7 +343,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         capture::run(
             snapshots,
             CaptureTable::open(pins)?,
-            PodCgroups::new(cfg.cgroup_root.clone()),
+            PodCgroups::new(pod_root),
             ready.clone(),
         ),
     );

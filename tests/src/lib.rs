@@ -36,8 +36,28 @@ use std::{
 use anyhow::{bail, Context as _};
 use aviary_agent::ebpf::maps::{CaptureTable, Stats};
 
-/// The cgroup v2 mount on the test machines.
-pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
+/// Where cgroup v2 is mounted here, found as the agent finds it (`/sys/fs/cgroup` on most
+/// machines, `/sys/fs/cgroup/unified` beside cgroup v1), or None without cgroup v2.
+pub fn cgroup2() -> Option<&'static Path> {
+    static MOUNT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    MOUNT
+        .get_or_init(|| {
+            let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            aviary_agent::cgroup::cgroup2_mounts(&mountinfo)
+                .into_iter()
+                .next()
+        })
+        .as_deref()
+}
+
+/// How the kubelet lays out pod cgroups, by its cgroup driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupLayout {
+    /// `kubepods/pod<uid>/<container>` (a Guaranteed pod).
+    Cgroupfs,
+    /// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/<container>`.
+    Systemd,
+}
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Where the agents of test nodes keep their hand-off sockets.
 pub const HANDOFF_DIR: &str = "/run/aviary-tests";
@@ -68,8 +88,8 @@ static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
 pub fn privileged() -> bool {
     let missing = if !nix::unistd::geteuid().is_root() {
         Some("not running as root".to_owned())
-    } else if !Path::new(CGROUP2).join("cgroup.procs").exists() {
-        Some(format!("no cgroup v2 hierarchy at {CGROUP2}"))
+    } else if cgroup2().is_none() {
+        Some("no cgroup v2 hierarchy is mounted".to_owned())
     } else if Command::new("ip").arg("-V").output().is_err() {
         Some("the `ip` command (iproute2) is missing; run `cargo xtask setup`".to_owned())
     } else {
@@ -146,7 +166,10 @@ fn sweep_stale() {
             let _ = sh(&["ip", "netns", "del", name]);
         }
     }
-    for dir in [CGROUP2, BPFFS] {
+    for dir in [
+        cgroup2().expect("checked by privileged()"),
+        Path::new(BPFFS),
+    ] {
         for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
             if stale(&entry.file_name().to_string_lossy()) {
                 remove_tree(&entry.path());
@@ -162,7 +185,7 @@ fn sweep_stale() {
 
 /// Removes a cgroup or bpffs tree: cgroups must be removed bottom-up with rmdir.
 fn remove_tree(path: &Path) {
-    if path.starts_with(CGROUP2) {
+    if cgroup2().is_some_and(|mount| path.starts_with(mount)) {
         let _ = fs::write(path.join("cgroup.kill"), "1");
         let mut dirs = vec![path.to_owned()];
         let mut all = Vec::new();
@@ -194,6 +217,7 @@ pub struct Node {
     cgroup_base: PathBuf,
     /// The kubepods-style root the agent attaches to.
     pub cgroup_root: PathBuf,
+    pub cgroup_layout: CgroupLayout,
     pub pin_name: String,
     pub policy_dir: PathBuf,
     pods: Mutex<Vec<String>>,
@@ -205,6 +229,11 @@ pub struct Node {
 impl Node {
     /// A fresh node, or None when privileged tests are skipped (see [`privileged`]).
     pub fn new() -> Option<Node> {
+        Self::with_cgroup_layout(CgroupLayout::Cgroupfs)
+    }
+
+    /// The same, with pod cgroups laid out as the kubelet's `layout` driver does.
+    pub fn with_cgroup_layout(layout: CgroupLayout) -> Option<Node> {
         if !privileged() {
             return None;
         }
@@ -215,10 +244,15 @@ impl Node {
             std::process::id(),
             NEXT_NODE.fetch_add(1, Ordering::Relaxed)
         );
-        let cgroup_base = Path::new(CGROUP2).join(&id);
+        let cgroup_base = cgroup2().expect("checked by privileged()").join(&id);
+        let root = match layout {
+            CgroupLayout::Cgroupfs => "kubepods",
+            CgroupLayout::Systemd => "kubepods.slice",
+        };
         let node = Node {
             netns: format!("{id}-node"),
-            cgroup_root: cgroup_base.join("kubepods"),
+            cgroup_root: cgroup_base.join(root),
+            cgroup_layout: layout,
             cgroup_base,
             pin_name: id.clone(),
             policy_dir: std::env::temp_dir().join(format!("{id}-policy")),
@@ -373,7 +407,23 @@ impl Node {
         (host, uid)
     }
 
-    /// A pod on the bridge with a cgroup `pod<uid>/<name>` under the root.
+    /// The cgroup of the container `name` of the pod `uid`, as the node's layout has it.
+    fn pod_cgroup(&self, uid: &str, name: &str) -> PathBuf {
+        match self.cgroup_layout {
+            CgroupLayout::Cgroupfs => self.cgroup_root.join(format!("pod{uid}")),
+            CgroupLayout::Systemd => {
+                self.cgroup_root
+                    .join("kubepods-burstable.slice")
+                    .join(format!(
+                        "kubepods-burstable-pod{}.slice",
+                        uid.replace('-', "_")
+                    ))
+            }
+        }
+        .join(name)
+    }
+
+    /// A pod on the bridge with a cgroup for it under the root (see [`CgroupLayout`]).
     pub fn add_pod(&self, name: &str) -> Pod {
         let (host, uid) = self.next_host();
         self.add_pod_as(name, &uid, Ipv4Addr::new(10, 244, 1, host))
@@ -389,7 +439,7 @@ impl Node {
             ip,
             ip6: Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, host.into()),
             netns: format!("{}-{name}", self.id),
-            cgroup: self.cgroup_root.join(format!("pod{uid}")).join(name),
+            cgroup: self.pod_cgroup(&uid, name),
             uid,
         };
         self.build_pod(&pod)
@@ -406,7 +456,7 @@ impl Node {
             ip: Ipv4Addr::new(10, 244, 2, host),
             ip6: Ipv6Addr::UNSPECIFIED,
             netns: format!("{}-{name}", self.id),
-            cgroup: self.cgroup_root.join(format!("pod{uid}")).join(name),
+            cgroup: self.pod_cgroup(&uid, name),
             uid,
         };
         let build = || -> anyhow::Result<()> {
@@ -678,9 +728,7 @@ impl Node {
     /// The agent pod's container cgroup: inside the attach root, as on a real node, so that
     /// sock_ops sees the proxy's sockets.
     pub fn agent_cgroup(&self) -> PathBuf {
-        self.cgroup_root
-            .join(format!("pod{}", self.agent_uid()))
-            .join("agent")
+        self.pod_cgroup(&self.agent_uid(), "agent")
     }
 
     pub fn agent_uid(&self) -> String {
@@ -691,20 +739,38 @@ impl Node {
     /// ready. Its log lines are echoed to stderr (the test's output).
     pub fn start_agent(&self, extra: &[&str]) -> Agent {
         let policy_dir = self.policy_dir.to_string_lossy().into_owned();
-        self.spawn_agent(&[&["--local", &policy_dir], extra].concat(), true)
+        self.spawn_agent(
+            &[&["--local", &policy_dir], extra].concat(),
+            CgroupRoot::Given,
+            true,
+        )
+    }
+
+    /// The same with no `--cgroup-root`: the agent finds the pod root as on a real node, where
+    /// it is `kubepods` or `kubepods.slice` at the top of the cgroup v2 mount. The agent runs in
+    /// a mount namespace of its own in which this node's cgroup directory is mounted over the
+    /// cgroup v2 mount point, so that what it finds there is this node's.
+    pub fn start_agent_finding_cgroups(&self, extra: &[&str]) -> Agent {
+        let policy_dir = self.policy_dir.to_string_lossy().into_owned();
+        let source = [&["--local", policy_dir.as_str()], extra].concat();
+        self.spawn_agent(&source, CgroupRoot::Found, true)
     }
 
     /// The same, keeping the log lines to itself (the demo prints its own progress).
     pub fn start_agent_quietly(&self, extra: &[&str]) -> Agent {
         let policy_dir = self.policy_dir.to_string_lossy().into_owned();
-        self.spawn_agent(&[&["--local", &policy_dir], extra].concat(), false)
+        self.spawn_agent(
+            &[&["--local", &policy_dir], extra].concat(),
+            CgroupRoot::Given,
+            false,
+        )
     }
 
     /// Starts the agent against an API server (the fixture), as node [`TEST_NODE`].
     pub fn start_agent_with_api_server(&self, kubeconfig: &Path, extra: &[&str]) -> Agent {
         let kubeconfig = kubeconfig.to_string_lossy().into_owned();
         let source = ["--node-name", TEST_NODE, "--kubeconfig", &kubeconfig];
-        self.spawn_agent(&[&source, extra].concat(), true)
+        self.spawn_agent(&[&source, extra].concat(), CgroupRoot::Given, true)
     }
 
     /// Where this node's agents hand over to their successors (one per node, as on a real
@@ -741,7 +807,7 @@ impl Node {
         .unwrap()
     }
 
-    fn spawn_agent(&self, source: &[&str], echo_logs: bool) -> Agent {
+    fn spawn_agent(&self, source: &[&str], cgroups: CgroupRoot, echo_logs: bool) -> Agent {
         let cgroup = self.agent_cgroup();
         fs::create_dir_all(&cgroup).unwrap();
         let root = self.cgroup_root.to_string_lossy().into_owned();
@@ -751,15 +817,44 @@ impl Node {
         args.extend([
             "--proxy-ip",
             &node_ip,
-            "--cgroup-root",
-            &root,
             "--pin-name",
             &self.pin_name,
             "--handoff-socket",
             &handoff,
         ]);
-        let child = self
-            .command_in(&self.netns, &cgroup, &workspace_bin("aviary-agent"), &args)
+        let agent = workspace_bin("aviary-agent").to_string_lossy().into_owned();
+        let base = self.cgroup_base.to_string_lossy().into_owned();
+        let mount = cgroup2()
+            .expect("checked by privileged()")
+            .to_string_lossy()
+            .into_owned();
+        let mut command = match cgroups {
+            CgroupRoot::Given => {
+                args.extend(["--cgroup-root", &root]);
+                self.command_in(&self.netns, &cgroup, Path::new(&agent), &args)
+            }
+            CgroupRoot::Found => {
+                // unshare(1) makes the mount namespace; the bind mount hides the machine's own
+                // pod root (if any) behind this node's.
+                let script = r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#;
+                let wrapped = [
+                    &[
+                        "--mount",
+                        "--propagation",
+                        "private",
+                        "sh",
+                        "-c",
+                        script,
+                        "sh",
+                    ],
+                    &[base.as_str(), mount.as_str(), agent.as_str()][..],
+                    &args[..],
+                ]
+                .concat();
+                self.command_in(&self.netns, &cgroup, Path::new("unshare"), &wrapped)
+            }
+        };
+        let child = command
             .env(
                 "AVIARY_LOG",
                 std::env::var("AVIARY_LOG").unwrap_or_else(|_| "info".into()),
@@ -771,6 +866,12 @@ impl Node {
         agent.wait_for_log("agent ready", Duration::from_secs(30));
         agent
     }
+}
+
+/// Whether the agent is told its pod root or finds it.
+enum CgroupRoot {
+    Given,
+    Found,
 }
 
 impl Drop for Node {

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use aviary_tests::{policy, Agent, Greeting, Node, Pod, NODE_IP};
+use aviary_tests::{policy, Agent, CgroupLayout, Greeting, Node, Pod, NODE_IP};
 
 const VIP_A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
@@ -27,7 +27,11 @@ struct Setup {
 }
 
 fn setup() -> Option<Setup> {
-    let node = Node::new()?;
+    setup_in(CgroupLayout::Cgroupfs)
+}
+
+fn setup_in(layout: CgroupLayout) -> Option<Setup> {
+    let node = Node::with_cgroup_layout(layout)?;
     let a = node.add_pod("a");
     let b = node.add_pod("b");
     node.serve(&a, 80, Some(53));
@@ -268,4 +272,26 @@ fn ipv6_services_are_captured_through_the_ipv6_listener() {
         "ORIG_DST still holds {:?} entries",
         agent.stats().occupancy().map(|o| o.orig_dst)
     );
+}
+
+/// A kubelet with the systemd cgroup driver puts pods in QoS slices below `kubepods.slice`
+/// (`kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/<container>`). Told nothing, the
+/// agent finds that root at the top of the cgroup v2 mount, and captures those pods.
+#[test]
+fn the_systemd_drivers_pod_root_is_found_and_its_pods_are_captured() {
+    let Some(s) = setup_in(CgroupLayout::Systemd) else {
+        return;
+    };
+    s.node.write_policy(&policy_yaml(&s, Some("enabled"), &[]));
+    let agent = s.node.start_agent_finding_cgroups(&[]);
+    let found = agent.wait_for_log("found the kubelet's pod cgroups", Duration::from_secs(1));
+    assert!(
+        found.contains("kubepods.slice") && found.contains("systemd"),
+        "{found}"
+    );
+    agent.wait_for_capture(&[&s.client], 2);
+    assert_proxied(&connect(&s, &s.client, addr(VIP_A, 80)), "a");
+    // Not enrolled, in the same layout: untouched.
+    let direct = connect(&s, &s.other, addr(VIP_A, 80));
+    assert_eq!(direct.peer.ip(), IpAddr::V4(s.other.ip), "{direct:?}");
 }

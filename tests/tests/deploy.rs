@@ -305,7 +305,10 @@ fn the_daemonset_configures_mounts_and_exposes_what_the_agent_uses() {
     // Every path the agent opens is inside a host mount; the hand-off socket's, which both
     // pods of an upgrade mount, is made if missing, and writable.
     let mounts = container.volume_mounts.as_deref().unwrap();
-    for path in [&cfg.bpffs, &cfg.cgroup_root, &cfg.handoff_socket] {
+    // The pod cgroups are found at start, under the host's cgroup v2 mount.
+    assert_eq!(cfg.cgroup_root, None);
+    let cgroup2 = Path::new("/sys/fs/cgroup");
+    for path in [cfg.bpffs.as_path(), cgroup2, cfg.handoff_socket.as_path()] {
         let mount = mounts
             .iter()
             .find(|m| path.starts_with(&m.mount_path))
@@ -320,7 +323,7 @@ fn the_daemonset_configures_mounts_and_exposes_what_the_agent_uses() {
             volume.host_path.as_ref().map(|h| h.path.as_str()),
             Some(mount.mount_path.as_str())
         );
-        if path == &cfg.handoff_socket {
+        if path == cfg.handoff_socket {
             let kind = volume.host_path.as_ref().and_then(|h| h.type_.as_deref());
             assert_eq!(kind, Some("DirectoryOrCreate"));
             assert_eq!(mount.read_only, None);
@@ -712,8 +715,8 @@ const SUBSTITUTIONS: [(&str, &str); 13] = [
         "matchNames: [{{ .Release.Namespace }}]",
     ),
     (
-        "value: /sys/fs/cgroup/kubepods.slice",
-        "value: {{ .Values.cgroupRoot }}",
+        "AVIARY_CGROUP_ROOT\n              value: \"\"",
+        "AVIARY_CGROUP_ROOT\n              value: {{ .Values.cgroupRoot | quote }}",
     ),
     ("value: json", "value: {{ .Values.logFormat }}"),
     (

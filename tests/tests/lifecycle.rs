@@ -371,6 +371,13 @@ fn load_failures_end_the_agent_with_one_line_naming_cause_and_remedy() {
         "avt-load-failure",
     ];
 
+    // No pod root given, and none where a kubelet keeps one (no kubelet runs here).
+    let (code, stderr) = agent_fails(&base);
+    assert_eq!(code, 1);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no kubelet pod cgroups found"), "{stderr}");
+    assert!(stderr.contains("--cgroup-root"), "{stderr}");
+
     // Not a cgroup v2 directory.
     let (code, stderr) = agent_fails(&[&base[..], &["--cgroup-root", tmp]].concat());
     assert_eq!(code, 1);

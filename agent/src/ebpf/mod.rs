@@ -79,7 +79,9 @@ pub struct DatapathConfig {
 }
 
 impl DatapathConfig {
-    pub fn from_config(cfg: &Config) -> Self {
+    /// The programs' configuration for `cfg`, attaching at `cgroup_root` (the kubelet's pod
+    /// root, configured or found).
+    pub fn from_config(cfg: &Config, cgroup_root: PathBuf) -> Self {
         let mut flags = 0;
         if cfg.sk_msg {
             flags |= CONFIG_SK_MSG;
@@ -89,7 +91,7 @@ impl DatapathConfig {
             SockAddr::from(std::net::SocketAddr::from((ip, 0))).addr
         });
         Self {
-            cgroup_root: cfg.cgroup_root.clone(),
+            cgroup_root,
             inbound_interfaces: cfg.inbound_interfaces.clone(),
             inbound_bridge: cfg.inbound_bridge.clone(),
             bpffs: cfg.bpffs.clone(),
@@ -854,7 +856,10 @@ mod tests {
             "fd00::1",
         ])
         .unwrap();
-        let cfg = DatapathConfig::from_config(&Config::try_from(args).unwrap());
+        let cfg = DatapathConfig::from_config(
+            &Config::try_from(args).unwrap(),
+            "/sys/fs/cgroup/kubepods".into(),
+        );
         assert_eq!(cfg.programs.proxy_v4.to_ne_bytes(), [10, 244, 1, 1]);
         assert_eq!(cfg.programs.proxy_port, 15001);
         assert_eq!(cfg.programs.flags, CONFIG_IPV6);

@@ -7,7 +7,7 @@
 use std::{
     future::Future,
     io,
-    path::{Path, PathBuf},
+    path::PathBuf,
     pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -127,7 +127,9 @@ pub fn worker_count(configured: Option<usize>) -> usize {
 /// The tightest `cpu.max` quota on this process's cgroup and its ancestors, in whole CPUs.
 fn cgroup_cpu_limit() -> Option<usize> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mount = cgroup2_mount(&mountinfo)?;
+    let mount = crate::cgroup::cgroup2_mounts(&mountinfo)
+        .into_iter()
+        .next()?;
     let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
     let mut dir: PathBuf = mount.join(path.trim_start_matches('/'));
@@ -144,16 +146,6 @@ fn cgroup_cpu_limit() -> Option<usize> {
         }
     }
     limit
-}
-
-/// Where cgroup v2 is mounted, from `/proc/self/mountinfo`.
-fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // Fields: id parent major:minor root mount-point options... - fstype source options
-        let (before, after) = line.split_once(" - ")?;
-        let mount_point = before.split_whitespace().nth(4)?;
-        (after.split_whitespace().next()? == "cgroup2").then(|| Path::new(mount_point).to_owned())
-    })
 }
 
 /// `cpu.max` ("QUOTA PERIOD", or "max PERIOD" for none) in whole CPUs, rounded up.
@@ -175,20 +167,6 @@ mod tests {
         assert_eq!(cpus_from_cpu_max("150000 100000"), Some(2));
         assert_eq!(cpus_from_cpu_max("10000 100000"), Some(1));
         assert_eq!(cpus_from_cpu_max(""), None);
-    }
-
-    #[test]
-    fn the_cgroup2_mount_is_found_wherever_it_is() {
-        let unified =
-            "24 30 0:22 / /sys/fs/cgroup/unified rw,nosuid shared:7 - cgroup2 cgroup2 rw\n\
-                       25 30 0:23 / /sys/fs/cgroup/cpu rw shared:8 - cgroup cgroup rw,cpu\n";
-        assert_eq!(
-            cgroup2_mount(unified),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        let plain = "30 1 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount(plain), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(cgroup2_mount("1 0 8:1 / / rw - ext4 /dev/vda rw\n"), None);
     }
 
     #[test]
