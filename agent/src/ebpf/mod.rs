@@ -12,6 +12,7 @@
 mod link;
 pub mod maps;
 mod netlink;
+mod probe;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -668,12 +669,24 @@ fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
         && current < aya::util::KernelVersion::new(major as u8, minor as u8, 0)
     {
         anyhow::bail!(
-            "kernel {current:?} is too old for inbound capture: it needs Linux {major}.{minor} or              later (TCX links, which outlive the agent and pass from one agent to the next);              leave --inbound-interfaces unset, or upgrade the node's kernel"
+            "kernel {current:?} is too old for inbound capture: it needs Linux {major}.{minor} or \
+             later (TCX links, which outlive the agent and pass from one agent to the next); \
+             leave --inbound-interfaces unset, or upgrade the node's kernel"
         );
     }
     crate::cgroup::ensure_cgroup2(&cfg.cgroup_root)?;
     ensure_bpffs(&cfg.bpffs)?;
+    // Before the probes, which load programs too.
     raise_memlock();
+    let missing = probe::missing(!cfg.inbound_interfaces.is_empty())?;
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "kernel {current:?} lacks what Aviary's programs use: {}; run a kernel that has them \
+             (see the README's supported kernels), or leave --inbound-interfaces unset if only \
+             inbound capture's are missing",
+            missing.join(", ")
+        );
+    }
     Ok(())
 }
 
