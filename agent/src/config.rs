@@ -10,7 +10,7 @@ use clap::{Parser, ValueEnum};
 use http::HeaderValue;
 
 use crate::{
-    ebpf::AUTO_UPLINKS,
+    ebpf::{TcAttach, AUTO_UPLINKS},
     policy::gamma::parse_duration,
     proxy::{balance::OutlierConfig, http::HttpConfig},
 };
@@ -152,6 +152,11 @@ pub struct Args {
     /// hands frames for enrolled pods to the host.
     #[arg(long, env = "AVIARY_INBOUND_BRIDGE")]
     pub inbound_bridge: Option<String>,
+
+    /// How inbound capture attaches to interfaces: TCX links (Linux 6.6+), netlink filters on a
+    /// clsact qdisc (older kernels), or `auto`: TCX where the kernel has it.
+    #[arg(long, env = "AVIARY_TC_ATTACH", value_enum, default_value_t = TcAttachFlag::Auto)]
+    pub tc_attach: TcAttachFlag,
 
     /// Port of the inbound proxy listener.
     #[arg(long, env = "AVIARY_INBOUND_PORT", default_value_t = DEFAULT_INBOUND_PORT)]
@@ -345,6 +350,13 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TcAttachFlag {
+    Auto,
+    Tcx,
+    Netlink,
+}
+
 /// A directory name under the bpf filesystem: one path component.
 fn parse_pin_name(s: &str) -> Result<String, String> {
     if s.is_empty() || s.contains('/') || s == "." || s == ".." {
@@ -418,6 +430,8 @@ pub struct Config {
     pub outbound_port: u16,
     pub inbound_interfaces: Vec<String>,
     pub inbound_bridge: Option<String>,
+    /// None: TCX where the kernel has it.
+    pub tc_attach: Option<TcAttach>,
     pub inbound_port: u16,
     pub proxy_mark: u32,
     pub sk_msg: bool,
@@ -486,6 +500,11 @@ impl TryFrom<Args> for Config {
             outbound_port: args.outbound_port,
             inbound_interfaces,
             inbound_bridge,
+            tc_attach: match args.tc_attach {
+                TcAttachFlag::Auto => None,
+                TcAttachFlag::Tcx => Some(TcAttach::Tcx),
+                TcAttachFlag::Netlink => Some(TcAttach::Netlink),
+            },
             inbound_port: args.inbound_port,
             workers: crate::proxy::workers::worker_count(Some(args.workers)),
             proxy_mark: args.proxy_mark,

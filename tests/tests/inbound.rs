@@ -304,3 +304,56 @@ fn ipv6_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     let direct = BTreeMap::from([(REMOTE_IP6.to_string(), 20)]);
     assert_eq!(peers_at(&node, &remote, &enrolled, pod6), direct);
 }
+
+/// Kernels before 6.6 have no TCX: inbound capture attaches netlink filters to the interfaces'
+/// clsact qdiscs, made when missing (forced here, on a kernel with TCX). The filters outlive
+/// the agent, the next agent replaces their program in place (one filter each, never none),
+/// and uninstall deletes them.
+#[test]
+fn netlink_filters_on_clsact_capture_inbound_and_pass_to_the_next_agent() {
+    let Some(node) = Node::new() else { return };
+    let [enrolled] = node.add_http_pods(["enrolled"], PORT);
+    let remote = node.add_remote_host("remote");
+    node.write_policy(&policy::documents(&[
+        policy::namespace("shop", Some("enabled")),
+        policy::pod(&enrolled, "shop", None),
+    ]));
+    let args = [AGENT_ARGS, &["--tc-attach", "netlink"]].concat();
+    let ours = || {
+        let filters = aviary_tests::sh(&[
+            "tc",
+            "-n",
+            &node.netns,
+            "filter",
+            "show",
+            "dev",
+            UPLINK,
+            "ingress",
+        ])
+        .unwrap();
+        filters.matches("handle 0xa71b").count()
+    };
+    let mut agent = node.start_agent(&args);
+    agent.wait_for_log("added a clsact qdisc", Duration::from_secs(1));
+    agent.wait_for_log("inbound_added=1", Duration::from_secs(10));
+    assert_eq!(ours(), 1);
+    let via_node = BTreeMap::from([(NODE_IP.to_string(), 20)]);
+    assert_eq!(peers(&node, &remote, &enrolled), via_node);
+    assert_eq!(agent.counter("inbound_captured"), 1);
+
+    // Killed: the filters stay, and fail open.
+    agent.kill();
+    let direct = BTreeMap::from([(REMOTE_IP.to_string(), 20)]);
+    assert_eq!(peers(&node, &remote, &enrolled), direct);
+    assert_eq!(ours(), 1);
+    let mut agent = node.start_agent(&args);
+    agent.wait_for_log("new=0 detached=0", Duration::from_secs(1));
+    assert_eq!(ours(), 1, "replaced in place, not added");
+    assert_eq!(peers(&node, &remote, &enrolled), via_node);
+    assert!(agent.terminate().success());
+
+    let uninstalled = node.uninstall().unwrap();
+    assert!(uninstalled.status.success());
+    assert_eq!(ours(), 0);
+    assert_eq!(peers(&node, &remote, &enrolled), direct);
+}

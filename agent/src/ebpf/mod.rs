@@ -26,8 +26,10 @@ use aviary_abi::{map_name, AgentConfig, SockAddr, ABI_VERSION, CONFIG_IPV6, CONF
 use aya::{
     maps::{Array, MapData, SockHash},
     programs::{
-        links::FdLink, CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SkLookup,
-        SkMsg, SockOps, TcAttachType,
+        links::{FdLink, Link as _},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SkLookup, SkMsg, SockOps,
+        TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -59,7 +61,7 @@ const MIN_KERNEL: (u32, u32) = (5, 10);
 
 /// Linux 6.6: TCX, whose bpf_links can be pinned and have their program replaced, which is how
 /// inbound capture on the interfaces outlives the agent and is handed from one to the next.
-const MIN_INBOUND_KERNEL: (u32, u32) = (6, 6);
+const MIN_TCX_KERNEL: (u32, u32) = (6, 6);
 
 /// Cgroup programs attach through bpf_link (Linux 5.7+), which takes no attach flags and always
 /// runs alongside other programs on the same cgroup (a CNI's, a security agent's).
@@ -74,6 +76,8 @@ pub struct DatapathConfig {
     pub inbound_interfaces: Vec<String>,
     /// The pods' bridge (a bridge CNI), whose ports are the pods' host-side veths.
     pub inbound_bridge: Option<String>,
+    /// How inbound capture attaches to interfaces.
+    pub tc_attach: TcAttach,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
     pub programs: AgentConfig,
@@ -95,6 +99,7 @@ impl DatapathConfig {
             cgroup_root,
             inbound_interfaces: cfg.inbound_interfaces.clone(),
             inbound_bridge: cfg.inbound_bridge.clone(),
+            tc_attach: cfg.tc_attach.unwrap_or_else(TcAttach::for_this_kernel),
             bpffs: cfg.bpffs.clone(),
             pin_dir: cfg.pin_dir.clone(),
             programs: AgentConfig {
@@ -254,21 +259,59 @@ fn remove_pin(pin: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// The pin of inbound capture's link on the interface with index `index`.
-fn tc_pin(links_dir: &Path, index: u32) -> PathBuf {
-    links_dir.join(format!("tc-{index}"))
+/// How inbound capture's TC programs are attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcAttach {
+    /// A TCX link (Linux 6.6+), pinned at `links/tc-<ifindex>` and updated in place.
+    Tcx,
+    /// A netlink filter on the interface's clsact qdisc, as older kernels need: the filter
+    /// outlives the agent, and its program is pinned at `links/tc-nl-<ifindex>`, which names the
+    /// interface for the next agent (it replaces the program in the same filter) and for
+    /// `uninstall` (it deletes the filter).
+    Netlink,
 }
 
-/// Attaches the TC program `name` to the ingress of `interface` (with index `index`) through
-/// its pinned link.
+impl TcAttach {
+    /// TCX where the kernel has it (Linux 6.6+), else netlink filters.
+    fn for_this_kernel() -> Self {
+        let (major, minor) = MIN_TCX_KERNEL;
+        match aya::util::KernelVersion::current() {
+            Ok(v) if v >= aya::util::KernelVersion::new(major as u8, minor as u8, 0) => Self::Tcx,
+            _ => Self::Netlink,
+        }
+    }
+}
+
+/// The netlink filter's place on an interface's ingress: a fixed priority and handle, so that
+/// each agent finds (and replaces) its predecessor's. Priority 1 runs first, as TCX's
+/// attachment does.
+const TC_PRIORITY: u16 = 1;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 0xa71b);
+
+/// The pin of inbound capture's attachment on the interface with index `index`.
+fn tc_pin(links_dir: &Path, index: u32, mode: TcAttach) -> PathBuf {
+    match mode {
+        TcAttach::Tcx => links_dir.join(format!("tc-{index}")),
+        TcAttach::Netlink => links_dir.join(format!("{TC_NETLINK_PIN}{index}")),
+    }
+}
+
+const TC_NETLINK_PIN: &str = "tc-nl-";
+
+/// Attaches the TC program `name` to the ingress of `interface` (with index `index`), as
+/// `mode` says.
 fn attach_tc(
     ebpf: &mut Ebpf,
     name: &str,
     links_dir: &Path,
-    index: u32,
-    interface: &str,
+    (index, interface): (u32, &str),
+    mode: TcAttach,
 ) -> anyhow::Result<Attached> {
     let prog: &mut SchedClassifier = program(ebpf, name)?;
+    let pin = tc_pin(links_dir, index, mode);
+    if mode == TcAttach::Netlink {
+        return attach_tc_netlink(prog, name, &pin, interface);
+    }
     let fd = prog.fd()?.try_clone()?;
     let ours = Attach {
         fd: fd.as_fd(),
@@ -276,7 +319,7 @@ fn attach_tc(
     };
     // The pin names the interface.
     attach_pinned(
-        &tc_pin(links_dir, index),
+        &pin,
         ours,
         |_| true,
         || {
@@ -288,8 +331,107 @@ fn attach_tc(
     )
 }
 
+/// The netlink errno behind a TC error, if any.
+fn netlink_errno(e: &TcError) -> Option<i32> {
+    match e {
+        TcError::NetlinkError(e) => e.raw_os_error(),
+        TcError::IoError(e) => e.raw_os_error(),
+        _ => None,
+    }
+}
+
+fn attach_tc_netlink(
+    prog: &mut SchedClassifier,
+    name: &str,
+    pin: &Path,
+    interface: &str,
+) -> anyhow::Result<Attached> {
+    // The qdisc filters hang from: made unless the CNI or a previous agent made it.
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) => info!(interface, "added a clsact qdisc for inbound capture"),
+        Err(TcError::AlreadyAttached) => {}
+        Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {}
+        Err(e) => {
+            return Err(explain(
+                &format!("adding a clsact qdisc to {interface}"),
+                &e,
+            ))
+        }
+    }
+    let options = TcAttachOptions::Netlink(NlOptions {
+        priority: TC_PRIORITY,
+        handle: TC_HANDLE,
+        ..Default::default()
+    });
+    let (id, attached) = match prog.attach_with_options(interface, TcAttachType::Ingress, options) {
+        Ok(id) => (id, Attached::New),
+        // A previous agent's filter: its program is replaced in the same filter, so the
+        // interface is never without one.
+        Err(ProgramError::TcError(e)) if netlink_errno(&e) == Some(libc::EEXIST) => {
+            let theirs = SchedClassifierLink::attached(
+                interface,
+                TcAttachType::Ingress,
+                TC_PRIORITY,
+                TC_HANDLE,
+                None,
+            )
+            .map_err(|e| {
+                explain(
+                    &format!("finding inbound capture's filter on {interface}"),
+                    &e,
+                )
+            })?;
+            let id = prog
+                .attach_to_link(theirs)
+                .map_err(|e| explain(&format!("replacing {name}'s filter on {interface}"), &e))?;
+            (id, Attached::Replaced)
+        }
+        Err(e) => return Err(explain(&format!("attaching {name} to {interface}"), &e)),
+    };
+    // The filter outlives the agent, as a TCX link does: not detached with the handle.
+    std::mem::forget(prog.take_link(id)?);
+    remove_pin(pin)?;
+    prog.pin(pin)
+        .map_err(|e| explain(&format!("pinning {name} at {}", pin.display()), &e))?;
+    Ok(attached)
+}
+
+/// Deletes the netlink filter whose program is pinned at `pin` (`tc-nl-<ifindex>`), unless
+/// its interface is gone (and the filter with it), and removes the pin.
+fn detach_tc_netlink(pin: &Path, index: u32) -> anyhow::Result<()> {
+    if let Ok(interface) = nix::net::if_::if_indextoname(index) {
+        let interface = interface.to_string_lossy();
+        let filter = SchedClassifierLink::attached(
+            &interface,
+            TcAttachType::Ingress,
+            TC_PRIORITY,
+            TC_HANDLE,
+            None,
+        )
+        .map_err(|e| {
+            explain(
+                &format!("finding inbound capture's filter on {interface}"),
+                &e,
+            )
+        })?;
+        match filter.detach() {
+            Ok(()) => {}
+            // Deleted already.
+            Err(ProgramError::TcError(e)) if netlink_errno(&e) == Some(libc::ENOENT) => {}
+            Err(e) => {
+                return Err(explain(
+                    &format!("deleting inbound capture's filter on {interface}"),
+                    &e,
+                ))
+            }
+        }
+    }
+    remove_pin(pin)
+}
+
 /// Inbound capture's interfaces.
 struct InboundCapture {
+    mode: TcAttach,
     /// The uplinks, by index.
     uplinks: BTreeSet<u32>,
     /// The index of the pods' bridge.
@@ -454,8 +596,14 @@ impl Datapath {
             }
             // The bridge's own ingress is where frames from its ports reach the host.
             for (&index, interface) in uplinks.iter().chain(bridge.as_ref().map(|(i, n)| (i, n))) {
-                count.add(attach_tc(ebpf, INBOUND, links_dir, index, interface)?);
-                wanted.insert(tc_pin(links_dir, index));
+                count.add(attach_tc(
+                    ebpf,
+                    INBOUND,
+                    links_dir,
+                    (index, interface),
+                    cfg.tc_attach,
+                )?);
+                wanted.insert(tc_pin(links_dir, index, cfg.tc_attach));
             }
             let netns = fs::File::open("/proc/self/ns/net")
                 .context("opening the agent's network namespace")?;
@@ -483,6 +631,7 @@ impl Datapath {
             wanted.insert(pin);
             netlink::install_inbound()?;
             self.inbound = Some(InboundCapture {
+                mode: cfg.tc_attach,
                 uplinks: uplinks.keys().copied().collect(),
                 bridge: bridge.as_ref().map(|(index, _)| *index),
                 pods: BTreeSet::new(),
@@ -492,7 +641,12 @@ impl Datapath {
                 .inbound
                 .as_ref()
                 .expect("inbound capture was just set up");
-            wanted.extend(inbound.pods.iter().map(|&index| tc_pin(links_dir, index)));
+            wanted.extend(
+                inbound
+                    .pods
+                    .iter()
+                    .map(|&index| tc_pin(links_dir, index, inbound.mode)),
+            );
             info!(uplinks = ?uplinks.values().collect::<Vec<_>>(), bridge = ?cfg.inbound_bridge, pod_interfaces = pods, "inbound capture attached");
         } else if had_inbound {
             // The previous agent captured inbound connections and this one does not.
@@ -538,7 +692,7 @@ impl Datapath {
         // Interfaces that went away took their attachments with them; their pins go too.
         for &index in inbound.pods.iter() {
             if !interfaces.contains_key(&index) {
-                remove_pin(&tc_pin(&links_dir, index))?;
+                remove_pin(&tc_pin(&links_dir, index, inbound.mode))?;
             }
         }
         inbound.pods.retain(|index| interfaces.contains_key(index));
@@ -551,7 +705,8 @@ impl Datapath {
             } else {
                 INBOUND
             };
-            match attach_tc(&mut self.ebpf, name, &links_dir, index, &interface.name) {
+            let target = (index, interface.name.as_str());
+            match attach_tc(&mut self.ebpf, name, &links_dir, target, inbound.mode) {
                 Ok(attached) => {
                     count.add(attached);
                     inbound.pods.insert(index);
@@ -575,8 +730,15 @@ impl Datapath {
     }
 }
 
-/// Detaches the link pinned at `pin` and removes the pin.
+/// Detaches the link pinned at `pin` (or the netlink filter a `tc-nl-<ifindex>` pin stands
+/// for) and removes the pin.
 fn detach_pinned(pin: &Path) -> anyhow::Result<()> {
+    let netlink_filter = pin
+        .file_name()
+        .and_then(|name| name.to_str()?.strip_prefix(TC_NETLINK_PIN)?.parse().ok());
+    if let Some(index) = netlink_filter {
+        return detach_tc_netlink(pin, index);
+    }
     match link::open(pin) {
         Ok(fd) => match link::detach(fd.as_fd()) {
             // ENOLINK: detached already (its target went away).
@@ -664,14 +826,14 @@ fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
              listeners, cgroup bpf links); upgrade the node's kernel"
         );
     }
-    let (major, minor) = MIN_INBOUND_KERNEL;
+    let (major, minor) = MIN_TCX_KERNEL;
     if !cfg.inbound_interfaces.is_empty()
+        && cfg.tc_attach == TcAttach::Tcx
         && current < aya::util::KernelVersion::new(major as u8, minor as u8, 0)
     {
         anyhow::bail!(
-            "kernel {current:?} is too old for inbound capture: it needs Linux {major}.{minor} or \
-             later (TCX links, which outlive the agent and pass from one agent to the next); \
-             leave --inbound-interfaces unset, or upgrade the node's kernel"
+            "kernel {current:?} has no TCX links (Linux {major}.{minor} or later): use \
+             --tc-attach netlink (or auto) for inbound capture's attachments"
         );
     }
     crate::cgroup::ensure_cgroup2(&cfg.cgroup_root)?;
