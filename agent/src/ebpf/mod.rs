@@ -822,7 +822,7 @@ fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
     let (major, minor) = MIN_KERNEL;
     if current < aya::util::KernelVersion::new(major as u8, minor as u8, 0) {
         anyhow::bail!(
-            "kernel {current:?} is too old: Aviary needs Linux {major}.{minor} or later (sockmap \
+            "kernel {current} is too old: Aviary needs Linux {major}.{minor} or later (sockmap \
              listeners, cgroup bpf links); upgrade the node's kernel"
         );
     }
@@ -832,7 +832,7 @@ fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
         && current < aya::util::KernelVersion::new(major as u8, minor as u8, 0)
     {
         anyhow::bail!(
-            "kernel {current:?} has no TCX links (Linux {major}.{minor} or later): use \
+            "kernel {current} has no TCX links (Linux {major}.{minor} or later): use \
              --tc-attach netlink (or auto) for inbound capture's attachments"
         );
     }
@@ -843,7 +843,7 @@ fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
     let missing = probe::missing(!cfg.inbound_interfaces.is_empty())?;
     if !missing.is_empty() {
         anyhow::bail!(
-            "kernel {current:?} lacks what Aviary's programs use: {}; run a kernel that has them \
+            "kernel {current} lacks what Aviary's programs use: {}; run a kernel that has them \
              (see the README's supported kernels), or leave --inbound-interfaces unset if only \
              inbound capture's are missing",
             missing.join(", ")
