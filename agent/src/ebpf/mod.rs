@@ -368,19 +368,7 @@ fn attach_tc_netlink(
         // A previous agent's filter: its program is replaced in the same filter, so the
         // interface is never without one.
         Err(ProgramError::TcError(e)) if netlink_errno(&e) == Some(libc::EEXIST) => {
-            let theirs = SchedClassifierLink::attached(
-                interface,
-                TcAttachType::Ingress,
-                TC_PRIORITY,
-                TC_HANDLE,
-                None,
-            )
-            .map_err(|e| {
-                explain(
-                    &format!("finding inbound capture's filter on {interface}"),
-                    &e,
-                )
-            })?;
+            let theirs = netlink_filter(interface)?;
             let id = prog
                 .attach_to_link(theirs)
                 .map_err(|e| explain(&format!("replacing {name}'s filter on {interface}"), &e))?;
@@ -396,24 +384,29 @@ fn attach_tc_netlink(
     Ok(attached)
 }
 
+/// Inbound capture's netlink filter on `interface`'s ingress (its fixed priority and handle).
+fn netlink_filter(interface: &str) -> anyhow::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(
+        interface,
+        TcAttachType::Ingress,
+        TC_PRIORITY,
+        TC_HANDLE,
+        None,
+    )
+    .map_err(|e| {
+        explain(
+            &format!("finding inbound capture's filter on {interface}"),
+            &e,
+        )
+    })
+}
+
 /// Deletes the netlink filter whose program is pinned at `pin` (`tc-nl-<ifindex>`), unless
 /// its interface is gone (and the filter with it), and removes the pin.
 fn detach_tc_netlink(pin: &Path, index: u32) -> anyhow::Result<()> {
     if let Ok(interface) = nix::net::if_::if_indextoname(index) {
         let interface = interface.to_string_lossy();
-        let filter = SchedClassifierLink::attached(
-            &interface,
-            TcAttachType::Ingress,
-            TC_PRIORITY,
-            TC_HANDLE,
-            None,
-        )
-        .map_err(|e| {
-            explain(
-                &format!("finding inbound capture's filter on {interface}"),
-                &e,
-            )
-        })?;
+        let filter = netlink_filter(&interface)?;
         match filter.detach() {
             Ok(()) => {}
             // Deleted already.
