@@ -221,6 +221,13 @@ mod tests {
         (connected.unwrap(), accepted.unwrap().0)
     }
 
+    /// The copy between the proxy's ends of two connections, to its end.
+    fn copying(mut client: TcpStream, mut upstream: TcpStream) -> tokio::task::JoinHandle<Copied> {
+        tokio::spawn(async move {
+            bidirectional(&mut client, &mut upstream, std::future::pending()).await
+        })
+    }
+
     /// Writes `data` then shuts writing down, while reading everything that comes back.
     async fn send_and_read_all(stream: TcpStream, data: Vec<u8>) -> Vec<u8> {
         let (mut read, mut write) = stream.into_split();
@@ -260,16 +267,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_close_is_passed_on_and_the_other_direction_goes_on() {
-        let (mut client, mut proxy_client) = socket_pair().await;
-        let (mut proxy_upstream, mut upstream) = socket_pair().await;
-        let copy = tokio::spawn(async move {
-            bidirectional(
-                &mut proxy_client,
-                &mut proxy_upstream,
-                std::future::pending(),
-            )
-            .await
-        });
+        let (mut client, proxy_client) = socket_pair().await;
+        let (proxy_upstream, mut upstream) = socket_pair().await;
+        let copy = copying(proxy_client, proxy_upstream);
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         // The upstream sees the request, then the end of it.
@@ -294,16 +294,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_ends_both_directions_with_the_counts_so_far() {
-        let (mut client, mut proxy_client) = socket_pair().await;
-        let (mut proxy_upstream, upstream) = socket_pair().await;
-        let copy = tokio::spawn(async move {
-            bidirectional(
-                &mut proxy_client,
-                &mut proxy_upstream,
-                std::future::pending(),
-            )
-            .await
-        });
+        let (mut client, proxy_client) = socket_pair().await;
+        let (proxy_upstream, upstream) = socket_pair().await;
+        let copy = copying(proxy_client, proxy_upstream);
         client.write_all(b"hello").await.unwrap();
         let mut upstream = upstream;
         let mut hello = [0u8; 5];
