@@ -119,3 +119,23 @@ pub fn endpoint_slice(service: &str, namespace: &str, pods: &[&Pod], port: u16) 
         endpoints.join(", ")
     )
 }
+
+/// A GAMMA HTTPRoute on port 80 of `service`, as Flagger writes one: every request (path prefix
+/// `/`) split over the backend Services by these weights.
+pub fn split_route(service: &str, namespace: &str, backends: &[(&str, u32)]) -> String {
+    let backends: String = backends
+        .iter()
+        .map(|(name, weight)| {
+            format!(
+                "    - {{group: \"\", kind: Service, name: {name}, port: 80, weight: {weight}}}\n"
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: {service}, namespace: {namespace}}}\n\
+         spec:\n  parentRefs: [{{group: core, kind: Service, name: {service}, port: 80}}]\n  rules:\n\
+         \x20 - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n\
+         \x20   backendRefs:\n{backends}"
+    )
+}

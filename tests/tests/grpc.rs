@@ -145,14 +145,6 @@ fn h2c_service(name: &str, n: u8) -> String {
     policy::h2c_service(name, "demo", [10, 96, 0, n].into(), PORT)
 }
 
-/// A GAMMA HTTPRoute splitting `echo` 50/50 over `echo-primary` and `echo-canary`.
-const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
-     metadata: {name: echo, namespace: demo}\n\
-     spec:\n  parentRefs: [{group: core, kind: Service, name: echo, port: 80}]\n  rules:\n\
-     \x20 - backendRefs:\n\
-     \x20   - {group: \"\", kind: Service, name: echo-primary, port: 80, weight: 50}\n\
-     \x20   - {group: \"\", kind: Service, name: echo-canary, port: 80, weight: 50}\n";
-
 #[test]
 fn grpc_calls_from_an_enrolled_pod_are_split_and_their_statuses_reach_it() {
     let Some(node) = Node::new() else { return };
@@ -170,7 +162,7 @@ fn grpc_calls_from_an_enrolled_pod_are_split_and_their_statuses_reach_it() {
         h2c_service("echo-canary", 32),
         policy::endpoint_slice("echo-primary", "demo", &[&primary], PORT),
         policy::endpoint_slice("echo-canary", "demo", &[&canary], PORT),
-        ROUTE.to_owned(),
+        policy::split_route("echo", "demo", &[("echo-primary", 50), ("echo-canary", 50)]),
     ]));
     let agent = node.start_agent(&[]);
     agent.wait_for_capture(&[&client], 3);

@@ -287,18 +287,6 @@ fn opaque_tcp_is_split_per_connection() {
     );
 }
 
-/// A GAMMA HTTPRoute on `podinfo`, as Flagger writes it, with these weights.
-fn flagger_route(primary: u32, canary: u32) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: podinfo, namespace: demo}}\n\
-         spec:\n  parentRefs: [{{group: core, kind: Service, name: podinfo, port: 80}}]\n  rules:\n\
-         \x20 - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n\
-         \x20   backendRefs:\n\
-         \x20   - {{group: \"\", kind: Service, name: podinfo-primary, port: 80, weight: {primary}}}\n\
-         \x20   - {{group: \"\", kind: Service, name: podinfo-canary, port: 80, weight: {canary}}}\n"
-    )
-}
-
 /// An enrolled client, podinfo with its primary and canary Services and EndpointSlices, and
 /// the Flagger-style route between them with these weights.
 fn flagger_cluster(
@@ -316,7 +304,14 @@ fn flagger_cluster(
         policy::http_service("podinfo-canary", "demo", vip(12), PORT, &[]),
         policy::endpoint_slice("podinfo-primary", "demo", &[primary], PORT),
         policy::endpoint_slice("podinfo-canary", "demo", &[canary], PORT),
-        flagger_route(primary_weight, canary_weight),
+        policy::split_route(
+            "podinfo",
+            "demo",
+            &[
+                ("podinfo-primary", primary_weight),
+                ("podinfo-canary", canary_weight),
+            ],
+        ),
     ])
 }
 

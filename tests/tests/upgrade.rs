@@ -64,14 +64,6 @@ fn http_pods(node: &Node) -> (Pod, [Pod; 2], [Pod; 2]) {
     (client, http, grpc)
 }
 
-/// A GAMMA HTTPRoute splitting `echo` 90/10 over `echo-primary` and `echo-canary`.
-const GRPC_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
-     metadata: {name: echo, namespace: demo}\n\
-     spec:\n  parentRefs: [{group: core, kind: Service, name: echo, port: 80}]\n  rules:\n\
-     \x20 - backendRefs:\n\
-     \x20   - {group: \"\", kind: Service, name: echo-primary, port: 80, weight: 90}\n\
-     \x20   - {group: \"\", kind: Service, name: echo-canary, port: 80, weight: 10}\n";
-
 #[test]
 fn keep_alive_load_over_http1_and_http2_sees_no_failure_across_an_upgrade() {
     let Some(node) = Node::new() else { return };
@@ -91,7 +83,7 @@ fn keep_alive_load_over_http1_and_http2_sees_no_failure_across_an_upgrade() {
         h2c("echo-canary", 32),
         policy::endpoint_slice("echo-primary", "demo", &[&grpc_primary], GRPC_PORT),
         policy::endpoint_slice("echo-canary", "demo", &[&grpc_canary], GRPC_PORT),
-        GRPC_ROUTE.to_owned(),
+        policy::split_route("echo", "demo", &[("echo-primary", 90), ("echo-canary", 10)]),
     ]));
     let agent = node.start_agent(&[]);
     agent.wait_for_capture(&[&client], 6);
