@@ -16,6 +16,17 @@ const NIGHTLY: &str = "nightly";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The fuzz targets in fuzz/fuzz_targets, each with its seed corpus in fuzz/corpus/<target>.
 const FUZZ_TARGETS: &[&str] = &["duration", "annotations", "policy_yaml", "http_request"];
+/// The kernels `cargo xtask test --kernel` boots: Debian's generic images (the -cloud ones lack
+/// 9p, over which virtme-ng shares the host's root filesystem with the guest), by series.
+const KERNELS: &[&str] = &["6.1"];
+/// virtme-ng boots a kernel in qemu over the host's own root filesystem.
+const VIRTME_NG_VERSION: &str = "1.42";
+/// How long each privileged suite may run in the guest. Under qemu's TCG (nested KVM stops
+/// the guest with an emulation failure here) the guest runs several times slower than the
+/// host; the lifecycle suite's 100k connections alone take more than 10 minutes there.
+const GUEST_SUITE_SECONDS: u64 = 30 * 60;
+/// How long the guest may take to boot and shut down, beyond its suites.
+const GUEST_BOOT_SECONDS: u64 = 5 * 60;
 /// How long `cargo xtask test` fuzzes each target, from its seeds: a smoke test that keeps the
 /// targets building and the seeds passing.
 const FUZZ_SMOKE_SECONDS: u32 = 20;
@@ -39,6 +50,10 @@ enum Task {
     /// Every test: unit tests, then the privileged end-to-end tests (as root), then a short run
     /// of each fuzz target (left out when arguments select tests).
     Test {
+        /// Runs the privileged end-to-end suites (only those) inside a VM booted with Debian's
+        /// kernel of this series, under qemu, as root with CI=true; installs what is missing.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(KERNELS))]
+        kernel: Option<String>,
         /// Extra arguments for cargo test (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -101,7 +116,14 @@ fn run(task: Task) -> anyhow::Result<()> {
                 "warnings",
             ]))
         }
-        Task::Test { args } => {
+        Task::Test {
+            kernel: Some(kernel),
+            args,
+        } => {
+            setup()?;
+            test_in_vm(&kernel, &args)
+        }
+        Task::Test { kernel: None, args } => {
             setup()?;
             // The end-to-end tests run the workspace's binaries (agent, test pods).
             cargo(&["build", "--bins"])?;
@@ -166,6 +188,167 @@ fn setup() -> anyhow::Result<()> {
     ensure_bpf_linker()?;
     ensure_cargo_fuzz()?;
     ensure_iproute2()
+}
+
+/// Boots Debian's kernel of `series` under qemu (TCG) with virtme-ng, over the host's root
+/// filesystem, and runs each privileged suite (the test executables of aviary-tests) in it, one
+/// after another, as root with CI=true, with `args` for each. The guest's output streams to
+/// ours; a suite that fails or runs out of time fails the run, after the others have run.
+fn test_in_vm(series: &str, args: &[String]) -> anyhow::Result<()> {
+    ensure_debian_packages(&[
+        ("qemu-system-x86_64", &["--version"], "qemu-system-x86"),
+        // virtme-ng's initramfs runs busybox.
+        ("busybox", &["true"], "busybox-static"),
+    ])?;
+    ensure_virtme_ng()?;
+    let kernel = ensure_debian_kernel(series)?;
+    // The suites run the workspace's binaries (agent, test pods).
+    cargo(&["build", "--bins"])?;
+    let suites = test_executables("aviary-tests")?;
+
+    let quoted_args: String = args
+        .iter()
+        .map(|a| format!(" {}", shell_quote(a)))
+        .collect();
+    let mut script = String::from("failed=\n");
+    for (name, executable) in &suites {
+        script.push_str(&format!(
+            "echo 'xtask (guest): {name}'\n\
+             CI=true timeout {GUEST_SUITE_SECONDS} {}{quoted_args} || failed=\"$failed {name}\"\n",
+            shell_quote(&executable.to_string_lossy()),
+        ));
+    }
+    script.push_str("[ -z \"$failed\" ] || { echo \"xtask (guest): failed:$failed\"; exit 1; }\n");
+
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let limit = GUEST_BOOT_SECONDS + GUEST_SUITE_SECONDS * suites.len() as u64;
+    eprintln!(
+        "xtask: running {} suites on {} under qemu (TCG)",
+        suites.len(),
+        kernel.display()
+    );
+    status(
+        Command::new("timeout")
+            .args(["--kill-after=30", &limit.to_string(), "vng", "--run"])
+            .arg(&kernel)
+            // Nested KVM stops this guest with an emulation failure; TCG is slower but works.
+            .args([
+                "--disable-kvm",
+                "--memory",
+                "2G",
+                "--cpus",
+                &cpus.to_string(),
+            ])
+            .args(["--user", "root", "--cwd"])
+            .arg(workspace_root())
+            .args(["--", &script]),
+    )
+    .with_context(|| {
+        format!("the privileged suites on Linux {series}; the guest's output is above")
+    })
+}
+
+/// The test executables cargo builds for `package`, by target name.
+fn test_executables(package: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    cargo(&["test", "-p", package, "--no-run"])?;
+    let messages = output(
+        Command::new("cargo")
+            .args(["test", "-p", package, "--no-run", "--message-format=json"])
+            .current_dir(workspace_root()),
+    )?;
+    let mut executables = Vec::new();
+    for line in messages.lines() {
+        let message: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("cargo printed {line:?}, not JSON"))?;
+        let is_test_target = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == "test"));
+        if let (true, Some(name), Some(executable)) = (
+            is_test_target,
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) {
+            executables.push((name.to_owned(), PathBuf::from(executable)));
+        }
+    }
+    if executables.is_empty() {
+        bail!("cargo built no test executable for {package}");
+    }
+    Ok(executables)
+}
+
+/// A word for `sh`, in single quotes.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+fn ensure_virtme_ng() -> anyhow::Result<()> {
+    let current = Command::new("vng").arg("--version").output();
+    if let Ok(out) = current {
+        if String::from_utf8_lossy(&out.stdout).contains(VIRTME_NG_VERSION) {
+            return Ok(());
+        }
+    }
+    eprintln!("xtask: installing virtme-ng {VIRTME_NG_VERSION} (it boots test kernels)");
+    status(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
+    ]))
+}
+
+/// The newest installed Debian kernel image of `series` (e.g. /boot/vmlinuz-6.1.0-57-amd64);
+/// if there is none, installs the newest one the archive has.
+fn ensure_debian_kernel(series: &str) -> anyhow::Result<PathBuf> {
+    if let Some(image) = newest_debian_kernel(series)? {
+        return Ok(image);
+    }
+    if !is_root() {
+        bail!("no Debian {series} kernel in /boot; install one (as root: apt-get install linux-image-{series}.0-<abi>-amd64-unsigned)");
+    }
+    status(Command::new("apt-get").arg("update"))?;
+    let pattern = format!(
+        "^linux-image-{}\\.0-[0-9]+-amd64-unsigned$",
+        series.replace('.', "\\.")
+    );
+    let found = output(Command::new("apt-cache").args(["search", "--names-only", &pattern]))?;
+    let package = found
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .max_by_key(|package| debian_kernel_abi(package, series))
+        .with_context(|| format!("the Debian archive has no package matching {pattern}"))?;
+    eprintln!("xtask: installing {package}");
+    apt_get_install(&[package])?;
+    newest_debian_kernel(series)?
+        .with_context(|| format!("{package} installed no /boot/vmlinuz-{series}.0-*-amd64"))
+}
+
+fn newest_debian_kernel(series: &str) -> anyhow::Result<Option<PathBuf>> {
+    let mut newest = None;
+    for entry in std::fs::read_dir("/boot").context("reading /boot")? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(abi) = name
+            .strip_prefix("vmlinuz-")
+            .and_then(|kernel| debian_kernel_abi(kernel, series))
+        {
+            if newest.as_ref().is_none_or(|(newest, _)| abi > *newest) {
+                newest = Some((abi, Path::new("/boot").join(&name)));
+            }
+        }
+    }
+    Ok(newest.map(|(_, image)| image))
+}
+
+/// The ABI number of a generic amd64 kernel of `series`: 57 for `6.1.0-57-amd64` and for the
+/// package `linux-image-6.1.0-57-amd64-unsigned`.
+fn debian_kernel_abi(name: &str, series: &str) -> Option<u32> {
+    let name = name.strip_prefix("linux-image-").unwrap_or(name);
+    let name = name.strip_suffix("-unsigned").unwrap_or(name);
+    name.strip_prefix(&format!("{series}.0-"))?
+        .strip_suffix("-amd64")?
+        .parse()
+        .ok()
 }
 
 /// Runs each fuzz target for `seconds`, one after another (libFuzzer, with the address
@@ -306,14 +489,8 @@ fn ensure_debian_packages(wanted: &[(&str, &[&str], &str)]) -> anyhow::Result<()
             .with_context(|| format!("writing {POLICY_RC_D}"))?;
         status(Command::new("chmod").args(["755", POLICY_RC_D]))?;
     }
-    let installed = status(Command::new("apt-get").arg("update")).and_then(|()| {
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    });
+    let installed =
+        status(Command::new("apt-get").arg("update")).and_then(|()| apt_get_install(&missing));
     if ours {
         let _ = std::fs::remove_file(policy);
     }
@@ -328,6 +505,15 @@ fn ensure_debian_packages(wanted: &[(&str, &[&str], &str)]) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+fn apt_get_install(packages: &[&str]) -> anyhow::Result<()> {
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
@@ -383,4 +569,30 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debian_kernel_abi_reads_images_and_packages_of_the_series_only() {
+        assert_eq!(debian_kernel_abi("6.1.0-57-amd64", "6.1"), Some(57));
+        assert_eq!(
+            debian_kernel_abi("linux-image-6.1.0-50-amd64-unsigned", "6.1"),
+            Some(50)
+        );
+        assert_eq!(debian_kernel_abi("6.1.0-57-cloud-amd64", "6.1"), None);
+        assert_eq!(debian_kernel_abi("6.12.0-1-amd64", "6.1"), None);
+        assert_eq!(debian_kernel_abi("6.18.44-fc-v657", "6.1"), None);
+    }
+
+    #[test]
+    fn shell_quote_keeps_quotes_and_spaces_in_one_word() {
+        let out = Command::new("sh")
+            .args(["-c", &format!("printf %s {}", shell_quote("it's a test"))])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's a test");
+    }
 }
