@@ -83,6 +83,24 @@ const PREFIX: &str = "avt";
 static SERIAL: Mutex<()> = Mutex::new(());
 static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
 
+/// How many times slower than this machine's own kernel the tests run here: 1, or what
+/// `AVIARY_TEST_SLOWDOWN` says (`cargo xtask test --kernel` sets it in its emulated guest). Every
+/// bound on waiting is stretched by it ([`patience`]); what the tests check is not.
+pub fn slowdown() -> u32 {
+    static SLOWDOWN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SLOWDOWN.get_or_init(|| match std::env::var("AVIARY_TEST_SLOWDOWN") {
+        Err(_) => 1,
+        Ok(factor) => factor.parse().ok().filter(|f| *f >= 1).unwrap_or_else(|| {
+            panic!("AVIARY_TEST_SLOWDOWN={factor:?} is not a whole number >= 1")
+        }),
+    })
+}
+
+/// `timeout`, stretched for a slow machine: see [`slowdown`].
+pub fn patience(timeout: Duration) -> Duration {
+    timeout * slowdown()
+}
+
 /// Whether privileged tests can run here. Outside CI a test without privileges is skipped with
 /// a message; under CI=true it fails, so that CI never passes without running it.
 pub fn privileged() -> bool {
@@ -921,6 +939,7 @@ impl Pod {
 }
 
 fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let timeout = patience(timeout);
     let deadline = Instant::now() + timeout;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -1101,9 +1120,10 @@ impl Drop for Agent {
     }
 }
 
-/// Polls `check` every 20 ms until it returns Some or `timeout` passes.
+/// Polls `check` every 20 ms until it returns Some or `timeout` (stretched by [`patience`])
+/// passes.
 pub fn wait_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + patience(timeout);
     loop {
         if let Some(value) = check() {
             return Some(value);

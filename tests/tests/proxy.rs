@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use aviary_tests::{apiserver::ApiServer, policy, tally, wait_until, Node, Pod};
+use aviary_tests::{apiserver::ApiServer, patience, policy, tally, wait_until, Node, Pod};
 
 const PODINFO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORT: u16 = 8080;
@@ -402,7 +402,7 @@ fn weight_change_is_followed_within_a_second(
         });
         let took = followed.expect("the new weights never took effect");
         assert!(
-            took < Duration::from_secs(1),
+            took < patience(Duration::from_secs(1)),
             "the split followed after {took:?}"
         );
 

@@ -4,11 +4,12 @@
 
 use std::{
     collections::BTreeMap,
+    io::BufRead,
     net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
-use aviary_tests::{policy, Agent, Node, Pod};
+use aviary_tests::{patience, policy, slowdown, Agent, Node, Pod};
 
 const PORT: u16 = 8080;
 const GRPC_PORT: u16 = 50051;
@@ -121,11 +122,13 @@ fn keep_alive_load_over_http1_and_http2_sees_no_failure_across_an_upgrade() {
     assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "{http1}");
     assert_eq!(tally(&http1, "errors").len(), 0, "{http1}");
     assert!(http1.contains("\nerrors 0\n"), "{http1}");
-    assert!(statuses["200"] > 100, "{http1}");
+    // Enough requests to show the load ran across the upgrade, on a machine this fast.
+    let enough = 100 / slowdown();
+    assert!(statuses["200"] > enough, "{http1}");
     let grpc = finished(grpc);
     let statuses = tally(&grpc, "status");
     assert_eq!(statuses.keys().collect::<Vec<_>>(), ["Ok"], "{grpc}");
-    assert!(statuses["Ok"] > 100, "{grpc}");
+    assert!(statuses["Ok"] > enough, "{grpc}");
     // The listeners moved, so not one connect found none and went direct.
     assert_eq!(successor.counter("connect_failed_open"), 0);
     assert!(successor.counter("connect_captured") > 4);
@@ -152,11 +155,19 @@ fn long_lived_streams_survive_three_upgrades_byte_for_byte() {
 
     // An opaque stream (the backend greets first) and a WebSocket-style upgraded one, each
     // checking every byte that comes back.
-    let opaque = node.spawn(&client, &["echo-stream", "10.96.0.20:80", "--secs", "12"]);
-    let upgraded = node.spawn(
+    // They last past the three upgrades (each after 2 s of traffic), and are under way before
+    // the first.
+    let secs = patience(Duration::from_secs(12)).as_secs().to_string();
+    let mut opaque = node.spawn(&client, &["echo-stream", "10.96.0.20:80", "--secs", &secs]);
+    let mut upgraded = node.spawn(
         &client,
-        &["echo-stream", "10.96.0.21:80", "--secs", "12", "--upgrade"],
+        &["echo-stream", "10.96.0.21:80", "--secs", &secs, "--upgrade"],
     );
+    for stream in [&mut opaque, &mut upgraded] {
+        let mut line = String::new();
+        stream.read_line(&mut line).unwrap();
+        assert_eq!(line, "streaming\n");
+    }
     for _ in 0..3 {
         std::thread::sleep(Duration::from_secs(2));
         let moved;

@@ -170,8 +170,9 @@ enum Command {
     },
     /// One long-lived connection carrying a byte pattern to an echoing backend (`serve`, or with
     /// `--upgrade` an HTTP upgrade to `http-serve`) and checking every byte that comes back, for
-    /// `secs`; then a half-close, and the rest of the echo. Prints "stream <bytes> ok"; fails on
-    /// the first byte out of place, or a connection that ends early.
+    /// `secs`; then a half-close, and the rest of the echo. Prints "streaming" once the stream is
+    /// established, then "stream <bytes> ok"; fails on the first byte out of place, or a
+    /// connection that ends early.
     EchoStream {
         addr: SocketAddr,
         #[arg(long)]
@@ -980,6 +981,9 @@ fn echo_stream(addr: SocketAddr, secs: Duration, upgrade: bool) -> anyhow::Resul
             bail!("no greeting: {greeting:?}");
         }
     }
+    // The test waits for this line before it disturbs the stream.
+    println!("streaming");
+    std::io::stdout().flush()?;
     let deadline = Instant::now() + secs;
     let writer = stream.try_clone()?;
     let sending = std::thread::spawn(move || -> anyhow::Result<u64> {
