@@ -206,7 +206,7 @@ fn test_in_vm(series: &str, args: &[String]) -> anyhow::Result<()> {
         // virtme-ng's initramfs runs busybox.
         ("busybox", &["true"], "busybox-static"),
     ])?;
-    ensure_virtme_ng()?;
+    let vng = ensure_virtme_ng()?;
     let kernel = ensure_debian_kernel(series)?;
     // The suites run the workspace's binaries (agent, test pods).
     cargo(&["build", "--bins"])?;
@@ -251,7 +251,9 @@ fn test_in_vm(series: &str, args: &[String]) -> anyhow::Result<()> {
     );
     status(
         Command::new("timeout")
-            .args(["--kill-after=30", &limit.to_string(), "vng", "--run"])
+            .args(["--kill-after=30", &limit.to_string()])
+            .arg(&vng)
+            .arg("--run")
             .arg(&kernel)
             // Nested KVM stops this guest with an emulation failure; TCG is slower but works.
             .args([
@@ -308,20 +310,46 @@ fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
 }
 
-fn ensure_virtme_ng() -> anyhow::Result<()> {
-    let current = Command::new("vng").arg("--version").output();
-    if let Ok(out) = current {
-        if String::from_utf8_lossy(&out.stdout).contains(VIRTME_NG_VERSION) {
-            return Ok(());
-        }
+/// virtme-ng, in a virtual environment of its own made with Debian's python3 (pip may not
+/// install into the system's python, PEP 668): ~/.cache/aviary/virtme-ng-<version>/bin/vng.
+fn ensure_virtme_ng() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let venv = Path::new(&home)
+        .join(".cache/aviary")
+        .join(format!("virtme-ng-{VIRTME_NG_VERSION}"));
+    let vng = venv.join("bin/vng");
+    let installed = Command::new(&vng)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(VIRTME_NG_VERSION));
+    if installed {
+        return Ok(vng);
     }
-    eprintln!("xtask: installing virtme-ng {VIRTME_NG_VERSION} (it boots test kernels)");
-    status(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
-    ]))
+    let python = "/usr/bin/python3";
+    let has_venv = Command::new(python)
+        .args(["-c", "import ensurepip, venv"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !has_venv {
+        if !is_root() {
+            bail!("python3 cannot make virtual environments; install python3-venv (as root: apt-get install python3-venv)");
+        }
+        status(Command::new("apt-get").arg("update"))?;
+        apt_get_install(&["python3-venv"])?;
+    }
+    eprintln!(
+        "xtask: installing virtme-ng {VIRTME_NG_VERSION} in {} (it boots test kernels)",
+        venv.display()
+    );
+    // A half-made environment from an interrupted install is made again.
+    let _ = std::fs::remove_dir_all(&venv);
+    status(Command::new(python).args(["-m", "venv"]).arg(&venv))?;
+    status(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")),
+    )?;
+    Ok(vng)
 }
 
 /// The newest installed Debian kernel image of `series` (e.g. /boot/vmlinuz-6.1.0-57-amd64);
