@@ -7,6 +7,9 @@
 //! - field selectors on plain fields (`spec.nodeName=...`);
 //! - GET, POST, PUT (with resourceVersion conflicts) and JSON merge PATCH, on objects and on their
 //!   `status` subresource;
+//! - TokenReview: tokens the test issues ([`ApiServer::issue_token`]) review as authenticated,
+//!   with their user, extras and audiences, as a real API server reviews bound service-account
+//!   tokens; any other token reviews as not authenticated;
 //! - resources can be made "not served" (404, like a CRD that is not installed), watches can be
 //!   dropped, and the whole server can refuse requests (an outage).
 //!
@@ -62,6 +65,20 @@ struct State {
     down: bool,
     watches: Vec<Watch>,
     requests: Vec<String>,
+    tokens: BTreeMap<String, Token>,
+}
+
+/// What a token the fixture issued stands for.
+#[derive(Clone, Debug)]
+pub struct Token {
+    /// `system:serviceaccount:<namespace>:<name>`.
+    pub username: String,
+    pub uid: String,
+    /// Bound tokens carry the pod (and node) they were issued to, under
+    /// `authentication.kubernetes.io/pod-name`, `pod-uid` and `node-name`.
+    pub extra: BTreeMap<String, Vec<String>>,
+    /// The audiences the token is valid for.
+    pub audiences: Vec<String>,
 }
 
 /// The fixture; it stops serving when dropped.
@@ -243,6 +260,15 @@ impl ApiServer {
     }
 
     /// The requests served so far, as "METHOD path?query".
+    /// Issues `token` as the API server issues a projected service-account token.
+    pub fn issue_token(&self, token: &str, claims: Token) {
+        self.state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.to_owned(), claims);
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -513,6 +539,9 @@ async fn serve(state: &Mutex<State>, request: Request<hyper::body::Incoming>) ->
                 None => status_response(StatusCode::NOT_FOUND, "NotFound", "not found"),
             }
         }
+        ("POST", None) if target.collection == TOKEN_REVIEWS => {
+            review_token(&state.lock().unwrap(), body)
+        }
         ("POST", None) => create(&mut state.lock().unwrap(), &target, body),
         ("PUT", Some(name)) => replace(&mut state.lock().unwrap(), &target, name, body),
         ("PATCH", Some(name)) => merge_patch(&mut state.lock().unwrap(), &target, name, body),
@@ -522,6 +551,38 @@ async fn serve(state: &Mutex<State>, request: Request<hyper::body::Incoming>) ->
             "not supported by the fixture",
         ),
     }
+}
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// A TokenReview's status, as the API server fills it in: authenticated when the token is one
+/// the fixture issued and valid for one of the audiences asked for (or, with none asked for, for
+/// the API server's own, which the fixture's tokens are not).
+fn review_token(state: &State, mut review: Value) -> Response<Body> {
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<&str> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let claims = state.tokens.get(token).filter(|claims| {
+        wanted
+            .iter()
+            .any(|audience| claims.audiences.iter().any(|a| a == audience))
+    });
+    review["status"] = match claims {
+        Some(claims) => json!({
+            "authenticated": true,
+            "audiences": wanted,
+            "user": {
+                "username": claims.username,
+                "uid": claims.uid,
+                "groups": ["system:serviceaccounts", "system:authenticated"],
+                "extra": claims.extra,
+            },
+        }),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    respond(StatusCode::CREATED, &review)
 }
 
 fn object_id(target: &Target, name: &str) -> ObjectId {

@@ -21,7 +21,7 @@ use aviary_agent::{
 use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
+        apps::v1::{DaemonSet, Deployment},
         core::v1::{Namespace, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
@@ -106,7 +106,15 @@ fn the_base_manifests_are_valid_kubernetes_objects() {
             "Role",
             "RoleBinding",
             "DaemonSet",
-            "Service"
+            "Service",
+            // The identity signer.
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Deployment",
         ]
     );
     for object in &objects {
@@ -118,6 +126,7 @@ fn the_base_manifests_are_valid_kubernetes_objects() {
             "Role" => drop(round_trips_as::<Role>(object)),
             "RoleBinding" => drop(round_trips_as::<RoleBinding>(object)),
             "DaemonSet" => drop(round_trips_as::<DaemonSet>(object)),
+            "Deployment" => drop(round_trips_as::<Deployment>(object)),
             "Service" => drop(round_trips_as::<Service>(object)),
             other => panic!("unexpected kind {other}"),
         }
@@ -130,46 +139,88 @@ fn the_base_manifests_are_valid_kubernetes_objects() {
     }
 }
 
-#[test]
-fn rbac_grants_exactly_what_the_agent_uses() {
-    let objects = base_objects();
+/// What the roles bound to the ServiceAccount `subject` grant: (group, resource, verb, whether
+/// in a Role, the object it is limited to).
+fn granted_to(
+    objects: &[Value],
+    subject: &str,
+) -> BTreeSet<(String, String, String, bool, Option<String>)> {
     let mut granted = BTreeSet::new();
-    for (kind, namespaced) in [("ClusterRole", false), ("Role", true)] {
-        for role in of_kind(&objects, kind) {
+    for (binding_kind, role_kind) in [
+        ("ClusterRoleBinding", "ClusterRole"),
+        ("RoleBinding", "Role"),
+    ] {
+        for binding in of_kind(objects, binding_kind) {
+            let subjects = binding["subjects"].as_array().unwrap();
+            if !subjects.iter().any(|s| s["name"] == subject) {
+                continue;
+            }
+            assert!(
+                subjects.iter().all(|s| s["namespace"] == "aviary-system"),
+                "{binding}"
+            );
+            let role = of_kind(objects, role_kind)
+                .into_iter()
+                .find(|r| r["metadata"]["name"] == binding["roleRef"]["name"])
+                .unwrap_or_else(|| panic!("{binding_kind} names no {role_kind} there is"));
             for rule in role["rules"].as_array().unwrap() {
+                let names: Vec<Option<String>> = match rule["resourceNames"].as_array() {
+                    Some(names) => names
+                        .iter()
+                        .map(|n| Some(n.as_str().unwrap().to_owned()))
+                        .collect(),
+                    None => vec![None],
+                };
                 for group in rule["apiGroups"].as_array().unwrap() {
                     for resource in rule["resources"].as_array().unwrap() {
                         for verb in rule["verbs"].as_array().unwrap() {
-                            granted.insert((
-                                group.as_str().unwrap().to_owned(),
-                                resource.as_str().unwrap().to_owned(),
-                                verb.as_str().unwrap().to_owned(),
-                                namespaced,
-                            ));
+                            for name in &names {
+                                granted.insert((
+                                    group.as_str().unwrap().to_owned(),
+                                    resource.as_str().unwrap().to_owned(),
+                                    verb.as_str().unwrap().to_owned(),
+                                    role_kind == "Role",
+                                    name.clone(),
+                                ));
+                            }
                         }
                     }
                 }
             }
         }
     }
-    let mut used = BTreeSet::new();
+    granted
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_agent_and_the_signer_use() {
+    let objects = base_objects();
+    let mut agent = BTreeSet::new();
     for access in api_access() {
         for verb in &access.verbs {
-            used.insert((
+            agent.insert((
                 access.group.clone(),
                 access.resource.clone(),
                 verb.to_string(),
                 access.namespaced,
+                None,
             ));
         }
     }
-    assert_eq!(granted, used);
-    // The bindings give those roles to the agent's ServiceAccount.
-    for kind in ["ClusterRoleBinding", "RoleBinding"] {
-        let binding = of_kind(&objects, kind)[0];
-        assert_eq!(binding["subjects"][0]["name"], "aviary");
-        assert_eq!(binding["subjects"][0]["namespace"], "aviary-system");
-    }
+    assert_eq!(granted_to(&objects, "aviary"), agent);
+    let signer: BTreeSet<_> = aviary_identity::signer::api_access()
+        .into_iter()
+        .map(|a| {
+            (
+                a.group.to_owned(),
+                a.resource.to_owned(),
+                a.verb.to_owned(),
+                a.namespaced,
+                a.name.map(str::to_owned),
+            )
+        })
+        .collect();
+    assert_eq!(granted_to(&objects, "aviary-identity"), signer);
 }
 
 fn daemonset() -> DaemonSet {
@@ -694,6 +745,70 @@ fn the_grafana_dashboard_queries_real_metrics() {
     ] {
         assert!(names.contains(needed), "the dashboard lacks {needed}");
     }
+}
+
+#[test]
+fn the_signer_runs_from_the_image_with_valid_flags_and_no_privileges() {
+    let objects = base_objects();
+    let deployment: Deployment =
+        serde_json::from_value(of_kind(&objects, "Deployment")[0].clone()).unwrap();
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("aviary-identity"));
+    let container = &pod.containers[0];
+    let command = container.command.clone().unwrap();
+    assert_eq!(command, ["/usr/local/bin/aviary-identity"]);
+    let dockerfile = fs::read_to_string(deploy().join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains("/src/target/release/aviary-identity /usr/local/bin/aviary-identity"),
+        "the image carries no signer"
+    );
+
+    // Its environment is a valid configuration (each variable one the signer reads).
+    let by_env: BTreeMap<String, String> = aviary_identity::config::Flags::command()
+        .get_arguments()
+        .filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned())))
+        .collect();
+    let mut args = vec!["aviary-identity".to_owned()];
+    for env in container.env.iter().flatten() {
+        let flag = by_env
+            .get(&env.name)
+            .unwrap_or_else(|| panic!("the signer reads no variable {}", env.name));
+        let value = env
+            .value
+            .clone()
+            .unwrap_or_else(|| "from-the-downward-api".into());
+        args.extend([format!("--{flag}"), value]);
+    }
+    let flags = aviary_identity::config::Flags::try_parse_from(args).unwrap();
+    assert_eq!(flags.certificate_lifetime, Duration::from_secs(24 * 3600));
+
+    // The Service reaches the port it listens on.
+    let port = container.ports.as_ref().unwrap()[0].container_port;
+    assert_eq!(port, i32::from(aviary_identity::config::DEFAULT_PORT));
+    assert_eq!(flags.listen.port(), aviary_identity::config::DEFAULT_PORT);
+    let service = of_kind(&objects, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "aviary-identity")
+        .unwrap();
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], port);
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment
+            .metadata
+            .labels
+            .map(|l| serde_json::to_value(l).unwrap())
+            .unwrap()
+    );
+
+    // It needs no privilege at all.
+    let security = container.security_context.as_ref().unwrap();
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        security.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
 }
 
 // The Helm chart. helm cannot be installed on these machines, so its templates are generated

@@ -99,7 +99,14 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Build => {
             setup()?;
-            cargo(&["build", "--release", "-p", "aviary-agent"])
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "aviary-agent",
+                "-p",
+                "aviary-identity",
+            ])
         }
         Task::Lint => {
             setup()?;
