@@ -22,6 +22,7 @@ use tracing::warn;
 
 use crate::{
     ebpf::maps::Stats,
+    identity::Certificates,
     metrics::Metrics,
     proxy::route::{BackendRef, RouteTable, ServiceRoutes},
     state::{Snapshot, SnapshotRx},
@@ -34,6 +35,9 @@ pub struct Admin {
     pub stats: Stats,
     /// The agent's pod, named in `/ready`'s answers ([`POD_HEADER`]).
     pub pod_name: Option<HeaderValue>,
+    /// The workloads' certificates, whose state `/ready` reports (it does not make the agent
+    /// unready: traffic flows without them).
+    pub certificates: Option<Arc<Certificates>>,
 }
 
 /// The header in which `/ready` names the agent's pod: while a rolling update overlaps the old
@@ -66,7 +70,11 @@ impl Admin {
     fn handle(&self, path: &str) -> Response<Full<Bytes>> {
         match path {
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/ready" => ready_response(self.ready.load(Ordering::Acquire), self.pod_name.as_ref()),
+            "/ready" => ready_response(
+                self.ready.load(Ordering::Acquire),
+                self.pod_name.as_ref(),
+                self.certificates.as_ref().map(|c| c.status()),
+            ),
             "/config_dump" => self.json(config_dump(&self.snapshots.borrow())),
             "/stats/ebpf" => match (self.stats.counters(), self.stats.occupancy()) {
                 (Ok(counters), Ok(occupancy)) => {
@@ -98,15 +106,24 @@ impl Admin {
     }
 }
 
-fn ready_response(ready: bool, pod_name: Option<&HeaderValue>) -> Response<Full<Bytes>> {
-    let mut response = if ready {
-        text(StatusCode::OK, "ready\n")
+fn ready_response(
+    ready: bool,
+    pod_name: Option<&HeaderValue>,
+    detail: Option<String>,
+) -> Response<Full<Bytes>> {
+    let (status, mut body) = if ready {
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
-        text(
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for the first policy snapshot\n",
+            "not ready: waiting for the first policy snapshot\n".to_owned(),
         )
     };
+    if let Some(detail) = detail {
+        body.push_str(&detail);
+        body.push('\n');
+    }
+    let mut response = text(status, &body);
     if let Some(pod) = pod_name {
         response.headers_mut().insert(POD_HEADER, pod.clone());
     }
@@ -368,7 +385,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let pod = pod.map(HeaderValue::from_static);
         tokio::spawn(serve_paths(listener, move |_| {
-            ready_response(ready, pod.as_ref())
+            ready_response(ready, pod.as_ref(), None)
         }));
         addr
     }

@@ -11,6 +11,7 @@ use http::HeaderValue;
 
 use crate::{
     ebpf::{TcAttach, AUTO_UPLINKS},
+    identity::IdentityConfig,
     policy::gamma::parse_duration,
     proxy::{balance::OutlierConfig, http::HttpConfig},
 };
@@ -104,6 +105,32 @@ pub struct Args {
         default_value = "/run/aviary/handoff.sock"
     )]
     pub handoff_socket: PathBuf,
+
+    /// The identity signer, host:port (the host is the name its certificate carries): with it,
+    /// the agent holds a certificate for each service account its node's enrolled pods run as.
+    /// Empty: no workload identities.
+    #[arg(long, env = "AVIARY_IDENTITY_SIGNER", default_value = "")]
+    pub identity_signer: String,
+
+    /// The SPIFFE trust domain of workload identities.
+    #[arg(long, env = "AVIARY_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// The signer's CA certificate: the ConfigMap aviary-trust-bundle, mounted.
+    #[arg(
+        long,
+        env = "AVIARY_TRUST_BUNDLE",
+        default_value = "/var/run/aviary/trust/ca.crt"
+    )]
+    pub trust_bundle: PathBuf,
+
+    /// The agent's service-account token projected for the signer (audience aviary-identity).
+    #[arg(
+        long,
+        env = "AVIARY_IDENTITY_TOKEN",
+        default_value = "/var/run/secrets/aviary/identity/token"
+    )]
+    pub identity_token: PathBuf,
 
     /// How long a stopping agent lets in-flight requests, mirrors and connections finish
     /// before it exits: below the pod's terminationGracePeriodSeconds.
@@ -419,6 +446,8 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
     pub handoff_socket: PathBuf,
+    /// None: no workload identities.
+    pub identity: Option<IdentityConfig>,
     pub drain_timeout: Duration,
     pub proxy_v4: Ipv4Addr,
     pub proxy_v6: Option<Ipv6Addr>,
@@ -489,6 +518,12 @@ impl TryFrom<Args> for Config {
             pin_dir: args.bpffs.join(&args.pin_name),
             bpffs: args.bpffs,
             handoff_socket: args.handoff_socket,
+            identity: (!args.identity_signer.is_empty()).then_some(IdentityConfig {
+                signer: args.identity_signer,
+                trust_domain: args.trust_domain,
+                trust_bundle: args.trust_bundle,
+                token: args.identity_token,
+            }),
             drain_timeout: args.drain_timeout,
             proxy_v4,
             proxy_v6: args.proxy_ip6,
@@ -704,6 +739,39 @@ mod tests {
         assert!(Args::try_parse_from(["aviary-agent", "uninstall", "--pin-name", ".."]).is_err());
         assert!(
             Args::try_parse_from(["aviary-agent", "uninstall", "--proxy-ip", "10.0.0.1"]).is_err()
+        );
+    }
+
+    #[test]
+    fn workload_identities_are_on_with_a_signer_only() {
+        let base = ["--local", "p", "--proxy-ip", "10.0.0.1"];
+        assert_eq!(parse(&base).unwrap().identity, None);
+        let cfg = parse(
+            &[
+                &base[..],
+                &[
+                    "--identity-signer",
+                    "aviary-identity.aviary-system.svc:15012",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.identity,
+            Some(IdentityConfig {
+                signer: "aviary-identity.aviary-system.svc:15012".into(),
+                trust_domain: "cluster.local".into(),
+                trust_bundle: "/var/run/aviary/trust/ca.crt".into(),
+                token: "/var/run/secrets/aviary/identity/token".into(),
+            })
+        );
+        assert_eq!(
+            parse(&[&base[..], &["--identity-signer", ""]].concat())
+                .unwrap()
+                .identity,
+            None,
+            "empty is off"
         );
     }
 

@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod config;
 pub mod ebpf;
 pub mod handoff;
+pub mod identity;
 pub mod kubernetes;
 pub mod metrics;
 pub mod policy;

@@ -26,6 +26,7 @@ use crate::{
         Datapath, DatapathConfig,
     },
     handoff::{HandoffListener, ListenerKind, Predecessor, Sockets, Successor},
+    identity::{self, Certificates},
     kubernetes::{
         self,
         lease::{release, LeaseConfig},
@@ -134,6 +135,20 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         "routing table",
         apply_routes(snapshots.clone(), routes.clone()),
     );
+    // The workloads' certificates, when the agent has a signer.
+    let certificates = cfg.identity.clone().map(|config| {
+        let certificates = Arc::new(Certificates::default());
+        let (wanted_tx, wanted) = watch::channel(Default::default());
+        supervisor.spawn(
+            "workload identities",
+            identity::follow(snapshots.clone(), config.trust_domain.clone(), wanted_tx),
+        );
+        supervisor.spawn(
+            "workload certificates",
+            identity::maintain(config, wanted, certificates.clone()),
+        );
+        certificates
+    });
     // The status writer, when this agent runs one: stopped, and its lease released, on shutdown.
     let mut status_writer = None;
     match &cfg.policy {
@@ -320,6 +335,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         snapshots: snapshots.clone(),
         stats: Stats::open(pins)?,
         pod_name: cfg.pod_name.clone(),
+        certificates,
     });
     supervisor.spawn(
         "health endpoint",

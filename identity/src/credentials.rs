@@ -84,6 +84,7 @@ impl KeyRequest {
         };
         Ok(Credentials {
             identity: self.identity,
+            received: SystemTime::now(),
             not_before: time(validity.not_before),
             not_after: time(validity.not_after),
             chain,
@@ -95,6 +96,8 @@ impl KeyRequest {
 /// A certificate chain (leaf first) for one identity, and its private key.
 pub struct Credentials {
     pub identity: Identity,
+    /// When the signer's answer came (not_before is set back for clocks behind).
+    pub received: SystemTime,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     chain: Vec<CertificateDer<'static>>,
@@ -110,14 +113,14 @@ impl Credentials {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
 
-    /// When to renew: at half of the certificate's life, as Istio and Linkerd do, so that a
-    /// signer outage of up to half a lifetime goes unnoticed by the data path.
+    /// When to renew: half way through the life it had when it came, as Istio and Linkerd do,
+    /// so that a signer outage of up to half a lifetime goes unnoticed by the data path.
     pub fn renew_at(&self) -> SystemTime {
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(self.received)
             .unwrap_or_default();
-        self.not_before + life / 2
+        self.received + life / 2
     }
 
     pub fn is_expired(&self, now: SystemTime) -> bool {

@@ -380,6 +380,50 @@ fn the_daemonset_configures_mounts_and_exposes_what_the_agent_uses() {
             assert_eq!(mount.read_only, None);
         }
     }
+    // Workload identities: the signer's Service, its trust bundle, and a token of its audience.
+    let identity = cfg.identity.as_ref().expect("workload identities are on");
+    let signer_flags = aviary_identity::config::Flags::try_parse_from(["aviary-identity"]).unwrap();
+    assert_eq!(
+        identity.signer,
+        format!(
+            "aviary-identity.{}.svc:{}",
+            signer_flags.namespace,
+            aviary_identity::config::DEFAULT_PORT
+        )
+    );
+    let volume_at = |path: &Path| {
+        let mount = mounts
+            .iter()
+            .find(|m| path.parent() == Some(Path::new(&m.mount_path)))
+            .unwrap_or_else(|| panic!("nothing mounted for {}", path.display()));
+        assert_eq!(mount.read_only, Some(true));
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap()
+    };
+    let bundle = volume_at(&identity.trust_bundle)
+        .config_map
+        .as_ref()
+        .unwrap();
+    assert_eq!(bundle.name, signer_flags.trust_bundle);
+    assert_eq!(bundle.optional, Some(true));
+    let file = identity.trust_bundle.file_name().unwrap();
+    assert_eq!(file, aviary_identity::signer::CA_CERTIFICATE);
+    let token = volume_at(&identity.token)
+        .projected
+        .as_ref()
+        .unwrap()
+        .sources
+        .as_ref()
+        .unwrap()[0]
+        .service_account_token
+        .clone()
+        .unwrap();
+    assert_eq!(token.audience, Some(signer_flags.token_audience));
+    assert_eq!(Path::new(&token.path), identity.token.file_name().unwrap());
+
     let bpffs = mounts
         .iter()
         .find(|m| m.mount_path == "/sys/fs/bpf")
@@ -816,7 +860,7 @@ fn the_signer_runs_from_the_image_with_valid_flags_and_no_privileges() {
 // rewrites them), and rendered here by a renderer of exactly the template syntax they use.
 
 /// Base text -> template text.
-const SUBSTITUTIONS: [(&str, &str); 13] = [
+const SUBSTITUTIONS: [(&str, &str); 14] = [
     (
         "ghcr.io/aviary-mesh/aviary-agent:0.1.0",
         "{{ .Values.image.repository }}:{{ .Values.image.tag }}",
@@ -824,6 +868,10 @@ const SUBSTITUTIONS: [(&str, &str); 13] = [
     (
         "namespace: aviary-system",
         "namespace: {{ .Release.Namespace }}",
+    ),
+    (
+        "aviary-identity.aviary-system.svc",
+        "aviary-identity.{{ .Release.Namespace }}.svc",
     ),
     (
         "matchNames: [aviary-system]",
@@ -1007,6 +1055,13 @@ fn the_helm_chart_renders_the_plain_manifests() {
         ds["spec"]["template"]["spec"]["containers"][0]["image"],
         "ghcr.io/aviary-mesh/aviary-agent:9.9.9"
     );
+    // In another namespace, the agents find the signer there.
+    let elsewhere: String = templates
+        .values()
+        .map(|t| render(t, &values, "mesh"))
+        .collect();
+    assert!(elsewhere.contains("value: aviary-identity.mesh.svc:15012"));
+    assert!(!elsewhere.contains("aviary-system"));
     let ds = round_trips_as::<DaemonSet>(ds);
     assert_eq!(
         check_hitless_upgrades(&ds),

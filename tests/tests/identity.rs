@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use aviary_agent::identity::{maintain, Certificates, IdentityConfig};
 use aviary_identity::{
     client::{Error, SignerClient},
     credentials::Credentials,
@@ -17,7 +18,7 @@ use aviary_identity::{
 };
 use aviary_tests::{
     apiserver::{ApiServer, Token},
-    workspace_bin,
+    wait_until, workspace_bin,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -84,10 +85,37 @@ fn agent_token(pod: &str, uid: &str, node: &str) -> Token {
     }
 }
 
-/// The signer's process, its files, and its address; stopped and removed when dropped.
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A directory of this test's, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "aviary-identity-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The signer's process, its files, and its address; stopped when dropped.
 struct Signer {
     child: Child,
-    dir: PathBuf,
+    dir: Scratch,
     address: String,
 }
 
@@ -95,24 +123,22 @@ impl Drop for Signer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
 impl Signer {
     fn start(api: &ApiServer) -> Signer {
-        let dir = std::env::temp_dir().join(format!(
-            "aviary-identity-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        Signer::start_with(api, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// With these flags (`--listen` among them).
+    fn start_with(api: &ApiServer, flags: &[&str]) -> Signer {
+        let dir = Scratch::new();
         let kubeconfig = dir.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
         let mut child = Command::new(workspace_bin("aviary-identity"))
-            .args(["--listen", "127.0.0.1:0", "--dns-name", "localhost"])
+            .args(["--dns-name", "localhost"])
+            .args(flags)
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -347,4 +373,129 @@ async fn the_ca_outlives_the_signer_in_its_secret() {
         mutual_tls(&after, &before, payments.clone(), &second.bundle(&api)).await;
     assert_eq!(server_saw, Some(checkout));
     assert_eq!(client_saw, Some(payments));
+}
+
+/// The configuration of node-a's agent for `signer`, its trust bundle and token in `dir`.
+fn keeper(signer: &Signer, api: &ApiServer, dir: &Scratch) -> IdentityConfig {
+    let bundle = dir.join("ca.crt");
+    let map = api
+        .get("v1", "ConfigMap", NAMESPACE, "aviary-trust-bundle")
+        .unwrap();
+    std::fs::write(&bundle, map["data"]["ca.crt"].as_str().unwrap()).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "token-a").unwrap();
+    IdentityConfig {
+        signer: signer.address.clone(),
+        trust_domain: "cluster.local".into(),
+        trust_bundle: bundle,
+        token,
+    }
+}
+
+/// Polls (off the runtime's threads) until `check` holds.
+async fn eventually(what: &str, timeout: Duration, check: impl Fn() -> bool + Send + 'static) {
+    let held = tokio::task::spawn_blocking(move || wait_until(timeout, || check().then_some(())))
+        .await
+        .unwrap();
+    assert!(held.is_some(), "{what}, within {timeout:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_renews_at_half_life_and_rides_out_a_signer_outage() {
+    let api = cluster().await;
+    let signer = Signer::start_with(
+        &api,
+        &["--listen", "127.0.0.1:0", "--certificate-lifetime", "10s"],
+    );
+    let listen = signer.address.replace("localhost", "127.0.0.1");
+    let files = Scratch::new();
+    let config = keeper(&signer, &api, &files);
+    let checkout = id("spiffe://cluster.local/ns/shop/sa/checkout");
+    let certificates = std::sync::Arc::new(Certificates::default());
+    let (wanted_tx, wanted) = tokio::sync::watch::channel([checkout.clone()].into());
+    let keeping = tokio::spawn(maintain(config, wanted, certificates.clone()));
+
+    let first = {
+        let c = certificates.clone();
+        let id = checkout.clone();
+        eventually("a certificate", Duration::from_secs(5), move || {
+            c.get(&id).is_some()
+        })
+        .await;
+        certificates.get(&checkout).unwrap()
+    };
+    assert_eq!(certificates.status(), "identity: 1 certificate in force");
+    // Renewed half way through its 10 s.
+    let (c, wanted_id, was) = (certificates.clone(), checkout.clone(), first.not_after);
+    eventually("a renewal", Duration::from_secs(8), move || {
+        c.get(&wanted_id).is_some_and(|now| now.not_after > was)
+    })
+    .await;
+    let renewed = certificates.get(&checkout).unwrap();
+    let at = renewed.received.duration_since(first.received).unwrap();
+    assert!(
+        (Duration::from_secs(4)..Duration::from_secs(7)).contains(&at),
+        "renewed {at:?} after the first"
+    );
+
+    // The signer goes: the certificate stays in force until it expires, and the status says so.
+    drop(signer);
+    let c = certificates.clone();
+    eventually("a failure reported", Duration::from_secs(8), move || {
+        c.status().contains("failing since")
+    })
+    .await;
+    let status = certificates.status();
+    assert!(status.contains("the signer at localhost:"), "{status}");
+    assert!(
+        status.contains("1 certificate in force, the first until"),
+        "{status}"
+    );
+    assert!(certificates.get(&checkout).is_some(), "{status}");
+    // Then it expires, and is dropped.
+    let (c, wanted_id) = (certificates.clone(), checkout.clone());
+    eventually(
+        "the expired certificate dropped",
+        Duration::from_secs(12),
+        move || c.get(&wanted_id).is_none(),
+    )
+    .await;
+
+    // Back on the same address: a new certificate, and the trouble is over.
+    let _signer = Signer::start_with(
+        &api,
+        &["--listen", &listen, "--certificate-lifetime", "10s"],
+    );
+    let (c, wanted_id) = (certificates.clone(), checkout.clone());
+    eventually("a certificate again", Duration::from_secs(10), move || {
+        c.get(&wanted_id).is_some()
+    })
+    .await;
+    assert_eq!(certificates.status(), "identity: 1 certificate in force");
+
+    // An identity the node may not have: refused, and said so; what it may have is kept.
+    let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
+    wanted_tx
+        .send([checkout.clone(), payments.clone()].into())
+        .unwrap();
+    let c = certificates.clone();
+    eventually("the refusal reported", Duration::from_secs(5), move || {
+        c.status()
+            .contains("no pod on node node-a runs as spiffe://cluster.local/ns/shop/sa/payments")
+    })
+    .await;
+    assert!(certificates.get(&checkout).is_some());
+    assert!(certificates.get(&payments).is_none());
+
+    // No pod needs it any more: dropped.
+    wanted_tx.send(Default::default()).unwrap();
+    let (c, wanted_id) = (certificates.clone(), checkout.clone());
+    eventually(
+        "the certificate dropped",
+        Duration::from_secs(5),
+        move || c.get(&wanted_id).is_none(),
+    )
+    .await;
+    drop(wanted_tx);
+    keeping.await.unwrap();
 }

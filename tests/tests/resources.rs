@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use aviary_tests::{policy, wait_until, Greeting, Node, NODE_IP};
+use aviary_tests::{patience, policy, wait_until, Greeting, Node, NODE_IP};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -127,9 +127,11 @@ fn ten_thousand_idle_connections_stay_under_a_bounded_rss() {
     let rss_before = rss_kib(pid);
 
     let count = connections.to_string();
-    let output = lines(node.spawn(&client, &["hold", &vip, "--count", &count, "--secs", "5"]));
+    // Held long enough to be counted, on a slow machine too.
+    let hold = patience(Duration::from_secs(5)).as_secs().to_string();
+    let output = lines(node.spawn(&client, &["hold", &vip, "--count", &count, "--secs", &hold]));
     let greeting = output
-        .recv_timeout(Duration::from_secs(40))
+        .recv_timeout(patience(Duration::from_secs(40)))
         .expect("the client never opened its connections");
     let greeting = Greeting::parse(&greeting).unwrap();
     assert_eq!(
@@ -138,14 +140,21 @@ fn ten_thousand_idle_connections_stay_under_a_bounded_rss() {
         "not proxied: {greeting:?}"
     );
     assert_eq!(
-        output.recv_timeout(Duration::from_secs(5)).unwrap(),
+        output
+            .recv_timeout(patience(Duration::from_secs(5)))
+            .unwrap(),
         format!("open {connections}")
     );
-    // Each connection holds two sockets in the agent: the client's and the upstream's.
-    let files = open_files(pid);
+    // Each connection holds two sockets in the agent: the client's and the upstream's. The
+    // client has its connections once the kernel accepted them; the agent's accepts and
+    // upstream connects may still be catching up.
+    let held = wait_until(Duration::from_secs(5), || {
+        (open_files(pid) >= files_before + 2 * connections).then_some(())
+    });
     assert!(
-        files >= files_before + 2 * connections,
-        "the agent holds {files} files, {files_before} before"
+        held.is_some(),
+        "the agent holds {} files, {files_before} before",
+        open_files(pid)
     );
     let rss = rss_kib(pid);
     let per_connection = (rss.saturating_sub(rss_before) * 1024) as f64 / connections as f64;

@@ -457,6 +457,8 @@ pub struct EnrolledPod {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// The service account it runs as, which names its identity.
+    pub service_account: String,
     /// Its addresses, whose inbound connections the TC programs steer to the proxy.
     pub ips: BTreeSet<IpAddr>,
     /// Its ports that inbound capture leaves alone.
@@ -534,6 +536,11 @@ pub fn compile(store: &Store, node: Option<&str>) -> Policy {
                 namespace: namespace.to_owned(),
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 uid: pod.metadata.uid.clone().unwrap_or_default(),
+                service_account: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".into()),
                 ips: pod_ips(pod),
                 inbound_ports_excluded: inbound_ports_excluded(&pod.metadata).unwrap_or_default(),
             }
@@ -679,7 +686,7 @@ metadata: {name: plain}
 apiVersion: v1
 kind: Pod
 metadata: {name: web, namespace: shop, uid: 00000000-0000-4000-8000-000000000001}
-spec: {nodeName: node-a, containers: []}
+spec: {nodeName: node-a, serviceAccountName: web, containers: []}
 ---
 apiVersion: v1
 kind: Pod
@@ -719,6 +726,13 @@ status: {phase: Succeeded}
     fn enrollment_follows_namespace_and_pod_annotations() {
         let policy = compile(&store(BASE), Some("node-a"));
         assert_eq!(enrolled_names(&policy), ["plain/opted-in", "shop/web"]);
+        // Their service accounts name their identities; "default" where the pod names none.
+        let accounts: Vec<&str> = policy
+            .enrolled
+            .values()
+            .map(|p| p.service_account.as_str())
+            .collect();
+        assert_eq!(accounts, ["web", "default"]);
         assert_eq!(
             policy.enrolled["00000000-0000-4000-8000-000000000001"].uid,
             "00000000-0000-4000-8000-000000000001"
