@@ -306,6 +306,7 @@ mod tests {
             service_account: account.into(),
             ips: Default::default(),
             inbound_ports_excluded: Default::default(),
+            inbound: Default::default(),
         };
         let policy = Policy {
             enrolled: [

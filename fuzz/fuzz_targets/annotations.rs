@@ -1,6 +1,7 @@
 //! Annotation values: every parser of what users write in annotations (enrolment, inbound port
-//! exclusions, splits, mirrors and what is safe to mirror) takes any value without panicking,
-//! through the store's validation and both compilations, as the agent runs them.
+//! exclusions, mTLS modes and allowed identities, splits, mirrors and what is safe to mirror)
+//! takes any value without panicking, through the store's validation and both compilations, as
+//! the agent runs them.
 //!
 //! The input is text, one annotation a line, `key=value`; the same annotations go on each object
 //! of a small cluster (its Namespace, a Pod, another node's pod known by its metadata, the

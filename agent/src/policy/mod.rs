@@ -7,6 +7,7 @@
 pub mod gamma;
 pub mod local;
 pub mod routes;
+pub mod security;
 pub mod status;
 pub mod workload;
 
@@ -22,6 +23,8 @@ use k8s_openapi::api::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
+
+use self::security::InboundPolicy;
 
 /// On a Namespace, enrols its pods; on a Pod, overrides its namespace.
 pub const CAPTURE_ANNOTATION: &str = "aviary.dev/capture";
@@ -164,9 +167,10 @@ impl Object {
             Capture::parse(value)?;
         }
         match self {
-            Self::Namespace(_) => Ok(()),
+            Self::Namespace(ns) => security::validate(&ns.metadata),
             Self::Pod(pod) => {
                 inbound_ports_excluded(&pod.metadata)?;
+                security::validate(&pod.metadata)?;
                 match pod.metadata.uid.as_deref() {
                     Some(uid) if !uid.is_empty() => Ok(()),
                     _ => Err("metadata.uid is missing: it names the pod's cgroup".into()),
@@ -463,6 +467,8 @@ pub struct EnrolledPod {
     pub ips: BTreeSet<IpAddr>,
     /// Its ports that inbound capture leaves alone.
     pub inbound_ports_excluded: BTreeSet<u16>,
+    /// Who may connect to it (`aviary.dev/mtls`, `aviary.dev/allow-from`).
+    pub inbound: InboundPolicy,
 }
 
 /// The ports of `aviary.dev/inbound-ports-exclude`, or why they are not ports.
@@ -526,6 +532,10 @@ impl Policy {
 /// as in local mode without a node name).
 pub fn compile(store: &Store, node: Option<&str>) -> Policy {
     let namespace_capture = namespace_capture(store);
+    let namespaces: BTreeMap<&str, &ObjectMeta> = store
+        .namespaces()
+        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, &ns.metadata)))
+        .collect();
     let enrolled = store
         .pods()
         .filter(|pod| is_local(pod, node) && is_running(pod) && !is_host_network(pod))
@@ -543,6 +553,7 @@ pub fn compile(store: &Store, node: Option<&str>) -> Policy {
                     .unwrap_or_else(|| "default".into()),
                 ips: pod_ips(pod),
                 inbound_ports_excluded: inbound_ports_excluded(&pod.metadata).unwrap_or_default(),
+                inbound: InboundPolicy::of(&pod.metadata, namespaces.get(namespace).copied()),
             }
         })
         .map(|pod| (pod.uid.clone(), pod))
@@ -812,6 +823,52 @@ metadata: {name: shop, annotations: {aviary.dev/capture: "yes please"}}
         assert_eq!(rejected.key.to_string(), "Namespace/shop");
         // The namespace's previous (enabled) version still enrols its pods.
         assert!(enrolled_names(&compile(&store, Some("node-a"))).contains(&"shop/web".into()));
+    }
+
+    #[test]
+    fn mtls_and_allow_from_reach_the_pods_and_a_bad_value_keeps_the_last_good_one() {
+        let mut store = store(BASE);
+        let upsert =
+            |store: &mut Store, yaml: &str| store.upsert(objects(yaml).into_iter().next().unwrap());
+        upsert(
+            &mut store,
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, annotations: {aviary.dev/capture: enabled, aviary.dev/mtls: strict,
+                                     aviary.dev/allow-from: "shop/*"}}
+"#,
+        )
+        .unwrap();
+        let web = |store: &Store| {
+            compile(store, Some("node-a")).enrolled["00000000-0000-4000-8000-000000000001"]
+                .inbound
+                .clone()
+        };
+        let strict = web(&store);
+        assert_eq!(strict.mtls, security::MtlsMode::Strict);
+        assert_eq!(
+            strict.allow_from,
+            Some(vec![security::Peer::Namespace("shop".into())])
+        );
+
+        let rejected = upsert(
+            &mut store,
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, annotations: {aviary.dev/capture: enabled, aviary.dev/mtls: strict,
+                                     aviary.dev/allow-from: "everyone"}}
+"#,
+        )
+        .unwrap_err();
+        assert!(rejected.kept_previous);
+        assert!(
+            rejected.reason.contains("aviary.dev/allow-from"),
+            "{}",
+            rejected.reason
+        );
+        assert_eq!(web(&store), strict);
     }
 
     #[test]
