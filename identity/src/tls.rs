@@ -350,28 +350,51 @@ pub(crate) mod tests {
         }
     }
 
+    /// A CA and two workloads, as of `now`: the tests' cast.
+    struct Cast {
+        now: OffsetDateTime,
+        ca: Authority,
+        checkout: Identity,
+        payments: Identity,
+    }
+
+    impl Cast {
+        fn new() -> Cast {
+            let now = OffsetDateTime::now_utc();
+            Cast {
+                now,
+                ca: Authority::generate("cluster.local", now - 3 * DAY).unwrap(),
+                checkout: id("spiffe://cluster.local/ns/shop/sa/checkout"),
+                payments: id("spiffe://cluster.local/ns/shop/sa/payments"),
+            }
+        }
+
+        /// The accepting end, as `who`, with credentials from `ca`.
+        fn server(&self, who: &Identity, ca: &Authority) -> ServerConfig {
+            server_config(&issue(ca, who, self.now), &bundle(ca)).unwrap()
+        }
+
+        /// The connecting end, as `who` with `credentials`, expecting `expected`.
+        fn client(&self, credentials: &Credentials, expected: &Identity) -> ClientConfig {
+            client_config(credentials, &bundle(&self.ca), expected.clone()).unwrap()
+        }
+    }
+
     #[tokio::test]
     async fn mutual_tls_between_two_workloads_proves_both_identities() {
-        let now = OffsetDateTime::now_utc();
-        let ca = Authority::generate("cluster.local", now).unwrap();
-        let checkout = id("spiffe://cluster.local/ns/shop/sa/checkout");
-        let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
-        let server = server_config(&issue(&ca, &payments, now), &bundle(&ca)).unwrap();
-        let client =
-            client_config(&issue(&ca, &checkout, now), &bundle(&ca), payments.clone()).unwrap();
+        let cast = Cast::new();
+        let server = cast.server(&cast.payments, &cast.ca);
+        let client = cast.client(&issue(&cast.ca, &cast.checkout, cast.now), &cast.payments);
         let (client_seen, server_seen) = handshake(server, client).await.unwrap();
-        assert_eq!(client_seen, Some(checkout));
-        assert_eq!(server_seen, Some(payments));
+        assert_eq!(client_seen, Some(cast.checkout));
+        assert_eq!(server_seen, Some(cast.payments));
     }
 
     #[tokio::test]
     async fn a_server_proving_another_identity_is_refused() {
-        let now = OffsetDateTime::now_utc();
-        let ca = Authority::generate("cluster.local", now).unwrap();
-        let checkout = id("spiffe://cluster.local/ns/shop/sa/checkout");
-        let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
-        let server = server_config(&issue(&ca, &checkout, now), &bundle(&ca)).unwrap();
-        let client = client_config(&issue(&ca, &checkout, now), &bundle(&ca), payments).unwrap();
+        let cast = Cast::new();
+        let server = cast.server(&cast.checkout, &cast.ca);
+        let client = cast.client(&issue(&cast.ca, &cast.checkout, cast.now), &cast.payments);
         let err = handshake(server, client).await.unwrap_err();
         assert!(
             err.contains("the peer proved spiffe://cluster.local/ns/shop/sa/checkout, not spiffe://cluster.local/ns/shop/sa/payments"),
@@ -381,30 +404,20 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_forged_certificate_is_refused_by_either_end() {
-        let now = OffsetDateTime::now_utc();
-        let ca = Authority::generate("cluster.local", now).unwrap();
-        let forger = Authority::generate("cluster.local", now).unwrap();
-        let checkout = id("spiffe://cluster.local/ns/shop/sa/checkout");
-        let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
+        let cast = Cast::new();
+        // The forger names its root as the real one is named: the signature gives it away.
+        let forger = Authority::generate("cluster.local", cast.now).unwrap();
 
-        // A forged client.
-        let server = server_config(&issue(&ca, &payments, now), &bundle(&ca)).unwrap();
-        let client = client_config(
-            &issue(&forger, &checkout, now),
-            &bundle(&ca),
-            payments.clone(),
-        )
-        .unwrap();
+        let server = cast.server(&cast.payments, &cast.ca);
+        let client = cast.client(&issue(&forger, &cast.checkout, cast.now), &cast.payments);
         let err = handshake(server, client).await.unwrap_err();
-        // The forger named its root as the real one is named: the signature gives it away.
         assert!(
             err.contains("server: invalid peer certificate: BadSignature"),
             "{err}"
         );
 
-        // A forged server.
-        let server = server_config(&issue(&forger, &payments, now), &bundle(&forger)).unwrap();
-        let client = client_config(&issue(&ca, &checkout, now), &bundle(&ca), payments).unwrap();
+        let server = cast.server(&cast.payments, &forger);
+        let client = cast.client(&issue(&cast.ca, &cast.checkout, cast.now), &cast.payments);
         let err = handshake(server, client).await.unwrap_err();
         assert!(
             err.contains("client: invalid peer certificate: BadSignature"),
@@ -414,15 +427,13 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn an_expired_certificate_is_refused() {
-        let now = OffsetDateTime::now_utc();
-        let ca = Authority::generate("cluster.local", now - 3 * DAY).unwrap();
-        let checkout = id("spiffe://cluster.local/ns/shop/sa/checkout");
-        let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
-        let expired = issue(&ca, &checkout, now - 2 * DAY);
+        let cast = Cast::new();
+        let expired = issue(&cast.ca, &cast.checkout, cast.now - 2 * DAY);
         assert!(expired.is_expired(SystemTime::now()));
-        let server = server_config(&issue(&ca, &payments, now), &bundle(&ca)).unwrap();
-        let client = client_config(&expired, &bundle(&ca), payments).unwrap();
-        let err = handshake(server, client).await.unwrap_err();
+        let server = cast.server(&cast.payments, &cast.ca);
+        let err = handshake(server, cast.client(&expired, &cast.payments))
+            .await
+            .unwrap_err();
         assert!(
             err.contains("server: invalid peer certificate: certificate expired"),
             "{err}"
@@ -431,12 +442,10 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_client_of_another_trust_domain_is_refused() {
-        let now = OffsetDateTime::now_utc();
-        let ca = Authority::generate("cluster.local", now).unwrap();
+        let cast = Cast::new();
         let foreign = id("spiffe://other.example/ns/shop/sa/checkout");
-        let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
-        let server = server_config(&issue(&ca, &payments, now), &bundle(&ca)).unwrap();
-        let client = client_config(&issue(&ca, &foreign, now), &bundle(&ca), payments).unwrap();
+        let server = cast.server(&cast.payments, &cast.ca);
+        let client = cast.client(&issue(&cast.ca, &foreign, cast.now), &cast.payments);
         let err = handshake(server, client).await.unwrap_err();
         assert!(
             err.contains("outside the trust domain cluster.local"),
@@ -446,14 +455,12 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_client_without_a_certificate_is_refused() {
-        let now = OffsetDateTime::now_utc();
-        let ca = Authority::generate("cluster.local", now).unwrap();
-        let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
-        let server = server_config(&issue(&ca, &payments, now), &bundle(&ca)).unwrap();
+        let cast = Cast::new();
+        let server = cast.server(&cast.payments, &cast.ca);
         let verifier = Arc::new(ServerIdentityVerifier {
-            roots: bundle(&ca).roots.clone(),
+            roots: bundle(&cast.ca).roots.clone(),
             algorithms: provider().signature_verification_algorithms,
-            expected: payments,
+            expected: cast.payments,
         });
         let client = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])

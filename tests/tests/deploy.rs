@@ -22,7 +22,7 @@ use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
-        core::v1::{Namespace, Service, ServiceAccount},
+        core::v1::{Container, Namespace, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -240,15 +240,23 @@ fn agent_args(ds: &DaemonSet) -> Vec<String> {
         .as_ref()
         .unwrap()
         .containers[0];
-    let by_env: BTreeMap<String, String> = Args::command()
+    let mut args = env_flags(Args::command(), container);
+    args.extend(container.args.iter().flatten().cloned());
+    args
+}
+
+/// A program's command line (its name, then a flag for each variable) from a container's
+/// environment: each variable must be one the program reads, so a typo fails here.
+fn env_flags(command: clap::Command, container: &Container) -> Vec<String> {
+    let by_env: BTreeMap<String, String> = command
         .get_arguments()
         .filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned())))
         .collect();
-    let mut args = vec!["aviary-agent".to_owned()];
+    let mut args = vec![command.get_name().to_owned()];
     for env in container.env.iter().flatten() {
         let flag = by_env
             .get(&env.name)
-            .unwrap_or_else(|| panic!("the agent reads no variable {}", env.name));
+            .unwrap_or_else(|| panic!("{} reads no variable {}", command.get_name(), env.name));
         // Downward API values are stand-ins of the right shape.
         let value = match (&env.value, env.name.as_str()) {
             (Some(value), _) => value.clone(),
@@ -257,7 +265,6 @@ fn agent_args(ds: &DaemonSet) -> Vec<String> {
         };
         args.extend([format!("--{flag}"), value]);
     }
-    args.extend(container.args.iter().flatten().cloned());
     args
 }
 
@@ -808,21 +815,7 @@ fn the_signer_runs_from_the_image_with_valid_flags_and_no_privileges() {
     );
 
     // Its environment is a valid configuration (each variable one the signer reads).
-    let by_env: BTreeMap<String, String> = aviary_identity::config::Flags::command()
-        .get_arguments()
-        .filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned())))
-        .collect();
-    let mut args = vec!["aviary-identity".to_owned()];
-    for env in container.env.iter().flatten() {
-        let flag = by_env
-            .get(&env.name)
-            .unwrap_or_else(|| panic!("the signer reads no variable {}", env.name));
-        let value = env
-            .value
-            .clone()
-            .unwrap_or_else(|| "from-the-downward-api".into());
-        args.extend([format!("--{flag}"), value]);
-    }
+    let args = env_flags(aviary_identity::config::Flags::command(), container);
     let flags = aviary_identity::config::Flags::try_parse_from(args).unwrap();
     assert_eq!(flags.certificate_lifetime, Duration::from_secs(24 * 3600));
 

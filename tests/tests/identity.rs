@@ -400,6 +400,18 @@ async fn eventually(what: &str, timeout: Duration, check: impl Fn() -> bool + Se
     assert!(held.is_some(), "{what}, within {timeout:?}");
 }
 
+/// Waits until `certificates` holds one for `identity` (with `held` false: until it holds none).
+async fn until_held(
+    certificates: &std::sync::Arc<Certificates>,
+    identity: &Identity,
+    held: bool,
+    what: &str,
+    timeout: Duration,
+) {
+    let (c, identity) = (certificates.clone(), identity.clone());
+    eventually(what, timeout, move || c.get(&identity).is_some() == held).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_renews_at_half_life_and_rides_out_a_signer_outage() {
     let api = cluster().await;
@@ -415,15 +427,15 @@ async fn the_agent_renews_at_half_life_and_rides_out_a_signer_outage() {
     let (wanted_tx, wanted) = tokio::sync::watch::channel([checkout.clone()].into());
     let keeping = tokio::spawn(maintain(config, wanted, certificates.clone()));
 
-    let first = {
-        let c = certificates.clone();
-        let id = checkout.clone();
-        eventually("a certificate", Duration::from_secs(5), move || {
-            c.get(&id).is_some()
-        })
-        .await;
-        certificates.get(&checkout).unwrap()
-    };
+    until_held(
+        &certificates,
+        &checkout,
+        true,
+        "a certificate",
+        Duration::from_secs(5),
+    )
+    .await;
+    let first = certificates.get(&checkout).unwrap();
     assert_eq!(certificates.status(), "identity: 1 certificate in force");
     // Renewed half way through its 10 s.
     let (c, wanted_id, was) = (certificates.clone(), checkout.clone(), first.not_after);
@@ -453,11 +465,12 @@ async fn the_agent_renews_at_half_life_and_rides_out_a_signer_outage() {
     );
     assert!(certificates.get(&checkout).is_some(), "{status}");
     // Then it expires, and is dropped.
-    let (c, wanted_id) = (certificates.clone(), checkout.clone());
-    eventually(
+    until_held(
+        &certificates,
+        &checkout,
+        false,
         "the expired certificate dropped",
         Duration::from_secs(12),
-        move || c.get(&wanted_id).is_none(),
     )
     .await;
 
@@ -466,10 +479,13 @@ async fn the_agent_renews_at_half_life_and_rides_out_a_signer_outage() {
         &api,
         &["--listen", &listen, "--certificate-lifetime", "10s"],
     );
-    let (c, wanted_id) = (certificates.clone(), checkout.clone());
-    eventually("a certificate again", Duration::from_secs(10), move || {
-        c.get(&wanted_id).is_some()
-    })
+    until_held(
+        &certificates,
+        &checkout,
+        true,
+        "a certificate again",
+        Duration::from_secs(10),
+    )
     .await;
     assert_eq!(certificates.status(), "identity: 1 certificate in force");
 
@@ -489,11 +505,12 @@ async fn the_agent_renews_at_half_life_and_rides_out_a_signer_outage() {
 
     // No pod needs it any more: dropped.
     wanted_tx.send(Default::default()).unwrap();
-    let (c, wanted_id) = (certificates.clone(), checkout.clone());
-    eventually(
+    until_held(
+        &certificates,
+        &checkout,
+        false,
         "the certificate dropped",
         Duration::from_secs(5),
-        move || c.get(&wanted_id).is_none(),
     )
     .await;
     drop(wanted_tx);

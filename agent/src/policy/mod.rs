@@ -828,23 +828,20 @@ metadata: {name: shop, annotations: {aviary.dev/capture: "yes please"}}
     #[test]
     fn mtls_and_allow_from_reach_the_pods_and_a_bad_value_keeps_the_last_good_one() {
         let mut store = store(BASE);
-        let upsert =
-            |store: &mut Store, yaml: &str| store.upsert(objects(yaml).into_iter().next().unwrap());
-        upsert(
-            &mut store,
-            r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, annotations: {aviary.dev/capture: enabled, aviary.dev/mtls: strict,
-                                     aviary.dev/allow-from: "shop/*"}}
-"#,
-        )
-        .unwrap();
+        let shop = |allow_from: &str| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, annotations: \
+                 {{aviary.dev/capture: enabled, aviary.dev/mtls: strict, \
+                 aviary.dev/allow-from: \"{allow_from}\"}}}}\n"
+            );
+            objects(&yaml).into_iter().next().unwrap()
+        };
         let web = |store: &Store| {
             compile(store, Some("node-a")).enrolled["00000000-0000-4000-8000-000000000001"]
                 .inbound
                 .clone()
         };
+        store.upsert(shop("shop/*")).unwrap();
         let strict = web(&store);
         assert_eq!(strict.mtls, security::MtlsMode::Strict);
         assert_eq!(
@@ -852,16 +849,7 @@ metadata: {name: shop, annotations: {aviary.dev/capture: enabled, aviary.dev/mtl
             Some(vec![security::Peer::Namespace("shop".into())])
         );
 
-        let rejected = upsert(
-            &mut store,
-            r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, annotations: {aviary.dev/capture: enabled, aviary.dev/mtls: strict,
-                                     aviary.dev/allow-from: "everyone"}}
-"#,
-        )
-        .unwrap_err();
+        let rejected = store.upsert(shop("everyone")).unwrap_err();
         assert!(rejected.kept_previous);
         assert!(
             rejected.reason.contains("aviary.dev/allow-from"),
