@@ -208,7 +208,6 @@ pub async fn maintain(
                     tracing::info!(%identity, until = rfc3339(credentials.not_after), "certificate");
                     backoff.retries.remove(identity);
                     held.insert(identity.clone(), Arc::new(credentials));
-                    certificates.recovered();
                 }
                 Err(error) => {
                     let in_force = held.get(identity).map(|c| rfc3339(c.not_after));
@@ -223,7 +222,8 @@ pub async fn maintain(
                 }
             }
         }
-        if want.is_empty() {
+        // The trouble is over once no identity waits for a retry.
+        if backoff.retries.is_empty() {
             certificates.recovered();
         }
         let next = want
