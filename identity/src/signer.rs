@@ -102,7 +102,13 @@ impl Signer {
             .identity
             .parse()
             .map_err(|e: crate::spiffe::Error| bad_request(e.to_string()))?;
-        let agent = self.authorizer.authenticate(token).await.map_err(denied)?;
+        let agent = match self.authorizer.authenticate(token).await {
+            Ok(agent) => agent,
+            Err(refused) => {
+                tracing::warn!(%identity, reason = %refused, "refused a token");
+                return Err(denied(refused));
+            }
+        };
         if let Err(refused) = self.authorizer.authorize(&agent, &identity).await {
             tracing::warn!(pod = agent.pod, node = agent.node, %identity, reason = %refused, "refused");
             return Err(denied(refused));
