@@ -90,18 +90,55 @@ pub fn server_config(
     Ok(config)
 }
 
+/// Whom the connecting end accepts as the server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ExpectedServer {
+    /// Exactly this identity.
+    Identity(Identity),
+    /// Any identity of this namespace, in the bundle's trust domain: what a client knows of a
+    /// pod on another node whose service account it was not told.
+    Namespace(String),
+}
+
+impl ExpectedServer {
+    fn admits(&self, got: &Identity, trust_domain: &str) -> bool {
+        match self {
+            Self::Identity(expected) => got == expected,
+            Self::Namespace(namespace) => {
+                got.trust_domain == trust_domain && got.namespace == *namespace
+            }
+        }
+    }
+}
+
+impl From<Identity> for ExpectedServer {
+    fn from(identity: Identity) -> Self {
+        Self::Identity(identity)
+    }
+}
+
+impl std::fmt::Display for ExpectedServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Identity(identity) => identity.fmt(f),
+            Self::Namespace(namespace) => write!(f, "an identity of the namespace {namespace}"),
+        }
+    }
+}
+
 /// The connecting end of mutual TLS: presents `credentials`, and accepts only a server whose
-/// certificate chains to `bundle` and names `expected`.
+/// certificate chains to `bundle` and names an identity that `expected` admits.
 pub fn client_config(
     credentials: &Credentials,
     bundle: &TrustBundle,
-    expected: Identity,
+    expected: impl Into<ExpectedServer>,
 ) -> Result<ClientConfig, Error> {
     let provider = provider();
     let verifier = Arc::new(ServerIdentityVerifier {
         roots: bundle.roots.clone(),
         algorithms: provider.signature_verification_algorithms,
-        expected,
+        trust_domain: bundle.trust_domain.clone(),
+        expected: expected.into(),
     });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -145,7 +182,10 @@ pub fn signer_client_config(bundle: &TrustBundle) -> Result<ClientConfig, Error>
 #[derive(thiserror::Error)]
 enum PeerRefused {
     #[error("the peer proved {got}, not {expected}")]
-    OtherIdentity { expected: Identity, got: Identity },
+    OtherIdentity {
+        expected: ExpectedServer,
+        got: Identity,
+    },
     #[error("the peer proved {got}, outside the trust domain {trust_domain}")]
     ForeignTrustDomain { trust_domain: String, got: Identity },
 }
@@ -215,13 +255,14 @@ impl ClientCertVerifier for ClientIdentityVerifier {
     }
 }
 
-/// The chain to the trust bundle (validity, serverAuth usage), and then exactly the identity
+/// The chain to the trust bundle (validity, serverAuth usage), and then the identity
 /// expected. The server name is not used: mesh certificates name identities, not hosts.
 #[derive(Debug)]
 struct ServerIdentityVerifier {
     roots: Arc<RootCertStore>,
     algorithms: WebPkiSupportedAlgorithms,
-    expected: Identity,
+    trust_domain: String,
+    expected: ExpectedServer,
 }
 
 impl ServerCertVerifier for ServerIdentityVerifier {
@@ -242,7 +283,9 @@ impl ServerCertVerifier for ServerIdentityVerifier {
             self.algorithms.all,
         )?;
         match Identity::of_certificate(end_entity) {
-            Ok(identity) if identity == self.expected => Ok(ServerCertVerified::assertion()),
+            Ok(identity) if self.expected.admits(&identity, &self.trust_domain) => {
+                Ok(ServerCertVerified::assertion())
+            }
             Ok(got) => Err(identity_refused(PeerRefused::OtherIdentity {
                 expected: self.expected.clone(),
                 got,
@@ -375,8 +418,12 @@ pub(crate) mod tests {
         }
 
         /// The connecting end, as `who` with `credentials`, expecting `expected`.
-        fn client(&self, credentials: &Credentials, expected: &Identity) -> ClientConfig {
-            client_config(credentials, &bundle(&self.ca), expected.clone()).unwrap()
+        fn client(
+            &self,
+            credentials: &Credentials,
+            expected: impl Into<ExpectedServer>,
+        ) -> ClientConfig {
+            client_config(credentials, &bundle(&self.ca), expected).unwrap()
         }
     }
 
@@ -384,7 +431,10 @@ pub(crate) mod tests {
     async fn mutual_tls_between_two_workloads_proves_both_identities() {
         let cast = Cast::new();
         let server = cast.server(&cast.payments, &cast.ca);
-        let client = cast.client(&issue(&cast.ca, &cast.checkout, cast.now), &cast.payments);
+        let client = cast.client(
+            &issue(&cast.ca, &cast.checkout, cast.now),
+            cast.payments.clone(),
+        );
         let (client_seen, server_seen) = handshake(server, client).await.unwrap();
         assert_eq!(client_seen, Some(cast.checkout));
         assert_eq!(server_seen, Some(cast.payments));
@@ -394,10 +444,35 @@ pub(crate) mod tests {
     async fn a_server_proving_another_identity_is_refused() {
         let cast = Cast::new();
         let server = cast.server(&cast.checkout, &cast.ca);
-        let client = cast.client(&issue(&cast.ca, &cast.checkout, cast.now), &cast.payments);
+        let client = cast.client(
+            &issue(&cast.ca, &cast.checkout, cast.now),
+            cast.payments.clone(),
+        );
         let err = handshake(server, client).await.unwrap_err();
         assert!(
             err.contains("the peer proved spiffe://cluster.local/ns/shop/sa/checkout, not spiffe://cluster.local/ns/shop/sa/payments"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_expected_by_namespace_proves_an_identity_of_that_namespace() {
+        let cast = Cast::new();
+        let checkout = issue(&cast.ca, &cast.checkout, cast.now);
+        let in_shop = ExpectedServer::Namespace("shop".into());
+        let server = cast.server(&cast.payments, &cast.ca);
+        let (_, server_seen) = handshake(server, cast.client(&checkout, in_shop))
+            .await
+            .unwrap();
+        assert_eq!(server_seen, Some(cast.payments.clone()));
+
+        let server = cast.server(&cast.payments, &cast.ca);
+        let in_ops = ExpectedServer::Namespace("ops".into());
+        let err = handshake(server, cast.client(&checkout, in_ops))
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("the peer proved spiffe://cluster.local/ns/shop/sa/payments, not an identity of the namespace ops"),
             "{err}"
         );
     }
@@ -409,7 +484,10 @@ pub(crate) mod tests {
         let forger = Authority::generate("cluster.local", cast.now).unwrap();
 
         let server = cast.server(&cast.payments, &cast.ca);
-        let client = cast.client(&issue(&forger, &cast.checkout, cast.now), &cast.payments);
+        let client = cast.client(
+            &issue(&forger, &cast.checkout, cast.now),
+            cast.payments.clone(),
+        );
         let err = handshake(server, client).await.unwrap_err();
         assert!(
             err.contains("server: invalid peer certificate: BadSignature"),
@@ -417,7 +495,10 @@ pub(crate) mod tests {
         );
 
         let server = cast.server(&cast.payments, &forger);
-        let client = cast.client(&issue(&cast.ca, &cast.checkout, cast.now), &cast.payments);
+        let client = cast.client(
+            &issue(&cast.ca, &cast.checkout, cast.now),
+            cast.payments.clone(),
+        );
         let err = handshake(server, client).await.unwrap_err();
         assert!(
             err.contains("client: invalid peer certificate: BadSignature"),
@@ -431,7 +512,7 @@ pub(crate) mod tests {
         let expired = issue(&cast.ca, &cast.checkout, cast.now - 2 * DAY);
         assert!(expired.is_expired(SystemTime::now()));
         let server = cast.server(&cast.payments, &cast.ca);
-        let err = handshake(server, cast.client(&expired, &cast.payments))
+        let err = handshake(server, cast.client(&expired, cast.payments.clone()))
             .await
             .unwrap_err();
         assert!(
@@ -445,7 +526,7 @@ pub(crate) mod tests {
         let cast = Cast::new();
         let foreign = id("spiffe://other.example/ns/shop/sa/checkout");
         let server = cast.server(&cast.payments, &cast.ca);
-        let client = cast.client(&issue(&cast.ca, &foreign, cast.now), &cast.payments);
+        let client = cast.client(&issue(&cast.ca, &foreign, cast.now), cast.payments.clone());
         let err = handshake(server, client).await.unwrap_err();
         assert!(
             err.contains("outside the trust domain cluster.local"),
@@ -460,7 +541,8 @@ pub(crate) mod tests {
         let verifier = Arc::new(ServerIdentityVerifier {
             roots: bundle(&cast.ca).roots.clone(),
             algorithms: provider().signature_verification_algorithms,
-            expected: cast.payments,
+            trust_domain: "cluster.local".into(),
+            expected: cast.payments.into(),
         });
         let client = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
