@@ -4,6 +4,7 @@ pub mod balance;
 pub mod copy;
 pub mod detect;
 pub mod drain;
+pub mod hbone;
 pub mod http;
 pub mod idle;
 pub mod inbound;
