@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use aviary_identity::{
     client::SignerClient, credentials::Credentials, spiffe::Identity, tls::TrustBundle,
 };
@@ -66,6 +66,8 @@ pub async fn follow(
 #[derive(Default)]
 pub struct Certificates {
     current: ArcSwap<BTreeMap<Identity, Arc<Credentials>>>,
+    /// The roots the certificates were checked against, which peers' must chain to.
+    bundle: ArcSwapOption<TrustBundle>,
     /// The latest failure, until a fetch succeeds.
     trouble: Mutex<Option<Trouble>>,
 }
@@ -79,6 +81,10 @@ struct Trouble {
 impl Certificates {
     pub fn get(&self, identity: &Identity) -> Option<Arc<Credentials>> {
         self.current.load().get(identity).cloned()
+    }
+
+    pub fn bundle(&self) -> Option<Arc<TrustBundle>> {
+        self.bundle.load_full()
     }
 
     /// One line for `/ready`: how many certificates are in force, and what is wrong.
@@ -203,7 +209,7 @@ pub async fn maintain(
             if due(identity, &held, &backoff, now, wall) > now {
                 continue;
             }
-            match fetch(&config, &mut client, identity).await {
+            match fetch(&config, &mut client, &certificates, identity).await {
                 Ok(credentials) => {
                     tracing::info!(%identity, until = rfc3339(credentials.not_after), "certificate");
                     backoff.retries.remove(identity);
@@ -274,6 +280,7 @@ fn instant_of(time: SystemTime, now: Instant, wall: SystemTime) -> Instant {
 async fn fetch(
     config: &IdentityConfig,
     client: &mut Option<(String, SignerClient)>,
+    certificates: &Certificates,
     identity: &Identity,
 ) -> Result<Credentials, String> {
     let bundle = std::fs::read_to_string(&config.trust_bundle).map_err(|e| {
@@ -288,6 +295,7 @@ async fn fetch(
         let signer = SignerClient::new(&config.signer, &trust, config.token.clone())
             .map_err(|e| e.to_string())?;
         *client = Some((bundle, signer));
+        certificates.bundle.store(Some(Arc::new(trust)));
     }
     let (_, signer) = client.as_ref().expect("just made");
     signer.certify(identity).await.map_err(|e| e.to_string())

@@ -45,6 +45,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use aviary_identity::spiffe::Identity;
 use http::Method;
 use prometheus_client::{
     collector::Collector,
@@ -144,6 +145,34 @@ pub struct Route {
     pub destination_workload: Name,
     /// The backend Service chosen (e.g. podinfo-primary or podinfo-canary).
     pub destination_version: Name,
+    /// The identities the two ends proved, over mutual TLS (Istio's labels); else unknown.
+    #[serde(default = "unknown")]
+    pub source_principal: Name,
+    #[serde(default = "unknown")]
+    pub destination_principal: Name,
+    #[serde(default)]
+    pub connection_security_policy: Security,
+}
+
+/// Whether a connection between nodes was mutual TLS, as Istio's `connection_security_policy`
+/// says it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    EncodeLabelValue,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[allow(non_camel_case_types)]
+pub enum Security {
+    #[default]
+    none,
+    mutual_tls,
 }
 
 impl Route {
@@ -162,6 +191,19 @@ impl Route {
             destination_service: service.name.clone(),
             destination_workload: pod.map_or_else(unknown, |p| p.workload.clone()),
             destination_version: version.cloned().unwrap_or_else(unknown),
+            source_principal: unknown(),
+            destination_principal: unknown(),
+            connection_security_policy: Security::none,
+        }
+    }
+
+    /// The same route, carried over mutual TLS between the identities `principals` names.
+    pub fn over_mtls(self, principals: &Principals) -> Self {
+        Self {
+            source_principal: principals.source.to_string().into(),
+            destination_principal: principals.destination.to_string().into(),
+            connection_security_policy: Security::mutual_tls,
+            ..self
         }
     }
 
@@ -175,6 +217,9 @@ impl Route {
             destination_service: unknown(),
             destination_workload: destination.workload.clone(),
             destination_version: unknown(),
+            source_principal: unknown(),
+            destination_principal: unknown(),
+            connection_security_policy: Security::none,
         }
     }
 }
@@ -234,6 +279,35 @@ struct EndpointFailureLabels {
     reason: Failure,
     destination_namespace: Name,
     destination_service: Name,
+}
+
+/// A connection the inbound proxy refused for its pod's `aviary.dev/mtls` or
+/// `aviary.dev/allow-from`, by who asked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DenialLabels {
+    reason: DenialReason,
+    source_principal: Name,
+    destination_namespace: Name,
+    destination_workload: Name,
+}
+
+/// Why the inbound proxy refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DenialReason {
+    /// Plain text to a pod whose mode is strict.
+    plaintext,
+    /// Plain text to a pod that admits named identities only.
+    no_identity,
+    /// An identity the pod's allow-from does not name.
+    not_allowed,
+}
+
+/// The identities the two ends of a mutual-TLS connection proved: part of a request's series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Principals {
+    pub source: Identity,
+    pub destination: Identity,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -633,6 +707,7 @@ pub struct Metrics {
     flagger: Option<Arc<Store<FlaggerLabels, AtomicHistogram>>>,
     mirrors: Arc<Store<MirrorLabels, Counter>>,
     endpoint_failures: Arc<Store<EndpointFailureLabels, Counter>>,
+    denials: Arc<Store<DenialLabels, Counter>>,
     ejections: Arc<Store<EndpointFailureLabels, Counter>>,
     /// The four `aviary_tcp_` families.
     tcp: Arc<Store<Route, TcpValues>>,
@@ -715,6 +790,14 @@ impl Metrics {
             &endpoint_failures,
             |counter: &Counter| counter,
         );
+        let denials = Arc::new(Store::new());
+        register(
+            &mut registry,
+            "aviary_inbound_denied",
+            "Connections the inbound proxy refused for the pod's aviary.dev/mtls or aviary.dev/allow-from",
+            &denials,
+            |counter: &Counter| counter,
+        );
         let ejections = Arc::new(Store::new());
         register(
             &mut registry,
@@ -764,6 +847,7 @@ impl Metrics {
         stores.push(("mirrors", mirrors.counts.clone()));
         stores.push(("endpoint_failures", endpoint_failures.counts.clone()));
         stores.push(("ejections", ejections.counts.clone()));
+        stores.push(("denials", denials.counts.clone()));
         stores.push(("tcp", tcp.counts.clone()));
         registry.register_collector(Box::new(Internal {
             stores,
@@ -775,6 +859,7 @@ impl Metrics {
             flagger,
             mirrors,
             endpoint_failures,
+            denials,
             ejections,
             tcp,
             connections_refused,
@@ -816,6 +901,7 @@ impl Metrics {
             self.mirrors.sweep(now, expiry),
             self.endpoint_failures.sweep(now, expiry),
             self.ejections.sweep(now, expiry),
+            self.denials.sweep(now, expiry),
             self.tcp.sweep(now, expiry),
         ];
         if removed.contains(&true) {
@@ -894,6 +980,18 @@ impl Metrics {
         if ejected {
             self.ejections.series(&labels).inc();
         }
+    }
+
+    /// The inbound proxy refused a connection from `source` (None: plain text) to the pod
+    /// `destination`. A lookup each time: denials are the exception.
+    pub fn denied(&self, reason: DenialReason, source: Option<&Identity>, destination: &Workload) {
+        let labels = DenialLabels {
+            reason,
+            source_principal: source.map_or_else(unknown, |s| s.to_string().into()),
+            destination_namespace: destination.namespace.clone(),
+            destination_workload: destination.workload.clone(),
+        };
+        self.denials.series(&labels).inc();
     }
 
     /// Reads the eBPF counters and map occupancy once (bpf() syscalls: one per counter, one
@@ -1251,6 +1349,9 @@ mod tests {
             destination_service: name(service),
             destination_workload: name("podinfo"),
             destination_version: name("podinfo-canary"),
+            source_principal: name("unknown"),
+            destination_principal: name("unknown"),
+            connection_security_policy: Security::none,
         }
     }
 

@@ -38,6 +38,7 @@ use crate::{
         drain::DrainSignal,
         http::HttpProxy,
         inbound::{self, Inbound},
+        mesh::Mesh,
         outbound::{self, Outbound},
         route::RouteTable,
         workers::{WorkerTask, Workers},
@@ -107,6 +108,18 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         )
         .draining_on(drain),
     );
+    // The workloads' certificates, when the agent has a signer: tunnels between nodes use them.
+    let certificates = cfg
+        .identity
+        .as_ref()
+        .map(|_| Arc::new(Certificates::default()));
+    let mesh = cfg
+        .identity
+        .as_ref()
+        .zip(certificates.as_ref())
+        .map(|(config, certificates)| {
+            Arc::new(Mesh::new(config.trust_domain.clone(), certificates.clone()))
+        });
     let outbound = Arc::new(Outbound {
         orig_dst: OrigDstTable::open(pins)?,
         mark: cfg.proxy_mark,
@@ -123,6 +136,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         metrics: metrics.clone(),
         detect_timeout: DETECT_TIMEOUT,
         limit: ConnectionLimit::new(Direction::inbound, cfg.max_connections, &metrics),
+        mesh: mesh.clone(),
     });
 
     let (publisher, snapshots) = Publisher::new(RouteOptions {
@@ -135,9 +149,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         "routing table",
         apply_routes(snapshots.clone(), routes.clone()),
     );
-    // The workloads' certificates, when the agent has a signer.
-    let certificates = cfg.identity.clone().map(|config| {
-        let certificates = Arc::new(Certificates::default());
+    if let Some((config, certificates)) = cfg.identity.clone().zip(certificates.clone()) {
         let (wanted_tx, wanted) = watch::channel(Default::default());
         supervisor.spawn(
             "workload identities",
@@ -145,10 +157,9 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         );
         supervisor.spawn(
             "workload certificates",
-            identity::maintain(config, wanted, certificates.clone()),
+            identity::maintain(config, wanted, certificates),
         );
-        certificates
-    });
+    }
     // The status writer, when this agent runs one: stopped, and its lease released, on shutdown.
     let mut status_writer = None;
     match &cfg.policy {

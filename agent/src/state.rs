@@ -8,7 +8,7 @@ use tracing::info;
 use crate::{
     policy::{
         compile,
-        routes::{compile_routes, routing_notes, RouteOptions},
+        routes::{compile_routes, local_pods, routing_notes, RouteOptions},
         Policy, Store,
     },
     proxy::route::RouteTable,
@@ -57,7 +57,9 @@ impl Publisher {
         self.published_revision = Some(store.revision());
         let current = self.tx.borrow().clone();
         let policy = compile(store, self.options.node.as_deref());
-        let routes = Arc::new(compile_routes(store, &self.options));
+        let mut routes = compile_routes(store, &self.options);
+        routes.local = local_pods(&policy, &routes.pods);
+        let routes = Arc::new(routes);
         let notes = routing_notes(store);
         for note in notes.iter().filter(|n| !self.notes.contains(n)) {
             info!("{note}");

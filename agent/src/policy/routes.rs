@@ -28,11 +28,11 @@ use gateway_api::apis::standard::httproutes::HttpRoute;
 
 use super::{
     gamma, inbound_ports_excluded, is_enrolled, is_host_network, is_local, namespace_capture,
-    pod_ips, service_addresses, workload::workload_name, Store,
+    pod_ips, service_addresses, workload::workload_name, Policy, Store,
 };
 use crate::proxy::route::{
-    unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, RouteTable, Rule,
-    SafeMethods, ServiceRoutes, WeightedBackend, Workload,
+    unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, LocalPod, Mirror,
+    RouteTable, Rule, SafeMethods, ServiceRoutes, WeightedBackend, Workload,
 };
 
 pub const SPLIT: &str = "aviary.dev/split";
@@ -364,6 +364,33 @@ pub fn compile_routes(store: &Store, options: &RouteOptions) -> RouteTable {
     }
     ctx.add_endpoint_pods(&mut table.pods);
     table
+}
+
+/// This node's enrolled pods at each of their addresses, with the workloads `pods` names them
+/// by: the inbound proxy's admission and each pod's identity.
+pub fn local_pods(
+    policy: &Policy,
+    pods: &HashMap<IpAddr, Arc<Workload>>,
+) -> HashMap<IpAddr, Arc<LocalPod>> {
+    let mut local = HashMap::new();
+    for pod in policy.enrolled.values() {
+        for ip in &pod.ips {
+            let workload = pods.get(ip).cloned().unwrap_or_else(|| {
+                Arc::new(Workload {
+                    namespace: pod.namespace.as_str().into(),
+                    workload: unknown(),
+                    pod: pod.name.as_str().into(),
+                })
+            });
+            let local_pod = LocalPod {
+                workload,
+                service_account: pod.service_account.as_str().into(),
+                inbound: pod.inbound.clone(),
+            };
+            local.insert(ip.to_canonical(), Arc::new(local_pod));
+        }
+    }
+    local
 }
 
 /// The pods on other nodes whose annotations enrol them, with the ports their inbound capture

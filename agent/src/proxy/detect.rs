@@ -1,9 +1,15 @@
 //! Protocol detection on a captured connection: HTTP (1.1 or HTTP/2 with prior knowledge), or
-//! opaque TCP. Detection peeks; it never consumes bytes.
+//! opaque TCP. Detection peeks; it never consumes bytes. A tunnel cannot be peeked at: what is
+//! read of it to tell is handed back, to be put in front of it again.
 
 use std::time::Duration;
 
-use tokio::{net::TcpStream, time::Instant};
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _},
+    net::TcpStream,
+    time::Instant,
+};
 
 use super::route::AppProtocol;
 
@@ -74,6 +80,34 @@ pub async fn detect(stream: &TcpStream, wait: Duration) -> Detected {
     }
 }
 
+/// [`read_as`] for a stream that cannot be peeked at: the verdict, and the bytes read to
+/// reach it.
+pub async fn read_to_detect<S: AsyncRead + Unpin>(
+    declared: AppProtocol,
+    stream: &mut S,
+    wait: Duration,
+) -> (Detected, Bytes) {
+    let mut read = BytesMut::new();
+    match declared {
+        AppProtocol::Http1 | AppProtocol::Http2 => return (Detected::Http, read.freeze()),
+        AppProtocol::Opaque => return (Detected::Opaque, read.freeze()),
+        AppProtocol::Detect => {}
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(detected) = classify(&read) {
+            return (detected, read.freeze());
+        }
+        // Fewer than a preface's bytes: those always tell.
+        let mut limited = (&mut *stream).take((H2_PREFACE.len() - read.len()) as u64);
+        match tokio::time::timeout_at(deadline, limited.read_buf(&mut read)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Closed, failed, or silent until the deadline.
+            _ => return (Detected::Opaque, read.freeze()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +140,22 @@ mod tests {
             Some(Detected::Http),
             "PRI is a method too"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_read_to_detect_gives_back_what_was_read() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let wait = Duration::from_millis(50);
+        let (detected, read) = read_to_detect(AppProtocol::Detect, &mut server, wait).await;
+        assert_eq!(detected, Detected::Http);
+        assert_eq!(&read[..], b"GET / HTTP/1.1\r\n");
+        // Silence is opaque, with nothing read.
+        let (_client, mut silent) = tokio::io::duplex(64);
+        let (detected, read) = read_to_detect(AppProtocol::Detect, &mut silent, wait).await;
+        assert_eq!((detected, read.len()), (Detected::Opaque, 0));
     }
 
     #[tokio::test]

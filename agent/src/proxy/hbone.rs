@@ -22,6 +22,18 @@ pub const DENY_REASON: &str = "aviary-deny-reason";
 /// A tunnel's stream, as the proxy copies it.
 pub type Tunnel = TokioIo<Upgraded>;
 
+/// What a destination agent learns of an accepted tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The identity the source agent proved for its pod.
+    pub peer: Identity,
+    /// The source pod's address, as the source agent says it in `Forwarded` (the tunnel's
+    /// TCP connection comes from its node); the node's address if it does not.
+    pub source: SocketAddr,
+    /// The pod (address and port) the tunnel is for.
+    pub target: SocketAddr,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("mutual TLS with {peer}: {error}")]
@@ -43,13 +55,15 @@ pub enum Error {
     },
 }
 
-/// Opens a tunnel over `tcp` (connected to the destination's agent) to `target`, with `tls`
-/// (the source workload's certificate, and the destination's identity expected).
+/// Opens a tunnel over `tcp` (connected to the destination's agent) from the pod at `source`
+/// to `target`, with `tls` (the source pod's certificate, and whom it expects at the other
+/// end). Returns the tunnel with the identity the destination proved.
 pub async fn connect(
     tcp: TcpStream,
+    source: SocketAddr,
     target: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
-) -> Result<Tunnel, Error> {
+) -> Result<(Tunnel, Identity), Error> {
     let peer = tcp.peer_addr().map_err(|error| Error::Tls {
         peer: target,
         error,
@@ -58,6 +72,10 @@ pub async fn connect(
         .connect(ServerName::IpAddress(peer.ip().into()), tcp)
         .await
         .map_err(|error| Error::Tls { peer, error })?;
+    let proven = peer_identity(stream.get_ref().1).ok_or_else(|| Error::Tls {
+        peer,
+        error: std::io::Error::other("the peer proved no identity"),
+    })?;
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -66,6 +84,7 @@ pub async fn connect(
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
+        .header(http::header::FORWARDED, format!("for=\"{source}\""))
         .body(Empty::<Bytes>::new())
         .expect("a valid CONNECT");
     let response = sender
@@ -87,7 +106,7 @@ pub async fn connect(
     let upgraded = hyper::upgrade::on(response)
         .await
         .map_err(|error| Error::Http { peer, error })?;
-    Ok(TokioIo::new(upgraded))
+    Ok((TokioIo::new(upgraded), proven))
 }
 
 /// What a destination agent does with a tunnel: Ok to accept it (the stream then goes to
@@ -104,7 +123,7 @@ pub async fn serve<D, F>(
     deliver: D,
 ) -> Result<(), Error>
 where
-    D: Fn(Identity, SocketAddr, Tunnel) -> F + Clone + Send + Sync + 'static,
+    D: Fn(Accepted, Tunnel) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let peer_addr = tcp.peer_addr().map_err(|error| Error::Tls {
@@ -151,9 +170,14 @@ where
             if let Err(reason) = admit.admit(&peer, target) {
                 return Ok(refuse(StatusCode::FORBIDDEN, reason));
             }
+            let accepted = Accepted {
+                peer,
+                source: forwarded_for(request.headers()).unwrap_or(peer_addr),
+                target,
+            };
             tokio::spawn(async move {
                 if let Ok(upgraded) = hyper::upgrade::on(request).await {
-                    deliver(peer, target, TokioIo::new(upgraded)).await;
+                    deliver(accepted, TokioIo::new(upgraded)).await;
                 }
             });
             Ok(Response::new(Empty::<Bytes>::new()))
@@ -166,6 +190,13 @@ where
             peer: peer_addr,
             error,
         })
+}
+
+/// The address in a `Forwarded: for="ip:port"` header, as [`connect`] writes it.
+fn forwarded_for(headers: &http::HeaderMap) -> Option<SocketAddr> {
+    let value = headers.get(http::header::FORWARDED)?.to_str().ok()?;
+    let quoted = value.trim().strip_prefix("for=")?;
+    quoted.trim_matches('"').parse().ok()
 }
 
 #[cfg(test)]
@@ -235,10 +266,10 @@ mod tests {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let delivered_tx = delivered_tx.clone();
                 // The destination echoes what the tunnel carries.
-                let deliver = move |peer: Identity, target: SocketAddr, mut tunnel: Tunnel| {
+                let deliver = move |accepted: Accepted, mut tunnel: Tunnel| {
                     let delivered_tx = delivered_tx.clone();
                     async move {
-                        delivered_tx.send((peer, target)).unwrap();
+                        delivered_tx.send(accepted).unwrap();
                         let mut buf = [0u8; 5];
                         tunnel.read_exact(&mut buf).await.unwrap();
                         tunnel.write_all(&buf).await.unwrap();
@@ -254,24 +285,41 @@ mod tests {
             }
         });
         let target: SocketAddr = "10.244.2.7:8080".parse().unwrap();
+        let source: SocketAddr = "10.244.1.3:40000".parse().unwrap();
 
         let tls =
             Arc::new(client_config(&issue(&ca, &checkout), &bundle, payments.clone()).unwrap());
-        let mut tunnel = connect(TcpStream::connect(agent).await.unwrap(), target, tls)
-            .await
-            .unwrap();
+        let (mut tunnel, proven) = connect(
+            TcpStream::connect(agent).await.unwrap(),
+            source,
+            target,
+            tls,
+        )
+        .await
+        .unwrap();
+        assert_eq!(proven, payments);
         tunnel.write_all(b"hello").await.unwrap();
         let mut echoed = [0u8; 5];
         tunnel.read_exact(&mut echoed).await.unwrap();
         assert_eq!(&echoed, b"hello");
-        assert_eq!(delivered.recv().await.unwrap(), (checkout, target));
+        let accepted = Accepted {
+            peer: checkout,
+            source,
+            target,
+        };
+        assert_eq!(delivered.recv().await.unwrap(), accepted);
 
         // Another caller is refused, with the destination's reason.
         let tls = Arc::new(client_config(&issue(&ca, &audit), &bundle, payments).unwrap());
-        let err = connect(TcpStream::connect(agent).await.unwrap(), target, tls)
-            .await
-            .err()
-            .unwrap();
+        let err = connect(
+            TcpStream::connect(agent).await.unwrap(),
+            source,
+            target,
+            tls,
+        )
+        .await
+        .err()
+        .unwrap();
         assert_eq!(
             err.to_string(),
             format!(

@@ -41,7 +41,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::metrics::{self, Direction, MethodClass, Metrics, RequestLabels};
+use crate::metrics::{self, Direction, MethodClass, Metrics, Principals, RequestLabels};
 
 pub use super::pool::ProxyBody;
 use super::{
@@ -195,16 +195,24 @@ struct ClientConn {
     /// The client's address, as `x-forwarded-for` carries it.
     forwarded_for: HeaderValue,
     resolved: Resolved,
+    /// Who the two ends proved to be, when the connection came over mutual TLS (inbound).
+    principals: Option<Arc<Principals>>,
 }
 
 impl ClientConn {
-    fn new(peer: SocketAddr, dst: SocketAddr, routes: &ArcSwap<RouteTable>) -> Self {
+    fn new(
+        peer: SocketAddr,
+        dst: SocketAddr,
+        routes: &ArcSwap<RouteTable>,
+        principals: Option<Arc<Principals>>,
+    ) -> Self {
         let client = peer.ip().to_canonical().to_string();
         Self {
             peer,
             dst,
             forwarded_for: HeaderValue::try_from(client).expect("an IP address is a header value"),
             resolved: Self::resolve(peer, dst, &routes.load()),
+            principals,
         }
     }
 
@@ -306,7 +314,7 @@ impl HttpProxy {
             peer,
             dst,
         };
-        self.serve_client(stream, None, state).await
+        self.serve_client(stream, None, state, None).await
     }
 
     /// Serves one connection the inbound listener took for the enrolled pod at `pod`: each
@@ -315,18 +323,65 @@ impl HttpProxy {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.serve_tunnel(stream, pod, peer, None).await
+    }
+
+    /// The same for a connection that may have come in a mutual-TLS tunnel between
+    /// `principals`, which its requests' series name.
+    pub async fn serve_tunnel<S>(
+        self: Arc<Self>,
+        stream: S,
+        pod: SocketAddr,
+        peer: SocketAddr,
+        principals: Option<Arc<Principals>>,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let state = Http1State {
             listener: Direction::inbound,
             peer,
             dst: pod,
         };
-        self.serve_client(stream, None, state).await
+        self.serve_client(stream, None, state, principals).await
+    }
+
+    /// Answers each request of a connection that its pod's policy refuses with 403 and the
+    /// `reason`, and closes it after the first on HTTP/1.1.
+    pub async fn refuse<S>(&self, mut stream: S, reason: String)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let Ok(Ok(read)) = tokio::time::timeout(
+            self.cfg
+                .header_read_timeout
+                .unwrap_or(Duration::from_secs(10)),
+            read_preface(&mut stream),
+        )
+        .await
+        else {
+            return;
+        };
+        let is_http2 = read.as_ref() == H2_PREFACE;
+        let io = TokioIo::new(Rewind::new(read, stream));
+        let service = hyper::service::service_fn(move |_: Request<Incoming>| {
+            let response = error(StatusCode::FORBIDDEN, &reason);
+            std::future::ready(Ok::<_, Infallible>(response))
+        });
+        let result = if is_http2 {
+            self.http2.serve_connection(io, service).await
+        } else {
+            let mut http1 = self.http1.clone();
+            http1.keep_alive(false).serve_connection(io, service).await
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "a refused HTTP connection ended with an error");
+        }
     }
 
     /// Carries on an HTTP/1.1 connection a predecessor agent handed over between requests,
     /// with the bytes of the next request it had read already.
     pub async fn resume(self: Arc<Self>, client: TcpStream, buffered: Bytes, state: Http1State) {
-        self.serve_client(client, Some(buffered), state).await
+        self.serve_client(client, Some(buffered), state, None).await
     }
 
     /// Serves a client connection until it ends, or the drain ends or moves it. `http1`: the
@@ -337,6 +392,7 @@ impl HttpProxy {
         mut stream: S,
         http1: Option<Bytes>,
         state: Http1State,
+        principals: Option<Arc<Principals>>,
     ) where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -360,7 +416,12 @@ impl HttpProxy {
             }
         };
         let stream = Rewind::new(read, stream);
-        let conn = Arc::new(ClientConn::new(state.peer, state.dst, &self.routes));
+        let conn = Arc::new(ClientConn::new(
+            state.peer,
+            state.dst,
+            &self.routes,
+            principals,
+        ));
         let result = match (state.listener, is_http2) {
             (Direction::outbound, true) => {
                 self.serve_http2(stream, self.outbound_service(conn)).await
@@ -544,10 +605,15 @@ impl HttpProxy {
                     method,
                     status,
                     mirror,
-                );
+                )
+                .over_mtls(conn.principals.as_ref());
                 let labels = || {
+                    let mut route = metrics::Route::inbound(source, destination);
+                    if let Some(principals) = &conn.principals {
+                        route = route.over_mtls(principals);
+                    }
                     let labels = RequestLabels {
-                        route: metrics::Route::inbound(source, destination),
+                        route,
                         method,
                         status_code: status,
                         mirror,

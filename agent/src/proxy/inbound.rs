@@ -3,6 +3,13 @@
 //! steered to this listener, TPROXY-style), and is forwarded to that pod: HTTP per request,
 //! measured from the destination's side; anything else byte for byte. How a pod port is read
 //! comes from its Services' `appProtocol`, else from the first bytes.
+//!
+//! Connections to a pod's port [`hbone::PORT`] carry mutual-TLS tunnels from other nodes'
+//! agents (when the node has mesh identities): each tunnel is admitted by the pod's
+//! `aviary.dev/allow-from` and delivered to the pod as a plain connection would be, its
+//! metrics naming both identities. A plain connection is admitted by the pod's
+//! `aviary.dev/mtls` (and refused by an `allow-from`, which it cannot satisfy): HTTP gets 403
+//! with the reason, anything else a reset.
 
 use std::{
     io,
@@ -12,15 +19,24 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use aviary_identity::spiffe::Identity;
 use tokio::net::TcpStream;
+use tracing::debug;
 
 use super::{
-    detect::{read_as, Detected},
+    connect_marked,
+    detect::{read_as, read_to_detect, Detected},
+    hbone::{self, Accepted, Tunnel},
     http::HttpProxy,
+    mesh::Mesh,
+    rewind::Rewind,
     route::RouteTable,
     ConnectionLimit,
 };
-use crate::metrics::{Metrics, Route};
+use crate::{
+    metrics::{DenialReason, Metrics, Principals, Route},
+    policy::security::Denied,
+};
 
 /// Binds an inbound listener, for IPv4 or (IPv6 only) for IPv6. IP_TRANSPARENT lets its
 /// connections answer from the pods' addresses, which are not the node's.
@@ -46,6 +62,8 @@ pub struct Inbound {
     pub detect_timeout: Duration,
     /// Shared by this kind's listeners on every worker.
     pub limit: ConnectionLimit,
+    /// The node's mesh identities: with them, tunnels from other nodes are served.
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 impl Inbound {
@@ -58,28 +76,162 @@ impl Inbound {
         .await
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let Ok(pod) = client.local_addr() else {
             return;
         };
-        let (route, protocol) = {
+        if pod.port() == hbone::PORT {
+            if let Some(mesh) = self.mesh.clone() {
+                return self.serve_tunnels(client, pod, peer, &mesh).await;
+            }
+        }
+        let (route, protocol, admitted) = {
             let table = self.routes.load();
-            let route = Route::inbound(&table.pod(peer.ip()), &table.pod(pod.ip()));
-            (route, table.endpoint_protocol(&pod))
+            let destination = table.pod(pod.ip());
+            let route = Route::inbound(&table.pod(peer.ip()), &destination);
+            let admitted = match table.local(pod.ip()) {
+                Some(local) => local.inbound.admits(None).inspect_err(|denied| {
+                    self.metrics.denied(reason(denied), None, &local.workload);
+                }),
+                None => Ok(()),
+            };
+            (route, table.endpoint_protocol(&pod), admitted)
         };
-        match read_as(protocol, &client, self.detect_timeout).await {
+        let detected = read_as(protocol, &client, self.detect_timeout).await;
+        if let Err(denied) = admitted {
+            debug!(%peer, %pod, %denied, "refused a plain-text connection");
+            return match detected {
+                Detected::Http => self.http.refuse(client, denied.to_string()).await,
+                Detected::Opaque => drop(client.set_zero_linger()),
+            };
+        }
+        match detected {
             // Boxed, as outbound: opaque connections' tasks stay small.
             Detected::Http => Box::pin(self.http.clone().serve_inbound(client, pod, peer)).await,
             Detected::Opaque => {
-                let relay = super::Relay {
-                    peer,
-                    idle_timeout: self.http.config().idle_timeout,
-                    metrics: &self.metrics,
-                    route: Some(&route),
-                    drain: self.http.drain(),
-                };
-                super::splice(client, pod, self.mark, relay).await
+                super::splice(client, pod, self.mark, self.relay(peer, &route)).await
             }
         }
+    }
+
+    /// Serves the tunnels of one mutual-TLS connection to the pod at `local`, presenting the
+    /// pod's identity.
+    async fn serve_tunnels(
+        self: Arc<Self>,
+        client: TcpStream,
+        local: SocketAddr,
+        peer: SocketAddr,
+        mesh: &Mesh,
+    ) {
+        let pod = self.routes.load().local(local.ip()).cloned();
+        let tls = pod
+            .as_deref()
+            .ok_or_else(|| format!("{} is no enrolled pod of this node", local.ip()))
+            .and_then(|pod| {
+                let identity = mesh.identity(pod).map_err(|e| e.to_string())?;
+                let tls = mesh.server(&identity).map_err(|e| e.to_string())?;
+                Ok((identity, tls))
+            });
+        let (identity, tls) = match tls {
+            Ok(tls) => tls,
+            Err(error) => {
+                debug!(%peer, %local, %error, "refused a tunnel connection");
+                let _ = client.set_zero_linger();
+                return;
+            }
+        };
+        let admission = Arc::new(Admission {
+            pod: local.ip(),
+            routes: self.routes.clone(),
+            metrics: self.metrics.clone(),
+        });
+        let destination = Arc::new(identity);
+        let deliver = move |accepted: Accepted, tunnel: Tunnel| {
+            let (this, destination) = (self.clone(), destination.clone());
+            async move { this.deliver(accepted, &destination, tunnel).await }
+        };
+        if let Err(error) = hbone::serve(client, tls, admission, deliver).await {
+            debug!(%peer, %local, %error, "a tunnel connection ended with an error");
+        }
+    }
+
+    /// Delivers an admitted tunnel to its pod, as a plain connection would be.
+    async fn deliver(&self, accepted: Accepted, destination: &Identity, mut tunnel: Tunnel) {
+        let Accepted {
+            peer,
+            source,
+            target,
+        } = accepted;
+        let principals = Arc::new(Principals {
+            source: peer,
+            destination: destination.clone(),
+        });
+        let (route, protocol) = {
+            let table = self.routes.load();
+            let route = Route::inbound(&table.pod(source.ip()), &table.pod(target.ip()));
+            (
+                route.over_mtls(&principals),
+                table.endpoint_protocol(&target),
+            )
+        };
+        let (detected, read) = read_to_detect(protocol, &mut tunnel, self.detect_timeout).await;
+        let tunnel = Rewind::new(read, tunnel);
+        match detected {
+            Detected::Http => {
+                let http = self.http.clone();
+                Box::pin(http.serve_tunnel(tunnel, target, source, Some(principals))).await
+            }
+            Detected::Opaque => match connect_marked(target, self.mark).await {
+                Ok(upstream) => {
+                    let relay = self.relay(source, &route);
+                    relay.run_in_place(tunnel, upstream, target).await
+                }
+                Err(error) => debug!(%source, %target, %error, "delivering a tunnel failed"),
+            },
+        }
+    }
+
+    fn relay<'a>(&'a self, peer: SocketAddr, route: &'a Route) -> super::Relay<'a> {
+        super::Relay {
+            peer,
+            idle_timeout: self.http.config().idle_timeout,
+            metrics: &self.metrics,
+            route: Some(route),
+            drain: self.http.drain(),
+        }
+    }
+}
+
+fn reason(denied: &Denied) -> DenialReason {
+    match denied {
+        Denied::PlainText => DenialReason::plaintext,
+        Denied::NoIdentity => DenialReason::no_identity,
+        Denied::NotAllowed { .. } => DenialReason::not_allowed,
+    }
+}
+
+/// Whom a tunnel to the pod at `pod` may come from: its `allow-from`, as the table in force
+/// has it when the tunnel is asked for.
+struct Admission {
+    pod: IpAddr,
+    routes: Arc<ArcSwap<RouteTable>>,
+    metrics: Arc<Metrics>,
+}
+
+impl hbone::Admit for Admission {
+    fn admit(&self, peer: &Identity, target: SocketAddr) -> Result<(), String> {
+        // The certificate presented was this pod's: a tunnel goes to this pod only.
+        if target.ip().to_canonical() != self.pod.to_canonical() || target.port() == hbone::PORT {
+            return Err(format!("this connection serves {}, not {target}", self.pod));
+        }
+        let table = self.routes.load();
+        let Some(pod) = table.local(self.pod) else {
+            return Err(format!("{} is no enrolled pod of this node", self.pod));
+        };
+        pod.inbound.admits(Some(peer)).map_err(|denied| {
+            self.metrics
+                .denied(reason(&denied), Some(peer), &pod.workload);
+            denied.to_string()
+        })
     }
 }

@@ -8,6 +8,7 @@ pub mod hbone;
 pub mod http;
 pub mod idle;
 pub mod inbound;
+pub mod mesh;
 pub mod outbound;
 pub mod pool;
 pub mod rewind;
@@ -234,10 +235,7 @@ impl Relay<'_> {
     /// the timeout, or a drain hands it over to the successor agent.
     pub async fn run(self, client: TcpStream, upstream: TcpStream) {
         let (peer, dst) = (self.peer, upstream.peer_addr().ok());
-        let series = self.route.map(|route| self.metrics.tcp_series(route));
-        if let Some(series) = &series {
-            series.opened();
-        }
+        let series = self.opened();
         // Both ends are watched: a copy stuck writing to one still polls the other.
         let mut client = idle::IdleTimeout::new(client, self.idle_timeout);
         let mut upstream = idle::IdleTimeout::new(upstream, self.idle_timeout);
@@ -282,6 +280,41 @@ impl Relay<'_> {
             }
             return;
         };
+        Self::closed(series, peer, dst, result, sent, received);
+    }
+
+    /// Copies bytes both ways until both sides close, one fails, or the connection idles past
+    /// the timeout: for a connection that cannot move to a successor agent (a tunnel, whose
+    /// TLS state lives in this process), which a drain leaves to end by itself.
+    pub async fn run_in_place<C, U>(self, client: C, upstream: U, dst: SocketAddr)
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let series = self.opened();
+        let mut client = idle::IdleTimeout::new(client, self.idle_timeout);
+        let mut upstream = idle::IdleTimeout::new(upstream, self.idle_timeout);
+        let copied = copy::bidirectional(&mut client, &mut upstream, std::future::pending()).await;
+        let (sent, received) = (copied.sent, copied.received);
+        Self::closed(series, self.peer, Some(dst), copied.result, sent, received);
+    }
+
+    fn opened(&self) -> Option<crate::metrics::TcpSeries> {
+        let series = self.route.map(|route| self.metrics.tcp_series(route));
+        if let Some(series) = &series {
+            series.opened();
+        }
+        series
+    }
+
+    fn closed(
+        series: Option<crate::metrics::TcpSeries>,
+        peer: SocketAddr,
+        dst: Option<SocketAddr>,
+        result: io::Result<()>,
+        sent: u64,
+        received: u64,
+    ) {
         match result {
             Ok(()) => debug!(%peer, ?dst, sent, received, "connection closed"),
             Err(e) => {

@@ -15,6 +15,8 @@ use std::{
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
 
+use crate::policy::security::InboundPolicy;
+
 /// Everything the proxy knows about captured services, by ClusterIP:port. Not Clone: each table
 /// has an identity of its own.
 #[derive(Debug, Default)]
@@ -32,6 +34,18 @@ pub struct RouteTable {
     /// Endpoints (pod address and port) whose Services declare how they are read, for the
     /// inbound proxy; a pod port that Services declare differently is detected.
     pub endpoint_protocols: HashMap<SocketAddr, AppProtocol>,
+    /// This node's enrolled pods, by address: whom the inbound proxy lets in, and the identity
+    /// each presents over mutual TLS.
+    pub local: HashMap<IpAddr, Arc<LocalPod>>,
+}
+
+/// An enrolled pod of this node, as the inbound proxy and mutual TLS see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPod {
+    pub workload: Arc<Workload>,
+    /// Names its identity, with its namespace and the trust domain.
+    pub service_account: Arc<str>,
+    pub inbound: InboundPolicy,
 }
 
 /// A table's identity, unique per table.
@@ -71,6 +85,11 @@ impl RouteTable {
     }
 
     /// The pod at `ip`, or [`Workload::unknown`].
+    /// The enrolled pod of this node at `ip`.
+    pub fn local(&self, ip: IpAddr) -> Option<&Arc<LocalPod>> {
+        self.local.get(&ip.to_canonical())
+    }
+
     pub fn pod(&self, ip: IpAddr) -> Arc<Workload> {
         self.pods
             .get(&ip.to_canonical())

@@ -13,15 +13,16 @@
 
 use std::{cell::RefCell, collections::HashMap, sync::Arc, time::Duration};
 
-use crate::metrics::{Direction, MethodClass, Metrics, RequestLabels, RequestSeries};
+use crate::metrics::{Direction, MethodClass, Metrics, Principals, RequestLabels, RequestSeries};
 
 use super::route::{TableId, Workload};
 
 /// Entries a worker keeps before it starts again: far more than one table's live series.
 const MAX_ENTRIES: usize = 16_384;
 
-/// Who and what a request's series names, by identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Who and what a request's series names, by identity (and, over mutual TLS, by the
+/// principals' values: they belong to a connection, not to the table).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SeriesKey {
     direction: Direction,
     source: usize,
@@ -32,6 +33,7 @@ pub struct SeriesKey {
     method: MethodClass,
     status: u16,
     mirror: bool,
+    principals: Option<Arc<Principals>>,
 }
 
 fn id<T: ?Sized>(object: Option<&T>) -> usize {
@@ -63,6 +65,15 @@ impl SeriesKey {
             method,
             status,
             mirror,
+            principals: None,
+        }
+    }
+
+    /// The same series, over mutual TLS between `principals`.
+    pub fn over_mtls(self, principals: Option<&Arc<Principals>>) -> Self {
+        Self {
+            principals: principals.cloned(),
+            ..self
         }
     }
 }
@@ -128,6 +139,9 @@ mod tests {
                 destination_service: name(service),
                 destination_workload: name("podinfo"),
                 destination_version: name("podinfo"),
+                source_principal: name("unknown"),
+                destination_principal: name("unknown"),
+                connection_security_policy: crate::metrics::Security::none,
             },
             method: MethodClass::GET,
             status_code: 200,
@@ -162,7 +176,7 @@ mod tests {
             record(
                 &metrics,
                 table.id,
-                key,
+                key.clone(),
                 || (labels("cached"), None),
                 Duration::from_millis(1),
             )
