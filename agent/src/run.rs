@@ -98,6 +98,15 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let metrics = Arc::new(Metrics::new(cfg.flagger_metrics, Some(Stats::open(pins)?)));
     let (drain_signal, drain) = DrainSignal::new();
+    // The workloads' certificates, when the agent has a signer: tunnels between nodes use them.
+    let certificates = cfg
+        .identity
+        .as_ref()
+        .map(|_| Arc::new(Certificates::default()));
+    let mesh = certificates.as_ref().map(|certificates| {
+        let (mark, timeout) = (cfg.proxy_mark, cfg.http.connect_timeout);
+        Arc::new(Mesh::new(certificates.clone(), mark, timeout))
+    });
     // One HTTP proxy, and so one pool of upstream connections, for both directions.
     let http = Arc::new(
         HttpProxy::new(
@@ -106,20 +115,9 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
             cfg.proxy_mark,
             metrics.clone(),
         )
-        .draining_on(drain),
+        .draining_on(drain)
+        .with_mesh(mesh),
     );
-    // The workloads' certificates, when the agent has a signer: tunnels between nodes use them.
-    let certificates = cfg
-        .identity
-        .as_ref()
-        .map(|_| Arc::new(Certificates::default()));
-    let mesh = cfg
-        .identity
-        .as_ref()
-        .zip(certificates.as_ref())
-        .map(|(config, certificates)| {
-            Arc::new(Mesh::new(config.trust_domain.clone(), certificates.clone()))
-        });
     let outbound = Arc::new(Outbound {
         orig_dst: OrigDstTable::open(pins)?,
         mark: cfg.proxy_mark,
@@ -136,12 +134,12 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         metrics: metrics.clone(),
         detect_timeout: DETECT_TIMEOUT,
         limit: ConnectionLimit::new(Direction::inbound, cfg.max_connections, &metrics),
-        mesh: mesh.clone(),
     });
 
     let (publisher, snapshots) = Publisher::new(RouteOptions {
         node: cfg.node_name.clone(),
         inbound_capture: datapath.captures_inbound(),
+        trust_domain: cfg.identity.as_ref().map(|i| i.trust_domain.clone()),
     });
     // Every long-lived control-plane task: one that ends is a failure of the agent.
     let mut supervisor = Supervisor::default();

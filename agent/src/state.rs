@@ -58,7 +58,7 @@ impl Publisher {
         let current = self.tx.borrow().clone();
         let policy = compile(store, self.options.node.as_deref());
         let mut routes = compile_routes(store, &self.options);
-        routes.local = local_pods(&policy, &routes.pods);
+        routes.local = local_pods(&policy, &routes.pods, self.options.trust_domain.as_deref());
         let routes = Arc::new(routes);
         let notes = routing_notes(store);
         for note in notes.iter().filter(|n| !self.notes.contains(n)) {

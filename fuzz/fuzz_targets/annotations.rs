@@ -108,12 +108,14 @@ fuzz_target!(|data: &[u8]| {
         let _ = store.upsert(object);
     }
     for node in [None, Some("node-a")] {
-        let _ = policy::compile(&store, node);
+        let policy = policy::compile(&store, node);
         let options = RouteOptions {
             node: node.map(str::to_owned),
             inbound_capture: node.is_some(),
+            trust_domain: Some("cluster.local".into()),
         };
-        let _ = routes::compile_routes(&store, &options);
+        let table = routes::compile_routes(&store, &options);
+        let _ = routes::local_pods(&policy, &table.pods, options.trust_domain.as_deref());
     }
     let _ = routes::routing_notes(&store);
 });

@@ -55,6 +55,7 @@ fuzz_target!(|data: &[u8]| {
         RouteOptions {
             node: Some("node-a".into()),
             inbound_capture: true,
+            trust_domain: Some("cluster.local".into()),
         },
     ] {
         let table = routes::compile_routes(&store, &options);

@@ -15,7 +15,7 @@ use aviary_agent::{
         Args, Command, Config, PolicySource, Probe, DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR,
     },
     kubernetes::api_access,
-    metrics::{Direction, MethodClass, Metrics, RequestLabels, Route},
+    metrics::{DenialReason, Direction, MethodClass, Metrics, RequestLabels, Route, Security},
     proxy::{http::MirrorOutcome, route::Workload},
 };
 use clap::{CommandFactory as _, Parser as _};
@@ -624,6 +624,9 @@ fn exported() -> BTreeSet<String> {
         destination_service: name("b"),
         destination_workload: name("b"),
         destination_version: name("b"),
+        source_principal: name("spiffe://cluster.local/ns/a/sa/a"),
+        destination_principal: name("spiffe://cluster.local/ns/b/sa/b"),
+        connection_security_policy: Security::mutual_tls,
     };
     let labels = RequestLabels {
         route: route.clone(),
@@ -640,6 +643,7 @@ fn exported() -> BTreeSet<String> {
         .request_series(&labels, Some(&pod))
         .record(std::time::Duration::from_millis(1));
     metrics.mirror(MirrorOutcome::Sent, &name("b"), &name("b"));
+    metrics.denied(DenialReason::not_allowed, None, &pod);
     let tcp = metrics.tcp_series(&route);
     tcp.opened();
     tcp.closed(1, 1);

@@ -129,6 +129,7 @@ fn start_on(
     let (publisher, snapshots) = Publisher::new(RouteOptions {
         node: Some(node.into()),
         inbound_capture,
+        trust_domain: None,
     });
     let (updates_tx, updates) = mpsc::channel(64);
     kubernetes::spawn_watchers(&client, node, updates_tx);

@@ -24,6 +24,7 @@ use std::{
 use http::Method;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+use aviary_identity::spiffe::Identity;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
 use super::{
@@ -219,6 +220,8 @@ pub struct RouteOptions {
     pub node: Option<String>,
     /// Whether the agents capture inbound traffic (a DaemonSet's agents share their flags).
     pub inbound_capture: bool,
+    /// The mesh's trust domain, when the agent has identities.
+    pub trust_domain: Option<String>,
 }
 
 /// Compiles the routing table: plain policy data. What the proxy learns of endpoints (load,
@@ -367,10 +370,11 @@ pub fn compile_routes(store: &Store, options: &RouteOptions) -> RouteTable {
 }
 
 /// This node's enrolled pods at each of their addresses, with the workloads `pods` names them
-/// by: the inbound proxy's admission and each pod's identity.
+/// by: the inbound proxy's admission and each pod's identity in `trust_domain`.
 pub fn local_pods(
     policy: &Policy,
     pods: &HashMap<IpAddr, Arc<Workload>>,
+    trust_domain: Option<&str>,
 ) -> HashMap<IpAddr, Arc<LocalPod>> {
     let mut local = HashMap::new();
     for pod in policy.enrolled.values() {
@@ -382,9 +386,12 @@ pub fn local_pods(
                     pod: pod.name.as_str().into(),
                 })
             });
+            let identity = trust_domain.and_then(|trust_domain| {
+                Identity::new(trust_domain, &pod.namespace, &pod.service_account).ok()
+            });
             let local_pod = LocalPod {
                 workload,
-                service_account: pod.service_account.as_str().into(),
+                identity: identity.map(Arc::new),
                 inbound: pod.inbound.clone(),
             };
             local.insert(ip.to_canonical(), Arc::new(local_pod));
@@ -1201,6 +1208,7 @@ status: {podIP: 10.244.1.14}
             let options = RouteOptions {
                 node: Some("node-a".into()),
                 inbound_capture,
+                trust_domain: None,
             };
             let table = compile_routes(&store, &options);
             ["10.96.0.11:80", "10.96.0.12:80"]

@@ -48,7 +48,8 @@ use super::{
     balance::{self, Failure, InFlight, OutlierConfig},
     drain::{Detach, Detachable, Drain, DrainSignal, Http1State, Moved},
     idle::IdleTimeout,
-    pool::{Pool, PoolConfig, SendError},
+    mesh::{Mesh, TunnelFrom},
+    pool::{Pool, PoolConfig, SendError, Tunnelled, Upstream},
     rewind::Rewind,
     route::{
         Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes,
@@ -173,6 +174,9 @@ pub struct HttpProxy {
     body_budget: Arc<BodyBudget>,
     /// When to stop serving client connections, or hand them over.
     drain: Drain,
+    /// The node's mesh identities: with them, requests to pods enrolled on other nodes go
+    /// through mutual-TLS tunnels.
+    mesh: Option<Arc<Mesh>>,
 }
 
 /// What a client connection resolved in one routing table: reused by each of its requests
@@ -185,6 +189,9 @@ struct Resolved {
     source: Arc<Workload>,
     /// The pod the connection is for (inbound).
     destination: Arc<Workload>,
+    /// The client as the source of tunnels to other nodes: an enrolled pod of this node, with
+    /// its identity (outbound, with a mesh).
+    tunnel_from: Option<TunnelFrom>,
 }
 
 /// One client connection, to a service (outbound) or to a pod (inbound).
@@ -217,11 +224,19 @@ impl ClientConn {
     }
 
     fn resolve(peer: SocketAddr, dst: SocketAddr, table: &RouteTable) -> Resolved {
+        let tunnel_from = table
+            .local(peer.ip())
+            .and_then(|pod| pod.identity.clone())
+            .map(|identity| TunnelFrom {
+                source: peer,
+                identity,
+            });
         Resolved {
             table: table.id,
             service: table.service_for(&dst, peer.ip()).cloned(),
             source: table.pod(peer.ip()),
             destination: table.pod(dst.ip()),
+            tunnel_from,
         }
     }
 
@@ -278,7 +293,50 @@ impl HttpProxy {
             body_budget,
             // Never drains until told where to look.
             drain: DrainSignal::new().1,
+            mesh: None,
         }
+    }
+
+    /// Tunnels to other nodes' pods with `mesh`'s identities.
+    pub fn with_mesh(mut self, mesh: Option<Arc<Mesh>>) -> Self {
+        self.mesh = mesh;
+        self
+    }
+
+    pub fn mesh(&self) -> Option<&Arc<Mesh>> {
+        self.mesh.as_ref()
+    }
+
+    /// How a request from `from` reaches `endpoint`: through a tunnel to its node's agent when
+    /// it is a pod enrolled on another node and this node has mesh identities, else directly.
+    /// Never in plain text when it should be tunnelled: without an identity for the source,
+    /// the reason.
+    pub fn upstream(
+        &self,
+        endpoint: &Endpoint,
+        from: Option<&TunnelFrom>,
+    ) -> Result<Upstream, String> {
+        let (Some(mesh), Some(pod)) = (&self.mesh, &endpoint.pod) else {
+            return Ok(Upstream::direct(endpoint.addr));
+        };
+        if !endpoint.measured_at_destination {
+            return Ok(Upstream::direct(endpoint.addr));
+        }
+        let Some(from) = from else {
+            return Err(format!(
+                "{} is a pod enrolled on another node, reached over mutual TLS only, and the \
+                 client has no mesh identity",
+                endpoint.addr
+            ));
+        };
+        Ok(Upstream {
+            endpoint: endpoint.addr,
+            tunnel: Some(Tunnelled {
+                from: from.clone(),
+                mesh: mesh.clone(),
+                namespace: pod.namespace.clone(),
+            }),
+        })
     }
 
     /// Drains its client connections when `drain` says so.
@@ -555,7 +613,9 @@ impl HttpProxy {
             .route_request(req, service, facts, conn, &mut answered)
             .await;
         let Answered { backend, endpoint } = answered;
+        let principals = response.extensions().get::<Arc<Principals>>();
         let answer = OutboundAnswer {
+            principals,
             source,
             service,
             backend: backend.as_deref(),
@@ -641,10 +701,12 @@ impl HttpProxy {
         }
         let request = upstream_request(parts, body.boxed());
         let dst = conn.dst;
-        let mut response = match self.pool.send(dst, request, upgrade.is_some()).await {
+        let upstream = Upstream::direct(dst);
+        let mut response = match self.pool.send(&upstream, request, upgrade.is_some()).await {
             Ok(response) => response.map(|body| body.boxed()),
             Err(SendError::NotSent { error, .. }) => return connect_failed(dst, &error, ""),
             Err(SendError::Failed(e)) => return exchange_failed(dst, &e),
+            Err(SendError::Refused(reason)) => return error(StatusCode::FORBIDDEN, &reason),
         };
         if !upgrade.is_some_and(|u| u.join(&mut response, self)) {
             strip_hop_by_hop(response.headers_mut());
@@ -728,6 +790,7 @@ impl HttpProxy {
             &backend,
             rule,
             upgrade.is_some(),
+            facts.tunnel_from.as_ref(),
             &mut answered.endpoint,
         );
         let mut response = match rule.and_then(|r| r.timeout) {
@@ -785,6 +848,7 @@ impl HttpProxy {
         backend: &Backend,
         rule: Option<&Rule>,
         upgrades: bool,
+        from: Option<&TunnelFrom>,
         used: &mut Option<Arc<Endpoint>>,
     ) -> Response<ProxyBody> {
         // The endpoint whose connect failed, and why.
@@ -804,8 +868,12 @@ impl HttpProxy {
                 };
             };
             *used = Some(endpoint.clone());
+            let upstream = match self.upstream(&endpoint, from) {
+                Ok(upstream) => upstream,
+                Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, &why),
+            };
             let in_flight = InFlight::start(endpoint.addr);
-            let sent = self.pool.send(endpoint.addr, request, upgrades);
+            let sent = self.pool.send(&upstream, request, upgrades);
             let result = match rule.and_then(|r| r.backend_timeout) {
                 Some(limit) => match tokio::time::timeout(limit, sent).await {
                     Ok(result) => result,
@@ -847,6 +915,7 @@ impl HttpProxy {
                     self.endpoint_failed(in_flight, Failure::Server, backend);
                     return exchange_failed(endpoint.addr, &e);
                 }
+                Err(SendError::Refused(reason)) => return error(StatusCode::FORBIDDEN, &reason),
             }
         }
     }
@@ -900,6 +969,9 @@ impl HttpProxy {
         let Some(endpoint) = with_rng(|rng| balance::pick(&target.endpoints, None, rng)) else {
             return record(MirrorOutcome::Failed);
         };
+        let Ok(upstream) = self.upstream(&endpoint, facts.tunnel_from.as_ref()) else {
+            return record(MirrorOutcome::Failed);
+        };
         let mut request = Request::new(full(body));
         *request.method_mut() = parts.method.clone();
         *request.version_mut() = upstream_version(parts.version);
@@ -932,19 +1004,22 @@ impl HttpProxy {
             let _permit = (permit, tracked);
             let start = Instant::now();
             let exchange = async {
-                let response = match pool.send(endpoint.addr, request, false).await {
+                let response = match pool.send(&upstream, request, false).await {
                     Ok(response) => response,
                     Err(SendError::NotSent { error, .. }) => return Err(error.into()),
                     Err(SendError::Failed(e)) => return Err(e.into()),
+                    Err(SendError::Refused(reason)) => return Err(reason.into()),
                 };
                 let status = response.status();
+                let principals = response.extensions().get::<Arc<Principals>>().cloned();
                 // Read the whole response, then drop it: measured, never seen.
                 response.into_body().collect().await?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status)
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, principals))
             };
             let outcome = match tokio::time::timeout(timeout, exchange).await {
-                Ok(Ok(status)) => {
+                Ok(Ok((status, principals))) => {
                     let answer = OutboundAnswer {
+                        principals: principals.as_ref(),
                         source: &source,
                         service: &service,
                         backend: Some(&target),
@@ -1017,6 +1092,8 @@ struct OutboundAnswer<'a> {
     /// Whether this agent reports the pod in Flagger's family.
     flagger: bool,
     mirror: bool,
+    /// The identities the ends of the tunnel it came through proved.
+    principals: Option<&'a Arc<Principals>>,
 }
 
 impl OutboundAnswer<'_> {
@@ -1038,14 +1115,18 @@ impl OutboundAnswer<'_> {
             method,
             status,
             self.mirror,
-        );
+        )
+        .over_mtls(self.principals);
         let labels = || {
-            let route = metrics::Route::outbound(
+            let mut route = metrics::Route::outbound(
                 self.source,
                 self.service,
                 self.backend.map(|b| &b.name),
                 self.pod.map(|p| &**p),
             );
+            if let Some(principals) = self.principals {
+                route = route.over_mtls(principals);
+            }
             let labels = RequestLabels {
                 route,
                 method,

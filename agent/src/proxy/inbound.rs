@@ -62,8 +62,6 @@ pub struct Inbound {
     pub detect_timeout: Duration,
     /// Shared by this kind's listeners on every worker.
     pub limit: ConnectionLimit,
-    /// The node's mesh identities: with them, tunnels from other nodes are served.
-    pub mesh: Option<Arc<Mesh>>,
 }
 
 impl Inbound {
@@ -81,7 +79,8 @@ impl Inbound {
             return;
         };
         if pod.port() == hbone::PORT {
-            if let Some(mesh) = self.mesh.clone() {
+            // With mesh identities, tunnels from other nodes are served.
+            if let Some(mesh) = self.http.mesh().cloned() {
                 return self.serve_tunnels(client, pod, peer, &mesh).await;
             }
         }
@@ -124,14 +123,14 @@ impl Inbound {
         mesh: &Mesh,
     ) {
         let pod = self.routes.load().local(local.ip()).cloned();
-        let tls = pod
-            .as_deref()
-            .ok_or_else(|| format!("{} is no enrolled pod of this node", local.ip()))
-            .and_then(|pod| {
-                let identity = mesh.identity(pod).map_err(|e| e.to_string())?;
-                let tls = mesh.server(&identity).map_err(|e| e.to_string())?;
-                Ok((identity, tls))
-            });
+        let tls = match pod.as_deref().and_then(|pod| pod.identity.clone()) {
+            Some(identity) => mesh.server(&identity).map(|tls| (identity, tls)),
+            None => {
+                debug!(%peer, %local, "refused a tunnel connection: no enrolled pod with an identity there");
+                let _ = client.set_zero_linger();
+                return;
+            }
+        };
         let (identity, tls) = match tls {
             Ok(tls) => tls,
             Err(error) => {
@@ -145,7 +144,7 @@ impl Inbound {
             routes: self.routes.clone(),
             metrics: self.metrics.clone(),
         });
-        let destination = Arc::new(identity);
+        let destination = identity;
         let deliver = move |accepted: Accepted, tunnel: Tunnel| {
             let (this, destination) = (self.clone(), destination.clone());
             async move { this.deliver(accepted, &destination, tunnel).await }

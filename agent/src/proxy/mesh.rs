@@ -4,7 +4,7 @@
 //! name their service accounts); a destination agent presents its pod's identity and accepts
 //! any identity of the trust domain, which the pod's `allow-from` then judges.
 
-use std::sync::Arc;
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use aviary_identity::{
     credentials::Credentials,
@@ -13,8 +13,8 @@ use aviary_identity::{
 };
 use rustls::{ClientConfig, ServerConfig};
 
-use super::route::LocalPod;
-use crate::identity::Certificates;
+use super::hbone::{self, Tunnel};
+use crate::{identity::Certificates, metrics::Principals};
 
 /// Why a tunnel cannot be made or accepted now.
 #[derive(Debug, thiserror::Error)]
@@ -23,44 +23,97 @@ pub enum Unavailable {
     NoCertificate(Identity),
     #[error("no trust bundle yet (the agent's /ready says why)")]
     NoBundle,
-    #[error("{namespace}/{service_account} names no identity: {error}")]
-    NoIdentity {
-        namespace: String,
-        service_account: String,
-        error: String,
-    },
     #[error("TLS configuration: {0}")]
     Tls(#[from] aviary_identity::tls::Error),
 }
 
+/// Why a tunnel was not opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    #[error("connecting to {agent}, the destination's agent, failed: {error}")]
+    Connect { agent: SocketAddr, error: io::Error },
+    #[error(transparent)]
+    Hbone(#[from] hbone::Error),
+}
+
+impl TunnelError {
+    /// The destination's agent refused the tunnel: the reason it gave, which the client is
+    /// told. Nothing reached the pod, and the endpoint is not at fault.
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            Self::Hbone(hbone::Error::Refused { reason, status, .. }) => Some(
+                reason
+                    .clone()
+                    .unwrap_or_else(|| format!("the destination's agent answered {status}")),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// A pod of this node as the source of tunnels: its address, which the destination's agent
+/// is told, and the identity it proves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TunnelFrom {
+    pub source: SocketAddr,
+    pub identity: Arc<Identity>,
+}
+
 /// The node's mesh identities, as its agent's certificates give them.
 pub struct Mesh {
-    trust_domain: String,
     certificates: Arc<Certificates>,
+    /// The proxy's socket mark, which the capture programs skip.
+    mark: u32,
+    /// Connecting, the handshake and the CONNECT together take at most this long.
+    connect_timeout: Duration,
 }
 
 impl Mesh {
-    pub fn new(trust_domain: String, certificates: Arc<Certificates>) -> Self {
+    pub fn new(certificates: Arc<Certificates>, mark: u32, connect_timeout: Duration) -> Self {
         Self {
-            trust_domain,
             certificates,
+            mark,
+            connect_timeout,
         }
     }
 
-    /// The identity an enrolled pod of this node runs as.
-    pub fn identity(&self, pod: &LocalPod) -> Result<Identity, Unavailable> {
-        let namespace = &pod.workload.namespace;
-        Identity::new(&self.trust_domain, namespace, &pod.service_account).map_err(|e| {
-            Unavailable::NoIdentity {
-                namespace: namespace.to_string(),
-                service_account: pod.service_account.to_string(),
-                error: e.to_string(),
-            }
-        })
+    /// Opens a tunnel from `from` to the pod at `target`, of `namespace`, through the agent of
+    /// its node (at the pod's address, on [`hbone::PORT`]). Returns it with the identities
+    /// both ends proved.
+    pub async fn tunnel(
+        &self,
+        from: &TunnelFrom,
+        target: SocketAddr,
+        namespace: &str,
+    ) -> Result<(Tunnel, Arc<Principals>), TunnelError> {
+        let tls = self.client(&from.identity, namespace)?;
+        let agent = SocketAddr::new(target.ip(), hbone::PORT);
+        let open = async {
+            let tcp = super::connect_marked(agent, self.mark)
+                .await
+                .map_err(|error| TunnelError::Connect { agent, error })?;
+            Ok::<_, TunnelError>(hbone::connect(tcp, from.source, target, tls).await?)
+        };
+        let (tunnel, destination) = tokio::time::timeout(self.connect_timeout, open)
+            .await
+            .map_err(|_| TunnelError::Connect {
+                agent,
+                error: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no tunnel within {:?}", self.connect_timeout),
+                ),
+            })??;
+        let principals = Principals {
+            source: (*from.identity).clone(),
+            destination,
+        };
+        Ok((tunnel, Arc::new(principals)))
     }
 
     /// The connecting end, as `source`, to a pod of `destination_namespace`.
-    pub fn client(
+    fn client(
         &self,
         source: &Identity,
         destination_namespace: &str,

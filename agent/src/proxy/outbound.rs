@@ -22,6 +22,8 @@ use super::{
     connect_marked,
     detect::{read_as, Detected},
     http::HttpProxy,
+    mesh::TunnelFrom,
+    pool::Upstream,
     route::{Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes, Workload},
     split::{pick_weighted, with_rng},
     ConnectionLimit, Relay,
@@ -86,29 +88,42 @@ impl Outbound {
             return super::splice(client, dst, self.mark, self.relay(peer, None)).await;
         };
         let source = table.pod(peer.ip());
+        let tunnel_from = table
+            .local(peer.ip())
+            .and_then(|pod| pod.identity.clone())
+            .map(|identity| TunnelFrom {
+                source: peer,
+                identity,
+            });
         drop(table);
         match read_as(service.protocol, &client, self.detect_timeout).await {
             // Boxed: an opaque connection's task, idle for hours perhaps, need not be as large
             // as an HTTP connection's future.
             Detected::Http => Box::pin(self.http.clone().serve(client, dst, peer)).await,
             Detected::Opaque => {
-                self.relay_opaque(client, peer, dst, &source, &service)
-                    .await
+                let opaque = Opaque {
+                    peer,
+                    dst,
+                    source: &source,
+                    tunnel_from: tunnel_from.as_ref(),
+                };
+                self.relay_opaque(client, opaque, &service).await
             }
         }
     }
 
-    /// Relays an opaque connection to an endpoint of the backend its service's weights pick.
-    /// A connect that fails counts against its endpoint (outlier detection), and the connection
-    /// goes once more, to another endpoint: nothing of it was sent.
-    async fn relay_opaque(
-        &self,
-        client: TcpStream,
-        peer: SocketAddr,
-        dst: SocketAddr,
-        source: &Workload,
-        service: &ServiceRoutes,
-    ) {
+    /// Relays an opaque connection to an endpoint of the backend its service's weights pick:
+    /// directly, or in a tunnel to a pod enrolled on another node. A connect that fails
+    /// counts against its endpoint (outlier detection), and the connection goes once more, to
+    /// another endpoint: nothing of it was sent. A tunnel the destination refuses resets the
+    /// client.
+    async fn relay_opaque(&self, client: TcpStream, opaque: Opaque<'_>, service: &ServiceRoutes) {
+        let Opaque {
+            peer,
+            dst,
+            source,
+            tunnel_from,
+        } = opaque;
         let Some(backend) = tcp_backend(service) else {
             debug!(%peer, %dst, "no backend for an opaque connection");
             let _ = client.set_zero_linger();
@@ -125,31 +140,58 @@ impl Outbound {
             };
             // Held while the connection lasts: the balancer sees open connections as load.
             let in_flight = InFlight::start(endpoint.addr);
-            match connect_marked(endpoint.addr, self.mark).await {
-                Ok(upstream) => {
-                    let route = Route::outbound(
-                        source,
-                        service,
-                        Some(&backend.name),
-                        endpoint.pod.as_deref(),
-                    );
-                    self.relay(peer, Some(&route)).run(client, upstream).await;
-                    drop(in_flight);
-                    return;
+            let route = Route::outbound(
+                source,
+                service,
+                Some(&backend.name),
+                endpoint.pod.as_deref(),
+            );
+            let error = match self.http.upstream(&endpoint, tunnel_from) {
+                Ok(Upstream {
+                    tunnel: Some(tunnelled),
+                    ..
+                }) => {
+                    let (from, namespace) = (&tunnelled.from, &tunnelled.namespace);
+                    match tunnelled.mesh.tunnel(from, endpoint.addr, namespace).await {
+                        Ok((tunnel, principals)) => {
+                            let route = route.over_mtls(&principals);
+                            let relay = self.relay(peer, Some(&route));
+                            relay.run_in_place(client, tunnel, endpoint.addr).await;
+                            drop(in_flight);
+                            return;
+                        }
+                        Err(e) if e.refusal().is_some() => {
+                            debug!(%peer, endpoint = %endpoint.addr, error = %e, "the destination refused the tunnel");
+                            let _ = client.set_zero_linger();
+                            return;
+                        }
+                        Err(e) => e.to_string(),
+                    }
                 }
-                Err(e) => {
-                    debug!(%peer, endpoint = %endpoint.addr, error = %e, "upstream connect failed");
-                    let ejected = in_flight.failed(Failure::Connect, &backend.endpoints, outlier);
-                    let (namespace, name) = (&backend.namespace, &backend.name);
-                    self.metrics
-                        .endpoint_failure(Failure::Connect, namespace, name, ejected);
-                    if failed.is_some() {
-                        let _ = client.set_zero_linger();
+                Ok(_) => match connect_marked(endpoint.addr, self.mark).await {
+                    Ok(upstream) => {
+                        self.relay(peer, Some(&route)).run(client, upstream).await;
+                        drop(in_flight);
                         return;
                     }
-                    failed = Some(endpoint);
+                    Err(e) => e.to_string(),
+                },
+                Err(why) => {
+                    debug!(%peer, endpoint = %endpoint.addr, %why, "no way to the endpoint");
+                    let _ = client.set_zero_linger();
+                    return;
                 }
+            };
+            debug!(%peer, endpoint = %endpoint.addr, %error, "upstream connect failed");
+            let ejected = in_flight.failed(Failure::Connect, &backend.endpoints, outlier);
+            let (namespace, name) = (&backend.namespace, &backend.name);
+            self.metrics
+                .endpoint_failure(Failure::Connect, namespace, name, ejected);
+            if failed.is_some() {
+                let _ = client.set_zero_linger();
+                return;
             }
+            failed = Some(endpoint);
         }
     }
 
@@ -162,6 +204,14 @@ impl Outbound {
             drain: self.http.drain(),
         }
     }
+}
+
+/// An opaque connection: who made it, where to, and how it may be tunnelled.
+struct Opaque<'a> {
+    peer: SocketAddr,
+    dst: SocketAddr,
+    source: &'a Workload,
+    tunnel_from: Option<&'a TunnelFrom>,
 }
 
 /// An opaque connection's backend: split by the weights of the first rule that matches every

@@ -2,8 +2,9 @@
 //!
 //! Each data-plane worker owns its pools (a thread-local), as pingora's are per thread: a
 //! request checks a connection out and back in without a lock, and never hands the request to
-//! another thread. Pools are keyed by the endpoint's socket address, not by anything in the
-//! policy snapshot, so they survive snapshot swaps.
+//! another thread. Pools are keyed by the endpoint's socket address (and, for a tunnel to
+//! another node's agent, by the pod it comes from: a connection carries its source's identity
+//! and address), not by anything in the policy snapshot, so they survive snapshot swaps.
 //!
 //! - HTTP/1.1: idle senders wait in a LIFO stack per endpoint (the most recently used
 //!   connection is the warmest). A connection goes back when its response body has been read to
@@ -21,8 +22,9 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -36,6 +38,12 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
+
+use super::{
+    hbone::Tunnel,
+    mesh::{Mesh, TunnelFrom},
+};
+use crate::metrics::Principals;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -65,6 +73,46 @@ impl Default for PoolConfig {
     }
 }
 
+/// Where a request goes: to an endpoint directly, or through a mutual-TLS tunnel to the agent
+/// of its node, from a pod of this node.
+#[derive(Clone)]
+pub struct Upstream {
+    pub endpoint: SocketAddr,
+    pub tunnel: Option<Tunnelled>,
+}
+
+/// How a tunnelled request leaves: from which pod, through which mesh, to a pod of which
+/// namespace (whose identity the destination's agent must prove).
+#[derive(Clone)]
+pub struct Tunnelled {
+    pub from: TunnelFrom,
+    pub mesh: Arc<Mesh>,
+    pub namespace: Arc<str>,
+}
+
+impl Upstream {
+    pub fn direct(endpoint: SocketAddr) -> Self {
+        Self {
+            endpoint,
+            tunnel: None,
+        }
+    }
+
+    fn key(&self) -> PoolKey {
+        PoolKey {
+            endpoint: self.endpoint,
+            source: self.tunnel.as_ref().map(|t| t.from.source.ip()),
+        }
+    }
+}
+
+/// A pool's key: the endpoint, and the source pod of a tunnel to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PoolKey {
+    endpoint: SocketAddr,
+    source: Option<IpAddr>,
+}
+
 /// Why a request did not get a response.
 #[derive(Debug)]
 pub enum SendError {
@@ -76,17 +124,26 @@ pub enum SendError {
     },
     /// The exchange failed after the request was (partly) written.
     Failed(hyper::Error),
+    /// The destination's agent refused the tunnel, for this reason: its pod's policy does not
+    /// admit the source. Nothing was sent, and the endpoint is not at fault.
+    Refused(String),
+}
+
+/// A sender, and the identities its connection's ends proved when it is a tunnel.
+struct Pooled<S> {
+    sender: S,
+    principals: Option<Arc<Principals>>,
 }
 
 struct IdleH1 {
-    sender: http1::SendRequest<ProxyBody>,
+    pooled: Pooled<http1::SendRequest<ProxyBody>>,
     since: Instant,
 }
 
 #[derive(Default)]
 struct Pools {
-    h1: HashMap<SocketAddr, Vec<IdleH1>>,
-    h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>>,
+    h1: HashMap<PoolKey, Vec<IdleH1>>,
+    h2: HashMap<PoolKey, Pooled<http2::SendRequest<ProxyBody>>>,
 }
 
 thread_local! {
@@ -104,16 +161,17 @@ impl Pool {
         Self { cfg }
     }
 
-    /// Sends `request` to `endpoint` over HTTP/2 when `version` is HTTP/2, else HTTP/1.1. With
+    /// Sends `request` to `upstream` over HTTP/2 when `version` is HTTP/2, else HTTP/1.1. With
     /// `upgrades`, an HTTP/1.1 connection is opened just for this request and can be upgraded
-    /// (a 101 takes the connection out of any pool).
+    /// (a 101 takes the connection out of any pool). A response that came through a tunnel
+    /// carries the [`Principals`] its ends proved in its extensions.
     pub async fn send(
         &self,
-        endpoint: SocketAddr,
+        upstream: &Upstream,
         request: Request<ProxyBody>,
         upgrades: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let response = self.exchange(endpoint, request, upgrades).await?;
+        let response = self.exchange(upstream, request, upgrades).await?;
         UpstreamBody::read_ahead(response)
             .await
             .map_err(SendError::Failed)
@@ -121,25 +179,26 @@ impl Pool {
 
     async fn exchange(
         &self,
-        endpoint: SocketAddr,
+        upstream: &Upstream,
         mut request: Request<ProxyBody>,
         upgrades: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let (endpoint, key) = (upstream.endpoint, upstream.key());
         addressed(&mut request, endpoint);
         if request.version() == Version::HTTP_2 {
-            return self.send_h2(endpoint, request).await;
+            return self.send_h2(upstream, request).await;
         }
         let request = if upgrades {
             request
         } else {
-            match self.send_pooled_h1(endpoint, request).await {
+            match self.send_pooled_h1(key, request).await {
                 Ok(sent) => return sent,
                 Err(unsent) => unsent,
             }
         };
-        let io = match self.connect(endpoint).await {
-            Ok(io) => io,
-            Err(error) => return Err(not_sent(error, request)),
+        let (io, principals) = match self.connect(upstream).await {
+            Ok(connected) => connected,
+            Err(error) => return Err(error.unsent(request)),
         };
         let (mut sender, connection) = http1::Builder::new()
             .handshake(io)
@@ -155,7 +214,7 @@ impl Pool {
             return sender
                 .send_request(request)
                 .await
-                .map(|response| response.map(UpstreamBody::plain))
+                .map(|response| with_principals(response.map(UpstreamBody::plain), &principals))
                 .map_err(SendError::Failed);
         }
         tokio::spawn(async move {
@@ -164,7 +223,10 @@ impl Pool {
             }
         });
         match sender.send_request(request).await {
-            Ok(response) => Ok(self.pooled(endpoint, sender, response)),
+            Ok(response) => {
+                let pooled = Pooled { sender, principals };
+                Ok(self.pooled(key, pooled, response))
+            }
             Err(e) => Err(SendError::Failed(e)),
         }
     }
@@ -172,16 +234,16 @@ impl Pool {
     /// Sends over an idle pooled connection; gives the request back when none could carry it.
     async fn send_pooled_h1(
         &self,
-        endpoint: SocketAddr,
+        key: PoolKey,
         mut request: Request<ProxyBody>,
     ) -> Result<Result<Response<UpstreamBody>, SendError>, Request<ProxyBody>> {
-        while let Some(mut sender) = self.checkout_h1(endpoint) {
+        while let Some(mut pooled) = self.checkout_h1(key) {
             // Ready at once unless the previous response's end is still being processed.
-            if sender.ready().await.is_err() {
+            if pooled.sender.ready().await.is_err() {
                 continue;
             }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(Ok(self.pooled(endpoint, sender, response))),
+            match pooled.sender.try_send_request(request).await {
+                Ok(response) => return Ok(Ok(self.pooled(key, pooled, response))),
                 Err(mut e) => match e.take_message() {
                     // The connection had closed: nothing was sent.
                     Some(unsent) => request = unsent,
@@ -192,13 +254,14 @@ impl Pool {
         Err(request)
     }
 
-    /// The most recently returned live sender for `endpoint`, if any.
-    fn checkout_h1(&self, endpoint: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
+    /// The most recently returned live sender for `key`, if any.
+    fn checkout_h1(&self, key: PoolKey) -> Option<Pooled<http1::SendRequest<ProxyBody>>> {
         POOLS.with_borrow_mut(|pools| {
-            let idle = pools.h1.get_mut(&endpoint)?;
+            let idle = pools.h1.get_mut(&key)?;
             while let Some(entry) = idle.pop() {
-                if !entry.sender.is_closed() && entry.since.elapsed() < self.cfg.idle_timeout {
-                    return Some(entry.sender);
+                if !entry.pooled.sender.is_closed() && entry.since.elapsed() < self.cfg.idle_timeout
+                {
+                    return Some(entry.pooled);
                 }
             }
             None
@@ -207,18 +270,19 @@ impl Pool {
 
     fn pooled(
         &self,
-        endpoint: SocketAddr,
-        sender: http1::SendRequest<ProxyBody>,
+        key: PoolKey,
+        pooled: Pooled<http1::SendRequest<ProxyBody>>,
         response: Response<Incoming>,
     ) -> Response<UpstreamBody> {
         let max_idle = self.cfg.max_idle_per_endpoint;
-        response.map(|body| {
+        let principals = pooled.principals.clone();
+        let response = response.map(|body| {
             let mut body = UpstreamBody {
                 first: None,
                 body,
                 checkin: Some(Checkin {
-                    endpoint,
-                    sender,
+                    key,
+                    pooled,
                     max_idle,
                 }),
             };
@@ -226,34 +290,41 @@ impl Pool {
                 body.check_in();
             }
             body
-        })
+        });
+        with_principals(response, &principals)
     }
 
     async fn send_h2(
         &self,
-        endpoint: SocketAddr,
+        upstream: &Upstream,
         mut request: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let pooled = POOLS.with_borrow_mut(|pools| match pools.h2.get(&endpoint) {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+        let (endpoint, key) = (upstream.endpoint, upstream.key());
+        let pooled = POOLS.with_borrow_mut(|pools| match pools.h2.get(&key) {
+            Some(pooled) if !pooled.sender.is_closed() => {
+                Some((pooled.sender.clone(), pooled.principals.clone()))
+            }
             Some(_) => {
-                pools.h2.remove(&endpoint);
+                pools.h2.remove(&key);
                 None
             }
             None => None,
         });
-        if let Some(mut sender) = pooled {
+        if let Some((mut sender, principals)) = pooled {
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response.map(UpstreamBody::plain)),
+                Ok(response) => {
+                    let response = response.map(UpstreamBody::plain);
+                    return Ok(with_principals(response, &principals));
+                }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => request = unsent,
                     None => return Err(SendError::Failed(e.into_error())),
                 },
             }
         }
-        let io = match self.connect(endpoint).await {
-            Ok(io) => io,
-            Err(error) => return Err(not_sent(error, request)),
+        let (io, principals) = match self.connect(upstream).await {
+            Ok(connected) => connected,
+            Err(error) => return Err(error.unsent(request)),
         };
         let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -268,18 +339,44 @@ impl Pool {
                 debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended with an error");
             }
         });
-        POOLS.with_borrow_mut(|pools| pools.h2.insert(endpoint, sender.clone()));
+        POOLS.with_borrow_mut(|pools| {
+            let pooled = Pooled {
+                sender: sender.clone(),
+                principals: principals.clone(),
+            };
+            pools.h2.insert(key, pooled)
+        });
         sender
             .send_request(request)
             .await
-            .map(|response| response.map(UpstreamBody::plain))
+            .map(|response| with_principals(response.map(UpstreamBody::plain), &principals))
             .map_err(SendError::Failed)
     }
 
-    async fn connect(&self, endpoint: SocketAddr) -> io::Result<TokioIo<tokio::net::TcpStream>> {
+    /// A new connection to `upstream`: to the endpoint, or a tunnel with the identities its
+    /// ends proved.
+    async fn connect(
+        &self,
+        upstream: &Upstream,
+    ) -> Result<(TokioIo<Connection>, Option<Arc<Principals>>), ConnectError> {
+        if let Some(tunnelled) = &upstream.tunnel {
+            let opened = tunnelled
+                .mesh
+                .tunnel(&tunnelled.from, upstream.endpoint, &tunnelled.namespace)
+                .await;
+            return match opened {
+                Ok((tunnel, principals)) => {
+                    Ok((TokioIo::new(Connection::Tunnel(tunnel)), Some(principals)))
+                }
+                Err(error) => Err(match error.refusal() {
+                    Some(reason) => ConnectError::Refused(reason),
+                    None => ConnectError::Failed(io::Error::other(error.to_string())),
+                }),
+            };
+        }
         let stream = tokio::time::timeout(
             self.cfg.connect_timeout,
-            super::connect_marked(endpoint, self.cfg.mark),
+            super::connect_marked(upstream.endpoint, self.cfg.mark),
         )
         .await
         .map_err(|_| {
@@ -287,8 +384,10 @@ impl Pool {
                 io::ErrorKind::TimedOut,
                 format!("no answer within {:?}", self.cfg.connect_timeout),
             )
-        })??;
-        Ok(TokioIo::new(stream))
+        })
+        .and_then(|connected| connected)
+        .map_err(ConnectError::Failed)?;
+        Ok((TokioIo::new(Connection::Direct(stream)), None))
     }
 
     /// Closes this worker's connections that idled past the timeout or whose peer closed them.
@@ -296,10 +395,10 @@ impl Pool {
         let timeout = self.cfg.idle_timeout;
         POOLS.with_borrow_mut(|pools| {
             pools.h1.retain(|_, idle| {
-                idle.retain(|e| !e.sender.is_closed() && e.since.elapsed() < timeout);
+                idle.retain(|e| !e.pooled.sender.is_closed() && e.since.elapsed() < timeout);
                 !idle.is_empty()
             });
-            pools.h2.retain(|_, sender| !sender.is_closed());
+            pools.h2.retain(|_, pooled| !pooled.sender.is_closed());
         });
     }
 
@@ -348,10 +447,97 @@ fn addressed(request: &mut Request<ProxyBody>, endpoint: SocketAddr) {
     *request.uri_mut() = http::Uri::from_parts(parts).unwrap_or_default();
 }
 
-fn not_sent(error: io::Error, request: Request<ProxyBody>) -> SendError {
-    SendError::NotSent {
-        error,
-        request: Box::new(request),
+/// Why no connection was made; either way, nothing was sent.
+enum ConnectError {
+    Failed(io::Error),
+    /// The destination's agent refused the tunnel, with this reason.
+    Refused(String),
+}
+
+impl ConnectError {
+    fn unsent(self, request: Request<ProxyBody>) -> SendError {
+        match self {
+            Self::Failed(error) => SendError::NotSent {
+                error,
+                request: Box::new(request),
+            },
+            Self::Refused(reason) => SendError::Refused(reason),
+        }
+    }
+}
+
+/// A response that came through a tunnel carries the identities its ends proved.
+fn with_principals<B>(
+    mut response: Response<B>,
+    principals: &Option<Arc<Principals>>,
+) -> Response<B> {
+    if let Some(principals) = principals {
+        response.extensions_mut().insert(principals.clone());
+    }
+    response
+}
+
+/// An upstream connection: to the endpoint, or a tunnel to its node's agent.
+pub enum Connection {
+    Direct(tokio::net::TcpStream),
+    Tunnel(Tunnel),
+}
+
+impl tokio::io::AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tunnel(tunnel) => Pin::new(tunnel).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Direct(stream) => Pin::new(stream).poll_write(cx, buf),
+            Self::Tunnel(tunnel) => Pin::new(tunnel).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Direct(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Self::Tunnel(tunnel) => Pin::new(tunnel).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Direct(stream) => stream.is_write_vectored(),
+            Self::Tunnel(tunnel) => tunnel.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Tunnel(tunnel) => Pin::new(tunnel).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Tunnel(tunnel) => Pin::new(tunnel).poll_shutdown(cx),
+        }
     }
 }
 
@@ -361,8 +547,8 @@ const CHECKIN_READY_WAIT: Duration = Duration::from_secs(1);
 
 /// What goes back into the pool once a response has been read to its end.
 struct Checkin {
-    endpoint: SocketAddr,
-    sender: http1::SendRequest<ProxyBody>,
+    key: PoolKey,
+    pooled: Pooled<http1::SendRequest<ProxyBody>>,
     max_idle: usize,
 }
 
@@ -409,38 +595,38 @@ impl UpstreamBody {
 
     fn check_in(&mut self) {
         let Some(Checkin {
-            endpoint,
-            sender,
+            key,
+            mut pooled,
             max_idle,
         }) = self.checkin.take()
         else {
             return;
         };
-        if sender.is_closed() {
+        if pooled.sender.is_closed() {
             return;
         }
-        if sender.is_ready() {
-            return idle_h1(endpoint, sender, max_idle);
+        if pooled.sender.is_ready() {
+            return idle_h1(key, pooled, max_idle);
         }
         // The response ended before the request did (an early answer to an upload): the
         // connection goes back only once it can carry another request, so that no request
         // ever waits on it.
-        let mut sender = sender;
         tokio::spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(CHECKIN_READY_WAIT, sender.ready()).await {
-                idle_h1(endpoint, sender, max_idle);
+            let ready = pooled.sender.ready();
+            if let Ok(Ok(())) = tokio::time::timeout(CHECKIN_READY_WAIT, ready).await {
+                idle_h1(key, pooled, max_idle);
             }
         });
     }
 }
 
 /// Puts a ready HTTP/1.1 connection in this worker's pool, unless the pool is full.
-fn idle_h1(endpoint: SocketAddr, sender: http1::SendRequest<ProxyBody>, max_idle: usize) {
+fn idle_h1(key: PoolKey, pooled: Pooled<http1::SendRequest<ProxyBody>>, max_idle: usize) {
     POOLS.with_borrow_mut(|pools| {
-        let idle = pools.h1.entry(endpoint).or_default();
+        let idle = pools.h1.entry(key).or_default();
         if idle.len() < max_idle {
             idle.push(IdleH1 {
-                sender,
+                pooled,
                 since: Instant::now(),
             });
         }
@@ -573,7 +759,10 @@ mod tests {
     }
 
     async fn exchange(pool: &Pool, addr: SocketAddr, version: Version) -> usize {
-        let response = pool.send(addr, get(version), false).await.unwrap();
+        let response = pool
+            .send(&Upstream::direct(addr), get(version), false)
+            .await
+            .unwrap();
         response
             .into_body()
             .collect()
@@ -603,7 +792,11 @@ mod tests {
         let (addr, accepted) = backend().await;
         let pool = pool();
         let response = pool
-            .send(addr, get_path(Version::HTTP_11, "/big"), false)
+            .send(
+                &Upstream::direct(addr),
+                get_path(Version::HTTP_11, "/big"),
+                false,
+            )
             .await
             .unwrap();
         drop(response);
@@ -615,7 +808,10 @@ mod tests {
     async fn a_small_body_is_read_ahead_with_its_head() {
         let (addr, accepted) = backend().await;
         let pool = pool();
-        let response = pool.send(addr, get(Version::HTTP_11), false).await.unwrap();
+        let response = pool
+            .send(&Upstream::direct(addr), get(Version::HTTP_11), false)
+            .await
+            .unwrap();
         let body = response.into_body();
         assert!(body.first.is_some(), "the body came with the head");
         assert_eq!(body.size_hint().exact(), Some(64));
@@ -639,13 +835,19 @@ mod tests {
         })
         .await;
         let pool = pool();
-        let response = pool.send(addr, get(Version::HTTP_11), false).await.unwrap();
+        let response = pool
+            .send(&Upstream::direct(addr), get(Version::HTTP_11), false)
+            .await
+            .unwrap();
         assert_eq!(
             response.into_body().collect().await.unwrap().to_bytes(),
             "ok"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let response = pool.send(addr, get(Version::HTTP_11), false).await.unwrap();
+        let response = pool
+            .send(&Upstream::direct(addr), get(Version::HTTP_11), false)
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         pool.reap();
@@ -669,12 +871,16 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = closed.local_addr().unwrap();
         drop(closed);
-        match pool().send(addr, get(Version::HTTP_11), false).await {
+        match pool()
+            .send(&Upstream::direct(addr), get(Version::HTTP_11), false)
+            .await
+        {
             Err(SendError::NotSent { error, request }) => {
                 assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
                 assert_eq!(request.uri(), "/");
             }
             Err(SendError::Failed(e)) => panic!("expected NotSent, got {e}"),
+            Err(SendError::Refused(reason)) => panic!("expected NotSent, got {reason}"),
             Ok(response) => panic!("expected NotSent, got {}", response.status()),
         }
     }
@@ -703,12 +909,16 @@ mod tests {
             ..PoolConfig::default()
         });
         let start = std::time::Instant::now();
-        match pool.send(addr, get(Version::HTTP_11), false).await {
+        match pool
+            .send(&Upstream::direct(addr), get(Version::HTTP_11), false)
+            .await
+        {
             Err(SendError::NotSent { error, request }) => {
                 assert_eq!(error.kind(), io::ErrorKind::TimedOut);
                 assert_eq!(request.uri(), "/");
             }
             Err(SendError::Failed(e)) => panic!("expected NotSent, got {e}"),
+            Err(SendError::Refused(reason)) => panic!("expected NotSent, got {reason}"),
             Ok(response) => panic!("expected NotSent, got {}", response.status()),
         }
         let waited = start.elapsed();
@@ -731,10 +941,12 @@ mod tests {
             http2_keepalive_timeout: Duration::from_millis(100),
             ..PoolConfig::default()
         });
-        let sent = pool.send(addr, get(Version::HTTP_2), false);
+        let upstream = Upstream::direct(addr);
+        let sent = pool.send(&upstream, get(Version::HTTP_2), false);
         match tokio::time::timeout(Duration::from_secs(2), sent).await {
             Ok(Err(SendError::Failed(_))) => {}
             Ok(Err(SendError::NotSent { error, .. })) => panic!("expected Failed, got {error}"),
+            Ok(Err(SendError::Refused(reason))) => panic!("expected Failed, got {reason}"),
             Ok(Ok(response)) => panic!("expected Failed, got {}", response.status()),
             Err(_) => panic!("the request waited on a dead connection"),
         }
@@ -764,7 +976,10 @@ mod tests {
             .header("content-length", "1000000")
             .body(body)
             .unwrap();
-        let response = pool.send(addr, upload, false).await.unwrap();
+        let response = pool
+            .send(&Upstream::direct(addr), upload, false)
+            .await
+            .unwrap();
         assert_eq!(response.status(), 413);
         drop(response);
         // The next request must not wait on that connection.
@@ -781,7 +996,10 @@ mod tests {
     }
 
     async fn exchange_status(pool: &Pool, addr: SocketAddr) -> u16 {
-        let response = pool.send(addr, get(Version::HTTP_11), false).await.unwrap();
+        let response = pool
+            .send(&Upstream::direct(addr), get(Version::HTTP_11), false)
+            .await
+            .unwrap();
         response.status().as_u16()
     }
 

@@ -15,6 +15,8 @@ use std::{
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
 
+use aviary_identity::spiffe::Identity;
+
 use crate::policy::security::InboundPolicy;
 
 /// Everything the proxy knows about captured services, by ClusterIP:port. Not Clone: each table
@@ -43,8 +45,8 @@ pub struct RouteTable {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalPod {
     pub workload: Arc<Workload>,
-    /// Names its identity, with its namespace and the trust domain.
-    pub service_account: Arc<str>,
+    /// Its service account's, in the mesh's trust domain; None without a mesh.
+    pub identity: Option<Arc<Identity>>,
     pub inbound: InboundPolicy,
 }
 

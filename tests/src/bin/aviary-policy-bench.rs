@@ -226,5 +226,6 @@ fn options() -> RouteOptions {
     RouteOptions {
         node: Some(NODE.into()),
         inbound_capture: true,
+        trust_domain: Some("cluster.local".into()),
     }
 }
