@@ -118,6 +118,11 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         .draining_on(drain)
         .with_mesh(mesh),
     );
+    let (publisher, snapshots) = Publisher::new(RouteOptions {
+        node: cfg.node_name.clone(),
+        inbound_capture: datapath.captures_inbound(),
+        trust_domain: cfg.identity.as_ref().map(|i| i.trust_domain.clone()),
+    });
     let outbound = Arc::new(Outbound {
         orig_dst: OrigDstTable::open(pins)?,
         mark: cfg.proxy_mark,
@@ -134,13 +139,9 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         metrics: metrics.clone(),
         detect_timeout: DETECT_TIMEOUT,
         limit: ConnectionLimit::new(Direction::inbound, cfg.max_connections, &metrics),
+        snapshots: snapshots.clone(),
     });
 
-    let (publisher, snapshots) = Publisher::new(RouteOptions {
-        node: cfg.node_name.clone(),
-        inbound_capture: datapath.captures_inbound(),
-        trust_domain: cfg.identity.as_ref().map(|i| i.trust_domain.clone()),
-    });
     // Every long-lived control-plane task: one that ends is a failure of the agent.
     let mut supervisor = Supervisor::default();
     supervisor.spawn(

@@ -10,6 +10,9 @@
 //! - Service VIPs exist only inside the node: a backend pod holds the VIP on its loopback, and
 //!   the node routes the VIP to it (what kube-proxy's DNAT achieves on a real node).
 //!
+//! - Two nodes ([`Node::pair`]) are joined by their uplinks, each routing the other's pod range
+//!   to it, as two machines of a cluster: the second node's bridge is 10.244.3.1/24.
+//!
 //! Everything created is removed on drop, also when a test panics: the datapath an agent leaves
 //! attached and pinned when it exits, with `aviary-agent uninstall` as on a real node, and the
 //! namespaces and cgroups. Resources left by a test process that was killed are swept by the
@@ -19,6 +22,7 @@
 pub mod apiserver;
 pub mod grpc;
 pub mod policy;
+pub mod signer;
 
 use std::{
     fs,
@@ -238,10 +242,13 @@ pub struct Node {
     pub cgroup_layout: CgroupLayout,
     pub pin_name: String,
     pub policy_dir: PathBuf,
+    /// The third octet of its pod range, 10.244.<subnet>.0/24 (1, and 3 for a pair's second).
+    subnet: u8,
     pods: Mutex<Vec<String>>,
     children: Mutex<Vec<Child>>,
     next_host: AtomicU32,
-    _serial: MutexGuard<'static, ()>,
+    /// Held by the first node of a test; the second of a pair runs under the first's.
+    _serial: Option<MutexGuard<'static, ()>>,
 }
 
 impl Node {
@@ -257,6 +264,37 @@ impl Node {
         }
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         sweep_stale();
+        Some(Node::build_as(layout, 1, Some(serial)))
+    }
+
+    /// Two nodes of one cluster, joined by their uplinks ([`UPLINK`]: 10.0.0.1/30 on the first,
+    /// 10.0.0.2/30 on the second), each routing the other's pod range over it.
+    pub fn pair() -> Option<(Node, Node)> {
+        let first = Node::new()?;
+        let second = Node::build_as(CgroupLayout::Cgroupfs, 3, None);
+        let join = || -> anyhow::Result<()> {
+            let (a, b) = (first.netns.as_str(), second.netns.as_str());
+            ip_in(
+                a,
+                &[
+                    "link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK, "netns", b,
+                ],
+            )?;
+            for (ns, ip, peer, range) in [
+                (a, "10.0.0.1/30", "10.0.0.2", second.pod_range()),
+                (b, "10.0.0.2/30", "10.0.0.1", first.pod_range()),
+            ] {
+                ip_in(ns, &["addr", "add", ip, "dev", UPLINK])?;
+                ip_in(ns, &["link", "set", UPLINK, "up"])?;
+                ip_in(ns, &["route", "add", &range, "via", peer])?;
+            }
+            Ok(())
+        };
+        join().expect("joining the two nodes");
+        Some((first, second))
+    }
+
+    fn build_as(layout: CgroupLayout, subnet: u8, serial: Option<MutexGuard<'static, ()>>) -> Node {
         let id = format!(
             "{PREFIX}{}x{}",
             std::process::id(),
@@ -274,6 +312,7 @@ impl Node {
             cgroup_base,
             pin_name: id.clone(),
             policy_dir: std::env::temp_dir().join(format!("{id}-policy")),
+            subnet,
             pods: Mutex::new(Vec::new()),
             children: Mutex::new(Vec::new()),
             next_host: AtomicU32::new(10),
@@ -281,7 +320,49 @@ impl Node {
             _serial: serial,
         };
         node.build().expect("building the test node");
-        Some(node)
+        node
+    }
+
+    /// Its address on the pod bridge, where its pods reach the proxy ([`NODE_IP`] for the
+    /// first node).
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.subnet, 1)
+    }
+
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.pod_ip6(1)
+    }
+
+    fn pod_ip6(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0x243 + u16::from(self.subnet),
+            0,
+            0,
+            0,
+            0,
+            0,
+            host.into(),
+        )
+    }
+
+    fn pod_range(&self) -> String {
+        format!("10.244.{}.0/24", self.subnet)
+    }
+
+    /// The agent's metrics, fetched from the node's metrics port by `pod`.
+    pub fn metrics(&self, pod: &Pod) -> String {
+        let out = self.run(
+            pod,
+            &["http-get", &format!("{}:15020", self.ip()), "/metrics"],
+            Duration::from_secs(10),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn build(&self) -> anyhow::Result<()> {
@@ -291,18 +372,12 @@ impl Node {
         sh(&["ip", "netns", "add", ns])?;
         ip_in(ns, &["link", "set", "lo", "up"])?;
         ip_in(ns, &["link", "add", "br0", "type", "bridge"])?;
-        ip_in(ns, &["addr", "add", &format!("{NODE_IP}/24"), "dev", "br0"])?;
+        let (ip, ip6) = (self.ip(), self.ip6());
+        ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", "br0"])?;
         // nodad: IPv6 addresses are usable at once, without duplicate address detection.
         ip_in(
             ns,
-            &[
-                "addr",
-                "add",
-                &format!("{NODE_IP6}/64"),
-                "dev",
-                "br0",
-                "nodad",
-            ],
+            &["addr", "add", &format!("{ip6}/64"), "dev", "br0", "nodad"],
         )?;
         ip_in(ns, &["link", "set", "br0", "up"])?;
         ip_in(ns, &["route", "add", "unreachable", SERVICE_CIDR])?;
@@ -444,7 +519,7 @@ impl Node {
     /// A pod on the bridge with a cgroup for it under the root (see [`CgroupLayout`]).
     pub fn add_pod(&self, name: &str) -> Pod {
         let (host, uid) = self.next_host();
-        self.add_pod_as(name, &uid, Ipv4Addr::new(10, 244, 1, host))
+        self.add_pod_as(name, &uid, Ipv4Addr::new(10, 244, self.subnet, host))
     }
 
     /// A pod whose UID and address are given, e.g. by a manifest (10.244.1.0/24; the harness
@@ -455,7 +530,7 @@ impl Node {
         let pod = Pod {
             name: name.to_owned(),
             ip,
-            ip6: Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, host.into()),
+            ip6: self.pod_ip6(host),
             netns: format!("{}-{name}", self.id),
             cgroup: self.pod_cgroup(&uid, name),
             uid,
@@ -489,7 +564,7 @@ impl Node {
                 ],
             )?;
             ip_in(node, &["link", "set", &veth, "up"])?;
-            let (ip, node_ip) = (format!("{}/32", pod.ip), NODE_IP.to_string());
+            let (ip, node_ip) = (format!("{}/32", pod.ip), self.ip().to_string());
             ip_in(node, &["route", "add", &ip, "dev", &veth, "src", &node_ip])?;
             ip_in(
                 ns,
@@ -497,7 +572,7 @@ impl Node {
             )?;
             ip_in(ns, &["link", "set", "eth0", "up"])?;
             ip_in(ns, &["link", "set", "lo", "up"])?;
-            let gateway = NODE_IP.to_string();
+            let gateway = self.ip().to_string();
             ip_in(
                 ns,
                 &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
@@ -551,7 +626,7 @@ impl Node {
         ip_in(ns, &["link", "set", "lo", "up"])?;
         ip_in(
             ns,
-            &["route", "add", "default", "via", &NODE_IP.to_string()],
+            &["route", "add", "default", "via", &self.ip().to_string()],
         )?;
         ip_in(
             ns,
@@ -561,7 +636,7 @@ impl Node {
                 "add",
                 "default",
                 "via",
-                &NODE_IP6.to_string(),
+                &self.ip6().to_string(),
             ],
         )?;
         self.sysctls(ns, &[])?;
@@ -685,6 +760,48 @@ impl Node {
             .unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         self.children.lock().unwrap().push(child);
+        stdout
+    }
+
+    /// Watches the segments crossing the node's `interface` for `secs` (`aviary-testpod sniff`,
+    /// in the node's network namespace, outside the pods' cgroups): returns once it watches,
+    /// with its output to come.
+    pub fn sniff(
+        &self,
+        interface: &str,
+        port: u16,
+        needle: &str,
+        secs: u32,
+    ) -> BufReader<ChildStdout> {
+        let cgroup = self.cgroup_base.join("sniffer");
+        fs::create_dir_all(&cgroup).unwrap();
+        let (port, secs) = (port.to_string(), secs.to_string());
+        let args = [
+            "sniff",
+            "--interface",
+            interface,
+            "--port",
+            &port,
+            "--needle",
+            needle,
+            "--secs",
+            &secs,
+        ];
+        let mut child = self
+            .command_in(
+                &self.netns,
+                &cgroup,
+                &workspace_bin("aviary-testpod"),
+                &args,
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        self.children.lock().unwrap().push(child);
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        assert_eq!(first.trim(), "sniffing");
         stdout
     }
 
@@ -829,7 +946,7 @@ impl Node {
         let cgroup = self.agent_cgroup();
         fs::create_dir_all(&cgroup).unwrap();
         let root = self.cgroup_root.to_string_lossy().into_owned();
-        let node_ip = NODE_IP.to_string();
+        let node_ip = self.ip().to_string();
         let handoff = self.handoff_socket().to_string_lossy().into_owned();
         let mut args = source.to_vec();
         args.extend([
@@ -998,10 +1115,19 @@ pub struct Session {
 impl Session {
     /// Sends a line through the connection and returns its echo.
     pub fn echo(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
+        self.try_echo(line)
+            .unwrap_or_else(|| panic!("the session ended before echoing {line:?}"))
+    }
+
+    /// The same, or None once the connection has ended.
+    pub fn try_echo(&mut self, line: &str) -> Option<String> {
+        writeln!(self.stdin, "{line}").ok()?;
+        self.stdin.flush().ok()?;
         let mut echo = String::new();
-        self.stdout.read_line(&mut echo).unwrap();
-        echo.trim_end().to_owned()
+        match self.stdout.read_line(&mut echo) {
+            Ok(n) if n > 0 => Some(echo.trim_end().to_owned()),
+            _ => None,
+        }
     }
 }
 

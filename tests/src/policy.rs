@@ -108,15 +108,11 @@ fn http_port_service(
 
 /// The EndpointSlice of `service`: its pods, ready, on `port`.
 pub fn endpoint_slice(service: &str, namespace: &str, pods: &[&Pod], port: u16) -> String {
-    let endpoints: Vec<String> = pods
-        .iter()
-        .map(|p| format!("{{addresses: [\"{}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {}, namespace: {namespace}}}}}", p.ip, p.name))
-        .collect();
+    let endpoints = ready_endpoints(pods, namespace);
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: {namespace}, \
          labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\n\
-         ports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints: [{}]\n",
-        endpoints.join(", ")
+         ports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints: [{endpoints}]\n"
     )
 }
 
@@ -138,4 +134,56 @@ pub fn split_route(service: &str, namespace: &str, backends: &[(&str, u32)]) -> 
          \x20 - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n\
          \x20   backendRefs:\n{backends}"
     )
+}
+
+/// A Pod of `node` running as `service_account`, with `annotations`.
+pub fn pod_on(
+    pod: &Pod,
+    namespace: &str,
+    node: &str,
+    service_account: &str,
+    annotations: &[(&str, &str)],
+) -> String {
+    let annotations: Vec<String> = annotations
+        .iter()
+        .map(|(k, v)| format!("{k}: \"{v}\""))
+        .collect();
+    let (name, uid, ip) = (&pod.name, &pod.uid, pod.ip);
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, uid: {uid}, \
+         annotations: {{{}}}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {service_account}, containers: [{{name: {name}, image: test}}]}}\n\
+         status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n",
+        annotations.join(", ")
+    )
+}
+
+/// A ClusterIP Service with one unnamed opaque TCP port forwarding to `target_port`, and its
+/// EndpointSlice of `pods`.
+pub fn tcp_service(
+    name: &str,
+    namespace: &str,
+    vip: IpAddr,
+    port: u16,
+    target_port: u16,
+    pods: &[&Pod],
+) -> String {
+    let endpoints = ready_endpoints(pods, namespace);
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{clusterIP: \"{vip}\", ports: [{{port: {port}, targetPort: {target_port}, protocol: TCP, appProtocol: tcp}}]}}\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: {namespace}, \
+         labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\n\
+         ports: [{{port: {target_port}, protocol: TCP}}]\nendpoints: [{endpoints}]\n"
+    )
+}
+
+/// EndpointSlice endpoints for `pods`, ready.
+fn ready_endpoints(pods: &[&Pod], namespace: &str) -> String {
+    let endpoints: Vec<String> = pods
+        .iter()
+        .map(|p| format!("{{addresses: [\"{}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {}, namespace: {namespace}}}}}", p.ip, p.name))
+        .collect();
+    endpoints.join(", ")
 }

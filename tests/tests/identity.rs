@@ -1,13 +1,7 @@
 //! The signer, `aviary-identity`, as its own process against the API server fixture, and the
 //! agents' side of it: which agent gets which certificate, and mutual TLS with what it gets.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use aviary_agent::identity::{maintain, Certificates, IdentityConfig};
 use aviary_identity::{
@@ -17,30 +11,12 @@ use aviary_identity::{
     tls::{self, TrustBundle},
 };
 use aviary_tests::{
-    apiserver::{ApiServer, Token},
-    wait_until, workspace_bin,
+    apiserver::ApiServer,
+    signer::{agent_token, id, pod, Scratch, Signer, NAMESPACE},
+    wait_until,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-const NAMESPACE: &str = "aviary-system";
-const AUDIENCE: &str = "aviary-identity";
-
-fn id(text: &str) -> Identity {
-    text.parse().unwrap()
-}
-
-/// A pod of `namespace` on `node`, running as `service_account`.
-fn pod(api: &ApiServer, namespace: &str, name: &str, service_account: &str, node: &str) -> String {
-    let uid = format!("uid-{namespace}-{name}");
-    api.apply(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "uid": uid},
-        "spec": {"serviceAccountName": service_account, "nodeName": node, "containers": []},
-        "status": {"phase": "Running"},
-    }));
-    uid
-}
 
 /// The cluster: two nodes, each with an agent pod and one workload; a finished pod on node-a.
 async fn cluster() -> ApiServer {
@@ -67,124 +43,6 @@ async fn cluster() -> ApiServer {
         "status": {"phase": "Succeeded"},
     }));
     api
-}
-
-fn agent_token(pod: &str, uid: &str, node: &str) -> Token {
-    Token {
-        username: format!("system:serviceaccount:{NAMESPACE}:aviary"),
-        uid: format!("sa-uid-{pod}"),
-        extra: [
-            ("authentication.kubernetes.io/pod-name", pod),
-            ("authentication.kubernetes.io/pod-uid", uid),
-            ("authentication.kubernetes.io/node-name", node),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), vec![v.to_owned()]))
-        .collect(),
-        audiences: vec![AUDIENCE.to_owned()],
-    }
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A directory of this test's, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "aviary-identity-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The signer's process, its files, and its address; stopped when dropped.
-struct Signer {
-    child: Child,
-    dir: Scratch,
-    address: String,
-}
-
-impl Drop for Signer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Signer {
-    fn start(api: &ApiServer) -> Signer {
-        Signer::start_with(api, &["--listen", "127.0.0.1:0"])
-    }
-
-    /// With these flags (`--listen` among them).
-    fn start_with(api: &ApiServer, flags: &[&str]) -> Signer {
-        let dir = Scratch::new();
-        let kubeconfig = dir.join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig).unwrap();
-        let mut child = Command::new(workspace_bin("aviary-identity"))
-            .args(["--dns-name", "localhost"])
-            .args(flags)
-            .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        // Its first lines come as it talks to the fixture, which serves on this runtime.
-        let address = tokio::task::block_in_place(|| loop {
-            let line = lines
-                .next()
-                .expect("the signer ended before it listened")
-                .unwrap();
-            eprintln!("[signer] {line}");
-            if let Some(rest) = line.split("listen=127.0.0.1:").nth(1) {
-                let port = rest.split_whitespace().next().unwrap();
-                break format!("localhost:{port}");
-            }
-        });
-        // The rest of its log goes to the test's.
-        std::thread::spawn(move || {
-            lines
-                .map_while(Result::ok)
-                .for_each(|l| eprintln!("[signer] {l}"))
-        });
-        Signer {
-            child,
-            dir,
-            address,
-        }
-    }
-
-    /// The trust bundle, as agents read it from the ConfigMap.
-    fn bundle(&self, api: &ApiServer) -> TrustBundle {
-        let map = api
-            .get("v1", "ConfigMap", NAMESPACE, "aviary-trust-bundle")
-            .expect("the signer published its trust bundle");
-        TrustBundle::from_pem(map["data"]["ca.crt"].as_str().unwrap(), "cluster.local").unwrap()
-    }
-
-    /// The client of an agent whose projected token is `token`.
-    fn client(&self, api: &ApiServer, token: &str) -> SignerClient {
-        let path = self.dir.join(token);
-        std::fs::write(&path, token).unwrap();
-        SignerClient::new(&self.address, &self.bundle(api), path).unwrap()
-    }
 }
 
 async fn refused(client: &SignerClient, identity: &str) -> (u16, String) {
@@ -420,7 +278,7 @@ async fn the_agent_renews_at_half_life_and_rides_out_a_signer_outage() {
         &["--listen", "127.0.0.1:0", "--certificate-lifetime", "10s"],
     );
     let listen = signer.address.replace("localhost", "127.0.0.1");
-    let files = Scratch::new();
+    let files = Scratch::default();
     let config = keeper(&signer, &api, &files);
     let checkout = id("spiffe://cluster.local/ns/shop/sa/checkout");
     let certificates = std::sync::Arc::new(Certificates::default());

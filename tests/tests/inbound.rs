@@ -144,16 +144,8 @@ fn remote_and_local_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
         ("direction", "inbound"),
         ("destination_workload", "enrolled"),
     ];
-    let scrape = || {
-        let out = node.run(
-            &plain,
-            &["http-get", &format!("{NODE_IP}:15020"), "/metrics"],
-            Duration::from_secs(10),
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     let metrics = wait_until(Duration::from_secs(5), || {
-        let text = scrape();
+        let text = node.metrics(&plain);
         let closed = sample(&text, "aviary_tcp_connections_closed_total", &inbound);
         (closed == 3.0).then_some(text)
     })
@@ -288,16 +280,11 @@ fn ipv6_clients_reach_an_enrolled_pod_through_the_inbound_proxy() {
     assert_eq!(agent.counter("inbound_captured"), 1);
     reconnect(&node, &remote, pod6);
     assert_eq!(agent.counter("inbound_captured"), 4);
-    let out = node.run(
-        &enrolled,
-        &["http-get", &format!("{NODE_IP}:15020"), "/metrics"],
-        Duration::from_secs(10),
-    );
+    let metrics = node.metrics(&enrolled);
     let inbound = [
         ("direction", "inbound"),
         ("destination_workload", "enrolled"),
     ];
-    let metrics = String::from_utf8_lossy(&out.stdout);
     assert_eq!(sample(&metrics, "aviary_requests_total", &inbound), 23.0);
 
     agent.kill();

@@ -103,7 +103,7 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
     // The metrics count exactly that traffic. Their eBPF counters are the agent's last reading
     // of the maps, taken every second: wait (bounded) for one taken after both connections.
     let metrics = wait_until(Duration::from_secs(5), || {
-        let metrics = scrape_metrics(&node, &watcher);
+        let metrics = node.metrics(&watcher);
         let captured =
             aviary_agent::metrics::sample(&metrics, "aviary_ebpf_connect_captured_total", &[]);
         (captured >= 2.0).then_some(metrics)
@@ -194,25 +194,6 @@ fn requests_from_an_enrolled_pod_are_split_90_10_and_gets_are_mirrored() {
     );
 }
 
-/// The agent's metrics, fetched from the node's metrics port by a pod.
-fn scrape_metrics(node: &Node, pod: &Pod) -> String {
-    let out = node.run(
-        pod,
-        &[
-            "http-get",
-            &format!("{}:15020", aviary_tests::NODE_IP),
-            "/metrics",
-        ],
-        Duration::from_secs(10),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Opaque TCP is split per connection. The backends here speak first (a greeting), so each
 /// connection also shows that detection gives up on a silent client and treats it as opaque.
 #[test]
@@ -267,7 +248,7 @@ fn opaque_tcp_is_split_per_connection() {
         )
     };
     let metrics = wait_until(Duration::from_secs(5), || {
-        let metrics = scrape_metrics(&node, &client);
+        let metrics = node.metrics(&client);
         let closed = tcp(
             &metrics,
             "aviary_tcp_connections_closed_total",

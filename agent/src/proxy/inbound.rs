@@ -36,6 +36,7 @@ use super::{
 use crate::{
     metrics::{DenialReason, Metrics, Principals, Route},
     policy::security::Denied,
+    state::SnapshotRx,
 };
 
 /// Binds an inbound listener, for IPv4 or (IPv6 only) for IPv6. IP_TRANSPARENT lets its
@@ -62,6 +63,8 @@ pub struct Inbound {
     pub detect_timeout: Duration,
     /// Shared by this kind's listeners on every worker.
     pub limit: ConnectionLimit,
+    /// Each new policy, against which the connections it admitted are checked again.
+    pub snapshots: SnapshotRx,
 }
 
 impl Inbound {
@@ -104,13 +107,42 @@ impl Inbound {
                 Detected::Opaque => drop(client.set_zero_linger()),
             };
         }
-        match detected {
-            // Boxed, as outbound: opaque connections' tasks stay small.
-            Detected::Http => Box::pin(self.http.clone().serve_inbound(client, pod, peer)).await,
-            Detected::Opaque => {
-                super::splice(client, pod, self.mark, self.relay(peer, &route)).await
+        let served = async {
+            match detected {
+                // Boxed, as outbound: opaque connections' tasks stay small.
+                Detected::Http => {
+                    Box::pin(self.http.clone().serve_inbound(client, pod, peer)).await
+                }
+                Detected::Opaque => {
+                    super::splice(client, pod, self.mark, self.relay(peer, &route)).await
+                }
+            }
+        };
+        tokio::select! {
+            () = served => {}
+            () = self.revoked(pod.ip(), None) => {
+                debug!(%peer, %pod, "a plain-text connection closed: the pod's policy no longer admits it");
             }
         }
+    }
+
+    /// Resolves once a new policy no longer admits `peer` (None: plain text) to the pod at
+    /// `pod`: a connection admitted under an earlier policy ends then, as ztunnel closes the
+    /// connections a new authorization policy denies. The denial is counted.
+    async fn revoked(&self, pod: IpAddr, peer: Option<&Identity>) {
+        let mut snapshots = self.snapshots.clone();
+        snapshots.borrow_and_update();
+        while snapshots.changed().await.is_ok() {
+            let routes = snapshots.borrow_and_update().routes.clone();
+            let Some(local) = routes.local(pod) else {
+                continue;
+            };
+            if let Err(denied) = local.inbound.admits(peer) {
+                self.metrics.denied(reason(&denied), peer, &local.workload);
+                return;
+            }
+        }
+        std::future::pending().await
     }
 
     /// Serves the tunnels of one mutual-TLS connection to the pod at `local`, presenting the
@@ -173,20 +205,29 @@ impl Inbound {
                 table.endpoint_protocol(&target),
             )
         };
-        let (detected, read) = read_to_detect(protocol, &mut tunnel, self.detect_timeout).await;
-        let tunnel = Rewind::new(read, tunnel);
-        match detected {
-            Detected::Http => {
-                let http = self.http.clone();
-                Box::pin(http.serve_tunnel(tunnel, target, source, Some(principals))).await
-            }
-            Detected::Opaque => match connect_marked(target, self.mark).await {
-                Ok(upstream) => {
-                    let relay = self.relay(source, &route);
-                    relay.run_in_place(tunnel, upstream, target).await
+        let peer = principals.source.clone();
+        let served = async {
+            let (detected, read) = read_to_detect(protocol, &mut tunnel, self.detect_timeout).await;
+            let tunnel = Rewind::new(read, tunnel);
+            match detected {
+                Detected::Http => {
+                    let http = self.http.clone();
+                    Box::pin(http.serve_tunnel(tunnel, target, source, Some(principals))).await
                 }
-                Err(error) => debug!(%source, %target, %error, "delivering a tunnel failed"),
-            },
+                Detected::Opaque => match connect_marked(target, self.mark).await {
+                    Ok(upstream) => {
+                        let relay = self.relay(source, &route);
+                        relay.run_in_place(tunnel, upstream, target).await
+                    }
+                    Err(error) => debug!(%source, %target, %error, "delivering a tunnel failed"),
+                },
+            }
+        };
+        tokio::select! {
+            () = served => {}
+            () = self.revoked(target.ip(), Some(&peer)) => {
+                debug!(%source, %target, %peer, "a tunnel closed: the pod's policy no longer admits its source");
+            }
         }
     }
 

@@ -10,6 +10,7 @@
 //! - `http-serve`, `http-load`, `http-get`, `reconnect`: an HTTP/1.1 backend and its clients.
 //! - `grpc-serve`, `grpc-unary`, `grpc-stream`: a gRPC backend and its client
 //!   (`aviary_tests::grpc`).
+//! - `sniff`: what crosses an interface, as a packet socket sees it.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -39,6 +40,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Watch the frames crossing `interface` (of this network namespace), both ways, for
+    /// `secs`. Prints "sniffing" once it watches, then how many IPv4 TCP segments crossed
+    /// ("segments <n>"), how many of them had `port` at either end ("port <n>") and carried TLS
+    /// records ("tls <n>": payloads opening with a record header), and how many payloads held
+    /// `needle` ("needle <n>").
+    Sniff {
+        #[arg(long)]
+        interface: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        needle: String,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Join `cgroup` (a cgroup v2 directory), then `netns` (a namespace file), then exec.
     Exec {
         #[arg(long)]
@@ -252,6 +268,17 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => hold(addr, count, parallel, Duration::from_secs_f64(secs)),
         Command::Session { addr } => session(addr),
         Command::Udp { addr } => udp(addr),
+        Command::Sniff {
+            interface,
+            port,
+            needle,
+            secs,
+        } => sniff(
+            &interface,
+            port,
+            needle.as_bytes(),
+            Duration::from_secs_f64(secs),
+        ),
         Command::Load { mode } => load(mode),
         Command::HttpServe { name, port } => http_serve(name, port),
         Command::HttpLoad {
@@ -1117,4 +1144,77 @@ async fn grpc_stream(
         println!("failed {:?} {}", status.code(), status.message());
     }
     Ok(())
+}
+
+fn sniff(interface: &str, port: u16, needle: &[u8], secs: Duration) -> anyhow::Result<()> {
+    use nix::sys::socket::{
+        recvfrom, setsockopt, socket, sockopt, AddressFamily, LinkAddr, SockFlag, SockProtocol,
+        SockType,
+    };
+    use std::os::fd::AsRawFd as _;
+    let index = nix::net::if_::if_nametoindex(interface)
+        .with_context(|| format!("no interface {interface}"))? as usize;
+    let fd = socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::empty(),
+        SockProtocol::EthAll,
+    )?;
+    setsockopt(
+        &fd,
+        sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(0, 100_000),
+    )?;
+    println!("sniffing");
+    std::io::stdout().flush()?;
+    let (mut segments, mut on_port, mut tls, mut needles) = (0u32, 0u32, 0u32, 0u32);
+    let deadline = Instant::now() + secs;
+    let mut frame = vec![0u8; 65_536];
+    while Instant::now() < deadline {
+        let (n, from) = match recvfrom::<LinkAddr>(fd.as_raw_fd(), &mut frame) {
+            Ok(received) => received,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if from.is_none_or(|from| from.ifindex() != index) {
+            continue;
+        }
+        let Some((ports, payload)) = tcp_payload(&frame[..n]) else {
+            continue;
+        };
+        segments += 1;
+        if ports.0 == port || ports.1 == port {
+            on_port += 1;
+            // A record header: handshake (22) or application data (23), TLS 1.2's version on
+            // the wire (TLS 1.3 records say 1.2).
+            if payload.len() >= 5 && matches!(payload[0], 22 | 23) && payload[1..3] == [3, 3] {
+                tls += 1;
+            }
+        }
+        if payload.windows(needle.len()).any(|w| w == needle) {
+            needles += 1;
+        }
+    }
+    println!("segments {segments}");
+    println!("port {on_port}");
+    println!("tls {tls}");
+    println!("needle {needles}");
+    Ok(())
+}
+
+/// The TCP ports (source, destination) and payload of an Ethernet frame carrying IPv4 TCP.
+fn tcp_payload(frame: &[u8]) -> Option<((u16, u16), &[u8])> {
+    let ip = frame.get(14..)?;
+    if frame.get(12..14)? != [0x08, 0x00] || ip.first()? >> 4 != 4 || *ip.get(9)? != 6 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+    let ip = ip.get(..total)?;
+    let tcp = ip.get(usize::from(ip[0] & 0x0f) * 4..)?;
+    let ports = (
+        u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]),
+        u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]),
+    );
+    let payload = tcp.get(usize::from(tcp.get(12)? >> 4) * 4..)?;
+    Some((ports, payload))
 }
