@@ -1055,21 +1055,24 @@ impl Pod {
     }
 }
 
-fn wait_output(mut child: Child, timeout: Duration) -> Output {
+/// The child's output once it exits, read as it comes (a child whose output outgrew a pipe
+/// would otherwise wait on it forever); killed after `timeout`.
+fn wait_output(child: Child, timeout: Duration) -> Output {
     let timeout = patience(timeout);
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done_tx.send(child.wait_with_output()));
+    match done.recv_timeout(timeout) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let out = done.recv().unwrap().unwrap();
             panic!(
                 "command timed out after {timeout:?}; stderr: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    child.wait_with_output().unwrap()
 }
 
 /// What a backend says first on each connection: who it is and the addresses it sees.

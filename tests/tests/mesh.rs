@@ -22,14 +22,21 @@ const PORT: u16 = 8080;
 const OPAQUE: u16 = 9000;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
 const TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 51);
+const PRIMARY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 52);
+const CANARY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const AUDIT: &str = "spiffe://cluster.local/ns/shop/sa/audit";
 const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
 
 /// The cluster's policy, as both agents read it: `shop` is enrolled; web and audit run on
-/// node-a, payments (with `annotations`) on node-b; plain, in a namespace that is not
-/// enrolled, on node-a.
+/// node-a, payments and its canary (with `annotations`) on node-b; plain, in a namespace that
+/// is not enrolled, on node-a. The payments Service splits its requests 50/50 between the two
+/// and mirrors them to the canary.
 fn policy(pods: &Pods, annotations: &[(&str, &str)]) -> String {
+    let split = [
+        ("aviary.dev/split", "payments-primary=50,payments-canary=50"),
+        ("aviary.dev/mirror", "payments-canary"),
+    ];
     policy::documents(&[
         policy::namespace("shop", Some("enabled")),
         policy::namespace("other", None),
@@ -37,8 +44,12 @@ fn policy(pods: &Pods, annotations: &[(&str, &str)]) -> String {
         policy::pod_on(&pods.audit, "shop", "node-a", "audit", &[]),
         policy::pod_on(&pods.plain, "other", "node-a", "default", &[]),
         policy::pod_on(&pods.payments, "shop", "node-b", "payments", annotations),
-        policy::http_service("payments", "shop", VIP.into(), PORT, &[]),
-        policy::endpoint_slice("payments", "shop", &[&pods.payments], PORT),
+        policy::pod_on(&pods.canary, "shop", "node-b", "payments", annotations),
+        policy::http_service("payments", "shop", VIP.into(), PORT, &split),
+        policy::http_service("payments-primary", "shop", PRIMARY_VIP.into(), PORT, &[]),
+        policy::http_service("payments-canary", "shop", CANARY_VIP.into(), PORT, &[]),
+        policy::endpoint_slice("payments-primary", "shop", &[&pods.payments], PORT),
+        policy::endpoint_slice("payments-canary", "shop", &[&pods.canary], PORT),
         policy::tcp_service(
             "ledger",
             "shop",
@@ -55,6 +66,7 @@ struct Pods {
     audit: Pod,
     plain: Pod,
     payments: Pod,
+    canary: Pod,
 }
 
 /// Writes the same policy to both nodes.
@@ -147,8 +159,10 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
         audit: a.add_pod("audit"),
         plain: a.add_pod("plain"),
         payments: b.add_pod("payments"),
+        canary: b.add_pod("canary"),
     };
     b.serve_http(&pods.payments, PORT);
+    b.serve_http(&pods.canary, PORT);
     b.serve(&pods.payments, OPAQUE, None);
 
     // The fixture: each node's agent pod and token, and the workloads the signer certifies.
@@ -160,6 +174,7 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
     pod(&api, "shop", "web", "web", "node-a");
     pod(&api, "shop", "audit", "audit", "node-a");
     pod(&api, "shop", "payments", "payments", "node-b");
+    pod(&api, "shop", "canary", "payments", "node-b");
     // Short-lived certificates: each is renewed every 5 s, under the long stream below.
     let signer = Signer::start_with(
         &api,
@@ -188,10 +203,16 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
     // carries TLS only: no request line crosses it.
     let service = SocketAddr::new(VIP.into(), 80);
     let sniffer = a.sniff(UPLINK, 15008, "GET /", 4 * aviary_tests::slowdown());
-    assert_eq!(
-        statuses(&a, &pods.web, service, 20),
-        BTreeMap::from([("200".into(), 20)])
+    let out = a.run(
+        &pods.web,
+        &["http-load", &service.to_string(), "--count", "40"],
+        Duration::from_secs(20),
     );
+    assert_eq!(tally(&out, "status"), BTreeMap::from([("200".into(), 40)]));
+    // Split as the weights say (20 expected of each; all 40 to one side: 2 in 10^12).
+    let backends = tally(&out, "backend");
+    assert_eq!(backends.values().sum::<u32>(), 40, "{backends:?}");
+    assert!(backends.len() == 2, "{backends:?}");
     let wire = sniffed(sniffer);
     assert!(wire["segments"] > 0, "{wire:?}");
     assert_eq!(
@@ -204,6 +225,20 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
         "a request line crossed the wire: {wire:?}"
     );
 
+    // Every GET mirrored to the canary, through a tunnel of its own.
+    let stats = SocketAddr::new(pods.canary.ip.into(), PORT);
+    wait_until(patience(Duration::from_secs(10)), || {
+        let out = b.run(
+            &pods.payments,
+            &["http-get", &stats.to_string(), "/stats"],
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .contains("mirrored GET 40")
+            .then_some(())
+    })
+    .expect("the canary got a copy of each GET");
+
     // Both agents name both identities; the destination's measures the requests.
     let mtls = [
         ("source_principal", WEB),
@@ -211,14 +246,18 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
         ("connection_security_policy", "mutual_tls"),
     ];
     let requests = |node: &Node, pod: &Pod, direction: &str| {
-        let labels: Vec<_> = [("direction", direction), ("status_code", "200")]
-            .into_iter()
-            .chain(mtls)
-            .collect();
+        let labels: Vec<_> = [
+            ("direction", direction),
+            ("status_code", "200"),
+            ("mirror", "false"),
+        ]
+        .into_iter()
+        .chain(mtls)
+        .collect();
         sample(&node.metrics(pod), "aviary_requests_total", &labels)
     };
-    assert_eq!(requests(&b, &pods.payments, "inbound"), 20.0);
-    assert_eq!(requests(&a, &pods.web, "outbound"), 20.0);
+    assert_eq!(requests(&b, &pods.payments, "inbound"), 40.0);
+    assert_eq!(requests(&a, &pods.web, "outbound"), 40.0);
 
     // Opaque TCP goes through the tunnel too.
     assert!(opaque_ok(&a, &pods.web, 3));
@@ -231,6 +270,7 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
     );
     let plain = [
         ("direction", "inbound"),
+        ("destination_workload", "payments"),
         ("source_principal", "unknown"),
         ("connection_security_policy", "none"),
     ];
@@ -285,15 +325,12 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
     .expect("the session the new policy denies is closed");
     let metrics = b.metrics(&pods.payments);
     let denied = |source: &str, reason: &str| {
-        let labels = [
-            ("source_principal", source),
-            ("reason", reason),
-            ("destination_workload", "payments"),
-        ];
+        let labels = [("source_principal", source), ("reason", reason)];
         sample(&metrics, "aviary_inbound_denied_total", &labels)
     };
-    // At least: the session, a request, the 5 requests and the connection after the change
-    // (and the tunnel pooled before, unless the request met it first).
+    // At least, over payments and its canary: the session, a request, the 5 requests and the
+    // connection after the change (and their mirror copies, and the tunnels pooled before
+    // unless a request met them first).
     assert!(denied(AUDIT, "not_allowed") >= 8.0, "{metrics}");
     assert_eq!(denied("unknown", "plaintext"), 1.0);
 
