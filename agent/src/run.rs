@@ -104,8 +104,14 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         .as_ref()
         .map(|_| Arc::new(Certificates::default()));
     let mesh = certificates.as_ref().map(|certificates| {
-        let (mark, timeout) = (cfg.proxy_mark, cfg.http.connect_timeout);
-        Arc::new(Mesh::new(certificates.clone(), mark, timeout))
+        let (mark, http) = (cfg.proxy_mark, &cfg.http);
+        let timeouts = (http.connect_timeout, http.pool_idle_timeout);
+        Arc::new(Mesh::new(
+            certificates.clone(),
+            mark,
+            timeouts.0,
+            timeouts.1,
+        ))
     });
     // One HTTP proxy, and so one pool of upstream connections, for both directions.
     let http = Arc::new(
@@ -276,6 +282,9 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
                 loop {
                     reap.tick().await;
                     http.pool().reap();
+                    if let Some(mesh) = http.mesh() {
+                        mesh.reap();
+                    }
                     crate::proxy::balance::forget_idle();
                 }
             })

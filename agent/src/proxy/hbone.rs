@@ -8,8 +8,10 @@ use aviary_identity::{spiffe::Identity, tls::peer_identity};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
-use hyper::{body::Incoming, service::service_fn, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::{
+    body::Incoming, client::conn::http2::SendRequest, service::service_fn, upgrade::Upgraded,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -18,6 +20,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 pub const PORT: u16 = 15008;
 /// The header in which a refusing agent says why (HTTP clients get it as a 403's body).
 pub const DENY_REASON: &str = "aviary-deny-reason";
+/// Connections between agents are pinged this often, idle or not, and closed when a ping goes
+/// unanswered as long: a dead one leaves the pool before a tunnel finds it.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A tunnel's stream, as the proxy copies it.
 pub type Tunnel = TokioIo<Upgraded>;
@@ -55,58 +60,89 @@ pub enum Error {
     },
 }
 
-/// Opens a tunnel over `tcp` (connected to the destination's agent) from the pod at `source`
-/// to `target`, with `tls` (the source pod's certificate, and whom it expects at the other
-/// end). Returns the tunnel with the identity the destination proved.
-pub async fn connect(
-    tcp: TcpStream,
-    source: SocketAddr,
-    target: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-) -> Result<(Tunnel, Identity), Error> {
-    let peer = tcp.peer_addr().map_err(|error| Error::Tls {
-        peer: target,
-        error,
-    })?;
-    let stream = TlsConnector::from(tls)
-        .connect(ServerName::IpAddress(peer.ip().into()), tcp)
-        .await
-        .map_err(|error| Error::Tls { peer, error })?;
-    let proven = peer_identity(stream.get_ref().1).ok_or_else(|| Error::Tls {
-        peer,
-        error: std::io::Error::other("the peer proved no identity"),
-    })?;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+/// An HTTP/2 connection over mutual TLS to another node's agent, as one of this node's pods:
+/// each tunnel is one CONNECT stream of it, so that a new connection of the pod costs a round
+/// trip, not a handshake (ztunnel pools its connections alike). Clones share the connection.
+#[derive(Clone)]
+pub struct Connection {
+    sender: SendRequest<Empty<Bytes>>,
+    peer: SocketAddr,
+    /// The identity the destination's agent proved.
+    proven: Identity,
+}
+
+impl Connection {
+    /// The handshakes over `tcp` (connected to the destination's agent), with `tls`: the
+    /// source pod's certificate, and whom it expects at the other end.
+    pub async fn open(tcp: TcpStream, tls: Arc<rustls::ClientConfig>) -> Result<Self, Error> {
+        let peer = tcp.peer_addr().map_err(|error| Error::Tls {
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            error,
+        })?;
+        let stream = TlsConnector::from(tls)
+            .connect(ServerName::IpAddress(peer.ip().into()), tcp)
+            .await
+            .map_err(|error| Error::Tls { peer, error })?;
+        let proven = peer_identity(stream.get_ref().1).ok_or_else(|| Error::Tls {
+            peer,
+            error: std::io::Error::other("the peer proved no identity"),
+        })?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|error| Error::Http { peer, error })?;
-    tokio::spawn(connection);
-    let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(target.to_string())
-        .header(http::header::FORWARDED, format!("for=\"{source}\""))
-        .body(Empty::<Bytes>::new())
-        .expect("a valid CONNECT");
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|error| Error::Http { peer, error })?;
-    if response.status() != StatusCode::OK {
-        return Err(Error::Refused {
+        tokio::spawn(connection);
+        Ok(Self {
+            sender,
             peer,
-            target,
-            status: response.status(),
-            reason: response
-                .headers()
-                .get(DENY_REASON)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-        });
+            proven,
+        })
     }
-    let upgraded = hyper::upgrade::on(response)
-        .await
-        .map_err(|error| Error::Http { peer, error })?;
-    Ok((TokioIo::new(upgraded), proven))
+
+    /// Whether it can carry no more tunnels.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    pub fn proven(&self) -> &Identity {
+        &self.proven
+    }
+
+    /// A tunnel from the pod at `source` to `target`.
+    pub async fn tunnel(&self, source: SocketAddr, target: SocketAddr) -> Result<Tunnel, Error> {
+        let peer = self.peer;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header(http::header::FORWARDED, format!("for=\"{source}\""))
+            .body(Empty::<Bytes>::new())
+            .expect("a valid CONNECT");
+        let response = self
+            .sender
+            .clone()
+            .send_request(request)
+            .await
+            .map_err(|error| Error::Http { peer, error })?;
+        if response.status() != StatusCode::OK {
+            return Err(Error::Refused {
+                peer,
+                target,
+                status: response.status(),
+                reason: response
+                    .headers()
+                    .get(DENY_REASON)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|error| Error::Http { peer, error })?;
+        Ok(TokioIo::new(upgraded))
+    }
 }
 
 /// What a destination agent does with a tunnel: Ok to accept it (the stream then goes to
@@ -115,12 +151,15 @@ pub trait Admit: Send + Sync + 'static {
     fn admit(&self, peer: &Identity, target: SocketAddr) -> Result<(), String>;
 }
 
-/// Serves the tunnels of one mutual-TLS connection accepted on [`PORT`].
+/// Serves the tunnels of one mutual-TLS connection accepted on [`PORT`]. Once `shutdown`
+/// resolves (the agent drains), it takes no new tunnel (GOAWAY: the source opens its next
+/// ones on a new connection, to the successor), and ends when the open ones have.
 pub async fn serve<D, F>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     admit: Arc<dyn Admit>,
     deliver: D,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error>
 where
     D: Fn(Accepted, Tunnel) -> F + Clone + Send + Sync + 'static,
@@ -183,13 +222,20 @@ where
             Ok(Response::new(Empty::<Bytes>::new()))
         }
     });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-        .map_err(|error| Error::Http {
-            peer: peer_addr,
-            error,
-        })
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = shutdown => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    served.map_err(|error| Error::Http {
+        peer: peer_addr,
+        error,
+    })
 }
 
 /// The address in a `Forwarded: for="ip:port"` header, as [`connect`] writes it.
@@ -281,6 +327,7 @@ mod tests {
                     server_tls.clone(),
                     Arc::new(OnlyCheckout),
                     deliver,
+                    std::future::pending(),
                 ));
             }
         });
@@ -289,15 +336,11 @@ mod tests {
 
         let tls =
             Arc::new(client_config(&issue(&ca, &checkout), &bundle, payments.clone()).unwrap());
-        let (mut tunnel, proven) = connect(
-            TcpStream::connect(agent).await.unwrap(),
-            source,
-            target,
-            tls,
-        )
-        .await
-        .unwrap();
-        assert_eq!(proven, payments);
+        let connection = Connection::open(TcpStream::connect(agent).await.unwrap(), tls)
+            .await
+            .unwrap();
+        assert_eq!(connection.proven(), &payments);
+        let mut tunnel = connection.tunnel(source, target).await.unwrap();
         tunnel.write_all(b"hello").await.unwrap();
         let mut echoed = [0u8; 5];
         tunnel.read_exact(&mut echoed).await.unwrap();
@@ -308,18 +351,18 @@ mod tests {
             target,
         };
         assert_eq!(delivered.recv().await.unwrap(), accepted);
+        // The connection carries further tunnels.
+        let mut second = connection.tunnel(source, target).await.unwrap();
+        second.write_all(b"again").await.unwrap();
+        second.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"again");
 
         // Another caller is refused, with the destination's reason.
         let tls = Arc::new(client_config(&issue(&ca, &audit), &bundle, payments).unwrap());
-        let err = connect(
-            TcpStream::connect(agent).await.unwrap(),
-            source,
-            target,
-            tls,
-        )
-        .await
-        .err()
-        .unwrap();
+        let connection = Connection::open(TcpStream::connect(agent).await.unwrap(), tls)
+            .await
+            .unwrap();
+        let err = connection.tunnel(source, target).await.err().unwrap();
         assert_eq!(
             err.to_string(),
             format!(

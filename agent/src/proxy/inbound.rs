@@ -176,12 +176,16 @@ impl Inbound {
             routes: self.routes.clone(),
             metrics: self.metrics.clone(),
         });
+        let drain = self.http.drain().clone();
+        let shutdown = async move {
+            drain.started().await;
+        };
         let destination = identity;
         let deliver = move |accepted: Accepted, tunnel: Tunnel| {
             let (this, destination) = (self.clone(), destination.clone());
             async move { this.deliver(accepted, &destination, tunnel).await }
         };
-        if let Err(error) = hbone::serve(client, tls, admission, deliver).await {
+        if let Err(error) = hbone::serve(client, tls, admission, deliver, shutdown).await {
             debug!(%peer, %local, %error, "a tunnel connection ended with an error");
         }
     }

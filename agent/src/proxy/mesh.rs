@@ -4,14 +4,21 @@
 //! name their service accounts); a destination agent presents its pod's identity and accepts
 //! any identity of the trust domain, which the pod's `allow-from` then judges.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use aviary_identity::{
     credentials::Credentials,
     spiffe::Identity,
     tls::{client_config, server_config, ExpectedServer, TrustBundle},
 };
-use rustls::{ClientConfig, ServerConfig};
+use rustls::ServerConfig;
 
 use super::hbone::{self, Tunnel};
 use crate::{identity::Certificates, metrics::Principals};
@@ -61,45 +68,116 @@ pub struct TunnelFrom {
     pub identity: Arc<Identity>,
 }
 
-/// The node's mesh identities, as its agent's certificates give them.
+/// The node's mesh identities, as its agent's certificates give them, and the connections to
+/// other nodes' agents made with them.
 pub struct Mesh {
     certificates: Arc<Certificates>,
     /// The proxy's socket mark, which the capture programs skip.
     mark: u32,
-    /// Connecting, the handshake and the CONNECT together take at most this long.
+    /// Connecting, the handshakes and the CONNECT together take at most this long.
     connect_timeout: Duration,
+    /// A pooled connection no tunnel used for this long is let go.
+    idle_timeout: Duration,
+    /// The accepting end of each identity, made again when its certificate is: kept so that
+    /// a returning client resumes its TLS session.
+    servers: Mutex<HashMap<Identity, Made<ServerConfig>>>,
+}
+
+/// A TLS configuration, and the certificate and trust bundle it was made with.
+struct Made<T> {
+    credentials: Arc<Credentials>,
+    bundle: Arc<TrustBundle>,
+    config: Arc<T>,
+}
+
+impl<T> Made<T> {
+    fn current(&self, credentials: &Arc<Credentials>, bundle: &Arc<TrustBundle>) -> bool {
+        Arc::ptr_eq(&self.credentials, credentials) && Arc::ptr_eq(&self.bundle, bundle)
+    }
+}
+
+/// A pooled connection's key: the source's identity, the destination pod's address and
+/// namespace (whose identity its agent proved).
+type PoolKey = (Arc<Identity>, IpAddr, Arc<str>);
+
+/// A connection to another node's agent, with the certificate it presented.
+struct Pooled {
+    credentials: Arc<Credentials>,
+    connection: hbone::Connection,
+    used: Instant,
+}
+
+thread_local! {
+    /// Each worker's connections to other nodes' agents, as its HTTP pools are its own.
+    static POOL: RefCell<HashMap<PoolKey, Pooled>> = RefCell::default();
 }
 
 impl Mesh {
-    pub fn new(certificates: Arc<Certificates>, mark: u32, connect_timeout: Duration) -> Self {
+    pub fn new(
+        certificates: Arc<Certificates>,
+        mark: u32,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
         Self {
             certificates,
             mark,
             connect_timeout,
+            idle_timeout,
+            servers: Mutex::default(),
         }
     }
 
     /// Opens a tunnel from `from` to the pod at `target`, of `namespace`, through the agent of
-    /// its node (at the pod's address, on [`hbone::PORT`]). Returns it with the identities
-    /// both ends proved.
+    /// its node (at the pod's address, on [`hbone::PORT`]): on this worker's connection there
+    /// as `from`'s identity, or on a new one. A connection made with a certificate since
+    /// renewed carries no new tunnel. Returns the tunnel with the identities both ends proved.
     pub async fn tunnel(
         &self,
         from: &TunnelFrom,
         target: SocketAddr,
-        namespace: &str,
+        namespace: &Arc<str>,
     ) -> Result<(Tunnel, Arc<Principals>), TunnelError> {
-        let tls = self.client(&from.identity, namespace)?;
-        let agent = SocketAddr::new(target.ip(), hbone::PORT);
-        let open = async {
+        let (credentials, bundle) = self.held(&from.identity)?;
+        let key = (from.identity.clone(), target.ip(), namespace.clone());
+        let opened = async {
+            let pooled = POOL.with_borrow_mut(|pool| {
+                let pooled = pool.get_mut(&key).filter(|p| {
+                    Arc::ptr_eq(&p.credentials, &credentials) && !p.connection.is_closed()
+                })?;
+                pooled.used = Instant::now();
+                Some(pooled.connection.clone())
+            });
+            // A pooled connection that closed just now gives way to a new one.
+            if let Some(connection) = pooled {
+                match connection.tunnel(from.source, target).await {
+                    Ok(tunnel) => return Ok((tunnel, connection.proven().clone())),
+                    Err(hbone::Error::Http { .. }) => {}
+                    Err(refused) => return Err(refused.into()),
+                }
+            }
+            let expected = ExpectedServer::Namespace(namespace.to_string());
+            let tls = Arc::new(
+                client_config(&credentials, &bundle, expected).map_err(Unavailable::from)?,
+            );
+            let agent = SocketAddr::new(target.ip(), hbone::PORT);
             let tcp = super::connect_marked(agent, self.mark)
                 .await
                 .map_err(|error| TunnelError::Connect { agent, error })?;
-            Ok::<_, TunnelError>(hbone::connect(tcp, from.source, target, tls).await?)
+            let connection = hbone::Connection::open(tcp, tls).await?;
+            let pooled = Pooled {
+                credentials: credentials.clone(),
+                connection: connection.clone(),
+                used: Instant::now(),
+            };
+            POOL.with_borrow_mut(|pool| pool.insert(key.clone(), pooled));
+            let tunnel = connection.tunnel(from.source, target).await?;
+            Ok::<_, TunnelError>((tunnel, connection.proven().clone()))
         };
-        let (tunnel, destination) = tokio::time::timeout(self.connect_timeout, open)
+        let (tunnel, destination) = tokio::time::timeout(self.connect_timeout, opened)
             .await
             .map_err(|_| TunnelError::Connect {
-                agent,
+                agent: SocketAddr::new(target.ip(), hbone::PORT),
                 error: io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no tunnel within {:?}", self.connect_timeout),
@@ -112,21 +190,34 @@ impl Mesh {
         Ok((tunnel, Arc::new(principals)))
     }
 
-    /// The connecting end, as `source`, to a pod of `destination_namespace`.
-    fn client(
-        &self,
-        source: &Identity,
-        destination_namespace: &str,
-    ) -> Result<Arc<ClientConfig>, Unavailable> {
-        let (credentials, bundle) = self.held(source)?;
-        let expected = ExpectedServer::Namespace(destination_namespace.to_owned());
-        Ok(Arc::new(client_config(&credentials, &bundle, expected)?))
+    /// Lets go of this worker's connections that closed or idled past the timeout (one whose
+    /// tunnels are still open closes once they do).
+    pub fn reap(&self) {
+        let timeout = self.idle_timeout;
+        POOL.with_borrow_mut(|pool| {
+            pool.retain(|_, p| !p.connection.is_closed() && p.used.elapsed() < timeout)
+        });
     }
 
     /// The accepting end, as the pod `destination`.
     pub fn server(&self, destination: &Identity) -> Result<Arc<ServerConfig>, Unavailable> {
         let (credentials, bundle) = self.held(destination)?;
-        Ok(Arc::new(server_config(&credentials, &bundle)?))
+        let mut servers = self.servers.lock().expect("not poisoned");
+        if let Some(made) = servers.get(destination) {
+            if made.current(&credentials, &bundle) {
+                return Ok(made.config.clone());
+            }
+        }
+        let config = Arc::new(server_config(&credentials, &bundle)?);
+        // Those of identities no longer held go with the next change.
+        servers.retain(|identity, _| self.certificates.get(identity).is_some());
+        let made = Made {
+            credentials,
+            bundle,
+            config: config.clone(),
+        };
+        servers.insert(destination.clone(), made);
+        Ok(config)
     }
 
     fn held(

@@ -27,8 +27,8 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     rate: u32,
     /// Which sections to run: the L4 shapes, the HTTP shapes (peers and inbound included), an
-    /// upgrade under load, or all. The goals that a section measures show as "n/a" when it is
-    /// left out.
+    /// upgrade under load, the L4 shapes between two nodes, or all. The goals that a section
+    /// measures show as "n/a" when it is left out.
     #[arg(long, value_enum, default_value_t = Only::All)]
     only: Only,
     /// Extra flags for every agent this run starts, split on whitespace (e.g. "--sk-msg true").
@@ -46,6 +46,7 @@ enum Only {
     Http,
     L4,
     Upgrade,
+    CrossNode,
     All,
 }
 
@@ -216,33 +217,29 @@ fn main() {
 }
 
 fn run(a: &Args) -> anyhow::Result<()> {
-    let Some(node) = Node::new() else {
-        bail!("the benchmark needs root")
-    };
-    let scratch = Scratch::new(a.perf.is_some() && a.only.runs(Only::Http))?;
-    // The node's namespace gives its ephemeral ports (1024-65000 in the harness) to the peer
-    // proxies' and the agent's upstream connections. A TIME_WAIT left on the agent's ports
-    // (15000-15021) or the peers' (18081-18083) stops the next agent or peer from binding
-    // them, so those are reserved, as a node reserves its agents' ports.
-    aviary_tests::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &node.netns,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_local_reserved_ports=15000-15099,18081-18083",
-    ])?;
     let mut measured = goals::Measured::default();
     print_machine(a)?;
-    if a.only.runs(Only::L4) {
-        l4(&node, a, &mut measured)?;
+    let one_node = [Only::L4, Only::Http, Only::Upgrade];
+    if one_node.into_iter().any(|section| a.only.runs(section)) {
+        let Some(node) = Node::new() else {
+            bail!("the benchmark needs root")
+        };
+        let scratch = Scratch::new(a.perf.is_some() && a.only.runs(Only::Http))?;
+        reserve_ports(&node)?;
+        if a.only.runs(Only::L4) {
+            l4(&node, a, &mut measured)?;
+        }
+        if a.only.runs(Only::Http) {
+            http::run(&node, a, &scratch.path, &mut measured)?;
+        }
+        if a.only.runs(Only::Upgrade) {
+            upgrade::run(&node, a, &mut measured)?;
+        }
     }
-    if a.only.runs(Only::Http) {
-        http::run(&node, a, &scratch.path, &mut measured)?;
-    }
-    if a.only.runs(Only::Upgrade) {
-        upgrade::run(&node, a, &mut measured)?;
+    // Two nodes of their own, once the single node is gone (nodes are built one test at a
+    // time).
+    if a.only.runs(Only::CrossNode) {
+        cross_node::run(a)?;
     }
     println!("\nGoals (from this run):\n");
     for goal in goals::evaluate(&measured) {
@@ -253,6 +250,23 @@ fn run(a: &Args) -> anyhow::Result<()> {
         };
         println!("{verdict}  {}: {}", goal.name, goal.detail);
     }
+    Ok(())
+}
+
+/// The node's namespace gives its ephemeral ports (1024-65000 in the harness) to the peer
+/// proxies' and the agent's upstream connections. A TIME_WAIT left on the agent's ports
+/// (15000-15099) or the peers' (18081-18083) stops the next agent or peer from binding them,
+/// so those are reserved, as a node reserves its agents' ports.
+fn reserve_ports(node: &Node) -> anyhow::Result<()> {
+    aviary_tests::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.netns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_reserved_ports=15000-15099,18081-18083",
+    ])?;
     Ok(())
 }
 
@@ -324,8 +338,35 @@ fn l4(node: &Node, a: &Args, measured: &mut goals::Measured) -> anyhow::Result<(
          opaque TCP); {} s each\n",
         a.secs
     );
-    println!("| shape | direct | Aviary | ratio | Aviary + sk_msg | ratio |");
-    println!("|---|---|---|---|---|---|");
+    shapes_table(
+        &direct,
+        &[("Aviary", &proxied), ("Aviary + sk_msg", &sk_msg)],
+    );
+    println!(
+        "\nconnect() that is not captured (loopback, in an enrolled pod), median: {:.2} µs \
+         without the programs, {:.2} µs with them ({:+.2} µs)",
+        connect_bare / 1e3,
+        connect_attached / 1e3,
+        (connect_attached - connect_bare) / 1e3
+    );
+    println!("agent peak RSS under load: {:.1} MiB", rss as f64 / 1024.0);
+    failures(&[
+        ("direct", &direct),
+        ("Aviary", &proxied),
+        ("Aviary + sk_msg", &sk_msg),
+    ]);
+    Ok(())
+}
+
+/// The L4 shapes of each configuration beside `direct`'s, with their ratios to it.
+fn shapes_table(direct: &Shapes, configs: &[(&str, &Shapes)]) {
+    let header: String = configs
+        .iter()
+        .map(|(name, _)| format!(" {name} | ratio |"))
+        .collect();
+    let rule: String = configs.iter().map(|_| "---|---|").collect();
+    println!("| shape | direct |{header}");
+    println!("|---|---|{rule}");
     let cell = |v: f64, unit: &str| {
         if v.is_nan() {
             "failed".into()
@@ -341,15 +382,15 @@ fn l4(node: &Node, a: &Args, measured: &mut goals::Measured) -> anyhow::Result<(
         }
     };
     let row = |name: &str, unit: &str, pick: &dyn Fn(&Shapes) -> f64| {
-        let (d, p, s) = (pick(&direct), pick(&proxied), pick(&sk_msg));
-        println!(
-            "| {name} | {} | {} | {} | {} | {} |",
-            cell(d, unit),
-            cell(p, unit),
-            ratio(p, d),
-            cell(s, unit),
-            ratio(s, d)
-        );
+        let d = pick(direct);
+        let cells: String = configs
+            .iter()
+            .map(|(_, shapes)| {
+                let v = pick(shapes);
+                format!(" {} | {} |", cell(v, unit), ratio(v, d))
+            })
+            .collect();
+        println!("| {name} | {} |{cells}", cell(d, unit));
     };
     row("keep-alive req/resp, throughput", "req/s", &|s| s.rr.rate);
     row("keep-alive req/resp, p50", "µs", &|s| s.rr.p50_us);
@@ -359,24 +400,15 @@ fn l4(node: &Node, a: &Args, measured: &mut goals::Measured) -> anyhow::Result<(
     });
     row("new connection per request, p99", "µs", &|s| s.crr.p99_us);
     row("bulk stream, echoed", "MB/s", &|s| s.stream_mb_s);
-    println!(
-        "\nconnect() that is not captured (loopback, in an enrolled pod), median: {:.2} µs \
-         without the programs, {:.2} µs with them ({:+.2} µs)",
-        connect_bare / 1e3,
-        connect_attached / 1e3,
-        (connect_attached - connect_bare) / 1e3
-    );
-    println!("agent peak RSS under load: {:.1} MiB", rss as f64 / 1024.0);
-    for (config, shapes) in [
-        ("direct", &direct),
-        ("Aviary", &proxied),
-        ("Aviary + sk_msg", &sk_msg),
-    ] {
+}
+
+/// The shapes that failed under each configuration.
+fn failures(configs: &[(&str, &Shapes)]) {
+    for (config, shapes) in configs {
         for failure in &shapes.failures {
             println!("failed under {config}: {failure}");
         }
     }
-    Ok(())
 }
 
 /// CPU time of processes, from `/proc/<pid>/stat`.
@@ -2078,5 +2110,151 @@ mod upgrade {
                 at(exited)
             ),
         ))
+    }
+}
+
+/// The L4 shapes from a pod of one node to a pod of another, over the uplink between them:
+/// direct, through both nodes' agents in plain text (the source's outbound proxy, the
+/// destination's inbound proxy), and through them in mutual TLS (a tunnel between the agents,
+/// with certificates from the signer against the API server fixture).
+mod cross_node {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use anyhow::bail;
+    use aviary_tests::{
+        apiserver::ApiServer,
+        policy,
+        signer::{agent_token, pod, Scratch, Signer, NAMESPACE},
+        Agent, Node, UPLINK,
+    };
+
+    use super::{failures, measure, reserve_ports, shapes_table, uninstall, Args};
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+    const NODES: [&str; 2] = ["node-a", "node-b"];
+
+    pub fn run(a: &Args) -> anyhow::Result<()> {
+        let Some((node_a, node_b)) = Node::pair() else {
+            bail!("the benchmark needs root")
+        };
+        let nodes = [&node_a, &node_b];
+        for node in nodes {
+            reserve_ports(node)?;
+        }
+        let client = node_a.add_pod("client");
+        let server = node_b.add_pod("server");
+        node_b.serve(&server, 80, None);
+        // Without agents, node-a routes the VIP to node-b, and node-b to the server.
+        node_b.add_vip(VIP, &server);
+        aviary_tests::sh(&[
+            "ip",
+            "-n",
+            &node_a.netns,
+            "route",
+            "add",
+            &format!("{VIP}/32"),
+            "via",
+            "10.0.0.2",
+        ])?;
+        let yaml = policy::documents(&[
+            policy::namespace("bench", Some("enabled")),
+            policy::pod_on(&client, "bench", NODES[0], "client", &[]),
+            policy::pod_on(&server, "bench", NODES[1], "server", &[]),
+            policy::tcp_service("server", "bench", VIP.into(), 80, 80, &[&server]),
+        ]);
+        for node in nodes {
+            node.write_policy(&yaml);
+        }
+        let service = SocketAddr::new(VIP.into(), 80);
+
+        eprintln!("measuring between two nodes, direct (no agent)...");
+        let direct = measure(&node_a, &client, service, a);
+
+        eprintln!("measuring between two nodes through Aviary, in plain text...");
+        let agents = start_agents(a, nodes, |_| Vec::new());
+        agents[0].wait_for_capture(&[&client], 1);
+        let plain = measure(&node_a, &client, service, a);
+        drop(agents);
+
+        eprintln!("measuring between two nodes through Aviary, in mutual TLS...");
+        let runtime = tokio::runtime::Runtime::new()?;
+        let api = runtime.block_on(ApiServer::start())?;
+        for node in NODES {
+            let agent = format!("aviary-{node}");
+            let uid = pod(&api, NAMESPACE, &agent, "aviary", node);
+            api.issue_token(node, agent_token(&agent, &uid, node));
+        }
+        pod(&api, "bench", "client", "client", NODES[0]);
+        pod(&api, "bench", "server", "server", NODES[1]);
+        let signer = Signer::start(&api);
+        let files = Scratch::default();
+        let bundle = files.join("ca.crt");
+        std::fs::write(&bundle, Signer::bundle_pem(&api))?;
+        let agents = start_agents(a, nodes, |i| {
+            let token = files.join(NODES[i]);
+            std::fs::write(&token, NODES[i]).expect("writing a token");
+            let address = signer.forwarded_into(nodes[i], runtime.handle());
+            let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+            [
+                "--identity-signer".into(),
+                address,
+                "--trust-bundle".into(),
+                path(&bundle),
+                "--identity-token".into(),
+                path(&token),
+            ]
+            .into()
+        });
+        agents[0].wait_for_log(
+            "identity=spiffe://cluster.local/ns/bench/sa/client",
+            std::time::Duration::from_secs(20),
+        );
+        agents[1].wait_for_log(
+            "identity=spiffe://cluster.local/ns/bench/sa/server",
+            std::time::Duration::from_secs(20),
+        );
+        agents[0].wait_for_capture(&[&client], 1);
+        let mtls = measure(&node_a, &client, service, a);
+        drop(agents);
+
+        println!(
+            "\nBetween two nodes: a greeting/echo backend on node-b behind a service VIP, from a \
+             pod of node-a, direct and through both agents (opaque TCP); {} s each\n",
+            a.secs
+        );
+        let configs = [
+            ("Aviary, plain text", &plain),
+            ("Aviary, mutual TLS", &mtls),
+        ];
+        shapes_table(&direct, &configs);
+        failures(&[("direct", &direct), configs[0], configs[1]]);
+        Ok(())
+    }
+
+    /// Each node's agent, as its node, capturing inbound on the uplink and the bridge, with
+    /// `extra(i)` for the i-th node.
+    fn start_agents(
+        a: &Args,
+        nodes: [&Node; 2],
+        extra: impl Fn(usize) -> Vec<String>,
+    ) -> Vec<Agent> {
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                uninstall(node);
+                let extra = extra(i);
+                let mut args = vec![
+                    "--node-name",
+                    NODES[i],
+                    "--inbound-interfaces",
+                    UPLINK,
+                    "--inbound-bridge",
+                    "br0",
+                ];
+                args.extend(extra.iter().map(String::as_str));
+                a.start_successor(node, &args)
+            })
+            .collect()
     }
 }
