@@ -92,17 +92,14 @@ fn http_port_service(
     app_protocol: Option<&str>,
     annotations: &[(&str, &str)],
 ) -> String {
-    let annotations: Vec<String> = annotations
-        .iter()
-        .map(|(k, v)| format!("{k}: \"{v}\""))
-        .collect();
+    let annotations = annotation_list(annotations);
     let app_protocol = app_protocol
         .map(|p| format!(", appProtocol: {p}"))
         .unwrap_or_default();
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}, annotations: {{{}}}}}\n\
          spec: {{clusterIP: \"{vip}\", ports: [{{name: http, port: 80, targetPort: {target_port}, protocol: TCP{app_protocol}}}]}}\n",
-        annotations.join(", ")
+        annotations
     )
 }
 
@@ -144,17 +141,14 @@ pub fn pod_on(
     service_account: &str,
     annotations: &[(&str, &str)],
 ) -> String {
-    let annotations: Vec<String> = annotations
-        .iter()
-        .map(|(k, v)| format!("{k}: \"{v}\""))
-        .collect();
+    let annotations = annotation_list(annotations);
     let (name, uid, ip) = (&pod.name, &pod.uid, pod.ip);
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, uid: {uid}, \
          annotations: {{{}}}}}\n\
          spec: {{nodeName: {node}, serviceAccountName: {service_account}, containers: [{{name: {name}, image: test}}]}}\n\
          status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n",
-        annotations.join(", ")
+        annotations
     )
 }
 
@@ -186,4 +180,13 @@ fn ready_endpoints(pods: &[&Pod], namespace: &str) -> String {
         .map(|p| format!("{{addresses: [\"{}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {}, namespace: {namespace}}}}}", p.ip, p.name))
         .collect();
     endpoints.join(", ")
+}
+
+/// `key: "value"` pairs, as a YAML flow mapping's contents.
+fn annotation_list(annotations: &[(&str, &str)]) -> String {
+    let pairs: Vec<String> = annotations
+        .iter()
+        .map(|(k, v)| format!("{k}: \"{v}\""))
+        .collect();
+    pairs.join(", ")
 }

@@ -224,13 +224,7 @@ impl ClientConn {
     }
 
     fn resolve(peer: SocketAddr, dst: SocketAddr, table: &RouteTable) -> Resolved {
-        let tunnel_from = table
-            .local(peer.ip())
-            .and_then(|pod| pod.identity.clone())
-            .map(|identity| TunnelFrom {
-                source: peer,
-                identity,
-            });
+        let tunnel_from = TunnelFrom::of(table, peer);
         Resolved {
             table: table.id,
             service: table.service_for(&dst, peer.ip()).cloned(),

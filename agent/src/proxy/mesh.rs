@@ -20,7 +20,10 @@ use aviary_identity::{
 };
 use rustls::ServerConfig;
 
-use super::hbone::{self, Tunnel};
+use super::{
+    hbone::{self, Tunnel},
+    route::RouteTable,
+};
 use crate::{identity::Certificates, metrics::Principals};
 
 /// Why a tunnel cannot be made or accepted now.
@@ -66,6 +69,18 @@ impl TunnelError {
 pub struct TunnelFrom {
     pub source: SocketAddr,
     pub identity: Arc<Identity>,
+}
+
+impl TunnelFrom {
+    /// The client at `client` as a source of tunnels: an enrolled pod of this node with an
+    /// identity in `table`.
+    pub fn of(table: &RouteTable, client: SocketAddr) -> Option<Self> {
+        let identity = table.local(client.ip())?.identity.clone()?;
+        Some(Self {
+            source: client,
+            identity,
+        })
+    }
 }
 
 /// The node's mesh identities, as its agent's certificates give them, and the connections to

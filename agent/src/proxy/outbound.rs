@@ -88,13 +88,7 @@ impl Outbound {
             return super::splice(client, dst, self.mark, self.relay(peer, None)).await;
         };
         let source = table.pod(peer.ip());
-        let tunnel_from = table
-            .local(peer.ip())
-            .and_then(|pod| pod.identity.clone())
-            .map(|identity| TunnelFrom {
-                source: peer,
-                identity,
-            });
+        let tunnel_from = TunnelFrom::of(&table, peer);
         drop(table);
         match read_as(service.protocol, &client, self.detect_timeout).await {
             // Boxed: an opaque connection's task, idle for hours perhaps, need not be as large
