@@ -602,14 +602,10 @@ async fn apply_routes(mut snapshots: crate::state::SnapshotRx, routes: Arc<ArcSw
 }
 
 async fn watch_local(path: std::path::PathBuf, mut publisher: Publisher) {
-    let mut source = policy::local::LocalSource::new(path);
+    let mut watch = policy::local::LocalWatch::new(path);
     let mut store = Store::default();
-    let mut tick = tokio::time::interval(policy::local::POLL_INTERVAL);
     loop {
-        tick.tick().await;
-        let Some(objects) = source.poll() else {
-            continue;
-        };
+        let objects = watch.changed().await;
         for rejected in store.replace_all(objects) {
             tracing::warn!("{rejected}");
         }

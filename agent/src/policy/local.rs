@@ -8,13 +8,23 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
+use notify::{
+    event::{AccessKind, EventKind},
+    RecommendedWatcher, RecursiveMode, Watcher as _,
+};
 use serde::Deserialize as _;
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Object;
 
-/// How often files are checked for changes.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a burst of file events must be quiet before the files are read: an editor's save
+/// (a temporary file written, then renamed over the old one) is one change, read once.
+pub const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// The files are also checked this often, whatever inotify says: it cannot watch a path that
+/// does not exist yet, and its queue can overflow.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Parses multi-document Kubernetes YAML (or JSON). `kind: List` documents are unpacked; kinds
 /// Aviary does not use are skipped, so a directory of ordinary manifests works as it is.
@@ -150,6 +160,72 @@ impl LocalSource {
     }
 }
 
+/// Follows a [`LocalSource`]'s files as they change (inotify, through `notify`).
+pub struct LocalWatch {
+    source: LocalSource,
+    events: mpsc::UnboundedReceiver<()>,
+    /// The watch lasts as long as this: dropped, it stops. None when it could not be set up
+    /// (the rescan still runs).
+    _watcher: Option<RecommendedWatcher>,
+}
+
+impl LocalWatch {
+    pub fn new(root: PathBuf) -> Self {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let watcher = watch(&root, events_tx)
+            .inspect_err(|e| {
+                warn!(path = %root.display(), error = %e, "cannot watch the policy files; checking them every {RESCAN_INTERVAL:?}")
+            })
+            .ok();
+        Self {
+            source: LocalSource::new(root),
+            events,
+            _watcher: watcher,
+        }
+    }
+
+    /// Every object: at once the first time, then each time the files changed.
+    pub async fn changed(&mut self) -> Vec<Object> {
+        loop {
+            if let Some(objects) = self.source.poll() {
+                return objects;
+            }
+            tokio::select! {
+                Some(()) = self.events.recv() => {
+                    // The rest of the burst, until it goes quiet.
+                    while let Ok(Some(())) =
+                        tokio::time::timeout(DEBOUNCE, self.events.recv()).await
+                    {}
+                }
+                () = tokio::time::sleep(RESCAN_INTERVAL) => {}
+            }
+        }
+    }
+}
+
+/// Watches `root` (a directory, recursively) and its parent directory, where a file replaced
+/// by a rename, or a root made later, shows; sends a unit on each event that may change what
+/// the files hold.
+fn watch(root: &Path, events: mpsc::UnboundedSender<()>) -> notify::Result<RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Opening a file (reading it, as the source itself does) changes nothing; an error
+        // (the queue overflowed) may hide a change.
+        let opened = event
+            .as_ref()
+            .is_ok_and(|e| matches!(e.kind, EventKind::Access(AccessKind::Open(_))));
+        if !opened {
+            let _ = events.send(());
+        }
+    })?;
+    if root.is_dir() {
+        watcher.watch(root, RecursiveMode::Recursive)?;
+    }
+    if let Some(parent) = root.parent().filter(|p| p.is_dir()) {
+        watcher.watch(parent, RecursiveMode::NonRecursive)?;
+    }
+    Ok(watcher)
+}
+
 /// The manifest files at `root`: the file itself, or the .yaml/.yml/.json files below a
 /// directory (hidden files, such as editors' swap files, are skipped), in a stable order.
 fn manifest_files(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -257,6 +333,49 @@ mod tests {
 
         fs::remove_file(dir.join("sub/svc.yml")).unwrap();
         assert_eq!(names(&source.poll().unwrap()), ["Namespace/shop"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_watch_reads_a_save_once_as_it_happens() {
+        let dir = temp_dir("watch");
+        let file = dir.join("policy.yaml");
+        fs::write(&file, NS).unwrap();
+        let mut watch = LocalWatch::new(dir.clone());
+        assert_eq!(names(&watch.changed().await), ["Namespace/shop"]);
+
+        // An editor's save: a temporary file written in two steps, then renamed over the old
+        // one. Read once, whole, long before the rescan would have.
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: shop}\n";
+        let tmp = dir.join(".policy.yaml.tmp");
+        fs::write(&tmp, NS).unwrap();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("---\n{svc}").as_bytes()))
+            .unwrap();
+        fs::rename(&tmp, &file).unwrap();
+        let changed = tokio::time::timeout(RESCAN_INTERVAL / 2, watch.changed())
+            .await
+            .expect("the change was seen before the rescan");
+        assert_eq!(names(&changed), ["Namespace/shop", "Service/shop/s"]);
+        let again = tokio::time::timeout(DEBOUNCE * 10, watch.changed()).await;
+        assert!(again.is_err(), "the save was read once");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_watched_file_replaced_by_a_rename_is_followed() {
+        let dir = temp_dir("watch-file");
+        let file = dir.join("policy.yaml");
+        let mut watch = LocalWatch::new(file.clone());
+        assert_eq!(watch.changed().await, Vec::new(), "not there yet");
+        fs::write(dir.join("new.yaml"), NS).unwrap();
+        fs::rename(dir.join("new.yaml"), &file).unwrap();
+        let changed = tokio::time::timeout(RESCAN_INTERVAL / 2, watch.changed())
+            .await
+            .expect("the file was seen before the rescan");
+        assert_eq!(names(&changed), ["Namespace/shop"]);
         fs::remove_dir_all(&dir).unwrap();
     }
 
