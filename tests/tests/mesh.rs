@@ -259,8 +259,21 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
     assert_eq!(requests(&b, &pods.payments, "inbound"), 40.0);
     assert_eq!(requests(&a, &pods.web, "outbound"), 40.0);
 
-    // Opaque TCP goes through the tunnel too.
+    // Opaque TCP goes through the tunnel too, and so does an HTTP upgrade.
     assert!(opaque_ok(&a, &pods.web, 3));
+    let out = a.run(
+        &pods.web,
+        &[
+            "echo-stream",
+            &service.to_string(),
+            "--secs",
+            "2",
+            "--upgrade",
+        ],
+        patience(Duration::from_secs(20)),
+    );
+    let stream = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stream.contains(" ok"), "{stream}");
 
     // Plain text from outside the mesh is accepted, and labelled so.
     let direct = SocketAddr::new(pods.payments.ip.into(), PORT);

@@ -49,7 +49,7 @@ use super::{
     drain::{Detach, Detachable, Drain, DrainSignal, Http1State, Moved},
     idle::IdleTimeout,
     mesh::{Mesh, TunnelFrom},
-    pool::{Pool, PoolConfig, SendError, Tunnelled, Upstream},
+    pool::{Connection, Pool, PoolConfig, SendError, Tunnelled, Upstream},
     rewind::Rewind,
     route::{
         Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes,
@@ -702,7 +702,7 @@ impl HttpProxy {
             Err(SendError::Failed(e)) => return exchange_failed(dst, &e),
             Err(SendError::Refused(reason)) => return error(StatusCode::FORBIDDEN, &reason),
         };
-        if !upgrade.is_some_and(|u| u.join(&mut response, self)) {
+        if !upgrade.is_some_and(|u| u.join(&mut response, self, conn.peer)) {
             strip_hop_by_hop(response.headers_mut());
         }
         response
@@ -794,7 +794,7 @@ impl HttpProxy {
             },
             None => attempt.await,
         };
-        if !upgrade.is_some_and(|u| u.join(&mut response, self)) {
+        if !upgrade.is_some_and(|u| u.join(&mut response, self, conn.peer)) {
             strip_hop_by_hop(response.headers_mut());
         }
         if rule.is_some() || weighted.is_some() {
@@ -1324,8 +1324,8 @@ impl Upgrade {
 
     /// Joins the connections when the backend agreed; returns whether it did. The 101 keeps its
     /// Connection and Upgrade headers, which the client needs. Once joined, the connection is
-    /// an opaque relay, which a drain can hand over.
-    fn join(self, response: &mut Response<ProxyBody>, proxy: &HttpProxy) -> bool {
+    /// an opaque relay, which a drain can hand over (unless it goes through a tunnel).
+    fn join(self, response: &mut Response<ProxyBody>, proxy: &HttpProxy, peer: SocketAddr) -> bool {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return false;
         }
@@ -1341,49 +1341,45 @@ impl Upgrade {
             let (Ok(client), Ok(backend)) = (self.client.await, backend.await) else {
                 return;
             };
-            match (
-                client.downcast::<Http1Io<TcpStream>>(),
-                backend.downcast::<TokioIo<TcpStream>>(),
-            ) {
-                (Ok(client), Ok(backend)) => {
-                    let (rest, mut client_stream) = client
-                        .io
-                        .into_inner()
-                        .into_inner()
-                        .into_inner()
-                        .into_parts();
-                    let mut backend_stream = backend.io.into_inner();
-                    // What either side sent past the upgrade, read already, goes first.
-                    let early = async {
-                        backend_stream.write_all(&client.read_buf).await?;
-                        backend_stream.write_all(&rest).await?;
-                        client_stream.write_all(&backend.read_buf).await
-                    };
-                    if early.await.is_err() {
-                        return;
-                    }
-                    let Ok(peer) = client_stream.peer_addr() else {
-                        return;
-                    };
-                    let relay = Relay {
-                        peer,
-                        idle_timeout,
-                        metrics: &metrics,
-                        route: None,
-                        drain: &drain,
-                    };
-                    relay.run(client_stream, backend_stream).await;
+            let relay = Relay {
+                peer,
+                idle_timeout,
+                metrics: &metrics,
+                route: None,
+                drain: &drain,
+            };
+            // A client that is not a TCP connection of this agent's (a tunnel's stream, or the
+            // fuzz targets' in-memory connection) cannot move: its bytes are copied here.
+            let client = match client.downcast::<Http1Io<TcpStream>>() {
+                Ok(client) => client,
+                Err(client) => {
+                    let (client, backend) = (TokioIo::new(client), TokioIo::new(backend));
+                    return relay.run_in_place(client, backend, None).await;
                 }
-                // Not TCP (the fuzz targets' in-memory connections): copied as they are.
-                (client, backend) => {
-                    if let (Err(client), Err(backend)) = (client, backend) {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(client),
-                            &mut TokioIo::new(backend),
-                        )
-                        .await;
-                    }
-                }
+            };
+            let Ok(backend) = backend.downcast::<TokioIo<Connection>>() else {
+                return;
+            };
+            let (rest, mut client_stream) = client
+                .io
+                .into_inner()
+                .into_inner()
+                .into_inner()
+                .into_parts();
+            let mut backend_stream = backend.io.into_inner();
+            // What either side sent past the upgrade, read already, goes first.
+            let early = async {
+                backend_stream.write_all(&client.read_buf).await?;
+                backend_stream.write_all(&rest).await?;
+                client_stream.write_all(&backend.read_buf).await
+            };
+            if early.await.is_err() {
+                return;
+            }
+            match backend_stream {
+                Connection::Direct(backend) => relay.run(client_stream, backend).await,
+                // A tunnel's TLS state cannot move either.
+                Connection::Tunnel(tunnel) => relay.run_in_place(client_stream, tunnel, None).await,
             }
         });
         true

@@ -221,7 +221,7 @@ impl Inbound {
                 Detected::Opaque => match connect_marked(target, self.mark).await {
                     Ok(upstream) => {
                         let relay = self.relay(source, &route);
-                        relay.run_in_place(tunnel, upstream, target).await
+                        relay.run_in_place(tunnel, upstream, Some(target)).await
                     }
                     Err(error) => debug!(%source, %target, %error, "delivering a tunnel failed"),
                 },

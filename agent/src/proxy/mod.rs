@@ -286,7 +286,7 @@ impl Relay<'_> {
     /// Copies bytes both ways until both sides close, one fails, or the connection idles past
     /// the timeout: for a connection that cannot move to a successor agent (a tunnel, whose
     /// TLS state lives in this process), which a drain leaves to end by itself.
-    pub async fn run_in_place<C, U>(self, client: C, upstream: U, dst: SocketAddr)
+    pub async fn run_in_place<C, U>(self, client: C, upstream: U, dst: Option<SocketAddr>)
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -296,7 +296,7 @@ impl Relay<'_> {
         let mut upstream = idle::IdleTimeout::new(upstream, self.idle_timeout);
         let copied = copy::bidirectional(&mut client, &mut upstream, std::future::pending()).await;
         let (sent, received) = (copied.sent, copied.received);
-        Self::closed(series, self.peer, Some(dst), copied.result, sent, received);
+        Self::closed(series, self.peer, dst, copied.result, sent, received);
     }
 
     fn opened(&self) -> Option<crate::metrics::TcpSeries> {

@@ -150,7 +150,9 @@ impl Outbound {
                         Ok((tunnel, principals)) => {
                             let route = route.over_mtls(&principals);
                             let relay = self.relay(peer, Some(&route));
-                            relay.run_in_place(client, tunnel, endpoint.addr).await;
+                            relay
+                                .run_in_place(client, tunnel, Some(endpoint.addr))
+                                .await;
                             drop(in_flight);
                             return;
                         }
