@@ -17,6 +17,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use json_patch::PatchOperation;
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -230,14 +231,33 @@ impl fmt::Display for Change {
 /// How many changed fields a log line names before it says how many more there are.
 const FIELDS_NAMED: usize = 4;
 
-/// The fields that differ between two versions of an object, as "path: old -> new".
+/// The fields that differ between two versions of an object, as "path: old -> new" (a JSON
+/// patch between them, each operation with the value it replaces).
 fn changed_fields(before: &Object, after: &Object) -> Vec<String> {
     let (Ok(before), Ok(after)) = (serde_json::to_value(before), serde_json::to_value(after))
     else {
         return vec!["(not comparable)".into()];
     };
-    let mut fields = Vec::new();
-    diff("", &before, &after, &mut fields);
+    let null = serde_json::Value::Null;
+    let mut fields: Vec<String> = json_patch::diff(&before, &after)
+        .iter()
+        .filter_map(|operation| {
+            let (path, new) = match operation {
+                PatchOperation::Add(add) => (&add.path, &add.value),
+                PatchOperation::Replace(replace) => (&replace.path, &replace.value),
+                PatchOperation::Remove(remove) => (&remove.path, &null),
+                // A diff moves, copies and tests nothing.
+                _ => return None,
+            };
+            let old = before.pointer(path.as_str()).unwrap_or(&null);
+            Some(format!(
+                "{}: {} -> {}",
+                dotted(path, &before, &after),
+                short(old),
+                short(new)
+            ))
+        })
+        .collect();
     if fields.len() > FIELDS_NAMED {
         let more = fields.len() - FIELDS_NAMED;
         fields.truncate(FIELDS_NAMED);
@@ -246,40 +266,46 @@ fn changed_fields(before: &Object, after: &Object) -> Vec<String> {
     fields
 }
 
-fn diff(path: &str, before: &serde_json::Value, after: &serde_json::Value, out: &mut Vec<String>) {
-    use serde_json::Value;
-    let short = |v: &Value| {
-        let text = v.to_string();
-        match text.char_indices().nth(40) {
-            Some((cut, _)) => format!("{}…", &text[..cut]),
-            None => text,
-        }
-    };
-    match (before, after) {
-        (Value::Object(a), Value::Object(b)) => {
-            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-            for key in keys {
-                let null = Value::Null;
-                let at = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                diff(
-                    &at,
-                    a.get(key).unwrap_or(&null),
-                    b.get(key).unwrap_or(&null),
-                    out,
-                );
+/// A JSON pointer as a log line names a field: `metadata.annotations.aviary.dev/split`,
+/// `spec.ports[0].port` (a token is an index where the object's either version has an array).
+fn dotted(
+    path: &json_patch::jsonptr::Pointer,
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+) -> String {
+    let mut out = String::new();
+    let (mut a, mut b) = (Some(before), Some(after));
+    for token in path.tokens() {
+        let key = token.decoded();
+        if a.is_some_and(serde_json::Value::is_array) || b.is_some_and(serde_json::Value::is_array)
+        {
+            out.push_str(&format!("[{key}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
             }
+            out.push_str(&key);
         }
-        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
-            for (index, (a, b)) in a.iter().zip(b).enumerate() {
-                diff(&format!("{path}[{index}]"), a, b, out);
-            }
-        }
-        (a, b) if a != b => out.push(format!("{path}: {} -> {}", short(a), short(b))),
-        _ => {}
+        (a, b) = (child(a, &key), child(b, &key));
+    }
+    out
+}
+
+/// The member `key` of an object, or item `key` of an array.
+fn child<'v>(value: Option<&'v serde_json::Value>, key: &str) -> Option<&'v serde_json::Value> {
+    match value? {
+        serde_json::Value::Array(items) => items.get(key.parse::<usize>().ok()?),
+        serde_json::Value::Object(fields) => fields.get(key),
+        _ => None,
+    }
+}
+
+/// A value as a log line shows it: at most 40 characters of its JSON.
+fn short(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
     }
 }
 
@@ -1029,12 +1055,21 @@ ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-7d9f8b, 
         let mut store = Store::default();
         store.upsert(service("a=90,b=10")).unwrap();
         store.upsert(service("a=50,b=50")).unwrap();
+        // An item added to a list, and an annotation gone.
+        let grown = objects(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.1, ports: [{port: 80}, {port: 81}]}\n",
+        )
+        .remove(0);
+        store.upsert(grown).unwrap();
         let changes: Vec<String> = store.take_changes().iter().map(|c| c.to_string()).collect();
         assert_eq!(
             changes,
             [
                 "Service/shop/s added",
-                "Service/shop/s updated: metadata.annotations.aviary.dev/split: \"a=90,b=10\" -> \"a=50,b=50\""
+                "Service/shop/s updated: metadata.annotations.aviary.dev/split: \"a=90,b=10\" -> \"a=50,b=50\"",
+                "Service/shop/s updated: metadata.annotations: {\"aviary.dev/split\":\"a=50,b=50\"} -> null, \
+                 spec.ports[1]: null -> {\"port\":81}"
             ]
         );
     }
