@@ -179,13 +179,11 @@ impl ApiServer {
     /// [`ApiServer::apply`] for each object of multi-document YAML; returns the last
     /// resourceVersion.
     pub fn apply_yaml(&self, yaml: &str) -> u64 {
-        use serde::Deserialize as _;
-        serde_yaml::Deserializer::from_str(yaml)
-            .map(|doc| serde_json::Value::deserialize(doc).expect("test YAML parses"))
+        serde_saphyr::from_multiple::<serde_json::Value>(yaml)
+            .expect("test YAML parses")
+            .into_iter()
             .filter(|doc| !doc.is_null())
-            .map(|doc| self.apply(doc))
-            .last()
-            .unwrap_or(0)
+            .fold(0, |_, doc| self.apply(doc))
     }
 
     /// Deletes an object; returns whether it existed.

@@ -37,8 +37,9 @@ fn deploy() -> PathBuf {
 /// Every document of a YAML file, as JSON values.
 fn documents(path: &Path) -> Vec<Value> {
     let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
         .filter(|doc| !doc.is_null())
         .collect()
 }
@@ -1018,8 +1019,9 @@ fn the_helm_chart_renders_the_plain_manifests() {
             .values()
             .flat_map(|t| {
                 let text = render(t, values, "aviary-system");
-                serde_yaml::Deserializer::from_str(&text)
-                    .map(|d| Value::deserialize(d).unwrap())
+                serde_saphyr::from_multiple::<Value>(&text)
+                    .unwrap()
+                    .into_iter()
                     .filter(|d| !d.is_null())
                     .collect::<Vec<_>>()
             })

@@ -12,7 +12,7 @@ use notify::{
     event::{AccessKind, EventKind},
     RecommendedWatcher, RecursiveMode, Watcher as _,
 };
-use serde::Deserialize as _;
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -27,11 +27,16 @@ pub const DEBOUNCE: Duration = Duration::from_millis(20);
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Parses multi-document Kubernetes YAML (or JSON). `kind: List` documents are unpacked; kinds
-/// Aviary does not use are skipped, so a directory of ordinary manifests works as it is.
+/// Aviary does not use are skipped, so a directory of ordinary manifests works as it is. Each
+/// document is read (serde-saphyr, within its limits on size and nesting) into a JSON value,
+/// which the object types are then read from, as the API server's JSON would be.
 pub fn parse_documents(text: &str) -> anyhow::Result<Vec<Object>> {
     let mut objects = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(document)
+    let mut reader = text.as_bytes();
+    // Empty documents yield nothing, and are not counted.
+    for (index, document) in serde_saphyr::read::<_, Value>(&mut reader).enumerate() {
+        let value = document
+            .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("document {}", index + 1))?;
         if !value.is_null() {
             collect(value, &mut objects).with_context(|| format!("document {}", index + 1))?;
@@ -40,7 +45,7 @@ pub fn parse_documents(text: &str) -> anyhow::Result<Vec<Object>> {
     Ok(objects)
 }
 
-fn collect(value: serde_yaml::Value, out: &mut Vec<Object>) -> anyhow::Result<()> {
+fn collect(value: Value, out: &mut Vec<Object>) -> anyhow::Result<()> {
     let field = |name: &str| {
         value
             .get(name)
@@ -52,18 +57,17 @@ fn collect(value: serde_yaml::Value, out: &mut Vec<Object>) -> anyhow::Result<()
     let object = match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
             let items = value.get("items").cloned().unwrap_or_default();
-            let items: Vec<serde_yaml::Value> =
-                serde_yaml::from_value(items).context("List items")?;
+            let items: Vec<Value> = serde_json::from_value(items).context("List items")?;
             return items.into_iter().try_for_each(|item| collect(item, out));
         }
-        ("v1", "Namespace") => Object::Namespace(Box::new(serde_yaml::from_value(value)?)),
-        ("v1", "Pod") => Object::Pod(Box::new(serde_yaml::from_value(value)?)),
-        ("v1", "Service") => Object::Service(Box::new(serde_yaml::from_value(value)?)),
+        ("v1", "Namespace") => Object::Namespace(Box::new(serde_json::from_value(value)?)),
+        ("v1", "Pod") => Object::Pod(Box::new(serde_json::from_value(value)?)),
+        ("v1", "Service") => Object::Service(Box::new(serde_json::from_value(value)?)),
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
-            Object::HttpRoute(Box::new(serde_yaml::from_value(value)?))
+            Object::HttpRoute(Box::new(serde_json::from_value(value)?))
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            Object::EndpointSlice(Box::new(serde_yaml::from_value(value)?))
+            Object::EndpointSlice(Box::new(serde_json::from_value(value)?))
         }
         ("", _) | (_, "") => {
             return Err(anyhow!(
@@ -299,6 +303,13 @@ mod tests {
         );
         let err = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: 7}\nspec: 3\n")
             .unwrap_err();
+        assert!(format!("{err:#}").starts_with("document 1"), "{err:#}");
+    }
+
+    #[test]
+    fn nesting_beyond_the_parsers_budget_is_an_error_not_a_stack_overflow() {
+        let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
+        let err = parse_documents(&deep).unwrap_err();
         assert!(format!("{err:#}").starts_with("document 1"), "{err:#}");
     }
 

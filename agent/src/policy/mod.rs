@@ -963,7 +963,7 @@ spec: {containers: []}
 
     #[test]
     fn pod_metadata_keeps_what_names_the_workload_and_decides_enrolment_only() {
-        let meta: ObjectMeta = serde_yaml::from_str(
+        let meta: ObjectMeta = serde_saphyr::from_str(
             r#"
 name: podinfo-7d9f8b-x2x9z
 namespace: shop

@@ -1198,7 +1198,7 @@ status: {podIP: 10.244.1.14}
                 "{{name: {name}, namespace: {namespace}, uid: u-{name}, annotations: {{{}}}}}",
                 annotations.join(", ")
             );
-            Object::pod_metadata(serde_yaml::from_str(&meta).unwrap())
+            Object::pod_metadata(serde_saphyr::from_str(&meta).unwrap())
         });
         let mut store = store(yaml);
         for object in metadata {
