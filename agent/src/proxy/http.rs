@@ -301,6 +301,12 @@ impl HttpProxy {
         self.mesh.as_ref()
     }
 
+    /// Whether `endpoint` is reached through a tunnel: a pod enrolled on another node, when this
+    /// node has mesh identities.
+    pub fn tunnels_to(&self, endpoint: &Endpoint) -> bool {
+        self.mesh.is_some() && endpoint.pod.is_some() && endpoint.measured_at_destination
+    }
+
     /// How a request from `from` reaches `endpoint`: through a tunnel to its node's agent when
     /// it is a pod enrolled on another node and this node has mesh identities, else directly.
     /// Never in plain text when it should be tunnelled: without an identity for the source,
@@ -313,7 +319,7 @@ impl HttpProxy {
         let (Some(mesh), Some(pod)) = (&self.mesh, &endpoint.pod) else {
             return Ok(Upstream::direct(endpoint.addr));
         };
-        if !endpoint.measured_at_destination {
+        if !self.tunnels_to(endpoint) {
             return Ok(Upstream::direct(endpoint.addr));
         }
         let Some(from) = from else {

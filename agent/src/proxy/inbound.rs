@@ -84,7 +84,9 @@ impl Inbound {
         if pod.port() == hbone::PORT {
             // With mesh identities, tunnels from other nodes are served.
             if let Some(mesh) = self.http.mesh().cloned() {
-                return self.serve_tunnels(client, pod, peer, &mesh).await;
+                // Boxed, as HTTP is: the TLS and HTTP/2 state stays out of plain connections'
+                // tasks.
+                return Box::pin(self.serve_tunnels(client, pod, peer, &mesh)).await;
             }
         }
         let (route, protocol, admitted) = {
@@ -103,7 +105,7 @@ impl Inbound {
         if let Err(denied) = admitted {
             debug!(%peer, %pod, %denied, "refused a plain-text connection");
             return match detected {
-                Detected::Http => self.http.refuse(client, denied.to_string()).await,
+                Detected::Http => Box::pin(self.http.refuse(client, denied.to_string())).await,
                 Detected::Opaque => drop(client.set_zero_linger()),
             };
         }

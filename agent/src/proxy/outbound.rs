@@ -23,7 +23,6 @@ use super::{
     detect::{read_as, Detected},
     http::HttpProxy,
     mesh::TunnelFrom,
-    pool::Upstream,
     route::{Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes, Workload},
     split::{pick_weighted, with_rng},
     ConnectionLimit, Relay,
@@ -88,20 +87,14 @@ impl Outbound {
             return super::splice(client, dst, self.mark, self.relay(peer, None)).await;
         };
         let source = table.pod(peer.ip());
-        let tunnel_from = TunnelFrom::of(&table, peer);
         drop(table);
         match read_as(service.protocol, &client, self.detect_timeout).await {
             // Boxed: an opaque connection's task, idle for hours perhaps, need not be as large
             // as an HTTP connection's future.
             Detected::Http => Box::pin(self.http.clone().serve(client, dst, peer)).await,
             Detected::Opaque => {
-                let opaque = Opaque {
-                    peer,
-                    dst,
-                    source: &source,
-                    tunnel_from: tunnel_from.as_ref(),
-                };
-                self.relay_opaque(client, opaque, &service).await
+                self.relay_opaque(client, peer, dst, &source, &service)
+                    .await
             }
         }
     }
@@ -111,13 +104,14 @@ impl Outbound {
     /// counts against its endpoint (outlier detection), and the connection goes once more, to
     /// another endpoint: nothing of it was sent. A tunnel the destination refuses resets the
     /// client.
-    async fn relay_opaque(&self, client: TcpStream, opaque: Opaque<'_>, service: &ServiceRoutes) {
-        let Opaque {
-            peer,
-            dst,
-            source,
-            tunnel_from,
-        } = opaque;
+    async fn relay_opaque(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        source: &Workload,
+        service: &ServiceRoutes,
+    ) {
         let Some(backend) = tcp_backend(service) else {
             debug!(%peer, %dst, "no backend for an opaque connection");
             let _ = client.set_zero_linger();
@@ -140,42 +134,27 @@ impl Outbound {
                 Some(&backend.name),
                 endpoint.pod.as_deref(),
             );
-            let error = match self.http.upstream(&endpoint, tunnel_from) {
-                Ok(Upstream {
-                    tunnel: Some(tunnelled),
-                    ..
-                }) => {
-                    let (from, namespace) = (&tunnelled.from, &tunnelled.namespace);
-                    match tunnelled.mesh.tunnel(from, endpoint.addr, namespace).await {
-                        Ok((tunnel, principals)) => {
-                            let route = route.over_mtls(&principals);
-                            let relay = self.relay(peer, Some(&route));
-                            relay
-                                .run_in_place(client, tunnel, Some(endpoint.addr))
-                                .await;
-                            drop(in_flight);
-                            return;
-                        }
-                        Err(e) if e.refusal().is_some() => {
-                            debug!(%peer, endpoint = %endpoint.addr, error = %e, "the destination refused the tunnel");
-                            let _ = client.set_zero_linger();
-                            return;
-                        }
-                        Err(e) => e.to_string(),
+            let error = if self.http.tunnels_to(&endpoint) {
+                // Boxed: the tunnel's handshakes would otherwise size every opaque connection's
+                // task, tunnelled or not.
+                match Box::pin(self.relay_tunnelled(client, peer, &endpoint, route)).await {
+                    Some((returned, error)) => {
+                        client = returned;
+                        error
+                    }
+                    None => {
+                        drop(in_flight);
+                        return;
                     }
                 }
-                Ok(_) => match connect_marked(endpoint.addr, self.mark).await {
+            } else {
+                match connect_marked(endpoint.addr, self.mark).await {
                     Ok(upstream) => {
                         self.relay(peer, Some(&route)).run(client, upstream).await;
                         drop(in_flight);
                         return;
                     }
                     Err(e) => e.to_string(),
-                },
-                Err(why) => {
-                    debug!(%peer, endpoint = %endpoint.addr, %why, "no way to the endpoint");
-                    let _ = client.set_zero_linger();
-                    return;
                 }
             };
             debug!(%peer, endpoint = %endpoint.addr, %error, "upstream connect failed");
@@ -191,6 +170,44 @@ impl Outbound {
         }
     }
 
+    /// Relays `client` through a tunnel to `endpoint`, or resets it when the destination
+    /// refuses it or the client has no identity; gives it back with the error when no tunnel
+    /// could be opened.
+    async fn relay_tunnelled(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        endpoint: &Endpoint,
+        route: Route,
+    ) -> Option<(TcpStream, String)> {
+        let from = TunnelFrom::of(&self.routes.load(), peer);
+        let tunnelled = match self.http.upstream(endpoint, from.as_ref()) {
+            Ok(upstream) => upstream.tunnel?,
+            Err(why) => {
+                debug!(%peer, endpoint = %endpoint.addr, %why, "no way to the endpoint");
+                let _ = client.set_zero_linger();
+                return None;
+            }
+        };
+        let (from, namespace) = (&tunnelled.from, &tunnelled.namespace);
+        match tunnelled.mesh.tunnel(from, endpoint.addr, namespace).await {
+            Ok((tunnel, principals)) => {
+                let route = route.over_mtls(&principals);
+                let relay = self.relay(peer, Some(&route));
+                relay
+                    .run_in_place(client, tunnel, Some(endpoint.addr))
+                    .await;
+                None
+            }
+            Err(e) if e.refusal().is_some() => {
+                debug!(%peer, endpoint = %endpoint.addr, error = %e, "the destination refused the tunnel");
+                let _ = client.set_zero_linger();
+                None
+            }
+            Err(e) => Some((client, e.to_string())),
+        }
+    }
+
     fn relay<'a>(&'a self, peer: SocketAddr, route: Option<&'a Route>) -> Relay<'a> {
         Relay {
             peer,
@@ -200,14 +217,6 @@ impl Outbound {
             drain: self.http.drain(),
         }
     }
-}
-
-/// An opaque connection: who made it, where to, and how it may be tunnelled.
-struct Opaque<'a> {
-    peer: SocketAddr,
-    dst: SocketAddr,
-    source: &'a Workload,
-    tunnel_from: Option<&'a TunnelFrom>,
 }
 
 /// An opaque connection's backend: split by the weights of the first rule that matches every
