@@ -65,6 +65,7 @@ use tracing::debug;
 
 use crate::{
     ebpf::maps::{Occupancy, Stats},
+    policy::security::Denied,
     proxy::{
         balance::Failure,
         http::MirrorOutcome,
@@ -301,6 +302,16 @@ pub enum DenialReason {
     no_identity,
     /// An identity the pod's allow-from does not name.
     not_allowed,
+}
+
+impl DenialReason {
+    pub fn of(denied: &Denied) -> Self {
+        match denied {
+            Denied::PlainText => Self::plaintext,
+            Denied::NoIdentity => Self::no_identity,
+            Denied::NotAllowed { .. } => Self::not_allowed,
+        }
+    }
 }
 
 /// The identities the two ends of a mutual-TLS connection proved: part of a request's series.

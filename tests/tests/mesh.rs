@@ -27,6 +27,7 @@ const CANARY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const AUDIT: &str = "spiffe://cluster.local/ns/shop/sa/audit";
 const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
+const BATCH: &str = "spiffe://cluster.local/ns/shop/sa/batch";
 
 /// The cluster's policy, as both agents read it: `shop` is enrolled; web and audit run on
 /// node-a, payments and its canary (with `annotations`) on node-b; plain, in a namespace that
@@ -45,6 +46,7 @@ fn policy(pods: &Pods, annotations: &[(&str, &str)]) -> String {
         policy::pod_on(&pods.plain, "other", "node-a", "default", &[]),
         policy::pod_on(&pods.payments, "shop", "node-b", "payments", annotations),
         policy::pod_on(&pods.canary, "shop", "node-b", "payments", annotations),
+        policy::pod_on(&pods.batch, "shop", "node-b", "batch", &[]),
         policy::http_service("payments", "shop", VIP.into(), PORT, &split),
         policy::http_service("payments-primary", "shop", PRIMARY_VIP.into(), PORT, &[]),
         policy::http_service("payments-canary", "shop", CANARY_VIP.into(), PORT, &[]),
@@ -67,6 +69,8 @@ struct Pods {
     plain: Pod,
     payments: Pod,
     canary: Pod,
+    /// An enrolled pod on payments' own node.
+    batch: Pod,
 }
 
 /// Writes the same policy to both nodes.
@@ -160,6 +164,7 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
         plain: a.add_pod("plain"),
         payments: b.add_pod("payments"),
         canary: b.add_pod("canary"),
+        batch: b.add_pod("batch"),
     };
     b.serve_http(&pods.payments, PORT);
     b.serve_http(&pods.canary, PORT);
@@ -175,6 +180,7 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
     pod(&api, "shop", "audit", "audit", "node-a");
     pod(&api, "shop", "payments", "payments", "node-b");
     pod(&api, "shop", "canary", "payments", "node-b");
+    pod(&api, "shop", "batch", "batch", "node-b");
     // Short-lived certificates: each is renewed every 5 s, under the long stream below.
     let signer = Signer::start_with(
         &api,
@@ -290,6 +296,12 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
     let metrics = b.metrics(&pods.payments);
     assert_eq!(sample(&metrics, "aviary_requests_total", &plain), 3.0);
 
+    // A pod of payments' own node reaches it without a tunnel.
+    assert_eq!(
+        statuses(&b, &pods.batch, service, 3),
+        BTreeMap::from([("200".into(), 3)])
+    );
+
     // Strict, and only web allowed: audit is refused with the reason (HTTP) or a reset
     // (TCP), plain text is refused, and each denial is counted by who asked. What audit had
     // open before (a pooled HTTP tunnel, a TCP session) is closed by the change.
@@ -336,6 +348,14 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
         held.try_echo("after").is_none().then_some(())
     })
     .expect("the session the new policy denies is closed");
+    // The same holds on payments' own node, where no connection passes an inbound proxy of
+    // another agent: batch is refused through the Service and at the pod's address.
+    let batch_refused = format!(
+        "aviary: {BATCH} is not among the identities the destination's aviary.dev/allow-from \
+         admits (shop/web)"
+    );
+    assert_eq!(get(&b, &pods.batch, service).trim(), batch_refused);
+    assert_eq!(get(&b, &pods.batch, direct).trim(), batch_refused);
     let metrics = b.metrics(&pods.payments);
     let denied = |source: &str, reason: &str| {
         let labels = [("source_principal", source), ("reason", reason)];

@@ -41,7 +41,10 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::metrics::{self, Direction, MethodClass, Metrics, Principals, RequestLabels};
+use crate::{
+    metrics::{self, DenialReason, Direction, MethodClass, Metrics, Principals, RequestLabels},
+    policy::security::Denied,
+};
 
 pub use super::pool::ProxyBody;
 use super::{
@@ -299,6 +302,26 @@ impl HttpProxy {
 
     pub fn mesh(&self) -> Option<&Arc<Mesh>> {
         self.mesh.as_ref()
+    }
+
+    /// Whether the pod at `endpoint`, when it is an enrolled pod of this node, admits `from`
+    /// (None: a client without an identity). This agent is that pod's, and a connection
+    /// between pods of one node never passes its inbound proxy, so it decides here; a refusal
+    /// is counted as the inbound proxy counts its own.
+    pub fn admitted_locally(
+        &self,
+        endpoint: &Endpoint,
+        from: Option<&TunnelFrom>,
+    ) -> Result<(), Denied> {
+        let table = self.routes.load();
+        let Some(pod) = table.local(endpoint.addr.ip()) else {
+            return Ok(());
+        };
+        let peer = from.map(|from| &*from.identity);
+        pod.inbound.admits(peer).inspect_err(|denied| {
+            self.metrics
+                .denied(DenialReason::of(denied), peer, &pod.workload)
+        })
     }
 
     /// Whether `endpoint` is reached through a tunnel: a pod enrolled on another node, when this
@@ -868,6 +891,9 @@ impl HttpProxy {
                 };
             };
             *used = Some(endpoint.clone());
+            if let Err(denied) = self.admitted_locally(&endpoint, from) {
+                return error(StatusCode::FORBIDDEN, &denied.to_string());
+            }
             let upstream = match self.upstream(&endpoint, from) {
                 Ok(upstream) => upstream,
                 Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, &why),
@@ -969,7 +995,11 @@ impl HttpProxy {
         let Some(endpoint) = with_rng(|rng| balance::pick(&target.endpoints, None, rng)) else {
             return record(MirrorOutcome::Failed);
         };
-        let Ok(upstream) = self.upstream(&endpoint, facts.tunnel_from.as_ref()) else {
+        let from = facts.tunnel_from.as_ref();
+        if self.admitted_locally(&endpoint, from).is_err() {
+            return record(MirrorOutcome::Failed);
+        }
+        let Ok(upstream) = self.upstream(&endpoint, from) else {
             return record(MirrorOutcome::Failed);
         };
         let mut request = Request::new(full(body));

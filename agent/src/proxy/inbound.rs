@@ -35,7 +35,6 @@ use super::{
 };
 use crate::{
     metrics::{DenialReason, Metrics, Principals, Route},
-    policy::security::Denied,
     state::SnapshotRx,
 };
 
@@ -89,17 +88,25 @@ impl Inbound {
                 return Box::pin(self.serve_tunnels(client, pod, peer, &mesh)).await;
             }
         }
-        let (route, protocol, admitted) = {
+        let (route, protocol, identity, admitted) = {
             let table = self.routes.load();
             let destination = table.pod(pod.ip());
             let route = Route::inbound(&table.pod(peer.ip()), &destination);
+            // A client that is an enrolled pod of this node (over the bridge, in plain text)
+            // is known by its identity, as it is when it calls through a Service.
+            let identity = table.local(peer.ip()).and_then(|p| p.identity.clone());
             let admitted = match table.local(pod.ip()) {
-                Some(local) => local.inbound.admits(None).inspect_err(|denied| {
-                    self.metrics.denied(reason(denied), None, &local.workload);
-                }),
+                Some(local) => local
+                    .inbound
+                    .admits(identity.as_deref())
+                    .inspect_err(|denied| {
+                        let reason = DenialReason::of(denied);
+                        self.metrics
+                            .denied(reason, identity.as_deref(), &local.workload);
+                    }),
                 None => Ok(()),
             };
-            (route, table.endpoint_protocol(&pod), admitted)
+            (route, table.endpoint_protocol(&pod), identity, admitted)
         };
         let detected = read_as(protocol, &client, self.detect_timeout).await;
         if let Err(denied) = admitted {
@@ -122,7 +129,7 @@ impl Inbound {
         };
         tokio::select! {
             () = served => {}
-            () = self.revoked(pod.ip(), None) => {
+            () = self.revoked(pod.ip(), identity.as_deref()) => {
                 debug!(%peer, %pod, "a plain-text connection closed: the pod's policy no longer admits it");
             }
         }
@@ -140,7 +147,8 @@ impl Inbound {
                 continue;
             };
             if let Err(denied) = local.inbound.admits(peer) {
-                self.metrics.denied(reason(&denied), peer, &local.workload);
+                self.metrics
+                    .denied(DenialReason::of(&denied), peer, &local.workload);
                 return;
             }
         }
@@ -248,14 +256,6 @@ impl Inbound {
     }
 }
 
-fn reason(denied: &Denied) -> DenialReason {
-    match denied {
-        Denied::PlainText => DenialReason::plaintext,
-        Denied::NoIdentity => DenialReason::no_identity,
-        Denied::NotAllowed { .. } => DenialReason::not_allowed,
-    }
-}
-
 /// Whom a tunnel to the pod at `pod` may come from: its `allow-from`, as the table in force
 /// has it when the tunnel is asked for.
 struct Admission {
@@ -276,7 +276,7 @@ impl hbone::Admit for Admission {
         };
         pod.inbound.admits(Some(peer)).map_err(|denied| {
             self.metrics
-                .denied(reason(&denied), Some(peer), &pod.workload);
+                .denied(DenialReason::of(&denied), Some(peer), &pod.workload);
             denied.to_string()
         })
     }

@@ -126,6 +126,15 @@ impl Outbound {
                 let _ = client.set_zero_linger();
                 return;
             };
+            let admitted = {
+                let from = TunnelFrom::of(&self.routes.load(), peer);
+                self.http.admitted_locally(&endpoint, from.as_ref())
+            };
+            if let Err(denied) = admitted {
+                debug!(%peer, endpoint = %endpoint.addr, %denied, "the destination pod's policy refused the connection");
+                let _ = client.set_zero_linger();
+                return;
+            }
             // Held while the connection lasts: the balancer sees open connections as load.
             let in_flight = InFlight::start(endpoint.addr);
             let route = Route::outbound(
