@@ -173,7 +173,7 @@ impl Inbound {
                 return;
             }
         };
-        let (identity, tls) = match tls {
+        let (destination, tls) = match tls {
             Ok(tls) => tls,
             Err(error) => {
                 debug!(%peer, %local, %error, "refused a tunnel connection");
@@ -190,7 +190,6 @@ impl Inbound {
         let shutdown = async move {
             drain.started().await;
         };
-        let destination = identity;
         let deliver = move |accepted: Accepted, tunnel: Tunnel| {
             let (this, destination) = (self.clone(), destination.clone());
             async move { this.deliver(accepted, &destination, tunnel).await }
