@@ -372,7 +372,7 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Response<String>> {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, sync::Arc};
+    use std::sync::Arc;
 
     use super::*;
     use crate::proxy::route::{
@@ -465,7 +465,7 @@ mod tests {
             default: primary.clone(),
         });
         let table = RouteTable {
-            services: HashMap::from([("10.96.0.10:80".parse().unwrap(), routes)]),
+            services: imbl::HashMap::from(vec![("10.96.0.10:80".parse().unwrap(), routes)]),
             ..Default::default()
         };
         let described = describe_routes(&table);

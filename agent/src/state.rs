@@ -7,8 +7,8 @@ use tracing::info;
 
 use crate::{
     policy::{
-        compile,
-        routes::{compile_routes, local_pods, routing_notes, RouteOptions},
+        compiler::{Compiled, Compiler},
+        routes::{local_pods, routing_notes, RouteOptions},
         Policy, Store,
     },
     proxy::route::RouteTable,
@@ -28,6 +28,7 @@ pub type SnapshotRx = watch::Receiver<Arc<Snapshot>>;
 pub struct Publisher {
     tx: watch::Sender<Arc<Snapshot>>,
     options: RouteOptions,
+    compiler: Compiler,
     published_revision: Option<u64>,
     /// Routing notes already logged, so each is said once.
     notes: Vec<String>,
@@ -38,6 +39,7 @@ impl Publisher {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let publisher = Self {
             tx,
+            compiler: Compiler::new(options.clone()),
             options,
             published_revision: None,
             notes: Vec::new(),
@@ -56,8 +58,7 @@ impl Publisher {
         }
         self.published_revision = Some(store.revision());
         let current = self.tx.borrow().clone();
-        let policy = compile(store, self.options.node.as_deref());
-        let mut routes = compile_routes(store, &self.options);
+        let Compiled { policy, mut routes } = self.compiler.update(store);
         routes.local = local_pods(&policy, &routes.pods, self.options.trust_domain.as_deref());
         let routes = Arc::new(routes);
         let notes = routing_notes(store);

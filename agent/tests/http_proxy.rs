@@ -2,7 +2,6 @@
 //! one connection, A/B matches, errors, timeouts, retries, mirroring and hygiene.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -156,7 +155,7 @@ fn table(routes: ServiceRoutes) -> RouteTable {
 /// A routing table holding just the service at `addr`.
 fn table_at(addr: SocketAddr, routes: ServiceRoutes) -> RouteTable {
     RouteTable {
-        services: HashMap::from([(addr, Arc::new(routes))]),
+        services: [(addr, Arc::new(routes))].into_iter().collect(),
         ..Default::default()
     }
 }
@@ -1244,7 +1243,7 @@ async fn start_inbound(pod: SocketAddr) -> (SocketAddr, Arc<Metrics>) {
         })
     };
     let table = RouteTable {
-        pods: HashMap::from([
+        pods: [
             (
                 pod.ip(),
                 workload("shop", "podinfo", "podinfo-7d9f8b-bbbbb"),
@@ -1253,7 +1252,9 @@ async fn start_inbound(pod: SocketAddr) -> (SocketAddr, Arc<Metrics>) {
                 INBOUND_CLIENT.into(),
                 workload("web", "frontend", "frontend-1"),
             ),
-        ]),
+        ]
+        .into_iter()
+        .collect(),
         ..Default::default()
     };
     let routes = Arc::new(ArcSwap::from_pointee(table));

@@ -3,12 +3,7 @@
 //! travel in trailers, reaching the client. First in process, with the HTTP proxy on loopback;
 //! then end to end, the client in an enrolled pod calling a Service VIP through eBPF capture.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use aviary_agent::{
@@ -71,7 +66,7 @@ fn weighted(backend: &Arc<Backend>, weight: u32) -> WeightedBackend {
 /// The HTTP proxy on loopback, serving each connection as traffic sent to `service`.
 async fn start_proxy(service: SocketAddr, routes: ServiceRoutes) -> SocketAddr {
     let table = RouteTable {
-        services: HashMap::from([(service, Arc::new(routes))]),
+        services: [(service, Arc::new(routes))].into_iter().collect(),
         ..Default::default()
     };
     let routes = Arc::new(ArcSwap::from_pointee(table));

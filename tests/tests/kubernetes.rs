@@ -209,7 +209,10 @@ async fn requested(server: &ApiServer, what: &str, prefix: &str) {
 }
 
 fn captured(snapshot: &Snapshot, addr: &str) -> bool {
-    snapshot.policy.captured.contains(&addr.parse().unwrap())
+    snapshot
+        .policy
+        .captured
+        .contains(&addr.parse::<SocketAddr>().unwrap())
 }
 
 /// The weights of the one rule on podinfo, as (backend, weight).
@@ -217,7 +220,7 @@ fn weights(snapshot: &Snapshot) -> Vec<(String, u32)> {
     let Some(service) = snapshot
         .routes
         .services
-        .get(&"10.96.0.10:80".parse().unwrap())
+        .get(&"10.96.0.10:80".parse::<SocketAddr>().unwrap())
     else {
         return Vec::new();
     };
@@ -247,7 +250,7 @@ async fn lists_then_follows_watch_events() {
         .collect();
     assert_eq!(enrolled, ["client"], "only this node's pods are enrolled");
     // Another node's pod, known by its metadata only, names the endpoint's workload.
-    let primary = &first.routes.services[&"10.96.0.11:80".parse().unwrap()].default;
+    let primary = &first.routes.services[&"10.96.0.11:80".parse::<SocketAddr>().unwrap()].default;
     let pod = primary.endpoints[0]
         .pod
         .as_ref()
@@ -855,7 +858,7 @@ async fn flaggers_family_counts_each_request_once_across_two_agents() {
         vips.iter().all(|vip| {
             s.routes
                 .services
-                .get(&vip.parse().unwrap())
+                .get(&vip.parse::<SocketAddr>().unwrap())
                 .is_some_and(|r| !r.default.endpoints.is_empty())
         })
     })
@@ -877,7 +880,11 @@ async fn flaggers_family_counts_each_request_once_across_two_agents() {
     assert_eq!(enrolled, ["opted-in", "shadow-enrolled"]);
     let at_destination: Vec<(String, bool)> = vips
         .iter()
-        .map(|vip| &a.routes.services[&vip.parse().unwrap()].default.endpoints[0])
+        .map(|vip| {
+            &a.routes.services[&vip.parse::<SocketAddr>().unwrap()]
+                .default
+                .endpoints[0]
+        })
         .map(|e| {
             (
                 e.pod.as_ref().unwrap().pod.to_string(),

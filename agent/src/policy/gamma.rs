@@ -80,6 +80,7 @@ pub fn validate(route: &HttpRoute) -> Result<(), String> {
 }
 
 /// One match of a route, in the proxy's terms, with the sort key of Gateway API precedence.
+#[derive(Debug, Clone)]
 pub struct RankedMatch {
     pub request: RequestMatch,
     pub rank: Rank,

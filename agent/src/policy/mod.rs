@@ -4,6 +4,7 @@
 //! keeps the last good version of each. [`compile`] is the one pure function from the store to
 //! what the datapath enforces.
 
+pub mod compiler;
 pub mod gamma;
 pub mod local;
 pub mod routes;
@@ -12,7 +13,7 @@ pub mod status;
 pub mod workload;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, SocketAddr},
 };
@@ -151,6 +152,27 @@ impl Object {
             kind: self.kind(),
             namespace,
             name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// What compiled policy reads this object as: a change to the object touches these.
+    fn inputs(&self) -> Vec<Input> {
+        let ObjectKey {
+            namespace, name, ..
+        } = self.key();
+        match self {
+            Self::Namespace(_) => vec![Input::Namespace(name)],
+            Self::Pod(_) | Self::PodMetadata(_) => vec![Input::Pod(namespace, name)],
+            Self::Service(_) => vec![Input::Service(namespace, name)],
+            Self::EndpointSlice(slice) => routes::slice_service(slice)
+                .map(|service| Input::Slices(namespace, service.to_owned()))
+                .into_iter()
+                .collect(),
+            Self::HttpRoute(route) => gamma::service_parents(route)
+                .into_iter()
+                .map(|parent| Input::Routes(parent.namespace, parent.name))
+                .chain([Input::Route(namespace, name)])
+                .collect(),
         }
     }
 
@@ -309,6 +331,22 @@ fn short(value: &serde_json::Value) -> String {
     }
 }
 
+/// What compiled policy reads from the store, named so that a change finds what read it. Each
+/// names (namespace, name), of the object or of the Service it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Input {
+    Service(String, String),
+    /// Which EndpointSlices label a Service, and what they hold.
+    Slices(String, String),
+    /// Which HTTPRoutes attach to a Service, and what they hold.
+    Routes(String, String),
+    /// One HTTPRoute.
+    Route(String, String),
+    /// A pod, as its Pod or its metadata.
+    Pod(String, String),
+    Namespace(String),
+}
+
 /// The objects policy is compiled from: only valid ones, the last good version of each. It is
 /// the reflector cache of both sources, with validation in front of it.
 #[derive(Debug, Default, Clone)]
@@ -319,6 +357,61 @@ pub struct Store {
     /// Counts changes, so a consumer can tell whether anything changed since it last looked.
     revision: u64,
     changes: Vec<Change>,
+    index: Index,
+}
+
+/// What the store keeps beside its objects for the compiler: the objects by the Service they
+/// belong to, and what changed since the compiler last looked.
+#[derive(Debug, Default, Clone)]
+struct Index {
+    /// EndpointSlice names by the Service (namespace, name) they label.
+    slices_by_service: HashMap<(String, String), BTreeSet<String>>,
+    /// HTTPRoutes (namespace, name) by the Service (namespace, name) they attach to.
+    routes_by_parent: HashMap<(String, String), BTreeSet<(String, String)>>,
+    touched: HashSet<Input>,
+}
+
+impl Index {
+    /// Indexes an object that came (`present`) or went, and notes what it touches. An update
+    /// is the old version going, then the new one coming.
+    fn update(&mut self, object: &Object, present: bool) {
+        let key = object.key();
+        for input in object.inputs() {
+            match &input {
+                Input::Slices(namespace, service) => update_set(
+                    &mut self.slices_by_service,
+                    (namespace.clone(), service.clone()),
+                    key.name.clone(),
+                    present,
+                ),
+                Input::Routes(namespace, service) => update_set(
+                    &mut self.routes_by_parent,
+                    (namespace.clone(), service.clone()),
+                    (key.namespace.clone(), key.name.clone()),
+                    present,
+                ),
+                _ => {}
+            }
+            self.touched.insert(input);
+        }
+    }
+}
+
+/// Adds `member` to, or removes it from, the set at `key`, which exists only while not empty.
+fn update_set<K: std::hash::Hash + Eq, M: Ord>(
+    sets: &mut HashMap<K, BTreeSet<M>>,
+    key: K,
+    member: M,
+    present: bool,
+) {
+    if present {
+        sets.entry(key).or_default().insert(member);
+    } else if let Some(set) = sets.get_mut(&key) {
+        set.remove(&member);
+        if set.is_empty() {
+            sets.remove(&key);
+        }
+    }
 }
 
 impl Store {
@@ -340,7 +433,10 @@ impl Store {
             Some(current) => Change::Updated(key.clone(), changed_fields(current, &object)),
             None => Change::Added(key.clone()),
         };
-        self.objects.insert(key, object);
+        if let Some(previous) = self.objects.insert(key.clone(), object) {
+            self.index.update(&previous, false);
+        }
+        self.index.update(&self.objects[&key], true);
         self.record(change);
         Ok(())
     }
@@ -348,7 +444,8 @@ impl Store {
     /// Forgets an object, good version and refusal alike.
     pub fn remove(&mut self, key: &ObjectKey) {
         self.rejected.remove(key);
-        if self.objects.remove(key).is_some() {
+        if let Some(previous) = self.objects.remove(key) {
+            self.index.update(&previous, false);
             self.record(Change::Removed(key.clone()));
         }
     }
@@ -411,50 +508,127 @@ impl Store {
         self.changes.push(change);
     }
 
-    /// The metadata of every pod known: this node's pods and the cluster's pod metadata.
-    fn pod_metadata(&self) -> impl Iterator<Item = &ObjectMeta> {
-        self.objects.values().filter_map(|o| match o {
-            Object::Pod(pod) => Some(&pod.metadata),
-            Object::PodMetadata(meta) => Some(meta.as_ref()),
-            _ => None,
+    /// What changed since the last call: the inputs of compiled policy that changes touched.
+    pub fn take_touched(&mut self) -> HashSet<Input> {
+        std::mem::take(&mut self.index.touched)
+    }
+
+    /// The objects of one kind, in key order.
+    fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Object> {
+        let first = ObjectKey {
+            kind,
+            namespace: String::new(),
+            name: String::new(),
+        };
+        self.objects
+            .range(first..)
+            .take_while(move |(key, _)| key.kind == kind)
+            .map(|(_, object)| object)
+    }
+
+    fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<&Object> {
+        self.objects.get(&ObjectKey {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
         })
     }
 
-    fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
-        self.objects.values().filter_map(|o| match o {
-            Object::Namespace(ns) => Some(ns.as_ref()),
+    fn namespace(&self, name: &str) -> Option<&Namespace> {
+        match self.get(Kind::Namespace, "", name)? {
+            Object::Namespace(ns) => Some(ns),
             _ => None,
-        })
+        }
     }
 
     fn pods(&self) -> impl Iterator<Item = &Pod> {
-        self.objects.values().filter_map(|o| match o {
+        self.of_kind(Kind::Pod).filter_map(|o| match o {
             Object::Pod(pod) => Some(pod.as_ref()),
             _ => None,
         })
     }
 
+    fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        match self.get(Kind::Pod, namespace, name)? {
+            Object::Pod(pod) => Some(pod),
+            _ => None,
+        }
+    }
+
+    /// A pod's metadata: as the metadata watch has it, else from its Pod.
+    fn pod_metadata(&self, namespace: &str, name: &str) -> Option<&ObjectMeta> {
+        match self.get(Kind::PodMetadata, namespace, name) {
+            Some(Object::PodMetadata(meta)) => Some(meta),
+            _ => self.pod(namespace, name).map(|pod| &pod.metadata),
+        }
+    }
+
     fn http_routes(
         &self,
     ) -> impl Iterator<Item = &gateway_api::apis::standard::httproutes::HttpRoute> {
-        self.objects.values().filter_map(|o| match o {
+        self.of_kind(Kind::HttpRoute).filter_map(|o| match o {
             Object::HttpRoute(route) => Some(route.as_ref()),
             _ => None,
         })
     }
 
-    fn endpoint_slices(&self) -> impl Iterator<Item = &EndpointSlice> {
-        self.objects.values().filter_map(|o| match o {
-            Object::EndpointSlice(slice) => Some(slice.as_ref()),
+    fn http_route(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&gateway_api::apis::standard::httproutes::HttpRoute> {
+        match self.get(Kind::HttpRoute, namespace, name)? {
+            Object::HttpRoute(route) => Some(route),
+            _ => None,
+        }
+    }
+
+    /// The HTTPRoutes attached to the Service `namespace/name`, in key order.
+    fn routes_on(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Iterator<Item = &gateway_api::apis::standard::httproutes::HttpRoute> {
+        self.index
+            .routes_by_parent
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .into_iter()
+            .flatten()
+            .filter_map(|(namespace, name)| self.http_route(namespace, name))
+    }
+
+    /// The EndpointSlices of the Service `namespace/name`, in key order.
+    fn slices_of(&self, namespace: &str, name: &str) -> Vec<&EndpointSlice> {
+        let Some(names) = self
+            .index
+            .slices_by_service
+            .get(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(
+                |slice| match self.get(Kind::EndpointSlice, namespace, slice)? {
+                    Object::EndpointSlice(slice) => Some(slice.as_ref()),
+                    _ => None,
+                },
+            )
+            .collect()
+    }
+
+    fn services(&self) -> impl Iterator<Item = &Service> {
+        self.of_kind(Kind::Service).filter_map(|o| match o {
+            Object::Service(svc) => Some(svc.as_ref()),
             _ => None,
         })
     }
 
-    fn services(&self) -> impl Iterator<Item = &Service> {
-        self.objects.values().filter_map(|o| match o {
-            Object::Service(svc) => Some(svc.as_ref()),
+    fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        match self.get(Kind::Service, namespace, name)? {
+            Object::Service(svc) => Some(svc),
             _ => None,
-        })
+        }
     }
 }
 
@@ -524,8 +698,9 @@ fn inbound_ports_excluded(meta: &ObjectMeta) -> Result<BTreeSet<u16>, String> {
 pub struct Policy {
     /// Enrolled pods on this node, by UID.
     pub enrolled: BTreeMap<String, EnrolledPod>,
-    /// Service addresses (ClusterIP:port, TCP) whose connects are captured.
-    pub captured: BTreeSet<SocketAddr>,
+    /// Service addresses (ClusterIP:port, TCP) whose connects are captured. Persistent: each
+    /// snapshot shares what did not change with the one before.
+    pub captured: imbl::OrdSet<SocketAddr>,
 }
 
 impl Policy {
@@ -542,8 +717,14 @@ impl Policy {
                 parts.push(format!("unenrolled Pod/{}/{}", pod.namespace, pod.name));
             }
         }
-        let added = self.captured.difference(&before.captured).count();
-        let removed = before.captured.difference(&self.captured).count();
+        // The sets share what did not change, which the diff skips.
+        let (mut added, mut removed) = (0, 0);
+        for item in before.captured.diff(&self.captured) {
+            match item {
+                imbl::ordset::DiffItem::Add(_) => added += 1,
+                imbl::ordset::DiffItem::Remove(_) => removed += 1,
+            }
+        }
         if added > 0 {
             parts.push(format!("+{added} captured service addresses"));
         }
@@ -557,17 +738,22 @@ impl Policy {
 /// Compiles the store into the policy for the node `node` (every pod counts as local when None,
 /// as in local mode without a node name).
 pub fn compile(store: &Store, node: Option<&str>) -> Policy {
-    let namespace_capture = namespace_capture(store);
-    let namespaces: BTreeMap<&str, &ObjectMeta> = store
-        .namespaces()
-        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, &ns.metadata)))
-        .collect();
-    let enrolled = store
+    let options = routes::RouteOptions {
+        node: node.map(str::to_owned),
+        ..Default::default()
+    };
+    compiler::Compiler::full(store, &options).policy
+}
+
+/// This node's enrolled pods, by UID.
+fn enrolled(store: &Store, node: Option<&str>) -> BTreeMap<String, EnrolledPod> {
+    store
         .pods()
         .filter(|pod| is_local(pod, node) && is_running(pod) && !is_host_network(pod))
-        .filter(|pod| is_enrolled(&pod.metadata, &namespace_capture))
+        .filter(|pod| is_enrolled(&pod.metadata, store))
         .map(|pod| {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+            let namespace_meta = store.namespace(namespace).map(|ns| &ns.metadata);
             EnrolledPod {
                 namespace: namespace.to_owned(),
                 name: pod.metadata.name.clone().unwrap_or_default(),
@@ -579,34 +765,21 @@ pub fn compile(store: &Store, node: Option<&str>) -> Policy {
                     .unwrap_or_else(|| "default".into()),
                 ips: pod_ips(pod),
                 inbound_ports_excluded: inbound_ports_excluded(&pod.metadata).unwrap_or_default(),
-                inbound: InboundPolicy::of(&pod.metadata, namespaces.get(namespace).copied()),
+                inbound: InboundPolicy::of(&pod.metadata, namespace_meta),
             }
         })
         .map(|pod| (pod.uid.clone(), pod))
-        .collect();
-
-    let captured = store
-        .services()
-        .filter_map(|svc| service_addresses(svc).ok())
-        .flatten()
-        .collect();
-
-    Policy { enrolled, captured }
-}
-
-/// The namespaces whose annotation enrols or excludes their pods.
-fn namespace_capture(store: &Store) -> BTreeMap<&str, Capture> {
-    store
-        .namespaces()
-        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, Capture::of(&ns.metadata)?)))
         .collect()
 }
 
 /// Whether a pod's annotations enrol it: its own, else its namespace's. This is all enrollment
 /// needs from a pod on another node, whose metadata is all the agent watches.
-fn is_enrolled(meta: &ObjectMeta, namespace_capture: &BTreeMap<&str, Capture>) -> bool {
+fn is_enrolled(meta: &ObjectMeta, store: &Store) -> bool {
     let namespace = meta.namespace.as_deref().unwrap_or("default");
-    let capture = Capture::of(meta).or_else(|| namespace_capture.get(namespace).copied());
+    let capture = Capture::of(meta).or_else(|| {
+        let namespace = store.namespace(namespace)?;
+        Capture::of(&namespace.metadata)
+    });
     capture == Some(Capture::Enabled)
 }
 

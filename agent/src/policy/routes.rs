@@ -16,7 +16,8 @@
 //! pass through to the address the pod dialled.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    cell::RefCell,
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -28,8 +29,8 @@ use aviary_identity::spiffe::Identity;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
 use super::{
-    gamma, inbound_ports_excluded, is_enrolled, is_host_network, is_local, namespace_capture,
-    pod_ips, service_addresses, workload::workload_name, Policy, Store,
+    gamma, inbound_ports_excluded, is_enrolled, is_host_network, is_local, pod_ips,
+    service_addresses, workload::workload_name, Input, Policy, Store,
 };
 use crate::proxy::route::{
     unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, LocalPod, Mirror,
@@ -176,23 +177,13 @@ fn parse_split(value: &str) -> Result<Vec<(String, u32)>, String> {
 /// What an operator should know about how routes resolve: an HTTPRoute that overrides a
 /// Service's annotations, or one whose parent Service does not exist.
 pub fn routing_notes(store: &Store) -> Vec<String> {
-    let key = |svc: &Service| {
-        let namespace = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        (namespace, svc.metadata.name.clone().unwrap_or_default())
-    };
-    let services: HashMap<(String, String), &Service> =
-        store.services().map(|svc| (key(svc), svc)).collect();
     let mut notes = Vec::new();
     for route in store.http_routes() {
         let route_namespace = route.metadata.namespace.as_deref().unwrap_or("default");
         let route_name = route.metadata.name.as_deref().unwrap_or_default();
         for parent in gamma::service_parents(route) {
             let (namespace, name) = (&parent.namespace, &parent.name);
-            match services.get(&(namespace.clone(), name.clone())) {
+            match store.service(namespace, name) {
                 None => notes.push(format!(
                     "HTTPRoute {route_namespace}/{route_name}: parent Service {namespace}/{name} does not exist; the route applies once it does"
                 )),
@@ -210,9 +201,6 @@ pub fn routing_notes(store: &Store) -> Vec<String> {
     notes
 }
 
-/// HTTPRoutes by the Service (namespace, name) they attach to, with the port they name.
-type AttachedRoutes<'a> = HashMap<(String, String), Vec<(&'a HttpRoute, Option<i32>)>>;
-
 /// What the routing table depends on besides the store.
 #[derive(Debug, Clone, Default)]
 pub struct RouteOptions {
@@ -224,156 +212,17 @@ pub struct RouteOptions {
     pub trust_domain: Option<String>,
 }
 
-/// Compiles the routing table: plain policy data. What the proxy learns of endpoints (load,
-/// connections) it keeps by address, so it survives a new table by itself.
+/// Compiles the routing table of a whole store: plain policy data. What the proxy learns of
+/// endpoints (load, connections) it keeps by address, so it survives a new table by itself.
 pub fn compile_routes(store: &Store, options: &RouteOptions) -> RouteTable {
-    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for slice in store.endpoint_slices() {
-        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
-        if let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
-            slices
-                .entry((namespace, service.as_str()))
-                .or_default()
-                .push(slice);
-        }
-    }
-    let services: HashMap<(&str, &str), &Service> = store
-        .services()
-        .filter_map(|svc| {
-            let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
-            Some(((namespace, svc.metadata.name.as_deref()?), svc))
-        })
-        .collect();
-    // Producer routes live in their Service's namespace and apply to every client; consumer
-    // routes live in a client's namespace and apply to its clients only, instead.
-    let mut producers: AttachedRoutes = HashMap::new();
-    let mut consumers: HashMap<String, AttachedRoutes> = HashMap::new();
-    for route in store.http_routes() {
-        let route_namespace = route.metadata.namespace.as_deref().unwrap_or("default");
-        for parent in gamma::service_parents(route) {
-            let attached = if parent.namespace == route_namespace {
-                &mut producers
-            } else {
-                consumers.entry(route_namespace.to_owned()).or_default()
-            };
-            attached
-                .entry((parent.namespace, parent.name))
-                .or_default()
-                .push((route, parent.port));
-        }
-    }
-    let workloads = workloads(store);
-    let measured_at_destination = if options.inbound_capture {
-        remote_enrolled(store, options.node.as_deref())
-    } else {
-        HashMap::new()
-    };
-    let mut table = RouteTable {
-        pods: pod_addresses(store, &workloads),
-        ..Default::default()
-    };
-    let ctx = Context {
-        slices,
-        services,
-        workloads,
-        measured_at_destination,
-    };
-
-    for (&(namespace, name), svc) in &ctx.services {
-        let key = (namespace.to_owned(), name.to_owned());
-        let annotations = ServiceAnnotations::parse(svc).ok().flatten();
-        let routes_of_service = producers.get(&key);
-        let consumed = consumers
-            .iter()
-            .any(|(_, attached)| attached.contains_key(&key));
-        if annotations.is_none()
-            && routes_of_service.is_none()
-            && !consumed
-            && !ctx.slices.contains_key(&(namespace, name))
-        {
-            continue;
-        }
-        let Ok(addresses) = service_addresses(svc) else {
-            continue;
-        };
-        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
-        for port in ports
-            .into_iter()
-            .flatten()
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        {
-            let Some(default) = ctx.backend(namespace, name, port.port) else {
-                continue;
-            };
-            // An HTTPRoute attached to this port wins over the Service's annotations.
-            let http_routes = on_port(routes_of_service, port.port);
-            let rules = if !http_routes.is_empty() {
-                ctx.gamma_rules(port.port, &http_routes)
-            } else {
-                annotations
-                    .as_ref()
-                    .map(|a| vec![ctx.rule(namespace, port.port, &default, a)])
-                    .unwrap_or_default()
-            };
-            let protocol = AppProtocol::from_app_protocol(port.app_protocol.as_deref());
-            for endpoint in &default.endpoints {
-                table
-                    .endpoint_protocols
-                    .entry(endpoint.addr)
-                    .and_modify(|declared| {
-                        if *declared != protocol {
-                            *declared = AppProtocol::Detect;
-                        }
-                    })
-                    .or_insert(protocol);
-            }
-            let routes = Arc::new(ServiceRoutes {
-                namespace: namespace.into(),
-                name: name.into(),
-                port: port.port as u16,
-                protocol,
-                rules,
-                default,
-            });
-            let addresses: Vec<SocketAddr> = addresses
-                .iter()
-                .filter(|a| i32::from(a.port()) == port.port)
-                .copied()
-                .collect();
-            for (client_namespace, attached) in &consumers {
-                let consumer_routes = on_port(attached.get(&key), port.port);
-                if consumer_routes.is_empty() {
-                    continue;
-                }
-                let consumer = Arc::new(ServiceRoutes {
-                    rules: ctx.gamma_rules(port.port, &consumer_routes),
-                    ..(*routes).clone()
-                });
-                for addr in &addresses {
-                    table
-                        .consumers
-                        .insert((client_namespace.clone(), *addr), consumer.clone());
-                }
-            }
-            for addr in addresses {
-                table.services.insert(addr, routes.clone());
-            }
-        }
-    }
-    ctx.add_endpoint_pods(&mut table.pods);
-    table
+    super::compiler::Compiler::full(store, options).routes
 }
 
 /// This node's enrolled pods at each of their addresses, with the workloads `pods` names them
 /// by: the inbound proxy's admission and each pod's identity in `trust_domain`.
 pub fn local_pods(
     policy: &Policy,
-    pods: &HashMap<IpAddr, Arc<Workload>>,
+    pods: &imbl::HashMap<IpAddr, Arc<Workload>>,
     trust_domain: Option<&str>,
 ) -> HashMap<IpAddr, Arc<LocalPod>> {
     let mut local = HashMap::new();
@@ -400,79 +249,144 @@ pub fn local_pods(
     local
 }
 
-/// The pods on other nodes whose annotations enrol them, with the ports their inbound capture
-/// leaves alone: their own agent's inbound proxy measures the requests they receive on any
-/// other port.
-fn remote_enrolled<'a>(
-    store: &'a Store,
-    node: Option<&str>,
-) -> HashMap<(&'a str, &'a str), BTreeSet<u16>> {
-    let local: HashSet<(&str, &str)> = store
-        .pods()
-        .filter(|pod| is_local(pod, node))
-        .filter_map(|pod| {
-            Some((
-                pod.metadata.namespace.as_deref()?,
-                pod.metadata.name.as_deref()?,
-            ))
-        })
-        .collect();
-    let namespace_capture = namespace_capture(store);
-    store
-        .pod_metadata()
-        .filter(|meta| is_enrolled(meta, &namespace_capture))
-        .filter_map(|meta| {
-            let key = (meta.namespace.as_deref()?, meta.name.as_deref()?);
-            let excluded = inbound_ports_excluded(meta).ok()?;
-            Some((key, excluded))
-        })
-        .filter(|(key, _)| !local.contains(key))
-        .collect()
+/// The Service an EndpointSlice belongs to, by its label.
+pub(super) fn slice_service(slice: &EndpointSlice) -> Option<&str> {
+    let labels = slice.metadata.labels.as_ref()?;
+    labels.get(SERVICE_NAME_LABEL).map(String::as_str)
 }
 
 /// The routes that attach to `port` (those naming no port attach to all).
-fn on_port<'a>(
-    attached: Option<&Vec<(&'a HttpRoute, Option<i32>)>>,
-    port: i32,
-) -> Vec<&'a HttpRoute> {
+fn on_port<'a>(attached: &[(&'a HttpRoute, Option<i32>)], port: i32) -> Vec<&'a HttpRoute> {
     attached
-        .into_iter()
-        .flatten()
+        .iter()
         .filter(|(_, p)| p.is_none_or(|p| p == port))
         .map(|(route, _)| *route)
         .collect()
 }
 
-/// Every known pod's identity, by (namespace, name).
-fn workloads(store: &Store) -> HashMap<(&str, &str), Arc<Workload>> {
-    store
-        .pod_metadata()
-        .filter_map(|meta| {
-            let namespace = meta.namespace.as_deref().unwrap_or("default");
-            let name = meta.name.as_deref()?;
-            let workload = Workload {
-                namespace: namespace.into(),
-                workload: workload_name(meta).into(),
-                pod: name.into(),
-            };
-            Some(((namespace, name), Arc::new(workload)))
-        })
-        .collect()
+/// What one Service compiles to: its part of the policy and of the routing table.
+#[derive(Debug, Default)]
+pub(super) struct ServiceOutput {
+    /// Its addresses, whose connects are captured.
+    pub captured: Vec<SocketAddr>,
+    pub services: Vec<(SocketAddr, Arc<ServiceRoutes>)>,
+    pub consumers: Vec<((String, SocketAddr), Arc<ServiceRoutes>)>,
+    /// How each port declares its endpoints are read.
+    pub protocols: Vec<(SocketAddr, AppProtocol)>,
+    /// The pods its EndpointSlices name, on any node: the inbound proxy's clients are often
+    /// pods elsewhere.
+    pub pods: Vec<(IpAddr, Arc<Workload>)>,
 }
 
-/// The pod at every address of this node's pods (hostNetwork pods share the node's, so they
-/// have none of their own).
-fn pod_addresses(
-    store: &Store,
-    workloads: &HashMap<(&str, &str), Arc<Workload>>,
-) -> HashMap<IpAddr, Arc<Workload>> {
-    let mut pods = HashMap::new();
-    for pod in store.pods().filter(|pod| !is_host_network(pod)) {
-        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-        let name = pod.metadata.name.as_deref().unwrap_or_default();
-        let Some(workload) = workloads.get(&(namespace, name)) else {
+/// Compiles the Service `namespace/name`; None when the store has no such Service.
+pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option<ServiceOutput> {
+    let svc = r.service(namespace, name)?;
+    let mut out = ServiceOutput::default();
+    // The store refuses a Service whose addresses are not addresses.
+    let Ok(addresses) = service_addresses(svc) else {
+        return Some(out);
+    };
+    out.captured.clone_from(&addresses);
+    let slices = r.slices(namespace, name);
+    for endpoint in slices.iter().flat_map(|slice| &slice.endpoints) {
+        let Some(pod) = r.endpoint_pod(namespace, endpoint) else {
             continue;
         };
+        for ip in endpoint
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+        {
+            out.pods.push((ip.to_canonical(), pod.clone()));
+        }
+    }
+    let annotations = ServiceAnnotations::parse(svc).ok().flatten();
+    // Producer routes live in the Service's namespace and apply to every client; consumer
+    // routes live in a client's namespace and apply to its clients only, instead.
+    let mut producers = Vec::new();
+    let mut consumers: BTreeMap<&str, Vec<(&HttpRoute, Option<i32>)>> = BTreeMap::new();
+    for route in r.routes_on(namespace, name) {
+        let route_namespace = route.metadata.namespace.as_deref().unwrap_or("default");
+        for parent in gamma::service_parents(route) {
+            if parent.namespace != namespace || parent.name != name {
+                continue;
+            }
+            if route_namespace == namespace {
+                producers.push((route, parent.port));
+            } else {
+                consumers
+                    .entry(route_namespace)
+                    .or_default()
+                    .push((route, parent.port));
+            }
+        }
+    }
+    if annotations.is_none() && producers.is_empty() && consumers.is_empty() && slices.is_empty() {
+        return Some(out);
+    }
+    let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+    for port in ports
+        .into_iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+    {
+        let Some(default) = r.backend(namespace, name, port.port) else {
+            continue;
+        };
+        // An HTTPRoute attached to this port wins over the Service's annotations.
+        let http_routes = on_port(&producers, port.port);
+        let rules = if !http_routes.is_empty() {
+            r.gamma_rules(port.port, &http_routes)
+        } else {
+            annotations
+                .as_ref()
+                .map(|a| vec![r.rule(namespace, port.port, &default, a)])
+                .unwrap_or_default()
+        };
+        let protocol = AppProtocol::from_app_protocol(port.app_protocol.as_deref());
+        out.protocols
+            .extend(default.endpoints.iter().map(|e| (e.addr, protocol)));
+        let routes = Arc::new(ServiceRoutes {
+            namespace: r.intern(namespace),
+            name: name.into(),
+            port: port.port as u16,
+            protocol,
+            rules,
+            default,
+        });
+        let addresses: Vec<SocketAddr> = addresses
+            .iter()
+            .filter(|a| i32::from(a.port()) == port.port)
+            .copied()
+            .collect();
+        for (client_namespace, attached) in &consumers {
+            let consumer_routes = on_port(attached, port.port);
+            if consumer_routes.is_empty() {
+                continue;
+            }
+            let consumer = Arc::new(ServiceRoutes {
+                rules: r.gamma_rules(port.port, &consumer_routes),
+                ..(*routes).clone()
+            });
+            for addr in &addresses {
+                out.consumers
+                    .push((((*client_namespace).to_owned(), *addr), consumer.clone()));
+            }
+        }
+        out.services
+            .extend(addresses.into_iter().map(|addr| (addr, routes.clone())));
+    }
+    Some(out)
+}
+
+/// The pod at every address of the pods the store holds in full, this node's (hostNetwork pods
+/// share the node's, so they have none of their own).
+pub(super) fn full_pod_addresses(r: &Reader) -> HashMap<IpAddr, Arc<Workload>> {
+    let mut pods = HashMap::new();
+    for pod in r.store.pods().filter(|pod| !is_host_network(pod)) {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let workload = r.workload(namespace, name);
         for ip in pod_ips(pod) {
             pods.insert(ip, workload.clone());
         }
@@ -480,16 +394,151 @@ fn pod_addresses(
     pods
 }
 
-struct Context<'a> {
-    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
-    services: HashMap<(&'a str, &'a str), &'a Service>,
-    workloads: HashMap<(&'a str, &'a str), Arc<Workload>>,
-    /// Pods (namespace, name) whose requests their own node's inbound proxy measures, but for
-    /// those to the ports it leaves alone.
-    measured_at_destination: HashMap<(&'a str, &'a str), BTreeSet<u16>>,
+/// Each HTTPRoute's matches (regexes included) by rule, compiled once per version of the route.
+pub(super) type MatchCache = HashMap<(String, String), Arc<Vec<Vec<gamma::RankedMatch>>>>;
+
+/// Strings many compiled objects share (namespaces, workloads), held once.
+#[derive(Debug, Default)]
+pub(super) struct Interner {
+    strings: HashSet<Arc<str>>,
+    /// How many strings the last sweep kept.
+    kept: usize,
 }
 
-impl Context<'_> {
+impl Interner {
+    fn get(&mut self, text: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(text) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = text.into();
+        self.strings.insert(shared.clone());
+        shared
+    }
+
+    /// Forgets the strings nothing compiled holds any more, once the set has doubled since the
+    /// last sweep (so a sweep costs no more, over time, than the strings it follows).
+    pub fn sweep(&mut self) {
+        if self.strings.len() > 2 * self.kept.max(1024) {
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.kept = self.strings.len();
+        }
+    }
+}
+
+/// One Service's view of the store while it compiles: every lookup names the input it read,
+/// so that the compiler knows what to recompile when that input changes.
+pub(super) struct Reader<'a> {
+    pub store: &'a Store,
+    options: &'a RouteOptions,
+    reads: RefCell<Vec<Input>>,
+    matches: RefCell<&'a mut MatchCache>,
+    interner: RefCell<&'a mut Interner>,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(
+        store: &'a Store,
+        options: &'a RouteOptions,
+        matches: &'a mut MatchCache,
+        interner: &'a mut Interner,
+    ) -> Self {
+        Self {
+            store,
+            options,
+            reads: RefCell::default(),
+            matches: RefCell::new(matches),
+            interner: RefCell::new(interner),
+        }
+    }
+
+    /// The inputs read so far.
+    pub fn into_reads(self) -> Vec<Input> {
+        self.reads.into_inner()
+    }
+
+    fn read(&self, input: Input) {
+        self.reads.borrow_mut().push(input);
+    }
+
+    fn intern(&self, text: &str) -> Arc<str> {
+        self.interner.borrow_mut().get(text)
+    }
+
+    fn service(&self, namespace: &str, name: &str) -> Option<&'a Service> {
+        self.read(Input::Service(namespace.into(), name.into()));
+        self.store.service(namespace, name)
+    }
+
+    fn slices(&self, namespace: &str, name: &str) -> Vec<&'a EndpointSlice> {
+        self.read(Input::Slices(namespace.into(), name.into()));
+        self.store.slices_of(namespace, name)
+    }
+
+    fn routes_on(&self, namespace: &str, name: &str) -> Vec<&'a HttpRoute> {
+        self.read(Input::Routes(namespace.into(), name.into()));
+        self.store.routes_on(namespace, name).collect()
+    }
+
+    fn route_matches(&self, route: &HttpRoute) -> Arc<Vec<Vec<gamma::RankedMatch>>> {
+        let key = (
+            route
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            route.metadata.name.clone().unwrap_or_default(),
+        );
+        let mut matches = self.matches.borrow_mut();
+        matches
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(
+                    route
+                        .spec
+                        .rules
+                        .iter()
+                        .flatten()
+                        .map(gamma::matches)
+                        .collect(),
+                )
+            })
+            .clone()
+    }
+
+    /// The pod `namespace/name` as the metrics name it: its workload from its metadata.
+    fn workload(&self, namespace: &str, name: &str) -> Arc<Workload> {
+        self.read(Input::Pod(namespace.into(), name.into()));
+        let workload = match self.store.pod_metadata(namespace, name) {
+            Some(meta) => self.intern(&workload_name(meta)),
+            None => unknown(),
+        };
+        Arc::new(Workload {
+            namespace: self.intern(namespace),
+            workload,
+            pod: name.into(),
+        })
+    }
+
+    /// Whether the pod `namespace/name` is enrolled on another node, whose inbound proxy
+    /// measures the requests it receives on `port`.
+    fn measured_at_destination(&self, namespace: &str, name: &str, port: u16) -> bool {
+        if !self.options.inbound_capture {
+            return false;
+        }
+        self.read(Input::Pod(namespace.into(), name.into()));
+        self.read(Input::Namespace(namespace.into()));
+        let Some(meta) = self.store.pod_metadata(namespace, name) else {
+            return false;
+        };
+        let local = self
+            .store
+            .pod(namespace, name)
+            .is_some_and(|pod| is_local(pod, self.options.node.as_deref()));
+        !local
+            && is_enrolled(meta, self.store)
+            && inbound_ports_excluded(meta).is_ok_and(|excluded| !excluded.contains(&port))
+    }
+
     /// The rules of the HTTPRoutes attached to one service port, one per match, in Gateway API
     /// precedence order (ties: the oldest route, then by name, then rule and match order).
     fn gamma_rules(&self, port: i32, routes: &[&HttpRoute]) -> Vec<Rule> {
@@ -497,7 +546,15 @@ impl Context<'_> {
         for route in routes {
             let order = gamma::route_order(route);
             let namespace = route.metadata.namespace.as_deref().unwrap_or("default");
-            for (rule_index, rule) in route.spec.rules.iter().flatten().enumerate() {
+            let matches = self.route_matches(route);
+            for (rule_index, (rule, matches)) in route
+                .spec
+                .rules
+                .iter()
+                .flatten()
+                .zip(matches.iter())
+                .enumerate()
+            {
                 let Ok(filters) = gamma::filters(rule) else {
                     continue;
                 };
@@ -551,9 +608,9 @@ impl Context<'_> {
                         .and_then(|d| gamma::parse_duration(d).ok().flatten())
                 };
                 let timeouts = rule.timeouts.as_ref();
-                for (match_index, m) in gamma::matches(rule).into_iter().enumerate() {
+                for (match_index, m) in matches.iter().enumerate() {
                     let compiled = Rule {
-                        matches: vec![m.request],
+                        matches: vec![m.request.clone()],
                         backends: backends.clone(),
                         mirror: mirror.clone(),
                         timeout: timeouts.and_then(|t| timeout(&t.request)),
@@ -561,7 +618,13 @@ impl Context<'_> {
                         request_headers: filters.request_headers.clone(),
                         response_headers: filters.response_headers.clone(),
                     };
-                    ranked.push((m.rank, order.clone(), rule_index, match_index, compiled));
+                    ranked.push((
+                        m.rank.clone(),
+                        order.clone(),
+                        rule_index,
+                        match_index,
+                        compiled,
+                    ));
                 }
             }
         }
@@ -575,14 +638,15 @@ impl Context<'_> {
     /// The Service `namespace/name` as a backend on `port` (its port with that number, or its
     /// only port), with the ready endpoints its EndpointSlices list for that port.
     fn backend(&self, namespace: &str, name: &str, port: i32) -> Option<Arc<Backend>> {
-        let svc = self.services.get(&(namespace, name))?;
+        let svc = self.service(namespace, name)?;
         let ports = svc.spec.as_ref()?.ports.as_ref()?;
         let service_port = ports
             .iter()
             .find(|p| p.port == port)
             .or_else(|| (ports.len() == 1).then(|| &ports[0]))?;
         let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
-        for slice in self.slices.get(&(namespace, name)).into_iter().flatten() {
+        let mut seen = HashSet::new();
+        for slice in self.slices(namespace, name) {
             let slice_port = slice
                 .ports
                 .iter()
@@ -601,44 +665,22 @@ impl Context<'_> {
                     .filter_map(|a| a.parse::<IpAddr>().ok())
                 {
                     let addr = SocketAddr::new(ip, target as u16);
-                    if !endpoints.iter().any(|e| e.addr == addr) {
+                    if seen.insert(addr) {
                         let pod = self.endpoint_pod(namespace, endpoint);
                         let measured_at_destination = pod.as_ref().is_some_and(|p| {
-                            self.measured_at_destination
-                                .get(&(p.namespace.as_ref(), p.pod.as_ref()))
-                                .is_some_and(|excluded| !excluded.contains(&addr.port()))
+                            self.measured_at_destination(&p.namespace, &p.pod, addr.port())
                         });
-                        let endpoint = Endpoint::new(addr, pod, measured_at_destination);
-                        endpoints.push(endpoint);
+                        endpoints.push(Endpoint::new(addr, pod, measured_at_destination));
                     }
                 }
             }
         }
         Some(Arc::new(Backend {
-            namespace: namespace.into(),
+            namespace: self.intern(namespace),
             name: name.into(),
             port: service_port.port as u16,
             endpoints,
         }))
-    }
-
-    /// Adds the pods the EndpointSlices name, on any node, to this node's (which win): the
-    /// inbound proxy's clients are often pods elsewhere.
-    fn add_endpoint_pods(&self, pods: &mut HashMap<IpAddr, Arc<Workload>>) {
-        for (&(namespace, _), slices) in &self.slices {
-            for endpoint in slices.iter().flat_map(|slice| &slice.endpoints) {
-                let Some(pod) = self.endpoint_pod(namespace, endpoint) else {
-                    continue;
-                };
-                for ip in endpoint
-                    .addresses
-                    .iter()
-                    .filter_map(|a| a.parse::<IpAddr>().ok())
-                {
-                    pods.entry(ip.to_canonical()).or_insert_with(|| pod.clone());
-                }
-            }
-        }
     }
 
     /// The pod an EndpointSlice endpoint names, with its workload when its metadata is known.
@@ -652,19 +694,7 @@ impl Context<'_> {
             return None;
         }
         let namespace = target.namespace.as_deref().unwrap_or(namespace);
-        let name = target.name.as_deref()?;
-        Some(
-            self.workloads
-                .get(&(namespace, name))
-                .cloned()
-                .unwrap_or_else(|| {
-                    Arc::new(Workload {
-                        namespace: namespace.into(),
-                        workload: unknown(),
-                        pod: name.into(),
-                    })
-                }),
-        )
+        Some(self.workload(namespace, target.name.as_deref()?))
     }
 
     fn rule(
@@ -784,7 +814,7 @@ mod tests {
             "aviary.dev/split: \"reviews-v1=90,reviews-v2=10\", aviary.dev/mirror: reviews-v2, \
                            aviary.dev/mirror-percent: \"50\", aviary.dev/mirror-methods: \"PUT\"";
         let table = compile_routes(&store(&cluster(annotations)), &local());
-        let routes = &table.services[&"10.96.0.10:80".parse().unwrap()];
+        let routes = &table.services[&"10.96.0.10:80".parse::<SocketAddr>().unwrap()];
         assert_eq!(
             (&*routes.name, routes.port, routes.protocol),
             ("reviews", 80, AppProtocol::Http1)
@@ -812,9 +842,11 @@ mod tests {
         );
         assert_eq!(mirror.safe_methods.extra, [Method::PUT]);
         // The backends' own services are routed too (they have endpoints), without rules.
-        assert!(table.services[&"10.96.0.11:80".parse().unwrap()]
-            .rules
-            .is_empty());
+        assert!(
+            table.services[&"10.96.0.11:80".parse::<SocketAddr>().unwrap()]
+                .rules
+                .is_empty()
+        );
     }
 
     #[test]
@@ -823,7 +855,7 @@ mod tests {
             &store(&cluster("aviary.dev/split: \"reviews-v1=50,ghost=50\"")),
             &local(),
         );
-        let rule = &table.services[&"10.96.0.10:80".parse().unwrap()].rules[0];
+        let rule = &table.services[&"10.96.0.10:80".parse::<SocketAddr>().unwrap()].rules[0];
         assert!(
             matches!(&rule.backends[1].backend, BackendRef::Invalid { reason, .. } if reason.contains("shop/ghost not found"))
         );
@@ -887,7 +919,7 @@ mod tests {
     }
 
     fn rules(table: &RouteTable) -> &[Rule] {
-        &table.services[&"10.96.0.10:80".parse().unwrap()].rules
+        &table.services[&"10.96.0.10:80".parse::<SocketAddr>().unwrap()].rules
     }
 
     fn weights(rule: &Rule) -> Vec<(String, u32)> {
@@ -1213,7 +1245,11 @@ status: {podIP: 10.244.1.14}
             let table = compile_routes(&store, &options);
             ["10.96.0.11:80", "10.96.0.12:80"]
                 .iter()
-                .flat_map(|vip| &table.services[&vip.parse().unwrap()].default.endpoints)
+                .flat_map(|vip| {
+                    &table.services[&vip.parse::<SocketAddr>().unwrap()]
+                        .default
+                        .endpoints
+                })
                 .map(|e| {
                     let pod = e.pod.as_ref().unwrap();
                     (pod.pod.to_string(), e.measured_at_destination)

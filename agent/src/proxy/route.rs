@@ -26,16 +26,17 @@ pub struct RouteTable {
     /// Tells this table from every other, so a connection can keep what it resolved in it for
     /// as long as it stays in force.
     pub id: TableId,
-    /// The producers' view: routes in each Service's own namespace.
-    pub services: HashMap<SocketAddr, Arc<ServiceRoutes>>,
+    /// The producers' view: routes in each Service's own namespace. The maps that grow with
+    /// the cluster are persistent: a new table shares what did not change with the one before.
+    pub services: imbl::HashMap<SocketAddr, Arc<ServiceRoutes>>,
     /// Consumer routes: for clients in one namespace, (namespace, ClusterIP:port).
-    pub consumers: HashMap<(String, SocketAddr), Arc<ServiceRoutes>>,
+    pub consumers: imbl::HashMap<(String, SocketAddr), Arc<ServiceRoutes>>,
     /// The pod at each address: which consumer routes apply to a client, and who it is in the
     /// metrics.
-    pub pods: HashMap<IpAddr, Arc<Workload>>,
+    pub pods: imbl::HashMap<IpAddr, Arc<Workload>>,
     /// Endpoints (pod address and port) whose Services declare how they are read, for the
     /// inbound proxy; a pod port that Services declare differently is detected.
-    pub endpoint_protocols: HashMap<SocketAddr, AppProtocol>,
+    pub endpoint_protocols: imbl::HashMap<SocketAddr, AppProtocol>,
     /// This node's enrolled pods, by address: whom the inbound proxy lets in, and the identity
     /// each presents over mutual TLS.
     pub local: HashMap<IpAddr, Arc<LocalPod>>,

@@ -1,0 +1,662 @@
+//! The compiler: a store in, policy and the routing table out, recompiling after each batch of
+//! changes only what read the objects that changed.
+//!
+//! Each Service compiles on its own (`routes::compile_service`), through a reader that notes
+//! every input it looks up: the Service, its EndpointSlices, the HTTPRoutes attached to it, the
+//! Services its routes send to, the pods its endpoints name and their namespaces. A change
+//! touches inputs; the Services that read them compile again, and their part of the output is
+//! swapped for the new one. The outputs are persistent maps, so a snapshot shares everything
+//! that did not change with the one before it, and the cost of a change follows what it
+//! touches, not the size of the cluster. A full compile is the same with every Service touched.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{DefaultHasher, Hash, Hasher},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use smallvec::SmallVec;
+
+use super::{
+    enrolled,
+    routes::{
+        compile_service, full_pod_addresses, Interner, MatchCache, Reader, RouteOptions,
+        ServiceOutput,
+    },
+    EnrolledPod, Input, Policy, Store,
+};
+use crate::proxy::route::{AppProtocol, RouteTable, ServiceRoutes, Workload};
+
+/// A compile's result.
+pub struct Compiled {
+    pub policy: Policy,
+    /// Without `local`, which the publisher adds from the policy.
+    pub routes: RouteTable,
+}
+
+/// A Service's place among the compiled units.
+type UnitId = u32;
+
+/// One compiled Service: what it read, and what it gave.
+struct Unit {
+    key: (String, String),
+    /// Hashes of its inputs (a collision only recompiles a Service more often).
+    reads: Vec<u64>,
+    output: ServiceOutput,
+}
+
+pub struct Compiler {
+    options: RouteOptions,
+    units: Vec<Option<Unit>>,
+    free: Vec<UnitId>,
+    unit_of: HashMap<(String, String), UnitId>,
+    /// The units that read each input, by the input's hash.
+    readers: HashMap<u64, SmallVec<[UnitId; 2]>>,
+    matches: MatchCache,
+    interner: Interner,
+    enrolled: BTreeMap<String, EnrolledPod>,
+    /// The pods the store holds in full: they name their addresses over any EndpointSlice.
+    full_pods: HashMap<IpAddr, Arc<Workload>>,
+    captured: Tally<SocketAddr, ()>,
+    services: Tally<SocketAddr, Arc<ServiceRoutes>>,
+    consumers: Tally<(String, SocketAddr), Arc<ServiceRoutes>>,
+    protocols: Tally<SocketAddr, AppProtocol>,
+    endpoint_pods: Tally<IpAddr, Arc<Workload>>,
+    out: Output,
+    /// Whether anything was compiled yet: the first update compiles everything.
+    started: bool,
+}
+
+/// What snapshots share.
+#[derive(Default)]
+struct Output {
+    captured: imbl::OrdSet<SocketAddr>,
+    services: imbl::HashMap<SocketAddr, Arc<ServiceRoutes>>,
+    consumers: imbl::HashMap<(String, SocketAddr), Arc<ServiceRoutes>>,
+    pods: imbl::HashMap<IpAddr, Arc<Workload>>,
+    endpoint_protocols: imbl::HashMap<SocketAddr, AppProtocol>,
+}
+
+impl Compiler {
+    pub fn new(options: RouteOptions) -> Self {
+        Self {
+            options,
+            units: Vec::new(),
+            free: Vec::new(),
+            unit_of: HashMap::new(),
+            readers: HashMap::new(),
+            matches: MatchCache::new(),
+            interner: Interner::default(),
+            enrolled: BTreeMap::new(),
+            full_pods: HashMap::new(),
+            captured: Tally::default(),
+            services: Tally::default(),
+            consumers: Tally::default(),
+            protocols: Tally::default(),
+            endpoint_pods: Tally::default(),
+            out: Output::default(),
+            started: false,
+        }
+    }
+
+    /// Compiles a whole store.
+    pub fn full(store: &Store, options: &RouteOptions) -> Compiled {
+        let mut compiler = Self::new(options.clone());
+        compiler.compile_all(store)
+    }
+
+    /// Brings the output up to date with the changes the store noted since the last update.
+    pub fn update(&mut self, store: &mut Store) -> Compiled {
+        let touched = store.take_touched();
+        if !self.started {
+            return self.compile_all(store);
+        }
+        let mut dirty = BTreeSet::new();
+        let mut pods_touched = false;
+        for input in &touched {
+            match input {
+                Input::Service(namespace, name) => {
+                    dirty.insert((namespace.clone(), name.clone()));
+                }
+                Input::Route(namespace, name) => {
+                    self.matches.remove(&(namespace.clone(), name.clone()));
+                }
+                Input::Pod(..) | Input::Namespace(_) => pods_touched = true,
+                Input::Slices(..) | Input::Routes(..) => {}
+            }
+            for id in self.readers.get(&input_hash(input)).into_iter().flatten() {
+                if let Some(unit) = &self.units[*id as usize] {
+                    dirty.insert(unit.key.clone());
+                }
+            }
+        }
+        self.compile(store, dirty, pods_touched)
+    }
+
+    fn compile_all(&mut self, store: &Store) -> Compiled {
+        let mut dirty: BTreeSet<(String, String)> = self.unit_of.keys().cloned().collect();
+        dirty.extend(store.services().map(|svc| {
+            let meta = &svc.metadata;
+            let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+            (namespace, meta.name.clone().unwrap_or_default())
+        }));
+        self.compile(store, dirty, true)
+    }
+
+    fn compile(
+        &mut self,
+        store: &Store,
+        dirty: BTreeSet<(String, String)>,
+        pods_touched: bool,
+    ) -> Compiled {
+        self.started = true;
+        for key in dirty {
+            self.recompile(store, key);
+        }
+        let mut pods_changed = self.endpoint_pods.take_changed();
+        if pods_touched {
+            // A node's own pods: few, so they are read again whenever any pod changes.
+            self.enrolled = enrolled(store, self.options.node.as_deref());
+            let reader = Reader::new(store, &self.options, &mut self.matches, &mut self.interner);
+            let full_pods = full_pod_addresses(&reader);
+            let before = std::mem::replace(&mut self.full_pods, full_pods);
+            pods_changed.extend(before.into_keys());
+            pods_changed.extend(self.full_pods.keys().copied());
+        }
+        for ip in pods_changed {
+            let pod = self
+                .full_pods
+                .get(&ip)
+                .cloned()
+                .or_else(|| self.endpoint_pods.resolve(&ip, least_pod));
+            set(&mut self.out.pods, ip, pod);
+        }
+        for addr in self.captured.take_changed() {
+            if self.captured.votes.contains_key(&addr) {
+                self.out.captured.insert(addr);
+            } else {
+                self.out.captured.remove(&addr);
+            }
+        }
+        settle(&mut self.services, &mut self.out.services, first_service);
+        settle(&mut self.consumers, &mut self.out.consumers, first_service);
+        settle(
+            &mut self.protocols,
+            &mut self.out.endpoint_protocols,
+            agreed_protocol,
+        );
+        self.interner.sweep();
+        Compiled {
+            policy: Policy {
+                enrolled: self.enrolled.clone(),
+                captured: self.out.captured.clone(),
+            },
+            routes: RouteTable {
+                services: self.out.services.clone(),
+                consumers: self.out.consumers.clone(),
+                pods: self.out.pods.clone(),
+                endpoint_protocols: self.out.endpoint_protocols.clone(),
+                ..RouteTable::default()
+            },
+        }
+    }
+
+    /// Compiles one Service again, in place of what it gave before.
+    fn recompile(&mut self, store: &Store, key: (String, String)) {
+        let id = self.unit_of.get(&key).copied();
+        if let Some(id) = id {
+            if let Some(unit) = self.units[id as usize].take() {
+                self.withdraw(id, unit);
+            }
+        }
+        let reader = Reader::new(store, &self.options, &mut self.matches, &mut self.interner);
+        let output = compile_service(&reader, &key.0, &key.1);
+        let mut reads: Vec<u64> = reader.into_reads().iter().map(input_hash).collect();
+        let Some(output) = output else {
+            if let Some(id) = id {
+                self.unit_of.remove(&key);
+                self.free.push(id);
+            }
+            return;
+        };
+        let id = id.unwrap_or_else(|| {
+            let id = self.free.pop().unwrap_or_else(|| {
+                self.units.push(None);
+                (self.units.len() - 1) as UnitId
+            });
+            self.unit_of.insert(key.clone(), id);
+            id
+        });
+        reads.sort_unstable();
+        reads.dedup();
+        for read in &reads {
+            self.readers.entry(*read).or_default().push(id);
+        }
+        for addr in &output.captured {
+            self.captured.add(*addr, id, ());
+        }
+        for (addr, routes) in &output.services {
+            self.services.add(*addr, id, routes.clone());
+        }
+        for (key, routes) in &output.consumers {
+            self.consumers.add(key.clone(), id, routes.clone());
+        }
+        for (addr, protocol) in &output.protocols {
+            self.protocols.add(*addr, id, *protocol);
+        }
+        for (ip, pod) in &output.pods {
+            self.endpoint_pods.add(*ip, id, pod.clone());
+        }
+        self.units[id as usize] = Some(Unit { key, reads, output });
+    }
+
+    /// Takes back what a unit read and gave.
+    fn withdraw(&mut self, id: UnitId, unit: Unit) {
+        for read in &unit.reads {
+            if let Some(readers) = self.readers.get_mut(read) {
+                readers.retain(|reader| *reader != id);
+                if readers.is_empty() {
+                    self.readers.remove(read);
+                }
+            }
+        }
+        let output = unit.output;
+        for addr in &output.captured {
+            self.captured.remove(addr, id);
+        }
+        for (addr, _) in &output.services {
+            self.services.remove(addr, id);
+        }
+        for (key, _) in &output.consumers {
+            self.consumers.remove(key, id);
+        }
+        for (addr, _) in &output.protocols {
+            self.protocols.remove(addr, id);
+        }
+        for (ip, _) in &output.pods {
+            self.endpoint_pods.remove(ip, id);
+        }
+    }
+}
+
+fn input_hash(input: &Input) -> u64 {
+    // SipHash with fixed keys: the same input hashes alike for the life of the process.
+    let mut hasher = DefaultHasher::new();
+    input.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What several Services give one key (two Services on one address, an endpoint in two
+/// Services), so that one Service taking its part back leaves the others'.
+struct Tally<K, V> {
+    votes: HashMap<K, SmallVec<[(UnitId, V); 1]>>,
+    /// Keys whose votes changed since the output last took them.
+    changed: Vec<K>,
+}
+
+impl<K, V> Default for Tally<K, V> {
+    fn default() -> Self {
+        Self {
+            votes: HashMap::new(),
+            changed: Vec::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Tally<K, V> {
+    fn add(&mut self, key: K, unit: UnitId, value: V) {
+        self.votes
+            .entry(key.clone())
+            .or_default()
+            .push((unit, value));
+        self.changed.push(key);
+    }
+
+    /// Takes back every vote of `unit` for `key`.
+    fn remove(&mut self, key: &K, unit: UnitId) {
+        if let Some(votes) = self.votes.get_mut(key) {
+            votes.retain(|(voter, _)| *voter != unit);
+            if votes.is_empty() {
+                self.votes.remove(key);
+            }
+            self.changed.push(key.clone());
+        }
+    }
+
+    fn take_changed(&mut self) -> Vec<K> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// The value in force for `key`: `choose` decides between the votes, by their values alone,
+    /// so the result never depends on the order Services compiled in.
+    fn resolve(&self, key: &K, choose: impl Fn(&[(UnitId, V)]) -> V) -> Option<V> {
+        self.votes.get(key).map(|votes| choose(votes))
+    }
+}
+
+/// Writes the values in force for the keys a tally changed into the output map.
+fn settle<K: Hash + Eq + Clone, V: Clone>(
+    tally: &mut Tally<K, V>,
+    map: &mut imbl::HashMap<K, V>,
+    choose: impl Fn(&[(UnitId, V)]) -> V,
+) {
+    for key in tally.take_changed() {
+        let value = tally.resolve(&key, &choose);
+        set(map, key, value);
+    }
+}
+
+fn set<K: Hash + Eq + Clone, V: Clone>(map: &mut imbl::HashMap<K, V>, key: K, value: Option<V>) {
+    match value {
+        Some(value) => {
+            map.insert(key, value);
+        }
+        None => {
+            map.remove(&key);
+        }
+    }
+}
+
+/// Of Services that claim one address (which Kubernetes never allows, but files can), the
+/// first by namespace and name.
+fn first_service(votes: &[(UnitId, Arc<ServiceRoutes>)]) -> Arc<ServiceRoutes> {
+    votes
+        .iter()
+        .map(|(_, routes)| routes)
+        .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+        .expect("a tally keeps no key without votes")
+        .clone()
+}
+
+/// A pod port that Services declare differently is detected.
+fn agreed_protocol(votes: &[(UnitId, AppProtocol)]) -> AppProtocol {
+    let first = votes[0].1;
+    if votes.iter().all(|(_, protocol)| *protocol == first) {
+        first
+    } else {
+        AppProtocol::Detect
+    }
+}
+
+/// Of the pods EndpointSlices name at one address (one that moved, briefly), the first by
+/// namespace and name.
+fn least_pod(votes: &[(UnitId, Arc<Workload>)]) -> Arc<Workload> {
+    votes
+        .iter()
+        .map(|(_, pod)| pod)
+        .min_by(|a, b| {
+            (&a.namespace, &a.pod, &a.workload).cmp(&(&b.namespace, &b.pod, &b.workload))
+        })
+        .expect("a tally keeps no key without votes")
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Write as _;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::policy::{local::parse_documents, Kind, Object, ObjectKey};
+
+    const NAMESPACES: [&str; 2] = ["shop", "web"];
+
+    /// One change a source can make: an object applied (as YAML), or one removed.
+    #[derive(Debug, Clone)]
+    enum Event {
+        Apply(String),
+        /// A Pod, as the metadata watch sees it.
+        ApplyMetadata(String),
+        Delete(Kind, usize, usize),
+    }
+
+    fn ip(i: usize) -> String {
+        format!("10.244.0.{}", i + 1)
+    }
+
+    fn capture(choice: usize) -> &'static str {
+        [
+            "",
+            "aviary.dev/capture: enabled",
+            "aviary.dev/capture: disabled",
+        ][choice]
+    }
+
+    fn namespace() -> impl Strategy<Value = Event> {
+        (0..2usize, 0..3usize).prop_map(|(ns, c)| {
+            Event::Apply(format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, annotations: {{{}}}}}\n",
+                NAMESPACES[ns],
+                capture(c)
+            ))
+        })
+    }
+
+    fn service() -> impl Strategy<Value = Event> {
+        (
+            0..2usize,
+            0..4usize,
+            0..3usize,
+            0..3usize,
+            proptest::option::of((0..4usize, 0..4usize, 0..3u32)),
+        )
+            .prop_map(|(ns, name, vip, app, split)| {
+                let split = split
+                    .map(|(a, b, w)| format!("aviary.dev/split: \"s{a}={w},s{b}=1\""))
+                    .filter(|_| true)
+                    .unwrap_or_default();
+                let app = ["", ", appProtocol: http", ", appProtocol: kubernetes.io/h2c"][app];
+                Event::Apply(format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{name}, namespace: {}, annotations: {{{split}}}}}\n\
+                     spec: {{clusterIP: 10.96.0.{}, ports: [{{name: http, port: 80{app}}}]}}\n",
+                    NAMESPACES[ns],
+                    vip + 1
+                ))
+            })
+    }
+
+    fn slice() -> impl Strategy<Value = Event> {
+        (
+            0..2usize,
+            0..4usize,
+            0..2usize,
+            proptest::collection::vec((0..6usize, any::<bool>(), proptest::option::of(0..4usize)), 0..3),
+        )
+            .prop_map(|(ns, service, name, endpoints)| {
+                let endpoints: Vec<String> = endpoints
+                    .iter()
+                    .map(|(i, ready, pod)| {
+                        let target = pod
+                            .map(|p| format!(", targetRef: {{kind: Pod, name: p{p}}}"))
+                            .unwrap_or_default();
+                        format!("{{addresses: [\"{}\"], conditions: {{ready: {ready}}}{target}}}", ip(*i))
+                    })
+                    .collect();
+                Event::Apply(format!(
+                    "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                     metadata: {{name: x{name}, namespace: {}, labels: {{kubernetes.io/service-name: s{service}}}}}\n\
+                     addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{}]\n",
+                    NAMESPACES[ns],
+                    endpoints.join(", ")
+                ))
+            })
+    }
+
+    fn route() -> impl Strategy<Value = Event> {
+        (
+            0..2usize,
+            0..3usize,
+            0..2usize,
+            0..4usize,
+            proptest::collection::vec((0..4usize, 0..3u32), 1..3),
+            proptest::option::of(0..4usize),
+            any::<bool>(),
+        )
+            .prop_map(|(ns, name, parent_ns, parent, backends, mirror, header)| {
+                let backends: Vec<String> = backends
+                    .iter()
+                    .map(|(b, w)| format!("{{name: s{b}, port: 80, weight: {w}}}"))
+                    .collect();
+                let matches = if header {
+                    "matches: [{headers: [{type: RegularExpression, name: x-canary, value: \"a.*\"}]}], "
+                } else {
+                    ""
+                };
+                let filters = mirror
+                    .map(|m| format!(", filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{name: s{m}, port: 80}}}}}}]"))
+                    .unwrap_or_default();
+                Event::Apply(format!(
+                    "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                     metadata: {{name: r{name}, namespace: {}}}\n\
+                     spec:\n  parentRefs: [{{group: \"\", kind: Service, name: s{parent}, namespace: {}}}]\n  \
+                     rules: [{{{matches}backendRefs: [{}]{filters}}}]\n",
+                    NAMESPACES[ns],
+                    NAMESPACES[parent_ns],
+                    backends.join(", ")
+                ))
+            })
+    }
+
+    fn pod() -> impl Strategy<Value = Event> {
+        (0..2usize, 0..4usize, 0..2usize, 0..6usize, 0..3usize, any::<bool>()).prop_map(
+            |(ns, name, node, i, c, metadata_only)| {
+                let meta = format!(
+                    "metadata: {{name: p{name}, namespace: {}, uid: u-{ns}-{name}, annotations: {{{}}}, \
+                     labels: {{pod-template-hash: h{node}}}, ownerReferences: [{{apiVersion: apps/v1, \
+                     kind: ReplicaSet, name: w{name}-h{node}, uid: r{name}, controller: true}}]}}",
+                    NAMESPACES[ns],
+                    capture(c)
+                );
+                let pod = format!(
+                    "apiVersion: v1\nkind: Pod\n{meta}\nspec: {{nodeName: node-{node}, containers: []}}\n\
+                     status: {{podIP: {}}}\n",
+                    ip(i)
+                );
+                if metadata_only {
+                    Event::ApplyMetadata(pod)
+                } else {
+                    Event::Apply(pod)
+                }
+            },
+        )
+    }
+
+    fn delete() -> impl Strategy<Value = Event> {
+        (0..6usize, 0..2usize, 0..4usize)
+            .prop_map(|(kind, ns, name)| Event::Delete(Kind::ALL[kind], ns, name))
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![namespace(), service(), slice(), route(), pod(), delete()]
+    }
+
+    fn apply(store: &mut Store, event: &Event) {
+        match event {
+            Event::Apply(yaml) => {
+                for object in parse_documents(yaml).expect("generated YAML parses") {
+                    let _ = store.upsert(object);
+                }
+            }
+            Event::ApplyMetadata(yaml) => {
+                for object in parse_documents(yaml).expect("generated YAML parses") {
+                    let Object::Pod(pod) = object else {
+                        unreachable!("generated as a Pod")
+                    };
+                    let _ = store.upsert(Object::pod_metadata(pod.metadata));
+                }
+            }
+            Event::Delete(kind, ns, name) => {
+                let (namespace, name) = match kind {
+                    Kind::Namespace => (String::new(), NAMESPACES[*ns].to_owned()),
+                    Kind::Service => (NAMESPACES[*ns].into(), format!("s{name}")),
+                    Kind::EndpointSlice => (NAMESPACES[*ns].into(), format!("x{}", name % 2)),
+                    Kind::HttpRoute => (NAMESPACES[*ns].into(), format!("r{name}")),
+                    Kind::Pod | Kind::PodMetadata => (NAMESPACES[*ns].into(), format!("p{name}")),
+                };
+                store.remove(&ObjectKey {
+                    kind: *kind,
+                    namespace,
+                    name,
+                });
+            }
+        }
+    }
+
+    /// Everything compiled, in one text with every map in key order.
+    fn render(compiled: &Compiled) -> String {
+        let mut out = format!("{:?}\n", compiled.policy);
+        let routes = &compiled.routes;
+        let sorted = |entries: Vec<String>| {
+            let mut entries = entries;
+            entries.sort();
+            entries.join("\n")
+        };
+        for (name, entries) in [
+            (
+                "services",
+                routes
+                    .services
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:?}"))
+                    .collect(),
+            ),
+            (
+                "consumers",
+                routes
+                    .consumers
+                    .iter()
+                    .map(|(k, v)| format!("{k:?} {v:?}"))
+                    .collect(),
+            ),
+            (
+                "pods",
+                routes
+                    .pods
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:?}"))
+                    .collect(),
+            ),
+            (
+                "protocols",
+                routes
+                    .endpoint_protocols
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:?}"))
+                    .collect(),
+            ),
+        ] {
+            let _ = writeln!(out, "{name}:\n{}", sorted(entries));
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// After every batch of changes, what the compiler holds equals a full compile of the
+        /// store: recompiling only what read a change misses nothing.
+        #[test]
+        fn incremental_equals_full(
+            batches in proptest::collection::vec(proptest::collection::vec(event(), 1..4), 1..25),
+            inbound_capture in any::<bool>(),
+        ) {
+            let options = RouteOptions {
+                node: Some("node-0".into()),
+                inbound_capture,
+                trust_domain: None,
+            };
+            let mut store = Store::default();
+            let mut compiler = Compiler::new(options.clone());
+            for batch in &batches {
+                for event in batch {
+                    apply(&mut store, event);
+                }
+                let incremental = compiler.update(&mut store);
+                let full = Compiler::full(&store, &options);
+                prop_assert_eq!(render(&incremental), render(&full));
+            }
+        }
+    }
+}
