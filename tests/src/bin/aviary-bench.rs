@@ -196,17 +196,10 @@ fn connect_ns(node: &Node, client: &Pod, a: &Args) -> anyhow::Result<f64> {
     )
 }
 
+/// A process's peak RSS (VmHWM), in KiB.
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("VmHWM value")?
-        .parse()?)
+    let status = procfs::process::Process::new(pid as i32)?.status()?;
+    status.vmhwm.context("no VmHWM")
 }
 
 fn main() {
@@ -411,56 +404,38 @@ fn failures(configs: &[(&str, &Shapes)]) {
     }
 }
 
-/// CPU time of processes, from `/proc/<pid>/stat`.
-mod procfs {
+/// CPU time and context switches of processes, from `/proc` (the `procfs` crate).
+mod cpu {
     use std::collections::BTreeMap;
 
-    use anyhow::Context as _;
+    use procfs::process::{all_processes, Process};
 
-    /// What the bench reads from a process's `stat` line.
-    #[derive(Debug, Clone, Copy, PartialEq)]
-    pub struct Stat {
-        pub state: char,
-        pub pgrp: u32,
-        /// utime + stime, in clock ticks (for a process, the sum over its threads).
-        pub ticks: f64,
+    /// utime + stime of a process (for a process, the sum over its threads), in clock ticks.
+    fn ticks(process: &Process) -> Option<f64> {
+        let stat = process.stat().ok()?;
+        Some((stat.utime + stat.stime) as f64)
     }
 
-    /// Parses a `/proc/<pid>/stat` line.
-    pub fn parse_stat(stat: &str) -> anyhow::Result<Stat> {
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .context("malformed stat")?
-            .1
-            .split_whitespace()
-            .collect();
-        anyhow::ensure!(fields.len() > 12, "short stat line: {stat:?}");
-        Ok(Stat {
-            state: fields[0].chars().next().context("no state")?,
-            pgrp: fields[2].parse()?,
-            ticks: fields[11].parse::<f64>()? + fields[12].parse::<f64>()?,
-        })
-    }
-
-    pub fn stat(pid: u32) -> anyhow::Result<Stat> {
-        parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
-    }
-
-    /// The processes of process group `pgid`, with their stats.
-    pub fn group(pgid: u32) -> BTreeMap<u32, Stat> {
-        let pids = std::fs::read_dir("/proc")
-            .into_iter()
+    /// The processes of process group `pgid`.
+    pub fn group(pgid: u32) -> Vec<Process> {
+        let Ok(processes) = all_processes() else {
+            return Vec::new();
+        };
+        processes
             .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
-        pids.filter_map(|pid| Some((pid, stat(pid).ok()?)))
-            .filter(|(_, s)| s.pgrp == pgid)
+            .filter(|p| p.stat().is_ok_and(|s| s.pgrp == pgid as i32))
             .collect()
     }
 
-    pub fn ticks_per_second() -> anyhow::Result<f64> {
-        Ok(aviary_tests::sh(&["getconf", "CLK_TCK"])?.trim().parse()?)
+    /// Whether a process group still has a process that is not a zombie.
+    pub fn group_lives(pgid: u32) -> bool {
+        group(pgid)
+            .iter()
+            .any(|p| p.stat().is_ok_and(|s| s.state != 'Z'))
+    }
+
+    pub fn ticks_per_second() -> f64 {
+        procfs::ticks_per_second() as f64
     }
 
     /// Whose CPU time a measurement counts.
@@ -474,46 +449,46 @@ mod procfs {
     }
 
     impl Cpu {
-        /// Ticks per process now (None: nobody to count).
-        pub fn sample(self) -> Option<BTreeMap<u32, f64>> {
+        fn processes(self) -> Option<Vec<Process>> {
             match self {
                 Cpu::Nobody => None,
-                Cpu::Process(pid) => {
-                    Some(stat(pid).ok().map(|s| (pid, s.ticks)).into_iter().collect())
-                }
-                Cpu::Group(pgid) => {
-                    Some(group(pgid).into_iter().map(|(p, s)| (p, s.ticks)).collect())
-                }
+                Cpu::Process(pid) => Some(Process::new(pid as i32).into_iter().collect()),
+                Cpu::Group(pgid) => Some(group(pgid)),
             }
         }
-    }
 
-    /// A process's context switches so far, voluntary and not, summed over its threads.
-    pub fn switches(pid: u32) -> Option<f64> {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-        let mut total = 0.0;
-        for task in tasks.flatten() {
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            total += status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-                .sum::<f64>();
+        /// Ticks per process now (None: nobody to count).
+        pub fn sample(self) -> Option<BTreeMap<u32, f64>> {
+            let processes = self.processes()?;
+            Some(
+                processes
+                    .iter()
+                    .filter_map(|p| Some((p.pid as u32, ticks(p)?)))
+                    .collect(),
+            )
         }
-        Some(total)
-    }
 
-    impl Cpu {
-        /// Context switches per process now (None: nobody to count).
+        /// Context switches per process now, voluntary and not, summed over its threads
+        /// (None: nobody to count).
         pub fn switches(self) -> Option<BTreeMap<u32, f64>> {
-            let pids: Vec<u32> = match self {
-                Cpu::Nobody => return None,
-                Cpu::Process(pid) => vec![pid],
-                Cpu::Group(pgid) => group(pgid).into_keys().collect(),
+            let processes = self.processes()?;
+            let switches = |process: &Process| -> Option<f64> {
+                let total = process
+                    .tasks()
+                    .ok()?
+                    .flatten()
+                    .filter_map(|task| task.status().ok())
+                    .map(|status| {
+                        let voluntary = status.voluntary_ctxt_switches.unwrap_or(0);
+                        voluntary + status.nonvoluntary_ctxt_switches.unwrap_or(0)
+                    })
+                    .sum::<u64>();
+                Some(total as f64)
             };
             Some(
-                pids.into_iter()
-                    .filter_map(|pid| Some((pid, switches(pid)?)))
+                processes
+                    .iter()
+                    .filter_map(|p| Some((p.pid as u32, switches(p)?)))
                     .collect(),
             )
         }
@@ -532,27 +507,21 @@ mod procfs {
         use super::*;
 
         #[test]
-        fn reads_a_stat_line() {
-            let line = "4242 (nginx: worker ) process) S 4240 4240 4240 0 -1 4194624 \
-                        120 0 0 0 37 12 0 0 20 0 1 0 5000 1000000 300 ...";
-            let stat = parse_stat(line).unwrap();
-            assert_eq!(
-                stat,
-                Stat {
-                    state: 'S',
-                    pgrp: 4240,
-                    ticks: 49.0
-                }
-            );
-            assert!(parse_stat("1 (init) S 0").is_err());
-        }
-
-        #[test]
         fn counts_ticks_between_samples() {
             let before = BTreeMap::from([(1, 10.0), (2, 5.0)]);
             // Process 2 is gone (its last ticks are lost), process 3 is new.
             let after = BTreeMap::from([(1, 14.0), (3, 2.0)]);
             assert_eq!(used(&before, &after), 6.0);
+        }
+
+        #[test]
+        fn reads_this_process() {
+            let me = std::process::id();
+            let ticks = Cpu::Process(me).sample().unwrap();
+            assert!(ticks.contains_key(&me), "{ticks:?}");
+            let switches = Cpu::Process(me).switches().unwrap();
+            assert!(switches[&me] > 0.0, "{switches:?}");
+            assert!(ticks_per_second() > 0.0);
         }
     }
 }
@@ -575,7 +544,7 @@ mod peers {
         unistd::Pid,
     };
 
-    use crate::procfs;
+    use crate::cpu;
 
     pub const HAPROXY: &str = "/usr/sbin/haproxy";
     pub const NGINX: &str = "/usr/sbin/nginx";
@@ -783,9 +752,7 @@ http {{
             let group = Pid::from_raw(self.pgid() as i32);
             let _ = killpg(group, Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline
-                && procfs::group(self.pgid()).values().any(|s| s.state != 'Z')
-            {
+            while Instant::now() < deadline && cpu::group_lives(self.pgid()) {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = killpg(group, Signal::SIGKILL);
@@ -1203,9 +1170,9 @@ mod http {
     use aviary_tests::{policy, Node, Pod, NODE_IP, UPLINK};
 
     use crate::{
+        cpu::{self, Cpu},
         goals::Measured,
         peers::{self, Backends, Peer},
-        procfs::{self, Cpu},
         Args,
     };
 
@@ -1479,7 +1446,7 @@ mod http {
 
         fn measure(&self, a: &Args, script: &str, profile: Option<&Profile>) -> Column {
             let conns = a.conns.to_string();
-            let ticks = procfs::ticks_per_second();
+            let ticks = cpu::ticks_per_second();
             let before = self.cpu.sample();
             let switched_before = self.cpu.switches();
             let recording = profile.map(Profile::start);
@@ -1488,14 +1455,14 @@ mod http {
             let switched_after = self.cpu.switches();
             let switches = match (switched_before, switched_after, &keep_alive) {
                 (Some(b), Some(e), Ok(w)) if w.requests > 0.0 && !e.is_empty() => {
-                    Some(procfs::used(&b, &e) / w.requests)
+                    Some(cpu::used(&b, &e) / w.requests)
                 }
                 _ => None,
             };
             let profiled = recording.map(|r| r.and_then(Recording::finish));
-            let cpu_us = match (before, after, ticks, &keep_alive) {
-                (Some(b), Some(e), Ok(ticks), Ok(w)) if w.requests > 0.0 && !e.is_empty() => {
-                    Some(procfs::used(&b, &e) / ticks / w.requests * 1e6)
+            let cpu_us = match (before, after, &keep_alive) {
+                (Some(b), Some(e), Ok(w)) if w.requests > 0.0 && !e.is_empty() => {
+                    Some(cpu::used(&b, &e) / ticks / w.requests * 1e6)
                 }
                 _ => None,
             };

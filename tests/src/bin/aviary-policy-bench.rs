@@ -90,14 +90,12 @@ fn route(r: usize, primary: u32) -> String {
     )
 }
 
+/// This process's resident set now, in MiB.
 fn rss_mib() -> f64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: f64 = statm
-        .split(' ')
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0.0);
-    pages * 4096.0 / (1024.0 * 1024.0)
+    let resident = procfs::process::Process::myself()
+        .and_then(|me| me.statm())
+        .map_or(0, |statm| statm.resident);
+    (resident * procfs::page_size()) as f64 / (1024.0 * 1024.0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
