@@ -76,7 +76,7 @@ impl Watched for Service {
 impl Watched for EndpointSlice {
     const KIND: Kind = Kind::EndpointSlice;
     fn into_object(self) -> Object {
-        Object::EndpointSlice(Box::new(self))
+        Object::EndpointSlice(Box::new(self.into()))
     }
 }
 

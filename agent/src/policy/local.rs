@@ -67,7 +67,9 @@ fn collect(value: Value, out: &mut Vec<Object>) -> anyhow::Result<()> {
             Object::HttpRoute(Box::new(serde_json::from_value(value)?))
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            Object::EndpointSlice(Box::new(serde_json::from_value(value)?))
+            let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+                serde_json::from_value(value)?;
+            Object::EndpointSlice(Box::new(slice.into()))
         }
         ("", _) | (_, "") => {
             return Err(anyhow!(

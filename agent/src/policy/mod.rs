@@ -9,6 +9,7 @@ pub mod gamma;
 pub mod local;
 pub mod routes;
 pub mod security;
+pub mod slice;
 pub mod status;
 pub mod workload;
 
@@ -19,10 +20,7 @@ use std::{
 };
 
 use json_patch::PatchOperation;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
@@ -82,7 +80,8 @@ pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
+    /// Only what routing reads of it.
+    EndpointSlice(Box<slice::Slice>),
     HttpRoute(Box<gateway_api::apis::standard::httproutes::HttpRoute>),
     PodMetadata(Box<ObjectMeta>),
 }
@@ -164,7 +163,8 @@ impl Object {
             Self::Namespace(_) => vec![Input::Namespace(name)],
             Self::Pod(_) | Self::PodMetadata(_) => vec![Input::Pod(namespace, name)],
             Self::Service(_) => vec![Input::Service(namespace, name)],
-            Self::EndpointSlice(slice) => routes::slice_service(slice)
+            Self::EndpointSlice(slice) => slice
+                .service()
                 .map(|service| Input::Slices(namespace, service.to_owned()))
                 .into_iter()
                 .collect(),
@@ -598,7 +598,7 @@ impl Store {
     }
 
     /// The EndpointSlices of the Service `namespace/name`, in key order.
-    fn slices_of(&self, namespace: &str, name: &str) -> Vec<&EndpointSlice> {
+    fn slices_of(&self, namespace: &str, name: &str) -> Vec<&slice::Slice> {
         let Some(names) = self
             .index
             .slices_by_service

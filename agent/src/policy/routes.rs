@@ -23,14 +23,17 @@ use std::{
 };
 
 use http::Method;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
 use aviary_identity::spiffe::Identity;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
 use super::{
     gamma, inbound_ports_excluded, is_enrolled, is_host_network, is_local, pod_ips,
-    service_addresses, workload::workload_name, Input, Policy, Store,
+    service_addresses,
+    slice::{self, Slice},
+    workload::workload_name,
+    Input, Policy, Store,
 };
 use crate::proxy::route::{
     unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, LocalPod, Mirror,
@@ -42,9 +45,6 @@ pub const MIRROR: &str = "aviary.dev/mirror";
 pub const MIRROR_PERCENT: &str = "aviary.dev/mirror-percent";
 pub const MIRROR_METHODS: &str = "aviary.dev/mirror-methods";
 pub const MIRROR_IDEMPOTENCY_KEY: &str = "aviary.dev/mirror-idempotency-key";
-
-/// The label an EndpointSlice names its Service by.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// A Service's routing annotations, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,12 +249,6 @@ pub fn local_pods(
     local
 }
 
-/// The Service an EndpointSlice belongs to, by its label.
-pub(super) fn slice_service(slice: &EndpointSlice) -> Option<&str> {
-    let labels = slice.metadata.labels.as_ref()?;
-    labels.get(SERVICE_NAME_LABEL).map(String::as_str)
-}
-
 /// The routes that attach to `port` (those naming no port attach to all).
 fn on_port<'a>(attached: &[(&'a HttpRoute, Option<i32>)], port: i32) -> Vec<&'a HttpRoute> {
     attached
@@ -292,11 +286,7 @@ pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option
         let Some(pod) = r.endpoint_pod(namespace, endpoint) else {
             continue;
         };
-        for ip in endpoint
-            .addresses
-            .iter()
-            .filter_map(|a| a.parse::<IpAddr>().ok())
-        {
+        for ip in &endpoint.addresses {
             out.pods.push((ip.to_canonical(), pod.clone()));
         }
     }
@@ -469,7 +459,7 @@ impl<'a> Reader<'a> {
         self.store.service(namespace, name)
     }
 
-    fn slices(&self, namespace: &str, name: &str) -> Vec<&'a EndpointSlice> {
+    fn slices(&self, namespace: &str, name: &str) -> Vec<&'a Slice> {
         self.read(Input::Slices(namespace.into(), name.into()));
         self.store.slices_of(namespace, name)
     }
@@ -647,24 +637,16 @@ impl<'a> Reader<'a> {
         let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
         let mut seen = HashSet::new();
         for slice in self.slices(namespace, name) {
-            let slice_port = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name == service_port.name);
+            let slice_port = slice.ports.iter().find(|p| p.name == service_port.name);
             let Some(target) = slice_port.and_then(|p| p.port) else {
                 continue;
             };
             for endpoint in &slice.endpoints {
-                if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                if endpoint.ready == Some(false) {
                     continue;
                 }
-                for ip in endpoint
-                    .addresses
-                    .iter()
-                    .filter_map(|a| a.parse::<IpAddr>().ok())
-                {
-                    let addr = SocketAddr::new(ip, target as u16);
+                for ip in &endpoint.addresses {
+                    let addr = SocketAddr::new(*ip, target as u16);
                     if seen.insert(addr) {
                         let pod = self.endpoint_pod(namespace, endpoint);
                         let measured_at_destination = pod.as_ref().is_some_and(|p| {
@@ -684,17 +666,10 @@ impl<'a> Reader<'a> {
     }
 
     /// The pod an EndpointSlice endpoint names, with its workload when its metadata is known.
-    fn endpoint_pod(
-        &self,
-        namespace: &str,
-        endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
-    ) -> Option<Arc<Workload>> {
-        let target = endpoint.target_ref.as_ref()?;
-        if target.kind.as_deref() != Some("Pod") {
-            return None;
-        }
-        let namespace = target.namespace.as_deref().unwrap_or(namespace);
-        Some(self.workload(namespace, target.name.as_deref()?))
+    fn endpoint_pod(&self, namespace: &str, endpoint: &slice::Endpoint) -> Option<Arc<Workload>> {
+        let pod = endpoint.pod.as_ref()?;
+        let namespace = pod.namespace.as_deref().unwrap_or(namespace);
+        Some(self.workload(namespace, &pod.name))
     }
 
     fn rule(

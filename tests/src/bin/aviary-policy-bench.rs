@@ -4,19 +4,14 @@
 
 use std::{
     fmt::Write as _,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use aviary_agent::{
     kubernetes::{self, status::Report},
-    policy::{
-        compile,
-        local::parse_documents,
-        routes::{compile_routes, RouteOptions},
-        Store,
-    },
-    proxy::route::RouteTable,
-    state::Publisher,
+    policy::{compiler::Compiler, local::parse_documents, routes::RouteOptions, Store},
+    state::{Publisher, Snapshot},
 };
 use aviary_tests::apiserver::ApiServer;
 use clap::Parser;
@@ -25,17 +20,26 @@ use tokio::sync::{mpsc, watch};
 #[derive(Parser)]
 #[command(about = "Aviary's policy benchmark: compile time, memory and propagation at scale")]
 struct Args {
-    #[arg(long, default_value_t = 10_000)]
-    services: usize,
+    /// Cluster sizes, in Services; each runs in a process of its own, so that one size's
+    /// memory never counts in another's.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000, 50_000])]
+    services: Vec<usize>,
     /// Endpoints per Service (one EndpointSlice each).
     #[arg(long, default_value_t = 10)]
     endpoints: usize,
-    #[arg(long, default_value_t = 2_000)]
-    routes: usize,
-    /// Weight changes timed from the API server event to the new snapshot.
+    /// Services per HTTPRoute: 5 makes 2,000 routes of 10,000 Services.
+    #[arg(long, default_value_t = 5)]
+    services_per_route: usize,
+    /// Changes of each kind timed from the API server event to the new snapshot.
     #[arg(long, default_value_t = 20)]
     changes: usize,
 }
+
+/// The size the goals are set at, and what they are.
+const GOAL_SERVICES: usize = 10_000;
+const GOAL_P99: Duration = Duration::from_millis(50);
+const GOAL_MIB: f64 = 60.0;
+const GOAL_SYNC: Duration = Duration::from_secs(1);
 
 const NAMESPACES: usize = 100;
 
@@ -50,17 +54,19 @@ fn service(i: usize) -> String {
     )
 }
 
-fn slice(i: usize, endpoints: usize) -> String {
+/// Service `i`'s EndpointSlice; with `moved` above 0, its last endpoint has moved to
+/// [`moved_endpoint`]`(moved)`.
+fn slice(i: usize, endpoints: usize, moved: usize) -> String {
     let ns = i % NAMESPACES;
     let addresses: Vec<String> = (0..endpoints)
         .map(|e| {
             let n = i * endpoints + e;
-            format!(
-                "{{addresses: [\"10.{}.{}.{}\"], conditions: {{ready: true}}}}",
-                128 + n / 65536,
-                (n / 256) % 256,
-                n % 256
-            )
+            let ip = if moved > 0 && e + 1 == endpoints {
+                moved_endpoint(moved)
+            } else {
+                IpAddr::from([10, 128 + (n / 65536) as u8, (n / 256) as u8, n as u8])
+            };
+            format!("{{addresses: [\"{ip}\"], conditions: {{ready: true}}}}")
         })
         .collect();
     format!(
@@ -69,6 +75,11 @@ fn slice(i: usize, endpoints: usize) -> String {
          addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{}]\n",
         addresses.join(", ")
     )
+}
+
+/// Where an endpoint moves to in the `moved`th endpoint change.
+fn moved_endpoint(moved: usize) -> IpAddr {
+    IpAddr::from([10, 250, (moved / 256) as u8, moved as u8])
 }
 
 /// The Service of index `j` in namespace `ns` (Services are dealt round-robin over namespaces).
@@ -102,28 +113,161 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// A Pod of the benchmark's node, enrolled by its own annotation or not.
+fn node_pod(enrolled: bool) -> String {
+    let capture = if enrolled { "enabled" } else { "disabled" };
+    format!(
+        "apiVersion: v1\nkind: Pod\n\
+         metadata: {{name: bench-pod, namespace: ns-0, uid: {POD_UID}, annotations: {{aviary.dev/capture: {capture}}}}}\n\
+         spec: {{nodeName: {NODE}, containers: []}}\nstatus: {{podIP: 10.254.0.1}}\n"
+    )
+}
+
+const POD_UID: &str = "00000000-0000-4000-8000-00000000b0b0";
+
+/// What one cluster size measured.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Measured {
+    services: usize,
+    endpoints: usize,
+    routes: usize,
+    store_ms: f64,
+    compile_ms: f64,
+    mib: f64,
+    sync_s: f64,
+    /// Per kind of change: name, p50, p99 and max in ms.
+    changes: Vec<(String, f64, f64, f64)>,
+}
+
+/// The line a child process reports its size's results on.
+const REPORT: &str = "measured: ";
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let needed = 3 * args.routes.div_ceil(NAMESPACES) * NAMESPACES;
+    if let [services] = args.services[..] {
+        let measured = measure(&args, services)?;
+        println!("{REPORT}{}", serde_json::to_string(&measured)?);
+        return Ok(());
+    }
+    let mut all = Vec::new();
+    for services in &args.services {
+        let output = std::process::Command::new(std::env::current_exe()?)
+            .arg(format!("--services={services}"))
+            .arg(format!("--endpoints={}", args.endpoints))
+            .arg(format!("--services-per-route={}", args.services_per_route))
+            .arg(format!("--changes={}", args.changes))
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        anyhow::ensure!(output.status.success(), "{services} Services: {stdout}");
+        let report = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(REPORT))
+            .ok_or_else(|| anyhow::anyhow!("{services} Services: no report in {stdout}"))?;
+        all.push(serde_json::from_str::<Measured>(report)?);
+    }
+    summarize(&all);
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The table of every size, and each goal with PASS or FAIL.
+fn summarize(all: &[Measured]) {
+    println!(
+        "\n| Services | endpoints | HTTPRoutes | store | full compile | store + snapshot | initial sync | {} |",
+        all[0]
+            .changes
+            .iter()
+            .map(|(name, ..)| format!("{name} p50 / p99"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|{}", "---|".repeat(7 + all[0].changes.len()));
+    for m in all {
+        println!(
+            "| {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} MiB | {:.2} s | {} |",
+            m.services,
+            m.endpoints,
+            m.routes,
+            m.store_ms,
+            m.compile_ms,
+            m.mib,
+            m.sync_s,
+            m.changes
+                .iter()
+                .map(|(_, p50, p99, _)| format!("{p50:.1} / {p99:.1} ms"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    println!();
+    let verdict = |pass: bool| if pass { "PASS" } else { "FAIL" };
+    if let Some(goal) = all.iter().find(|m| m.services == GOAL_SERVICES) {
+        for (name, _, p99, _) in &goal.changes {
+            println!(
+                "{}: {name}, event -> snapshot in force p99 {p99:.1} ms < {} ms at {GOAL_SERVICES} Services",
+                verdict(*p99 < ms(GOAL_P99)),
+                ms(GOAL_P99)
+            );
+        }
+        println!(
+            "{}: store + snapshot {:.0} MiB < {GOAL_MIB} MiB at {GOAL_SERVICES} Services",
+            verdict(goal.mib < GOAL_MIB),
+            goal.mib
+        );
+        println!(
+            "{}: initial sync {:.2} s < {} s at {GOAL_SERVICES} Services",
+            verdict(goal.sync_s < GOAL_SYNC.as_secs_f64()),
+            goal.sync_s,
+            GOAL_SYNC.as_secs_f64()
+        );
+    } else {
+        println!("FAIL: no run at {GOAL_SERVICES} Services, where the goals are set");
+    }
+    // A change's cost does not grow with the cluster: the median at the largest size is within
+    // twice the smallest's, and a millisecond for timer noise.
+    if let (Some(small), Some(large)) = (all.first(), all.last()) {
+        if large.services > small.services {
+            for (i, (name, p50, ..)) in large.changes.iter().enumerate() {
+                let base = small.changes[i].1;
+                println!(
+                    "{}: {name} p50 {p50:.1} ms at {} Services against {base:.1} ms at {} (at most 2x + 1 ms)",
+                    verdict(*p50 <= 2.0 * base + 1.0),
+                    large.services,
+                    small.services
+                );
+            }
+        }
+    }
+}
+
+fn measure(args: &Args, services: usize) -> anyhow::Result<Measured> {
+    let routes = services / args.services_per_route;
+    let needed = 3 * routes.div_ceil(NAMESPACES) * NAMESPACES;
     anyhow::ensure!(
-        needed <= args.services,
-        "--routes {} needs at least {needed} services",
-        args.routes
+        needed <= services,
+        "{routes} routes need at least {needed} services"
     );
     let mut yaml = String::new();
-    for i in 0..args.services {
-        writeln!(yaml, "{}---\n{}---", service(i), slice(i, args.endpoints))?;
+    for i in 0..services {
+        writeln!(
+            yaml,
+            "{}---\n{}---",
+            service(i),
+            slice(i, args.endpoints, 0)
+        )?;
     }
-    for r in 0..args.routes {
+    for r in 0..routes {
         writeln!(yaml, "{}---", route(r, 90))?;
     }
     let objects = parse_documents(&yaml)?;
     drop(yaml);
-    println!(
-        "policy: {} Services, {} endpoints, {} HTTPRoutes",
-        args.services,
-        args.services * args.endpoints,
-        args.routes
+    eprintln!(
+        "policy: {services} Services, {} endpoints, {routes} HTTPRoutes",
+        services * args.endpoints,
     );
 
     // Compile: the store from a full listing, then the snapshot (policy and routing table).
@@ -132,44 +276,63 @@ fn main() -> anyhow::Result<()> {
     let mut store = Store::default();
     let refused = store.replace_all(objects.clone());
     anyhow::ensure!(refused.is_empty(), "refused: {:?}", refused.first());
-    let stored = started.elapsed();
+    let store_ms = ms(started.elapsed());
+    // What the store noted for the compiler, which the agent's first compile takes.
+    store.take_touched();
+    eprintln!("store alone: {:.0} MiB", rss_mib() - rss_before);
     let mut compile_times = Vec::new();
-    let mut table = RouteTable::default();
-    let options = options();
+    let mut compiled = None;
     for _ in 0..3 {
+        drop(compiled.take());
         let started = Instant::now();
-        let policy = compile(&store, Some(NODE));
-        table = compile_routes(&store, &options);
+        let full = Compiler::full(&store, &options());
         compile_times.push(started.elapsed());
         anyhow::ensure!(
-            policy.captured.len() == args.services,
+            full.policy.captured.len() == services,
             "every Service captured"
         );
+        compiled = Some(full);
     }
     compile_times.sort();
-    let rss_after = rss_mib();
-    println!(
-        "compile: store {:.0} ms, snapshot {:.0} ms (median of 3); store + snapshot {:.0} MiB RSS",
-        stored.as_secs_f64() * 1e3,
-        compile_times[1].as_secs_f64() * 1e3,
-        rss_after - rss_before
+    let mib = rss_mib() - rss_before;
+    eprintln!(
+        "compile: store {store_ms:.0} ms, snapshot {:.0} ms (median of 3); store + snapshot {mib:.0} MiB RSS",
+        ms(compile_times[1]),
     );
-    drop((store, table));
+    drop((store, compiled));
 
     // Propagation: the same cluster behind the API server fixture.
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(propagation(&args, objects.len()))
+    let (sync_s, changes) = runtime.block_on(propagation(args, services, routes, objects.len()))?;
+    Ok(Measured {
+        services,
+        endpoints: services * args.endpoints,
+        routes,
+        store_ms,
+        compile_ms: ms(compile_times[1]),
+        mib,
+        sync_s,
+        changes,
+    })
 }
 
-async fn propagation(args: &Args, objects: usize) -> anyhow::Result<()> {
+type Changes = Vec<(String, f64, f64, f64)>;
+
+async fn propagation(
+    args: &Args,
+    services: usize,
+    routes: usize,
+    objects: usize,
+) -> anyhow::Result<(f64, Changes)> {
     let server = ApiServer::start().await?;
-    for i in 0..args.services {
+    for i in 0..services {
         server.apply_yaml(&service(i));
-        server.apply_yaml(&slice(i, args.endpoints));
+        server.apply_yaml(&slice(i, args.endpoints, 0));
     }
-    for r in 0..args.routes {
+    for r in 0..routes {
         server.apply_yaml(&route(r, 90));
     }
+    server.apply_yaml(&node_pod(false));
     let client = kube::Client::try_from(kube::Config::new(server.url().parse()?))?;
     let (publisher, mut snapshots) = Publisher::new(options());
     let (updates_tx, updates) = mpsc::channel(4096);
@@ -180,43 +343,73 @@ async fn propagation(args: &Args, objects: usize) -> anyhow::Result<()> {
     while snapshots.borrow_and_update().generation == 0 {
         snapshots.changed().await?;
     }
-    println!(
-        "initial sync: {objects} objects listed and compiled in {:.2} s",
-        started.elapsed().as_secs_f64()
+    let sync_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "initial sync: {} objects listed and compiled in {sync_s:.2} s",
+        objects + 1
     );
 
-    let apex: std::net::SocketAddr = "10.96.0.0:80".parse()?;
-    let mut took = Vec::new();
-    for change in 0..args.changes {
-        let primary = if change % 2 == 0 { 50 } else { 90 };
-        let started = Instant::now();
-        server.apply_yaml(&route(0, primary));
-        loop {
-            let in_force = snapshots
-                .borrow_and_update()
-                .routes
-                .services
-                .get(&apex)
-                .is_some_and(|s| s.rules[0].backends[0].weight == primary);
-            if in_force {
-                break;
+    let apex: SocketAddr = "10.96.0.0:80".parse()?;
+    // Service 1 is in no route: its endpoints are all a change to them touches.
+    let endpoint_service: SocketAddr = "10.96.0.1:80".parse()?;
+    let mut results = Vec::new();
+    for kind in ["weight", "endpoint", "enrolment"] {
+        let mut took = Vec::new();
+        for change in 0..args.changes {
+            let started = Instant::now();
+            let in_force: Box<dyn Fn(&Snapshot) -> bool> = match kind {
+                "weight" => {
+                    let primary = if change % 2 == 0 { 50 } else { 90 };
+                    server.apply_yaml(&route(0, primary));
+                    Box::new(move |s: &Snapshot| {
+                        s.routes
+                            .services
+                            .get(&apex)
+                            .is_some_and(|s| s.rules[0].backends[0].weight == primary)
+                    })
+                }
+                "endpoint" => {
+                    let moved = change + 1;
+                    server.apply_yaml(&slice(1, args.endpoints, moved));
+                    let addr = moved_endpoint(moved);
+                    Box::new(move |s: &Snapshot| {
+                        s.routes.services.get(&endpoint_service).is_some_and(|s| {
+                            s.default.endpoints.iter().any(|e| e.addr.ip() == addr)
+                        })
+                    })
+                }
+                _ => {
+                    let enrolled = change % 2 == 0;
+                    server.apply_yaml(&node_pod(enrolled));
+                    Box::new(move |s: &Snapshot| {
+                        s.policy.enrolled.contains_key(POD_UID) == enrolled
+                    })
+                }
+            };
+            loop {
+                if in_force(&snapshots.borrow_and_update()) {
+                    break;
+                }
+                tokio::time::timeout(Duration::from_secs(30), snapshots.changed()).await??;
             }
-            tokio::time::timeout(Duration::from_secs(30), snapshots.changed()).await??;
+            took.push(started.elapsed());
         }
-        took.push(started.elapsed());
+        took.sort();
+        let (p50, p99, max) = (
+            ms(percentile(&took, 0.5)),
+            ms(percentile(&took, 0.99)),
+            ms(*took.last().unwrap()),
+        );
+        eprintln!(
+            "{kind} change (API server event -> snapshot in force), {} changes: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+            args.changes,
+        );
+        results.push((kind.to_owned(), p50, p99, max));
     }
-    took.sort();
-    println!(
-        "propagation (API server event -> snapshot in force), {} changes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        args.changes,
-        percentile(&took, 0.5).as_secs_f64() * 1e3,
-        percentile(&took, 0.99).as_secs_f64() * 1e3,
-        took.last().unwrap().as_secs_f64() * 1e3
-    );
-    Ok(())
+    Ok((sync_s, results))
 }
 
-/// The node the benchmark's agent runs on.
+/// The benchmark's node.
 const NODE: &str = "bench-node";
 
 /// An agent's routing options, inbound capture on, as a DaemonSet would run it.

@@ -1,0 +1,107 @@
+//! EndpointSlices as the store keeps them: what routing reads of them and nothing else. Of a
+//! cluster's policy, endpoints are most of the objects; as Kubernetes types (hints, topology,
+//! hostnames, every field of the target reference) they were most of an agent's memory.
+
+use std::net::IpAddr;
+
+use k8s_openapi::{
+    api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::Serialize;
+use smallvec::SmallVec;
+
+/// The label an EndpointSlice names its Service by.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Slice {
+    /// Name, namespace, UID, and the Service label.
+    pub metadata: ObjectMeta,
+    pub ports: Vec<Port>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Port {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// Its addresses that are addresses (the API server checks them, so a file is the only
+    /// place a bad one comes from, and it could not be dialled).
+    pub addresses: SmallVec<[IpAddr; 1]>,
+    /// `conditions.ready`: only `false` leaves it out.
+    pub ready: Option<bool>,
+    /// The pod its target reference names.
+    pub pod: Option<Box<PodRef>>,
+}
+
+/// A pod an endpoint names: by name, in the slice's namespace unless it says another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodRef {
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl Slice {
+    /// The Service it belongs to, by its label.
+    pub fn service(&self) -> Option<&str> {
+        let labels = self.metadata.labels.as_ref()?;
+        labels.get(SERVICE_NAME_LABEL).map(String::as_str)
+    }
+}
+
+impl From<EndpointSlice> for Slice {
+    fn from(slice: EndpointSlice) -> Self {
+        let meta = slice.metadata;
+        let labels = meta.labels.and_then(|mut labels| {
+            let service = labels.remove_entry(SERVICE_NAME_LABEL)?;
+            Some([service].into())
+        });
+        let endpoints = slice
+            .endpoints
+            .into_iter()
+            .map(|endpoint| {
+                let pod = endpoint
+                    .target_ref
+                    .filter(|target| target.kind.as_deref() == Some("Pod"))
+                    .and_then(|target| {
+                        Some(Box::new(PodRef {
+                            namespace: target.namespace,
+                            name: target.name?,
+                        }))
+                    });
+                Endpoint {
+                    addresses: endpoint
+                        .addresses
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .collect(),
+                    ready: endpoint.conditions.and_then(|c| c.ready),
+                    pod,
+                }
+            })
+            .collect();
+        Self {
+            metadata: ObjectMeta {
+                name: meta.name,
+                namespace: meta.namespace,
+                uid: meta.uid,
+                labels,
+                ..ObjectMeta::default()
+            },
+            ports: slice
+                .ports
+                .into_iter()
+                .flatten()
+                .map(|port| Port {
+                    name: port.name,
+                    port: port.port,
+                })
+                .collect(),
+            endpoints,
+        }
+    }
+}
