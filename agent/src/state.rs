@@ -8,8 +8,9 @@ use tracing::info;
 use crate::{
     policy::{
         compiler::{Compiled, Compiler},
-        routes::{local_pods, routing_notes, RouteOptions},
-        Policy, Store,
+        routes::{local_pods, RouteOptions},
+        status::RouteStatus,
+        ObjectKey, Policy, Store,
     },
     proxy::route::RouteTable,
 };
@@ -30,8 +31,8 @@ pub struct Publisher {
     options: RouteOptions,
     compiler: Compiler,
     published_revision: Option<u64>,
-    /// Routing notes already logged, so each is said once.
-    notes: Vec<String>,
+    /// Every HTTPRoute's status, as of the last publish.
+    statuses: imbl::OrdMap<ObjectKey, RouteStatus>,
 }
 
 impl Publisher {
@@ -42,30 +43,37 @@ impl Publisher {
             compiler: Compiler::new(options.clone()),
             options,
             published_revision: None,
-            notes: Vec::new(),
+            statuses: imbl::OrdMap::new(),
         };
         (publisher, rx)
     }
 
     /// Publishes a snapshot of the store unless it is unchanged since the last one; returns
-    /// whether it did. Each object change since the last call gets its own log line.
+    /// whether it did. Each object change since the last call gets its own log line, and each
+    /// routing note one when it first appears.
     pub fn publish(&mut self, store: &mut Store) -> bool {
         for change in store.take_changes() {
             info!("{change}");
+        }
+        // Compiled even when no object changed: a route's newest version may have been refused,
+        // which its status says.
+        let Compiled {
+            policy,
+            mut routes,
+            statuses,
+            notes,
+        } = self.compiler.update(store);
+        self.statuses = statuses;
+        for note in notes {
+            info!("{note}");
         }
         if self.published_revision == Some(store.revision()) {
             return false;
         }
         self.published_revision = Some(store.revision());
         let current = self.tx.borrow().clone();
-        let Compiled { policy, mut routes } = self.compiler.update(store);
         routes.local = local_pods(&policy, &routes.pods, self.options.trust_domain.as_deref());
         let routes = Arc::new(routes);
-        let notes = routing_notes(store);
-        for note in notes.iter().filter(|n| !self.notes.contains(n)) {
-            info!("{note}");
-        }
-        self.notes = notes;
         let generation = current.generation + 1;
         let routed = routes.services.len();
         match policy.describe_change(&current.policy) {
@@ -79,6 +87,11 @@ impl Publisher {
             routes,
         }));
         true
+    }
+
+    /// Every HTTPRoute's status, as of the last publish.
+    pub fn route_statuses(&self) -> &imbl::OrdMap<ObjectKey, RouteStatus> {
+        &self.statuses
     }
 }
 

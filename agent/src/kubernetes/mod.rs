@@ -256,7 +256,7 @@ pub async fn apply_updates(
             continue;
         }
         publisher.publish(&mut store);
-        let report = status::Report::of(&store);
+        let report = status::Report::of(&store, publisher.route_statuses().clone());
         reports.send_if_modified(|current| {
             let changed = *current != report;
             *current = report;

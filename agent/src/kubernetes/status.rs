@@ -19,14 +19,15 @@ use tracing::{debug, info, warn};
 
 use super::lease::{LeaseConfig, LeaseHolder};
 use crate::policy::{
-    status::{route_statuses, Condition, RouteStatus, CONTROLLER_NAME},
+    status::{Condition, RouteStatus, CONTROLLER_NAME},
     Kind, Object, ObjectKey, Store,
 };
 
 /// What the cluster should be told: each route's status, and each refused object with why.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Report {
-    pub routes: BTreeMap<ObjectKey, RouteStatus>,
+    /// Persistent: reports share what did not change, and compare by what did.
+    pub routes: imbl::OrdMap<ObjectKey, RouteStatus>,
     pub refused: BTreeMap<ObjectKey, Refusal>,
 }
 
@@ -37,7 +38,8 @@ pub struct Refusal {
 }
 
 impl Report {
-    pub fn of(store: &Store) -> Self {
+    /// The store's refusals, beside the route statuses the publisher compiled.
+    pub fn of(store: &Store, routes: imbl::OrdMap<ObjectKey, RouteStatus>) -> Self {
         let refused = store
             .rejections()
             .filter(|(rejected, _)| !refused_in_full(store, &rejected.key))
@@ -50,10 +52,7 @@ impl Report {
                 (rejected.key.clone(), Refusal { reason, reference })
             })
             .collect();
-        Self {
-            routes: route_statuses(store),
-            refused,
-        }
+        Self { routes, refused }
     }
 }
 
@@ -285,7 +284,7 @@ mod tests {
         store
             .upsert(Object::pod_metadata(pod("there")))
             .unwrap_err();
-        let refused: Vec<String> = Report::of(&store)
+        let refused: Vec<String> = Report::of(&store, imbl::OrdMap::new())
             .refused
             .keys()
             .map(ToString::to_string)

@@ -24,7 +24,8 @@ use super::{
         compile_service, full_pod_addresses, Interner, MatchCache, Reader, RouteOptions,
         ServiceOutput,
     },
-    EnrolledPod, Input, Policy, Store,
+    status::{compile_route, RouteOutput, RouteStatus},
+    EnrolledPod, Input, ObjectKey, Policy, Store,
 };
 use crate::proxy::route::{AppProtocol, RouteTable, ServiceRoutes, Workload};
 
@@ -33,24 +34,41 @@ pub struct Compiled {
     pub policy: Policy,
     /// Without `local`, which the publisher adds from the policy.
     pub routes: RouteTable,
+    /// Every HTTPRoute's status, by route.
+    pub statuses: imbl::OrdMap<ObjectKey, RouteStatus>,
+    /// Notes on how routes resolve that this compile made and the one before did not.
+    pub notes: Vec<String>,
 }
 
-/// A Service's place among the compiled units.
+/// What compiles on its own: a Service (its routing and captured addresses), or an HTTPRoute
+/// (its status and notes), by (namespace, name).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum UnitKey {
+    Service(String, String),
+    Route(String, String),
+}
+
+/// A unit's place among the compiled units.
 type UnitId = u32;
 
-/// One compiled Service: what it read, and what it gave.
+enum Output {
+    Service(ServiceOutput),
+    Route(RouteOutput),
+}
+
+/// One compiled unit: what it read, and what it gave.
 struct Unit {
-    key: (String, String),
-    /// Hashes of its inputs (a collision only recompiles a Service more often).
+    key: UnitKey,
+    /// Hashes of its inputs (a collision only recompiles a unit more often).
     reads: Vec<u64>,
-    output: ServiceOutput,
+    output: Output,
 }
 
 pub struct Compiler {
     options: RouteOptions,
     units: Vec<Option<Unit>>,
     free: Vec<UnitId>,
-    unit_of: HashMap<(String, String), UnitId>,
+    unit_of: HashMap<UnitKey, UnitId>,
     /// The units that read each input, by the input's hash.
     readers: HashMap<u64, SmallVec<[UnitId; 2]>>,
     matches: MatchCache,
@@ -63,14 +81,17 @@ pub struct Compiler {
     consumers: Tally<(String, SocketAddr), Arc<ServiceRoutes>>,
     protocols: Tally<SocketAddr, AppProtocol>,
     endpoint_pods: Tally<IpAddr, Arc<Workload>>,
-    out: Output,
+    out: Snapshots,
+    /// Notes made since the last compile returned them.
+    notes: Vec<String>,
     /// Whether anything was compiled yet: the first update compiles everything.
     started: bool,
 }
 
 /// What snapshots share.
 #[derive(Default)]
-struct Output {
+struct Snapshots {
+    statuses: imbl::OrdMap<ObjectKey, RouteStatus>,
     captured: imbl::OrdSet<SocketAddr>,
     services: imbl::HashMap<SocketAddr, Arc<ServiceRoutes>>,
     consumers: imbl::HashMap<(String, SocketAddr), Arc<ServiceRoutes>>,
@@ -95,7 +116,8 @@ impl Compiler {
             consumers: Tally::default(),
             protocols: Tally::default(),
             endpoint_pods: Tally::default(),
-            out: Output::default(),
+            out: Snapshots::default(),
+            notes: Vec::new(),
             started: false,
         }
     }
@@ -117,10 +139,11 @@ impl Compiler {
         for input in &touched {
             match input {
                 Input::Service(namespace, name) => {
-                    dirty.insert((namespace.clone(), name.clone()));
+                    dirty.insert(UnitKey::Service(namespace.clone(), name.clone()));
                 }
                 Input::Route(namespace, name) => {
                     self.matches.remove(&(namespace.clone(), name.clone()));
+                    dirty.insert(UnitKey::Route(namespace.clone(), name.clone()));
                 }
                 Input::Pod(..) | Input::Namespace(_) => pods_touched = true,
                 Input::Slices(..) | Input::Routes(..) => {}
@@ -135,21 +158,21 @@ impl Compiler {
     }
 
     fn compile_all(&mut self, store: &Store) -> Compiled {
-        let mut dirty: BTreeSet<(String, String)> = self.unit_of.keys().cloned().collect();
+        let mut dirty: BTreeSet<UnitKey> = self.unit_of.keys().cloned().collect();
         dirty.extend(store.services().map(|svc| {
             let meta = &svc.metadata;
             let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-            (namespace, meta.name.clone().unwrap_or_default())
+            UnitKey::Service(namespace, meta.name.clone().unwrap_or_default())
         }));
+        dirty.extend(
+            store
+                .route_names()
+                .map(|(namespace, name)| UnitKey::Route(namespace.into(), name.into())),
+        );
         self.compile(store, dirty, true)
     }
 
-    fn compile(
-        &mut self,
-        store: &Store,
-        dirty: BTreeSet<(String, String)>,
-        pods_touched: bool,
-    ) -> Compiled {
+    fn compile(&mut self, store: &Store, dirty: BTreeSet<UnitKey>, pods_touched: bool) -> Compiled {
         self.started = true;
         for key in dirty {
             self.recompile(store, key);
@@ -192,6 +215,8 @@ impl Compiler {
                 enrolled: self.enrolled.clone(),
                 captured: self.out.captured.clone(),
             },
+            statuses: self.out.statuses.clone(),
+            notes: std::mem::take(&mut self.notes),
             routes: RouteTable {
                 services: self.out.services.clone(),
                 consumers: self.out.consumers.clone(),
@@ -202,16 +227,26 @@ impl Compiler {
         }
     }
 
-    /// Compiles one Service again, in place of what it gave before.
-    fn recompile(&mut self, store: &Store, key: (String, String)) {
+    /// Compiles one unit again, in place of what it gave before.
+    fn recompile(&mut self, store: &Store, key: UnitKey) {
         let id = self.unit_of.get(&key).copied();
-        if let Some(id) = id {
-            if let Some(unit) = self.units[id as usize].take() {
-                self.withdraw(id, unit);
+        let before = id.and_then(|id| self.units[id as usize].take());
+        let mut notes_before = Vec::new();
+        if let (Some(id), Some(unit)) = (id, before) {
+            if let Output::Route(route) = &unit.output {
+                notes_before.clone_from(&route.notes);
             }
+            self.withdraw(id, unit);
         }
         let reader = Reader::new(store, &self.options, &mut self.matches, &mut self.interner);
-        let output = compile_service(&reader, &key.0, &key.1);
+        let output = match &key {
+            UnitKey::Service(namespace, name) => {
+                compile_service(&reader, namespace, name).map(Output::Service)
+            }
+            UnitKey::Route(namespace, name) => {
+                compile_route(&reader, namespace, name).map(Output::Route)
+            }
+        };
         let mut reads: Vec<u64> = reader.into_reads().iter().map(input_hash).collect();
         let Some(output) = output else {
             if let Some(id) = id {
@@ -233,6 +268,21 @@ impl Compiler {
         for read in &reads {
             self.readers.entry(*read).or_default().push(id);
         }
+        match &output {
+            Output::Service(output) => self.give(id, output),
+            Output::Route(route) => {
+                self.out
+                    .statuses
+                    .insert(route.key.clone(), route.status.clone());
+                let new = route.notes.iter().filter(|n| !notes_before.contains(n));
+                self.notes.extend(new.cloned());
+            }
+        }
+        self.units[id as usize] = Some(Unit { key, reads, output });
+    }
+
+    /// Adds what a Service gives to the tallies.
+    fn give(&mut self, id: UnitId, output: &ServiceOutput) {
         for addr in &output.captured {
             self.captured.add(*addr, id, ());
         }
@@ -248,7 +298,6 @@ impl Compiler {
         for (ip, pod) in &output.pods {
             self.endpoint_pods.add(*ip, id, pod.clone());
         }
-        self.units[id as usize] = Some(Unit { key, reads, output });
     }
 
     /// Takes back what a unit read and gave.
@@ -261,7 +310,13 @@ impl Compiler {
                 }
             }
         }
-        let output = unit.output;
+        let output = match unit.output {
+            Output::Service(output) => output,
+            Output::Route(route) => {
+                self.out.statuses.remove(&route.key);
+                return;
+            }
+        };
         for addr in &output.captured {
             self.captured.remove(addr, id);
         }
@@ -492,18 +547,19 @@ mod tests {
             0..4usize,
             proptest::collection::vec((0..4usize, 0..3u32), 1..3),
             proptest::option::of(0..4usize),
-            any::<bool>(),
+            0..3usize,
         )
             .prop_map(|(ns, name, parent_ns, parent, backends, mirror, header)| {
                 let backends: Vec<String> = backends
                     .iter()
                     .map(|(b, w)| format!("{{name: s{b}, port: 80, weight: {w}}}"))
                     .collect();
-                let matches = if header {
-                    "matches: [{headers: [{type: RegularExpression, name: x-canary, value: \"a.*\"}]}], "
-                } else {
-                    ""
-                };
+                // The third is refused: its regular expression does not compile.
+                let matches = [
+                    "",
+                    "matches: [{headers: [{type: RegularExpression, name: x-canary, value: \"a.*\"}]}], ",
+                    "matches: [{headers: [{type: RegularExpression, name: x-canary, value: \"(\"}]}], ",
+                ][header];
                 let filters = mirror
                     .map(|m| format!(", filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{name: s{m}, port: 80}}}}}}]"))
                     .unwrap_or_default();
@@ -586,7 +642,7 @@ mod tests {
 
     /// Everything compiled, in one text with every map in key order.
     fn render(compiled: &Compiled) -> String {
-        let mut out = format!("{:?}\n", compiled.policy);
+        let mut out = format!("{:?}\n{:?}\n", compiled.policy, compiled.statuses);
         let routes = &compiled.routes;
         let sorted = |entries: Vec<String>| {
             let mut entries = entries;

@@ -372,6 +372,14 @@ struct Index {
 }
 
 impl Index {
+    /// A route's refusal is in its status.
+    fn refusal_changed(&mut self, key: &ObjectKey) {
+        if key.kind == Kind::HttpRoute {
+            let input = Input::Route(key.namespace.clone(), key.name.clone());
+            self.touched.insert(input);
+        }
+    }
+
     /// Indexes an object that came (`present`) or went, and notes what it touches. An update
     /// is the old version going, then the new one coming.
     fn update(&mut self, object: &Object, present: bool) {
@@ -424,10 +432,13 @@ impl Store {
                 key: key.clone(),
                 reason,
             };
+            self.index.refusal_changed(&key);
             self.rejected.insert(key, (rejected.clone(), object));
             return Err(rejected);
         }
-        self.rejected.remove(&key);
+        if self.rejected.remove(&key).is_some() {
+            self.index.refusal_changed(&key);
+        }
         let change = match self.objects.get(&key) {
             Some(current) if *current == object => return Ok(()),
             Some(current) => Change::Updated(key.clone(), changed_fields(current, &object)),
@@ -443,7 +454,9 @@ impl Store {
 
     /// Forgets an object, good version and refusal alike.
     pub fn remove(&mut self, key: &ObjectKey) {
-        self.rejected.remove(key);
+        if self.rejected.remove(key).is_some() {
+            self.index.refusal_changed(key);
+        }
         if let Some(previous) = self.objects.remove(key) {
             self.index.update(&previous, false);
             self.record(Change::Removed(key.clone()));
@@ -563,15 +576,6 @@ impl Store {
         }
     }
 
-    fn http_routes(
-        &self,
-    ) -> impl Iterator<Item = &gateway_api::apis::standard::httproutes::HttpRoute> {
-        self.of_kind(Kind::HttpRoute).filter_map(|o| match o {
-            Object::HttpRoute(route) => Some(route.as_ref()),
-            _ => None,
-        })
-    }
-
     fn http_route(
         &self,
         namespace: &str,
@@ -581,6 +585,39 @@ impl Store {
             Object::HttpRoute(route) => Some(route),
             _ => None,
         }
+    }
+
+    /// A newer version of the HTTPRoute `namespace/name` that was refused, with why.
+    fn refused_route(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<(&gateway_api::apis::standard::httproutes::HttpRoute, &str)> {
+        let key = ObjectKey {
+            kind: Kind::HttpRoute,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        match self.rejected.get(&key)? {
+            (rejected, Object::HttpRoute(route)) => Some((route, rejected.reason.as_str())),
+            _ => None,
+        }
+    }
+
+    /// Every HTTPRoute the store knows, in force or refused.
+    fn route_names(&self) -> impl Iterator<Item = (&str, &str)> {
+        let first = ObjectKey {
+            kind: Kind::HttpRoute,
+            namespace: String::new(),
+            name: String::new(),
+        };
+        let is_route = |key: &&ObjectKey| key.kind == Kind::HttpRoute;
+        let in_force = self.objects.range(first.clone()..).map(|(key, _)| key);
+        let refused = self.rejected.range(first..).map(|(key, _)| key);
+        in_force
+            .take_while(is_route)
+            .chain(refused.take_while(is_route))
+            .map(|key| (key.namespace.as_str(), key.name.as_str()))
     }
 
     /// The HTTPRoutes attached to the Service `namespace/name`, in key order.

@@ -177,25 +177,7 @@ fn parse_split(value: &str) -> Result<Vec<(String, u32)>, String> {
 /// What an operator should know about how routes resolve: an HTTPRoute that overrides a
 /// Service's annotations, or one whose parent Service does not exist.
 pub fn routing_notes(store: &Store) -> Vec<String> {
-    let mut notes = Vec::new();
-    for route in store.http_routes() {
-        let route_namespace = route.metadata.namespace.as_deref().unwrap_or("default");
-        let route_name = route.metadata.name.as_deref().unwrap_or_default();
-        for parent in gamma::service_parents(route) {
-            let (namespace, name) = (&parent.namespace, &parent.name);
-            match store.service(namespace, name) {
-                None => notes.push(format!(
-                    "HTTPRoute {route_namespace}/{route_name}: parent Service {namespace}/{name} does not exist; the route applies once it does"
-                )),
-                Some(svc) if *namespace == route_namespace && matches!(ServiceAnnotations::parse(svc), Ok(Some(_))) => {
-                    notes.push(format!(
-                        "HTTPRoute {route_namespace}/{route_name} wins over the aviary.dev annotations on Service {namespace}/{name}"
-                    ))
-                }
-                Some(_) => {}
-            }
-        }
-    }
+    let mut notes = super::compiler::Compiler::full(store, &RouteOptions::default()).notes;
     notes.sort();
     notes.dedup();
     notes
@@ -454,9 +436,23 @@ impl<'a> Reader<'a> {
         self.interner.borrow_mut().get(text)
     }
 
-    fn service(&self, namespace: &str, name: &str) -> Option<&'a Service> {
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&'a Service> {
         self.read(Input::Service(namespace.into(), name.into()));
         self.store.service(namespace, name)
+    }
+
+    /// The HTTPRoute `namespace/name`: the version in force, and a newer one refused with why.
+    #[allow(clippy::type_complexity)]
+    pub fn route(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> (Option<&'a HttpRoute>, Option<(&'a HttpRoute, &'a str)>) {
+        self.read(Input::Route(namespace.into(), name.into()));
+        (
+            self.store.http_route(namespace, name),
+            self.store.refused_route(namespace, name),
+        )
     }
 
     fn slices(&self, namespace: &str, name: &str) -> Vec<&'a Slice> {

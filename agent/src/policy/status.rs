@@ -2,12 +2,15 @@
 //! parent Service, with the conditions Accepted and ResolvedRefs. Pure: the writer in
 //! `kubernetes::status` decides when and whether to write it.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use serde::Serialize;
 
-use super::{gamma, routes::ServiceAnnotations, Kind, Object, ObjectKey, Store};
+use super::{
+    compiler::Compiler,
+    gamma,
+    routes::{Reader, RouteOptions, ServiceAnnotations},
+    Kind, ObjectKey, Store,
+};
 
 /// The controllerName Aviary writes its route status under.
 pub const CONTROLLER_NAME: &str = "aviary.dev/agent";
@@ -60,37 +63,60 @@ pub struct RouteStatus {
 }
 
 /// The status of every HTTPRoute the store knows, good or refused, by route.
-pub fn route_statuses(store: &Store) -> BTreeMap<ObjectKey, RouteStatus> {
-    let name = |svc: &'_ k8s_openapi::api::core::v1::Service| -> (String, String) {
-        (
-            svc.metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            svc.metadata.name.clone().unwrap_or_default(),
-        )
+pub fn route_statuses(store: &Store) -> imbl::OrdMap<ObjectKey, RouteStatus> {
+    Compiler::full(store, &RouteOptions::default()).statuses
+}
+
+/// What one HTTPRoute compiles to besides rules: its status, and what an operator should know
+/// about how it resolves (a note is logged when it first appears).
+#[derive(Debug)]
+pub(super) struct RouteOutput {
+    pub key: ObjectKey,
+    pub status: RouteStatus,
+    pub notes: Vec<String>,
+}
+
+/// Compiles the HTTPRoute `namespace/name`: its newest version, refused or not, for the
+/// status; the version in force for the notes. None when the store knows neither.
+pub(super) fn compile_route(r: &Reader, namespace: &str, name: &str) -> Option<RouteOutput> {
+    let (in_force, refused) = r.route(namespace, name);
+    let (newest, refusal) = match (refused, in_force) {
+        (Some((route, reason)), _) => (route, Some(reason)),
+        (None, Some(route)) => (route, None),
+        (None, None) => return None,
     };
-    let services = Services {
-        all: store.services().map(name).collect(),
-        annotated: store
-            .services()
-            .filter(|svc| matches!(ServiceAnnotations::parse(svc), Ok(Some(_))))
-            .map(name)
-            .collect(),
-    };
-    let refused = store
-        .rejections()
-        .filter_map(|(rejected, object)| match object {
-            Object::HttpRoute(route) => Some((route.as_ref(), Some(rejected.reason.as_str()))),
-            _ => None,
-        });
-    let good = store
-        .http_routes()
-        .filter(|route| !store.is_rejected(&key(route)))
-        .map(|route| (route, None));
-    good.chain(refused)
-        .map(|(route, refusal)| (key(route), status(route, refusal, &services)))
-        .collect()
+    let notes = in_force.map(|route| notes(route, r)).unwrap_or_default();
+    Some(RouteOutput {
+        key: key(newest),
+        status: status(newest, refusal, r),
+        notes,
+    })
+}
+
+/// An HTTPRoute that overrides a Service's annotations, or one whose parent Service does not
+/// exist.
+fn notes(route: &HttpRoute, r: &Reader) -> Vec<String> {
+    let route_namespace = route.metadata.namespace.as_deref().unwrap_or("default");
+    let route_name = route.metadata.name.as_deref().unwrap_or_default();
+    let mut notes = Vec::new();
+    for parent in gamma::service_parents(route) {
+        let (namespace, name) = (&parent.namespace, &parent.name);
+        match r.service(namespace, name) {
+            None => notes.push(format!(
+                "HTTPRoute {route_namespace}/{route_name}: parent Service {namespace}/{name} does not exist; the route applies once it does"
+            )),
+            Some(svc) if *namespace == route_namespace && annotated(svc) => notes.push(format!(
+                "HTTPRoute {route_namespace}/{route_name} wins over the aviary.dev annotations on Service {namespace}/{name}"
+            )),
+            Some(_) => {}
+        }
+    }
+    notes
+}
+
+/// Whether a Service has aviary.dev split or mirror annotations.
+fn annotated(svc: &k8s_openapi::api::core::v1::Service) -> bool {
+    matches!(ServiceAnnotations::parse(svc), Ok(Some(_)))
 }
 
 fn key(route: &HttpRoute) -> ObjectKey {
@@ -105,25 +131,16 @@ fn key(route: &HttpRoute) -> ObjectKey {
     }
 }
 
-/// The Services that exist, and those with aviary.dev split or mirror annotations.
-struct Services {
-    all: BTreeSet<(String, String)>,
-    annotated: BTreeSet<(String, String)>,
-}
-
-fn status(route: &HttpRoute, refusal: Option<&str>, services: &Services) -> RouteStatus {
+fn status(route: &HttpRoute, refusal: Option<&str>, r: &Reader) -> RouteStatus {
     let namespace = route.metadata.namespace.as_deref().unwrap_or("default");
-    let resolved = Condition::new(
-        "ResolvedRefs",
-        resolve_backends(route, namespace, &services.all),
-    );
+    let resolved = Condition::new("ResolvedRefs", resolve_backends(route, namespace, r));
     let parents = gamma::service_parents(route)
         .into_iter()
         .map(|parent| {
-            let service = (parent.namespace.clone(), parent.name.clone());
+            let service = r.service(&parent.namespace, &parent.name);
             let accepted = match refusal {
                 Some(reason) => Err(("UnsupportedValue", format!("refused: {reason}"))),
-                None if !services.all.contains(&service) => Err((
+                None if service.is_none() => Err((
                     "NoMatchingParent",
                     format!(
                         "Service {}/{} does not exist",
@@ -133,7 +150,7 @@ fn status(route: &HttpRoute, refusal: Option<&str>, services: &Services) -> Rout
                 None => Ok(()),
             };
             let mut accepted = Condition::new("Accepted", accepted);
-            if refusal.is_none() && services.annotated.contains(&service) {
+            if refusal.is_none() && service.is_some_and(annotated) {
                 accepted.message = format!(
                     "this route wins over the aviary.dev annotations on Service {}/{}",
                     parent.namespace, parent.name
@@ -158,7 +175,7 @@ fn status(route: &HttpRoute, refusal: Option<&str>, services: &Services) -> Rout
 fn resolve_backends(
     route: &HttpRoute,
     namespace: &str,
-    services: &BTreeSet<(String, String)>,
+    r: &Reader,
 ) -> Result<(), (&'static str, String)> {
     for rule in route.spec.rules.iter().flatten() {
         for backend in rule.backend_refs.iter().flatten() {
@@ -174,7 +191,7 @@ fn resolve_backends(
                 ));
             }
             let backend_namespace = backend.namespace.as_deref().unwrap_or(namespace);
-            if !services.contains(&(backend_namespace.to_owned(), backend.name.clone())) {
+            if r.service(backend_namespace, &backend.name).is_none() {
                 return Err((
                     "BackendNotFound",
                     format!(
@@ -190,6 +207,8 @@ fn resolve_backends(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::policy::local::parse_documents;
 
@@ -310,6 +329,11 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 9898}]}
     }
 
     fn key_of(store: &Store) -> ObjectKey {
-        key(store.http_routes().next().unwrap())
+        let (namespace, name) = store.route_names().next().unwrap();
+        ObjectKey {
+            kind: Kind::HttpRoute,
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
