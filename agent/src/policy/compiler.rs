@@ -10,7 +10,7 @@
 //! touches, not the size of the cluster. A full compile is the same with every Service touched.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     hash::{DefaultHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -19,7 +19,7 @@ use std::{
 use smallvec::SmallVec;
 
 use super::{
-    enrolled,
+    enrolled, is_host_network, is_local, pod_ips,
     routes::{
         compile_service, full_pod_addresses, Interner, MatchCache, Reader, RouteOptions,
         ServiceOutput,
@@ -79,7 +79,12 @@ pub struct Compiler {
     captured: Tally<SocketAddr, ()>,
     services: Tally<SocketAddr, Arc<ServiceRoutes>>,
     consumers: Tally<(String, SocketAddr), Arc<ServiceRoutes>>,
-    protocols: Tally<SocketAddr, AppProtocol>,
+    /// How Services declare their endpoints are read, by pod address: (port, protocol).
+    protocols: Tally<IpAddr, (u16, AppProtocol)>,
+    /// This node's pods' addresses: the inbound proxy reads the protocols of these only.
+    local_ips: HashSet<IpAddr>,
+    /// The ports of each local address that the protocol map holds.
+    local_ports: HashMap<IpAddr, SmallVec<[u16; 2]>>,
     endpoint_pods: Tally<IpAddr, Arc<Workload>>,
     out: Snapshots,
     /// Notes made since the last compile returned them.
@@ -115,6 +120,8 @@ impl Compiler {
             services: Tally::default(),
             consumers: Tally::default(),
             protocols: Tally::default(),
+            local_ips: HashSet::new(),
+            local_ports: HashMap::new(),
             endpoint_pods: Tally::default(),
             out: Snapshots::default(),
             notes: Vec::new(),
@@ -178,7 +185,16 @@ impl Compiler {
             self.recompile(store, key);
         }
         let mut pods_changed = self.endpoint_pods.take_changed();
+        let mut protocols_changed = self.protocols.take_changed();
         if pods_touched {
+            let node = self.options.node.as_deref();
+            let local_ips: HashSet<IpAddr> = store
+                .pods()
+                .filter(|pod| is_local(pod, node) && !is_host_network(pod))
+                .flat_map(pod_ips)
+                .collect();
+            protocols_changed.extend(self.local_ips.symmetric_difference(&local_ips));
+            self.local_ips = local_ips;
             // A node's own pods: few, so they are read again whenever any pod changes.
             self.enrolled = enrolled(store, self.options.node.as_deref());
             let reader = Reader::new(store, &self.options, &mut self.matches, &mut self.interner);
@@ -204,11 +220,9 @@ impl Compiler {
         }
         settle(&mut self.services, &mut self.out.services, first_service);
         settle(&mut self.consumers, &mut self.out.consumers, first_service);
-        settle(
-            &mut self.protocols,
-            &mut self.out.endpoint_protocols,
-            agreed_protocol,
-        );
+        for ip in protocols_changed {
+            self.settle_protocols(ip);
+        }
         self.interner.sweep();
         Compiled {
             policy: Policy {
@@ -281,6 +295,35 @@ impl Compiler {
         self.units[id as usize] = Some(Unit { key, reads, output });
     }
 
+    /// Writes the protocols of a local address's ports, and forgets those of one that is not.
+    fn settle_protocols(&mut self, ip: IpAddr) {
+        for port in self.local_ports.remove(&ip).into_iter().flatten() {
+            self.out.endpoint_protocols.remove(&SocketAddr::new(ip, port));
+        }
+        let Some(votes) = self.protocols.votes.get(&ip) else {
+            return;
+        };
+        if !self.local_ips.contains(&ip) {
+            return;
+        }
+        let mut ports: SmallVec<[u16; 2]> = votes.iter().map(|(_, (port, _))| *port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        for port in &ports {
+            let mut declared = votes.iter().filter(|(_, (p, _))| p == port);
+            let first = declared.next().map(|(_, (_, protocol))| *protocol);
+            // A pod port that Services declare differently is detected.
+            let protocol = match first {
+                Some(first) if declared.all(|(_, (_, protocol))| *protocol == first) => first,
+                _ => AppProtocol::Detect,
+            };
+            self.out
+                .endpoint_protocols
+                .insert(SocketAddr::new(ip, *port), protocol);
+        }
+        self.local_ports.insert(ip, ports);
+    }
+
     /// Adds what a Service gives to the tallies.
     fn give(&mut self, id: UnitId, output: &ServiceOutput) {
         for addr in &output.captured {
@@ -292,8 +335,8 @@ impl Compiler {
         for (key, routes) in &output.consumers {
             self.consumers.add(key.clone(), id, routes.clone());
         }
-        for (addr, protocol) in &output.protocols {
-            self.protocols.add(*addr, id, *protocol);
+        for (addr, protocol) in declared_protocols(output) {
+            self.protocols.add(addr.ip(), id, (addr.port(), protocol));
         }
         for (ip, pod) in &output.pods {
             self.endpoint_pods.add(*ip, id, pod.clone());
@@ -326,13 +369,27 @@ impl Compiler {
         for (key, _) in &output.consumers {
             self.consumers.remove(key, id);
         }
-        for (addr, _) in &output.protocols {
-            self.protocols.remove(addr, id);
+        for (addr, _) in declared_protocols(&output) {
+            self.protocols.remove(&addr.ip(), id);
         }
         for (ip, _) in &output.pods {
             self.endpoint_pods.remove(ip, id);
         }
     }
+}
+
+/// How each port of a Service declares its endpoints are read (a port's routes are shared by
+/// its addresses, so each is counted once).
+fn declared_protocols(output: &ServiceOutput) -> impl Iterator<Item = (SocketAddr, AppProtocol)> + '_ {
+    let mut ports: Vec<&Arc<ServiceRoutes>> = output.services.iter().map(|(_, routes)| routes).collect();
+    ports.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    ports.into_iter().flat_map(|routes| {
+        routes
+            .default
+            .endpoints
+            .iter()
+            .map(|endpoint| (endpoint.addr, routes.protocol))
+    })
 }
 
 fn input_hash(input: &Input) -> u64 {
@@ -422,16 +479,6 @@ fn first_service(votes: &[(UnitId, Arc<ServiceRoutes>)]) -> Arc<ServiceRoutes> {
         .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
         .expect("a tally keeps no key without votes")
         .clone()
-}
-
-/// A pod port that Services declare differently is detected.
-fn agreed_protocol(votes: &[(UnitId, AppProtocol)]) -> AppProtocol {
-    let first = votes[0].1;
-    if votes.iter().all(|(_, protocol)| *protocol == first) {
-        first
-    } else {
-        AppProtocol::Detect
-    }
 }
 
 /// Of the pods EndpointSlices name at one address (one that moved, briefly), the first by

@@ -247,8 +247,6 @@ pub(super) struct ServiceOutput {
     pub captured: Vec<SocketAddr>,
     pub services: Vec<(SocketAddr, Arc<ServiceRoutes>)>,
     pub consumers: Vec<((String, SocketAddr), Arc<ServiceRoutes>)>,
-    /// How each port declares its endpoints are read.
-    pub protocols: Vec<(SocketAddr, AppProtocol)>,
     /// The pods its EndpointSlices name, on any node: the inbound proxy's clients are often
     /// pods elsewhere.
     pub pods: Vec<(IpAddr, Arc<Workload>)>,
@@ -316,8 +314,6 @@ pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option
                 .unwrap_or_default()
         };
         let protocol = AppProtocol::from_app_protocol(port.app_protocol.as_deref());
-        out.protocols
-            .extend(default.endpoints.iter().map(|e| (e.addr, protocol)));
         let routes = Arc::new(ServiceRoutes {
             namespace: r.intern(namespace),
             name: name.into(),
@@ -1112,10 +1108,19 @@ mod tests {
     #[test]
     fn pod_ports_are_read_as_their_services_declare_unless_they_disagree() {
         let raw = svc("raw", "10.96.0.13", "").replace("appProtocol: http", "appProtocol: tcp");
+        // The pods are this node's: the inbound proxy reads the protocols of no others.
+        let pod = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: u-{name}}}\n\
+                 spec: {{containers: []}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        };
         let yaml = [
             cluster(""),
             raw,
             slice("raw", &["10.244.1.12"], true).replace("raw-x", "raw-y"),
+            pod("a", "10.244.1.11"),
+            pod("b", "10.244.1.12"),
         ]
         .join(CLUSTER);
         let table = compile_routes(&store(&yaml), &local());
@@ -1127,6 +1132,11 @@ mod tests {
             "http and tcp"
         );
         assert_eq!(protocol("10.244.9.9:8080"), AppProtocol::Detect, "unknown");
+        assert_eq!(
+            protocol("10.244.1.21:8080"),
+            AppProtocol::Detect,
+            "another node's pod"
+        );
     }
 
     #[test]

@@ -34,8 +34,8 @@ pub struct RouteTable {
     /// The pod at each address: which consumer routes apply to a client, and who it is in the
     /// metrics.
     pub pods: imbl::HashMap<IpAddr, Arc<Workload>>,
-    /// Endpoints (pod address and port) whose Services declare how they are read, for the
-    /// inbound proxy; a pod port that Services declare differently is detected.
+    /// This node's endpoints (pod address and port) whose Services declare how they are read,
+    /// for the inbound proxy; a pod port that Services declare differently is detected.
     pub endpoint_protocols: imbl::HashMap<SocketAddr, AppProtocol>,
     /// This node's enrolled pods, by address: whom the inbound proxy lets in, and the identity
     /// each presents over mutual TLS.
