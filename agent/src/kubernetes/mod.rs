@@ -69,7 +69,7 @@ impl Watched for Pod {
 impl Watched for Service {
     const KIND: Kind = Kind::Service;
     fn into_object(self) -> Object {
-        Object::Service(Box::new(self))
+        Object::Service(Box::new(self.into()))
     }
 }
 

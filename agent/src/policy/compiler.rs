@@ -298,7 +298,9 @@ impl Compiler {
     /// Writes the protocols of a local address's ports, and forgets those of one that is not.
     fn settle_protocols(&mut self, ip: IpAddr) {
         for port in self.local_ports.remove(&ip).into_iter().flatten() {
-            self.out.endpoint_protocols.remove(&SocketAddr::new(ip, port));
+            self.out
+                .endpoint_protocols
+                .remove(&SocketAddr::new(ip, port));
         }
         let Some(votes) = self.protocols.votes.get(&ip) else {
             return;
@@ -380,8 +382,11 @@ impl Compiler {
 
 /// How each port of a Service declares its endpoints are read (a port's routes are shared by
 /// its addresses, so each is counted once).
-fn declared_protocols(output: &ServiceOutput) -> impl Iterator<Item = (SocketAddr, AppProtocol)> + '_ {
-    let mut ports: Vec<&Arc<ServiceRoutes>> = output.services.iter().map(|(_, routes)| routes).collect();
+fn declared_protocols(
+    output: &ServiceOutput,
+) -> impl Iterator<Item = (SocketAddr, AppProtocol)> + '_ {
+    let mut ports: Vec<&Arc<ServiceRoutes>> =
+        output.services.iter().map(|(_, routes)| routes).collect();
     ports.dedup_by(|a, b| Arc::ptr_eq(a, b));
     ports.into_iter().flat_map(|routes| {
         routes

@@ -62,7 +62,10 @@ fn collect(value: Value, out: &mut Vec<Object>) -> anyhow::Result<()> {
         }
         ("v1", "Namespace") => Object::Namespace(Box::new(serde_json::from_value(value)?)),
         ("v1", "Pod") => Object::Pod(Box::new(serde_json::from_value(value)?)),
-        ("v1", "Service") => Object::Service(Box::new(serde_json::from_value(value)?)),
+        ("v1", "Service") => {
+            let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(value)?;
+            Object::Service(Box::new(svc.into()))
+        }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
             Object::HttpRoute(Box::new(serde_json::from_value(value)?))
         }

@@ -9,6 +9,7 @@ pub mod gamma;
 pub mod local;
 pub mod routes;
 pub mod security;
+pub mod service;
 pub mod slice;
 pub mod status;
 pub mod workload;
@@ -20,7 +21,9 @@ use std::{
 };
 
 use json_patch::PatchOperation;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+use self::service::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
@@ -79,6 +82,7 @@ impl fmt::Display for ObjectKey {
 pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
+    /// Only what policy reads of it.
     Service(Box<Service>),
     /// Only what routing reads of it.
     EndpointSlice(Box<slice::Slice>),

@@ -23,13 +23,13 @@ use std::{
 };
 
 use http::Method;
-use k8s_openapi::api::core::v1::Service;
 
 use aviary_identity::spiffe::Identity;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
 use super::{
     gamma, inbound_ports_excluded, is_enrolled, is_host_network, is_local, pod_ips,
+    service::Service,
     service_addresses,
     slice::{self, Slice},
     workload::workload_name,

@@ -14,6 +14,7 @@ use smallvec::SmallVec;
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Slice {
     /// Name, namespace, UID, and the Service label.
     pub metadata: ObjectMeta,
@@ -22,25 +23,33 @@ pub struct Slice {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Port {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// Its addresses that are addresses (the API server checks them, so a file is the only
     /// place a bad one comes from, and it could not be dialled).
     pub addresses: SmallVec<[IpAddr; 1]>,
     /// `conditions.ready`: only `false` leaves it out.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ready: Option<bool>,
     /// The pod its target reference names.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<Box<PodRef>>,
 }
 
 /// A pod an endpoint names: by name, in the slice's namespace unless it says another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PodRef {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     pub name: String,
 }

@@ -115,7 +115,7 @@ fn notes(route: &HttpRoute, r: &Reader) -> Vec<String> {
 }
 
 /// Whether a Service has aviary.dev split or mirror annotations.
-fn annotated(svc: &k8s_openapi::api::core::v1::Service) -> bool {
+fn annotated(svc: &super::service::Service) -> bool {
     matches!(ServiceAnnotations::parse(svc), Ok(Some(_)))
 }
 

@@ -1,0 +1,125 @@
+//! Services as the store keeps them: what policy reads of them and nothing else (their
+//! selectors, labels, other annotations and status are the API server's business).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Serialize;
+
+/// The annotations Aviary reads on a Service all start with this.
+const ANNOTATION_PREFIX: &str = "aviary.dev/";
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Name, namespace, UID, and the `aviary.dev/` annotations.
+    pub metadata: ObjectMeta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec: Option<Spec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spec {
+    #[serde(rename = "type")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    #[serde(rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs", skip_serializing_if = "Option::is_none")]
+    pub cluster_ips: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<Port>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Port {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+impl From<k8s_openapi::api::core::v1::Service> for Service {
+    fn from(svc: k8s_openapi::api::core::v1::Service) -> Self {
+        let meta = svc.metadata;
+        let annotations = meta.annotations.and_then(|annotations| {
+            let kept: BTreeMap<String, String> = annotations
+                .into_iter()
+                .filter(|(key, _)| key.starts_with(ANNOTATION_PREFIX))
+                .collect();
+            (!kept.is_empty()).then_some(kept)
+        });
+        Self {
+            metadata: ObjectMeta {
+                name: meta.name,
+                namespace: meta.namespace,
+                uid: meta.uid,
+                annotations,
+                ..ObjectMeta::default()
+            },
+            spec: svc.spec.map(|spec| Spec {
+                type_: spec.type_,
+                cluster_ip: spec.cluster_ip,
+                cluster_ips: spec.cluster_ips,
+                ports: spec.ports.map(|ports| {
+                    ports
+                        .into_iter()
+                        .map(|port| Port {
+                            name: port.name,
+                            port: port.port,
+                            protocol: port.protocol,
+                            app_protocol: port.app_protocol,
+                        })
+                        .collect()
+                }),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::{local::parse_documents, Object};
+
+    #[test]
+    fn only_what_policy_reads_is_kept_under_the_api_names() {
+        let objects = parse_documents(
+            r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: reviews
+  namespace: shop
+  labels: {app: reviews}
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: '{"a": "long document"}'
+    aviary.dev/mirror: reviews-v2
+spec:
+  selector: {app: reviews}
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ipFamilies: [IPv4]
+  sessionAffinity: None
+  ports: [{name: http, port: 80, targetPort: 9080, appProtocol: http}]
+"#,
+        )
+        .unwrap();
+        let Object::Service(svc) = &objects[0] else {
+            panic!("a Service")
+        };
+        assert_eq!(
+            serde_json::to_value(svc).unwrap(),
+            serde_json::json!({
+                "metadata": {"name": "reviews", "namespace": "shop",
+                             "annotations": {"aviary.dev/mirror": "reviews-v2"}},
+                "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                         "ports": [{"name": "http", "port": 80, "appProtocol": "http"}]},
+            })
+        );
+    }
+}
