@@ -369,9 +369,9 @@ pub struct Store {
 #[derive(Debug, Default, Clone)]
 struct Index {
     /// EndpointSlice names by the Service (namespace, name) they label.
-    slices_by_service: HashMap<(String, String), BTreeSet<String>>,
+    slices_by_service: HashMap<(String, String), Members<String>>,
     /// HTTPRoutes (namespace, name) by the Service (namespace, name) they attach to.
-    routes_by_parent: HashMap<(String, String), BTreeSet<(String, String)>>,
+    routes_by_parent: HashMap<(String, String), Members<(String, String)>>,
     touched: HashSet<Input>,
 }
 
@@ -409,17 +409,26 @@ impl Index {
     }
 }
 
+/// A sorted set that holds its usual one member inline: most Services have one EndpointSlice
+/// and at most one route, and a tree set's smallest allocation is many times one member.
+type Members<M> = smallvec::SmallVec<[M; 1]>;
+
 /// Adds `member` to, or removes it from, the set at `key`, which exists only while not empty.
 fn update_set<K: std::hash::Hash + Eq, M: Ord>(
-    sets: &mut HashMap<K, BTreeSet<M>>,
+    sets: &mut HashMap<K, Members<M>>,
     key: K,
     member: M,
     present: bool,
 ) {
     if present {
-        sets.entry(key).or_default().insert(member);
+        let set = sets.entry(key).or_default();
+        if let Err(at) = set.binary_search(&member) {
+            set.insert(at, member);
+        }
     } else if let Some(set) = sets.get_mut(&key) {
-        set.remove(&member);
+        if let Ok(at) = set.binary_search(&member) {
+            set.remove(at);
+        }
         if set.is_empty() {
             sets.remove(&key);
         }

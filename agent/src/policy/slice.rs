@@ -16,8 +16,12 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Slice {
-    /// Name, namespace, UID, and the Service label.
+    /// Name, namespace and UID.
     pub metadata: ObjectMeta,
+    /// The Service it belongs to, by its label (a field, not a map of one: a map's smallest
+    /// allocation is larger than the rest of a slice of one endpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     pub ports: Vec<Port>,
     pub endpoints: Vec<Endpoint>,
 }
@@ -57,18 +61,16 @@ pub struct PodRef {
 impl Slice {
     /// The Service it belongs to, by its label.
     pub fn service(&self) -> Option<&str> {
-        let labels = self.metadata.labels.as_ref()?;
-        labels.get(SERVICE_NAME_LABEL).map(String::as_str)
+        self.service.as_deref()
     }
 }
 
 impl From<EndpointSlice> for Slice {
     fn from(slice: EndpointSlice) -> Self {
         let meta = slice.metadata;
-        let labels = meta.labels.and_then(|mut labels| {
-            let service = labels.remove_entry(SERVICE_NAME_LABEL)?;
-            Some([service].into())
-        });
+        let service = meta
+            .labels
+            .and_then(|mut labels| labels.remove(SERVICE_NAME_LABEL));
         let endpoints = slice
             .endpoints
             .into_iter()
@@ -98,9 +100,9 @@ impl From<EndpointSlice> for Slice {
                 name: meta.name,
                 namespace: meta.namespace,
                 uid: meta.uid,
-                labels,
                 ..ObjectMeta::default()
             },
+            service,
             ports: slice
                 .ports
                 .into_iter()
