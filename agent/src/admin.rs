@@ -465,7 +465,7 @@ mod tests {
             default: primary.clone(),
         });
         let table = RouteTable {
-            services: imbl::HashMap::from(vec![("10.96.0.10:80".parse().unwrap(), routes)]),
+            services: [("10.96.0.10:80".parse().unwrap(), routes)].into_iter().collect(),
             ..Default::default()
         };
         let described = describe_routes(&table);

@@ -27,7 +27,10 @@ use super::{
     status::{compile_route, RouteOutput, RouteStatus},
     EnrolledPod, Input, ObjectKey, Policy, Store,
 };
-use crate::proxy::route::{AppProtocol, RouteTable, ServiceRoutes, Workload};
+use crate::proxy::{
+    route::{AppProtocol, RouteTable, ServiceRoutes, Workload},
+    shared_map::SharedMap,
+};
 
 /// A compile's result.
 pub struct Compiled {
@@ -53,7 +56,11 @@ type UnitId = u32;
 
 enum Output {
     Service(ServiceOutput),
-    Route(RouteOutput),
+    /// The route's status is in the output map alone.
+    Route {
+        key: ObjectKey,
+        notes: Vec<String>,
+    },
 }
 
 /// One compiled unit: what it read, and what it gave.
@@ -98,10 +105,10 @@ pub struct Compiler {
 struct Snapshots {
     statuses: imbl::OrdMap<ObjectKey, RouteStatus>,
     captured: imbl::OrdSet<SocketAddr>,
-    services: imbl::HashMap<SocketAddr, Arc<ServiceRoutes>>,
-    consumers: imbl::HashMap<(String, SocketAddr), Arc<ServiceRoutes>>,
-    pods: imbl::HashMap<IpAddr, Arc<Workload>>,
-    endpoint_protocols: imbl::HashMap<SocketAddr, AppProtocol>,
+    services: SharedMap<SocketAddr, Arc<ServiceRoutes>>,
+    consumers: SharedMap<(String, SocketAddr), Arc<ServiceRoutes>>,
+    pods: SharedMap<IpAddr, Arc<Workload>>,
+    endpoint_protocols: SharedMap<SocketAddr, AppProtocol>,
 }
 
 impl Compiler {
@@ -247,8 +254,8 @@ impl Compiler {
         let before = id.and_then(|id| self.units[id as usize].take());
         let mut notes_before = Vec::new();
         if let (Some(id), Some(unit)) = (id, before) {
-            if let Output::Route(route) = &unit.output {
-                notes_before.clone_from(&route.notes);
+            if let Output::Route { notes, .. } = &unit.output {
+                notes_before.clone_from(notes);
             }
             self.withdraw(id, unit);
         }
@@ -258,7 +265,12 @@ impl Compiler {
                 compile_service(&reader, namespace, name).map(Output::Service)
             }
             UnitKey::Route(namespace, name) => {
-                compile_route(&reader, namespace, name).map(Output::Route)
+                compile_route(&reader, namespace, name).map(|RouteOutput { key, status, notes }| {
+                    let new = notes.iter().filter(|n| !notes_before.contains(n));
+                    self.notes.extend(new.cloned());
+                    self.out.statuses.insert(key.clone(), status);
+                    Output::Route { key, notes }
+                })
             }
         };
         let mut reads: Vec<u64> = reader.into_reads().iter().map(input_hash).collect();
@@ -282,15 +294,8 @@ impl Compiler {
         for read in &reads {
             self.readers.entry(*read).or_default().push(id);
         }
-        match &output {
-            Output::Service(output) => self.give(id, output),
-            Output::Route(route) => {
-                self.out
-                    .statuses
-                    .insert(route.key.clone(), route.status.clone());
-                let new = route.notes.iter().filter(|n| !notes_before.contains(n));
-                self.notes.extend(new.cloned());
-            }
+        if let Output::Service(output) = &output {
+            self.give(id, output);
         }
         self.units[id as usize] = Some(Unit { key, reads, output });
     }
@@ -357,8 +362,8 @@ impl Compiler {
         }
         let output = match unit.output {
             Output::Service(output) => output,
-            Output::Route(route) => {
-                self.out.statuses.remove(&route.key);
+            Output::Route { key, .. } => {
+                self.out.statuses.remove(&key);
                 return;
             }
         };
@@ -455,7 +460,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Tally<K, V> {
 /// Writes the values in force for the keys a tally changed into the output map.
 fn settle<K: Hash + Eq + Clone, V: Clone>(
     tally: &mut Tally<K, V>,
-    map: &mut imbl::HashMap<K, V>,
+    map: &mut SharedMap<K, V>,
     choose: impl Fn(&[(UnitId, V)]) -> V,
 ) {
     for key in tally.take_changed() {
@@ -464,7 +469,7 @@ fn settle<K: Hash + Eq + Clone, V: Clone>(
     }
 }
 
-fn set<K: Hash + Eq + Clone, V: Clone>(map: &mut imbl::HashMap<K, V>, key: K, value: Option<V>) {
+fn set<K: Hash + Eq + Clone, V: Clone>(map: &mut SharedMap<K, V>, key: K, value: Option<V>) {
     match value {
         Some(value) => {
             map.insert(key, value);

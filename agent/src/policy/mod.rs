@@ -118,19 +118,19 @@ impl Object {
         }))
     }
 
-    fn meta(&self) -> &ObjectMeta {
+    fn meta(&self) -> MetaRef<'_> {
         match self {
-            Self::Namespace(o) => &o.metadata,
-            Self::Pod(o) => &o.metadata,
-            Self::Service(o) => &o.metadata,
-            Self::EndpointSlice(o) => &o.metadata,
-            Self::HttpRoute(o) => &o.metadata,
-            Self::PodMetadata(meta) => meta,
+            Self::Namespace(o) => MetaRef::of(&o.metadata),
+            Self::Pod(o) => MetaRef::of(&o.metadata),
+            Self::Service(o) => o.metadata.as_ref(),
+            Self::EndpointSlice(o) => o.metadata.as_ref(),
+            Self::HttpRoute(o) => MetaRef::of(&o.metadata),
+            Self::PodMetadata(meta) => MetaRef::of(meta),
         }
     }
 
     pub fn uid(&self) -> Option<&str> {
-        self.meta().uid.as_deref()
+        self.meta().uid
     }
 
     pub fn kind(&self) -> Kind {
@@ -148,13 +148,13 @@ impl Object {
     pub fn key(&self) -> ObjectKey {
         let meta = self.meta();
         let namespace = match self.kind() {
-            Kind::Namespace => String::new(),
-            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            Kind::Namespace => "",
+            _ => meta.namespace.unwrap_or("default"),
         };
         ObjectKey {
             kind: self.kind(),
-            namespace,
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: namespace.to_owned(),
+            name: meta.name.unwrap_or_default().to_owned(),
         }
     }
 
@@ -183,14 +183,10 @@ impl Object {
     /// Why the object cannot be used, if it cannot.
     fn validate(&self) -> Result<(), String> {
         let meta = self.meta();
-        if meta.name.as_deref().unwrap_or_default().is_empty() {
+        if meta.name.unwrap_or_default().is_empty() {
             return Err("metadata.name is missing".into());
         }
-        if let Some(value) = meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(CAPTURE_ANNOTATION))
-        {
+        if let Some(value) = meta.annotations.and_then(|a| a.get(CAPTURE_ANNOTATION)) {
             Capture::parse(value)?;
         }
         match self {
@@ -212,6 +208,50 @@ impl Object {
             // Refused as its own agent refuses the Pod, so that every agent takes the pod for
             // enrolled or not alike.
             Self::PodMetadata(meta) => inbound_ports_excluded(meta).map(drop),
+        }
+    }
+}
+
+/// The metadata the store keeps of the kinds it holds by the thousand (Services and
+/// EndpointSlices): a Kubernetes `ObjectMeta` is 360 bytes before its first string.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Meta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+impl Meta {
+    fn as_ref(&self) -> MetaRef<'_> {
+        MetaRef {
+            name: self.name.as_deref(),
+            namespace: self.namespace.as_deref(),
+            uid: self.uid.as_deref(),
+            annotations: self.annotations.as_ref(),
+        }
+    }
+}
+
+/// The metadata every object has, whichever way it is kept.
+struct MetaRef<'a> {
+    name: Option<&'a str>,
+    namespace: Option<&'a str>,
+    uid: Option<&'a str>,
+    annotations: Option<&'a BTreeMap<String, String>>,
+}
+
+impl<'a> MetaRef<'a> {
+    fn of(meta: &'a ObjectMeta) -> Self {
+        Self {
+            name: meta.name.as_deref(),
+            namespace: meta.namespace.as_deref(),
+            uid: meta.uid.as_deref(),
+            annotations: meta.annotations.as_ref(),
         }
     }
 }

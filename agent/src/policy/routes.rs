@@ -35,6 +35,7 @@ use super::{
     workload::workload_name,
     Input, Policy, Store,
 };
+use crate::proxy::shared_map::SharedMap;
 use crate::proxy::route::{
     unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, LocalPod, Mirror,
     RouteTable, Rule, SafeMethods, ServiceRoutes, WeightedBackend, Workload,
@@ -204,7 +205,7 @@ pub fn compile_routes(store: &Store, options: &RouteOptions) -> RouteTable {
 /// by: the inbound proxy's admission and each pod's identity in `trust_domain`.
 pub fn local_pods(
     policy: &Policy,
-    pods: &imbl::HashMap<IpAddr, Arc<Workload>>,
+    pods: &SharedMap<IpAddr, Arc<Workload>>,
     trust_domain: Option<&str>,
 ) -> HashMap<IpAddr, Arc<LocalPod>> {
     let mut local = HashMap::new();

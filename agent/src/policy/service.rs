@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
+
+use super::Meta;
 
 /// The annotations Aviary reads on a Service all start with this.
 const ANNOTATION_PREFIX: &str = "aviary.dev/";
@@ -13,7 +14,7 @@ const ANNOTATION_PREFIX: &str = "aviary.dev/";
 #[serde(rename_all = "camelCase")]
 pub struct Service {
     /// Name, namespace, UID, and the `aviary.dev/` annotations.
-    pub metadata: ObjectMeta,
+    pub metadata: Meta,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spec: Option<Spec>,
 }
@@ -55,12 +56,11 @@ impl From<k8s_openapi::api::core::v1::Service> for Service {
             (!kept.is_empty()).then_some(kept)
         });
         Self {
-            metadata: ObjectMeta {
+            metadata: Meta {
                 name: meta.name,
                 namespace: meta.namespace,
                 uid: meta.uid,
                 annotations,
-                ..ObjectMeta::default()
             },
             spec: svc.spec.map(|spec| Spec {
                 type_: spec.type_,

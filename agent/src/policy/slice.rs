@@ -4,11 +4,11 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::{
-    api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 use smallvec::SmallVec;
+
+use super::Meta;
 
 /// The label an EndpointSlice names its Service by.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -17,7 +17,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 #[serde(rename_all = "camelCase")]
 pub struct Slice {
     /// Name, namespace and UID.
-    pub metadata: ObjectMeta,
+    pub metadata: Meta,
     /// The Service it belongs to, by its label (a field, not a map of one: a map's smallest
     /// allocation is larger than the rest of a slice of one endpoint).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -96,11 +96,11 @@ impl From<EndpointSlice> for Slice {
             })
             .collect();
         Self {
-            metadata: ObjectMeta {
+            metadata: Meta {
                 name: meta.name,
                 namespace: meta.namespace,
                 uid: meta.uid,
-                ..ObjectMeta::default()
+                annotations: None,
             },
             service,
             ports: slice

@@ -14,6 +14,7 @@ pub mod pool;
 pub mod rewind;
 pub mod route;
 pub mod series;
+pub mod shared_map;
 pub mod split;
 pub mod workers;
 

@@ -17,6 +17,7 @@ use regex::Regex;
 
 use aviary_identity::spiffe::Identity;
 
+use super::shared_map::SharedMap;
 use crate::policy::security::InboundPolicy;
 
 /// Everything the proxy knows about captured services, by ClusterIP:port. Not Clone: each table
@@ -27,16 +28,16 @@ pub struct RouteTable {
     /// as long as it stays in force.
     pub id: TableId,
     /// The producers' view: routes in each Service's own namespace. The maps that grow with
-    /// the cluster are persistent: a new table shares what did not change with the one before.
-    pub services: imbl::HashMap<SocketAddr, Arc<ServiceRoutes>>,
+    /// the cluster are shared: a new table copies only what a change touched.
+    pub services: SharedMap<SocketAddr, Arc<ServiceRoutes>>,
     /// Consumer routes: for clients in one namespace, (namespace, ClusterIP:port).
-    pub consumers: imbl::HashMap<(String, SocketAddr), Arc<ServiceRoutes>>,
+    pub consumers: SharedMap<(String, SocketAddr), Arc<ServiceRoutes>>,
     /// The pod at each address: which consumer routes apply to a client, and who it is in the
     /// metrics.
-    pub pods: imbl::HashMap<IpAddr, Arc<Workload>>,
+    pub pods: SharedMap<IpAddr, Arc<Workload>>,
     /// This node's endpoints (pod address and port) whose Services declare how they are read,
     /// for the inbound proxy; a pod port that Services declare differently is detected.
-    pub endpoint_protocols: imbl::HashMap<SocketAddr, AppProtocol>,
+    pub endpoint_protocols: SharedMap<SocketAddr, AppProtocol>,
     /// This node's enrolled pods, by address: whom the inbound proxy lets in, and the identity
     /// each presents over mutual TLS.
     pub local: HashMap<IpAddr, Arc<LocalPod>>,
