@@ -465,7 +465,9 @@ mod tests {
             default: primary.clone(),
         });
         let table = RouteTable {
-            services: [("10.96.0.10:80".parse().unwrap(), routes)].into_iter().collect(),
+            services: [("10.96.0.10:80".parse().unwrap(), routes)]
+                .into_iter()
+                .collect(),
             ..Default::default()
         };
         let described = describe_routes(&table);

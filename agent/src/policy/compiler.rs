@@ -51,6 +51,21 @@ enum UnitKey {
     Route(String, String),
 }
 
+impl UnitKey {
+    /// Whether `input` is the unit's own object (or, for a Service, its EndpointSlices and
+    /// attached routes).
+    fn is_own(&self, input: &Input) -> bool {
+        match (self, input) {
+            (
+                Self::Service(namespace, name),
+                Input::Service(n, m) | Input::Slices(n, m) | Input::Routes(n, m),
+            )
+            | (Self::Route(namespace, name), Input::Route(n, m)) => namespace == n && name == m,
+            _ => false,
+        }
+    }
+}
+
 /// A unit's place among the compiled units.
 type UnitId = u32;
 
@@ -152,7 +167,10 @@ impl Compiler {
         let mut pods_touched = false;
         for input in &touched {
             match input {
-                Input::Service(namespace, name) => {
+                // A Service's own inputs make it compile again without a reader.
+                Input::Service(namespace, name)
+                | Input::Slices(namespace, name)
+                | Input::Routes(namespace, name) => {
                     dirty.insert(UnitKey::Service(namespace.clone(), name.clone()));
                 }
                 Input::Route(namespace, name) => {
@@ -160,7 +178,6 @@ impl Compiler {
                     dirty.insert(UnitKey::Route(namespace.clone(), name.clone()));
                 }
                 Input::Pod(..) | Input::Namespace(_) => pods_touched = true,
-                Input::Slices(..) | Input::Routes(..) => {}
             }
             for id in self.readers.get(&input_hash(input)).into_iter().flatten() {
                 if let Some(unit) = &self.units[*id as usize] {
@@ -188,8 +205,9 @@ impl Compiler {
 
     fn compile(&mut self, store: &Store, dirty: BTreeSet<UnitKey>, pods_touched: bool) -> Compiled {
         self.started = true;
-        for key in dirty {
-            self.recompile(store, key);
+        let mut dirty = dirty;
+        while let Some(key) = dirty.pop_first() {
+            self.recompile(store, key, &dirty);
         }
         let mut pods_changed = self.endpoint_pods.take_changed();
         let mut protocols_changed = self.protocols.take_changed();
@@ -204,7 +222,13 @@ impl Compiler {
             self.local_ips = local_ips;
             // A node's own pods: few, so they are read again whenever any pod changes.
             self.enrolled = enrolled(store, self.options.node.as_deref());
-            let reader = Reader::new(store, &self.options, &mut self.matches, &mut self.interner);
+            let reader = Reader::new(
+                store,
+                &self.options,
+                &mut self.matches,
+                &mut self.interner,
+                &|_, _, _| None,
+            );
             let full_pods = full_pod_addresses(&reader);
             let before = std::mem::replace(&mut self.full_pods, full_pods);
             pods_changed.extend(before.into_keys());
@@ -249,7 +273,8 @@ impl Compiler {
     }
 
     /// Compiles one unit again, in place of what it gave before.
-    fn recompile(&mut self, store: &Store, key: UnitKey) {
+    /// `pending` are the units this batch has yet to compile: their output is out of date.
+    fn recompile(&mut self, store: &Store, key: UnitKey, pending: &BTreeSet<UnitKey>) {
         let id = self.unit_of.get(&key).copied();
         let before = id.and_then(|id| self.units[id as usize].take());
         let mut notes_before = Vec::new();
@@ -259,7 +284,26 @@ impl Compiler {
             }
             self.withdraw(id, unit);
         }
-        let reader = Reader::new(store, &self.options, &mut self.matches, &mut self.interner);
+        let (units, unit_of) = (&self.units, &self.unit_of);
+        let compiled = |namespace: &str, name: &str, port: u16| {
+            let key = UnitKey::Service(namespace.into(), name.into());
+            if pending.contains(&key) {
+                return None;
+            }
+            let unit = units[*unit_of.get(&key)? as usize].as_ref()?;
+            let Output::Service(output) = &unit.output else {
+                return None;
+            };
+            let (_, routes) = output.services.iter().find(|(_, r)| r.port == port)?;
+            Some(routes.default.clone())
+        };
+        let reader = Reader::new(
+            store,
+            &self.options,
+            &mut self.matches,
+            &mut self.interner,
+            &compiled,
+        );
         let output = match &key {
             UnitKey::Service(namespace, name) => {
                 compile_service(&reader, namespace, name).map(Output::Service)
@@ -273,7 +317,13 @@ impl Compiler {
                 })
             }
         };
-        let mut reads: Vec<u64> = reader.into_reads().iter().map(input_hash).collect();
+        // A unit's own inputs are not kept as reads: `update` finds the unit by them.
+        let mut reads: Vec<u64> = reader
+            .into_reads()
+            .iter()
+            .filter(|input| !key.is_own(input))
+            .map(input_hash)
+            .collect();
         let Some(output) = output else {
             if let Some(id) = id {
                 self.unit_of.remove(&key);

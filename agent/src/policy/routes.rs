@@ -35,11 +35,11 @@ use super::{
     workload::workload_name,
     Input, Policy, Store,
 };
-use crate::proxy::shared_map::SharedMap;
 use crate::proxy::route::{
     unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, LocalPod, Mirror,
     RouteTable, Rule, SafeMethods, ServiceRoutes, WeightedBackend, Workload,
 };
+use crate::proxy::shared_map::SharedMap;
 
 pub const SPLIT: &str = "aviary.dev/split";
 pub const MIRROR: &str = "aviary.dev/mirror";
@@ -402,7 +402,12 @@ pub(super) struct Reader<'a> {
     reads: RefCell<Vec<Input>>,
     matches: RefCell<&'a mut MatchCache>,
     interner: RefCell<&'a mut Interner>,
+    compiled: &'a CompiledBackend<'a>,
 }
+
+/// A Service's own compiled backend for one of its ports, when it is up to date: another
+/// Service's route that sends there shares it rather than holding its endpoints again.
+pub(super) type CompiledBackend<'a> = dyn Fn(&str, &str, u16) -> Option<Arc<Backend>> + 'a;
 
 impl<'a> Reader<'a> {
     pub fn new(
@@ -410,6 +415,7 @@ impl<'a> Reader<'a> {
         options: &'a RouteOptions,
         matches: &'a mut MatchCache,
         interner: &'a mut Interner,
+        compiled: &'a CompiledBackend<'a>,
     ) -> Self {
         Self {
             store,
@@ -417,6 +423,7 @@ impl<'a> Reader<'a> {
             reads: RefCell::default(),
             matches: RefCell::new(matches),
             interner: RefCell::new(interner),
+            compiled,
         }
     }
 
@@ -627,6 +634,17 @@ impl<'a> Reader<'a> {
             .iter()
             .find(|p| p.port == port)
             .or_else(|| (ports.len() == 1).then(|| &ports[0]))?;
+        if let Some(backend) = (self.compiled)(namespace, name, service_port.port as u16) {
+            // What computing it would have read.
+            self.read(Input::Slices(namespace.into(), name.into()));
+            for pod in backend.endpoints.iter().filter_map(|e| e.pod.as_ref()) {
+                self.read(Input::Pod(pod.namespace.to_string(), pod.pod.to_string()));
+                if self.options.inbound_capture {
+                    self.read(Input::Namespace(pod.namespace.to_string()));
+                }
+            }
+            return Some(backend);
+        }
         let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
         let mut seen = HashSet::new();
         for slice in self.slices(namespace, name) {

@@ -66,14 +66,15 @@ impl From<k8s_openapi::api::core::v1::Service> for Service {
                 type_: spec.type_,
                 cluster_ip: spec.cluster_ip,
                 cluster_ips: spec.cluster_ips,
+                // A new vector: collecting in place would keep the larger Kubernetes ports'.
                 ports: spec.ports.map(|ports| {
                     ports
-                        .into_iter()
+                        .iter()
                         .map(|port| Port {
-                            name: port.name,
+                            name: port.name.clone(),
                             port: port.port,
-                            protocol: port.protocol,
-                            app_protocol: port.app_protocol,
+                            protocol: port.protocol.clone(),
+                            app_protocol: port.app_protocol.clone(),
                         })
                         .collect()
                 }),

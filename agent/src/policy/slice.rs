@@ -71,17 +71,20 @@ impl From<EndpointSlice> for Slice {
         let service = meta
             .labels
             .and_then(|mut labels| labels.remove(SERVICE_NAME_LABEL));
+        // Collected into a new vector: collecting in place would keep the Kubernetes
+        // endpoints' allocation, eight times the size of what it now holds.
         let endpoints = slice
             .endpoints
-            .into_iter()
+            .iter()
             .map(|endpoint| {
                 let pod = endpoint
                     .target_ref
+                    .as_ref()
                     .filter(|target| target.kind.as_deref() == Some("Pod"))
                     .and_then(|target| {
                         Some(Box::new(PodRef {
-                            namespace: target.namespace,
-                            name: target.name?,
+                            namespace: target.namespace.clone(),
+                            name: target.name.clone()?,
                         }))
                     });
                 Endpoint {
@@ -90,7 +93,7 @@ impl From<EndpointSlice> for Slice {
                         .iter()
                         .filter_map(|a| a.parse().ok())
                         .collect(),
-                    ready: endpoint.conditions.and_then(|c| c.ready),
+                    ready: endpoint.conditions.as_ref().and_then(|c| c.ready),
                     pod,
                 }
             })
@@ -105,14 +108,59 @@ impl From<EndpointSlice> for Slice {
             service,
             ports: slice
                 .ports
-                .into_iter()
+                .iter()
                 .flatten()
                 .map(|port| Port {
-                    name: port.name,
+                    name: port.name.clone(),
                     port: port.port,
                 })
                 .collect(),
             endpoints,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::{local::parse_documents, Object};
+
+    #[test]
+    fn only_what_routing_reads_is_kept() {
+        let objects = parse_documents(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-1, namespace: shop, labels: {kubernetes.io/service-name: reviews, app: x}}
+addressType: IPv4
+ports: [{name: http, port: 9080, protocol: TCP}]
+endpoints:
+- addresses: ["10.244.1.5"]
+  conditions: {ready: true, serving: true}
+  nodeName: node-a
+  zone: a
+  targetRef: {kind: Pod, name: reviews-7d9f8b-abcde, namespace: shop, uid: u1}
+- addresses: ["not an address"]
+  conditions: {ready: false}
+"#,
+        )
+        .unwrap();
+        let Object::EndpointSlice(slice) = &objects[0] else {
+            panic!("an EndpointSlice")
+        };
+        assert_eq!(slice.service(), Some("reviews"));
+        assert_eq!(slice.endpoints.capacity(), 2, "no room kept for more");
+        assert_eq!(
+            serde_json::to_value(slice).unwrap(),
+            serde_json::json!({
+                "metadata": {"name": "reviews-1", "namespace": "shop"},
+                "service": "reviews",
+                "ports": [{"name": "http", "port": 9080}],
+                "endpoints": [
+                    {"addresses": ["10.244.1.5"], "ready": true,
+                     "pod": {"namespace": "shop", "name": "reviews-7d9f8b-abcde"}},
+                    {"addresses": [], "ready": false},
+                ],
+            })
+        );
     }
 }
