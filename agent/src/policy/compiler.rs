@@ -22,7 +22,7 @@ use super::{
     enrolled, is_host_network, is_local, pod_ips,
     routes::{
         compile_service, full_pod_addresses, Interner, MatchCache, Reader, RouteOptions,
-        ServiceOutput,
+        ServiceAnnotations, ServiceOutput,
     },
     status::{compile_route, RouteOutput, RouteStatus},
     EnrolledPod, Input, ObjectKey, Policy, Store,
@@ -52,6 +52,17 @@ enum UnitKey {
 }
 
 impl UnitKey {
+    /// A Service with neither routes nor routing annotations: it reads no other Service.
+    fn is_leaf(&self, store: &Store) -> bool {
+        let Self::Service(namespace, name) = self else {
+            return false;
+        };
+        store.routes_on(namespace, name).next().is_none()
+            && store
+                .service(namespace, name)
+                .is_none_or(|svc| !matches!(ServiceAnnotations::parse(svc), Ok(Some(_))))
+    }
+
     /// Whether `input` is the unit's own object (or, for a Service, its EndpointSlices and
     /// attached routes).
     fn is_own(&self, input: &Input) -> bool {
@@ -205,7 +216,13 @@ impl Compiler {
 
     fn compile(&mut self, store: &Store, dirty: BTreeSet<UnitKey>, pods_touched: bool) -> Compiled {
         self.started = true;
-        let mut dirty = dirty;
+        // Services that send nowhere else first: those that do then share their backends.
+        let (leaves, mut dirty): (BTreeSet<UnitKey>, BTreeSet<UnitKey>) =
+            dirty.into_iter().partition(|key| key.is_leaf(store));
+        let mut leaves = leaves;
+        while let Some(key) = leaves.pop_first() {
+            self.recompile(store, key, &dirty);
+        }
         while let Some(key) = dirty.pop_first() {
             self.recompile(store, key, &dirty);
         }
@@ -341,6 +358,7 @@ impl Compiler {
         });
         reads.sort_unstable();
         reads.dedup();
+        reads.shrink_to_fit();
         for read in &reads {
             self.readers.entry(*read).or_default().push(id);
         }

@@ -253,6 +253,15 @@ pub(super) struct ServiceOutput {
     pub pods: Vec<(IpAddr, Arc<Workload>)>,
 }
 
+impl ServiceOutput {
+    /// A Service's output lives as long as the Service: no room for more.
+    fn shrink_to_fit(&mut self) {
+        self.services.shrink_to_fit();
+        self.consumers.shrink_to_fit();
+        self.pods.shrink_to_fit();
+    }
+}
+
 /// Compiles the Service `namespace/name`; None when the store has no such Service.
 pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option<ServiceOutput> {
     let svc = r.service(namespace, name)?;
@@ -345,6 +354,7 @@ pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option
         out.services
             .extend(addresses.into_iter().map(|addr| (addr, routes.clone())));
     }
+    out.shrink_to_fit();
     Some(out)
 }
 
@@ -622,7 +632,8 @@ impl<'a> Reader<'a> {
             b.0.cmp(&a.0)
                 .then_with(|| (&a.1, a.2, a.3).cmp(&(&b.1, b.2, b.3)))
         });
-        ranked.into_iter().map(|(.., rule)| rule).collect()
+        // Not collected in place, which would keep room for the ranking beside each rule.
+        ranked.iter().map(|(.., rule)| rule.clone()).collect()
     }
 
     /// The Service `namespace/name` as a backend on `port` (its port with that number, or its
