@@ -91,7 +91,8 @@ enum Output {
 
 /// One compiled unit: what it read, and what it gave.
 struct Unit {
-    key: UnitKey,
+    /// Shared with `unit_of`, which finds the unit by it.
+    key: Arc<UnitKey>,
     /// Hashes of its inputs (a collision only recompiles a unit more often).
     reads: Vec<u64>,
     output: Output,
@@ -101,7 +102,7 @@ pub struct Compiler {
     options: RouteOptions,
     units: Vec<Option<Unit>>,
     free: Vec<UnitId>,
-    unit_of: HashMap<UnitKey, UnitId>,
+    unit_of: HashMap<Arc<UnitKey>, UnitId>,
     /// The units that read each input, by the input's hash.
     readers: HashMap<u64, SmallVec<[UnitId; 2]>>,
     matches: MatchCache,
@@ -192,7 +193,7 @@ impl Compiler {
             }
             for id in self.readers.get(&input_hash(input)).into_iter().flatten() {
                 if let Some(unit) = &self.units[*id as usize] {
-                    dirty.insert(unit.key.clone());
+                    dirty.insert(UnitKey::clone(&unit.key));
                 }
             }
         }
@@ -200,7 +201,7 @@ impl Compiler {
     }
 
     fn compile_all(&mut self, store: &Store) -> Compiled {
-        let mut dirty: BTreeSet<UnitKey> = self.unit_of.keys().cloned().collect();
+        let mut dirty: BTreeSet<UnitKey> = self.unit_of.keys().map(|key| (**key).clone()).collect();
         dirty.extend(store.services().map(|svc| {
             let meta = &svc.metadata;
             let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
@@ -348,14 +349,18 @@ impl Compiler {
             }
             return;
         };
-        let id = id.unwrap_or_else(|| {
-            let id = self.free.pop().unwrap_or_else(|| {
-                self.units.push(None);
-                (self.units.len() - 1) as UnitId
-            });
-            self.unit_of.insert(key.clone(), id);
-            id
-        });
+        let (id, key) = match self.unit_of.get_key_value(&key) {
+            Some((shared, id)) => (*id, shared.clone()),
+            None => {
+                let id = self.free.pop().unwrap_or_else(|| {
+                    self.units.push(None);
+                    (self.units.len() - 1) as UnitId
+                });
+                let shared = Arc::new(key);
+                self.unit_of.insert(shared.clone(), id);
+                (id, shared)
+            }
+        };
         reads.sort_unstable();
         reads.dedup();
         reads.shrink_to_fit();

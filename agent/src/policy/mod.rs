@@ -408,8 +408,10 @@ pub struct Store {
 /// belong to, and what changed since the compiler last looked.
 #[derive(Debug, Default, Clone)]
 struct Index {
-    /// EndpointSlice names by the Service (namespace, name) they label.
-    slices_by_service: HashMap<(String, String), Members<String>>,
+    /// EndpointSlice names by the hash of the Service (namespace, name) they label: the
+    /// commonest index, so its key is not two more strings per Service; a lookup checks each
+    /// slice's Service, so a collision costs nothing but the check.
+    slices_by_service: HashMap<u64, Members<String>>,
     /// HTTPRoutes (namespace, name) by the Service (namespace, name) they attach to.
     routes_by_parent: HashMap<(String, String), Members<(String, String)>>,
     touched: HashSet<Input>,
@@ -432,7 +434,7 @@ impl Index {
             match &input {
                 Input::Slices(namespace, service) => update_set(
                     &mut self.slices_by_service,
-                    (namespace.clone(), service.clone()),
+                    service_hash(namespace, service),
                     key.name.clone(),
                     present,
                 ),
@@ -447,6 +449,12 @@ impl Index {
             self.touched.insert(input);
         }
     }
+}
+
+/// The index key of the Service `namespace/name`.
+fn service_hash(namespace: &str, name: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one((namespace, name))
 }
 
 /// A sorted set that holds its usual one member inline: most Services have one EndpointSlice
@@ -692,7 +700,7 @@ impl Store {
         let Some(names) = self
             .index
             .slices_by_service
-            .get(&(namespace.to_owned(), name.to_owned()))
+            .get(&service_hash(namespace, name))
         else {
             return Vec::new();
         };
@@ -704,6 +712,7 @@ impl Store {
                     _ => None,
                 },
             )
+            .filter(|slice| slice.service() == Some(name))
             .collect()
     }
 

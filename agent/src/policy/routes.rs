@@ -325,8 +325,8 @@ pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option
         };
         let protocol = AppProtocol::from_app_protocol(port.app_protocol.as_deref());
         let routes = Arc::new(ServiceRoutes {
-            namespace: r.intern(namespace),
-            name: name.into(),
+            namespace: default.namespace.clone(),
+            name: default.name.clone(),
             port: port.port as u16,
             protocol,
             rules,
@@ -679,6 +679,7 @@ impl<'a> Reader<'a> {
                 }
             }
         }
+        endpoints.shrink_to_fit();
         Some(Arc::new(Backend {
             namespace: self.intern(namespace),
             name: name.into(),

@@ -16,7 +16,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Slice {
-    /// Name, namespace and UID.
+    /// Name and namespace (an EndpointSlice is never refused, so no Event names its UID).
     pub metadata: Meta,
     /// The Service it belongs to, by its label (a field, not a map of one: a map's smallest
     /// allocation is larger than the rest of a slice of one endpoint).
@@ -102,7 +102,7 @@ impl From<EndpointSlice> for Slice {
             metadata: Meta {
                 name: meta.name,
                 namespace: meta.namespace,
-                uid: meta.uid,
+                uid: None,
                 annotations: None,
             },
             service,
