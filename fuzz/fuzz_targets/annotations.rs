@@ -98,10 +98,18 @@ fuzz_target!(|data: &[u8]| {
                 o.metadata.labels = Some(annotations.clone());
                 &mut o.metadata
             }
-            Object::Service(o) => &mut o.metadata,
-            Object::EndpointSlice(o) => &mut o.metadata,
             Object::HttpRoute(o) => &mut o.metadata,
             Object::PodMetadata(meta) => meta,
+            // The store keeps these as policy reads them, with annotations of their own kind.
+            Object::Service(o) => {
+                o.metadata.annotations = Some(annotations.clone());
+                let _ = store.upsert(object);
+                continue;
+            }
+            Object::EndpointSlice(_) => {
+                let _ = store.upsert(object);
+                continue;
+            }
         };
         meta.annotations = Some(annotations.clone());
         // A refusal is an answer too; only a panic is a failure.
