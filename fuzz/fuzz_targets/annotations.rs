@@ -99,8 +99,12 @@ fuzz_target!(|data: &[u8]| {
                 &mut o.metadata
             }
             Object::HttpRoute(o) => &mut o.metadata,
-            Object::PodMetadata(meta) => meta,
             // The store keeps these as policy reads them, with annotations of their own kind.
+            Object::PodMetadata(pod) => {
+                pod.metadata.annotations = Some(annotations.clone());
+                let _ = store.upsert(object);
+                continue;
+            }
             Object::Service(o) => {
                 o.metadata.annotations = Some(annotations.clone());
                 let _ = store.upsert(object);

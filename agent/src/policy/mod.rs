@@ -87,19 +87,16 @@ pub enum Object {
     /// Only what routing reads of it.
     EndpointSlice(Box<slice::Slice>),
     HttpRoute(Box<gateway_api::apis::standard::httproutes::HttpRoute>),
-    PodMetadata(Box<ObjectMeta>),
+    PodMetadata(Box<PodMeta>),
 }
 
 impl Object {
-    /// A pod known by its metadata only (any node's, as the metadata watch sees it), trimmed to
-    /// what policy reads: what names its workload, and the annotations that decide whether it is
-    /// enrolled, exactly as they do for this node's pods. Of 100,000 pods, their other labels
-    /// and annotations would be most of the memory.
+    /// A pod known by its metadata only (any node's, as the metadata watch sees it), kept as
+    /// what policy reads: the workload its owner references name, and the annotations that
+    /// decide whether it is enrolled, exactly as they do for this node's pods. Of 100,000 pods,
+    /// their other labels, annotations and owner references would be most of the memory.
     pub fn pod_metadata(meta: ObjectMeta) -> Self {
-        let labels = meta.labels.and_then(|mut labels| {
-            let hash = labels.remove_entry(workload::POD_TEMPLATE_HASH)?;
-            Some([hash].into())
-        });
+        let workload = workload::workload_name(&meta);
         let annotations = meta.annotations.and_then(|mut annotations| {
             let kept: BTreeMap<String, String> = POD_ANNOTATIONS
                 .iter()
@@ -107,14 +104,14 @@ impl Object {
                 .collect();
             (!kept.is_empty()).then_some(kept)
         });
-        Self::PodMetadata(Box::new(ObjectMeta {
-            name: meta.name,
-            namespace: meta.namespace,
-            uid: meta.uid,
-            labels,
-            annotations,
-            owner_references: meta.owner_references,
-            ..ObjectMeta::default()
+        Self::PodMetadata(Box::new(PodMeta {
+            metadata: Meta {
+                name: meta.name,
+                namespace: meta.namespace,
+                uid: meta.uid,
+                annotations,
+            },
+            workload,
         }))
     }
 
@@ -125,7 +122,7 @@ impl Object {
             Self::Service(o) => o.metadata.as_ref(),
             Self::EndpointSlice(o) => o.metadata.as_ref(),
             Self::HttpRoute(o) => MetaRef::of(&o.metadata),
-            Self::PodMetadata(meta) => MetaRef::of(meta),
+            Self::PodMetadata(pod) => pod.metadata.as_ref(),
         }
     }
 
@@ -192,7 +189,7 @@ impl Object {
         match self {
             Self::Namespace(ns) => security::validate(&ns.metadata),
             Self::Pod(pod) => {
-                inbound_ports_excluded(&pod.metadata)?;
+                inbound_ports_excluded(pod.metadata.annotations.as_ref())?;
                 security::validate(&pod.metadata)?;
                 match pod.metadata.uid.as_deref() {
                     Some(uid) if !uid.is_empty() => Ok(()),
@@ -207,7 +204,9 @@ impl Object {
             Self::HttpRoute(route) => gamma::validate(route),
             // Refused as its own agent refuses the Pod, so that every agent takes the pod for
             // enrolled or not alike.
-            Self::PodMetadata(meta) => inbound_ports_excluded(meta).map(drop),
+            Self::PodMetadata(pod) => {
+                inbound_ports_excluded(pod.metadata.annotations.as_ref()).map(drop)
+            }
         }
     }
 }
@@ -235,6 +234,21 @@ impl Meta {
             annotations: self.annotations.as_ref(),
         }
     }
+}
+
+/// A pod of any node, as the metadata watch shows it and policy reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodMeta {
+    /// Name, namespace, UID, and the annotations that decide its enrolment.
+    pub metadata: Meta,
+    /// What its owner references name (a Deployment, StatefulSet, ...).
+    pub workload: String,
+}
+
+/// What policy reads of a pod, whichever way the store knows it.
+pub(crate) struct PodFacts<'a> {
+    pub annotations: Option<&'a BTreeMap<String, String>>,
+    pub workload: std::borrow::Cow<'a, str>,
 }
 
 /// The metadata every object has, whichever way it is kept.
@@ -629,12 +643,19 @@ impl Store {
         }
     }
 
-    /// A pod's metadata: as the metadata watch has it, else from its Pod.
-    fn pod_metadata(&self, namespace: &str, name: &str) -> Option<&ObjectMeta> {
-        match self.get(Kind::PodMetadata, namespace, name) {
-            Some(Object::PodMetadata(meta)) => Some(meta),
-            _ => self.pod(namespace, name).map(|pod| &pod.metadata),
+    /// What policy reads of a pod: as the metadata watch has it, else from its Pod.
+    fn pod_facts(&self, namespace: &str, name: &str) -> Option<PodFacts<'_>> {
+        if let Some(Object::PodMetadata(pod)) = self.get(Kind::PodMetadata, namespace, name) {
+            return Some(PodFacts {
+                annotations: pod.metadata.annotations.as_ref(),
+                workload: pod.workload.as_str().into(),
+            });
         }
+        let pod = self.pod(namespace, name)?;
+        Some(PodFacts {
+            annotations: pod.metadata.annotations.as_ref(),
+            workload: workload::workload_name(&pod.metadata).into(),
+        })
     }
 
     fn http_route(
@@ -748,8 +769,8 @@ impl Capture {
         }
     }
 
-    fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<Self> {
-        let value = meta.annotations.as_ref()?.get(CAPTURE_ANNOTATION)?;
+    fn of(annotations: Option<&BTreeMap<String, String>>) -> Option<Self> {
+        let value = annotations?.get(CAPTURE_ANNOTATION)?;
         Self::parse(value).ok()
     }
 }
@@ -771,12 +792,10 @@ pub struct EnrolledPod {
 }
 
 /// The ports of `aviary.dev/inbound-ports-exclude`, or why they are not ports.
-fn inbound_ports_excluded(meta: &ObjectMeta) -> Result<BTreeSet<u16>, String> {
-    let Some(value) = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(INBOUND_PORTS_EXCLUDE))
-    else {
+fn inbound_ports_excluded(
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Result<BTreeSet<u16>, String> {
+    let Some(value) = annotations.and_then(|a| a.get(INBOUND_PORTS_EXCLUDE)) else {
         return Ok(BTreeSet::new());
     };
     value
@@ -849,7 +868,10 @@ fn enrolled(store: &Store, node: Option<&str>) -> BTreeMap<String, EnrolledPod> 
     store
         .pods()
         .filter(|pod| is_local(pod, node) && is_running(pod) && !is_host_network(pod))
-        .filter(|pod| is_enrolled(&pod.metadata, store))
+        .filter(|pod| {
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+            is_enrolled(namespace, pod.metadata.annotations.as_ref(), store)
+        })
         .map(|pod| {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
             let namespace_meta = store.namespace(namespace).map(|ns| &ns.metadata);
@@ -863,7 +885,8 @@ fn enrolled(store: &Store, node: Option<&str>) -> BTreeMap<String, EnrolledPod> 
                     .and_then(|s| s.service_account_name.clone())
                     .unwrap_or_else(|| "default".into()),
                 ips: pod_ips(pod),
-                inbound_ports_excluded: inbound_ports_excluded(&pod.metadata).unwrap_or_default(),
+                inbound_ports_excluded: inbound_ports_excluded(pod.metadata.annotations.as_ref())
+                    .unwrap_or_default(),
                 inbound: InboundPolicy::of(&pod.metadata, namespace_meta),
             }
         })
@@ -873,11 +896,14 @@ fn enrolled(store: &Store, node: Option<&str>) -> BTreeMap<String, EnrolledPod> 
 
 /// Whether a pod's annotations enrol it: its own, else its namespace's. This is all enrollment
 /// needs from a pod on another node, whose metadata is all the agent watches.
-fn is_enrolled(meta: &ObjectMeta, store: &Store) -> bool {
-    let namespace = meta.namespace.as_deref().unwrap_or("default");
-    let capture = Capture::of(meta).or_else(|| {
+fn is_enrolled(
+    namespace: &str,
+    annotations: Option<&BTreeMap<String, String>>,
+    store: &Store,
+) -> bool {
+    let capture = Capture::of(annotations).or_else(|| {
         let namespace = store.namespace(namespace)?;
-        Capture::of(&namespace.metadata)
+        Capture::of(namespace.metadata.annotations.as_ref())
     });
     capture == Some(Capture::Enabled)
 }
@@ -1252,16 +1278,20 @@ ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-7d9f8b, 
         let Object::PodMetadata(kept) = Object::pod_metadata(meta.clone()) else {
             panic!("pod metadata");
         };
-        let expected = ObjectMeta {
-            labels: Some([("pod-template-hash".into(), "7d9f8b".into())].into()),
-            annotations: Some(
-                [
-                    (CAPTURE_ANNOTATION.into(), "disabled".into()),
-                    (INBOUND_PORTS_EXCLUDE.into(), "9090".into()),
-                ]
-                .into(),
-            ),
-            ..meta.clone()
+        let expected = PodMeta {
+            metadata: Meta {
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                uid: meta.uid.clone(),
+                annotations: Some(
+                    [
+                        (CAPTURE_ANNOTATION.into(), "disabled".into()),
+                        (INBOUND_PORTS_EXCLUDE.into(), "9090".into()),
+                    ]
+                    .into(),
+                ),
+            },
+            workload: "podinfo".into(),
         };
         assert_eq!(*kept, expected);
         let bare = ObjectMeta {
@@ -1271,7 +1301,7 @@ ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-7d9f8b, 
         let Object::PodMetadata(kept) = Object::pod_metadata(bare) else {
             panic!("pod metadata");
         };
-        assert_eq!(kept.annotations, None);
+        assert_eq!(kept.metadata.annotations, None);
 
         // Refused for what its own agent refuses the Pod for, so that every agent agrees.
         let bad = ObjectMeta {

@@ -32,7 +32,6 @@ use super::{
     service::Service,
     service_addresses,
     slice::{self, Slice},
-    workload::workload_name,
     Input, Policy, Store,
 };
 use crate::proxy::route::{
@@ -508,8 +507,8 @@ impl<'a> Reader<'a> {
     /// The pod `namespace/name` as the metrics name it: its workload from its metadata.
     fn workload(&self, namespace: &str, name: &str) -> Arc<Workload> {
         self.read(Input::Pod(namespace.into(), name.into()));
-        let workload = match self.store.pod_metadata(namespace, name) {
-            Some(meta) => self.intern(&workload_name(meta)),
+        let workload = match self.store.pod_facts(namespace, name) {
+            Some(pod) => self.intern(&pod.workload),
             None => unknown(),
         };
         Arc::new(Workload {
@@ -527,7 +526,7 @@ impl<'a> Reader<'a> {
         }
         self.read(Input::Pod(namespace.into(), name.into()));
         self.read(Input::Namespace(namespace.into()));
-        let Some(meta) = self.store.pod_metadata(namespace, name) else {
+        let Some(pod) = self.store.pod_facts(namespace, name) else {
             return false;
         };
         let local = self
@@ -535,8 +534,9 @@ impl<'a> Reader<'a> {
             .pod(namespace, name)
             .is_some_and(|pod| is_local(pod, self.options.node.as_deref()));
         !local
-            && is_enrolled(meta, self.store)
-            && inbound_ports_excluded(meta).is_ok_and(|excluded| !excluded.contains(&port))
+            && is_enrolled(namespace, pod.annotations, self.store)
+            && inbound_ports_excluded(pod.annotations)
+                .is_ok_and(|excluded| !excluded.contains(&port))
     }
 
     /// The rules of the HTTPRoutes attached to one service port, one per match, in Gateway API
