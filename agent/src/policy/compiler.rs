@@ -1,13 +1,14 @@
-//! The compiler: a store in, policy and the routing table out, recompiling after each batch of
-//! changes only what read the objects that changed.
+//! The compiler: a store in, policy, the routing table and route statuses out, recompiling
+//! after each batch of changes only what read the objects that changed.
 //!
-//! Each Service compiles on its own (`routes::compile_service`), through a reader that notes
-//! every input it looks up: the Service, its EndpointSlices, the HTTPRoutes attached to it, the
-//! Services its routes send to, the pods its endpoints name and their namespaces. A change
-//! touches inputs; the Services that read them compile again, and their part of the output is
-//! swapped for the new one. The outputs are persistent maps, so a snapshot shares everything
-//! that did not change with the one before it, and the cost of a change follows what it
-//! touches, not the size of the cluster. A full compile is the same with every Service touched.
+//! Each Service compiles on its own (`routes::compile_service`), and so does each HTTPRoute's
+//! status (`status::compile_route`), through a reader that notes every input it looks up: the
+//! Service, its EndpointSlices, the HTTPRoutes attached to it, the Services its routes send
+//! to, the pods its endpoints name and their namespaces. A change touches inputs; the units
+//! that read them compile again, and their part of the output is swapped for the new one. The
+//! outputs are shared maps, so a snapshot shares everything that did not change with the one
+//! before it, and the cost of a change follows what it touches, not the size of the cluster.
+//! A full compile is the same with every unit touched.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
