@@ -111,6 +111,9 @@ impl ApiServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // As the API server's (Go sets it on every TCP connection): without it, a watch
+                // event written soon after another waits for the client's delayed ACK (40 ms).
+                let _ = stream.set_nodelay(true);
                 let state = shared.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
