@@ -18,12 +18,15 @@ const SHARDS: usize = 256;
 
 pub struct SharedMap<K, V> {
     shards: Arc<Vec<Arc<HashMap<K, V>>>>,
+    /// Entries in all shards: the request path asks whether a map is empty.
+    len: usize,
 }
 
 impl<K, V> Clone for SharedMap<K, V> {
     fn clone(&self) -> Self {
         Self {
             shards: self.shards.clone(),
+            len: self.len,
         }
     }
 }
@@ -32,6 +35,7 @@ impl<K, V> Default for SharedMap<K, V> {
     fn default() -> Self {
         Self {
             shards: Arc::new((0..SHARDS).map(|_| Arc::new(HashMap::new())).collect()),
+            len: 0,
         }
     }
 }
@@ -47,14 +51,15 @@ impl<K: Hash + Eq + Clone, V: Clone> SharedMap<K, V> {
         self.shards[shard_of(key)].get(key)
     }
 
-    pub fn contains_key(&self, key: &K) -> bool {
-        self.get(key).is_some()
-    }
-
     /// Copies the key's shard first if another table still holds it.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         let shard = shard_of(&key);
-        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard]).insert(key, value)
+        let replaced =
+            Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard]).insert(key, value);
+        if replaced.is_none() {
+            self.len += 1;
+        }
+        replaced
     }
 
     pub fn remove(&mut self, key: &K) -> Option<V> {
@@ -62,6 +67,7 @@ impl<K: Hash + Eq + Clone, V: Clone> SharedMap<K, V> {
         if !self.shards[shard].contains_key(key) {
             return None;
         }
+        self.len -= 1;
         Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard]).remove(key)
     }
 
@@ -74,11 +80,11 @@ impl<K: Hash + Eq + Clone, V: Clone> SharedMap<K, V> {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|shard| shard.len()).sum()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.shards.iter().all(|shard| shard.is_empty())
+        self.len == 0
     }
 }
 
@@ -119,6 +125,9 @@ mod tests {
         assert_eq!((first.get(&7), second.get(&7)), (Some(&70), Some(&7)));
         assert_eq!((first.get(&8), second.get(&8)), (None, Some(&8)));
         assert_eq!((first.len(), second.len()), (9_999, 10_000));
+        assert_eq!(first.remove(&8), None);
+        assert_eq!(first.len(), 9_999);
+        assert!(SharedMap::<u32, u32>::default().is_empty());
         let shared = first
             .shards
             .iter()
