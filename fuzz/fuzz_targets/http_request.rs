@@ -168,7 +168,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
     let rejected = store.replace_all(local::parse_documents(&policy).expect("the policy parses"));
     assert!(rejected.is_empty(), "{rejected:?}");
     let table = routes::compile_routes(&store, &RouteOptions::default());
-    assert!(table.services.contains_key(&SERVICE), "web is routed");
+    assert!(table.services.get(&SERVICE).is_some(), "web is routed");
     let proxy = Arc::new(HttpProxy::new(
         HttpConfig::default(),
         Arc::new(ArcSwap::from_pointee(table)),
