@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, sync::LazyLock};
 use aviary_agent::policy::{
     self, local,
     routes::{self, RouteOptions},
-    Object, Store,
+    Object, PodMeta, Store,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use libfuzzer_sys::fuzz_target;
@@ -78,16 +78,16 @@ fuzz_target!(|data: &[u8]| {
         .collect();
 
     let mut store = Store::default();
-    // A pod on another node, which the agent knows by its metadata only (as its watch of every
-    // pod's metadata delivers it): its annotations decide whether its own agent measures it.
-    let remote = Object::pod_metadata(ObjectMeta {
+    // A pod on another node, which the agent knows as that node's agent publishes it: its
+    // annotations decide whether its own agent measures it.
+    let remote = Object::PodMetadata(Box::new(PodMeta::of(&ObjectMeta {
         name: Some("web-7d9f8b6c4-r8k2p".into()),
         namespace: Some("shop".into()),
         uid: Some("00000000-0000-4000-8000-000000000002".into()),
         labels: Some(annotations.clone()),
         annotations: Some(annotations.clone()),
         ..ObjectMeta::default()
-    });
+    })));
     let _ = store.upsert(remote);
     for object in OBJECTS.iter() {
         let mut object = object.clone();

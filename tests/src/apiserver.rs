@@ -4,7 +4,8 @@
 //! - `?watch=true` answers with a chunked stream of JSON events from the requested
 //!   resourceVersion, `BOOKMARK`s on request, and an `ERROR` event with a `410 Gone` Status when
 //!   that version has been compacted away, as etcd-backed servers do;
-//! - field selectors on plain fields (`spec.nodeName=...`);
+//! - field selectors on plain fields (`spec.nodeName=...`) and label selectors of equalities and
+//!   existence (`app=web,aviary.dev/node-pods`);
 //! - GET, POST, PUT (with resourceVersion conflicts) and JSON merge PATCH, on objects and on their
 //!   `status` subresource;
 //! - TokenReview: tokens the test issues ([`ApiServer::issue_token`]) review as authenticated,
@@ -47,9 +48,7 @@ struct ObjectId {
 struct Watch {
     collection: Collection,
     namespace: Option<String>,
-    selector: Vec<(String, String)>,
-    /// The client asked for PartialObjectMetadata (kube's metadata watcher does).
-    metadata_only: bool,
+    selector: Selector,
     sender: mpsc::UnboundedSender<Bytes>,
 }
 
@@ -292,10 +291,7 @@ impl State {
             self.objects.insert(id.clone(), object.clone());
         }
         self.watches.retain(|w| {
-            !w.matches(&id, &object)
-                || w.sender
-                    .send(event_line(kind, &object, w.metadata_only))
-                    .is_ok()
+            !w.matches(&id, &object) || w.sender.send(event_line(kind, &object)).is_ok()
         });
         self.history.push((revision, id, kind, object));
         revision
@@ -306,32 +302,12 @@ impl Watch {
     fn matches(&self, id: &ObjectId, object: &Value) -> bool {
         self.collection == id.collection
             && self.namespace.as_ref().is_none_or(|ns| *ns == id.namespace)
-            && selected(&self.selector, object)
+            && self.selector.selects(object)
     }
 }
 
-fn event_line(kind: &str, object: &Value, metadata_only: bool) -> Bytes {
-    let object = if metadata_only {
-        partial(object)
-    } else {
-        object.clone()
-    };
+fn event_line(kind: &str, object: &Value) -> Bytes {
     line(&json!({"type": kind, "object": object}))
-}
-
-/// An object as `PartialObjectMetadata`: its metadata only.
-fn partial(object: &Value) -> Value {
-    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-        "metadata": object["metadata"]})
-}
-
-/// Whether the client asked for metadata only, in its Accept header.
-fn wants_metadata(request: &Request<hyper::body::Incoming>) -> bool {
-    request
-        .headers()
-        .get(hyper::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("as=PartialObjectMetadata"))
 }
 
 fn line(event: &Value) -> Bytes {
@@ -365,6 +341,8 @@ fn api_version_kind(collection: &str) -> (String, String) {
         "httproutes" => "HTTPRoute",
         "leases" => "Lease",
         "events" => "Event",
+        "configmaps" => "ConfigMap",
+        "nodes" => "Node",
         other => other,
     };
     (api_version, kind.to_owned())
@@ -375,7 +353,7 @@ fn id_of(object: &Value) -> Option<ObjectId> {
     let kind = object["kind"].as_str()?;
     let name = object["metadata"]["name"].as_str()?;
     let namespace = match kind {
-        "Namespace" => "",
+        "Namespace" | "Node" => "",
         _ => object["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default"),
@@ -455,22 +433,55 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `spec.nodeName=n1,metadata.name=x` as (path, value) pairs.
-fn field_selector(text: Option<&String>) -> Vec<(String, String)> {
-    text.map(|t| {
-        t.split(',')
-            .filter_map(|term| term.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    })
-    .unwrap_or_default()
+/// What a list or watch selects: `fieldSelector` terms as (path, value) pairs, and
+/// `labelSelector` terms as (key, value), a key alone asking only that the label exist.
+#[derive(Default)]
+struct Selector {
+    fields: Vec<(String, String)>,
+    labels: Vec<(String, Option<String>)>,
 }
 
-fn selected(selector: &[(String, String)], object: &Value) -> bool {
-    selector.iter().all(|(path, value)| {
-        let field = path.split('.').fold(object, |v, key| &v[key]);
-        field.as_str().unwrap_or_default() == value
-    })
+impl Selector {
+    /// `fieldSelector=spec.nodeName=n1,metadata.name=x&labelSelector=app=web,tier`.
+    fn of(query: &BTreeMap<String, String>) -> Self {
+        let terms = |key: &str| -> Vec<String> {
+            query.get(key).map_or_else(Vec::new, |t| {
+                t.split(',')
+                    .filter(|term| !term.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+        };
+        Self {
+            fields: terms("fieldSelector")
+                .iter()
+                .filter_map(|term| term.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            labels: terms("labelSelector")
+                .iter()
+                .map(|term| match term.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+                    None => (term.clone(), None),
+                })
+                .collect(),
+        }
+    }
+
+    fn selects(&self, object: &Value) -> bool {
+        let fields = self.fields.iter().all(|(path, value)| {
+            let field = path.split('.').fold(object, |v, key| &v[key]);
+            field.as_str().unwrap_or_default() == value
+        });
+        let labels = self.labels.iter().all(|(key, value)| {
+            let label = object["metadata"]["labels"][key.as_str()].as_str();
+            match value {
+                Some(value) => label == Some(value.as_str()),
+                None => label.is_some(),
+            }
+        });
+        fields && labels
+    }
 }
 
 fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
@@ -491,7 +502,6 @@ async fn serve(state: &Mutex<State>, request: Request<hyper::body::Incoming>) ->
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let query = query(&request);
-    let metadata_only = wants_metadata(&request);
     {
         let mut state = state.lock().unwrap();
         state.requests.push(format!(
@@ -530,9 +540,9 @@ async fn serve(state: &Mutex<State>, request: Request<hyper::body::Incoming>) ->
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match (method.as_str(), &target.name) {
         ("GET", None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            watch(state, &target, &query, metadata_only)
+            watch(state, &target, &query)
         }
-        ("GET", None) => list(&state.lock().unwrap(), &target, &query, metadata_only),
+        ("GET", None) => list(&state.lock().unwrap(), &target, &query),
         ("GET", Some(name)) => {
             let state = state.lock().unwrap();
             match state.objects.get(&object_id(&target, name)) {
@@ -594,22 +604,17 @@ fn object_id(target: &Target, name: &str) -> ObjectId {
     }
 }
 
-fn in_scope(target: &Target, selector: &[(String, String)], id: &ObjectId, object: &Value) -> bool {
+fn in_scope(target: &Target, selector: &Selector, id: &ObjectId, object: &Value) -> bool {
     id.collection == target.collection
         && target
             .namespace
             .as_ref()
             .is_none_or(|ns| *ns == id.namespace)
-        && selected(selector, object)
+        && selector.selects(object)
 }
 
-fn list(
-    state: &State,
-    target: &Target,
-    query: &BTreeMap<String, String>,
-    metadata_only: bool,
-) -> Response<Body> {
-    let selector = field_selector(query.get("fieldSelector"));
+fn list(state: &State, target: &Target, query: &BTreeMap<String, String>) -> Response<Body> {
+    let selector = Selector::of(query);
     let (snapshot, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
         Some(token) => {
             let (rv, offset) = token.split_once(':').unwrap_or(("0", "0"));
@@ -640,23 +645,10 @@ fn list(
         .iter()
         .skip(offset)
         .take(limit)
-        .map(|o| {
-            if metadata_only {
-                partial(o)
-            } else {
-                (*o).clone()
-            }
-        })
+        .map(|o| (*o).clone())
         .collect();
     let more = offset + page.len() < items.len();
-    let (api_version, kind) = if metadata_only {
-        (
-            "meta.k8s.io/v1".to_owned(),
-            "PartialObjectMetadata".to_owned(),
-        )
-    } else {
-        api_version_kind(&target.collection)
-    };
+    let (api_version, kind) = api_version_kind(&target.collection);
     let mut metadata = json!({"resourceVersion": snapshot.to_string()});
     if more {
         metadata["continue"] = json!(format!("{snapshot}:{}", offset + page.len()));
@@ -672,10 +664,9 @@ fn watch(
     state: &Mutex<State>,
     target: &Target,
     query: &BTreeMap<String, String>,
-    metadata_only: bool,
 ) -> Response<Body> {
     let (sender, mut receiver) = mpsc::unbounded_channel::<Bytes>();
-    let selector = field_selector(query.get("fieldSelector"));
+    let selector = Selector::of(query);
     {
         let mut state = state.lock().unwrap();
         let from: u64 = query
@@ -692,14 +683,13 @@ fn watch(
         } else {
             for (rv, id, kind, object) in &state.history {
                 if *rv > from && in_scope(target, &selector, id, object) {
-                    let _ = sender.send(event_line(kind, object, metadata_only));
+                    let _ = sender.send(event_line(kind, object));
                 }
             }
             state.watches.push(Watch {
                 collection: target.collection.clone(),
                 namespace: target.namespace.clone(),
                 selector,
-                metadata_only,
                 sender,
             });
         }

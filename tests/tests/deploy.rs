@@ -106,6 +106,8 @@ fn the_base_manifests_are_valid_kubernetes_objects() {
             "ClusterRoleBinding",
             "Role",
             "RoleBinding",
+            "Role",
+            "RoleBinding",
             "DaemonSet",
             "Service",
             // The identity signer.

@@ -1,7 +1,8 @@
 //! The Kubernetes source with the real kube-rs client against the list/watch fixture: initial
 //! lists, watch events, bookmarks, 410 Gone, dropped streams, outages, a CRD that is not
-//! installed, and status and Events written by the Lease holder only. Then two agents' views of
-//! one cluster, each driving its proxy, count every request once in Flagger's family.
+//! installed, and status and Events written by the Lease holder only. Each agent publishes its
+//! node's pods for the others and reads theirs. Then two agents' views of one cluster, each
+//! driving its proxy, count every request once in Flagger's family.
 
 use std::{
     convert::Infallible,
@@ -34,9 +35,18 @@ use tokio::{
 };
 
 const NODE: &str = "node-a";
+const AGENT_NAMESPACE: &str = "aviary-system";
 const ROUTE_API: &str = "gateway.networking.k8s.io/v1";
 
 const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+---
 apiVersion: v1
 kind: Namespace
 metadata: {name: test, annotations: {aviary.dev/capture: enabled}}
@@ -132,11 +142,24 @@ fn start_on(
         trust_domain: None,
     });
     let (updates_tx, updates) = mpsc::channel(64);
-    kubernetes::spawn_watchers(&client, node, updates_tx);
+    kubernetes::spawn_watchers(&client, node, AGENT_NAMESPACE, updates_tx);
     let (reports_tx, reports) = watch::channel(Report::default());
-    let mut tasks = vec![tokio::spawn(kubernetes::apply_updates(
-        updates, publisher, reports_tx,
-    ))];
+    let (node_pods_tx, node_pods) = watch::channel(None);
+    let mut tasks = vec![
+        tokio::spawn(kubernetes::apply_updates(
+            updates,
+            publisher,
+            reports_tx,
+            node.into(),
+            node_pods_tx,
+        )),
+        tokio::spawn(kubernetes::node_pods::publish(
+            client.clone(),
+            AGENT_NAMESPACE.into(),
+            node.into(),
+            node_pods,
+        )),
+    ];
     if let Some(lease) = status_writer {
         tasks.push(tokio::spawn(kubernetes::status::write_reports(
             client, lease, reports,
@@ -149,7 +172,7 @@ fn lease(identity: &str) -> LeaseConfig {
     LeaseConfig {
         duration: Duration::from_secs(2),
         renew_every: Duration::from_millis(300),
-        ..LeaseConfig::new("aviary-system".into(), identity.into())
+        ..LeaseConfig::new(AGENT_NAMESPACE.into(), identity.into())
     }
 }
 
@@ -237,10 +260,27 @@ async fn lists_then_follows_watch_events() {
     server.apply_yaml(CLUSTER);
     server.apply_yaml(&http_route(90, 10));
     let mut source = start(&server, None);
+    // Node-b's agent publishes what node-a needs of node-b's pods.
+    let _node_b = start_on(&server, "node-b", false, None);
 
-    let first = snapshot_where(&mut source.snapshots, "the cluster is loaded", |s| {
-        s.generation > 0
-    })
+    let workload = |s: &Snapshot| {
+        let primary = &s
+            .routes
+            .services
+            .get(&"10.96.0.11:80".parse().unwrap())?
+            .default;
+        let pod = primary.endpoints.first()?.pod.as_ref()?;
+        Some((
+            pod.namespace.to_string(),
+            pod.workload.to_string(),
+            pod.pod.to_string(),
+        ))
+    };
+    let first = snapshot_where(
+        &mut source.snapshots,
+        "the cluster is loaded, node-b's pods with it",
+        |s| workload(s).is_some_and(|(_, w, _)| w != "unknown"),
+    )
     .await;
     let enrolled: Vec<&str> = first
         .policy
@@ -249,15 +289,39 @@ async fn lists_then_follows_watch_events() {
         .map(|p| p.name.as_str())
         .collect();
     assert_eq!(enrolled, ["client"], "only this node's pods are enrolled");
-    // Another node's pod, known by its metadata only, names the endpoint's workload.
-    let primary = &first.routes.services[&"10.96.0.11:80".parse::<SocketAddr>().unwrap()].default;
-    let pod = primary.endpoints[0]
-        .pod
-        .as_ref()
-        .expect("the endpoint's pod");
+    // Another node's pod, as its agent published it, names the endpoint's workload.
     assert_eq!(
-        (&*pod.namespace, &*pod.workload, &*pod.pod),
-        ("test", "podinfo-primary", "podinfo-primary-5b6c8d-x2x9z")
+        workload(&first).unwrap(),
+        (
+            "test".into(),
+            "podinfo-primary".into(),
+            "podinfo-primary-5b6c8d-x2x9z".into()
+        )
+    );
+    let published = server
+        .get(
+            "v1",
+            "ConfigMap",
+            AGENT_NAMESPACE,
+            &kubernetes::node_pods::config_map_name("node-b"),
+        )
+        .expect("node-b's pods are published");
+    assert_eq!(
+        published["data"],
+        serde_json::json!({
+            "test": r#"{"podinfo-primary-5b6c8d-x2x9z":{"workload":"podinfo-primary"}}"#
+        }),
+        "the workload and no other label or annotation"
+    );
+    let owner = &published["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (&owner["kind"], &owner["name"], &owner["uid"]),
+        (
+            &Value::from("Node"),
+            &Value::from("node-b"),
+            &server.get("v1", "Node", "", "node-b").unwrap()["metadata"]["uid"]
+        ),
+        "the ConfigMap goes with its node"
     );
     assert!(captured(&first, "10.96.0.10:80"));
     assert_eq!(
@@ -273,6 +337,12 @@ async fn lists_then_follows_watch_events() {
             && r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
         "{requests:#?}"
     );
+    // No agent lists or watches pods beyond its own node's.
+    let pods_of_the_cluster: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("fieldSelector"))
+        .collect();
+    assert!(pods_of_the_cluster.is_empty(), "{pods_of_the_cluster:#?}");
     eventually("watches with bookmarks are open", || async {
         server
             .requests()
@@ -290,6 +360,14 @@ async fn lists_then_follows_watch_events() {
                 ("podinfo-canary".into(), 50),
             ]
     })
+    .await;
+    // Node-b's pod goes: its agent says so, and node-a no longer knows the endpoint's workload.
+    server.delete("v1", "Pod", "test", "podinfo-primary-5b6c8d-x2x9z");
+    snapshot_where(
+        &mut source.snapshots,
+        "the endpoint of a pod no node runs has no workload",
+        |s| workload(s).is_some_and(|(_, w, _)| w == "unknown"),
+    )
     .await;
     server.delete("v1", "Service", "test", "podinfo-canary");
     snapshot_where(
@@ -629,6 +707,17 @@ async fn the_agent_uses_exactly_the_api_access_it_declares() {
         "PUT /apis/coordination.k8s.io/",
     )
     .await;
+    // A new pod on the node: its published pods are replaced.
+    server.apply_yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: second, namespace: test, uid: u2}\n\
+         spec: {nodeName: node-a, containers: [{name: c, image: test}]}\n",
+    );
+    requested(
+        &server,
+        "this node's pods are published again",
+        "PUT /api/v1/namespaces/aviary-system/configmaps/aviary-pods-node-a",
+    )
+    .await;
     let used: std::collections::BTreeSet<(String, String, &str)> =
         server.requests().iter().map(|r| rbac_of(r)).collect();
     let declared: std::collections::BTreeSet<(String, String, &str)> = kubernetes::api_access()
@@ -700,6 +789,14 @@ async fn a_released_lease_passes_to_another_agent_at_once() {
 // enrolled by annotations that contradict their namespace's. Every address is on loopback, so
 // nothing this test sends can leave the machine (the Services' addresses are never dialled).
 const TWO_NODES: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+---
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, annotations: {aviary.dev/capture: enabled}}
@@ -854,14 +951,23 @@ async fn flaggers_family_counts_each_request_once_across_two_agents() {
         "127.0.96.21:80",
         "127.0.96.22:80",
     ];
-    let a = snapshot_where(&mut node_a.snapshots, "node-a has every endpoint", |s| {
-        vips.iter().all(|vip| {
-            s.routes
-                .services
-                .get(&vip.parse::<SocketAddr>().unwrap())
-                .is_some_and(|r| !r.default.endpoints.is_empty())
-        })
-    })
+    let a = snapshot_where(
+        &mut node_a.snapshots,
+        "node-a has every endpoint, and node-b's pods as node-b published them",
+        |s| {
+            vips.iter().all(|vip| {
+                s.routes
+                    .services
+                    .get(&vip.parse::<SocketAddr>().unwrap())
+                    .is_some_and(|r| {
+                        r.default
+                            .endpoints
+                            .iter()
+                            .any(|e| e.pod.as_ref().is_some_and(|p| &*p.workload != "unknown"))
+                    })
+            })
+        },
+    )
     .await;
     let b = snapshot_where(&mut node_b.snapshots, "node-b enrols its pods", |s| {
         s.policy.enrolled.len() == 2
@@ -869,7 +975,7 @@ async fn flaggers_family_counts_each_request_once_across_two_agents() {
     .await;
 
     // Node-b enrols its pods by their own annotations, over their namespaces'; node-a, which
-    // knows them by their metadata only, leaves exactly those to node-b.
+    // knows them as node-b publishes them, leaves exactly those to node-b.
     let mut enrolled: Vec<&str> = b
         .policy
         .enrolled

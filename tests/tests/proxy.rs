@@ -4,7 +4,9 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use aviary_tests::{apiserver::ApiServer, patience, policy, tally, wait_until, Node, Pod};
+use aviary_tests::{
+    apiserver::ApiServer, patience, policy, tally, wait_until, Node, Pod, TEST_NODE,
+};
 
 const PODINFO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORT: u16 = 8080;
@@ -316,6 +318,9 @@ fn a_weight_change_through_the_api_server_is_followed_within_a_second_and_no_req
     });
     let kubeconfig = node.policy_dir.join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).unwrap();
+    server.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {TEST_NODE}}}\n"
+    ));
     let (agent, client) = weight_change_is_followed_within_a_second(
         &node,
         |cluster| {
@@ -329,6 +334,16 @@ fn a_weight_change_through_the_api_server_is_followed_within_a_second_and_no_req
         .filter(|r| r.contains("watch=true"))
         .count();
     assert!(watches >= 6, "the agent watched every kind");
+    // The agent published its node's pods for the other nodes' agents.
+    let published = wait_until(Duration::from_secs(10), || {
+        server.get(
+            "v1",
+            "ConfigMap",
+            "aviary-system",
+            &format!("aviary-pods-{TEST_NODE}"),
+        )
+    });
+    assert!(published.is_some(), "{:#?}", server.requests());
 
     // An API server outage changes nothing for traffic: the last snapshot stays in force.
     server.set_down(true);

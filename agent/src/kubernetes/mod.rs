@@ -6,6 +6,7 @@
 //! were, so traffic carries on under the last good policy.
 
 pub mod lease;
+pub mod node_pods;
 pub mod status;
 
 use std::{collections::BTreeSet, fmt::Debug, time::Duration};
@@ -14,13 +15,12 @@ use futures::{Stream, StreamExt as _};
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, Service},
+        core::v1::{ConfigMap, Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
-    core::PartialObjectMeta,
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource,
 };
@@ -80,19 +80,39 @@ impl Watched for EndpointSlice {
     }
 }
 
-impl Watched for PartialObjectMeta<Pod> {
-    const KIND: Kind = Kind::PodMetadata;
-    fn into_object(self) -> Object {
-        Object::pod_metadata(self.metadata)
-    }
-}
-
 impl Watched for HttpRoute {
     const KIND: Kind = Kind::HttpRoute;
     fn into_object(mut self) -> Object {
         // Status is written by route controllers (Aviary among them) and never read for policy.
         self.status = None;
         Object::HttpRoute(Box::new(self))
+    }
+}
+
+/// How one watched type's events become store updates.
+trait Translate<K>: Send + 'static {
+    const KIND: Kind;
+    /// A new listing begins.
+    fn relist(&mut self) {}
+    /// What the store keeps of one object of a listing.
+    fn listed(&mut self, object: K) -> Vec<Object>;
+    fn applied(&mut self, object: K) -> Vec<Update>;
+    fn deleted(&mut self, object: K) -> Vec<Update>;
+}
+
+/// The kinds the store keeps one object of per Kubernetes object.
+struct OneToOne;
+
+impl<K: Watched> Translate<K> for OneToOne {
+    const KIND: Kind = K::KIND;
+    fn listed(&mut self, object: K) -> Vec<Object> {
+        vec![object.into_object()]
+    }
+    fn applied(&mut self, object: K) -> Vec<Update> {
+        vec![Update::Applied(object.into_object())]
+    }
+    fn deleted(&mut self, object: K) -> Vec<Update> {
+        vec![Update::Deleted(object.into_object().key())]
     }
 }
 
@@ -126,6 +146,9 @@ pub fn api_access() -> Vec<Access> {
     let mut access = vec![
         access::<Namespace>("", WATCH, false),
         access::<Pod>("", WATCH, false),
+        // node_pods: the other nodes' pods, and this node's, published for them.
+        access::<ConfigMap>("", &["list", "watch", "get", "create", "update"], true),
+        access::<Node>("", &["get"], false),
         access::<Service>("", WATCH, false),
         access::<EndpointSlice>("", WATCH, false),
         access::<HttpRoute>("", WATCH, false),
@@ -147,44 +170,56 @@ fn trim(meta: &mut ObjectMeta) {
     meta.resource_version = None;
 }
 
-/// Starts one watcher per kind; they send to `updates` until it is closed. Full Pods are only
-/// those scheduled on `node`; of the others, only metadata is watched.
-pub fn spawn_watchers(client: &Client, node: &str, updates: mpsc::Sender<Update>) {
+/// Starts one watcher per kind; they send to `updates` until it is closed. Pods are only those
+/// scheduled on `node`; of the others, what their nodes' agents publish in `namespace`
+/// ([`node_pods`]).
+pub fn spawn_watchers(client: &Client, node: &str, namespace: &str, updates: mpsc::Sender<Update>) {
     let all = watcher::Config::default();
     let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    tokio::spawn(forward::<Namespace>(
-        watcher(Api::all(client.clone()), all.clone()),
+    let node_pods = watcher::Config::default().labels(node_pods::LABEL);
+    tokio::spawn(forward(
+        watcher(Api::<Namespace>::all(client.clone()), all.clone()),
+        OneToOne,
         updates.clone(),
     ));
-    tokio::spawn(forward::<Pod>(
-        watcher(Api::all(client.clone()), on_node),
+    tokio::spawn(forward(
+        watcher(Api::<Pod>::all(client.clone()), on_node),
+        OneToOne,
         updates.clone(),
     ));
-    tokio::spawn(forward::<PartialObjectMeta<Pod>>(
+    tokio::spawn(forward(
         watcher(
-            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-            all.clone(),
+            Api::<ConfigMap>::namespaced(client.clone(), namespace),
+            node_pods,
         ),
+        node_pods::Reader::new(node),
         updates.clone(),
     ));
-    tokio::spawn(forward::<Service>(
-        watcher(Api::all(client.clone()), all.clone()),
+    tokio::spawn(forward(
+        watcher(Api::<Service>::all(client.clone()), all.clone()),
+        OneToOne,
         updates.clone(),
     ));
-    tokio::spawn(forward::<EndpointSlice>(
-        watcher(Api::all(client.clone()), all.clone()),
+    tokio::spawn(forward(
+        watcher(Api::<EndpointSlice>::all(client.clone()), all.clone()),
+        OneToOne,
         updates.clone(),
     ));
-    tokio::spawn(forward::<HttpRoute>(
-        watcher(Api::all(client.clone()), all),
+    tokio::spawn(forward(
+        watcher(Api::<HttpRoute>::all(client.clone()), all),
+        OneToOne,
         updates,
     ));
 }
 
-async fn forward<K: Watched>(
+async fn forward<K, T>(
     events: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+    mut translate: T,
     updates: mpsc::Sender<Update>,
-) {
+) where
+    K: Resource + Clone + Debug + Send + 'static,
+    T: Translate<K>,
+{
     let mut events = events
         .modify(|object: &mut K| trim(object.meta_mut()))
         .default_backoff()
@@ -192,40 +227,43 @@ async fn forward<K: Watched>(
     let mut listing = Vec::new();
     let mut not_served = false;
     while let Some(event) = events.next().await {
-        let update = match event {
+        let batch = match event {
             Ok(watcher::Event::Init) => {
                 listing.clear();
+                translate.relist();
                 continue;
             }
             Ok(watcher::Event::InitApply(object)) => {
-                listing.push(object.into_object());
+                listing.extend(translate.listed(object));
                 continue;
             }
             Ok(watcher::Event::InitDone) => {
                 not_served = false;
-                Update::Listed(K::KIND, std::mem::take(&mut listing))
+                vec![Update::Listed(T::KIND, std::mem::take(&mut listing))]
             }
-            Ok(watcher::Event::Apply(object)) => Update::Applied(object.into_object()),
-            Ok(watcher::Event::Delete(object)) => Update::Deleted(object.into_object().key()),
+            Ok(watcher::Event::Apply(object)) => translate.applied(object),
+            Ok(watcher::Event::Delete(object)) => translate.deleted(object),
             Err(e) if is_not_served(&e) => {
                 if not_served {
                     continue;
                 }
                 not_served = true;
                 info!(
-                    kind = ?K::KIND,
+                    kind = ?T::KIND,
                     "the API server does not serve this kind (CRD not installed?); carrying on \
                      without it and checking again with backoff (at most every 30s)"
                 );
-                Update::NotServed(K::KIND)
+                vec![Update::NotServed(T::KIND)]
             }
             Err(e) => {
-                warn!(kind = ?K::KIND, error = %e, "watch failed; retrying with backoff, the last good policy stays in force");
+                warn!(kind = ?T::KIND, error = %e, "watch failed; retrying with backoff, the last good policy stays in force");
                 continue;
             }
         };
-        if updates.send(update).await.is_err() {
-            return;
+        for update in batch {
+            if updates.send(update).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -239,11 +277,14 @@ fn is_not_served(e: &watcher::Error) -> bool {
 
 /// Applies watcher updates to the store. A snapshot is published once every kind has been
 /// listed (or found not served), and then after each batch of updates; the route statuses and
-/// refusals go to `reports` for the status writer.
+/// refusals go to `reports` for the status writer, and what other nodes read of `node`'s pods
+/// to `node_pods` for [`node_pods::publish`].
 pub async fn apply_updates(
     mut updates: mpsc::Receiver<Update>,
     mut publisher: Publisher,
     reports: watch::Sender<status::Report>,
+    node: String,
+    node_pods: watch::Sender<Option<node_pods::NodePods>>,
 ) {
     let mut store = Store::default();
     let mut listed = BTreeSet::new();
@@ -260,6 +301,12 @@ pub async fn apply_updates(
         reports.send_if_modified(|current| {
             let changed = *current != report;
             *current = report;
+            changed
+        });
+        let pods = Some(node_pods::of_node(&store, &node));
+        node_pods.send_if_modified(|current| {
+            let changed = *current != pods;
+            *current = pods;
             changed
         });
     }

@@ -239,7 +239,7 @@ fn condition_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{status::ParentStatus, INBOUND_PORTS_EXCLUDE};
+    use crate::policy::{status::ParentStatus, PodMeta, INBOUND_PORTS_EXCLUDE};
     use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
     fn status(accepted: bool) -> RouteStatus {
@@ -280,9 +280,11 @@ mod tests {
             ..Pod::default()
         };
         store.upsert(Object::Pod(Box::new(here))).unwrap_err();
-        store.upsert(Object::pod_metadata(pod("here"))).unwrap_err();
         store
-            .upsert(Object::pod_metadata(pod("there")))
+            .upsert(Object::PodMetadata(Box::new(PodMeta::of(&pod("here")))))
+            .unwrap_err();
+        store
+            .upsert(Object::PodMetadata(Box::new(PodMeta::of(&pod("there")))))
             .unwrap_err();
         let refused: Vec<String> = Report::of(&store, imbl::OrdMap::new())
             .refused

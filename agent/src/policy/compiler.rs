@@ -585,7 +585,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::policy::{local::parse_documents, Kind, Object, ObjectKey};
+    use crate::policy::{local::parse_documents, Kind, Object, ObjectKey, PodMeta};
 
     const NAMESPACES: [&str; 2] = ["shop", "web"];
 
@@ -593,7 +593,7 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Event {
         Apply(String),
-        /// A Pod, as the metadata watch sees it.
+        /// A Pod of another node, as its agent publishes it.
         ApplyMetadata(String),
         Delete(Kind, usize, usize),
     }
@@ -751,7 +751,7 @@ mod tests {
                     let Object::Pod(pod) = object else {
                         unreachable!("generated as a Pod")
                     };
-                    let _ = store.upsert(Object::pod_metadata(pod.metadata));
+                    let _ = store.upsert(Object::PodMetadata(Box::new(PodMeta::of(&pod.metadata))));
                 }
             }
             Event::Delete(kind, ns, name) => {

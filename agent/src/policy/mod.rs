@@ -35,7 +35,7 @@ pub const CAPTURE_ANNOTATION: &str = "aviary.dev/capture";
 /// `traffic.sidecar.istio.io/excludeInboundPorts`).
 pub const INBOUND_PORTS_EXCLUDE: &str = "aviary.dev/inbound-ports-exclude";
 /// The annotations of a Pod that decide its enrolment and inbound capture: all that is kept of
-/// the annotations of the pods known by their metadata only.
+/// the annotations of other nodes' pods.
 const POD_ANNOTATIONS: [&str; 2] = [CAPTURE_ANNOTATION, INBOUND_PORTS_EXCLUDE];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -45,8 +45,9 @@ pub enum Kind {
     Service,
     EndpointSlice,
     HttpRoute,
-    /// Any pod's metadata (owner references and enrolment annotations), for the workload names
-    /// of endpoints and whether their own agent measures them.
+    /// Another node's pod as its agent publishes it (the workload and the enrolment
+    /// annotations, `kubernetes::node_pods`), for the workload names of endpoints and whether
+    /// their own agent measures them.
     PodMetadata,
 }
 
@@ -91,30 +92,6 @@ pub enum Object {
 }
 
 impl Object {
-    /// A pod known by its metadata only (any node's, as the metadata watch sees it), kept as
-    /// what policy reads: the workload its owner references name, and the annotations that
-    /// decide whether it is enrolled, exactly as they do for this node's pods. Of 100,000 pods,
-    /// their other labels, annotations and owner references would be most of the memory.
-    pub fn pod_metadata(meta: ObjectMeta) -> Self {
-        let workload = workload::workload_name(&meta);
-        let annotations = meta.annotations.and_then(|mut annotations| {
-            let kept: BTreeMap<String, String> = POD_ANNOTATIONS
-                .iter()
-                .filter_map(|key| annotations.remove_entry(*key))
-                .collect();
-            (!kept.is_empty()).then_some(kept)
-        });
-        Self::PodMetadata(Box::new(PodMeta {
-            metadata: Meta {
-                name: meta.name,
-                namespace: meta.namespace,
-                uid: meta.uid,
-                annotations,
-            },
-            workload,
-        }))
-    }
-
     fn meta(&self) -> MetaRef<'_> {
         match self {
             Self::Namespace(o) => MetaRef::of(&o.metadata),
@@ -236,13 +213,46 @@ impl Meta {
     }
 }
 
-/// A pod of any node, as the metadata watch shows it and policy reads it.
+/// A pod of another node, as its agent publishes it and policy reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PodMeta {
     /// Name, namespace, UID, and the annotations that decide its enrolment.
     pub metadata: Meta,
     /// What its owner references name (a Deployment, StatefulSet, ...).
     pub workload: String,
+}
+
+impl PodMeta {
+    /// What other nodes read of a pod: the workload its owner references name, and the
+    /// annotations that decide whether it is enrolled, exactly as they do on its own node. Of
+    /// 100,000 pods, their other labels, annotations and owner references would be most of the
+    /// memory.
+    pub fn of(meta: &ObjectMeta) -> Self {
+        let annotations = meta.annotations.as_ref().and_then(|annotations| {
+            let kept = enrolment_annotations(annotations.iter());
+            (!kept.is_empty()).then_some(kept)
+        });
+        Self {
+            metadata: Meta {
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                uid: meta.uid.clone(),
+                annotations,
+            },
+            workload: workload::workload_name(meta),
+        }
+    }
+}
+
+/// Of a pod's annotations, those that decide its enrolment.
+pub fn enrolment_annotations<'a>(
+    annotations: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> BTreeMap<String, String> {
+    annotations
+        .into_iter()
+        .filter(|(key, _)| POD_ANNOTATIONS.contains(&key.as_str()))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
 }
 
 /// What policy reads of a pod, whichever way the store knows it.
@@ -643,19 +653,40 @@ impl Store {
         }
     }
 
-    /// What policy reads of a pod: as the metadata watch has it, else from its Pod.
+    /// What policy reads of a pod: from its Pod when it runs here, else as its node's agent
+    /// published it.
     fn pod_facts(&self, namespace: &str, name: &str) -> Option<PodFacts<'_>> {
-        if let Some(Object::PodMetadata(pod)) = self.get(Kind::PodMetadata, namespace, name) {
+        if let Some(pod) = self.pod(namespace, name) {
             return Some(PodFacts {
                 annotations: pod.metadata.annotations.as_ref(),
-                workload: pod.workload.as_str().into(),
+                workload: workload::workload_name(&pod.metadata).into(),
             });
         }
-        let pod = self.pod(namespace, name)?;
-        Some(PodFacts {
-            annotations: pod.metadata.annotations.as_ref(),
-            workload: workload::workload_name(&pod.metadata).into(),
-        })
+        match self.get(Kind::PodMetadata, namespace, name)? {
+            Object::PodMetadata(pod) => Some(PodFacts {
+                annotations: pod.metadata.annotations.as_ref(),
+                workload: pod.workload.as_str().into(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// What other nodes read of the pods on `node` ([`PodMeta::of`] each), of each pod's newest
+    /// version, refused or not: the other nodes refuse it alike and keep its last good version
+    /// as this node does, and the lease holder, on whichever node, records why.
+    pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = PodMeta> + 'a {
+        let refused = self
+            .rejected
+            .iter()
+            .filter(|(key, _)| key.kind == Kind::Pod)
+            .map(|(_, (_, object))| object);
+        self.of_kind(Kind::Pod)
+            .filter(|object| !self.rejected.contains_key(&object.key()))
+            .chain(refused)
+            .filter_map(|object| match object {
+                Object::Pod(pod) if is_local(pod, Some(node)) => Some(PodMeta::of(&pod.metadata)),
+                _ => None,
+            })
     }
 
     fn http_route(
@@ -1275,9 +1306,7 @@ ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-7d9f8b, 
 "#,
         )
         .unwrap();
-        let Object::PodMetadata(kept) = Object::pod_metadata(meta.clone()) else {
-            panic!("pod metadata");
-        };
+        let kept = PodMeta::of(&meta);
         let expected = PodMeta {
             metadata: Meta {
                 name: meta.name.clone(),
@@ -1293,15 +1322,12 @@ ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-7d9f8b, 
             },
             workload: "podinfo".into(),
         };
-        assert_eq!(*kept, expected);
+        assert_eq!(kept, expected);
         let bare = ObjectMeta {
             annotations: Some([("app".into(), "podinfo".into())].into()),
             ..meta.clone()
         };
-        let Object::PodMetadata(kept) = Object::pod_metadata(bare) else {
-            panic!("pod metadata");
-        };
-        assert_eq!(kept.metadata.annotations, None);
+        assert_eq!(PodMeta::of(&bare).metadata.annotations, None);
 
         // Refused for what its own agent refuses the Pod for, so that every agent agrees.
         let bad = ObjectMeta {
@@ -1309,7 +1335,7 @@ ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-7d9f8b, 
             ..meta
         };
         let rejected = Store::default()
-            .upsert(Object::pod_metadata(bad))
+            .upsert(Object::PodMetadata(Box::new(PodMeta::of(&bad))))
             .unwrap_err();
         assert!(
             rejected.reason.contains("inbound-ports-exclude"),

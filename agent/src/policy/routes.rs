@@ -748,7 +748,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        policy::{local::parse_documents, Object},
+        policy::{local::parse_documents, Object, PodMeta},
         proxy::route::PathMatch,
     };
 
@@ -1242,7 +1242,9 @@ status: {podIP: 10.244.1.14}
                 "{{name: {name}, namespace: {namespace}, uid: u-{name}, annotations: {{{}}}}}",
                 annotations.join(", ")
             );
-            Object::pod_metadata(serde_saphyr::from_str(&meta).unwrap())
+            Object::PodMetadata(Box::new(PodMeta::of(
+                &serde_saphyr::from_str(&meta).unwrap(),
+            )))
         });
         let mut store = store(yaml);
         for object in metadata {

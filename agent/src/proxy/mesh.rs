@@ -1,8 +1,8 @@
 //! Mutual TLS between nodes: the certificate each end of a tunnel presents, and whom it
 //! accepts at the other end. A source agent presents its pod's identity and expects one of the
-//! destination pod's namespace (it knows another node's pods by their metadata, which does not
-//! name their service accounts); a destination agent presents its pod's identity and accepts
-//! any identity of the trust domain, which the pod's `allow-from` then judges.
+//! destination pod's namespace (it knows another node's pods as their agent publishes them,
+//! which does not name their service accounts); a destination agent presents its pod's identity
+//! and accepts any identity of the trust domain, which the pod's `allow-from` then judges.
 
 use std::{
     cell::RefCell,

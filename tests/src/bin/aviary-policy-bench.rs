@@ -9,8 +9,11 @@ use std::{
 };
 
 use aviary_agent::{
-    kubernetes::{self, status::Report},
-    policy::{compiler::Compiler, local::parse_documents, routes::RouteOptions, Store},
+    kubernetes::{self, node_pods, status::Report},
+    policy::{
+        compiler::Compiler, local::parse_documents, routes::RouteOptions, Meta, Object, PodMeta,
+        Store,
+    },
     state::{Publisher, Snapshot},
 };
 use aviary_tests::apiserver::ApiServer;
@@ -33,10 +36,17 @@ struct Args {
     /// Changes of each kind timed from the API server event to the new snapshot.
     #[arg(long, default_value_t = 20)]
     changes: usize,
+    /// Endpoints name their pods, which run on other nodes ([`PODS_PER_NODE`] each) and are
+    /// known as those nodes' agents publish them (`kubernetes::node_pods`).
+    #[arg(long)]
+    pods: bool,
     /// Holds the store, the compiler and the snapshot for a heap profiler, and stops there.
     #[arg(long)]
     memory_only: bool,
 }
+
+/// Pods per node, when endpoints name pods: 100,000 endpoints are 1,000 other nodes.
+const PODS_PER_NODE: usize = 100;
 
 /// The size the goals are set at, and what they are.
 const GOAL_SERVICES: usize = 10_000;
@@ -59,7 +69,7 @@ fn service(i: usize) -> String {
 
 /// Service `i`'s EndpointSlice; with `moved` above 0, its last endpoint has moved to
 /// [`moved_endpoint`]`(moved)`.
-fn slice(i: usize, endpoints: usize, moved: usize) -> String {
+fn slice(i: usize, endpoints: usize, moved: usize, pods: bool) -> String {
     let ns = i % NAMESPACES;
     let addresses: Vec<String> = (0..endpoints)
         .map(|e| {
@@ -69,7 +79,16 @@ fn slice(i: usize, endpoints: usize, moved: usize) -> String {
             } else {
                 IpAddr::from([10, 128 + (n / 65536) as u8, (n / 256) as u8, n as u8])
             };
-            format!("{{addresses: [\"{ip}\"], conditions: {{ready: true}}}}")
+            let pod = if pods {
+                format!(
+                    ", nodeName: node-{}, targetRef: {{kind: Pod, name: {}, namespace: ns-{ns}}}",
+                    n / PODS_PER_NODE,
+                    pod_name(i, e)
+                )
+            } else {
+                String::new()
+            };
+            format!("{{addresses: [\"{ip}\"], conditions: {{ready: true}}{pod}}}")
         })
         .collect();
     format!(
@@ -78,6 +97,33 @@ fn slice(i: usize, endpoints: usize, moved: usize) -> String {
          addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{}]\n",
         addresses.join(", ")
     )
+}
+
+/// The pod behind endpoint `e` of Service `i`, of the Deployment `svc-<i>`.
+fn pod_name(i: usize, e: usize) -> String {
+    format!("svc-{i}-7d9f8b-{e}")
+}
+
+/// The pods other nodes' agents publish, by node: each a Deployment's, not enrolled.
+fn other_nodes_pods(services: usize, endpoints: usize) -> Vec<Vec<PodMeta>> {
+    let mut nodes: Vec<Vec<PodMeta>> = Vec::new();
+    for i in 0..services {
+        for e in 0..endpoints {
+            let n = i * endpoints + e;
+            if n.is_multiple_of(PODS_PER_NODE) {
+                nodes.push(Vec::new());
+            }
+            nodes.last_mut().unwrap().push(PodMeta {
+                metadata: Meta {
+                    name: Some(pod_name(i, e)),
+                    namespace: Some(format!("ns-{}", i % NAMESPACES)),
+                    ..Meta::default()
+                },
+                workload: format!("svc-{i}"),
+            });
+        }
+    }
+    nodes
 }
 
 /// Where an endpoint moves to in the `moved`th endpoint change.
@@ -159,6 +205,7 @@ fn main() -> anyhow::Result<()> {
             .arg(format!("--endpoints={}", args.endpoints))
             .arg(format!("--services-per-route={}", args.services_per_route))
             .arg(format!("--changes={}", args.changes))
+            .args(args.pods.then_some("--pods"))
             .stderr(std::process::Stdio::inherit())
             .output()?;
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -260,17 +307,38 @@ fn measure(args: &Args, services: usize) -> anyhow::Result<Measured> {
             yaml,
             "{}---\n{}---",
             service(i),
-            slice(i, args.endpoints, 0)
+            slice(i, args.endpoints, 0, args.pods)
         )?;
     }
     for r in 0..routes {
         writeln!(yaml, "{}---", route(r, 90))?;
     }
-    let objects = parse_documents(&yaml)?;
+    let mut objects = parse_documents(&yaml)?;
     drop(yaml);
+    // Other nodes' pods, as the node_pods reader keeps them.
+    let nodes = if args.pods {
+        other_nodes_pods(services, args.endpoints)
+    } else {
+        Vec::new()
+    };
+    objects.extend(
+        nodes
+            .iter()
+            .flatten()
+            .map(|pod| Object::PodMetadata(Box::new(pod.clone()))),
+    );
     eprintln!(
-        "policy: {services} Services, {} endpoints, {routes} HTTPRoutes",
+        "policy: {services} Services, {} endpoints, {routes} HTTPRoutes, {}",
         services * args.endpoints,
+        if args.pods {
+            format!(
+                "{} pods on {} other nodes",
+                services * args.endpoints,
+                nodes.len()
+            )
+        } else {
+            "endpoints naming no pod".into()
+        }
     );
 
     // Compile: the store from a full listing, then the snapshot (policy and routing table).
@@ -315,7 +383,8 @@ fn measure(args: &Args, services: usize) -> anyhow::Result<Measured> {
 
     // Propagation: the same cluster behind the API server fixture.
     let runtime = tokio::runtime::Runtime::new()?;
-    let (sync_s, changes) = runtime.block_on(propagation(args, services, routes, objects.len()))?;
+    let (sync_s, changes) =
+        runtime.block_on(propagation(args, services, routes, objects.len(), nodes))?;
     Ok(Measured {
         services,
         endpoints: services * args.endpoints,
@@ -335,23 +404,48 @@ async fn propagation(
     services: usize,
     routes: usize,
     objects: usize,
+    nodes: Vec<Vec<PodMeta>>,
 ) -> anyhow::Result<(f64, Changes)> {
     let server = ApiServer::start().await?;
     for i in 0..services {
         server.apply_yaml(&service(i));
-        server.apply_yaml(&slice(i, args.endpoints, 0));
+        server.apply_yaml(&slice(i, args.endpoints, 0, args.pods));
     }
     for r in 0..routes {
         server.apply_yaml(&route(r, 90));
     }
+    for (k, pods) in nodes.into_iter().enumerate() {
+        server.apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": node_pods::config_map_name(&format!("node-{k}")),
+                "namespace": AGENT_NAMESPACE, "labels": {node_pods::LABEL: ""}},
+            "data": node_pods::data_of(pods),
+        }));
+    }
+    server.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"
+    ));
     server.apply_yaml(&node_pod(false));
     let client = kube::Client::try_from(kube::Config::new(server.url().parse()?))?;
     let (publisher, mut snapshots) = Publisher::new(options());
     let (updates_tx, updates) = mpsc::channel(4096);
     let started = Instant::now();
-    kubernetes::spawn_watchers(&client, NODE, updates_tx);
+    kubernetes::spawn_watchers(&client, NODE, AGENT_NAMESPACE, updates_tx);
     let (reports, _reports) = watch::channel(Report::default());
-    tokio::spawn(kubernetes::apply_updates(updates, publisher, reports));
+    let (node_pods_tx, node_pods) = watch::channel(None);
+    tokio::spawn(kubernetes::apply_updates(
+        updates,
+        publisher,
+        reports,
+        NODE.into(),
+        node_pods_tx,
+    ));
+    tokio::spawn(node_pods::publish(
+        client,
+        AGENT_NAMESPACE.into(),
+        NODE.into(),
+        node_pods,
+    ));
     while snapshots.borrow_and_update().generation == 0 {
         snapshots.changed().await?;
     }
@@ -382,7 +476,7 @@ async fn propagation(
                 }
                 "endpoint" => {
                     let moved = change + 1;
-                    server.apply_yaml(&slice(1, args.endpoints, moved));
+                    server.apply_yaml(&slice(1, args.endpoints, moved, args.pods));
                     let addr = moved_endpoint(moved);
                     Box::new(move |s: &Snapshot| {
                         s.routes.services.get(&endpoint_service).is_some_and(|s| {
@@ -423,6 +517,8 @@ async fn propagation(
 
 /// The benchmark's node.
 const NODE: &str = "bench-node";
+/// Where the agents publish their nodes' pods.
+const AGENT_NAMESPACE: &str = "aviary-system";
 
 /// An agent's routing options, inbound capture on, as a DaemonSet would run it.
 fn options() -> RouteOptions {
