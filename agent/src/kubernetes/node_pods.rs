@@ -46,6 +46,12 @@ struct PublishedPod {
     /// Only those that decide its enrolment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     annotations: BTreeMap<String, String>,
+    #[serde(
+        default,
+        rename = "hostNetwork",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    host_network: bool,
 }
 
 /// The data of `node`'s ConfigMap, from the pods the store holds on it.
@@ -63,6 +69,7 @@ pub fn data_of(pods: impl IntoIterator<Item = PodMeta>) -> NodePods {
         let published = PublishedPod {
             workload: pod.workload,
             annotations: pod.metadata.annotations.unwrap_or_default(),
+            host_network: pod.host_network,
         };
         by_namespace
             .entry(namespace)
@@ -107,6 +114,7 @@ fn pods_in(config_map: &ConfigMap) -> (Vec<Object>, BTreeSet<String>) {
                     annotations: (!annotations.is_empty()).then_some(annotations),
                 },
                 workload: pod.workload,
+                host_network: pod.host_network,
             })));
         }
     }
@@ -314,6 +322,11 @@ apiVersion: v1
 kind: Pod
 metadata: {name: elsewhere, namespace: shop, uid: u3}
 spec: {nodeName: node-c, containers: [{name: c, image: test}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: exporter, namespace: shop, uid: u4}
+spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]}
 "#;
 
     fn store(yaml: &str) -> Store {
@@ -345,7 +358,7 @@ spec: {nodeName: node-c, containers: [{name: c, image: test}]}
             data,
             NodePods::from([
                 ("data".into(), r#"{"db-0":{"workload":"db","annotations":{"aviary.dev/capture":"disabled"}}}"#.into()),
-                ("shop".into(), r#"{"payments-7d9f8b-x2x9z":{"workload":"payments","annotations":{"aviary.dev/inbound-ports-exclude":"9090"}}}"#.into()),
+                ("shop".into(), r#"{"exporter":{"workload":"exporter","hostNetwork":true},"payments-7d9f8b-x2x9z":{"workload":"payments","annotations":{"aviary.dev/inbound-ports-exclude":"9090"}}}"#.into()),
             ])
         );
         // Another node reads each pod as its own node's agent would have it, but the UID.
@@ -404,6 +417,7 @@ spec: {nodeName: node-c, containers: [{name: c, image: test}]}
             keys(&reader.listed(config_map("node-b", data.clone()))),
             [
                 "PodMetadata/data/db-0",
+                "PodMetadata/shop/exporter",
                 "PodMetadata/shop/payments-7d9f8b-x2x9z"
             ]
         );
@@ -426,7 +440,13 @@ spec: {nodeName: node-c, containers: [{name: c, image: test}]}
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(gone, ["PodMetadata/shop/payments-7d9f8b-x2x9z"]);
+        assert_eq!(
+            gone,
+            [
+                "PodMetadata/shop/exporter",
+                "PodMetadata/shop/payments-7d9f8b-x2x9z"
+            ]
+        );
         let updates = reader.deleted(config_map("node-c", NodePods::new()));
         assert_eq!(updates.len(), 1);
     }

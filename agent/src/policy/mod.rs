@@ -220,6 +220,8 @@ pub struct PodMeta {
     pub metadata: Meta,
     /// What its owner references name (a Deployment, StatefulSet, ...).
     pub workload: String,
+    /// It shares its node's address: never captured inbound, whatever its annotations say.
+    pub host_network: bool,
 }
 
 impl PodMeta {
@@ -240,6 +242,7 @@ impl PodMeta {
                 annotations,
             },
             workload: workload::workload_name(meta),
+            host_network: false,
         }
     }
 }
@@ -259,6 +262,7 @@ pub fn enrolment_annotations<'a>(
 pub(crate) struct PodFacts<'a> {
     pub annotations: Option<&'a BTreeMap<String, String>>,
     pub workload: std::borrow::Cow<'a, str>,
+    pub host_network: bool,
 }
 
 /// The metadata every object has, whichever way it is kept.
@@ -660,12 +664,14 @@ impl Store {
             return Some(PodFacts {
                 annotations: pod.metadata.annotations.as_ref(),
                 workload: workload::workload_name(&pod.metadata).into(),
+                host_network: is_host_network(pod),
             });
         }
         match self.get(Kind::PodMetadata, namespace, name)? {
             Object::PodMetadata(pod) => Some(PodFacts {
                 annotations: pod.metadata.annotations.as_ref(),
                 workload: pod.workload.as_str().into(),
+                host_network: pod.host_network,
             }),
             _ => None,
         }
@@ -684,7 +690,10 @@ impl Store {
             .filter(|object| !self.rejected.contains_key(&object.key()))
             .chain(refused)
             .filter_map(|object| match object {
-                Object::Pod(pod) if is_local(pod, Some(node)) => Some(PodMeta::of(&pod.metadata)),
+                Object::Pod(pod) if is_local(pod, Some(node)) => Some(PodMeta {
+                    host_network: is_host_network(pod),
+                    ..PodMeta::of(&pod.metadata)
+                }),
                 _ => None,
             })
     }
@@ -1321,6 +1330,7 @@ ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-7d9f8b, 
                 ),
             },
             workload: "podinfo".into(),
+            host_network: false,
         };
         assert_eq!(kept, expected);
         let bare = ObjectMeta {

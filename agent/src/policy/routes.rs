@@ -519,7 +519,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Whether the pod `namespace/name` is enrolled on another node, whose inbound proxy
-    /// measures the requests it receives on `port`.
+    /// measures the requests it receives on `port` (never one on its node's network).
     fn measured_at_destination(&self, namespace: &str, name: &str, port: u16) -> bool {
         if !self.options.inbound_capture {
             return false;
@@ -534,6 +534,7 @@ impl<'a> Reader<'a> {
             .pod(namespace, name)
             .is_some_and(|pod| is_local(pod, self.options.node.as_deref()));
         !local
+            && !pod.host_network
             && is_enrolled(namespace, pod.annotations, self.store)
             && inbound_ports_excluded(pod.annotations)
                 .is_ok_and(|excluded| !excluded.contains(&port))
@@ -1172,9 +1173,10 @@ mod tests {
 
     #[test]
     fn pods_on_other_nodes_are_measured_at_their_destination_as_their_annotations_say() {
-        // Node-a's view, as its watches give it: its own pods in full, every pod by its
-        // metadata. shop is enrolled and plain is not; a pod's own annotations win over its
-        // namespace's, and its excluded ports are never captured inbound.
+        // Node-a's view, as its watches give it: its own pods in full, the others' as their
+        // agents publish them. shop is enrolled and plain is not; a pod's own annotations win
+        // over its namespace's, its excluded ports are never captured inbound, and neither is
+        // a pod on its node's network.
         let yaml = r#"
 apiVersion: v1
 kind: Namespace
@@ -1204,6 +1206,7 @@ endpoints:
 - {addresses: [10.244.2.12], targetRef: {kind: Pod, name: opted-out}}
 - {addresses: [10.244.2.13], targetRef: {kind: Pod, name: port-excluded}}
 - {addresses: [10.244.1.14], targetRef: {kind: Pod, name: local}}
+- {addresses: [10.0.0.2], targetRef: {kind: Pod, name: host-network}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -1229,6 +1232,7 @@ status: {podIP: 10.244.1.14}
                 "aviary.dev/inbound-ports-exclude: \"8080\"",
             ),
             ("shop", "local", ""),
+            ("shop", "host-network", ""),
             ("plain", "opted-in", "aviary.dev/capture: enabled"),
             ("plain", "bystander", ""),
         ]
@@ -1242,9 +1246,10 @@ status: {podIP: 10.244.1.14}
                 "{{name: {name}, namespace: {namespace}, uid: u-{name}, annotations: {{{}}}}}",
                 annotations.join(", ")
             );
-            Object::PodMetadata(Box::new(PodMeta::of(
-                &serde_saphyr::from_str(&meta).unwrap(),
-            )))
+            Object::PodMetadata(Box::new(PodMeta {
+                host_network: name == "host-network",
+                ..PodMeta::of(&serde_saphyr::from_str(&meta).unwrap())
+            }))
         });
         let mut store = store(yaml);
         for object in metadata {
@@ -1275,6 +1280,7 @@ status: {podIP: 10.244.1.14}
             ("opted-out", false),
             ("port-excluded", false),
             ("local", false),
+            ("host-network", false),
             ("opted-in", true),
             ("bystander", false),
         ]
@@ -1287,7 +1293,7 @@ status: {podIP: 10.244.1.14}
         // The endpoints also name the pods on other nodes, for the inbound proxy's clients.
         let table = compile_routes(&store, &local());
         assert_eq!(&*table.pod("10.244.2.12".parse().unwrap()).pod, "opted-out");
-        assert_eq!(table.pods.len(), 6);
+        assert_eq!(table.pods.len(), 7);
     }
 
     #[test]

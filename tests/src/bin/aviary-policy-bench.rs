@@ -120,6 +120,7 @@ fn other_nodes_pods(services: usize, endpoints: usize) -> Vec<Vec<PodMeta>> {
                     ..Meta::default()
                 },
                 workload: format!("svc-{i}"),
+                host_network: false,
             });
         }
     }
