@@ -440,7 +440,12 @@ mod tests {
                 namespace: "demo".into(),
                 name: name.into(),
                 port: 80,
-                endpoints: vec![Endpoint::new(([10, 244, 1, 3], port).into(), None, false)],
+                endpoints: vec![Endpoint::new(
+                    ([10, 244, 1, 3], port).into(),
+                    None,
+                    false,
+                    None,
+                )],
             })
         };
         let weighted = |b: &Arc<Backend>, weight| WeightedBackend {

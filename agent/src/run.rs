@@ -179,7 +179,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         } => {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
             let (updates_tx, updates) = mpsc::channel(UPDATE_QUEUE);
-            kubernetes::spawn_watchers(&client, node, namespace, updates_tx);
+            kubernetes::spawn_watchers(&client, node, updates_tx);
             let (reports_tx, reports) = watch::channel(Default::default());
             let (node_pods_tx, node_pods) = watch::channel(None);
             supervisor.spawn(
@@ -194,12 +194,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
             );
             supervisor.spawn(
                 "this node's pods, for the other nodes",
-                kubernetes::node_pods::publish(
-                    client.clone(),
-                    namespace.clone(),
-                    node.clone(),
-                    node_pods,
-                ),
+                kubernetes::node_pods::publish(client.clone(), node.clone(), node_pods),
             );
             if *write_status {
                 let lease = LeaseConfig::new(namespace.clone(), node.clone());

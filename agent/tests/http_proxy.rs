@@ -108,7 +108,7 @@ fn service_backend(name: &str, endpoints: &[SocketAddr]) -> Arc<Backend> {
         port: 80,
         endpoints: endpoints
             .iter()
-            .map(|&a| Endpoint::new(a, None, false))
+            .map(|&a| Endpoint::new(a, None, false, None))
             .collect(),
     })
 }
@@ -1061,7 +1061,7 @@ fn pod_backend(name: &str, workload: &str, pod: &str, addr: SocketAddr) -> Arc<B
         namespace: "shop".into(),
         name: name.into(),
         port: 80,
-        endpoints: vec![Endpoint::new(addr, Some(Arc::new(pod)), false)],
+        endpoints: vec![Endpoint::new(addr, Some(Arc::new(pod)), false, None)],
     })
 }
 
@@ -1201,7 +1201,7 @@ async fn a_pod_measured_at_its_destination_is_left_out_of_flaggers_family() {
         namespace: "shop".into(),
         name: "podinfo".into(),
         port: 80,
-        endpoints: vec![Endpoint::new(remote.addr, Some(Arc::new(pod)), true)],
+        endpoints: vec![Endpoint::new(remote.addr, Some(Arc::new(pod)), true, None)],
     });
     let proxy = start_proxy(service(vec![], on_another_node)).await;
     let mut conn = h1(proxy.addr).await;

@@ -90,55 +90,18 @@ pub fn server_config(
     Ok(config)
 }
 
-/// Whom the connecting end accepts as the server.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ExpectedServer {
-    /// Exactly this identity.
-    Identity(Identity),
-    /// Any identity of this namespace, in the bundle's trust domain: what a client knows of a
-    /// pod on another node whose service account it was not told.
-    Namespace(String),
-}
-
-impl ExpectedServer {
-    fn admits(&self, got: &Identity, trust_domain: &str) -> bool {
-        match self {
-            Self::Identity(expected) => got == expected,
-            Self::Namespace(namespace) => {
-                got.trust_domain == trust_domain && got.namespace == *namespace
-            }
-        }
-    }
-}
-
-impl From<Identity> for ExpectedServer {
-    fn from(identity: Identity) -> Self {
-        Self::Identity(identity)
-    }
-}
-
-impl std::fmt::Display for ExpectedServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Identity(identity) => identity.fmt(f),
-            Self::Namespace(namespace) => write!(f, "an identity of the namespace {namespace}"),
-        }
-    }
-}
-
 /// The connecting end of mutual TLS: presents `credentials`, and accepts only a server whose
-/// certificate chains to `bundle` and names an identity that `expected` admits.
+/// certificate chains to `bundle` and names exactly the identity `expected`.
 pub fn client_config(
     credentials: &Credentials,
     bundle: &TrustBundle,
-    expected: impl Into<ExpectedServer>,
+    expected: Identity,
 ) -> Result<ClientConfig, Error> {
     let provider = provider();
     let verifier = Arc::new(ServerIdentityVerifier {
         roots: bundle.roots.clone(),
         algorithms: provider.signature_verification_algorithms,
-        trust_domain: bundle.trust_domain.clone(),
-        expected: expected.into(),
+        expected,
     });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -182,10 +145,7 @@ pub fn signer_client_config(bundle: &TrustBundle) -> Result<ClientConfig, Error>
 #[derive(thiserror::Error)]
 enum PeerRefused {
     #[error("the peer proved {got}, not {expected}")]
-    OtherIdentity {
-        expected: ExpectedServer,
-        got: Identity,
-    },
+    OtherIdentity { expected: Identity, got: Identity },
     #[error("the peer proved {got}, outside the trust domain {trust_domain}")]
     ForeignTrustDomain { trust_domain: String, got: Identity },
 }
@@ -261,8 +221,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
 struct ServerIdentityVerifier {
     roots: Arc<RootCertStore>,
     algorithms: WebPkiSupportedAlgorithms,
-    trust_domain: String,
-    expected: ExpectedServer,
+    expected: Identity,
 }
 
 impl ServerCertVerifier for ServerIdentityVerifier {
@@ -283,9 +242,7 @@ impl ServerCertVerifier for ServerIdentityVerifier {
             self.algorithms.all,
         )?;
         match Identity::of_certificate(end_entity) {
-            Ok(identity) if self.expected.admits(&identity, &self.trust_domain) => {
-                Ok(ServerCertVerified::assertion())
-            }
+            Ok(identity) if identity == self.expected => Ok(ServerCertVerified::assertion()),
             Ok(got) => Err(identity_refused(PeerRefused::OtherIdentity {
                 expected: self.expected.clone(),
                 got,
@@ -418,11 +375,7 @@ pub(crate) mod tests {
         }
 
         /// The connecting end, as `who` with `credentials`, expecting `expected`.
-        fn client(
-            &self,
-            credentials: &Credentials,
-            expected: impl Into<ExpectedServer>,
-        ) -> ClientConfig {
+        fn client(&self, credentials: &Credentials, expected: Identity) -> ClientConfig {
             client_config(credentials, &bundle(&self.ca), expected).unwrap()
         }
     }
@@ -451,28 +404,6 @@ pub(crate) mod tests {
         let err = handshake(server, client).await.unwrap_err();
         assert!(
             err.contains("the peer proved spiffe://cluster.local/ns/shop/sa/checkout, not spiffe://cluster.local/ns/shop/sa/payments"),
-            "{err}"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_server_expected_by_namespace_proves_an_identity_of_that_namespace() {
-        let cast = Cast::new();
-        let checkout = issue(&cast.ca, &cast.checkout, cast.now);
-        let in_shop = ExpectedServer::Namespace("shop".into());
-        let server = cast.server(&cast.payments, &cast.ca);
-        let (_, server_seen) = handshake(server, cast.client(&checkout, in_shop))
-            .await
-            .unwrap();
-        assert_eq!(server_seen, Some(cast.payments.clone()));
-
-        let server = cast.server(&cast.payments, &cast.ca);
-        let in_ops = ExpectedServer::Namespace("ops".into());
-        let err = handshake(server, cast.client(&checkout, in_ops))
-            .await
-            .unwrap_err();
-        assert!(
-            err.contains("the peer proved spiffe://cluster.local/ns/shop/sa/payments, not an identity of the namespace ops"),
             "{err}"
         );
     }
@@ -541,8 +472,7 @@ pub(crate) mod tests {
         let verifier = Arc::new(ServerIdentityVerifier {
             roots: bundle(&cast.ca).roots.clone(),
             algorithms: provider().signature_verification_algorithms,
-            trust_domain: "cluster.local".into(),
-            expected: cast.payments.into(),
+            expected: cast.payments,
         });
         let client = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])

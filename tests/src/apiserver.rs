@@ -4,8 +4,7 @@
 //! - `?watch=true` answers with a chunked stream of JSON events from the requested
 //!   resourceVersion, `BOOKMARK`s on request, and an `ERROR` event with a `410 Gone` Status when
 //!   that version has been compacted away, as etcd-backed servers do;
-//! - field selectors on plain fields (`spec.nodeName=...`) and label selectors of equalities and
-//!   existence (`app=web,aviary.dev/node-pods`);
+//! - field selectors on plain fields (`spec.nodeName=...`);
 //! - GET, POST, PUT (with resourceVersion conflicts) and JSON merge PATCH, on objects and on their
 //!   `status` subresource;
 //! - TokenReview: tokens the test issues ([`ApiServer::issue_token`]) review as authenticated,
@@ -48,7 +47,7 @@ struct ObjectId {
 struct Watch {
     collection: Collection,
     namespace: Option<String>,
-    selector: Selector,
+    selector: Vec<(String, String)>,
     sender: mpsc::UnboundedSender<Bytes>,
 }
 
@@ -302,7 +301,7 @@ impl Watch {
     fn matches(&self, id: &ObjectId, object: &Value) -> bool {
         self.collection == id.collection
             && self.namespace.as_ref().is_none_or(|ns| *ns == id.namespace)
-            && self.selector.selects(object)
+            && selected(&self.selector, object)
     }
 }
 
@@ -319,7 +318,13 @@ fn line(event: &Value) -> Bytes {
 /// "v1" + "Pod" -> "/api/v1/pods"; "gateway.networking.k8s.io/v1" + "HTTPRoute" ->
 /// "/apis/gateway.networking.k8s.io/v1/httproutes".
 fn collection(api_version: &str, kind: &str) -> Collection {
-    let plural = format!("{}s", kind.to_lowercase());
+    // A kind already plural (NodePods) names its collection as it is.
+    let kind = kind.to_lowercase();
+    let plural = if kind.ends_with('s') {
+        kind
+    } else {
+        format!("{kind}s")
+    };
     if api_version.contains('/') {
         format!("/apis/{api_version}/{plural}")
     } else {
@@ -341,8 +346,8 @@ fn api_version_kind(collection: &str) -> (String, String) {
         "httproutes" => "HTTPRoute",
         "leases" => "Lease",
         "events" => "Event",
-        "configmaps" => "ConfigMap",
         "nodes" => "Node",
+        "nodepods" => "NodePods",
         other => other,
     };
     (api_version, kind.to_owned())
@@ -353,7 +358,7 @@ fn id_of(object: &Value) -> Option<ObjectId> {
     let kind = object["kind"].as_str()?;
     let name = object["metadata"]["name"].as_str()?;
     let namespace = match kind {
-        "Namespace" | "Node" => "",
+        "Namespace" | "Node" | "NodePods" => "",
         _ => object["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default"),
@@ -433,55 +438,22 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// What a list or watch selects: `fieldSelector` terms as (path, value) pairs, and
-/// `labelSelector` terms as (key, value), a key alone asking only that the label exist.
-#[derive(Default)]
-struct Selector {
-    fields: Vec<(String, String)>,
-    labels: Vec<(String, Option<String>)>,
+/// `spec.nodeName=n1,metadata.name=x` as (path, value) pairs.
+fn field_selector(text: Option<&String>) -> Vec<(String, String)> {
+    text.map(|t| {
+        t.split(',')
+            .filter_map(|term| term.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
-impl Selector {
-    /// `fieldSelector=spec.nodeName=n1,metadata.name=x&labelSelector=app=web,tier`.
-    fn of(query: &BTreeMap<String, String>) -> Self {
-        let terms = |key: &str| -> Vec<String> {
-            query.get(key).map_or_else(Vec::new, |t| {
-                t.split(',')
-                    .filter(|term| !term.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-        };
-        Self {
-            fields: terms("fieldSelector")
-                .iter()
-                .filter_map(|term| term.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-            labels: terms("labelSelector")
-                .iter()
-                .map(|term| match term.split_once('=') {
-                    Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
-                    None => (term.clone(), None),
-                })
-                .collect(),
-        }
-    }
-
-    fn selects(&self, object: &Value) -> bool {
-        let fields = self.fields.iter().all(|(path, value)| {
-            let field = path.split('.').fold(object, |v, key| &v[key]);
-            field.as_str().unwrap_or_default() == value
-        });
-        let labels = self.labels.iter().all(|(key, value)| {
-            let label = object["metadata"]["labels"][key.as_str()].as_str();
-            match value {
-                Some(value) => label == Some(value.as_str()),
-                None => label.is_some(),
-            }
-        });
-        fields && labels
-    }
+fn selected(selector: &[(String, String)], object: &Value) -> bool {
+    selector.iter().all(|(path, value)| {
+        let field = path.split('.').fold(object, |v, key| &v[key]);
+        field.as_str().unwrap_or_default() == value
+    })
 }
 
 fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
@@ -604,17 +576,17 @@ fn object_id(target: &Target, name: &str) -> ObjectId {
     }
 }
 
-fn in_scope(target: &Target, selector: &Selector, id: &ObjectId, object: &Value) -> bool {
+fn in_scope(target: &Target, selector: &[(String, String)], id: &ObjectId, object: &Value) -> bool {
     id.collection == target.collection
         && target
             .namespace
             .as_ref()
             .is_none_or(|ns| *ns == id.namespace)
-        && selector.selects(object)
+        && selected(selector, object)
 }
 
 fn list(state: &State, target: &Target, query: &BTreeMap<String, String>) -> Response<Body> {
-    let selector = Selector::of(query);
+    let selector = field_selector(query.get("fieldSelector"));
     let (snapshot, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
         Some(token) => {
             let (rv, offset) = token.split_once(':').unwrap_or(("0", "0"));
@@ -666,7 +638,7 @@ fn watch(
     query: &BTreeMap<String, String>,
 ) -> Response<Body> {
     let (sender, mut receiver) = mpsc::unbounded_channel::<Bytes>();
-    let selector = Selector::of(query);
+    let selector = field_selector(query.get("fieldSelector"));
     {
         let mut state = state.lock().unwrap();
         let from: u64 = query

@@ -14,8 +14,9 @@ use aviary_agent::{
     config::{
         Args, Command, Config, PolicySource, Probe, DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR,
     },
-    kubernetes::api_access,
+    kubernetes::{api_access, node_pods},
     metrics::{DenialReason, Direction, MethodClass, Metrics, RequestLabels, Route, Security},
+    policy::{Meta, PodMeta},
     proxy::{http::MirrorOutcome, route::Workload},
 };
 use clap::{CommandFactory as _, Parser as _};
@@ -25,8 +26,10 @@ use k8s_openapi::{
         core::v1::{Container, Namespace, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use kube::Resource as _;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
@@ -101,11 +104,10 @@ fn the_base_manifests_are_valid_kubernetes_objects() {
         kinds,
         [
             "Namespace",
+            "CustomResourceDefinition",
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
-            "Role",
-            "RoleBinding",
             "Role",
             "RoleBinding",
             "DaemonSet",
@@ -123,6 +125,7 @@ fn the_base_manifests_are_valid_kubernetes_objects() {
     for object in &objects {
         match object["kind"].as_str().unwrap() {
             "Namespace" => drop(round_trips_as::<Namespace>(object)),
+            "CustomResourceDefinition" => drop(round_trips_as::<CustomResourceDefinition>(object)),
             "ServiceAccount" => drop(round_trips_as::<ServiceAccount>(object)),
             "ClusterRole" => drop(round_trips_as::<ClusterRole>(object)),
             "ClusterRoleBinding" => drop(round_trips_as::<ClusterRoleBinding>(object)),
@@ -133,13 +136,67 @@ fn the_base_manifests_are_valid_kubernetes_objects() {
             "Service" => drop(round_trips_as::<Service>(object)),
             other => panic!("unexpected kind {other}"),
         }
-        if object["kind"] != "Namespace" && object["kind"] != "ClusterRole" {
+        let cluster_scoped = ["Namespace", "ClusterRole", "CustomResourceDefinition"];
+        if !cluster_scoped.contains(&object["kind"].as_str().unwrap()) {
             let namespaced = !object["kind"].as_str().unwrap().starts_with("Cluster");
             if namespaced {
                 assert_eq!(object["metadata"]["namespace"], "aviary-system", "{object}");
             }
         }
     }
+}
+
+/// `value` as an API server keeps it under a structural `schema`: fields it does not name are
+/// pruned.
+fn pruned(value: &Value, schema: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter_map(|(key, field)| {
+                    let field_schema = schema["properties"]
+                        .get(key)
+                        .or_else(|| schema.get("additionalProperties"))?;
+                    Some((key.clone(), pruned(field, field_schema)))
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn the_node_pods_schema_keeps_every_field_an_agent_publishes() {
+    let objects = base_objects();
+    let crd = of_kind(&objects, "CustomResourceDefinition")[0];
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let pod = PodMeta {
+        metadata: Meta {
+            name: Some("payments-0".into()),
+            namespace: Some("shop".into()),
+            annotations: Some(
+                [
+                    ("aviary.dev/capture".into(), "enabled".into()),
+                    ("aviary.dev/inbound-ports-exclude".into(), "9090".into()),
+                ]
+                .into(),
+            ),
+            ..Meta::default()
+        },
+        workload: "payments".into(),
+        host_network: true,
+        service_account: Some("payments".into()),
+    };
+    let published = serde_json::json!({"spec": node_pods::spec_of([pod])});
+    assert_eq!(pruned(&published, schema), published);
+    let kind = &crd["spec"]["names"];
+    assert_eq!(
+        (&kind["kind"], &kind["plural"], &crd["spec"]["group"]),
+        (
+            &Value::from(node_pods::NodePods::kind(&()).as_ref()),
+            &Value::from(node_pods::NodePods::plural(&()).as_ref()),
+            &Value::from(node_pods::NodePods::group(&()).as_ref()),
+        )
+    );
 }
 
 /// What the roles bound to the ServiceAccount `subject` grant: (group, resource, verb, whether

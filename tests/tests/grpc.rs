@@ -50,7 +50,7 @@ async fn grpc_backend(name: &str) -> Arc<Backend> {
         namespace: "shop".into(),
         name: format!("echo-{name}").into(),
         port: 80,
-        endpoints: vec![Endpoint::new(addr, None, false)],
+        endpoints: vec![Endpoint::new(addr, None, false, None)],
     })
 }
 

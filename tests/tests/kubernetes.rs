@@ -36,6 +36,7 @@ use tokio::{
 
 const NODE: &str = "node-a";
 const AGENT_NAMESPACE: &str = "aviary-system";
+const NODE_PODS_API: &str = "aviary.dev/v1alpha1";
 const ROUTE_API: &str = "gateway.networking.k8s.io/v1";
 
 const CLUSTER: &str = r#"
@@ -142,7 +143,7 @@ fn start_on(
         trust_domain: None,
     });
     let (updates_tx, updates) = mpsc::channel(64);
-    kubernetes::spawn_watchers(&client, node, AGENT_NAMESPACE, updates_tx);
+    kubernetes::spawn_watchers(&client, node, updates_tx);
     let (reports_tx, reports) = watch::channel(Report::default());
     let (node_pods_tx, node_pods) = watch::channel(None);
     let mut tasks = vec![
@@ -155,7 +156,6 @@ fn start_on(
         )),
         tokio::spawn(kubernetes::node_pods::publish(
             client.clone(),
-            AGENT_NAMESPACE.into(),
             node.into(),
             node_pods,
         )),
@@ -299,19 +299,13 @@ async fn lists_then_follows_watch_events() {
         )
     );
     let published = server
-        .get(
-            "v1",
-            "ConfigMap",
-            AGENT_NAMESPACE,
-            &kubernetes::node_pods::config_map_name("node-b"),
-        )
+        .get(NODE_PODS_API, "NodePods", "", "node-b")
         .expect("node-b's pods are published");
     assert_eq!(
-        published["data"],
-        serde_json::json!({
-            "test": r#"{"podinfo-primary-5b6c8d-x2x9z":{"workload":"podinfo-primary"}}"#
-        }),
-        "the workload and no other label or annotation"
+        published["spec"],
+        serde_json::json!({"pods": {"test": {"podinfo-primary-5b6c8d-x2x9z":
+            {"workload": "podinfo-primary", "serviceAccount": "default"}}}}),
+        "the workload and service account, and no other label or annotation"
     );
     let owner = &published["metadata"]["ownerReferences"][0];
     assert_eq!(
@@ -321,7 +315,7 @@ async fn lists_then_follows_watch_events() {
             &Value::from("node-b"),
             &server.get("v1", "Node", "", "node-b").unwrap()["metadata"]["uid"]
         ),
-        "the ConfigMap goes with its node"
+        "the object goes with its node"
     );
     assert!(captured(&first, "10.96.0.10:80"));
     assert_eq!(
@@ -715,7 +709,7 @@ async fn the_agent_uses_exactly_the_api_access_it_declares() {
     requested(
         &server,
         "this node's pods are published again",
-        "PUT /api/v1/namespaces/aviary-system/configmaps/aviary-pods-node-a",
+        "PUT /apis/aviary.dev/v1alpha1/nodepods/node-a",
     )
     .await;
     let used: std::collections::BTreeSet<(String, String, &str)> =

@@ -336,12 +336,7 @@ fn a_weight_change_through_the_api_server_is_followed_within_a_second_and_no_req
     assert!(watches >= 6, "the agent watched every kind");
     // The agent published its node's pods for the other nodes' agents.
     let published = wait_until(Duration::from_secs(10), || {
-        server.get(
-            "v1",
-            "ConfigMap",
-            "aviary-system",
-            &format!("aviary-pods-{TEST_NODE}"),
-        )
+        server.get("aviary.dev/v1alpha1", "NodePods", "", TEST_NODE)
     });
     assert!(published.is_some(), "{:#?}", server.requests());
 

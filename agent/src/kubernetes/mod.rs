@@ -15,7 +15,7 @@ use futures::{Stream, StreamExt as _};
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::{
     api::{
-        core::v1::{ConfigMap, Namespace, Node, Pod, Service},
+        core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -146,8 +146,9 @@ pub fn api_access() -> Vec<Access> {
     let mut access = vec![
         access::<Namespace>("", WATCH, false),
         access::<Pod>("", WATCH, false),
-        // node_pods: the other nodes' pods, and this node's, published for them.
-        access::<ConfigMap>("", &["list", "watch", "get", "create", "update"], true),
+        // node_pods: the other nodes' pods, and this node's, published for them, owned by
+        // its Node.
+        access::<node_pods::NodePods>("", &["list", "watch", "get", "create", "update"], false),
         access::<Node>("", &["get"], false),
         access::<Service>("", WATCH, false),
         access::<EndpointSlice>("", WATCH, false),
@@ -171,12 +172,10 @@ fn trim(meta: &mut ObjectMeta) {
 }
 
 /// Starts one watcher per kind; they send to `updates` until it is closed. Pods are only those
-/// scheduled on `node`; of the others, what their nodes' agents publish in `namespace`
-/// ([`node_pods`]).
-pub fn spawn_watchers(client: &Client, node: &str, namespace: &str, updates: mpsc::Sender<Update>) {
+/// scheduled on `node`; of the others, what their nodes' agents publish ([`node_pods`]).
+pub fn spawn_watchers(client: &Client, node: &str, updates: mpsc::Sender<Update>) {
     let all = watcher::Config::default();
     let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let node_pods = watcher::Config::default().labels(node_pods::LABEL);
     tokio::spawn(forward(
         watcher(Api::<Namespace>::all(client.clone()), all.clone()),
         OneToOne,
@@ -188,10 +187,7 @@ pub fn spawn_watchers(client: &Client, node: &str, namespace: &str, updates: mps
         updates.clone(),
     ));
     tokio::spawn(forward(
-        watcher(
-            Api::<ConfigMap>::namespaced(client.clone(), namespace),
-            node_pods,
-        ),
+        watcher(Api::<node_pods::NodePods>::all(client.clone()), all.clone()),
         node_pods::Reader::new(node),
         updates.clone(),
     ));
@@ -284,7 +280,7 @@ pub async fn apply_updates(
     mut publisher: Publisher,
     reports: watch::Sender<status::Report>,
     node: String,
-    node_pods: watch::Sender<Option<node_pods::NodePods>>,
+    node_pods: watch::Sender<Option<node_pods::NodePodsSpec>>,
 ) {
     let mut store = Store::default();
     let mut listed = BTreeSet::new();

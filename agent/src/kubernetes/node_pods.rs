@@ -2,24 +2,29 @@
 //!
 //! Two facts of a pod on another node shape this node's policy: the workload it belongs to
 //! (metrics name an endpoint by it) and whether it is enrolled, with which inbound ports
-//! excluded (then requests to it are tunnelled to its node's agent and measured there). Each
-//! agent knows its own node's pods in full (it watches them by `spec.nodeName`), so it publishes
-//! those facts in one ConfigMap in the agent's namespace, `aviary-pods-<node>`, and every agent
-//! watches these ConfigMaps by their label instead of watching every pod of the cluster: an
-//! entry changes when a pod comes or goes or its owner or Aviary annotations change, never with
-//! its status, and holds a few dozen bytes per pod. Cilium's agents publish their endpoints the
-//! same way (CiliumEndpoint). The ConfigMap is owned by its Node, so it goes with the node.
+//! excluded and which identity (then requests to it are tunnelled to its node's agent, which
+//! proves that identity, and measured there). Each agent knows its own node's pods in full (it
+//! watches them by `spec.nodeName`), so it publishes those facts in one [`NodePods`] object
+//! named after its node, and every agent watches these objects instead of every pod of the
+//! cluster: an entry changes when a pod comes or goes or its owner, service account or Aviary
+//! annotations change, never with its status, and holds a few dozen bytes per pod. Cilium's
+//! agents publish their endpoints the same way (CiliumEndpoint). The object is owned by its
+//! Node, so it goes with the node. It is a kind of Aviary's own (`deploy/base/crd.yaml`), not
+//! a ConfigMap: writing ConfigMaps in the agents' namespace would let an agent's token replace
+//! the trust bundle there.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
     time::Duration,
 };
 
 use k8s_openapi::{
-    api::core::v1::{ConfigMap, Node},
+    api::core::v1::Node,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+    ClusterResourceScope,
 };
-use kube::{api::PostParams, Api, Client};
+use kube::{api::PostParams, Api, Client, Resource};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -27,41 +32,73 @@ use tracing::{info, warn};
 use super::{Translate, Update};
 use crate::policy::{enrolment_annotations, Kind, Meta, Object, ObjectKey, PodMeta, Store};
 
-/// The label every node's ConfigMap carries, which the agents' watch selects.
-pub const LABEL: &str = "aviary.dev/node-pods";
-
-/// The ConfigMap that holds `node`'s pods.
-pub fn config_map_name(node: &str) -> String {
-    format!("aviary-pods-{node}")
+/// One node's pods, as its agent publishes them: `aviary.dev/v1alpha1` `NodePods`, cluster
+/// scoped, named after the node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePods {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: NodePodsSpec,
 }
 
-/// A node's pods as its ConfigMap's data: one entry per namespace (a valid ConfigMap key, which
-/// `<namespace>/<pod>` would not be), each a JSON object of pod name → [`PublishedPod`].
-pub type NodePods = BTreeMap<String, String>;
+/// The pods by namespace, then by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePodsSpec {
+    #[serde(default)]
+    pub pods: BTreeMap<String, BTreeMap<String, PublishedPod>>,
+}
+
+impl Resource for NodePods {
+    type DynamicType = ();
+    type Scope = ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "NodePods".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "aviary.dev".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1alpha1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "nodepods".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 /// What other nodes need of one pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct PublishedPod {
+#[serde(rename_all = "camelCase")]
+pub struct PublishedPod {
     workload: String,
     /// Only those that decide its enrolment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     annotations: BTreeMap<String, String>,
-    #[serde(
-        default,
-        rename = "hostNetwork",
-        skip_serializing_if = "std::ops::Not::not"
-    )]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     host_network: bool,
+    /// Its identity's service account, which a tunnel to it requires its agent to prove.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service_account: Option<String>,
 }
 
-/// The data of `node`'s ConfigMap, from the pods the store holds on it.
-pub fn of_node(store: &Store, node: &str) -> NodePods {
-    data_of(store.pods_on(node))
+/// What `node`'s agent publishes, from the pods the store holds on it.
+pub fn of_node(store: &Store, node: &str) -> NodePodsSpec {
+    spec_of(store.pods_on(node))
 }
 
-/// A ConfigMap's data listing `pods`.
-pub fn data_of(pods: impl IntoIterator<Item = PodMeta>) -> NodePods {
-    let mut by_namespace: BTreeMap<String, BTreeMap<String, PublishedPod>> = BTreeMap::new();
+/// What a node publishes of `pods`.
+pub fn spec_of(pods: impl IntoIterator<Item = PodMeta>) -> NodePodsSpec {
+    let mut spec = NodePodsSpec::default();
     for pod in pods {
         let (Some(namespace), Some(name)) = (pod.metadata.namespace, pod.metadata.name) else {
             continue;
@@ -70,111 +107,91 @@ pub fn data_of(pods: impl IntoIterator<Item = PodMeta>) -> NodePods {
             workload: pod.workload,
             annotations: pod.metadata.annotations.unwrap_or_default(),
             host_network: pod.host_network,
+            service_account: pod.service_account,
         };
-        by_namespace
+        spec.pods
             .entry(namespace)
             .or_default()
             .insert(name, published);
     }
-    by_namespace
-        .into_iter()
-        .map(|(namespace, pods)| {
-            let json = serde_json::to_string(&pods).expect("strings serialize");
-            (namespace, json)
-        })
-        .collect()
+    spec
 }
 
-/// The pods one ConfigMap lists, and the namespaces whose entry could not be read.
-fn pods_in(config_map: &ConfigMap) -> (Vec<Object>, BTreeSet<String>) {
-    let mut pods = Vec::new();
-    let mut unreadable = BTreeSet::new();
-    for (namespace, json) in config_map.data.iter().flatten() {
-        let published: BTreeMap<String, PublishedPod> = match serde_json::from_str(json) {
-            Ok(published) => published,
-            Err(error) => {
-                warn!(
-                    config_map = config_map.metadata.name.as_deref().unwrap_or_default(),
-                    namespace,
-                    %error,
-                    "an entry of another node's pods cannot be read; its pods keep what was \
-                     known of them"
-                );
-                unreadable.insert(namespace.clone());
-                continue;
-            }
-        };
-        for (name, pod) in published {
+/// The pods one node's object lists, as the store keeps them.
+fn pods_in(node_pods: &NodePods) -> Vec<Object> {
+    let mut objects = Vec::new();
+    for (namespace, pods) in &node_pods.spec.pods {
+        for (name, pod) in pods {
             let annotations = enrolment_annotations(&pod.annotations);
-            pods.push(Object::PodMetadata(Box::new(PodMeta {
+            objects.push(Object::PodMetadata(Box::new(PodMeta {
                 metadata: Meta {
-                    name: Some(name),
+                    name: Some(name.clone()),
                     namespace: Some(namespace.clone()),
                     uid: None,
                     annotations: (!annotations.is_empty()).then_some(annotations),
                 },
-                workload: pod.workload,
+                workload: pod.workload.clone(),
                 host_network: pod.host_network,
+                service_account: pod.service_account.clone(),
             })));
         }
     }
-    (pods, unreadable)
+    objects
 }
 
-/// Turns the other nodes' ConfigMaps into the store's pods of other nodes, one object per pod,
-/// so that a change to one pod touches only what reads that pod.
+/// Turns the other nodes' [`NodePods`] into the store's pods of other nodes, one object per
+/// pod, so that a change to one pod touches only what reads that pod.
 pub struct Reader {
-    /// This node's own ConfigMap, skipped: its pods are in the store in full.
-    own: String,
-    /// The pods each ConfigMap listed last.
+    /// This node, whose own pods are in the store in full.
+    node: String,
+    /// The pods each node listed last.
     listed: HashMap<String, BTreeSet<ObjectKey>>,
-    /// The ConfigMap whose entry for a pod the store holds: a pod that moved to another node
-    /// (a StatefulSet's) is removed only when the node that has it last drops it.
+    /// The node whose entry for a pod the store holds: a pod that moved to another node (a
+    /// StatefulSet's) is removed only when the node that has it last drops it.
     source: HashMap<ObjectKey, String>,
 }
 
 impl Reader {
     pub fn new(node: &str) -> Self {
         Self {
-            own: config_map_name(node),
+            node: node.to_owned(),
             listed: HashMap::new(),
             source: HashMap::new(),
         }
     }
 
-    /// Records what `config_map` lists now; returns its pods and the pods it no longer lists.
-    fn follow(&mut self, config_map: &ConfigMap, deleted: bool) -> (Vec<Object>, Vec<ObjectKey>) {
-        let name = config_map.metadata.name.clone().unwrap_or_default();
-        if name == self.own {
+    /// Records what `node_pods` lists now (nothing once deleted); returns its pods and the
+    /// pods it no longer lists.
+    fn follow(&mut self, node_pods: &NodePods, deleted: bool) -> (Vec<Object>, Vec<ObjectKey>) {
+        let node = node_pods.metadata.name.clone().unwrap_or_default();
+        if node == self.node {
             return (Vec::new(), Vec::new());
         }
-        let (pods, unreadable) = if deleted {
-            Default::default()
+        let pods = if deleted {
+            Vec::new()
         } else {
-            pods_in(config_map)
+            pods_in(node_pods)
         };
-        let mut now: BTreeSet<ObjectKey> = pods.iter().map(Object::key).collect();
-        let before = self.listed.remove(&name).unwrap_or_default();
+        let now: BTreeSet<ObjectKey> = pods.iter().map(Object::key).collect();
+        let before = self.listed.remove(&node).unwrap_or_default();
         let mut gone = Vec::new();
         for key in before {
-            if unreadable.contains(&key.namespace) {
-                now.insert(key);
-            } else if !now.contains(&key) && self.source.get(&key) == Some(&name) {
+            if !now.contains(&key) && self.source.get(&key) == Some(&node) {
                 self.source.remove(&key);
                 gone.push(key);
             }
         }
-        for key in pods.iter().map(Object::key) {
-            self.source.insert(key, name.clone());
+        for key in &now {
+            self.source.insert(key.clone(), node.clone());
         }
         if !now.is_empty() {
-            self.listed.insert(name, now);
+            self.listed.insert(node, now);
         }
         (pods, gone)
     }
 }
 
-impl Translate<ConfigMap> for Reader {
+impl Translate<NodePods> for Reader {
     const KIND: Kind = Kind::PodMetadata;
 
     fn relist(&mut self) {
@@ -182,18 +199,18 @@ impl Translate<ConfigMap> for Reader {
         self.source.clear();
     }
 
-    fn listed(&mut self, config_map: ConfigMap) -> Vec<Object> {
-        self.follow(&config_map, false).0
+    fn listed(&mut self, node_pods: NodePods) -> Vec<Object> {
+        self.follow(&node_pods, false).0
     }
 
-    fn applied(&mut self, config_map: ConfigMap) -> Vec<Update> {
-        let (pods, gone) = self.follow(&config_map, false);
+    fn applied(&mut self, node_pods: NodePods) -> Vec<Update> {
+        let (pods, gone) = self.follow(&node_pods, false);
         let gone = gone.into_iter().map(Update::Deleted);
         pods.into_iter().map(Update::Applied).chain(gone).collect()
     }
 
-    fn deleted(&mut self, config_map: ConfigMap) -> Vec<Update> {
-        let (_, gone) = self.follow(&config_map, true);
+    fn deleted(&mut self, node_pods: NodePods) -> Vec<Update> {
+        let (_, gone) = self.follow(&node_pods, true);
         gone.into_iter().map(Update::Deleted).collect()
     }
 }
@@ -201,51 +218,48 @@ impl Translate<ConfigMap> for Reader {
 /// How long a failed write waits before the next, at first and at most.
 const RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(30));
 
-/// Keeps `node`'s ConfigMap in `namespace` as `pods` says, from its first value on (sent once
-/// the store has listed every kind, so a restarting agent never publishes an empty node).
+/// Keeps `node`'s [`NodePods`] as `pods` says, from its first value on (sent once the store
+/// has listed every kind, so a restarting agent never publishes an empty node).
 pub async fn publish(
     client: Client,
-    namespace: String,
     node: String,
-    mut pods: watch::Receiver<Option<NodePods>>,
+    mut pods: watch::Receiver<Option<NodePodsSpec>>,
 ) {
     let nodes: Api<Node> = Api::all(client.clone());
-    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let api: Api<NodePods> = Api::all(client);
     let mut retry = RETRY.0;
     let owner = loop {
         match nodes.get(&node).await {
             Ok(found) => break owner_reference(&found),
             Err(error) => {
-                warn!(%node, %error, "cannot read this node's Node, which will own the ConfigMap of its pods; other nodes learn of its pods once it can be read");
+                warn!(%node, %error, ?retry, "cannot read this node's Node, which will own the object of its pods; other nodes learn of its pods once it can be read");
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(RETRY.1);
             }
         }
     };
-    let name = config_map_name(&node);
     let mut retry = RETRY.0;
     loop {
-        let Some(data) = pods.borrow_and_update().clone() else {
+        let Some(spec) = pods.borrow_and_update().clone() else {
             if pods.changed().await.is_err() {
                 return;
             }
             continue;
         };
-        let config_map = ConfigMap {
+        let published = NodePods {
+            api_version: NodePods::api_version(&()).into_owned(),
+            kind: NodePods::kind(&()).into_owned(),
             metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(namespace.clone()),
-                labels: Some([(LABEL.to_owned(), String::new())].into()),
+                name: Some(node.clone()),
                 owner_references: Some(vec![owner.clone()]),
                 ..ObjectMeta::default()
             },
-            data: Some(data),
-            ..ConfigMap::default()
+            spec,
         };
-        match write(&api, config_map).await {
+        match write(&api, published).await {
             Ok(written) => {
                 if written {
-                    info!(config_map = %name, "published this node's pods");
+                    info!(%node, "published this node's pods");
                 }
                 retry = RETRY.0;
                 if pods.changed().await.is_err() {
@@ -254,7 +268,7 @@ pub async fn publish(
             }
             // Retried with the newest pods: a conflict means the object changed in between.
             Err(error) => {
-                warn!(config_map = %name, %error, ?retry, "cannot publish this node's pods yet; other nodes keep the last published");
+                warn!(%node, %error, ?retry, "cannot publish this node's pods yet; other nodes keep the last published");
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(RETRY.1);
             }
@@ -272,22 +286,20 @@ fn owner_reference(node: &Node) -> OwnerReference {
     }
 }
 
-/// Creates or replaces the ConfigMap, unless it already says the same; returns whether it
-/// wrote.
-async fn write(api: &Api<ConfigMap>, mut config_map: ConfigMap) -> Result<bool, kube::Error> {
-    let name = config_map.metadata.name.clone().unwrap_or_default();
+/// Creates or replaces the object, unless it already says the same; returns whether it wrote.
+async fn write(api: &Api<NodePods>, mut published: NodePods) -> Result<bool, kube::Error> {
+    let name = published.metadata.name.clone().unwrap_or_default();
     let Some(current) = api.get_opt(&name).await? else {
-        api.create(&PostParams::default(), &config_map).await?;
+        api.create(&PostParams::default(), &published).await?;
         return Ok(true);
     };
-    let same = current.data.unwrap_or_default() == config_map.data.clone().unwrap_or_default()
-        && current.metadata.labels == config_map.metadata.labels
-        && current.metadata.owner_references == config_map.metadata.owner_references;
-    if same {
+    if current.spec == published.spec
+        && current.metadata.owner_references == published.metadata.owner_references
+    {
         return Ok(false);
     }
-    config_map.metadata.resource_version = current.metadata.resource_version;
-    api.replace(&name, &PostParams::default(), &config_map)
+    published.metadata.resource_version = current.metadata.resource_version;
+    api.replace(&name, &PostParams::default(), &published)
         .await?;
     Ok(true)
 }
@@ -311,7 +323,7 @@ metadata:
   labels: {pod-template-hash: 7d9f8b}
   annotations: {aviary.dev/inbound-ports-exclude: "9090", kubectl.kubernetes.io/restartedAt: now}
   ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: payments-7d9f8b, uid: rs, controller: true}]
-spec: {nodeName: node-b, containers: [{name: c, image: test}]}
+spec: {nodeName: node-b, serviceAccountName: payments, containers: [{name: c, image: test}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -335,14 +347,19 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
         store
     }
 
-    fn config_map(node: &str, data: NodePods) -> ConfigMap {
-        ConfigMap {
+    /// `node`'s object, listing `namespaces` of `spec` (all of them when empty).
+    fn published(node: &str, spec: &NodePodsSpec, namespaces: &[&str]) -> NodePods {
+        let mut spec = spec.clone();
+        if !namespaces.is_empty() {
+            spec.pods.retain(|ns, _| namespaces.contains(&ns.as_str()));
+        }
+        NodePods {
             metadata: ObjectMeta {
-                name: Some(config_map_name(node)),
+                name: Some(node.into()),
                 ..ObjectMeta::default()
             },
-            data: Some(data),
-            ..ConfigMap::default()
+            spec,
+            ..NodePods::default()
         }
     }
 
@@ -350,20 +367,36 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
         pods.iter().map(|p| p.key().to_string()).collect()
     }
 
+    fn deleted(updates: &[Update]) -> Vec<String> {
+        updates
+            .iter()
+            .filter_map(|u| match u {
+                Update::Deleted(key) => Some(key.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn a_node_publishes_what_other_nodes_read_of_its_pods_and_nothing_else() {
         let store = store(NODE_B);
-        let data = of_node(&store, "node-b");
+        let spec = of_node(&store, "node-b");
         assert_eq!(
-            data,
-            NodePods::from([
-                ("data".into(), r#"{"db-0":{"workload":"db","annotations":{"aviary.dev/capture":"disabled"}}}"#.into()),
-                ("shop".into(), r#"{"exporter":{"workload":"exporter","hostNetwork":true},"payments-7d9f8b-x2x9z":{"workload":"payments","annotations":{"aviary.dev/inbound-ports-exclude":"9090"}}}"#.into()),
-            ])
+            serde_json::to_value(&spec).unwrap(),
+            serde_json::json!({"pods": {
+                "data": {"db-0": {"workload": "db", "annotations": {"aviary.dev/capture": "disabled"},
+                    "serviceAccount": "default"}},
+                "shop": {
+                    "exporter": {"workload": "exporter", "hostNetwork": true, "serviceAccount": "default"},
+                    "payments-7d9f8b-x2x9z": {"workload": "payments",
+                        "annotations": {"aviary.dev/inbound-ports-exclude": "9090"},
+                        "serviceAccount": "payments"},
+                },
+            }})
         );
         // Another node reads each pod as its own node's agent would have it, but the UID.
         let mut reader = Reader::new("node-a");
-        let read = reader.listed(config_map("node-b", data));
+        let read = reader.listed(published("node-b", &spec, &[]));
         let expected: Vec<Object> = store
             .pods_on("node-b")
             .map(|mut pod| {
@@ -379,7 +412,7 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
         let mut here = store(NODE_B);
         let mut elsewhere = Store::default();
         let mut reader = Reader::new("node-a");
-        for pod in reader.listed(config_map("node-b", of_node(&here, "node-b"))) {
+        for pod in reader.listed(published("node-b", &of_node(&here, "node-b"), &[])) {
             elsewhere.upsert(pod).unwrap();
         }
         let bad = NODE_B
@@ -392,7 +425,7 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
         assert!(refused.kept_previous);
 
         // Node-a refuses it for the same reason, and keeps its last good version too.
-        let updates = reader.applied(config_map("node-b", of_node(&here, "node-b")));
+        let updates = reader.applied(published("node-b", &of_node(&here, "node-b"), &[]));
         let db: Vec<Object> = updates
             .into_iter()
             .filter_map(|u| match u {
@@ -408,13 +441,13 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
 
     #[test]
     fn a_node_skips_its_own_pods_and_drops_pods_another_node_no_longer_runs() {
-        let data = of_node(&store(NODE_B), "node-b");
+        let spec = of_node(&store(NODE_B), "node-b");
         let mut on_b = Reader::new("node-b");
-        assert!(on_b.listed(config_map("node-b", data.clone())).is_empty());
+        assert!(on_b.listed(published("node-b", &spec, &[])).is_empty());
 
         let mut reader = Reader::new("node-a");
         assert_eq!(
-            keys(&reader.listed(config_map("node-b", data.clone()))),
+            keys(&reader.listed(published("node-b", &spec, &[]))),
             [
                 "PodMetadata/data/db-0",
                 "PodMetadata/shop/exporter",
@@ -422,55 +455,24 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
             ]
         );
         // db-0 moves from node-b to node-c; node-c says so first.
-        let moved = NodePods::from([("data".into(), data["data"].clone())]);
-        let updates = reader.applied(config_map("node-c", moved));
+        let updates = reader.applied(published("node-c", &spec, &["data"]));
         assert!(matches!(updates.as_slice(), [Update::Applied(_)]));
-        let without_db = NodePods::from([("shop".into(), data["shop"].clone())]);
-        let updates = reader.applied(config_map("node-b", without_db));
-        assert!(
-            updates.iter().all(|u| matches!(u, Update::Applied(_))),
-            "node-b dropping db-0 leaves node-c's: {updates:?}"
+        let updates = reader.applied(published("node-b", &spec, &["shop"]));
+        assert_eq!(
+            deleted(&updates),
+            Vec::<String>::new(),
+            "node-b dropping db-0 leaves node-c's"
         );
         // Node-b goes: its pods go with it, node-c's stay.
-        let updates = reader.deleted(config_map("node-b", NodePods::new()));
-        let gone: Vec<String> = updates
-            .iter()
-            .map(|u| match u {
-                Update::Deleted(key) => key.to_string(),
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let updates = reader.deleted(published("node-b", &spec, &["shop"]));
         assert_eq!(
-            gone,
+            deleted(&updates),
             [
                 "PodMetadata/shop/exporter",
                 "PodMetadata/shop/payments-7d9f8b-x2x9z"
             ]
         );
-        let updates = reader.deleted(config_map("node-c", NodePods::new()));
-        assert_eq!(updates.len(), 1);
-    }
-
-    #[test]
-    fn an_unreadable_entry_keeps_what_was_known_of_its_pods() {
-        let data = of_node(&store(NODE_B), "node-b");
-        let mut reader = Reader::new("node-a");
-        reader.listed(config_map("node-b", data.clone()));
-        let mut broken = data.clone();
-        broken.insert("shop".into(), "{not json".into());
-        let updates = reader.applied(config_map("node-b", broken));
-        assert!(
-            updates.iter().all(|u| matches!(u, Update::Applied(_))),
-            "nothing is removed: {updates:?}"
-        );
-        // Once readable again, a pod it no longer lists goes.
-        let updates = reader.applied(config_map(
-            "node-b",
-            NodePods::from([("data".into(), data["data"].clone())]),
-        ));
-        assert!(updates.iter().any(|u| matches!(
-            u,
-            Update::Deleted(key) if key.name == "payments-7d9f8b-x2x9z"
-        )));
+        let updates = reader.deleted(published("node-c", &spec, &["data"]));
+        assert_eq!(deleted(&updates), ["PodMetadata/data/db-0"]);
     }
 }

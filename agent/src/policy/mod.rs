@@ -222,6 +222,8 @@ pub struct PodMeta {
     pub workload: String,
     /// It shares its node's address: never captured inbound, whatever its annotations say.
     pub host_network: bool,
+    /// Its identity's service account, which a tunnel to it requires its agent to prove.
+    pub service_account: Option<String>,
 }
 
 impl PodMeta {
@@ -243,6 +245,7 @@ impl PodMeta {
             },
             workload: workload::workload_name(meta),
             host_network: false,
+            service_account: None,
         }
     }
 }
@@ -263,6 +266,7 @@ pub(crate) struct PodFacts<'a> {
     pub annotations: Option<&'a BTreeMap<String, String>>,
     pub workload: std::borrow::Cow<'a, str>,
     pub host_network: bool,
+    pub service_account: Option<&'a str>,
 }
 
 /// The metadata every object has, whichever way it is kept.
@@ -665,6 +669,7 @@ impl Store {
                 annotations: pod.metadata.annotations.as_ref(),
                 workload: workload::workload_name(&pod.metadata).into(),
                 host_network: is_host_network(pod),
+                service_account: Some(service_account(pod)),
             });
         }
         match self.get(Kind::PodMetadata, namespace, name)? {
@@ -672,6 +677,7 @@ impl Store {
                 annotations: pod.metadata.annotations.as_ref(),
                 workload: pod.workload.as_str().into(),
                 host_network: pod.host_network,
+                service_account: pod.service_account.as_deref(),
             }),
             _ => None,
         }
@@ -692,6 +698,7 @@ impl Store {
             .filter_map(|object| match object {
                 Object::Pod(pod) if is_local(pod, Some(node)) => Some(PodMeta {
                     host_network: is_host_network(pod),
+                    service_account: Some(service_account(pod).to_owned()),
                     ..PodMeta::of(&pod.metadata)
                 }),
                 _ => None,
@@ -919,11 +926,7 @@ fn enrolled(store: &Store, node: Option<&str>) -> BTreeMap<String, EnrolledPod> 
                 namespace: namespace.to_owned(),
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 uid: pod.metadata.uid.clone().unwrap_or_default(),
-                service_account: pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone())
-                    .unwrap_or_else(|| "default".into()),
+                service_account: service_account(pod).to_owned(),
                 ips: pod_ips(pod),
                 inbound_ports_excluded: inbound_ports_excluded(pod.metadata.annotations.as_ref())
                     .unwrap_or_default(),
@@ -950,6 +953,14 @@ fn is_enrolled(
 
 /// hostNetwork pods share the node's network: they are never enrolled and have no address of
 /// their own.
+/// The service account a pod runs as: "default" when its spec names none, as admission sets it.
+fn service_account(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .unwrap_or("default")
+}
+
 fn is_host_network(pod: &Pod) -> bool {
     pod.spec
         .as_ref()
@@ -1331,6 +1342,7 @@ ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-7d9f8b, 
             },
             workload: "podinfo".into(),
             host_network: false,
+            service_account: None,
         };
         assert_eq!(kept, expected);
         let bare = ObjectMeta {

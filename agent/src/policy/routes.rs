@@ -540,6 +540,17 @@ impl<'a> Reader<'a> {
                 .is_ok_and(|excluded| !excluded.contains(&port))
     }
 
+    /// The identity of the pod `namespace/name` in the trust domain, by the service account its
+    /// node's agent published (or its Pod names).
+    fn identity(&self, namespace: &str, name: &str) -> Option<Arc<Identity>> {
+        let trust_domain = self.options.trust_domain.as_deref()?;
+        self.read(Input::Pod(namespace.into(), name.into()));
+        let pod = self.store.pod_facts(namespace, name)?;
+        Identity::new(trust_domain, namespace, pod.service_account?)
+            .ok()
+            .map(Arc::new)
+    }
+
     /// The rules of the HTTPRoutes attached to one service port, one per match, in Gateway API
     /// precedence order (ties: the oldest route, then by name, then rule and match order).
     fn gamma_rules(&self, port: i32, routes: &[&HttpRoute]) -> Vec<Rule> {
@@ -675,7 +686,11 @@ impl<'a> Reader<'a> {
                         let measured_at_destination = pod.as_ref().is_some_and(|p| {
                             self.measured_at_destination(&p.namespace, &p.pod, addr.port())
                         });
-                        endpoints.push(Endpoint::new(addr, pod, measured_at_destination));
+                        let server = pod
+                            .as_ref()
+                            .filter(|_| measured_at_destination)
+                            .and_then(|p| self.identity(&p.namespace, &p.pod));
+                        endpoints.push(Endpoint::new(addr, pod, measured_at_destination, server));
                     }
                 }
             }
@@ -1248,6 +1263,8 @@ status: {podIP: 10.244.1.14}
             );
             Object::PodMetadata(Box::new(PodMeta {
                 host_network: name == "host-network",
+                // As their agents publish them: with the service accounts they run as, but one.
+                service_account: (name != "opted-in").then(|| format!("sa-{name}")),
                 ..PodMeta::of(&serde_saphyr::from_str(&meta).unwrap())
             }))
         });
@@ -1289,6 +1306,39 @@ status: {podIP: 10.244.1.14}
         assert!(measured(false)
             .iter()
             .all(|(_, at_destination)| !at_destination));
+
+        // In a trust domain, a tunnel to a pod measured at its destination expects exactly the
+        // pod's identity; a pod whose service account is not known has none, and gets no
+        // tunnel (the proxy says why).
+        let options = RouteOptions {
+            node: Some("node-a".into()),
+            inbound_capture: true,
+            trust_domain: Some("cluster.local".into()),
+        };
+        let table = compile_routes(&store, &options);
+        let servers: Vec<(String, Option<String>)> = ["10.96.0.11:80", "10.96.0.12:80"]
+            .iter()
+            .flat_map(|vip| {
+                &table.services[&vip.parse::<SocketAddr>().unwrap()]
+                    .default
+                    .endpoints
+            })
+            .filter(|e| e.measured_at_destination)
+            .map(|e| {
+                let pod = e.pod.as_ref().unwrap().pod.to_string();
+                (pod, e.server.as_ref().map(|s| s.to_string()))
+            })
+            .collect();
+        assert_eq!(
+            servers,
+            [
+                (
+                    "enrolled".into(),
+                    Some("spiffe://cluster.local/ns/shop/sa/sa-enrolled".into())
+                ),
+                ("opted-in".into(), None),
+            ]
+        );
 
         // The endpoints also name the pods on other nodes, for the inbound proxy's clients.
         let table = compile_routes(&store, &local());

@@ -352,7 +352,7 @@ mod tests {
 
     fn endpoints(n: u16) -> Vec<Arc<Endpoint>> {
         (0..n)
-            .map(|i| Endpoint::new(([10, 0, 0, 1], 8000 + i).into(), None, false))
+            .map(|i| Endpoint::new(([10, 0, 0, 1], 8000 + i).into(), None, false, None))
             .collect()
     }
 

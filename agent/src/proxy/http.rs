@@ -339,7 +339,7 @@ impl HttpProxy {
         endpoint: &Endpoint,
         from: Option<&TunnelFrom>,
     ) -> Result<Upstream, String> {
-        let (Some(mesh), Some(pod)) = (&self.mesh, &endpoint.pod) else {
+        let Some(mesh) = &self.mesh else {
             return Ok(Upstream::direct(endpoint.addr));
         };
         if !self.tunnels_to(endpoint) {
@@ -352,12 +352,19 @@ impl HttpProxy {
                 endpoint.addr
             ));
         };
+        let Some(server) = &endpoint.server else {
+            return Err(format!(
+                "{} is a pod enrolled on another node, reached over mutual TLS only, and its \
+                 identity is not known (its node's agent has not published its service account)",
+                endpoint.addr
+            ));
+        };
         Ok(Upstream {
             endpoint: endpoint.addr,
             tunnel: Some(Tunnelled {
                 from: from.clone(),
                 mesh: mesh.clone(),
-                namespace: pod.namespace.clone(),
+                server: server.clone(),
             }),
         })
     }
@@ -1470,6 +1477,8 @@ fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
 
 #[cfg(test)]
 mod tests {
+    use aviary_identity::spiffe::Identity;
+
     use super::*;
 
     #[test]
@@ -1503,5 +1512,55 @@ mod tests {
         add_forwarding_headers(&mut headers, &HeaderValue::from_static("10.0.0.2"));
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 10.0.0.2");
         assert_eq!(headers["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn a_tunnel_expects_the_pods_identity_and_is_never_made_without_it() {
+        let mesh = Mesh::new(
+            Arc::new(crate::identity::Certificates::default()),
+            0,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        let proxy = HttpProxy::new(
+            HttpConfig::default(),
+            Arc::new(ArcSwap::from_pointee(RouteTable::default())),
+            0,
+            Arc::new(Metrics::new(true, None)),
+        )
+        .with_mesh(Some(Arc::new(mesh)));
+        let id = |text: &str| Arc::new(text.parse::<Identity>().unwrap());
+        let from = TunnelFrom {
+            source: "10.244.1.10:40000".parse().unwrap(),
+            identity: id("spiffe://cluster.local/ns/shop/sa/web"),
+        };
+        let pod = Arc::new(Workload {
+            namespace: "shop".into(),
+            workload: "payments".into(),
+            pod: "payments-0".into(),
+        });
+        let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
+        let addr = "10.244.2.11:8080".parse().unwrap();
+
+        let known = Endpoint::new(addr, Some(pod.clone()), true, Some(payments.clone()));
+        let tunnel = proxy.upstream(&known, Some(&from)).unwrap().tunnel.unwrap();
+        assert_eq!(tunnel.server, payments);
+
+        let unknown = Endpoint::new(addr, Some(pod.clone()), true, None);
+        let refused = proxy.upstream(&unknown, Some(&from)).err().unwrap();
+        assert!(refused.contains("its identity is not known"), "{refused}");
+        let refused = proxy.upstream(&known, None).err().unwrap();
+        assert!(
+            refused.contains("the client has no mesh identity"),
+            "{refused}"
+        );
+
+        // Not measured at its destination: directly, as always.
+        let direct = Endpoint::new(addr, Some(pod), false, None);
+        assert!(proxy
+            .upstream(&direct, Some(&from))
+            .unwrap()
+            .tunnel
+            .is_none());
     }
 }

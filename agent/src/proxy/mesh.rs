@@ -1,8 +1,8 @@
 //! Mutual TLS between nodes: the certificate each end of a tunnel presents, and whom it
-//! accepts at the other end. A source agent presents its pod's identity and expects one of the
-//! destination pod's namespace (it knows another node's pods as their agent publishes them,
-//! which does not name their service accounts); a destination agent presents its pod's identity
-//! and accepts any identity of the trust domain, which the pod's `allow-from` then judges.
+//! accepts at the other end. A source agent presents its pod's identity and expects exactly
+//! the destination pod's (its service account, as the pod's node's agent publishes it); a
+//! destination agent presents its pod's identity and accepts any identity of the trust domain,
+//! which the pod's `allow-from` then judges.
 
 use std::{
     cell::RefCell,
@@ -16,7 +16,7 @@ use std::{
 use aviary_identity::{
     credentials::Credentials,
     spiffe::Identity,
-    tls::{client_config, server_config, ExpectedServer, TrustBundle},
+    tls::{client_config, server_config, TrustBundle},
 };
 use rustls::ServerConfig;
 
@@ -111,9 +111,9 @@ impl<T> Made<T> {
     }
 }
 
-/// A pooled connection's key: the source's identity, the destination pod's address and
-/// namespace (whose identity its agent proved).
-type PoolKey = (Arc<Identity>, IpAddr, Arc<str>);
+/// A pooled connection's key: the source's identity, the destination pod's address and the
+/// identity its agent proved as the pod.
+type PoolKey = (Arc<Identity>, IpAddr, Arc<Identity>);
 
 /// A connection to another node's agent, with the certificate it presented.
 struct Pooled {
@@ -143,7 +143,7 @@ impl Mesh {
         }
     }
 
-    /// Opens a tunnel from `from` to the pod at `target`, of `namespace`, through the agent of
+    /// Opens a tunnel from `from` to the pod at `target`, as `server`, through the agent of
     /// its node (at the pod's address, on [`hbone::PORT`]): on this worker's connection there
     /// as `from`'s identity, or on a new one. A connection made with a certificate since
     /// renewed carries no new tunnel. Returns the tunnel with the identities both ends proved.
@@ -151,10 +151,10 @@ impl Mesh {
         &self,
         from: &TunnelFrom,
         target: SocketAddr,
-        namespace: &Arc<str>,
+        server: &Arc<Identity>,
     ) -> Result<(Tunnel, Arc<Principals>), TunnelError> {
         let (credentials, bundle) = self.held(&from.identity)?;
-        let key = (from.identity.clone(), target.ip(), namespace.clone());
+        let key = (from.identity.clone(), target.ip(), server.clone());
         let opened = async {
             let pooled = POOL.with_borrow_mut(|pool| {
                 let pooled = pool.get_mut(&key).filter(|p| {
@@ -171,9 +171,9 @@ impl Mesh {
                     Err(refused) => return Err(refused.into()),
                 }
             }
-            let expected = ExpectedServer::Namespace(namespace.to_string());
             let tls = Arc::new(
-                client_config(&credentials, &bundle, expected).map_err(Unavailable::from)?,
+                client_config(&credentials, &bundle, Identity::clone(server))
+                    .map_err(Unavailable::from)?,
             );
             let agent = SocketAddr::new(target.ip(), hbone::PORT);
             let tcp = super::connect_marked(agent, self.mark)

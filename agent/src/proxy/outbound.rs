@@ -198,8 +198,8 @@ impl Outbound {
                 return None;
             }
         };
-        let (from, namespace) = (&tunnelled.from, &tunnelled.namespace);
-        match tunnelled.mesh.tunnel(from, endpoint.addr, namespace).await {
+        let (from, server) = (&tunnelled.from, &tunnelled.server);
+        match tunnelled.mesh.tunnel(from, endpoint.addr, server).await {
             Ok((tunnel, principals)) => {
                 let route = route.over_mtls(&principals);
                 let relay = self.relay(peer, Some(&route));

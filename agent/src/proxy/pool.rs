@@ -29,6 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aviary_identity::spiffe::Identity;
 use bytes::Bytes;
 use http::{Request, Response, Version};
 use http_body_util::combinators::BoxBody;
@@ -82,12 +83,12 @@ pub struct Upstream {
 }
 
 /// How a tunnelled request leaves: from which pod, through which mesh, to a pod of which
-/// namespace (whose identity the destination's agent must prove).
+/// identity (which the destination's agent must prove).
 #[derive(Clone)]
 pub struct Tunnelled {
     pub from: TunnelFrom,
     pub mesh: Arc<Mesh>,
-    pub namespace: Arc<str>,
+    pub server: Arc<Identity>,
 }
 
 impl Upstream {
@@ -362,7 +363,7 @@ impl Pool {
         if let Some(tunnelled) = &upstream.tunnel {
             let opened = tunnelled
                 .mesh
-                .tunnel(&tunnelled.from, upstream.endpoint, &tunnelled.namespace)
+                .tunnel(&tunnelled.from, upstream.endpoint, &tunnelled.server)
                 .await;
             return match opened {
                 Ok((tunnel, principals)) => {

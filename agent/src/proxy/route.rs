@@ -388,6 +388,9 @@ pub struct Endpoint {
     /// The pod is enrolled on another node, whose inbound proxy measures the requests it
     /// receives; Flagger's family is left to that agent, so no request counts twice there.
     pub measured_at_destination: bool,
+    /// The identity the agent of such a pod's node must prove, as the pod, for a tunnel to it
+    /// (in a trust domain, and with the pod's service account known).
+    pub server: Option<Arc<Identity>>,
 }
 
 impl Endpoint {
@@ -395,11 +398,13 @@ impl Endpoint {
         addr: SocketAddr,
         pod: Option<Arc<Workload>>,
         measured_at_destination: bool,
+        server: Option<Arc<Identity>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             addr,
             pod,
             measured_at_destination,
+            server,
         })
     }
 }

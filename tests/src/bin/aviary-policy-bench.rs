@@ -123,6 +123,7 @@ fn other_nodes_pods(services: usize, endpoints: usize) -> Vec<Vec<PodMeta>> {
                 },
                 workload: format!("svc-{i}"),
                 host_network: false,
+                service_account: Some("default".into()),
             });
         }
     }
@@ -439,10 +440,9 @@ async fn propagation(
     }
     for (k, pods) in nodes.into_iter().enumerate() {
         server.apply(serde_json::json!({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": node_pods::config_map_name(&format!("node-{k}")),
-                "namespace": AGENT_NAMESPACE, "labels": {node_pods::LABEL: ""}},
-            "data": node_pods::data_of(pods),
+            "apiVersion": "aviary.dev/v1alpha1", "kind": "NodePods",
+            "metadata": {"name": format!("node-{k}")},
+            "spec": node_pods::spec_of(pods),
         }));
     }
     server.apply_yaml(&format!(
@@ -453,7 +453,7 @@ async fn propagation(
     let (publisher, mut snapshots) = Publisher::new(options());
     let (updates_tx, updates) = mpsc::channel(4096);
     let started = Instant::now();
-    kubernetes::spawn_watchers(&client, NODE, AGENT_NAMESPACE, updates_tx);
+    kubernetes::spawn_watchers(&client, NODE, updates_tx);
     let (reports, _reports) = watch::channel(Report::default());
     let (node_pods_tx, node_pods) = watch::channel(None);
     tokio::spawn(kubernetes::apply_updates(
@@ -463,12 +463,7 @@ async fn propagation(
         NODE.into(),
         node_pods_tx,
     ));
-    tokio::spawn(node_pods::publish(
-        client,
-        AGENT_NAMESPACE.into(),
-        NODE.into(),
-        node_pods,
-    ));
+    tokio::spawn(node_pods::publish(client, NODE.into(), node_pods));
     while snapshots.borrow_and_update().generation == 0 {
         snapshots.changed().await?;
     }
@@ -540,8 +535,6 @@ async fn propagation(
 
 /// The benchmark's node.
 const NODE: &str = "bench-node";
-/// Where the agents publish their nodes' pods.
-const AGENT_NAMESPACE: &str = "aviary-system";
 
 /// An agent's routing options, inbound capture on, as a DaemonSet would run it.
 fn options() -> RouteOptions {
