@@ -94,8 +94,8 @@ trait Translate<K>: Send + 'static {
     const KIND: Kind;
     /// A new listing begins.
     fn relist(&mut self) {}
-    /// What the store keeps of one object of a listing.
-    fn listed(&mut self, object: K) -> Vec<Object>;
+    /// Adds what the store keeps of one object of a listing to `listing`.
+    fn listed(&mut self, object: K, listing: &mut Vec<Object>);
     fn applied(&mut self, object: K) -> Vec<Update>;
     fn deleted(&mut self, object: K) -> Vec<Update>;
 }
@@ -105,8 +105,8 @@ struct OneToOne;
 
 impl<K: Watched> Translate<K> for OneToOne {
     const KIND: Kind = K::KIND;
-    fn listed(&mut self, object: K) -> Vec<Object> {
-        vec![object.into_object()]
+    fn listed(&mut self, object: K, listing: &mut Vec<Object>) {
+        listing.push(object.into_object());
     }
     fn applied(&mut self, object: K) -> Vec<Update> {
         vec![Update::Applied(object.into_object())]
@@ -230,7 +230,7 @@ async fn forward<K, T>(
                 continue;
             }
             Ok(watcher::Event::InitApply(object)) => {
-                listing.extend(translate.listed(object));
+                translate.listed(object, &mut listing);
                 continue;
             }
             Ok(watcher::Event::InitDone) => {
@@ -284,10 +284,12 @@ pub async fn apply_updates(
 ) {
     let mut store = Store::default();
     let mut listed = BTreeSet::new();
+    // This node's pods are published again only after a batch that changed a Pod.
+    let mut pods_changed = false;
     while let Some(update) = updates.recv().await {
-        apply(&mut store, &mut listed, update);
+        pods_changed |= apply(&mut store, &mut listed, update) == Kind::Pod;
         while let Ok(update) = updates.try_recv() {
-            apply(&mut store, &mut listed, update);
+            pods_changed |= apply(&mut store, &mut listed, update) == Kind::Pod;
         }
         if listed.len() < Kind::ALL.len() {
             continue;
@@ -299,34 +301,41 @@ pub async fn apply_updates(
             *current = report;
             changed
         });
-        let pods = Some(node_pods::of_node(&store, &node));
-        node_pods.send_if_modified(|current| {
-            let changed = *current != pods;
-            *current = pods;
-            changed
-        });
+        if std::mem::take(&mut pods_changed) {
+            let pods = Some(node_pods::of_node(&store, &node));
+            node_pods.send_if_modified(|current| {
+                let changed = *current != pods;
+                *current = pods;
+                changed
+            });
+        }
     }
 }
 
-fn apply(store: &mut Store, listed: &mut BTreeSet<Kind>, update: Update) {
-    let rejected = match update {
-        Update::Applied(object) => store.upsert(object).err().into_iter().collect(),
+/// Applies one update; returns the kind it was of.
+fn apply(store: &mut Store, listed: &mut BTreeSet<Kind>, update: Update) -> Kind {
+    let (kind, rejected) = match update {
+        Update::Applied(object) => (
+            object.kind(),
+            store.upsert(object).err().into_iter().collect(),
+        ),
         Update::Deleted(key) => {
             store.remove(&key);
-            Vec::new()
+            (key.kind, Vec::new())
         }
         Update::Listed(kind, objects) => {
             listed.insert(kind);
-            store.replace_kind(kind, objects)
+            (kind, store.replace_kind(kind, objects))
         }
         Update::NotServed(kind) => {
             listed.insert(kind);
-            store.replace_kind(kind, Vec::new())
+            (kind, store.replace_kind(kind, Vec::new()))
         }
     };
     for rejected in rejected {
         warn!("{rejected}");
     }
+    kind
 }
 
 /// How long an answer from the API server may take; watches are long polls and not bound by it.

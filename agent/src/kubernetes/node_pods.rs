@@ -199,8 +199,8 @@ impl Translate<NodePods> for Reader {
         self.source.clear();
     }
 
-    fn listed(&mut self, node_pods: NodePods) -> Vec<Object> {
-        self.follow(&node_pods, false).0
+    fn listed(&mut self, node_pods: NodePods, listing: &mut Vec<Object>) {
+        listing.extend(self.follow(&node_pods, false).0);
     }
 
     fn applied(&mut self, node_pods: NodePods) -> Vec<Update> {
@@ -363,6 +363,13 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
         }
     }
 
+    /// What `reader` makes of `node_pods` in a listing.
+    fn listing(reader: &mut Reader, node_pods: NodePods) -> Vec<Object> {
+        let mut listing = Vec::new();
+        reader.listed(node_pods, &mut listing);
+        listing
+    }
+
     fn keys(pods: &[Object]) -> Vec<String> {
         pods.iter().map(|p| p.key().to_string()).collect()
     }
@@ -396,7 +403,7 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
         );
         // Another node reads each pod as its own node's agent would have it, but the UID.
         let mut reader = Reader::new("node-a");
-        let read = reader.listed(published("node-b", &spec, &[]));
+        let read = listing(&mut reader, published("node-b", &spec, &[]));
         let expected: Vec<Object> = store
             .pods_on("node-b")
             .map(|mut pod| {
@@ -412,7 +419,10 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
         let mut here = store(NODE_B);
         let mut elsewhere = Store::default();
         let mut reader = Reader::new("node-a");
-        for pod in reader.listed(published("node-b", &of_node(&here, "node-b"), &[])) {
+        for pod in listing(
+            &mut reader,
+            published("node-b", &of_node(&here, "node-b"), &[]),
+        ) {
             elsewhere.upsert(pod).unwrap();
         }
         let bad = NODE_B
@@ -443,11 +453,11 @@ spec: {nodeName: node-b, hostNetwork: true, containers: [{name: c, image: test}]
     fn a_node_skips_its_own_pods_and_drops_pods_another_node_no_longer_runs() {
         let spec = of_node(&store(NODE_B), "node-b");
         let mut on_b = Reader::new("node-b");
-        assert!(on_b.listed(published("node-b", &spec, &[])).is_empty());
+        assert!(listing(&mut on_b, published("node-b", &spec, &[])).is_empty());
 
         let mut reader = Reader::new("node-a");
         assert_eq!(
-            keys(&reader.listed(published("node-b", &spec, &[]))),
+            keys(&listing(&mut reader, published("node-b", &spec, &[]))),
             [
                 "PodMetadata/data/db-0",
                 "PodMetadata/shop/exporter",
