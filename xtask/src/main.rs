@@ -3,8 +3,10 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
+    time::Instant,
 };
 
 use anyhow::{bail, Context as _};
@@ -79,6 +81,13 @@ enum Task {
         #[arg(long)]
         short: bool,
     },
+    /// Runs `.ci/run` as CI runs it on a new machine (as root): CI=true, in a fresh clone of
+    /// HEAD, with xtask's cache in an empty folder and no virtme-ng helpers on PATH.
+    FreshCheck {
+        /// Keeps the clone and its cache afterwards, for a look at what failed.
+        #[arg(long)]
+        keep: bool,
+    },
     /// The benchmark: the data path against direct connections, in one run (as root).
     Bench {
         /// Arguments for the benchmark (e.g. --secs 10).
@@ -115,7 +124,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             cargo(&["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             // The programs only build for the BPF target, with the nightly toolchain.
-            status(Command::new("cargo").args([
+            status(tool("cargo").args([
                 &format!("+{NIGHTLY}"),
                 "clippy",
                 "-p",
@@ -139,12 +148,12 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Test { kernel: None, args } => {
             setup()?;
             // The end-to-end tests run the workspace's binaries (agent, test pods).
-            cargo(&["build", "--bins"])?;
+            timed("the build", || cargo(&["build", "--bins"]))?;
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)?;
+            timed("the tests", || cargo(&test))?;
             if args.is_empty() {
-                fuzz(FUZZ_TARGETS, FUZZ_SMOKE_SECONDS)?;
+                timed("fuzzing", || fuzz(FUZZ_TARGETS, FUZZ_SMOKE_SECONDS))?;
             }
             Ok(())
         }
@@ -165,12 +174,13 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup()?;
             // The release agent, so the latencies the demo prints are the product's.
             cargo(&["build", "--release", "--bins"])?;
-            let mut demo = Command::new(target_dir().join("release/aviary-demo"));
+            let mut demo = tool(target_dir().join("release/aviary-demo"));
             if short {
                 demo.arg("--short");
             }
             status(&mut demo)
         }
+        Task::FreshCheck { keep } => fresh_check(keep),
         Task::Bench { args } => {
             setup()?;
             // The HTTP load generator, the peer proxies measured beside Aviary, and perf for
@@ -187,13 +197,64 @@ fn run(task: Task) -> anyhow::Result<()> {
                 .iter()
                 .any(|a| a == "--only" || a.starts_with("--only="))
             {
-                status(&mut Command::new(
-                    target_dir().join("release/aviary-policy-bench"),
-                ))?;
+                status(&mut tool(target_dir().join("release/aviary-policy-bench")))?;
             }
-            status(Command::new(target_dir().join("release/aviary-bench")).args(args))
+            status(tool(target_dir().join("release/aviary-bench")).args(args))
         }
     }
+}
+
+/// Where xtask keeps the tools it installs for itself (virtme-ng's environment):
+/// `AVIARY_CACHE_DIR`, or ~/.cache/aviary. `cargo xtask fresh-check` points it at an empty
+/// folder.
+fn cache_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(CACHE_DIR_VAR) {
+        return Ok(PathBuf::from(dir));
+    }
+    let home = std::env::var_os("HOME").context("neither AVIARY_CACHE_DIR nor HOME is set")?;
+    Ok(Path::new(&home).join(".cache/aviary"))
+}
+
+const CACHE_DIR_VAR: &str = "AVIARY_CACHE_DIR";
+
+/// Cargo's own bin folder, where `cargo install` puts bpf-linker (which rustc starts by name
+/// when it links the programs) and cargo-fuzz: `CARGO_HOME`/bin, or ~/.cargo/bin.
+fn cargo_bin() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .map(|home| home.join("bin"))
+}
+
+/// virtme-ng's virtual environment; its `bin/` holds `vng` and the helpers `vng` starts by
+/// name (`virtme-run`, `virtme-ng-init`).
+fn virtme_ng_env() -> anyhow::Result<PathBuf> {
+    Ok(cache_dir()?.join(format!("virtme-ng-{VIRTME_NG_VERSION}")))
+}
+
+/// The `PATH` every tool xtask starts runs with: the folders of the tools xtask installs
+/// itself first (cargo's bin, virtme-ng's environment), then `inherited`. Nothing xtask starts
+/// may depend on a tool that only an install by hand put on the caller's `PATH`.
+fn tool_path(own: &[PathBuf], inherited: Option<OsString>) -> anyhow::Result<OsString> {
+    let inherited = inherited.unwrap_or_default();
+    let rest = std::env::split_paths(&inherited)
+        .filter(|dir| !dir.as_os_str().is_empty() && !own.contains(dir));
+    let dirs: Vec<PathBuf> = own.iter().cloned().chain(rest).collect();
+    std::env::join_paths(dirs).context("a folder of PATH has a ':' in its name")
+}
+
+/// A command for an external tool, with the tool environment of [`tool_path`].
+fn tool(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut own: Vec<PathBuf> = cargo_bin().into_iter().collect();
+    own.extend(virtme_ng_env().ok().map(|env| env.join("bin")));
+    let mut command = Command::new(program);
+    match tool_path(&own, std::env::var_os("PATH")) {
+        Ok(path) => {
+            command.env("PATH", path);
+        }
+        Err(e) => eprintln!("xtask: {e:#}; tools start with the PATH as it is"),
+    }
+    command
 }
 
 fn setup() -> anyhow::Result<()> {
@@ -213,15 +274,41 @@ fn test_in_vm(series: &str, args: &[String]) -> anyhow::Result<()> {
         // virtme-ng's initramfs runs busybox.
         ("busybox", &["true"], "busybox-static"),
     ])?;
-    let vng = ensure_virtme_ng()?;
     let kernel = ensure_debian_kernel(series)?;
+    let vng = ensure_virtme_ng(&kernel)?;
     // The suites run the workspace's binaries (agent, test pods).
     cargo(&["build", "--bins"])?;
     let suites: Vec<_> = test_executables("aviary-tests")?
         .into_iter()
         .filter(|(name, _)| !HOST_ONLY_SUITES.contains(&name.as_str()))
         .collect();
+    let script = guest_script(&suites, args);
+    // virtme-ng hands the guest its command on the kernel's command line (base64), which x86
+    // cuts at 2 KiB: the guest runs a file instead, over the shared filesystem.
+    let script_path = target_dir().join(format!("xtask/guest-{series}.sh"));
+    std::fs::create_dir_all(script_path.parent().expect("a file in a directory"))?;
+    std::fs::write(&script_path, script)
+        .with_context(|| format!("writing {}", script_path.display()))?;
 
+    let limit = GUEST_BOOT_SECONDS + GUEST_SUITE_SECONDS * suites.len() as u64;
+    eprintln!(
+        "xtask: running {} suites on {} under qemu (TCG)",
+        suites.len(),
+        kernel.display()
+    );
+    let mut guest = guest(&vng, &kernel, limit);
+    guest.arg("bash").arg(&script_path);
+    timed(&format!("the suites on Linux {series}"), || {
+        status(&mut guest)
+    })
+    .with_context(|| {
+        format!("the privileged suites on Linux {series}; the guest's output is above")
+    })
+}
+
+/// The script the guest runs: each suite in turn, as root with CI=true, timed, with `args`;
+/// it fails if one failed, after all have run.
+fn guest_script(suites: &[(String, PathBuf)], args: &[String]) -> String {
     let quoted_args: String = args
         .iter()
         .map(|a| format!(" {}", shell_quote(a)))
@@ -233,61 +320,122 @@ fn test_in_vm(series: &str, args: &[String]) -> anyhow::Result<()> {
          export CI=true AVIARY_TEST_SLOWDOWN={GUEST_SLOWDOWN}\n\
          failed=\n"
     );
-    for (name, executable) in &suites {
+    for (name, executable) in suites {
         script.push_str(&format!(
             "echo \"xtask (guest, $(uname -r)): {name}\"\n\
+             start=$(date +%s)\n\
              timeout {GUEST_SUITE_SECONDS} {}{quoted_args} --test-threads=1 \
-             || failed=\"$failed {name}\"\n",
+             || failed=\"$failed {name}\"\n\
+             echo \"xtask (guest): {name} took $(( $(date +%s) - start )) s\"\n",
             shell_quote(&executable.to_string_lossy()),
         ));
     }
     script.push_str("[ -z \"$failed\" ] || { echo \"xtask (guest): failed:$failed\"; exit 1; }\n");
-    // virtme-ng hands the guest its command on the kernel's command line (base64), which x86
-    // cuts at 2 KiB: the guest runs a file instead, over the shared filesystem.
-    let script_path = target_dir().join(format!("xtask/guest-{series}.sh"));
-    std::fs::create_dir_all(script_path.parent().expect("a file in a directory"))?;
-    std::fs::write(&script_path, script)
-        .with_context(|| format!("writing {}", script_path.display()))?;
+    script
+}
 
+/// A guest of `kernel` under qemu (TCG), over the host's root filesystem, killed after
+/// `seconds`; its command comes after (a `--` is there already).
+fn guest(vng: &Path, kernel: &Path, seconds: u64) -> Command {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let limit = GUEST_BOOT_SECONDS + GUEST_SUITE_SECONDS * suites.len() as u64;
-    eprintln!(
-        "xtask: running {} suites on {} under qemu (TCG)",
-        suites.len(),
-        kernel.display()
-    );
+    let mut command = tool("timeout");
+    command
+        .args(["--kill-after=30", &seconds.to_string()])
+        .arg(vng)
+        .arg("--run")
+        .arg(kernel)
+        // Nested KVM stops this guest with an emulation failure; TCG is slower but works.
+        .args([
+            "--disable-kvm",
+            "--memory",
+            "2G",
+            "--cpus",
+            &cpus.to_string(),
+        ])
+        .args(["--user", "root", "--cwd"])
+        .arg(workspace_root())
+        .arg("--")
+        // The guest's console would otherwise read ours.
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+/// `.ci/run` in a fresh clone of HEAD, as CI=true, with [`cache_dir`] an empty folder and the
+/// folders that hold virtme-ng's helpers taken off PATH, as on a new machine (the Debian
+/// packages xtask installs stay, as the machine has them).
+fn fresh_check(keep: bool) -> anyhow::Result<()> {
+    let dirty = output(tool("git").args(["status", "--porcelain", "--untracked-files=no"]))?;
+    if !dirty.trim().is_empty() {
+        eprintln!("xtask: the check runs HEAD; the uncommitted changes are not in it");
+    }
+    let scratch = std::env::temp_dir().join(format!("aviary-fresh-check-{}", std::process::id()));
+    let (clone, cache) = (scratch.join("aviary"), scratch.join("cache"));
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     status(
-        Command::new("timeout")
-            .args(["--kill-after=30", &limit.to_string()])
-            .arg(&vng)
-            .arg("--run")
-            .arg(&kernel)
-            // Nested KVM stops this guest with an emulation failure; TCG is slower but works.
-            .args([
-                "--disable-kvm",
-                "--memory",
-                "2G",
-                "--cpus",
-                &cpus.to_string(),
-            ])
-            .args(["--user", "root", "--cwd"])
+        tool("git")
+            .args(["clone", "--quiet"])
             .arg(workspace_root())
-            .arg("--")
-            .arg("bash")
-            .arg(&script_path)
-            // The guest's console would otherwise read ours.
-            .stdin(std::process::Stdio::null()),
-    )
-    .with_context(|| {
-        format!("the privileged suites on Linux {series}; the guest's output is above")
-    })
+            .arg(&clone),
+    )?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(
+        std::env::split_paths(&path).filter(|dir| !dir.join("virtme-run").exists()),
+    )?;
+    let mut ci = Command::new("bash");
+    ci.arg(".ci/run")
+        .current_dir(&clone)
+        .env("PATH", path)
+        .env("CI", "true")
+        .env(CACHE_DIR_VAR, &cache)
+        .stdin(std::process::Stdio::null());
+    // What `cargo xtask` itself runs with would steer the clone's cargo.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if (name.starts_with("CARGO") && name != "CARGO_HOME")
+            || name.starts_with("RUSTUP_TOOLCHAIN")
+        {
+            ci.env_remove(&*name);
+        }
+    }
+    eprintln!(
+        "xtask: running .ci/run in {} with an empty cache {}",
+        clone.display(),
+        cache.display()
+    );
+    let start = Instant::now();
+    let ran = ci.status().context("running bash .ci/run");
+    let minutes = start.elapsed().as_secs_f64() / 60.0;
+    if keep {
+        eprintln!("xtask: kept {}", scratch.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    match ran? {
+        ran if ran.success() => {
+            eprintln!("xtask: fresh-machine check passed in {minutes:.1} min");
+            Ok(())
+        }
+        ran => bail!("fresh-machine check failed after {minutes:.1} min ({ran})"),
+    }
+}
+
+/// Runs `stage`, and says how long it took (CI's log is read for these lines).
+fn timed<T>(stage: &str, run: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let start = Instant::now();
+    let result = run();
+    let verdict = if result.is_ok() { "passed" } else { "failed" };
+    eprintln!(
+        "xtask: {stage} {verdict} in {} s",
+        start.elapsed().as_secs()
+    );
+    result
 }
 
 /// The test executables cargo builds for `package`, by target name.
 fn test_executables(package: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
     cargo(&["test", "-p", package, "--no-run"])?;
     let messages = output(
-        Command::new("cargo")
+        tool("cargo")
             .args(["test", "-p", package, "--no-run", "--message-format=json"])
             .current_dir(workspace_root()),
     )?;
@@ -318,22 +466,48 @@ fn shell_quote(word: &str) -> String {
 }
 
 /// virtme-ng, in a virtual environment of its own made with Debian's python3 (pip may not
-/// install into the system's python, PEP 668): ~/.cache/aviary/virtme-ng-<version>/bin/vng.
-fn ensure_virtme_ng() -> anyhow::Result<PathBuf> {
-    let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let venv = Path::new(&home)
-        .join(".cache/aviary")
-        .join(format!("virtme-ng-{VIRTME_NG_VERSION}"));
+/// install into the system's python, PEP 668): [`virtme_ng_env`]`/bin/vng`. Once installed,
+/// it must boot `kernel` and run a command there before anything relies on it (`vng` starts
+/// its helpers by name, which a version check does not exercise); a marker in the environment
+/// records that it did.
+fn ensure_virtme_ng(kernel: &Path) -> anyhow::Result<PathBuf> {
+    let venv = virtme_ng_env()?;
     let vng = venv.join("bin/vng");
-    let installed = Command::new(&vng)
+    let installed = tool(&vng)
         .arg("--version")
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(VIRTME_NG_VERSION));
-    if installed {
+    if !installed {
+        install_virtme_ng(&venv)?;
+    }
+    let kernel_name = kernel.file_name().context("a kernel image's path")?;
+    let booted = venv.join(format!("booted-{}", kernel_name.to_string_lossy()));
+    if booted.exists() {
         return Ok(vng);
     }
+    eprintln!(
+        "xtask: checking that virtme-ng boots {} and runs a command there",
+        kernel.display()
+    );
+    let said = output(guest(&vng, kernel, GUEST_BOOT_SECONDS).args(["echo", GUEST_HELLO]))
+        .with_context(|| format!("virtme-ng in {} could not start a guest", venv.display()))?;
+    if !said.contains(GUEST_HELLO) {
+        bail!(
+            "virtme-ng in {} booted {} but the guest's command did not run; it printed:\n{said}",
+            venv.display(),
+            kernel.display()
+        );
+    }
+    std::fs::write(&booted, "")?;
+    Ok(vng)
+}
+
+/// What the boot check's guest prints.
+const GUEST_HELLO: &str = "aviary: the guest runs commands";
+
+fn install_virtme_ng(venv: &Path) -> anyhow::Result<()> {
     let python = "/usr/bin/python3";
-    let has_venv = Command::new(python)
+    let has_venv = tool(python)
         .args(["-c", "import ensurepip, venv"])
         .output()
         .is_ok_and(|out| out.status.success());
@@ -341,7 +515,7 @@ fn ensure_virtme_ng() -> anyhow::Result<PathBuf> {
         if !is_root() {
             bail!("python3 cannot make virtual environments; install python3-venv (as root: apt-get install python3-venv)");
         }
-        status(Command::new("apt-get").arg("update"))?;
+        status(tool("apt-get").arg("update"))?;
         apt_get_install(&["python3-venv"])?;
     }
     eprintln!(
@@ -349,14 +523,13 @@ fn ensure_virtme_ng() -> anyhow::Result<PathBuf> {
         venv.display()
     );
     // A half-made environment from an interrupted install is made again.
-    let _ = std::fs::remove_dir_all(&venv);
-    status(Command::new(python).args(["-m", "venv"]).arg(&venv))?;
+    let _ = std::fs::remove_dir_all(venv);
+    status(tool(python).args(["-m", "venv"]).arg(venv))?;
     status(
-        Command::new(venv.join("bin/pip"))
+        tool(venv.join("bin/pip"))
             .args(["install", "--quiet"])
             .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")),
-    )?;
-    Ok(vng)
+    )
 }
 
 /// The newest installed Debian kernel image of `series` (e.g. /boot/vmlinuz-6.1.0-57-amd64);
@@ -368,12 +541,12 @@ fn ensure_debian_kernel(series: &str) -> anyhow::Result<PathBuf> {
     if !is_root() {
         bail!("no Debian {series} kernel in /boot; install one (as root: apt-get install linux-image-{series}.0-<abi>-amd64-unsigned)");
     }
-    status(Command::new("apt-get").arg("update"))?;
+    status(tool("apt-get").arg("update"))?;
     let pattern = format!(
         "^linux-image-{}\\.0-[0-9]+-amd64-unsigned$",
         series.replace('.', "\\.")
     );
-    let found = output(Command::new("apt-cache").args(["search", "--names-only", &pattern]))?;
+    let found = output(tool("apt-cache").args(["search", "--names-only", &pattern]))?;
     let package = found
         .lines()
         .filter_map(|line| line.split_whitespace().next())
@@ -426,7 +599,7 @@ fn fuzz(targets: &[&str], seconds: u32) -> anyhow::Result<()> {
         }
         eprintln!("xtask: fuzzing {target} for {seconds} s");
         status(
-            Command::new("cargo")
+            tool("cargo")
                 .arg(format!("+{NIGHTLY}"))
                 .args(["fuzz", "run", "--target-dir"])
                 .arg(target_dir())
@@ -447,14 +620,14 @@ fn fuzz(targets: &[&str], seconds: u32) -> anyhow::Result<()> {
 /// cargo-fuzz, which builds the fuzz targets with the nightly toolchain. The nightly needs no
 /// component for it: its standard library ships the sanitizers' runtimes.
 fn ensure_cargo_fuzz() -> anyhow::Result<()> {
-    let current = Command::new("cargo").args(["fuzz", "--version"]).output();
+    let current = tool("cargo").args(["fuzz", "--version"]).output();
     if let Ok(out) = current {
         if String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION) {
             return Ok(());
         }
     }
     eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
-    status(Command::new("cargo").args([
+    status(tool("cargo").args([
         "install",
         &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
         "--locked",
@@ -463,46 +636,29 @@ fn ensure_cargo_fuzz() -> anyhow::Result<()> {
 }
 
 fn ensure_nightly_rust_src() -> anyhow::Result<()> {
-    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    let toolchains = output(tool("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
         eprintln!("xtask: installing the nightly toolchain (the eBPF programs need it)");
-        status(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            NIGHTLY,
-            "--profile",
-            "minimal",
-        ]))?;
+        status(tool("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
     }
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        NIGHTLY,
-    ]))?;
+    let installed =
+        output(tool("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: adding rust-src to nightly (build-std for bpfel-unknown-none)");
-        status(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            NIGHTLY,
-        ]))?;
+        status(tool("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
     }
     Ok(())
 }
 
 fn ensure_bpf_linker() -> anyhow::Result<()> {
-    let current = Command::new("bpf-linker").arg("--version").output();
+    let current = tool("bpf-linker").arg("--version").output();
     if let Ok(out) = current {
         if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
             return Ok(());
         }
     }
     eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (it uses the nightly's LLVM)");
-    status(Command::new("cargo").args([
+    status(tool("cargo").args([
         "install",
         &format!("bpf-linker@{BPF_LINKER_VERSION}"),
         "--locked",
@@ -530,7 +686,7 @@ fn ensure_debian_package(program: &str, args: &[&str], package: &str) -> anyhow:
 fn ensure_debian_packages(wanted: &[(&str, &[&str], &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(program, args, _)| Command::new(program).args(*args).output().is_err())
+        .filter(|(program, args, _)| tool(program).args(*args).output().is_err())
         .map(|&(_, _, package)| package)
         .collect();
     if missing.is_empty() {
@@ -548,10 +704,9 @@ fn ensure_debian_packages(wanted: &[(&str, &[&str], &str)]) -> anyhow::Result<()
     if ours {
         std::fs::write(policy, DENY_SERVICE_STARTS)
             .with_context(|| format!("writing {POLICY_RC_D}"))?;
-        status(Command::new("chmod").args(["755", POLICY_RC_D]))?;
+        status(tool("chmod").args(["755", POLICY_RC_D]))?;
     }
-    let installed =
-        status(Command::new("apt-get").arg("update")).and_then(|()| apt_get_install(&missing));
+    let installed = status(tool("apt-get").arg("update")).and_then(|()| apt_get_install(&missing));
     if ours {
         let _ = std::fs::remove_file(policy);
     }
@@ -562,7 +717,7 @@ fn ensure_debian_packages(wanted: &[(&str, &[&str], &str)]) -> anyhow::Result<()
             .any(|p| *p == service || p.starts_with(&format!("{service}-")));
         if package_installed && running(pidfile) {
             eprintln!("xtask: stopping the {service} service the package started");
-            status(Command::new("service").args([service, "stop"]))?;
+            status(tool("service").args([service, "stop"]))?;
         }
     }
     Ok(())
@@ -570,7 +725,7 @@ fn ensure_debian_packages(wanted: &[(&str, &[&str], &str)]) -> anyhow::Result<()
 
 fn apt_get_install(packages: &[&str]) -> anyhow::Result<()> {
     status(
-        Command::new("apt-get")
+        tool("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
@@ -592,7 +747,7 @@ fn running(pidfile: &str) -> bool {
 }
 
 fn is_root() -> bool {
-    output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+    output(tool("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
 }
 
 fn workspace_root() -> PathBuf {
@@ -609,7 +764,7 @@ fn target_dir() -> PathBuf {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    status(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+    status(tool(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
 }
 
 fn status(cmd: &mut Command) -> anyhow::Result<()> {
@@ -646,6 +801,73 @@ mod tests {
         assert_eq!(debian_kernel_abi("6.1.0-57-cloud-amd64", "6.1"), None);
         assert_eq!(debian_kernel_abi("6.12.0-1-amd64", "6.1"), None);
         assert_eq!(debian_kernel_abi("6.18.44-fc-v657", "6.1"), None);
+    }
+
+    #[test]
+    fn xtasks_own_tool_folders_come_first_on_path_once() {
+        let own = [PathBuf::from("/c/.cargo/bin"), PathBuf::from("/c/venv/bin")];
+        let path = tool_path(&own, Some("/usr/bin:/c/venv/bin:/bin".into())).unwrap();
+        assert_eq!(path, "/c/.cargo/bin:/c/venv/bin:/usr/bin:/bin");
+        assert_eq!(tool_path(&own, None).unwrap(), "/c/.cargo/bin:/c/venv/bin");
+    }
+
+    /// The PATH a command starts with, folder by folder.
+    fn path_of(command: &Command) -> Vec<PathBuf> {
+        let (_, path) = command
+            .get_envs()
+            .find(|(name, _)| *name == "PATH")
+            .expect("PATH is set");
+        std::env::split_paths(path.expect("PATH is not removed")).collect()
+    }
+
+    #[test]
+    fn every_external_tool_starts_with_the_folders_of_what_xtask_installs() {
+        let own = [cargo_bin().unwrap(), virtme_ng_env().unwrap().join("bin")];
+        // vng starts virtme-run by name; rustc starts bpf-linker by name; cargo finds
+        // cargo-fuzz; the others are Debian's.
+        let vng = virtme_ng_env().unwrap().join("bin/vng");
+        let kernel = Path::new("/boot/vmlinuz-6.1.0-57-amd64");
+        let commands = [
+            guest(&vng, kernel, 60),
+            tool("cargo"),
+            tool("bpf-linker"),
+            tool("rustup"),
+            tool("/usr/bin/python3"),
+            tool("apt-get"),
+            tool("git"),
+        ];
+        for command in commands {
+            assert_eq!(path_of(&command)[..2], own, "{command:?}");
+        }
+    }
+
+    #[test]
+    fn the_guest_runs_the_suite_command_after_its_own_options() {
+        let vng = Path::new("/cache/virtme-ng-1.42/bin/vng");
+        let mut command = guest(vng, Path::new("/boot/vmlinuz-6.1.0-57-amd64"), 60);
+        command.args(["echo", GUEST_HELLO]);
+        let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy()).collect();
+        assert_eq!(command.get_program(), "timeout");
+        assert!(args.contains(&"--disable-kvm".into()), "{args:?}");
+        let dashes = args.iter().position(|a| a == "--").unwrap();
+        assert_eq!(args[dashes + 1..], ["echo", GUEST_HELLO]);
+        assert_eq!(args[2], "/cache/virtme-ng-1.42/bin/vng");
+    }
+
+    #[test]
+    fn the_guest_script_times_each_suite_and_fails_when_one_did() {
+        let suites = [
+            ("mesh".to_owned(), PathBuf::from("/t/mesh-1")),
+            ("upgrade".to_owned(), PathBuf::from("/t/upgrade-2")),
+        ];
+        let script = guest_script(&suites, &["pods_on".to_owned()]);
+        assert!(
+            script.contains("'/t/mesh-1' 'pods_on' --test-threads=1"),
+            "{script}"
+        );
+        assert!(script.contains("xtask (guest): upgrade took"), "{script}");
+        assert!(script.contains("AVIARY_TEST_SLOWDOWN="), "{script}");
+        assert!(script.ends_with("exit 1; }\n"), "{script}");
     }
 
     #[test]
