@@ -19,7 +19,10 @@ use std::{
     net::{TcpListener, TcpStream},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::Path,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -212,6 +215,9 @@ fn unix_socket() -> io::Result<OwnedFd> {
 /// reads their hello), so that the control plane only awaits the next one.
 pub struct HandoffListener {
     socket: Arc<OwnedFd>,
+    /// Set before the socket is shut down, so that the thread takes its failed accept for the
+    /// end it is, not for an error (the receiver below is dropped only after `drop` runs).
+    closing: Arc<AtomicBool>,
     successors: tokio::sync::mpsc::Receiver<Successor>,
 }
 
@@ -219,6 +225,7 @@ impl Drop for HandoffListener {
     /// Stops taking successors: the thread's accept fails, and it ends (closing the socket, so
     /// that a successor that knocks now starts on its own).
     fn drop(&mut self) {
+        self.closing.store(true, Ordering::Release);
         let _ = net::shutdown(&*self.socket, net::Shutdown::Read);
     }
 }
@@ -241,12 +248,17 @@ impl HandoffListener {
             .with_context(|| format!("binding the hand-off socket {}", path.display()))?;
         net::listen(&socket, 4)?;
         let socket = Arc::new(socket);
+        let closing = Arc::new(AtomicBool::new(false));
         let (tx, successors) = tokio::sync::mpsc::channel(1);
-        let accepting = socket.clone();
+        let (accepting, stop) = (socket.clone(), closing.clone());
         std::thread::Builder::new()
             .name("aviary-handoff".into())
-            .spawn(move || accept_successors(&accepting, &tx))?;
-        Ok(Self { socket, successors })
+            .spawn(move || accept_successors(&accepting, &stop, &tx))?;
+        Ok(Self {
+            socket,
+            closing,
+            successors,
+        })
     }
 
     /// The next successor that said hello in this protocol's version.
@@ -259,11 +271,15 @@ impl HandoffListener {
     }
 }
 
-fn accept_successors(socket: &OwnedFd, successors: &tokio::sync::mpsc::Sender<Successor>) {
+fn accept_successors(
+    socket: &OwnedFd,
+    closing: &AtomicBool,
+    successors: &tokio::sync::mpsc::Sender<Successor>,
+) {
     loop {
         let channel = match net::accept_with(socket, SocketFlags::CLOEXEC) {
             Ok(socket) => Channel(socket),
-            Err(_) if successors.is_closed() => return,
+            Err(_) if closing.load(Ordering::Acquire) || successors.is_closed() => return,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a successor on the hand-off socket");
                 std::thread::sleep(Duration::from_millis(100));
@@ -446,6 +462,27 @@ mod tests {
 
     fn socket_path(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("aviary-handoff-{}-{name}.sock", std::process::id()))
+    }
+
+    /// The listener's drop shuts its socket before its receiver goes: the accepting thread
+    /// takes the failed accept for the end, not for an error to warn about and retry.
+    #[test]
+    fn a_listener_shut_down_ends_its_thread_without_a_retry() {
+        let path = socket_path("shut");
+        let socket = unix_socket().unwrap();
+        net::bind(&socket, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        net::listen(&socket, 4).unwrap();
+        let (tx, _still_open) = tokio::sync::mpsc::channel(1);
+        let closing = AtomicBool::new(true);
+        net::shutdown(&socket, net::Shutdown::Read).unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            accept_successors(&socket, &closing, &tx);
+            done_tx.send(()).unwrap();
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("the thread ended");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
