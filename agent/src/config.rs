@@ -230,6 +230,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "AVIARY_CONNECT_TIMEOUT", value_parser = parse_flag_duration, default_value = "1s")]
     pub connect_timeout: Duration,
 
+    /// How long a mutual-TLS tunnel to another node's agent may take once its connect is
+    /// made: the TLS and HTTP/2 handshakes and the CONNECT, several round trips and a
+    /// signature at each end, which a busy node takes longer for than a connect.
+    #[arg(long, env = "AVIARY_TUNNEL_HANDSHAKE_TIMEOUT", value_parser = parse_flag_duration, default_value = "5s")]
+    pub tunnel_handshake_timeout: Duration,
+
     /// How long an HTTP/1.1 client may take to send a request's headers, counted from when the
     /// proxy starts waiting for them: the connection's start, or the end of the previous
     /// response. It therefore also ends HTTP/1.1 connections idle between requests, as nginx's
@@ -287,6 +293,7 @@ impl ProxyArgs {
     fn http(&self) -> anyhow::Result<HttpConfig> {
         let required = [
             ("--connect-timeout", self.connect_timeout),
+            ("--tunnel-handshake-timeout", self.tunnel_handshake_timeout),
             ("--upstream-idle-timeout", self.upstream_idle_timeout),
             ("--http2-keepalive-timeout", self.http2_keepalive_timeout),
             ("--outlier-base-ejection", self.outlier_base_ejection),
@@ -306,6 +313,7 @@ impl ProxyArgs {
             body_buffer_limit: self.body_buffer_limit,
             body_buffer_budget: self.body_buffer_budget,
             connect_timeout: self.connect_timeout,
+            tunnel_handshake_timeout: self.tunnel_handshake_timeout,
             header_read_timeout: unless_zero(self.header_read_timeout),
             idle_timeout: unless_zero(self.idle_timeout),
             pool_idle_timeout: self.upstream_idle_timeout,
@@ -587,6 +595,7 @@ mod tests {
         let base = ["--local", "p.yaml", "--proxy-ip", "10.0.0.1"];
         let http = parse(&base).unwrap().http;
         assert_eq!(http.connect_timeout, Duration::from_secs(1));
+        assert_eq!(http.tunnel_handshake_timeout, Duration::from_secs(5));
         assert_eq!(http.header_read_timeout, Some(Duration::from_secs(60)));
         assert_eq!(http.idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(http.pool_idle_timeout, Duration::from_secs(60));
@@ -596,6 +605,7 @@ mod tests {
 
         let set = [
             "--connect-timeout=250ms",
+            "--tunnel-handshake-timeout=20s",
             "--idle-timeout=0s",
             "--header-read-timeout=5s",
             "--outlier-max-ejection=1h",
@@ -603,6 +613,7 @@ mod tests {
         ];
         let http = parse(&[&base[..], &set].concat()).unwrap().http;
         assert_eq!(http.connect_timeout, Duration::from_millis(250));
+        assert_eq!(http.tunnel_handshake_timeout, Duration::from_secs(20));
         assert_eq!(http.idle_timeout, None, "0s turns it off");
         assert_eq!(http.header_read_timeout, Some(Duration::from_secs(5)));
         assert_eq!(http.outlier.max_ejection, Duration::from_secs(3600));
@@ -611,6 +622,7 @@ mod tests {
         for bad in [
             "--connect-timeout=0s",
             "--connect-timeout=10",
+            "--tunnel-handshake-timeout=0s",
             "--idle-timeout=99999999h",
             "--outlier-max-ejected-percent=101",
             "--outlier-max-ejection=1s",

@@ -113,6 +113,20 @@ impl Certificates {
         }
     }
 
+    /// Holding `credentials` and trusting `bundle`, as if fetched (for the proxy's tests).
+    #[cfg(test)]
+    pub fn holding(credentials: Vec<Credentials>, bundle: TrustBundle) -> Self {
+        let certificates = Self::default();
+        certificates.set(
+            credentials
+                .into_iter()
+                .map(|c| (c.identity.clone(), Arc::new(c)))
+                .collect(),
+        );
+        certificates.bundle.store(Some(Arc::new(bundle)));
+        certificates
+    }
+
     fn set(&self, certificates: BTreeMap<Identity, Arc<Credentials>>) {
         self.current.store(Arc::new(certificates));
     }

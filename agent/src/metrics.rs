@@ -314,6 +314,70 @@ impl DenialReason {
     }
 }
 
+/// A request the proxy answered itself, by why and with what.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProxyErrorLabels {
+    direction: Direction,
+    reason: ProxyError,
+    status_code: u16,
+}
+
+/// Why the proxy answered a request itself instead of passing an endpoint's answer on: the
+/// `reason` of `aviary_proxy_errors_total`, of the proxy's log line, and of the
+/// `x-aviary-error` header the client gets (as Envoy's response flags and Linkerd's
+/// `l5d-proxy-error` say it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ProxyError {
+    /// 404: no rule of the Service's routes matches the request.
+    no_route,
+    /// 500: the chosen backend is invalid, or every backend has weight 0.
+    invalid_backend,
+    /// 503: the backend has no endpoint.
+    no_endpoints,
+    /// 503: connecting to the endpoint was refused or failed (on the retry too).
+    connect_failed,
+    /// 503: the endpoint did not answer the connect in time.
+    connect_timeout,
+    /// 503: the mutual-TLS tunnel to the endpoint's node failed (TLS or HTTP/2).
+    tunnel_failed,
+    /// 503: the tunnel was not open in time.
+    tunnel_timeout,
+    /// 503: a tunnel was needed, and an identity for it is missing: the client's certificate
+    /// (not yet issued), the trust bundle, or the destination pod's identity.
+    no_identity,
+    /// 403: the destination's policy refused the client.
+    forbidden,
+    /// 504: the route's request timeout passed.
+    request_timeout,
+    /// 504: the route's backend request timeout passed.
+    backend_timeout,
+    /// 502: the exchange with the endpoint broke after the request went out.
+    upstream_failed,
+    /// 400: the client's request body ended early.
+    client_body,
+}
+
+impl ProxyError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::no_route => "no_route",
+            Self::invalid_backend => "invalid_backend",
+            Self::no_endpoints => "no_endpoints",
+            Self::connect_failed => "connect_failed",
+            Self::connect_timeout => "connect_timeout",
+            Self::tunnel_failed => "tunnel_failed",
+            Self::tunnel_timeout => "tunnel_timeout",
+            Self::no_identity => "no_identity",
+            Self::forbidden => "forbidden",
+            Self::request_timeout => "request_timeout",
+            Self::backend_timeout => "backend_timeout",
+            Self::upstream_failed => "upstream_failed",
+            Self::client_body => "client_body",
+        }
+    }
+}
+
 /// The identities the two ends of a mutual-TLS connection proved: part of a request's series.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principals {
@@ -720,6 +784,7 @@ pub struct Metrics {
     endpoint_failures: Arc<Store<EndpointFailureLabels, Counter>>,
     denials: Arc<Store<DenialLabels, Counter>>,
     ejections: Arc<Store<EndpointFailureLabels, Counter>>,
+    proxy_errors: Arc<Store<ProxyErrorLabels, Counter>>,
     /// The four `aviary_tcp_` families.
     tcp: Arc<Store<Route, TcpValues>>,
     /// By listener kind: two series at most, whose handles the listeners hold for good, so
@@ -817,6 +882,15 @@ impl Metrics {
             &ejections,
             |counter: &Counter| counter,
         );
+        let proxy_errors = Arc::new(Store::new());
+        register(
+            &mut registry,
+            "aviary_proxy_errors",
+            "Requests the proxy answered itself, by why (no endpoint, connect or tunnel failed, \
+             timeouts, authorization...): also counted in aviary_requests",
+            &proxy_errors,
+            |counter: &Counter| counter,
+        );
         let tcp = Arc::new(Store::new());
         register(
             &mut registry,
@@ -859,6 +933,7 @@ impl Metrics {
         stores.push(("endpoint_failures", endpoint_failures.counts.clone()));
         stores.push(("ejections", ejections.counts.clone()));
         stores.push(("denials", denials.counts.clone()));
+        stores.push(("proxy_errors", proxy_errors.counts.clone()));
         stores.push(("tcp", tcp.counts.clone()));
         registry.register_collector(Box::new(Internal {
             stores,
@@ -872,6 +947,7 @@ impl Metrics {
             endpoint_failures,
             denials,
             ejections,
+            proxy_errors,
             tcp,
             connections_refused,
             ebpf,
@@ -913,6 +989,7 @@ impl Metrics {
             self.endpoint_failures.sweep(now, expiry),
             self.ejections.sweep(now, expiry),
             self.denials.sweep(now, expiry),
+            self.proxy_errors.sweep(now, expiry),
             self.tcp.sweep(now, expiry),
         ];
         if removed.contains(&true) {
@@ -991,6 +1068,17 @@ impl Metrics {
         if ejected {
             self.ejections.series(&labels).inc();
         }
+    }
+
+    /// The proxy answered a request itself with `status_code`, for `reason`. A lookup each
+    /// time: these are the exception.
+    pub fn proxy_error(&self, direction: Direction, reason: ProxyError, status_code: u16) {
+        let labels = ProxyErrorLabels {
+            direction,
+            reason,
+            status_code,
+        };
+        self.proxy_errors.series(&labels).inc();
     }
 
     /// The inbound proxy refused a connection from `source` (None: plain text) to the pod

@@ -38,7 +38,7 @@ use crate::{
         drain::DrainSignal,
         http::HttpProxy,
         inbound::{self, Inbound},
-        mesh::Mesh,
+        mesh::{Mesh, MeshTimeouts},
         outbound::{self, Outbound},
         route::RouteTable,
         workers::{WorkerTask, Workers},
@@ -105,13 +105,12 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         .map(|_| Arc::new(Certificates::default()));
     let mesh = certificates.as_ref().map(|certificates| {
         let (mark, http) = (cfg.proxy_mark, &cfg.http);
-        let timeouts = (http.connect_timeout, http.pool_idle_timeout);
-        Arc::new(Mesh::new(
-            certificates.clone(),
-            mark,
-            timeouts.0,
-            timeouts.1,
-        ))
+        let timeouts = MeshTimeouts {
+            connect: http.connect_timeout,
+            handshake: http.tunnel_handshake_timeout,
+            idle: http.pool_idle_timeout,
+        };
+        Arc::new(Mesh::new(certificates.clone(), mark, timeouts))
     });
     // One HTTP proxy, and so one pool of upstream connections, for both directions.
     let http = Arc::new(

@@ -418,24 +418,36 @@ async fn the_proxy_answers_what_it_cannot_route_with_a_clear_status() {
     let proxy = start_proxy(service(rules, p)).await;
     let mut conn = h1(proxy.addr).await;
     let cases = [
-        ("/zero", StatusCode::INTERNAL_SERVER_ERROR, "weight 0"),
+        (
+            "/zero",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "weight 0",
+            "invalid_backend",
+        ),
         (
             "/missing",
             StatusCode::INTERNAL_SERVER_ERROR,
             "ghost is unavailable: Service not found",
+            "invalid_backend",
         ),
         (
             "/empty",
             StatusCode::SERVICE_UNAVAILABLE,
             "podinfo-empty has no endpoints",
+            "no_endpoints",
         ),
-        ("/other", StatusCode::NOT_FOUND, "no route matches"),
+        (
+            "/other",
+            StatusCode::NOT_FOUND,
+            "no route matches",
+            "no_route",
+        ),
     ];
-    for (path, status, text) in cases {
+    for (path, status, text, reason) in cases {
         let (got, headers, body) = send(&mut conn, get(path)).await;
         assert_eq!(got, status, "{path}: {body}");
         assert!(body.contains(text), "{path}: {body}");
-        assert_eq!(headers["x-aviary-error"], "1");
+        assert_eq!(headers["x-aviary-error"], reason, "{path}");
     }
     assert_eq!(
         send(&mut conn, request(Method::POST, "/other", b"x"))

@@ -42,7 +42,9 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    metrics::{self, DenialReason, Direction, MethodClass, Metrics, Principals, RequestLabels},
+    metrics::{
+        self, DenialReason, Direction, MethodClass, Metrics, Principals, ProxyError, RequestLabels,
+    },
     policy::security::Denied,
 };
 
@@ -51,6 +53,7 @@ use super::{
     balance::{self, Failure, InFlight, OutlierConfig},
     drain::{Detach, Detachable, Drain, DrainSignal, Http1State, Moved},
     idle::IdleTimeout,
+    local_reply::{self, error},
     mesh::{Mesh, TunnelFrom},
     pool::{Connection, Pool, PoolConfig, SendError, Tunnelled, Upstream},
     rewind::Rewind,
@@ -112,6 +115,9 @@ pub struct HttpConfig {
     pub max_header_bytes: usize,
     /// How long a connect to an endpoint may take before the request moves on.
     pub connect_timeout: Duration,
+    /// How long a tunnel to another node's agent may take once connected (handshakes and
+    /// CONNECT).
+    pub tunnel_handshake_timeout: Duration,
     /// How long an upstream connection may wait in the pool.
     pub pool_idle_timeout: Duration,
     /// How long an HTTP/1.1 client may take to send a request's headers (see the flag).
@@ -135,6 +141,7 @@ impl Default for HttpConfig {
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             connect_timeout: Duration::from_secs(1),
+            tunnel_handshake_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(60),
             header_read_timeout: Some(Duration::from_secs(60)),
             idle_timeout: Some(Duration::from_secs(3600)),
@@ -435,7 +442,7 @@ impl HttpProxy {
 
     /// Answers each request of a connection that its pod's policy refuses with 403 and the
     /// `reason`, and closes it after the first on HTTP/1.1.
-    pub async fn refuse<S>(&self, mut stream: S, reason: String)
+    pub async fn refuse<S>(&self, mut stream: S, peer: SocketAddr, pod: SocketAddr, reason: String)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -451,8 +458,10 @@ impl HttpProxy {
         };
         let is_http2 = read.as_ref() == H2_PREFACE;
         let io = TokioIo::new(Rewind::new(read, stream));
+        let metrics = self.metrics.clone();
         let service = hyper::service::service_fn(move |_: Request<Incoming>| {
-            let response = error(StatusCode::FORBIDDEN, &reason);
+            let response = error(ProxyError::forbidden, &reason);
+            local_reply::report(&metrics, Direction::inbound, &response, peer, &pod);
             std::future::ready(Ok::<_, Infallible>(response))
         });
         let result = if is_http2 {
@@ -617,10 +626,32 @@ impl HttpProxy {
             async move {
                 let facts = conn.facts(&this.routes);
                 let response = match &facts.service {
-                    Some(service) => this.handle(req, service, &facts, &conn).await,
+                    Some(service) => {
+                        let response = this.handle(req, service, &facts, &conn).await;
+                        let target = format_args!("{}/{}", service.namespace, service.name);
+                        local_reply::report(
+                            &this.metrics,
+                            Direction::outbound,
+                            &response,
+                            conn.peer,
+                            &target,
+                        );
+                        response
+                    }
                     // The service lost its routes: the request goes where it was sent, as a new
                     // connection's bytes would.
-                    None => this.pass_through(req, &conn).await,
+                    None => {
+                        let response = this.pass_through(req, &conn).await;
+                        let (peer, dst) = (conn.peer, conn.dst);
+                        local_reply::report(
+                            &this.metrics,
+                            Direction::outbound,
+                            &response,
+                            peer,
+                            &dst,
+                        );
+                        response
+                    }
                 };
                 Ok::<_, Infallible>(response)
             }
@@ -682,6 +713,8 @@ impl HttpProxy {
                 // request this pod served.
                 let mirror = req.headers().contains_key(MIRROR_HEADER);
                 let response = this.pass_through(req, &conn).await;
+                let (peer, pod) = (conn.peer, conn.dst);
+                local_reply::report(&this.metrics, Direction::inbound, &response, peer, &pod);
                 let status = response.status().as_u16();
                 let facts = conn.facts(&this.routes);
                 let (source, destination) = (&facts.source, &facts.destination);
@@ -734,9 +767,11 @@ impl HttpProxy {
         let upstream = Upstream::direct(dst);
         let mut response = match self.pool.send(&upstream, request, upgrade.is_some()).await {
             Ok(response) => response.map(|body| body.boxed()),
-            Err(SendError::NotSent { error, .. }) => return connect_failed(dst, &error, ""),
+            Err(SendError::NotSent { error, reason, .. }) => {
+                return connect_failed(reason, dst, &error, "")
+            }
             Err(SendError::Failed(e)) => return exchange_failed(dst, &e),
-            Err(SendError::Refused(reason)) => return error(StatusCode::FORBIDDEN, &reason),
+            Err(SendError::Refused(reason)) => return error(ProxyError::forbidden, &reason),
         };
         if !upgrade.is_some_and(|u| u.join(&mut response, self, conn.peer)) {
             strip_hop_by_hop(response.headers_mut());
@@ -765,13 +800,13 @@ impl HttpProxy {
         } else {
             match service.route(&view) {
                 Some(rule) => Some(rule),
-                None => return error(StatusCode::NOT_FOUND, "no route matches the request"),
+                None => return error(ProxyError::no_route, "no route matches the request"),
             }
         };
         let (backend, weighted) = match rule.map(choose_backend) {
             None => (service.default.clone(), None),
             Some(Ok((backend, weighted))) => (backend, Some(weighted)),
-            Some(Err(why)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &why),
+            Some(Err(why)) => return error(ProxyError::invalid_backend, &why),
         };
         answered.backend = Some(backend.clone());
 
@@ -802,7 +837,7 @@ impl HttpProxy {
                     body.boxed()
                 }
                 // A truncated body must never reach the backend as if it were whole.
-                Err(_) => return error(StatusCode::BAD_REQUEST, "the request body ended early"),
+                Err(_) => return error(ProxyError::client_body, "the request body ended early"),
             },
             None => body.boxed(),
         };
@@ -826,7 +861,7 @@ impl HttpProxy {
         let mut response = match rule.and_then(|r| r.timeout) {
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
                 Ok(response) => response,
-                Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "the request timed out"),
+                Err(_) => error(ProxyError::request_timeout, "the request timed out"),
             },
             None => attempt.await,
         };
@@ -882,28 +917,28 @@ impl HttpProxy {
         used: &mut Option<Arc<Endpoint>>,
     ) -> Response<ProxyBody> {
         // The endpoint whose connect failed, and why.
-        let mut failed: Option<(Arc<Endpoint>, std::io::Error)> = None;
+        let mut failed: Option<(Arc<Endpoint>, std::io::Error, ProxyError)> = None;
         loop {
-            let skip = failed.as_ref().map(|(endpoint, _)| endpoint);
+            let skip = failed.as_ref().map(|(endpoint, ..)| endpoint);
             let Some(endpoint) = with_rng(|rng| balance::pick(&backend.endpoints, skip, rng))
             else {
                 return match failed {
-                    Some((endpoint, e)) => {
-                        connect_failed(endpoint.addr, &e, "; no other endpoint to retry on")
+                    Some((endpoint, e, reason)) => {
+                        connect_failed(reason, endpoint.addr, &e, "; no other endpoint to retry on")
                     }
                     None => error(
-                        StatusCode::SERVICE_UNAVAILABLE,
+                        ProxyError::no_endpoints,
                         &format!("{} has no endpoints", backend.name),
                     ),
                 };
             };
             *used = Some(endpoint.clone());
             if let Err(denied) = self.admitted_locally(&endpoint, from) {
-                return error(StatusCode::FORBIDDEN, &denied.to_string());
+                return error(ProxyError::forbidden, &denied.to_string());
             }
             let upstream = match self.upstream(&endpoint, from) {
                 Ok(upstream) => upstream,
-                Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, &why),
+                Err(why) => return error(ProxyError::no_identity, &why),
             };
             let in_flight = InFlight::start(endpoint.addr);
             let sent = self.pool.send(&upstream, request, upgrades);
@@ -912,7 +947,7 @@ impl HttpProxy {
                     Ok(result) => result,
                     Err(_) => {
                         self.endpoint_failed(in_flight, Failure::Server, backend);
-                        return error(StatusCode::GATEWAY_TIMEOUT, "the backend request timed out");
+                        return error(ProxyError::backend_timeout, "the backend request timed out");
                     }
                 },
                 None => sent.await,
@@ -934,21 +969,22 @@ impl HttpProxy {
                 }
                 Err(SendError::NotSent {
                     error,
+                    reason,
                     request: unsent,
                 }) => {
                     self.endpoint_failed(in_flight, Failure::Connect, backend);
                     if failed.is_some() {
-                        return connect_failed(endpoint.addr, &error, "");
+                        return connect_failed(reason, endpoint.addr, &error, "");
                     }
-                    debug!(endpoint = %endpoint.addr, %error, "connect failed; retrying on another endpoint");
-                    failed = Some((endpoint, error));
+                    debug!(endpoint = %endpoint.addr, %error, reason = reason.as_str(), "connect failed; retrying on another endpoint");
+                    failed = Some((endpoint, error, reason));
                     request = *unsent;
                 }
                 Err(SendError::Failed(e)) => {
                     self.endpoint_failed(in_flight, Failure::Server, backend);
                     return exchange_failed(endpoint.addr, &e);
                 }
-                Err(SendError::Refused(reason)) => return error(StatusCode::FORBIDDEN, &reason),
+                Err(SendError::Refused(reason)) => return error(ProxyError::forbidden, &reason),
             }
         }
     }
@@ -1234,16 +1270,18 @@ impl AsRef<[u8]> for HeldBody {
 /// (400; the endpoint saw an aborted request, never a whole one), or the endpoint failed (502).
 fn exchange_failed(addr: SocketAddr, e: &hyper::Error) -> Response<ProxyBody> {
     if e.is_user() {
-        return error(StatusCode::BAD_REQUEST, "the request body ended early");
+        return error(ProxyError::client_body, "the request body ended early");
     }
-    error(StatusCode::BAD_GATEWAY, &format!("{addr} failed: {e}"))
+    error(ProxyError::upstream_failed, &format!("{addr} failed: {e}"))
 }
 
-fn connect_failed(addr: SocketAddr, e: &std::io::Error, note: &str) -> Response<ProxyBody> {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &format!("connecting to {addr} failed: {e}{note}"),
-    )
+fn connect_failed(
+    reason: ProxyError,
+    addr: SocketAddr,
+    e: &std::io::Error,
+    note: &str,
+) -> Response<ProxyBody> {
+    error(reason, &format!("connecting to {addr} failed: {e}{note}"))
 }
 
 /// Picks a rule's backend by weight. A share with no backend is an error (the client gets 500,
@@ -1462,19 +1500,6 @@ fn add_forwarding_headers(headers: &mut HeaderMap, client: &HeaderValue) {
         .or_insert(HeaderValue::from_static("http"));
 }
 
-/// An answer the proxy makes itself, marked so that it can be told from a backend's.
-fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let mut response = Response::new(full(Bytes::from(format!("aviary: {message}\n"))));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert("x-aviary-error", HeaderValue::from_static("1"));
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use aviary_identity::spiffe::Identity;
@@ -1514,14 +1539,17 @@ mod tests {
         assert_eq!(headers["x-forwarded-proto"], "https");
     }
 
+    use crate::proxy::mesh::MeshTimeouts;
+
     #[test]
     fn a_tunnel_expects_the_pods_identity_and_is_never_made_without_it() {
-        let mesh = Mesh::new(
-            Arc::new(crate::identity::Certificates::default()),
-            0,
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-        );
+        let timeouts = MeshTimeouts {
+            connect: Duration::from_secs(1),
+            handshake: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+        };
+        let certificates = Arc::new(crate::identity::Certificates::default());
+        let mesh = Mesh::new(certificates, 0, timeouts);
         let proxy = HttpProxy::new(
             HttpConfig::default(),
             Arc::new(ArcSwap::from_pointee(RouteTable::default())),

@@ -112,7 +112,9 @@ impl Inbound {
         if let Err(denied) = admitted {
             debug!(%peer, %pod, %denied, "refused a plain-text connection");
             return match detected {
-                Detected::Http => Box::pin(self.http.refuse(client, denied.to_string())).await,
+                Detected::Http => {
+                    Box::pin(self.http.refuse(client, peer, pod, denied.to_string())).await
+                }
                 Detected::Opaque => drop(client.set_zero_linger()),
             };
         }

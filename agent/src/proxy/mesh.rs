@@ -24,7 +24,10 @@ use super::{
     hbone::{self, Tunnel},
     route::RouteTable,
 };
-use crate::{identity::Certificates, metrics::Principals};
+use crate::{
+    identity::Certificates,
+    metrics::{Principals, ProxyError},
+};
 
 /// Why a tunnel cannot be made or accepted now.
 #[derive(Debug, thiserror::Error)]
@@ -44,11 +47,28 @@ pub enum TunnelError {
     Unavailable(#[from] Unavailable),
     #[error("connecting to {agent}, the destination's agent, failed: {error}")]
     Connect { agent: SocketAddr, error: io::Error },
+    #[error("no tunnel through {agent}, the destination's agent, within {within:?} of connecting")]
+    TimedOut { agent: SocketAddr, within: Duration },
     #[error(transparent)]
     Hbone(#[from] hbone::Error),
 }
 
 impl TunnelError {
+    /// Why the request that needed the tunnel is answered by the proxy.
+    pub fn reason(&self) -> ProxyError {
+        match self {
+            Self::Unavailable(Unavailable::Tls(_)) => ProxyError::tunnel_failed,
+            Self::Unavailable(_) => ProxyError::no_identity,
+            Self::Connect { error, .. } if error.kind() == io::ErrorKind::TimedOut => {
+                ProxyError::connect_timeout
+            }
+            Self::Connect { .. } => ProxyError::connect_failed,
+            Self::TimedOut { .. } => ProxyError::tunnel_timeout,
+            Self::Hbone(hbone::Error::Refused { .. }) => ProxyError::forbidden,
+            Self::Hbone(_) => ProxyError::tunnel_failed,
+        }
+    }
+
     /// The destination's agent refused the tunnel: the reason it gave, which the client is
     /// told. Nothing reached the pod, and the endpoint is not at fault.
     pub fn refusal(&self) -> Option<String> {
@@ -83,14 +103,28 @@ impl TunnelFrom {
     }
 }
 
+/// How long a [`Mesh`] waits for a tunnel's parts, and keeps an idle connection.
+#[derive(Debug, Clone, Copy)]
+pub struct MeshTimeouts {
+    /// The TCP connect to the destination's agent.
+    pub connect: Duration,
+    /// The TLS and HTTP/2 handshakes and the CONNECT after it.
+    pub handshake: Duration,
+    /// A pooled connection no tunnel used for this long is let go.
+    pub idle: Duration,
+}
+
 /// The node's mesh identities, as its agent's certificates give them, and the connections to
 /// other nodes' agents made with them.
 pub struct Mesh {
     certificates: Arc<Certificates>,
     /// The proxy's socket mark, which the capture programs skip.
     mark: u32,
-    /// Connecting, the handshakes and the CONNECT together take at most this long.
+    /// Connecting to the destination's agent takes at most this long, as any connect.
     connect_timeout: Duration,
+    /// The TLS and HTTP/2 handshakes and the CONNECT then take at most this long: on a busy
+    /// or slow node they take several times a connect's round trip.
+    handshake_timeout: Duration,
     /// A pooled connection no tunnel used for this long is let go.
     idle_timeout: Duration,
     /// The accepting end of each identity, made again when its certificate is: kept so that
@@ -128,17 +162,13 @@ thread_local! {
 }
 
 impl Mesh {
-    pub fn new(
-        certificates: Arc<Certificates>,
-        mark: u32,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-    ) -> Self {
+    pub fn new(certificates: Arc<Certificates>, mark: u32, timeouts: MeshTimeouts) -> Self {
         Self {
             certificates,
             mark,
-            connect_timeout,
-            idle_timeout,
+            connect_timeout: timeouts.connect,
+            handshake_timeout: timeouts.handshake,
+            idle_timeout: timeouts.idle,
             servers: Mutex::default(),
         }
     }
@@ -155,54 +185,86 @@ impl Mesh {
     ) -> Result<(Tunnel, Arc<Principals>), TunnelError> {
         let (credentials, bundle) = self.held(&from.identity)?;
         let key = (from.identity.clone(), target.ip(), server.clone());
-        let opened = async {
-            let pooled = POOL.with_borrow_mut(|pool| {
-                let pooled = pool.get_mut(&key).filter(|p| {
-                    Arc::ptr_eq(&p.credentials, &credentials) && !p.connection.is_closed()
-                })?;
-                pooled.used = Instant::now();
-                Some(pooled.connection.clone())
-            });
-            // A pooled connection that closed just now gives way to a new one.
-            if let Some(connection) = pooled {
-                match connection.tunnel(from.source, target).await {
-                    Ok(tunnel) => return Ok((tunnel, connection.proven().clone())),
-                    Err(hbone::Error::Http { .. }) => {}
-                    Err(refused) => return Err(refused.into()),
-                }
-            }
-            let tls = Arc::new(
-                client_config(&credentials, &bundle, Identity::clone(server))
-                    .map_err(Unavailable::from)?,
-            );
-            let agent = SocketAddr::new(target.ip(), hbone::PORT);
-            let tcp = super::connect_marked(agent, self.mark)
+        let agent = SocketAddr::new(target.ip(), hbone::PORT);
+        let pooled = POOL.with_borrow_mut(|pool| {
+            let pooled = pool.get_mut(&key).filter(|p| {
+                Arc::ptr_eq(&p.credentials, &credentials) && !p.connection.is_closed()
+            })?;
+            pooled.used = Instant::now();
+            Some(pooled.connection.clone())
+        });
+        // A pooled connection that closed just now gives way to a new one.
+        if let Some(connection) = pooled {
+            match self
+                .within(agent, connection.tunnel(from.source, target))
                 .await
-                .map_err(|error| TunnelError::Connect { agent, error })?;
-            let connection = hbone::Connection::open(tcp, tls).await?;
-            let pooled = Pooled {
-                credentials: credentials.clone(),
-                connection: connection.clone(),
-                used: Instant::now(),
-            };
-            POOL.with_borrow_mut(|pool| pool.insert(key.clone(), pooled));
-            let tunnel = connection.tunnel(from.source, target).await?;
-            Ok::<_, TunnelError>((tunnel, connection.proven().clone()))
-        };
-        let (tunnel, destination) = tokio::time::timeout(self.connect_timeout, opened)
-            .await
-            .map_err(|_| TunnelError::Connect {
-                agent: SocketAddr::new(target.ip(), hbone::PORT),
-                error: io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no tunnel within {:?}", self.connect_timeout),
-                ),
-            })??;
+            {
+                Ok(tunnel) => return Ok(Self::opened(from, tunnel, &connection)),
+                Err(TunnelError::Hbone(hbone::Error::Http { .. })) => {}
+                Err(failed) => return Err(failed),
+            }
+        }
+        let tls = Arc::new(
+            client_config(&credentials, &bundle, Identity::clone(server))
+                .map_err(Unavailable::from)?,
+        );
+        // The connect has the budget of any connect; the handshakes and the CONNECT, several
+        // round trips and the signatures of both ends, have their own.
+        let tcp = tokio::time::timeout(
+            self.connect_timeout,
+            super::connect_marked(agent, self.mark),
+        )
+        .await
+        .map_err(|_| TunnelError::Connect {
+            agent,
+            error: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.connect_timeout),
+            ),
+        })?
+        .map_err(|error| TunnelError::Connect { agent, error })?;
+        let (connection, tunnel) = self
+            .within(agent, async {
+                let connection = hbone::Connection::open(tcp, tls).await?;
+                let pooled = Pooled {
+                    credentials: credentials.clone(),
+                    connection: connection.clone(),
+                    used: Instant::now(),
+                };
+                POOL.with_borrow_mut(|pool| pool.insert(key.clone(), pooled));
+                let tunnel = connection.tunnel(from.source, target).await?;
+                Ok::<_, TunnelError>((connection, tunnel))
+            })
+            .await?;
+        Ok(Self::opened(from, tunnel, &connection))
+    }
+
+    /// What `opening` gives, if it gives it within the handshake timeout.
+    async fn within<T, E: Into<TunnelError>>(
+        &self,
+        agent: SocketAddr,
+        opening: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, TunnelError> {
+        match tokio::time::timeout(self.handshake_timeout, opening).await {
+            Ok(opened) => opened.map_err(Into::into),
+            Err(_) => Err(TunnelError::TimedOut {
+                agent,
+                within: self.handshake_timeout,
+            }),
+        }
+    }
+
+    /// A tunnel opened on `connection`, with the identities its ends proved.
+    fn opened(
+        from: &TunnelFrom,
+        tunnel: Tunnel,
+        connection: &hbone::Connection,
+    ) -> (Tunnel, Arc<Principals>) {
         let principals = Principals {
             source: (*from.identity).clone(),
-            destination,
+            destination: connection.proven().clone(),
         };
-        Ok((tunnel, Arc::new(principals)))
+        (tunnel, Arc::new(principals))
     }
 
     /// Lets go of this worker's connections that closed or idled past the timeout (one whose
@@ -245,5 +307,89 @@ impl Mesh {
             .ok_or_else(|| Unavailable::NoCertificate(identity.clone()))?;
         let bundle = self.certificates.bundle().ok_or(Unavailable::NoBundle)?;
         Ok((credentials, bundle))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aviary_identity::{ca::Authority, credentials::KeyRequest, tls::TrustBundle};
+    use time::OffsetDateTime;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn id(text: &str) -> Arc<Identity> {
+        Arc::new(text.parse().unwrap())
+    }
+
+    fn issue(ca: &Authority, identity: &Identity) -> Credentials {
+        let request = KeyRequest::new(identity).unwrap();
+        let leaf = ca
+            .sign_workload(
+                request.csr_pem(),
+                identity,
+                OffsetDateTime::now_utc(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        request
+            .complete(&format!("{leaf}{}", ca.certificate_pem()))
+            .unwrap()
+    }
+
+    /// A tunnel's connect and its handshakes fail each in its own time, and say which: a slow
+    /// handshake is not taken for a connect that got no answer.
+    #[tokio::test]
+    async fn the_connect_and_the_handshakes_have_budgets_and_reasons_of_their_own() {
+        let ca = Authority::generate("cluster.local", OffsetDateTime::now_utc()).unwrap();
+        let bundle = TrustBundle::from_pem(ca.certificate_pem(), "cluster.local").unwrap();
+        let web = id("spiffe://cluster.local/ns/shop/sa/web");
+        let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
+        let certificates = Certificates::holding(vec![issue(&ca, &web)], bundle);
+        let timeouts = MeshTimeouts {
+            connect: Duration::from_millis(100),
+            handshake: Duration::from_millis(400),
+            idle: Duration::from_secs(60),
+        };
+        let mesh = Mesh::new(Arc::new(certificates), 0, timeouts);
+        let from = TunnelFrom {
+            source: "127.13.0.1:40000".parse().unwrap(),
+            identity: web.clone(),
+        };
+
+        // An agent that accepts and never says a word: the connect is made at once, and the
+        // handshake runs out of its own time.
+        let silent = TcpListener::bind(("127.13.0.8", hbone::PORT))
+            .await
+            .unwrap();
+        let held = tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            while let Ok((tcp, _)) = silent.accept().await {
+                accepted.push(tcp);
+            }
+        });
+        let start = Instant::now();
+        let target = "127.13.0.8:8080".parse().unwrap();
+        let failed = mesh.tunnel(&from, target, &payments).await.err().unwrap();
+        let waited = start.elapsed();
+        assert_eq!(failed.reason(), ProxyError::tunnel_timeout, "{failed}");
+        assert!(
+            waited >= timeouts.handshake && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+        held.abort();
+
+        // Nobody at the agent's port.
+        let target = "127.13.0.9:8080".parse().unwrap();
+        let failed = mesh.tunnel(&from, target, &payments).await.err().unwrap();
+        assert_eq!(failed.reason(), ProxyError::connect_failed, "{failed}");
+
+        // A source whose certificate is not there yet.
+        let audit = TunnelFrom {
+            identity: id("spiffe://cluster.local/ns/shop/sa/audit"),
+            ..from
+        };
+        let failed = mesh.tunnel(&audit, target, &payments).await.err().unwrap();
+        assert_eq!(failed.reason(), ProxyError::no_identity, "{failed}");
     }
 }

@@ -8,6 +8,7 @@ pub mod hbone;
 pub mod http;
 pub mod idle;
 pub mod inbound;
+pub mod local_reply;
 pub mod mesh;
 pub mod outbound;
 pub mod pool;

@@ -44,7 +44,7 @@ use super::{
     hbone::Tunnel,
     mesh::{Mesh, TunnelFrom},
 };
-use crate::metrics::Principals;
+use crate::metrics::{Principals, ProxyError};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -117,10 +117,11 @@ struct PoolKey {
 /// Why a request did not get a response.
 #[derive(Debug)]
 pub enum SendError {
-    /// Nothing reached the endpoint (the connect failed, or a pooled connection was found
-    /// closed before the request was written): the request comes back for another try.
+    /// Nothing reached the endpoint (the connect or the tunnel failed, for `reason`): the
+    /// request comes back for another try.
     NotSent {
         error: io::Error,
+        reason: ProxyError,
         request: Box<Request<ProxyBody>>,
     },
     /// The exchange failed after the request was (partly) written.
@@ -371,7 +372,10 @@ impl Pool {
                 }
                 Err(error) => Err(match error.refusal() {
                     Some(reason) => ConnectError::Refused(reason),
-                    None => ConnectError::Failed(io::Error::other(error.to_string())),
+                    None => ConnectError::Failed {
+                        reason: error.reason(),
+                        error: io::Error::other(error.to_string()),
+                    },
                 }),
             };
         }
@@ -380,14 +384,17 @@ impl Pool {
             super::connect_marked(upstream.endpoint, self.cfg.mark),
         )
         .await
-        .map_err(|_| {
-            io::Error::new(
+        .map_err(|_| ConnectError::Failed {
+            error: io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("no answer within {:?}", self.cfg.connect_timeout),
-            )
-        })
-        .and_then(|connected| connected)
-        .map_err(ConnectError::Failed)?;
+            ),
+            reason: ProxyError::connect_timeout,
+        })?
+        .map_err(|error| ConnectError::Failed {
+            error,
+            reason: ProxyError::connect_failed,
+        })?;
         Ok((TokioIo::new(Connection::Direct(stream)), None))
     }
 
@@ -450,7 +457,10 @@ fn addressed(request: &mut Request<ProxyBody>, endpoint: SocketAddr) {
 
 /// Why no connection was made; either way, nothing was sent.
 enum ConnectError {
-    Failed(io::Error),
+    Failed {
+        error: io::Error,
+        reason: ProxyError,
+    },
     /// The destination's agent refused the tunnel, with this reason.
     Refused(String),
 }
@@ -458,8 +468,9 @@ enum ConnectError {
 impl ConnectError {
     fn unsent(self, request: Request<ProxyBody>) -> SendError {
         match self {
-            Self::Failed(error) => SendError::NotSent {
+            Self::Failed { error, reason } => SendError::NotSent {
                 error,
+                reason,
                 request: Box::new(request),
             },
             Self::Refused(reason) => SendError::Refused(reason),
@@ -876,8 +887,13 @@ mod tests {
             .send(&Upstream::direct(addr), get(Version::HTTP_11), false)
             .await
         {
-            Err(SendError::NotSent { error, request }) => {
+            Err(SendError::NotSent {
+                error,
+                reason,
+                request,
+            }) => {
                 assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+                assert_eq!(reason, ProxyError::connect_failed);
                 assert_eq!(request.uri(), "/");
             }
             Err(SendError::Failed(e)) => panic!("expected NotSent, got {e}"),
@@ -914,8 +930,13 @@ mod tests {
             .send(&Upstream::direct(addr), get(Version::HTTP_11), false)
             .await
         {
-            Err(SendError::NotSent { error, request }) => {
+            Err(SendError::NotSent {
+                error,
+                reason,
+                request,
+            }) => {
                 assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+                assert_eq!(reason, ProxyError::connect_timeout);
                 assert_eq!(request.uri(), "/");
             }
             Err(SendError::Failed(e)) => panic!("expected NotSent, got {e}"),
