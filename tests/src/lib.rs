@@ -31,7 +31,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio},
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::{Duration, Instant},
@@ -98,6 +98,12 @@ pub fn slowdown() -> u32 {
             panic!("AVIARY_TEST_SLOWDOWN={factor:?} is not a whole number >= 1")
         }),
     })
+}
+
+/// A heavy test's `count` (of connections, requests), scaled down by the [`slowdown`]: the
+/// guest of the kernel matrix runs the same test in about the host's time, with fewer.
+pub fn heavy(count: u32) -> u32 {
+    (count / slowdown()).max(1)
 }
 
 /// `timeout`, stretched for a slow machine: see [`slowdown`].
@@ -763,6 +769,25 @@ impl Node {
         stdout
     }
 
+    /// Like [`Node::spawn`], with the child's standard input, which the child may take as its
+    /// signal to stop (`echo-stream --until-stdin-closes` does) once the test drops it.
+    pub fn spawn_with_stdin(
+        &self,
+        pod: &Pod,
+        args: &[&str],
+    ) -> (BufReader<ChildStdout>, ChildStdin) {
+        let mut child = self
+            .testpod(pod, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stdin = child.stdin.take().unwrap();
+        self.children.lock().unwrap().push(child);
+        (stdout, stdin)
+    }
+
     /// Watches the segments crossing the node's `interface` for `secs` (`aviary-testpod sniff`,
     /// in the node's network namespace, outside the pods' cgroups): returns once it watches,
     /// with its output to come.
@@ -1145,6 +1170,8 @@ impl Drop for Session {
 pub struct Agent {
     child: Option<Child>,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Set once the last of its log lines has been read (its stderr closed).
+    logs_ended: Arc<AtomicBool>,
     pub pin_dir: PathBuf,
 }
 
@@ -1152,7 +1179,8 @@ impl Agent {
     fn new(mut child: Child, pin_dir: PathBuf, echo_logs: bool) -> Self {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
+        let (sink, logs_ended) = (logs.clone(), Arc::new(AtomicBool::new(false)));
+        let ended = logs_ended.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if echo_logs {
@@ -1160,10 +1188,12 @@ impl Agent {
                 }
                 sink.lock().unwrap().push(line);
             }
+            ended.store(true, Ordering::Release);
         });
         Self {
             child: Some(child),
             logs,
+            logs_ended,
             pin_dir,
         }
     }
@@ -1213,13 +1243,20 @@ impl Agent {
     }
 
     /// SIGTERM, then the exit status; the test fails if the agent does not exit in time.
+    /// SIGTERM, and waits until it has exited and its last log line is read.
     pub fn terminate(&mut self) -> ExitStatus {
-        self.stop().unwrap_or_else(|| {
+        let status = self.stop().unwrap_or_else(|| {
             panic!(
                 "the agent ignored SIGTERM for 10 s; logs:\n{}",
                 self.logs().join("\n")
             )
+        });
+        let ended = &self.logs_ended;
+        wait_until(Duration::from_secs(5), || {
+            ended.load(Ordering::Acquire).then_some(())
         })
+        .expect("the agent exited, so its stderr closes");
+        status
     }
 
     /// SIGTERM, then SIGKILL if the agent has not exited after 10 s (None then).

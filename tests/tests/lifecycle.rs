@@ -12,7 +12,7 @@ use std::{
 
 use aviary_abi::{map_name, ABI_VERSION};
 use aviary_agent::ebpf::maps::Occupancy;
-use aviary_tests::{policy, wait_until, workspace_bin, Greeting, Node, Pod, NODE_IP};
+use aviary_tests::{heavy, policy, wait_until, workspace_bin, Greeting, Node, Pod, NODE_IP};
 use aya::{
     maps::{Array, Map, MapData, MapInfo},
     programs::links::{FdLink, PinnedLink},
@@ -57,13 +57,15 @@ fn no_map_entry_is_left_after_100k_connections() {
     let agent = node.start_agent(&["--sk-msg", "true"]);
     agent.wait_for_capture(&[&client], 1);
 
+    // 100,000 on the host; fewer in the slower guest of the kernel matrix.
+    let count = heavy(100_000);
     let out = node.run(
         &client,
         &[
             "connect",
             &vip().to_string(),
             "--count",
-            "100000",
+            &count.to_string(),
             "--parallel",
             "4",
         ],
@@ -71,12 +73,13 @@ fn no_map_entry_is_left_after_100k_connections() {
     );
     let greeting = Greeting::of(&out);
     assert_eq!(greeting.peer.ip(), IpAddr::V4(NODE_IP), "{greeting:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok 100000"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("ok {count}")));
 
-    assert_eq!(agent.counter("connect_captured"), 100_000);
-    assert_eq!(agent.counter("orig_dst_recorded"), 100_000);
+    let count = u64::from(count);
+    assert_eq!(agent.counter("connect_captured"), count);
+    assert_eq!(agent.counter("orig_dst_recorded"), count);
     // The fast path carried the traffic: every connection's bytes went socket to socket.
-    assert!(agent.counter("sk_msg_redirected") >= 200_000);
+    assert!(agent.counter("sk_msg_redirected") >= 2 * count);
     assert_eq!(occupancy_drains(&agent), Occupancy::default());
 }
 

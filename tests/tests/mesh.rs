@@ -73,6 +73,16 @@ struct Pods {
     batch: Pod,
 }
 
+/// What the agents logged of the requests they answered themselves, and why.
+fn answered_by_the_proxy(agents: &[&Agent]) -> String {
+    let lines: Vec<String> = agents
+        .iter()
+        .flat_map(|agent| agent.logs())
+        .filter(|line| line.contains("answered a request itself"))
+        .collect();
+    format!("the agents' own answers:\n{}", lines.join("\n"))
+}
+
 /// Writes the same policy to both nodes.
 fn write_policy(a: &Node, b: &Node, yaml: &str) {
     a.write_policy(yaml);
@@ -214,7 +224,12 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
         &["http-load", &service.to_string(), "--count", "40"],
         Duration::from_secs(20),
     );
-    assert_eq!(tally(&out, "status"), BTreeMap::from([("200".into(), 40)]));
+    assert_eq!(
+        tally(&out, "status"),
+        BTreeMap::from([("200".into(), 40)]),
+        "{}",
+        answered_by_the_proxy(&[&agent_a, &agent_b])
+    );
     // Split as the weights say (20 expected of each; all 40 to one side: 2 in 10^12).
     let backends = tally(&out, "backend");
     assert_eq!(backends.values().sum::<u32>(), 40, "{backends:?}");
@@ -262,7 +277,17 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_destination_authorizes() {
         .collect();
         sample(&node.metrics(pod), "aviary_requests_total", &labels)
     };
-    assert_eq!(requests(&b, &pods.payments, "inbound"), 40.0);
+    let inbound = requests(&b, &pods.payments, "inbound");
+    assert_eq!(
+        inbound,
+        40.0,
+        "where node-b counted the requests:\n{}",
+        b.metrics(&pods.payments)
+            .lines()
+            .filter(|l| l.starts_with("aviary_requests_total{") && l.contains("inbound"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(requests(&a, &pods.web, "outbound"), 40.0);
 
     // Opaque TCP goes through the tunnel too, and so does an HTTP upgrade.

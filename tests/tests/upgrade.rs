@@ -34,7 +34,20 @@ fn upgrade(node: &Node, mut running: Agent) -> (Agent, u32) {
         .unwrap_or_else(|| panic!("no count of moved connections in {drained:?}"));
     let status = running.terminate();
     assert!(status.success(), "{status:?}");
+    // A hand-off that went well leaves no warning about it.
+    let logs = running.logs();
+    let warned: Vec<_> = logs
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("successor"))
+        .collect();
+    assert!(warned.is_empty(), "{warned:#?}");
     (successor, moved)
+}
+
+/// How long a load or stream may run at most: it is told to stop (its standard input closes)
+/// once the upgrades are over, however long they took.
+fn at_most() -> String {
+    patience(Duration::from_secs(120)).as_secs().to_string()
 }
 
 /// What a load client printed, once it ended.
@@ -90,32 +103,37 @@ fn keep_alive_load_over_http1_and_http2_sees_no_failure_across_an_upgrade() {
     agent.wait_for_capture(&[&client], 6);
     agent.wait_for_log("routed=6", Duration::from_secs(10));
 
-    // Several keep-alive HTTP/1.1 connections, and gRPC over one HTTP/2 connection, for 8 s;
-    // the upgrade comes 2 s in.
-    let http1 = node.spawn(
+    // Several keep-alive HTTP/1.1 connections, and gRPC over one HTTP/2 connection, from
+    // before the upgrade until after it: 2 s of traffic, the upgrade, 2 s more.
+    let secs = at_most();
+    let (http1, http1_stop) = node.spawn_with_stdin(
         &client,
         &[
             "http-load",
             "10.96.0.10:80",
             "--secs",
-            "8",
+            &secs,
             "--connections",
             "4",
+            "--until-stdin-closes",
         ],
     );
-    let grpc = node.spawn(
+    let (grpc, grpc_stop) = node.spawn_with_stdin(
         &client,
         &[
             "grpc-unary",
             "10.96.0.30:80",
             "--secs",
-            "8",
+            &secs,
             "--count",
             "1000000",
+            "--until-stdin-closes",
         ],
     );
     std::thread::sleep(Duration::from_secs(2));
     let (successor, _) = upgrade(&node, agent);
+    std::thread::sleep(Duration::from_secs(2));
+    drop((http1_stop, grpc_stop));
 
     let http1 = finished(http1);
     let statuses = tally(&http1, "status");
@@ -154,15 +172,18 @@ fn long_lived_streams_survive_three_upgrades_byte_for_byte() {
     agent.wait_for_log("routed=2", Duration::from_secs(10));
 
     // An opaque stream (the backend greets first) and a WebSocket-style upgraded one, each
-    // checking every byte that comes back.
-    // They last past the three upgrades (each after 2 s of traffic), and are under way before
-    // the first.
-    let secs = patience(Duration::from_secs(12)).as_secs().to_string();
-    let mut opaque = node.spawn(&client, &["echo-stream", "10.96.0.20:80", "--secs", &secs]);
-    let mut upgraded = node.spawn(
-        &client,
-        &["echo-stream", "10.96.0.21:80", "--secs", &secs, "--upgrade"],
-    );
+    // checking every byte that comes back. They are under way before the first upgrade and
+    // stream until told to stop, after the third, however long the upgrades take.
+    let secs = at_most();
+    let stream = |addr: &str, upgrade: bool| {
+        let mut args = vec!["echo-stream", addr, "--secs", &secs, "--until-stdin-closes"];
+        if upgrade {
+            args.push("--upgrade");
+        }
+        node.spawn_with_stdin(&client, &args)
+    };
+    let (mut opaque, opaque_stop) = stream("10.96.0.20:80", false);
+    let (mut upgraded, upgraded_stop) = stream("10.96.0.21:80", true);
     for stream in [&mut opaque, &mut upgraded] {
         let mut line = String::new();
         stream.read_line(&mut line).unwrap();
@@ -174,6 +195,7 @@ fn long_lived_streams_survive_three_upgrades_byte_for_byte() {
         (agent, moved) = upgrade(&node, agent);
         assert_eq!(moved, 2, "both streams moved");
     }
+    drop((opaque_stop, upgraded_stop));
     for (name, stream) in [("opaque", opaque), ("upgraded", upgraded)] {
         let out = finished(stream);
         assert!(

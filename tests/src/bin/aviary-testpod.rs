@@ -20,7 +20,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Mutex,
     },
     time::{Duration, Instant},
@@ -34,8 +34,21 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 struct Cli {
+    /// The load and stream commands end when their standard input closes, if that comes
+    /// before their `--secs`: a test's load then outlasts whatever the test does meanwhile
+    /// (an upgrade, on a machine of any speed), and still ends by itself.
+    #[arg(long, global = true)]
+    until_stdin_closes: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Set once standard input closes, under `--until-stdin-closes`.
+static STDIN_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a load or a stream goes on: before its deadline, and before it is told to stop.
+fn running(deadline: Instant) -> bool {
+    Instant::now() < deadline && !STDIN_CLOSED.load(Ordering::Acquire)
 }
 
 #[derive(Subcommand)]
@@ -186,11 +199,12 @@ enum Command {
     },
     /// One long-lived connection carrying a byte pattern to an echoing backend (`serve`, or with
     /// `--upgrade` an HTTP upgrade to `http-serve`) and checking every byte that comes back, for
-    /// `secs`; then a half-close, and the rest of the echo. Prints "streaming" once the stream is
+    /// `secs` (or until its standard input closes); then a half-close, and the rest of the echo. Prints "streaming" once the stream is
     /// established, then "stream <bytes> ok"; fails on the first byte out of place, or a
     /// connection that ends early.
     EchoStream {
         addr: SocketAddr,
+        /// The most it streams for.
         #[arg(long)]
         secs: f64,
         #[arg(long)]
@@ -236,7 +250,14 @@ enum Load {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse().command) {
+    let cli = Cli::parse();
+    if cli.until_stdin_closes {
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            STDIN_CLOSED.store(true, Ordering::Release);
+        });
+    }
+    if let Err(e) = run(cli.command) {
         eprintln!("aviary-testpod: {e:#}");
         std::process::exit(1);
     }
@@ -945,7 +966,7 @@ fn http_load_one(
     };
     let mut conn = None;
     for _ in 0..count {
-        if Instant::now() > deadline {
+        if !running(deadline) {
             break;
         }
         let sent = Instant::now();
@@ -1016,7 +1037,7 @@ fn echo_stream(addr: SocketAddr, secs: Duration, upgrade: bool) -> anyhow::Resul
     let sending = std::thread::spawn(move || -> anyhow::Result<u64> {
         let mut offset = 0u64;
         let mut chunk = vec![0u8; 4096];
-        while Instant::now() < deadline {
+        while running(deadline) {
             for byte in chunk.iter_mut() {
                 *byte = pattern_byte(offset);
                 offset += 1;
@@ -1088,7 +1109,7 @@ async fn grpc_unary(
     let mut client = grpc::Client::connect(addr).await?;
     let (mut statuses, mut backends) = (BTreeMap::new(), BTreeMap::new());
     for _ in 0..count {
-        if Instant::now() > deadline {
+        if !running(deadline) {
             break;
         }
         let request = EchoRequest {
