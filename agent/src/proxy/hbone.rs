@@ -16,10 +16,17 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::detect::Detected;
+
 /// The port agents accept tunnels on (Istio's HBONE port).
 pub const PORT: u16 = 15008;
 /// The header in which a refusing agent says why (HTTP clients get it as a 403's body).
 pub const DENY_REASON: &str = "aviary-deny-reason";
+/// The header in which the source's agent says what the tunnel carries (`http` or `opaque`),
+/// as it decided it for the client: the destination need not guess from the first bytes
+/// within its detection timeout, which a tunnel's first bytes (sent only once the CONNECT's
+/// answer is back at the source) can miss on a busy node.
+pub const CARRIES: &str = "aviary-carries";
 /// Connections between agents are pinged this often, idle or not, and closed when a ping goes
 /// unanswered as long: a dead one leaves the pool before a tunnel finds it.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
@@ -37,6 +44,8 @@ pub struct Accepted {
     pub source: SocketAddr,
     /// The pod (address and port) the tunnel is for.
     pub target: SocketAddr,
+    /// What the source's agent says the tunnel carries, if it says.
+    pub carries: Option<Detected>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,13 +120,23 @@ impl Connection {
         &self.proven
     }
 
-    /// A tunnel from the pod at `source` to `target`.
-    pub async fn tunnel(&self, source: SocketAddr, target: SocketAddr) -> Result<Tunnel, Error> {
+    /// A tunnel from the pod at `source` to `target`, carrying `carries`.
+    pub async fn tunnel(
+        &self,
+        source: SocketAddr,
+        target: SocketAddr,
+        carries: Detected,
+    ) -> Result<Tunnel, Error> {
         let peer = self.peer;
+        let carried = match carries {
+            Detected::Http => "http",
+            Detected::Opaque => "opaque",
+        };
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .header(http::header::FORWARDED, format!("for=\"{source}\""))
+            .header(CARRIES, carried)
             .body(Empty::<Bytes>::new())
             .expect("a valid CONNECT");
         let response = self
@@ -213,6 +232,7 @@ where
                 peer,
                 source: forwarded_for(request.headers()).unwrap_or(peer_addr),
                 target,
+                carries: carried(request.headers()),
             };
             tokio::spawn(async move {
                 if let Ok(upgraded) = hyper::upgrade::on(request).await {
@@ -236,6 +256,15 @@ where
         peer: peer_addr,
         error,
     })
+}
+
+/// What the source's agent says the tunnel carries; anything else says nothing.
+fn carried(headers: &http::HeaderMap) -> Option<Detected> {
+    match headers.get(CARRIES)?.as_bytes() {
+        b"http" => Some(Detected::Http),
+        b"opaque" => Some(Detected::Opaque),
+        _ => None,
+    }
 }
 
 /// The address in a `Forwarded: for="ip:port"` header, as [`connect`] writes it.
@@ -340,7 +369,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(connection.proven(), &payments);
-        let mut tunnel = connection.tunnel(source, target).await.unwrap();
+        let mut tunnel = connection
+            .tunnel(source, target, Detected::Http)
+            .await
+            .unwrap();
         tunnel.write_all(b"hello").await.unwrap();
         let mut echoed = [0u8; 5];
         tunnel.read_exact(&mut echoed).await.unwrap();
@@ -349,20 +381,30 @@ mod tests {
             peer: checkout,
             source,
             target,
+            carries: Some(Detected::Http),
         };
         assert_eq!(delivered.recv().await.unwrap(), accepted);
         // The connection carries further tunnels.
-        let mut second = connection.tunnel(source, target).await.unwrap();
+        let mut second = connection
+            .tunnel(source, target, Detected::Opaque)
+            .await
+            .unwrap();
         second.write_all(b"again").await.unwrap();
         second.read_exact(&mut echoed).await.unwrap();
         assert_eq!(&echoed, b"again");
+        let carries = delivered.recv().await.unwrap().carries;
+        assert_eq!(carries, Some(Detected::Opaque));
 
         // Another caller is refused, with the destination's reason.
         let tls = Arc::new(client_config(&issue(&ca, &audit), &bundle, payments).unwrap());
         let connection = Connection::open(TcpStream::connect(agent).await.unwrap(), tls)
             .await
             .unwrap();
-        let err = connection.tunnel(source, target).await.err().unwrap();
+        let err = connection
+            .tunnel(source, target, Detected::Http)
+            .await
+            .err()
+            .unwrap();
         assert_eq!(
             err.to_string(),
             format!(

@@ -20,6 +20,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use aviary_identity::spiffe::Identity;
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -30,7 +31,7 @@ use super::{
     http::HttpProxy,
     mesh::Mesh,
     rewind::Rewind,
-    route::RouteTable,
+    route::{AppProtocol, RouteTable},
     ConnectionLimit,
 };
 use crate::{
@@ -207,6 +208,7 @@ impl Inbound {
             peer,
             source,
             target,
+            carries,
         } = accepted;
         let principals = Arc::new(Principals {
             source: peer,
@@ -222,7 +224,11 @@ impl Inbound {
         };
         let peer = principals.source.clone();
         let served = async {
-            let (detected, read) = read_to_detect(protocol, &mut tunnel, self.detect_timeout).await;
+            // What the source's agent decided stands where this pod's port declares nothing.
+            let (detected, read) = match (protocol, carries) {
+                (AppProtocol::Detect, Some(carried)) => (carried, Bytes::new()),
+                _ => read_to_detect(protocol, &mut tunnel, self.detect_timeout).await,
+            };
             let tunnel = Rewind::new(read, tunnel);
             match detected {
                 Detected::Http => {

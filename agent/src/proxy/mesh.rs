@@ -21,6 +21,7 @@ use aviary_identity::{
 use rustls::ServerConfig;
 
 use super::{
+    detect::Detected,
     hbone::{self, Tunnel},
     route::RouteTable,
 };
@@ -176,12 +177,14 @@ impl Mesh {
     /// Opens a tunnel from `from` to the pod at `target`, as `server`, through the agent of
     /// its node (at the pod's address, on [`hbone::PORT`]): on this worker's connection there
     /// as `from`'s identity, or on a new one. A connection made with a certificate since
-    /// renewed carries no new tunnel. Returns the tunnel with the identities both ends proved.
+    /// renewed carries no new tunnel. `carries` tells the destination what the tunnel carries.
+    /// Returns the tunnel with the identities both ends proved.
     pub async fn tunnel(
         &self,
         from: &TunnelFrom,
         target: SocketAddr,
         server: &Arc<Identity>,
+        carries: Detected,
     ) -> Result<(Tunnel, Arc<Principals>), TunnelError> {
         let (credentials, bundle) = self.held(&from.identity)?;
         let key = (from.identity.clone(), target.ip(), server.clone());
@@ -196,7 +199,7 @@ impl Mesh {
         // A pooled connection that closed just now gives way to a new one.
         if let Some(connection) = pooled {
             match self
-                .within(agent, connection.tunnel(from.source, target))
+                .within(agent, connection.tunnel(from.source, target, carries))
                 .await
             {
                 Ok(tunnel) => return Ok(Self::opened(from, tunnel, &connection)),
@@ -232,7 +235,7 @@ impl Mesh {
                     used: Instant::now(),
                 };
                 POOL.with_borrow_mut(|pool| pool.insert(key.clone(), pooled));
-                let tunnel = connection.tunnel(from.source, target).await?;
+                let tunnel = connection.tunnel(from.source, target, carries).await?;
                 Ok::<_, TunnelError>((connection, tunnel))
             })
             .await?;
@@ -370,7 +373,11 @@ mod tests {
         });
         let start = Instant::now();
         let target = "127.13.0.8:8080".parse().unwrap();
-        let failed = mesh.tunnel(&from, target, &payments).await.err().unwrap();
+        let failed = mesh
+            .tunnel(&from, target, &payments, Detected::Http)
+            .await
+            .err()
+            .unwrap();
         let waited = start.elapsed();
         assert_eq!(failed.reason(), ProxyError::tunnel_timeout, "{failed}");
         assert!(
@@ -381,7 +388,11 @@ mod tests {
 
         // Nobody at the agent's port.
         let target = "127.13.0.9:8080".parse().unwrap();
-        let failed = mesh.tunnel(&from, target, &payments).await.err().unwrap();
+        let failed = mesh
+            .tunnel(&from, target, &payments, Detected::Http)
+            .await
+            .err()
+            .unwrap();
         assert_eq!(failed.reason(), ProxyError::connect_failed, "{failed}");
 
         // A source whose certificate is not there yet.
@@ -389,7 +400,11 @@ mod tests {
             identity: id("spiffe://cluster.local/ns/shop/sa/audit"),
             ..from
         };
-        let failed = mesh.tunnel(&audit, target, &payments).await.err().unwrap();
+        let failed = mesh
+            .tunnel(&audit, target, &payments, Detected::Http)
+            .await
+            .err()
+            .unwrap();
         assert_eq!(failed.reason(), ProxyError::no_identity, "{failed}");
     }
 }

@@ -199,7 +199,10 @@ impl Outbound {
             }
         };
         let (from, server) = (&tunnelled.from, &tunnelled.server);
-        match tunnelled.mesh.tunnel(from, endpoint.addr, server).await {
+        let opened = tunnelled
+            .mesh
+            .tunnel(from, endpoint.addr, server, Detected::Opaque);
+        match opened.await {
             Ok((tunnel, principals)) => {
                 let route = route.over_mtls(&principals);
                 let relay = self.relay(peer, Some(&route));

@@ -41,6 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
 use super::{
+    detect::Detected,
     hbone::Tunnel,
     mesh::{Mesh, TunnelFrom},
 };
@@ -364,7 +365,12 @@ impl Pool {
         if let Some(tunnelled) = &upstream.tunnel {
             let opened = tunnelled
                 .mesh
-                .tunnel(&tunnelled.from, upstream.endpoint, &tunnelled.server)
+                .tunnel(
+                    &tunnelled.from,
+                    upstream.endpoint,
+                    &tunnelled.server,
+                    Detected::Http,
+                )
                 .await;
             return match opened {
                 Ok((tunnel, principals)) => {
