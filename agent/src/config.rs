@@ -199,7 +199,7 @@ pub struct Args {
 
     /// Socket-to-socket fast path (sk_msg) for pod<->proxy traffic. Off by default: a socket
     /// in a SockHash reads through the kernel's tcp_bpf_recvmsg, which can return EAGAIN to a
-    /// blocking read (see the README).
+    /// blocking read (see docs/architecture.md).
     #[arg(long, env = "AVIARY_SK_MSG", default_value_t = false, action = clap::ArgAction::Set)]
     pub sk_msg: bool,
 

@@ -328,7 +328,7 @@ fn env_flags(command: clap::Command, container: &Container) -> Vec<String> {
     args
 }
 
-/// What a rolling update without a failed request needs of the DaemonSet (README: Upgrades);
+/// What a rolling update without a failed request needs of the DaemonSet (docs/install.md: Upgrades);
 /// returns the agent's drain timeout and the pod's grace period.
 fn check_hitless_upgrades(ds: &DaemonSet) -> (Duration, Duration) {
     let spec = ds.spec.as_ref().unwrap();

@@ -837,7 +837,7 @@ fn preflight(cfg: &DatapathConfig) -> anyhow::Result<()> {
     if !missing.is_empty() {
         anyhow::bail!(
             "kernel {current} lacks what Aviary's programs use: {}; run a kernel that has them \
-             (see the README's supported kernels), or leave --inbound-interfaces unset if only \
+             (see docs/kernels.md), or leave --inbound-interfaces unset if only \
              inbound capture's are missing",
             missing.join(", ")
         );

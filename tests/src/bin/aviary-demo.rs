@@ -303,7 +303,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     println!(
         "\nWhile the agent ran, Prometheus metrics (with Flagger's http_request_duration_seconds) \
          were at http://{metrics_addr}/metrics and the admin endpoint at 127.0.0.1:15000 \
-         (`aviary-agent status`), inside the node's network namespace. The README lists them."
+         (`aviary-agent status`), inside the node's network namespace. docs/metrics.md lists them."
     );
     println!("Cleaning up the node, its pods, cgroups and pins...");
     Ok(())
