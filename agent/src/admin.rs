@@ -24,8 +24,8 @@ use crate::{
     ebpf::maps::Stats,
     identity::Certificates,
     metrics::Metrics,
-    proxy::route::{BackendRef, RouteTable, ServiceRoutes},
     state::{Snapshot, SnapshotRx},
+    table::{BackendRef, RouteTable, ServiceRoutes},
 };
 
 pub struct Admin {
@@ -375,9 +375,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::proxy::route::{
-        AppProtocol, Backend, Endpoint, HeaderModifier, Rule, WeightedBackend,
-    };
+    use crate::table::{AppProtocol, Backend, Endpoint, HeaderModifier, Rule, WeightedBackend};
 
     /// A health port answering `/ready` as an agent of `pod` in the given state would.
     async fn health_port(ready: bool, pod: Option<&'static str>) -> SocketAddr {

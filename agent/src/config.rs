@@ -6,11 +6,12 @@ use std::{
     time::Duration,
 };
 
+use aviary_abi::{AgentConfig, SockAddr, CONFIG_IPV6, CONFIG_SK_MSG};
 use clap::{Parser, ValueEnum};
 use http::HeaderValue;
 
 use crate::{
-    ebpf::{TcAttach, AUTO_UPLINKS},
+    ebpf::{DatapathConfig, TcAttach, AUTO_UPLINKS},
     identity::IdentityConfig,
     policy::gamma::parse_duration,
     proxy::{balance::OutlierConfig, http::HttpConfig},
@@ -559,6 +560,39 @@ impl TryFrom<Args> for Config {
     }
 }
 
+impl Config {
+    /// What the eBPF loader needs of it, attaching at `cgroup_root` (the kubelet's pod root,
+    /// configured or found).
+    pub fn datapath(&self, cgroup_root: PathBuf) -> DatapathConfig {
+        let mut flags = 0;
+        if self.sk_msg {
+            flags |= CONFIG_SK_MSG;
+        }
+        let proxy_v6 = self.proxy_v6.map(|ip| {
+            flags |= CONFIG_IPV6;
+            SockAddr::from(std::net::SocketAddr::from((ip, 0))).addr
+        });
+        DatapathConfig {
+            cgroup_root,
+            inbound_interfaces: self.inbound_interfaces.clone(),
+            inbound_bridge: self.inbound_bridge.clone(),
+            tc_attach: self.tc_attach.unwrap_or_else(TcAttach::for_this_kernel),
+            bpffs: self.bpffs.clone(),
+            pin_dir: self.pin_dir.clone(),
+            programs: AgentConfig {
+                proxy_v4: u32::from_ne_bytes(self.proxy_v4.octets()),
+                proxy_v6: proxy_v6.unwrap_or_default(),
+                proxy_port: self.outbound_port.into(),
+                proxy_mark: self.proxy_mark,
+                flags,
+                // Read from the bridge when inbound capture attaches to it.
+                bridge_mac: [0; 6],
+                _pad: [0; 2],
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,5 +844,26 @@ mod tests {
             root(&["--cgroup-root", "/sys/fs/cgroup/kubepods"]),
             Some(PathBuf::from("/sys/fs/cgroup/kubepods"))
         );
+    }
+
+    #[test]
+    fn program_config_carries_the_proxy_address_in_kernel_order() {
+        let args = Args::try_parse_from([
+            "aviary-agent",
+            "--local",
+            "p",
+            "--proxy-ip",
+            "10.244.1.1",
+            "--proxy-ip6",
+            "fd00::1",
+        ])
+        .unwrap();
+        let cfg = Config::try_from(args)
+            .unwrap()
+            .datapath("/sys/fs/cgroup/kubepods".into());
+        assert_eq!(cfg.programs.proxy_v4.to_ne_bytes(), [10, 244, 1, 1]);
+        assert_eq!(cfg.programs.proxy_port, 15001);
+        assert_eq!(cfg.programs.flags, CONFIG_IPV6);
+        assert_eq!(cfg.programs.proxy_v6[3].to_ne_bytes(), [0, 0, 0, 1]);
     }
 }

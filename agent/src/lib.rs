@@ -1,4 +1,9 @@
 //! Aviary's node agent: eBPF capture, the node proxy, and policy from Kubernetes objects.
+//!
+//! The data flows one way: sources (`kubernetes`, `policy::local`) → the store and the compiler
+//! (`policy`) → the compiled table (`table`, swapped whole by `state`) → the capture maps
+//! (`capture`, `ebpf`) and the proxy (`proxy`). `table` and `metrics` import nothing above them;
+//! `run` wires the rest.
 // The one exception, ebpf::link, says why.
 #![deny(unsafe_code)]
 
@@ -16,3 +21,4 @@ pub mod proxy;
 pub mod run;
 pub mod state;
 pub mod supervise;
+pub mod table;

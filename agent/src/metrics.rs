@@ -65,12 +65,8 @@ use tracing::debug;
 
 use crate::{
     ebpf::maps::{Occupancy, Stats},
-    policy::security::Denied,
-    proxy::{
-        balance::Failure,
-        http::MirrorOutcome,
-        route::{unknown, ServiceRoutes, Workload},
-    },
+    proxy::{balance::Failure, http::MirrorOutcome},
+    table::{admission::Denied, unknown, ServiceRoutes, Workload},
 };
 
 /// Series a family holds at most: a family at its cap refuses new series.

@@ -23,7 +23,7 @@ use crate::{
     config::{Config, PolicySource},
     ebpf::{
         maps::{CaptureTable, Listeners, OrigDstTable, Stats},
-        Datapath, DatapathConfig,
+        Datapath,
     },
     handoff::{HandoffListener, ListenerKind, Predecessor, Sockets, Successor},
     identity::{self, Certificates},
@@ -40,12 +40,12 @@ use crate::{
         inbound::{self, Inbound},
         mesh::{Mesh, MeshTimeouts},
         outbound::{self, Outbound},
-        route::RouteTable,
         workers::{WorkerTask, Workers},
         ConnectionLimit,
     },
     state::Publisher,
     supervise::Supervisor,
+    table::RouteTable,
 };
 
 /// How often each worker closes the upstream connections that idled too long, and forgets
@@ -73,7 +73,7 @@ const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_open_files_limit(cfg.max_connections);
     let pod_root = crate::cgroup::pod_root(cfg.cgroup_root.as_deref())?;
-    let mut datapath = Datapath::load(&DatapathConfig::from_config(&cfg, pod_root.clone()))?;
+    let mut datapath = Datapath::load(&cfg.datapath(pod_root.clone()))?;
     let result = serve(&cfg, &mut datapath, pod_root).await;
     if let Ok(stats) = Stats::open(datapath.pin_dir()) {
         log_counters(&stats, &mut Vec::new());

@@ -12,7 +12,7 @@ use crate::{
         status::RouteStatus,
         ObjectKey, Policy, Store,
     },
-    proxy::route::RouteTable,
+    table::RouteTable,
 };
 
 #[derive(Debug, Default)]

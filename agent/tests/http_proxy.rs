@@ -10,10 +10,12 @@ use std::{
 
 use arc_swap::ArcSwap;
 use aviary_agent::metrics::{sample, Metrics};
-use aviary_agent::proxy::{
-    drain::{Drain, DrainSignal, Moved},
-    http::{HttpConfig, HttpProxy},
-    route::{
+use aviary_agent::{
+    proxy::{
+        drain::{Drain, DrainSignal, Moved},
+        http::{HttpConfig, HttpProxy},
+    },
+    table::{
         AppProtocol, Backend, BackendRef, Endpoint, HeaderMatch, HeaderModifier, Mirror, PathMatch,
         RequestMatch, RouteTable, Rule, SafeMethods, ServiceRoutes, StringMatch, WeightedBackend,
         Workload,
@@ -384,7 +386,7 @@ async fn the_proxy_answers_what_it_cannot_route_with_a_clear_status() {
         ..Default::default()
     };
     let by_path = |path: &str| RequestMatch {
-        path: Some(aviary_agent::proxy::route::PathMatch::Prefix(path.into())),
+        path: Some(aviary_agent::table::PathMatch::Prefix(path.into())),
         ..Default::default()
     };
     let rules = vec![

@@ -12,9 +12,9 @@ use aviary_agent::{
     },
     proxy::{
         balance,
-        route::{BackendRef, RequestView},
         split::{pick_weighted, sampled, Rng},
     },
+    table::{BackendRef, RequestView},
 };
 use http::{HeaderMap, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;

@@ -17,7 +17,8 @@ use aviary_agent::{
     kubernetes::{api_access, node_pods},
     metrics::{DenialReason, Direction, MethodClass, Metrics, RequestLabels, Route, Security},
     policy::{Meta, PodMeta},
-    proxy::{http::MirrorOutcome, route::Workload},
+    proxy::http::MirrorOutcome,
+    table::Workload,
 };
 use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::{

@@ -8,12 +8,10 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 use aviary_agent::{
     metrics::Metrics,
-    proxy::{
-        http::{HttpConfig, HttpProxy},
-        route::{
-            AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, RouteTable, Rule,
-            ServiceRoutes, WeightedBackend,
-        },
+    proxy::http::{HttpConfig, HttpProxy},
+    table::{
+        AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, RouteTable, Rule,
+        ServiceRoutes, WeightedBackend,
     },
 };
 use aviary_tests::{

@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
-use aviary_abi::{map_name, AgentConfig, SockAddr, ABI_VERSION, CONFIG_IPV6, CONFIG_SK_MSG};
+use aviary_abi::{map_name, AgentConfig, ABI_VERSION};
 use aya::{
     maps::{Array, MapData, SockHash},
     programs::{
@@ -34,8 +34,6 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracing::{debug, info, warn};
-
-use crate::config::Config;
 
 /// The compiled programs, built by build.rs from ebpf/aviary-ebpf.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aviary"));
@@ -81,39 +79,6 @@ pub struct DatapathConfig {
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
     pub programs: AgentConfig,
-}
-
-impl DatapathConfig {
-    /// The programs' configuration for `cfg`, attaching at `cgroup_root` (the kubelet's pod
-    /// root, configured or found).
-    pub fn from_config(cfg: &Config, cgroup_root: PathBuf) -> Self {
-        let mut flags = 0;
-        if cfg.sk_msg {
-            flags |= CONFIG_SK_MSG;
-        }
-        let proxy_v6 = cfg.proxy_v6.map(|ip| {
-            flags |= CONFIG_IPV6;
-            SockAddr::from(std::net::SocketAddr::from((ip, 0))).addr
-        });
-        Self {
-            cgroup_root,
-            inbound_interfaces: cfg.inbound_interfaces.clone(),
-            inbound_bridge: cfg.inbound_bridge.clone(),
-            tc_attach: cfg.tc_attach.unwrap_or_else(TcAttach::for_this_kernel),
-            bpffs: cfg.bpffs.clone(),
-            pin_dir: cfg.pin_dir.clone(),
-            programs: AgentConfig {
-                proxy_v4: u32::from_ne_bytes(cfg.proxy_v4.octets()),
-                proxy_v6: proxy_v6.unwrap_or_default(),
-                proxy_port: cfg.outbound_port.into(),
-                proxy_mark: cfg.proxy_mark,
-                flags,
-                // Read from the bridge when inbound capture attaches to it.
-                bridge_mac: [0; 6],
-                _pad: [0; 2],
-            },
-        }
-    }
 }
 
 /// The uplinks named, by index: `["auto"]` stands for the default routes' interfaces.
@@ -273,7 +238,7 @@ pub enum TcAttach {
 
 impl TcAttach {
     /// TCX where the kernel has it (Linux 6.6+), else netlink filters.
-    fn for_this_kernel() -> Self {
+    pub fn for_this_kernel() -> Self {
         let (major, minor) = MIN_TCX_KERNEL;
         match aya::util::KernelVersion::current() {
             Ok(v) if v >= aya::util::KernelVersion::new(major as u8, minor as u8, 0) => Self::Tcx,
@@ -1009,28 +974,5 @@ mod tests {
             ..Default::default()
         }
         .is_empty());
-    }
-
-    #[test]
-    fn program_config_carries_the_proxy_address_in_kernel_order() {
-        use clap::Parser as _;
-        let args = crate::config::Args::try_parse_from([
-            "aviary-agent",
-            "--local",
-            "p",
-            "--proxy-ip",
-            "10.244.1.1",
-            "--proxy-ip6",
-            "fd00::1",
-        ])
-        .unwrap();
-        let cfg = DatapathConfig::from_config(
-            &Config::try_from(args).unwrap(),
-            "/sys/fs/cgroup/kubepods".into(),
-        );
-        assert_eq!(cfg.programs.proxy_v4.to_ne_bytes(), [10, 244, 1, 1]);
-        assert_eq!(cfg.programs.proxy_port, 15001);
-        assert_eq!(cfg.programs.flags, CONFIG_IPV6);
-        assert_eq!(cfg.programs.proxy_v6[3].to_ne_bytes(), [0, 0, 0, 1]);
     }
 }

@@ -28,10 +28,7 @@ use super::{
     status::{compile_route, RouteOutput, RouteStatus},
     EnrolledPod, Input, ObjectKey, Policy, Store,
 };
-use crate::proxy::{
-    route::{AppProtocol, RouteTable, ServiceRoutes, Workload},
-    shared_map::SharedMap,
-};
+use crate::table::{shared_map::SharedMap, AppProtocol, RouteTable, ServiceRoutes, Workload};
 
 /// A compile's result.
 pub struct Compiled {

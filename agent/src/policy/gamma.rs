@@ -11,9 +11,7 @@ use gateway_api::apis::standard::httproutes::{
 use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 
-use crate::proxy::route::{
-    HeaderMatch, HeaderModifier, PathMatch, QueryMatch, RequestMatch, StringMatch,
-};
+use crate::table::{HeaderMatch, HeaderModifier, PathMatch, QueryMatch, RequestMatch, StringMatch};
 
 /// A Service a route attaches to: namespace, name, and the port (None: every port).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use self::service::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
-use self::security::InboundPolicy;
+use crate::table::admission::InboundPolicy;
 
 /// On a Namespace, enrols its pods; on a Pod, overrides its namespace.
 pub const CAPTURE_ANNOTATION: &str = "aviary.dev/capture";
@@ -930,7 +930,7 @@ fn enrolled(store: &Store, node: Option<&str>) -> BTreeMap<String, EnrolledPod> 
                 ips: pod_ips(pod),
                 inbound_ports_excluded: inbound_ports_excluded(pod.metadata.annotations.as_ref())
                     .unwrap_or_default(),
-                inbound: InboundPolicy::of(&pod.metadata, namespace_meta),
+                inbound: security::inbound_policy(&pod.metadata, namespace_meta),
             }
         })
         .map(|pod| (pod.uid.clone(), pod))
@@ -1218,10 +1218,12 @@ metadata: {name: shop, annotations: {aviary.dev/capture: "yes please"}}
         };
         store.upsert(shop("shop/*")).unwrap();
         let strict = web(&store);
-        assert_eq!(strict.mtls, security::MtlsMode::Strict);
+        assert_eq!(strict.mtls, crate::table::admission::MtlsMode::Strict);
         assert_eq!(
             strict.allow_from,
-            Some(vec![security::Peer::Namespace("shop".into())])
+            Some(vec![crate::table::admission::Peer::Namespace(
+                "shop".into()
+            )])
         );
 
         let rejected = store.upsert(shop("everyone")).unwrap_err();

@@ -34,11 +34,11 @@ use super::{
     slice::{self, Slice},
     Input, Policy, Store,
 };
-use crate::proxy::route::{
+use crate::table::shared_map::SharedMap;
+use crate::table::{
     unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, LocalPod, Mirror,
     RouteTable, Rule, SafeMethods, ServiceRoutes, WeightedBackend, Workload,
 };
-use crate::proxy::shared_map::SharedMap;
 
 pub const SPLIT: &str = "aviary.dev/split";
 pub const MIRROR: &str = "aviary.dev/mirror";
@@ -765,7 +765,7 @@ mod tests {
     use super::*;
     use crate::{
         policy::{local::parse_documents, Object, PodMeta},
-        proxy::route::PathMatch,
+        table::PathMatch,
     };
 
     /// The options of local mode.

@@ -1,116 +1,23 @@
 //! Who may connect to an enrolled pod: `aviary.dev/mtls` (`strict` or `permissive`) and
 //! `aviary.dev/allow-from` (identities, `ns/sa` or `ns/*`, comma-separated), on a Namespace or
-//! a Pod; a pod's own annotation wins over its namespace's. The destination's agent decides.
+//! a Pod; a pod's own annotation wins over its namespace's. Read here into the table's
+//! [`InboundPolicy`], which the destination's agent decides by.
 
-use std::fmt;
-
-use aviary_identity::spiffe::Identity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::{Serialize, Serializer};
 
-pub const MTLS: &str = "aviary.dev/mtls";
-pub const ALLOW_FROM: &str = "aviary.dev/allow-from";
+use crate::table::admission::{InboundPolicy, MtlsMode, Peer, ALLOW_FROM, MTLS};
 
-/// Whether plain text from outside the mesh may reach the pod.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MtlsMode {
-    /// Accepted, and labelled as plain text (as Istio's PERMISSIVE).
-    #[default]
-    Permissive,
-    /// Refused, and counted.
-    Strict,
-}
-
-/// One entry of `aviary.dev/allow-from`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Peer {
-    ServiceAccount {
-        namespace: String,
-        name: String,
-    },
-    /// `ns/*`: every service account of the namespace.
-    Namespace(String),
-}
-
-impl Peer {
-    fn matches(&self, identity: &Identity) -> bool {
-        match self {
-            Peer::ServiceAccount { namespace, name } => {
-                identity.namespace == *namespace && identity.service_account == *name
-            }
-            Peer::Namespace(namespace) => identity.namespace == *namespace,
-        }
-    }
-}
-
-impl fmt::Display for Peer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Peer::ServiceAccount { namespace, name } => write!(f, "{namespace}/{name}"),
-            Peer::Namespace(namespace) => write!(f, "{namespace}/*"),
-        }
-    }
-}
-
-impl Serialize for Peer {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-/// What the destination's agent checks of a connection into the pod.
-#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct InboundPolicy {
-    pub mtls: MtlsMode,
-    /// None: anyone (that the mode lets in). Some: only these identities.
-    pub allow_from: Option<Vec<Peer>>,
-}
-
-/// Why a connection is refused: the reason HTTP clients read in a 403's body.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Denied {
-    #[error("plain text is refused: the destination's {MTLS} is strict")]
-    PlainText,
-    #[error("the caller has no mesh identity, and the destination's {ALLOW_FROM} admits only named identities")]
-    NoIdentity,
-    #[error(
-        "{peer} is not among the identities the destination's {ALLOW_FROM} admits ({allowed})"
-    )]
-    NotAllowed { peer: String, allowed: String },
-}
-
-impl InboundPolicy {
-    /// The pod's policy: each annotation from the pod, else from its namespace.
-    pub fn of(pod: &ObjectMeta, namespace: Option<&ObjectMeta>) -> Self {
-        let annotation = |key: &str| {
-            let of = |meta: &ObjectMeta| meta.annotations.as_ref()?.get(key).cloned();
-            of(pod).or_else(|| namespace.and_then(of))
-        };
-        InboundPolicy {
-            mtls: annotation(MTLS)
-                .and_then(|v| parse_mtls(&v).ok())
-                .unwrap_or_default(),
-            allow_from: annotation(ALLOW_FROM).and_then(|v| parse_allow_from(&v).ok()),
-        }
-    }
-
-    /// Whether a connection from `peer` (None: plain text, no identity) may reach the pod.
-    pub fn admits(&self, peer: Option<&Identity>) -> Result<(), Denied> {
-        match (peer, &self.allow_from) {
-            (None, _) if self.mtls == MtlsMode::Strict => Err(Denied::PlainText),
-            (_, None) => Ok(()),
-            (None, Some(_)) => Err(Denied::NoIdentity),
-            (Some(peer), Some(allowed)) if allowed.iter().any(|a| a.matches(peer)) => Ok(()),
-            (Some(peer), Some(allowed)) => Err(Denied::NotAllowed {
-                peer: peer.to_string(),
-                allowed: allowed
-                    .iter()
-                    .map(Peer::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }),
-        }
+/// The pod's inbound policy: each annotation from the pod, else from its namespace.
+pub fn inbound_policy(pod: &ObjectMeta, namespace: Option<&ObjectMeta>) -> InboundPolicy {
+    let annotation = |key: &str| {
+        let of = |meta: &ObjectMeta| meta.annotations.as_ref()?.get(key).cloned();
+        of(pod).or_else(|| namespace.and_then(of))
+    };
+    InboundPolicy {
+        mtls: annotation(MTLS)
+            .and_then(|v| parse_mtls(&v).ok())
+            .unwrap_or_default(),
+        allow_from: annotation(ALLOW_FROM).and_then(|v| parse_allow_from(&v).ok()),
     }
 }
 
@@ -191,10 +98,6 @@ mod tests {
         }
     }
 
-    fn id(namespace: &str, account: &str) -> Identity {
-        Identity::new("cluster.local", namespace, account).unwrap()
-    }
-
     #[test]
     fn allow_from_lists_service_accounts_and_whole_namespaces() {
         assert_eq!(
@@ -242,7 +145,7 @@ mod tests {
     #[test]
     fn a_pods_annotation_wins_over_its_namespaces_each_on_its_own() {
         let namespace = meta(&[(MTLS, "strict"), (ALLOW_FROM, "ops/*")]);
-        let policy = InboundPolicy::of(&meta(&[(ALLOW_FROM, "shop/web")]), Some(&namespace));
+        let policy = inbound_policy(&meta(&[(ALLOW_FROM, "shop/web")]), Some(&namespace));
         assert_eq!(policy.mtls, MtlsMode::Strict);
         assert_eq!(
             policy.allow_from,
@@ -251,36 +154,8 @@ mod tests {
                 name: "web".into()
             }])
         );
-        let default = InboundPolicy::of(&meta(&[]), None);
+        let default = inbound_policy(&meta(&[]), None);
         assert_eq!(default, InboundPolicy::default());
         assert_eq!(default.mtls, MtlsMode::Permissive);
-    }
-
-    #[test]
-    fn admission_by_mode_and_identity() {
-        let open = InboundPolicy::default();
-        assert_eq!(open.admits(None), Ok(()));
-        assert_eq!(open.admits(Some(&id("any", "one"))), Ok(()));
-
-        let strict = InboundPolicy {
-            mtls: MtlsMode::Strict,
-            allow_from: None,
-        };
-        assert_eq!(strict.admits(None), Err(Denied::PlainText));
-        assert_eq!(strict.admits(Some(&id("any", "one"))), Ok(()));
-
-        let named = InboundPolicy {
-            mtls: MtlsMode::Permissive,
-            allow_from: Some(parse_allow_from("shop/web, ops/*").unwrap()),
-        };
-        assert_eq!(named.admits(Some(&id("shop", "web"))), Ok(()));
-        assert_eq!(named.admits(Some(&id("ops", "anything"))), Ok(()));
-        assert_eq!(named.admits(None), Err(Denied::NoIdentity));
-        let denied = named.admits(Some(&id("shop", "db"))).unwrap_err();
-        assert_eq!(
-            denied.to_string(),
-            "spiffe://cluster.local/ns/shop/sa/db is not among the identities the destination's \
-             aviary.dev/allow-from admits (shop/web, ops/*)"
-        );
     }
 }

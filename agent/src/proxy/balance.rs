@@ -21,7 +21,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{route::Endpoint, split::Rng};
+use crate::table::Endpoint;
+
+use super::split::Rng;
 
 /// How fast old latency is forgotten.
 const DECAY: Duration = Duration::from_secs(10);

@@ -11,7 +11,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::route::AppProtocol;
+use crate::table::AppProtocol;
 
 /// How long a connection may stay silent before it is taken as opaque: server-first protocols
 /// (SMTP, MySQL, ...) wait for the server to speak, and must not be held back longer.

@@ -45,7 +45,7 @@ use crate::{
     metrics::{
         self, DenialReason, Direction, MethodClass, Metrics, Principals, ProxyError, RequestLabels,
     },
-    policy::security::Denied,
+    table::admission::Denied,
 };
 
 pub use super::pool::ProxyBody;
@@ -57,13 +57,13 @@ use super::{
     mesh::{Mesh, TunnelFrom},
     pool::{Connection, Pool, PoolConfig, SendError, Tunnelled, Upstream},
     rewind::Rewind,
-    route::{
-        Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes,
-        TableId, WeightedBackend, Workload,
-    },
     series::{self, SeriesKey},
     split::{pick_weighted, sampled, with_rng},
     Relay,
+};
+use crate::table::{
+    Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes, TableId,
+    WeightedBackend, Workload,
 };
 
 /// What answers the requests of one client connection.

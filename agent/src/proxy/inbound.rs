@@ -24,6 +24,8 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::table::{AppProtocol, RouteTable};
+
 use super::{
     connect_marked,
     detect::{read_as, read_to_detect, Detected},
@@ -31,7 +33,6 @@ use super::{
     http::HttpProxy,
     mesh::Mesh,
     rewind::Rewind,
-    route::{AppProtocol, RouteTable},
     ConnectionLimit,
 };
 use crate::{

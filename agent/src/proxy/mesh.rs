@@ -20,10 +20,11 @@ use aviary_identity::{
 };
 use rustls::ServerConfig;
 
+use crate::table::RouteTable;
+
 use super::{
     detect::Detected,
     hbone::{self, Tunnel},
-    route::RouteTable,
 };
 use crate::{
     identity::Certificates,

@@ -13,9 +13,7 @@ pub mod mesh;
 pub mod outbound;
 pub mod pool;
 pub mod rewind;
-pub mod route;
 pub mod series;
-pub mod shared_map;
 pub mod split;
 pub mod workers;
 

@@ -17,13 +17,14 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::table::{Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes, Workload};
+
 use super::{
     balance::{self, Failure, InFlight},
     connect_marked,
     detect::{read_as, Detected},
     http::HttpProxy,
     mesh::TunnelFrom,
-    route::{Backend, BackendRef, Endpoint, RouteTable, ServiceRoutes, Workload},
     split::{pick_weighted, with_rng},
     ConnectionLimit, Relay,
 };

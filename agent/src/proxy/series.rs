@@ -15,7 +15,7 @@ use std::{cell::RefCell, collections::HashMap, sync::Arc, time::Duration};
 
 use crate::metrics::{Direction, MethodClass, Metrics, Principals, RequestLabels, RequestSeries};
 
-use super::route::{TableId, Workload};
+use crate::table::{TableId, Workload};
 
 /// Entries a worker keeps before it starts again: far more than one table's live series.
 const MAX_ENTRIES: usize = 16_384;
@@ -152,7 +152,7 @@ mod tests {
     #[test]
     fn a_cached_series_that_expired_is_resolved_again_and_counts_where_it_is_exported() {
         let metrics = Metrics::new(false, None);
-        let table = crate::proxy::route::RouteTable::default();
+        let table = crate::table::RouteTable::default();
         let source = Workload::unknown();
         let key = SeriesKey::new(
             Direction::outbound,

@@ -1,9 +1,15 @@
-//! The proxy's routing table: for each captured service port, ordered rules that match requests
-//! and send them to weighted backends. Immutable; a new table replaces the old one whole.
+//! The compiled table, as plain data that policy writes and the proxy reads: for each captured
+//! service port, ordered rules that match requests and send them to weighted backends; the
+//! endpoints and pods they name; this node's enrolled pods and who may reach them
+//! ([`admission`]). Immutable; a new table replaces the old one whole. It imports nothing of
+//! policy, the proxy or the metrics.
 //!
 //! Matching follows the Gateway API's HTTPRoute semantics, because that is what policy is made
 //! of: a rule matches when any of its matches does; a match holds when all of its conditions do;
 //! path prefixes match whole segments; header names are case-insensitive.
+
+pub mod admission;
+pub mod shared_map;
 
 use std::{
     collections::HashMap,
@@ -17,8 +23,7 @@ use regex::Regex;
 
 use aviary_identity::spiffe::Identity;
 
-use super::shared_map::SharedMap;
-use crate::policy::security::InboundPolicy;
+use self::{admission::InboundPolicy, shared_map::SharedMap};
 
 /// Everything the proxy knows about captured services, by ClusterIP:port. Not Clone: each table
 /// has an identity of its own.
