@@ -23,7 +23,7 @@ use tracing::warn;
 use crate::{
     ebpf::maps::Stats,
     identity::Certificates,
-    metrics::Metrics,
+    proxy::metrics::Metrics,
     state::{Snapshot, SnapshotRx},
     table::{BackendRef, RouteTable, ServiceRoutes},
 };

@@ -458,7 +458,7 @@ mod tests {
     use std::io::{Read as _, Write as _};
 
     use super::*;
-    use crate::metrics::Direction;
+    use crate::proxy::metrics::Direction;
 
     fn socket_path(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("aviary-handoff-{}-{name}.sock", std::process::id()))

@@ -9,7 +9,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aviary_agent::metrics::{sample, Metrics};
+use aviary_agent::{metrics::sample, proxy::metrics::Metrics};
 use aviary_agent::{
     proxy::{
         drain::{Drain, DrainSignal, Moved},

@@ -18,18 +18,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aviary_agent::{
-    metrics::Metrics,
-    policy::{
-        local,
-        routes::{self, RouteOptions},
-        Store,
-    },
-    proxy::{
-        detect,
-        http::{HttpConfig, HttpProxy},
-    },
-};
+use aviary_agent::{policy::{Store, local, routes::{self, RouteOptions}}, proxy::{detect, http::{HttpConfig, HttpProxy}, metrics::Metrics}};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};

@@ -15,9 +15,11 @@ use aviary_agent::{
         Args, Command, Config, PolicySource, Probe, DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR,
     },
     kubernetes::{api_access, node_pods},
-    metrics::{DenialReason, Direction, MethodClass, Metrics, RequestLabels, Route, Security},
     policy::{Meta, PodMeta},
-    proxy::http::MirrorOutcome,
+    proxy::metrics::{
+        DenialReason, Direction, MethodClass, Metrics, MirrorOutcome, RequestLabels, Route,
+        Security,
+    },
     table::Workload,
 };
 use clap::{CommandFactory as _, Parser as _};

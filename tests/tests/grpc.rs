@@ -7,8 +7,10 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use aviary_agent::{
-    metrics::Metrics,
-    proxy::http::{HttpConfig, HttpProxy},
+    proxy::{
+        http::{HttpConfig, HttpProxy},
+        metrics::Metrics,
+    },
     table::{
         AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, RouteTable, Rule,
         ServiceRoutes, WeightedBackend,

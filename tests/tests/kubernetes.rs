@@ -18,9 +18,12 @@ use std::{
 use arc_swap::ArcSwap;
 use aviary_agent::{
     kubernetes::{self, lease::LeaseConfig, status::Report},
-    metrics::{sample, Metrics},
+    metrics::sample,
     policy::routes::RouteOptions,
-    proxy::http::{HttpConfig, HttpProxy},
+    proxy::{
+        http::{HttpConfig, HttpProxy},
+        metrics::Metrics,
+    },
     state::{Publisher, Snapshot, SnapshotRx},
 };
 use aviary_tests::apiserver::ApiServer;

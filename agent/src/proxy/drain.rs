@@ -30,7 +30,7 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
-use crate::metrics::{Direction, Route};
+use crate::proxy::metrics::{Direction, Route};
 
 /// A connection on its way to the successor agent, with what carrying it on needs.
 #[derive(Debug)]

@@ -41,13 +41,6 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::{
-    metrics::{
-        self, DenialReason, Direction, MethodClass, Metrics, Principals, ProxyError, RequestLabels,
-    },
-    table::admission::Denied,
-};
-
 pub use super::pool::ProxyBody;
 use super::{
     balance::{self, Failure, InFlight, OutlierConfig},
@@ -55,6 +48,10 @@ use super::{
     idle::IdleTimeout,
     local_reply::{self, error},
     mesh::{Mesh, TunnelFrom},
+    metrics::{
+        self, DenialReason, Direction, MethodClass, Metrics, MirrorOutcome, Principals, ProxyError,
+        RequestLabels,
+    },
     pool::{Connection, Pool, PoolConfig, SendError, Tunnelled, Upstream},
     rewind::Rewind,
     series::{self, SeriesKey},
@@ -62,8 +59,8 @@ use super::{
     Relay,
 };
 use crate::table::{
-    Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule, ServiceRoutes, TableId,
-    WeightedBackend, Workload,
+    admission::Denied, Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule,
+    ServiceRoutes, TableId, WeightedBackend, Workload,
 };
 
 /// What answers the requests of one client connection.
@@ -150,19 +147,6 @@ impl Default for HttpConfig {
             outlier: OutlierConfig::default(),
         }
     }
-}
-
-/// What happened to each request that a mirror rule applied to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MirrorOutcome {
-    Sent,
-    SkippedNotIdempotent,
-    SkippedBodyTooLarge,
-    /// The body would have taken the bodies held at once past their budget.
-    SkippedBufferBudget,
-    DroppedOverload,
-    Failed,
-    TimedOut,
 }
 
 /// What answered a request, for its metrics.

@@ -36,7 +36,7 @@ use super::{
     ConnectionLimit,
 };
 use crate::{
-    metrics::{DenialReason, Metrics, Principals, Route},
+    proxy::metrics::{DenialReason, Metrics, Principals, Route},
     state::SnapshotRx,
 };
 

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt as _, Full};
 use tracing::{info, warn};
 
 use super::pool::ProxyBody;
-use crate::metrics::{Direction, Metrics, ProxyError};
+use crate::proxy::metrics::{Direction, Metrics, ProxyError};
 
 /// The header that says why the proxy answered a request itself (Linkerd's `l5d-proxy-error`).
 pub const ERROR_HEADER: &str = "x-aviary-error";

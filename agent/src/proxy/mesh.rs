@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     identity::Certificates,
-    metrics::{Principals, ProxyError},
+    proxy::metrics::{Principals, ProxyError},
 };
 
 /// Why a tunnel cannot be made or accepted now.

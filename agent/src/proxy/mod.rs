@@ -10,6 +10,7 @@ pub mod idle;
 pub mod inbound;
 pub mod local_reply;
 pub mod mesh;
+pub mod metrics;
 pub mod outbound;
 pub mod pool;
 pub mod rewind;
@@ -29,7 +30,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::metrics::{Direction, Metrics, Route};
+use crate::proxy::metrics::{Direction, Metrics, Route};
 
 const BACKLOG: u32 = 4096;
 
@@ -299,7 +300,7 @@ impl Relay<'_> {
         Self::closed(series, self.peer, dst, copied.result, sent, received);
     }
 
-    fn opened(&self) -> Option<crate::metrics::TcpSeries> {
+    fn opened(&self) -> Option<metrics::TcpSeries> {
         let series = self.route.map(|route| self.metrics.tcp_series(route));
         if let Some(series) = &series {
             series.opened();
@@ -308,7 +309,7 @@ impl Relay<'_> {
     }
 
     fn closed(
-        series: Option<crate::metrics::TcpSeries>,
+        series: Option<metrics::TcpSeries>,
         peer: SocketAddr,
         dst: Option<SocketAddr>,
         result: io::Result<()>,

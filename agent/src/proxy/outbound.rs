@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     ebpf::maps::OrigDstTable,
-    metrics::{Metrics, Route},
+    proxy::metrics::{Metrics, Route},
 };
 
 /// Binds an IPv4 listener on every address: pods reach it at the node address the programs

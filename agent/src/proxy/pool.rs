@@ -45,7 +45,7 @@ use super::{
     hbone::Tunnel,
     mesh::{Mesh, TunnelFrom},
 };
-use crate::metrics::{Principals, ProxyError};
+use crate::proxy::metrics::{Principals, ProxyError};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 

@@ -13,7 +13,9 @@
 
 use std::{cell::RefCell, collections::HashMap, sync::Arc, time::Duration};
 
-use crate::metrics::{Direction, MethodClass, Metrics, Principals, RequestLabels, RequestSeries};
+use crate::proxy::metrics::{
+    Direction, MethodClass, Metrics, Principals, RequestLabels, RequestSeries,
+};
 
 use crate::table::{TableId, Workload};
 
@@ -124,7 +126,7 @@ pub fn record(
 mod tests {
     use std::time::Instant;
 
-    use crate::metrics::{sample, Route};
+    use crate::{metrics::sample, proxy::metrics::Route};
 
     use super::*;
 
@@ -141,7 +143,7 @@ mod tests {
                 destination_version: name("podinfo"),
                 source_principal: name("unknown"),
                 destination_principal: name("unknown"),
-                connection_security_policy: crate::metrics::Security::none,
+                connection_security_policy: crate::proxy::metrics::Security::none,
             },
             method: MethodClass::GET,
             status_code: 200,

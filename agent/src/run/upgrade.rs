@@ -11,10 +11,10 @@ use tracing::info;
 use crate::{
     config::Config,
     handoff::{HandoffListener, Predecessor, Successor},
-    metrics::Metrics,
     proxy::{
         drain::{DrainSignal, Moved},
         http::HttpProxy,
+        metrics::Metrics,
         workers::Workers,
     },
     state::SnapshotRx,

@@ -1,5 +1,6 @@
-//! Node-level Prometheus metrics (OpenMetrics text on `:15020/metrics`), on their own port so a
-//! slow scrape never competes with traffic.
+//! The proxy's metrics families, with the types they are labelled by, and the node's
+//! exposition (OpenMetrics text on `:15020/metrics`, on a port of its own so a slow scrape never
+//! competes with traffic).
 //!
 //! The request path takes no lock and hashes no labels: a caller resolves a series handle once
 //! ([`Metrics::request_series`], [`Metrics::tcp_series`]: a map lookup each) and records through
@@ -15,16 +16,16 @@
 //!   outcome); nothing a request carries becomes a label value;
 //! - series expire one by one, as linkerd2-proxy's do: one that nothing recorded into for the
 //!   idle expiry (`--metrics-idle-expiry`, 10 minutes by default) is removed by
-//!   [`Metrics::sweep`], which the control plane runs every [`SWEEP_INTERVAL`]. Prometheus
+//!   [`Metrics::sweep`], which the control plane runs every [`SWEEP_INTERVAL`](crate::metrics::SWEEP_INTERVAL). Prometheus
 //!   reads a series that comes back later as a counter that restarted from 0. The series of a
 //!   route, Service or pod gone from the snapshot are no exception: nothing hits them any more,
 //!   so they go idle and expire. Removing them as soon as the snapshot drops them would lose
 //!   what was recorded into them since the last scrape, and what requests and connections
 //!   still under the old table go on recording;
-//! - a family holds at most [`MAX_SERIES`] series, as a last resort. At its cap it refuses new
+//! - a family holds at most [`MAX_SERIES`](crate::metrics::MAX_SERIES) series, as a last resort. At its cap it refuses new
 //!   series (what they would have counted is lost, and `aviary_metrics_series_refused_total`
 //!   counts them) and never touches the series being recorded into; the next sweep makes room
-//!   by evicting the series quiet the longest, for a sweep at least, down to [`EVICT_TO`]
+//!   by evicting the series quiet the longest, for a sweep at least, down to [`EVICT_TO`](crate::metrics::EVICT_TO)
 //!   (`aviary_metrics_series_removed_total{reason="evicted"}`).
 //!
 //! A handle outlives its series only briefly. A sweep moves [`Metrics::removals`] once it
@@ -34,12 +35,10 @@
 //! removed.
 
 use std::{
-    collections::HashMap,
     fmt::Write as _,
-    hash::Hash,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -51,41 +50,41 @@ use prometheus_client::{
     collector::Collector,
     encoding::{
         text::encode, DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
-        LabelValueEncoder, MetricEncoder, NoLabelSet,
+        LabelValueEncoder,
     },
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::ConstGauge,
-        MetricType, TypedMetric,
+        MetricType,
     },
     registry::Registry,
 };
 use tracing::debug;
 
+use super::balance::Failure;
 use crate::{
     ebpf::maps::{Occupancy, Stats},
-    proxy::{balance::Failure, http::MirrorOutcome},
+    metrics::{
+        histogram::AtomicHistogram,
+        store::{register, Store, StoreCounts, Values},
+        Name,
+    },
     table::{admission::Denied, unknown, ServiceRoutes, Workload},
 };
 
-/// Series a family holds at most: a family at its cap refuses new series.
-pub const MAX_SERIES: usize = 20_000;
-
-/// Series a sweep brings a family back to, by evicting its quietest, when it holds more: room
-/// for new series to be created until the next sweep.
-pub const EVICT_TO: usize = MAX_SERIES / 10 * 9;
-
-/// How often the control plane sweeps the series; a series must have been quiet for a sweep at
-/// least to be evicted.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Request duration buckets, in seconds: 0.5 ms to 10 s (Flagger checks p99 in milliseconds).
-const DURATION_BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-pub type Name = Arc<str>;
+/// What happened to each request that a mirror rule applied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MirrorOutcome {
+    Sent,
+    SkippedNotIdempotent,
+    SkippedBodyTooLarge,
+    /// The body would have taken the bodies held at once past their budget.
+    SkippedBufferBudget,
+    DroppedOverload,
+    Failed,
+    TimedOut,
+}
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue, serde::Serialize, serde::Deserialize,
@@ -388,119 +387,6 @@ struct MirrorLabels {
     destination_service: Name,
 }
 
-/// Buckets of an [`AtomicHistogram`]: one per bound, and +Inf.
-const BUCKETS: usize = DURATION_BUCKETS.len() + 1;
-
-/// A histogram over [`DURATION_BUCKETS`] whose [`observe`](Self::observe) is atomic operations
-/// only: no lock, so observers never wait for each other or for a scrape. A clone shares the
-/// same histogram.
-///
-/// It renders exactly as prometheus-client's `Histogram` over the same buckets (`_sum`,
-/// `_count`, cumulative `_bucket`s with the same `le` labels and `+Inf`). A scrape that races
-/// an observation may see that observation's bucket without its share of `_sum` (or the
-/// reverse); `_count` is the total of the buckets read, so it always equals the `+Inf` bucket.
-#[derive(Debug, Clone, Default)]
-pub struct AtomicHistogram {
-    inner: Arc<HistogramCells>,
-}
-
-#[derive(Debug, Default)]
-struct HistogramCells {
-    /// Observations per bucket, not cumulative: bucket `i` counts the values up to
-    /// `DURATION_BUCKETS[i]` not counted by an earlier bucket; the last one, those above every
-    /// bound (+Inf). `_count` is their total, so there is no count to increment apart.
-    buckets: [AtomicU64; BUCKETS],
-    /// The sum of the observations, as the bits of an f64, added to by a compare-and-swap loop.
-    /// Integer nanoseconds in an `AtomicU64` would take a single `fetch_add`, but each f64
-    /// observation would be rounded to a nanosecond on the way in, so `_sum` would drift from
-    /// what prometheus-client renders for the same observations; and the total wraps after
-    /// 2^64 ns (584 years) of summed latency, e.g. within 3 weeks for a series at 10,000
-    /// requests/s of 1 s each, which Prometheus would read as a reset. An f64 sum never wraps
-    /// and adds up exactly as prometheus-client's `Histogram` does, so the rendered `_sum` is
-    /// the same to the last digit. The loop only retries when another observation of the same
-    /// series lands between its load and its swap.
-    sum: AtomicU64,
-}
-
-impl AtomicHistogram {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// One observation, in seconds. A value above the highest bound, or not a number, counts in
-    /// the +Inf bucket.
-    pub fn observe(&self, value: f64) {
-        // The first bucket whose bound is at least `value`, as prometheus-client picks it.
-        let bucket = if value.is_nan() {
-            BUCKETS - 1
-        } else {
-            DURATION_BUCKETS.partition_point(|&bound| bound < value)
-        };
-        let cells = &*self.inner;
-        cells.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        let _ = cells
-            .sum
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + value).to_bits())
-            });
-    }
-
-    /// Observations so far.
-    fn count(&self) -> u64 {
-        let buckets = &self.inner.buckets;
-        buckets.iter().map(|n| n.load(Ordering::Relaxed)).sum()
-    }
-
-    /// The sum, the count and the per-bucket counts (not cumulative), the last bucket's bound
-    /// being `f64::MAX`, which the encoder renders as `+Inf`.
-    fn snapshot(&self) -> (f64, u64, [(f64, u64); BUCKETS]) {
-        let cells = &*self.inner;
-        let mut buckets = [(f64::MAX, 0); BUCKETS];
-        for (i, (bucket, cell)) in buckets.iter_mut().zip(&cells.buckets).enumerate() {
-            *bucket = (
-                DURATION_BUCKETS.get(i).copied().unwrap_or(f64::MAX),
-                cell.load(Ordering::Relaxed),
-            );
-        }
-        let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = f64::from_bits(cells.sum.load(Ordering::Relaxed));
-        (sum, count, buckets)
-    }
-}
-
-impl TypedMetric for AtomicHistogram {
-    const TYPE: MetricType = MetricType::Histogram;
-}
-
-impl EncodeMetric for AtomicHistogram {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let (sum, count, buckets) = self.snapshot();
-        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
-    }
-
-    fn metric_type(&self) -> MetricType {
-        Self::TYPE
-    }
-}
-
-/// The values of one series, recorded into through handles with atomic operations only.
-trait Values: Default + Send + Sync + 'static {
-    /// A number that moves with every recording: a sweep that finds it where the previous sweep
-    /// left it knows that nothing was recorded in between.
-    ///
-    /// Idleness is read off the values themselves rather than off a last-recorded timestamp that
-    /// each recording would store: recording then costs nothing beyond its increments (no clock
-    /// read, no further store to a cache line all the workers share), and the work moves to the
-    /// sweep, which reads each series once every [`SWEEP_INTERVAL`].
-    fn activity(&self) -> u64;
-
-    /// Whether a holder of `values` is still going to record into them: such a series is kept
-    /// however long it has been quiet.
-    fn in_use(_values: &Arc<Self>) -> bool {
-        false
-    }
-}
-
 /// The values of a request series: its count and its durations, two families with the same
 /// labels, recorded together.
 #[derive(Debug, Default)]
@@ -512,20 +398,6 @@ struct RequestValues {
 impl Values for RequestValues {
     fn activity(&self) -> u64 {
         self.requests.get()
-    }
-}
-
-/// Flagger's series.
-impl Values for AtomicHistogram {
-    fn activity(&self) -> u64 {
-        self.count()
-    }
-}
-
-/// Mirror outcomes.
-impl Values for Counter {
-    fn activity(&self) -> u64 {
-        self.get()
     }
 }
 
@@ -548,174 +420,6 @@ impl Values for TcpValues {
     /// nothing recorded in between.
     fn in_use(values: &Arc<Self>) -> bool {
         Arc::strong_count(values) > 1
-    }
-}
-
-/// [`Entry::swept`] of a series no sweep has seen yet.
-const UNSWEPT: u64 = u64::MAX;
-
-/// A series and what the sweeps saw of it.
-struct Entry<V> {
-    values: Arc<V>,
-    /// Its activity at the last sweep, or [`UNSWEPT`].
-    swept: AtomicU64,
-    /// The last sweep that saw its activity move, in ms since [`Metrics::epoch`].
-    quiet_since: AtomicU64,
-}
-
-/// What a store holds and what it removed or refused, for the agent's own metrics.
-#[derive(Debug, Default)]
-struct StoreCounts {
-    held: AtomicU64,
-    expired: AtomicU64,
-    evicted: AtomicU64,
-    refused: AtomicU64,
-}
-
-/// The series of one or more families that share their labels and are recorded together (a
-/// request's count and duration): the data plane looks series up in it when it has no handle
-/// yet, the control plane's sweep removes idle ones, and the registry encodes it through a
-/// [`FamilyView`] per family.
-struct Store<L, V> {
-    series: RwLock<HashMap<L, Entry<V>>>,
-    counts: Arc<StoreCounts>,
-}
-
-/// Nothing panics while holding a store's lock (its map is only read, inserted into and removed
-/// from), so a poisoned one still guards a whole map.
-fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl<L: Clone + Eq + Hash, V: Values> Store<L, V> {
-    fn new() -> Self {
-        Self {
-            series: RwLock::default(),
-            counts: Arc::default(),
-        }
-    }
-
-    /// The series of `labels` (a handle: what is recorded through it is exported while the
-    /// series lives), created if new. A store at [`MAX_SERIES`] creates none and hands out
-    /// values of no series, never exported; its hot series are kept.
-    fn series(&self, labels: &L) -> Arc<V> {
-        // The handle is cloned under the lock, so a sweep, which checks `V::in_use` under the
-        // write lock, sees it.
-        if let Some(entry) = read(&self.series).get(labels) {
-            return entry.values.clone();
-        }
-        let mut series = write(&self.series);
-        // Another worker may have created it since.
-        if let Some(entry) = series.get(labels) {
-            return entry.values.clone();
-        }
-        if series.len() >= MAX_SERIES {
-            self.counts.refused.fetch_add(1, Ordering::Relaxed);
-            return Arc::default();
-        }
-        let values = Arc::<V>::default();
-        series.insert(
-            labels.clone(),
-            Entry {
-                values: values.clone(),
-                swept: AtomicU64::new(UNSWEPT),
-                quiet_since: AtomicU64::new(0),
-            },
-        );
-        self.counts
-            .held
-            .store(series.len() as u64, Ordering::Relaxed);
-        values
-    }
-
-    /// Removes the series whose activity has not moved for `expiry` and that nothing holds for
-    /// further use; then, if the store is still above [`EVICT_TO`], evicts series that have
-    /// not moved since the previous sweep, the longest quiet first, down to it. `now` and
-    /// `expiry` are in ms since [`Metrics::epoch`]. Returns whether it removed any.
-    ///
-    /// It reads under the read lock, so lookups go on meanwhile, and takes the write lock only
-    /// to remove, checking again that each series is still idle.
-    fn sweep(&self, now: u64, expiry: u64) -> bool {
-        let (expired, evicted) = {
-            let series = read(&self.series);
-            let crowded = series.len() > EVICT_TO;
-            let (mut expired, mut quiet) = (Vec::new(), Vec::new());
-            for (labels, entry) in series.iter() {
-                let activity = entry.values.activity();
-                if entry.swept.swap(activity, Ordering::Relaxed) != activity {
-                    entry.quiet_since.store(now, Ordering::Relaxed);
-                } else if !V::in_use(&entry.values) {
-                    let quiet_since = entry.quiet_since.load(Ordering::Relaxed);
-                    if now.saturating_sub(quiet_since) >= expiry {
-                        expired.push(labels.clone());
-                    } else if crowded {
-                        quiet.push((quiet_since, labels.clone()));
-                    }
-                }
-            }
-            let excess = (series.len() - expired.len()).saturating_sub(EVICT_TO);
-            quiet.sort_unstable_by_key(|&(quiet_since, _)| quiet_since);
-            quiet.truncate(excess);
-            (expired, quiet)
-        };
-        if expired.is_empty() && evicted.is_empty() {
-            return false;
-        }
-        let mut series = write(&self.series);
-        let mut remove = |labels: &L| {
-            let idle = series.get(labels).is_some_and(|entry| {
-                entry.values.activity() == entry.swept.load(Ordering::Relaxed)
-                    && !V::in_use(&entry.values)
-            });
-            idle && series.remove(labels).is_some()
-        };
-        let expired = expired.iter().filter(|labels| remove(labels)).count() as u64;
-        let evicted = evicted.iter().filter(|(_, labels)| remove(labels)).count() as u64;
-        let counts = &self.counts;
-        counts.expired.fetch_add(expired, Ordering::Relaxed);
-        counts.evicted.fetch_add(evicted, Ordering::Relaxed);
-        counts.held.store(series.len() as u64, Ordering::Relaxed);
-        expired + evicted > 0
-    }
-}
-
-/// One family of a store's series, as the registry encodes it: `metric` picks the family's
-/// metric out of a series' values.
-struct FamilyView<L, V, M> {
-    store: Arc<Store<L, V>>,
-    metric: fn(&V) -> &M,
-}
-
-impl<L, V, M> std::fmt::Debug for FamilyView<L, V, M> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FamilyView").finish_non_exhaustive()
-    }
-}
-
-impl<L, V, M> EncodeMetric for FamilyView<L, V, M>
-where
-    L: EncodeLabelSet + Send + Sync,
-    V: Send + Sync,
-    M: EncodeMetric + TypedMetric,
-{
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        for (labels, entry) in read(&self.store.series).iter() {
-            (self.metric)(&entry.values).encode(encoder.encode_family(labels)?)?;
-        }
-        Ok(())
-    }
-
-    fn metric_type(&self) -> MetricType {
-        M::TYPE
-    }
-
-    /// A family without series is left out of a scrape, as prometheus-client's `Family` is.
-    fn is_empty(&self) -> bool {
-        read(&self.store.series).is_empty()
     }
 }
 
@@ -796,31 +500,12 @@ pub struct Metrics {
     epoch: Instant,
 }
 
-/// Registers the family `name`, made of `store`'s series: `metric` picks it out of their values.
-fn register<L, V, M>(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-    store: &Arc<Store<L, V>>,
-    metric: fn(&V) -> &M,
-) where
-    L: EncodeLabelSet + Send + Sync + 'static,
-    V: Send + Sync + 'static,
-    M: EncodeMetric + TypedMetric + 'static,
-{
-    let view = FamilyView {
-        store: store.clone(),
-        metric,
-    };
-    registry.register(name, help, view);
-}
-
 impl Metrics {
     /// `flagger_family`: also export `http_request_duration_seconds` for Flagger's built-in
     /// checks. `ebpf`: the pinned counters and maps, read by each [`Metrics::refresh_ebpf`].
     pub fn new(flagger_family: bool, ebpf: Option<Stats>) -> Self {
         let mut registry = Registry::default();
-        let requests = Arc::new(Store::new());
+        let requests = Arc::new(Store::default());
         register(
             &mut registry,
             "aviary_requests",
@@ -836,7 +521,7 @@ impl Metrics {
             |values: &RequestValues| &values.duration,
         );
         let flagger = flagger_family.then(|| {
-            let flagger = Arc::new(Store::new());
+            let flagger = Arc::new(Store::default());
             register(
                 &mut registry,
                 "http_request_duration_seconds",
@@ -846,7 +531,7 @@ impl Metrics {
             );
             flagger
         });
-        let mirrors = Arc::new(Store::new());
+        let mirrors = Arc::new(Store::default());
         register(
             &mut registry,
             "aviary_mirror_requests",
@@ -854,7 +539,7 @@ impl Metrics {
             &mirrors,
             |counter: &Counter| counter,
         );
-        let endpoint_failures = Arc::new(Store::new());
+        let endpoint_failures = Arc::new(Store::default());
         register(
             &mut registry,
             "aviary_endpoint_failures",
@@ -862,7 +547,7 @@ impl Metrics {
             &endpoint_failures,
             |counter: &Counter| counter,
         );
-        let denials = Arc::new(Store::new());
+        let denials = Arc::new(Store::default());
         register(
             &mut registry,
             "aviary_inbound_denied",
@@ -870,7 +555,7 @@ impl Metrics {
             &denials,
             |counter: &Counter| counter,
         );
-        let ejections = Arc::new(Store::new());
+        let ejections = Arc::new(Store::default());
         register(
             &mut registry,
             "aviary_endpoint_ejections",
@@ -878,7 +563,7 @@ impl Metrics {
             &ejections,
             |counter: &Counter| counter,
         );
-        let proxy_errors = Arc::new(Store::new());
+        let proxy_errors = Arc::new(Store::default());
         register(
             &mut registry,
             "aviary_proxy_errors",
@@ -887,7 +572,7 @@ impl Metrics {
             &proxy_errors,
             |counter: &Counter| counter,
         );
-        let tcp = Arc::new(Store::new());
+        let tcp = Arc::new(Store::default());
         register(
             &mut registry,
             "aviary_tcp_connections_opened",
@@ -963,8 +648,8 @@ impl Metrics {
     }
 
     /// Removes, as of `now`, the series nothing recorded into for `idle_expiry` (and from a
-    /// family above [`EVICT_TO`], its quietest ones), then moves [`Metrics::removals`] if it
-    /// removed any. The control plane calls it every [`SWEEP_INTERVAL`].
+    /// family above [`EVICT_TO`](crate::metrics::EVICT_TO), its quietest ones), then moves [`Metrics::removals`] if it
+    /// removed any. The control plane calls it every [`SWEEP_INTERVAL`](crate::metrics::SWEEP_INTERVAL).
     ///
     /// A series is kept while anything may still record into it for long: an opaque TCP
     /// connection's series while it is open, and a series a worker has cached until its next
@@ -1224,28 +909,10 @@ impl Collector for Internal {
     }
 }
 
-/// The sum of the samples of `series` in exposition text whose labels include all of `labels`:
-/// how the tests and the demo read what the agent exported.
-pub fn sample(text: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(series)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
-    use prometheus_client::metrics::family::Family;
-
     use super::*;
+    use crate::metrics::{sample, EVICT_TO, MAX_SERIES, SWEEP_INTERVAL};
 
     fn mirror(metrics: &Metrics, service: usize) {
         let name: Name = format!("svc-{service}").into();
@@ -1260,8 +927,7 @@ mod tests {
             destination_namespace: name.clone(),
             destination_service: name,
         };
-        let series = read(&metrics.mirrors.series);
-        series.get(&labels).map(|entry| entry.values.get())
+        metrics.mirrors.held(&labels).map(|counter| counter.get())
     }
 
     const EXPIRY: Duration = Duration::from_secs(600);
@@ -1305,7 +971,7 @@ mod tests {
         // first sweep, as many as it takes to come down to EVICT_TO.
         metrics.sweep(EXPIRY, start + SWEEP_INTERVAL);
         assert_eq!(metrics.removals(), 1);
-        let held = |metrics: &Metrics| read(&metrics.mirrors.series).len();
+        let held = |metrics: &Metrics| metrics.mirrors.count();
         assert_eq!(held(&metrics), EVICT_TO);
         for service in (0..MAX_SERIES).filter(|s| hot(s) || lately(s)) {
             let value = if service == 0 { 3 } else { 2 };
@@ -1465,89 +1131,6 @@ mod tests {
             workload: name("podinfo"),
             pod: name("podinfo-7d9f8b-aaaaa"),
         }
-    }
-
-    /// Durations in seconds covering every bucket: below the first bound, on bounds, between
-    /// them, above the last, and sums that do not add up exactly in binary.
-    const OBSERVATIONS: [f64; 24] = [
-        0.0, 0.0001, 0.0005, 0.0007, 0.001, 0.0012, 0.0025, 0.003, 0.005, 0.0099, 0.01, 0.1, 0.2,
-        0.3, 0.25, 0.33, 0.5, 0.75, 1.0, 2.5, 4.9, 5.0, 10.0, 42.0,
-    ];
-
-    #[test]
-    fn an_atomic_histogram_renders_exactly_as_prometheus_clients_histogram() {
-        use prometheus_client::metrics::histogram::Histogram;
-
-        // Each family holds one series, so that the two renderings list them in the same order
-        // (a family's series come in its hash map's order, which differs between maps).
-        let reference_family = || {
-            Family::<RequestLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new(DURATION_BUCKETS)
-            })
-        };
-        let (reference_ok, reference_failed) = (reference_family(), reference_family());
-        let atomic_ok = Family::<RequestLabels, AtomicHistogram>::default();
-        let atomic_failed = Family::<RequestLabels, AtomicHistogram>::default();
-        let (reference, atomic) = (Histogram::new(DURATION_BUCKETS), AtomicHistogram::new());
-        let mut registries = [Registry::default(), Registry::default()];
-        registries[0].register("lone", "A histogram", reference.clone());
-        registries[0].register("ok", "Histograms", reference_ok.clone());
-        registries[0].register("failed", "Histograms", reference_failed.clone());
-        registries[1].register("lone", "A histogram", atomic.clone());
-        registries[1].register("ok", "Histograms", atomic_ok.clone());
-        registries[1].register("failed", "Histograms", atomic_failed.clone());
-        let render = |registry: &Registry| {
-            let mut text = String::new();
-            encode(&mut text, registry).unwrap();
-            text
-        };
-        // Nothing observed, and no series in the families.
-        assert_eq!(render(&registries[0]), render(&registries[1]));
-        let (ok, failed) = (labels("podinfo", 200, false), labels("podinfo", 503, false));
-        // A series with nothing observed.
-        reference_failed.get_or_create_owned(&failed);
-        atomic_failed.get_or_create_owned(&failed);
-        assert_eq!(render(&registries[0]), render(&registries[1]));
-        for (i, value) in OBSERVATIONS.into_iter().enumerate() {
-            reference.observe(value);
-            atomic.observe(value);
-            reference_ok.get_or_create(&ok).observe(value);
-            atomic_ok.get_or_create(&ok).observe(value);
-            if i % 3 == 0 {
-                reference_failed.get_or_create(&failed).observe(value * 3.0);
-                atomic_failed.get_or_create(&failed).observe(value * 3.0);
-            }
-        }
-        let text = render(&registries[1]);
-        assert_eq!(render(&registries[0]), text);
-        // What the comparison covered: cumulative buckets up to +Inf, equal to the count.
-        let n = OBSERVATIONS.len() as f64;
-        assert_eq!(sample(&text, "lone_count", &[]), n);
-        assert_eq!(sample(&text, "lone_bucket", &[("le", "+Inf")]), n);
-        assert_eq!(sample(&text, "lone_bucket", &[("le", "0.0005")]), 3.0);
-        assert_eq!(sample(&text, "lone_bucket", &[("le", "10.0")]), n - 1.0);
-        assert_eq!(sample(&text, "ok_count", &[("status_code", "200")]), n);
-        assert!(text.contains("# TYPE lone histogram"), "{text}");
-    }
-
-    #[test]
-    fn an_atomic_histogram_counts_every_observation_of_concurrent_observers() {
-        let histogram = AtomicHistogram::new();
-        std::thread::scope(|scope| {
-            for _ in 0..4 {
-                let histogram = histogram.clone();
-                scope.spawn(move || {
-                    for i in 0..10_000 {
-                        histogram.observe(if i % 2 == 0 { 0.0005 } else { 20.0 });
-                    }
-                });
-            }
-        });
-        let (sum, count, buckets) = histogram.snapshot();
-        assert_eq!(count, 40_000);
-        assert_eq!(buckets[0], (0.0005, 20_000));
-        assert_eq!(buckets[BUCKETS - 1], (f64::MAX, 20_000));
-        assert!((sum - 20_000.0 * 20.0005).abs() < 1e-3, "{sum}");
     }
 
     /// The lines of a rendering, sorted: two families with the same series list them in
