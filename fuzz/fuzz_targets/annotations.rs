@@ -11,7 +11,7 @@
 use std::{collections::BTreeMap, sync::LazyLock};
 
 use aviary_agent::policy::{
-    self, local,
+    self, compiler, local,
     routes::{self, RouteOptions},
     Object, PodMeta, Store,
 };
@@ -126,8 +126,8 @@ fuzz_target!(|data: &[u8]| {
             inbound_capture: node.is_some(),
             trust_domain: Some("cluster.local".into()),
         };
-        let table = routes::compile_routes(&store, &options);
+        let table = compiler::routing_table(&store, &options);
         let _ = routes::local_pods(&policy, &table.pods, options.trust_domain.as_deref());
     }
-    let _ = routes::routing_notes(&store);
+    let _ = compiler::routing_notes(&store);
 });

@@ -18,7 +18,14 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aviary_agent::{policy::{Store, local, routes::{self, RouteOptions}}, proxy::{detect, http::{HttpConfig, HttpProxy}, metrics::Metrics}};
+use aviary_agent::{
+    policy::{compiler, local, routes::RouteOptions, Store},
+    proxy::{
+        detect,
+        http::{HttpConfig, HttpProxy},
+        metrics::Metrics,
+    },
+};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
@@ -156,7 +163,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
     let mut store = Store::default();
     let rejected = store.replace_all(local::parse_documents(&policy).expect("the policy parses"));
     assert!(rejected.is_empty(), "{rejected:?}");
-    let table = routes::compile_routes(&store, &RouteOptions::default());
+    let table = compiler::routing_table(&store, &RouteOptions::default());
     assert!(table.services.get(&SERVICE).is_some(), "web is routed");
     let proxy = Arc::new(HttpProxy::new(
         HttpConfig::default(),

@@ -5,11 +5,7 @@
 #![no_main]
 
 use aviary_agent::{
-    policy::{
-        self, local,
-        routes::{self, RouteOptions},
-        status, Store,
-    },
+    policy::{self, compiler, local, routes::RouteOptions, Store},
     proxy::{
         balance,
         split::{pick_weighted, sampled, Rng},
@@ -39,12 +35,12 @@ fuzz_target!(|data: &[u8]| {
     for (rejected, _) in store.rejections() {
         let _ = rejected.to_string();
     }
-    let _ = status::route_statuses(&store);
+    let _ = compiler::route_statuses(&store);
 
     let local_policy = policy::compile(&store, None);
     let node_policy = policy::compile(&store, Some("node-a"));
     let _ = node_policy.describe_change(&local_policy);
-    let _ = routes::routing_notes(&store);
+    let _ = compiler::routing_notes(&store);
 
     let mut headers = HeaderMap::new();
     headers.insert("x-canary", HeaderValue::from_static("always"));
@@ -58,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
             trust_domain: Some("cluster.local".into()),
         },
     ] {
-        let table = routes::compile_routes(&store, &options);
+        let table = compiler::routing_table(&store, &options);
         for service in table.services.values().chain(table.consumers.values()) {
             for (method, path, query) in [
                 (Method::GET, "/", None),

@@ -136,6 +136,26 @@ struct Snapshots {
     endpoint_protocols: SharedMap<SocketAddr, AppProtocol>,
 }
 
+/// The routing table of a whole store: plain policy data. What the proxy learns of endpoints
+/// (load, connections) it keeps by address, so it survives a new table by itself.
+pub fn routing_table(store: &Store, options: &RouteOptions) -> RouteTable {
+    Compiler::full(store, options).routes
+}
+
+/// The status of every HTTPRoute the store knows, good or refused, by route.
+pub fn route_statuses(store: &Store) -> imbl::OrdMap<ObjectKey, RouteStatus> {
+    Compiler::full(store, &RouteOptions::default()).statuses
+}
+
+/// What an operator should know about how routes resolve: an HTTPRoute that overrides a
+/// Service's annotations, or one whose parent Service does not exist.
+pub fn routing_notes(store: &Store) -> Vec<String> {
+    let mut notes = Compiler::full(store, &RouteOptions::default()).notes;
+    notes.sort();
+    notes.dedup();
+    notes
+}
+
 impl Compiler {
     pub fn new(options: RouteOptions) -> Self {
         Self {

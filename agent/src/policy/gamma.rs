@@ -44,7 +44,7 @@ pub fn service_parents(route: &HttpRoute) -> Vec<ServiceParent> {
 /// Why a route cannot be used, if it cannot: everything that can be checked without the other
 /// objects (regexes, durations, weights, filters Aviary does not implement).
 pub fn validate(route: &HttpRoute) -> Result<(), String> {
-    super::routes::declared_safe(route.metadata.annotations.as_ref())?;
+    super::mirroring::declared_safe(route.metadata.annotations.as_ref())?;
     for (index, rule) in route.spec.rules.iter().flatten().enumerate() {
         let at = |what: String| format!("rule {}: {what}", index + 1);
         for m in rule.matches.iter().flatten() {

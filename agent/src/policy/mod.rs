@@ -7,6 +7,7 @@
 pub mod compiler;
 pub mod gamma;
 pub mod local;
+pub mod mirroring;
 pub mod routes;
 pub mod security;
 pub mod service;

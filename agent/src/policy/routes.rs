@@ -15,14 +15,13 @@
 //! A service port with neither annotations nor EndpointSlices gets no entry: its connections
 //! pass through to the address the pod dialled.
 
+use super::mirroring::{declared_safe, MIRROR_IDEMPOTENCY_KEY, MIRROR_METHODS};
 use std::{
     cell::RefCell,
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
-
-use http::Method;
 
 use aviary_identity::spiffe::Identity;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -36,15 +35,13 @@ use super::{
 };
 use crate::table::shared_map::SharedMap;
 use crate::table::{
-    unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, LocalPod, Mirror,
-    RouteTable, Rule, SafeMethods, ServiceRoutes, WeightedBackend, Workload,
+    unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, LocalPod, Mirror, Rule,
+    SafeMethods, ServiceRoutes, WeightedBackend, Workload,
 };
 
 pub const SPLIT: &str = "aviary.dev/split";
 pub const MIRROR: &str = "aviary.dev/mirror";
 pub const MIRROR_PERCENT: &str = "aviary.dev/mirror-percent";
-pub const MIRROR_METHODS: &str = "aviary.dev/mirror-methods";
-pub const MIRROR_IDEMPOTENCY_KEY: &str = "aviary.dev/mirror-idempotency-key";
 
 /// A Service's routing annotations, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,40 +97,6 @@ impl ServiceAnnotations {
     }
 }
 
-/// What an object's annotations declare safe to mirror, beyond the idempotent methods.
-pub fn declared_safe(
-    annotations: Option<&BTreeMap<String, String>>,
-) -> Result<SafeMethods, String> {
-    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(|v| v.trim());
-    let extra =
-        match get(MIRROR_METHODS) {
-            None => Vec::new(),
-            Some(value) => value
-                .split(',')
-                .map(|m| {
-                    let m = m.trim();
-                    let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
-                    valid.then(|| Method::from_bytes(m.as_bytes()).ok()).flatten().ok_or_else(|| {
-                    format!("annotation {MIRROR_METHODS} lists {m:?}, which is not an HTTP method")
-                })
-                })
-                .collect::<Result<_, _>>()?,
-        };
-    let idempotency_key = match get(MIRROR_IDEMPOTENCY_KEY) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => {
-            return Err(format!(
-                "annotation {MIRROR_IDEMPOTENCY_KEY} must be \"true\" or \"false\", not {other:?}"
-            ))
-        }
-    };
-    Ok(SafeMethods {
-        extra,
-        idempotency_key,
-    })
-}
-
 fn check_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 63
@@ -174,15 +137,6 @@ fn parse_split(value: &str) -> Result<Vec<(String, u32)>, String> {
     Ok(split)
 }
 
-/// What an operator should know about how routes resolve: an HTTPRoute that overrides a
-/// Service's annotations, or one whose parent Service does not exist.
-pub fn routing_notes(store: &Store) -> Vec<String> {
-    let mut notes = super::compiler::Compiler::full(store, &RouteOptions::default()).notes;
-    notes.sort();
-    notes.dedup();
-    notes
-}
-
 /// What the routing table depends on besides the store.
 #[derive(Debug, Clone, Default)]
 pub struct RouteOptions {
@@ -192,12 +146,6 @@ pub struct RouteOptions {
     pub inbound_capture: bool,
     /// The mesh's trust domain, when the agent has identities.
     pub trust_domain: Option<String>,
-}
-
-/// Compiles the routing table of a whole store: plain policy data. What the proxy learns of
-/// endpoints (load, connections) it keeps by address, so it survives a new table by itself.
-pub fn compile_routes(store: &Store, options: &RouteOptions) -> RouteTable {
-    super::compiler::Compiler::full(store, options).routes
 }
 
 /// This node's enrolled pods at each of their addresses, with the workloads `pods` names them
@@ -762,7 +710,13 @@ impl<'a> Reader<'a> {
 mod tests {
     use std::time::Duration;
 
+    use http::Method;
+
     use super::*;
+    use crate::{
+        policy::compiler::{routing_notes, routing_table},
+        table::RouteTable,
+    };
     use crate::{
         policy::{local::parse_documents, Object, PodMeta},
         table::PathMatch,
@@ -827,7 +781,7 @@ mod tests {
         let annotations =
             "aviary.dev/split: \"reviews-v1=90,reviews-v2=10\", aviary.dev/mirror: reviews-v2, \
                            aviary.dev/mirror-percent: \"50\", aviary.dev/mirror-methods: \"PUT\"";
-        let table = compile_routes(&store(&cluster(annotations)), &local());
+        let table = routing_table(&store(&cluster(annotations)), &local());
         let routes = &table.services[&"10.96.0.10:80".parse::<SocketAddr>().unwrap()];
         assert_eq!(
             (&*routes.name, routes.port, routes.protocol),
@@ -865,7 +819,7 @@ mod tests {
 
     #[test]
     fn an_unknown_split_backend_takes_its_share_as_an_error() {
-        let table = compile_routes(
+        let table = routing_table(
             &store(&cluster("aviary.dev/split: \"reviews-v1=50,ghost=50\"")),
             &local(),
         );
@@ -877,7 +831,7 @@ mod tests {
 
     #[test]
     fn services_without_slices_or_annotations_pass_through() {
-        let table = compile_routes(&store(&svc("plain", "10.96.0.40", "")), &local());
+        let table = routing_table(&store(&svc("plain", "10.96.0.40", "")), &local());
         assert!(table.services.is_empty());
     }
 
@@ -929,7 +883,7 @@ mod tests {
             route.to_owned(),
         ]
         .join(CLUSTER);
-        compile_routes(&store(&yaml), &local())
+        routing_table(&store(&yaml), &local())
     }
 
     fn rules(table: &RouteTable) -> &[Rule] {
@@ -1036,7 +990,7 @@ mod tests {
              backendRefs: [{name: reviews-v2, port: 80}]\n",
         );
         let yaml = [cluster(""), first, second].join(CLUSTER);
-        let table = compile_routes(&store(&yaml), &local());
+        let table = routing_table(&store(&yaml), &local());
         let order: Vec<String> = rules(&table)
             .iter()
             .map(|r| {
@@ -1132,7 +1086,7 @@ mod tests {
             pod("other", "shop", "10.244.1.51"),
         ]
         .join(CLUSTER);
-        let table = compile_routes(&store(&yaml), &local());
+        let table = routing_table(&store(&yaml), &local());
         let vip = "10.96.0.10:80".parse().unwrap();
         let backend_for = |client: &str| {
             let routes = table.service_for(&vip, client.parse().unwrap()).unwrap();
@@ -1170,7 +1124,7 @@ mod tests {
             pod("b", "10.244.1.12"),
         ]
         .join(CLUSTER);
-        let table = compile_routes(&store(&yaml), &local());
+        let table = routing_table(&store(&yaml), &local());
         let protocol = |addr: &str| table.endpoint_protocol(&addr.parse().unwrap());
         assert_eq!(protocol("10.244.1.11:8080"), AppProtocol::Http1);
         assert_eq!(
@@ -1278,7 +1232,7 @@ status: {podIP: 10.244.1.14}
                 inbound_capture,
                 trust_domain: None,
             };
-            let table = compile_routes(&store, &options);
+            let table = routing_table(&store, &options);
             ["10.96.0.11:80", "10.96.0.12:80"]
                 .iter()
                 .flat_map(|vip| {
@@ -1315,7 +1269,7 @@ status: {podIP: 10.244.1.14}
             inbound_capture: true,
             trust_domain: Some("cluster.local".into()),
         };
-        let table = compile_routes(&store, &options);
+        let table = routing_table(&store, &options);
         let servers: Vec<(String, Option<String>)> = ["10.96.0.11:80", "10.96.0.12:80"]
             .iter()
             .flat_map(|vip| {
@@ -1341,7 +1295,7 @@ status: {podIP: 10.244.1.14}
         );
 
         // The endpoints also name the pods on other nodes, for the inbound proxy's clients.
-        let table = compile_routes(&store, &local());
+        let table = routing_table(&store, &local());
         assert_eq!(&*table.pod("10.244.2.12".parse().unwrap()).pod, "opted-out");
         assert_eq!(table.pods.len(), 7);
     }
@@ -1376,7 +1330,7 @@ status: {podIP: 10.244.1.14}
         let annotations =
             "aviary.dev/mirror: reviews-v2, aviary.dev/mirror-methods: \"PUT,DELETE\", \
                            aviary.dev/mirror-idempotency-key: \"true\"";
-        let table = compile_routes(&store(&cluster(annotations)), &local());
+        let table = routing_table(&store(&cluster(annotations)), &local());
         let safe = &rules(&table)[0].mirror.as_ref().unwrap().safe_methods;
         assert_eq!(
             safe,

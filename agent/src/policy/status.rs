@@ -6,10 +6,9 @@ use gateway_api::apis::standard::httproutes::HttpRoute;
 use serde::Serialize;
 
 use super::{
-    compiler::Compiler,
     gamma,
-    routes::{Reader, RouteOptions, ServiceAnnotations},
-    Kind, ObjectKey, Store,
+    routes::{Reader, ServiceAnnotations},
+    Kind, ObjectKey,
 };
 
 /// The controllerName Aviary writes its route status under.
@@ -60,11 +59,6 @@ pub struct RouteStatus {
     /// The metadata.generation the conditions describe.
     pub generation: Option<i64>,
     pub parents: Vec<ParentStatus>,
-}
-
-/// The status of every HTTPRoute the store knows, good or refused, by route.
-pub fn route_statuses(store: &Store) -> imbl::OrdMap<ObjectKey, RouteStatus> {
-    Compiler::full(store, &RouteOptions::default()).statuses
 }
 
 /// What one HTTPRoute compiles to besides rules: its status, and what an operator should know
@@ -211,6 +205,7 @@ mod tests {
 
     use super::*;
     use crate::policy::local::parse_documents;
+    use crate::policy::{compiler::route_statuses, Store};
 
     const CLUSTER: &str = r#"
 apiVersion: v1
