@@ -544,68 +544,7 @@ impl Datapath {
 
         let had_inbound = links_dir.join(INBOUND_LOOKUP).exists();
         if !cfg.inbound_interfaces.is_empty() {
-            let uplinks = uplinks(&cfg.inbound_interfaces)?;
-            let prog: &mut SchedClassifier = program(ebpf, INBOUND)?;
-            prog.load().map_err(|e| explain("loading inbound", &e))?;
-            if bridge.is_some() {
-                let prog: &mut SchedClassifier = program(ebpf, INBOUND_BRIDGED)?;
-                prog.load()
-                    .map_err(|e| explain("loading inbound_bridged", &e))?;
-            }
-            // The bridge's own ingress is where frames from its ports reach the host.
-            for (&index, interface) in uplinks.iter().chain(bridge.as_ref().map(|(i, n)| (i, n))) {
-                count.add(attach_tc(
-                    ebpf,
-                    INBOUND,
-                    links_dir,
-                    (index, interface),
-                    cfg.tc_attach,
-                )?);
-                wanted.insert(tc_pin(links_dir, index, cfg.tc_attach));
-            }
-            let netns = fs::File::open("/proc/self/ns/net")
-                .context("opening the agent's network namespace")?;
-            let prog: &mut SkLookup = program(ebpf, INBOUND_LOOKUP)?;
-            prog.load()
-                .map_err(|e| explain("loading inbound_lookup", &e))?;
-            let fd = prog.fd()?.try_clone()?;
-            let ours = Attach {
-                fd: fd.as_fd(),
-                id: prog.info()?.id(),
-            };
-            let pin = links_dir.join(INBOUND_LOOKUP);
-            // The agent's network namespace is the node's: where the previous agent's was.
-            count.add(attach_pinned(
-                &pin,
-                ours,
-                |_| true,
-                || {
-                    let id = prog
-                        .attach(netns)
-                        .map_err(|e| explain("attaching inbound_lookup", &e))?;
-                    Ok(prog.take_link(id)?.into())
-                },
-            )?);
-            wanted.insert(pin);
-            netlink::install_inbound()?;
-            self.inbound = Some(InboundCapture {
-                mode: cfg.tc_attach,
-                uplinks: uplinks.keys().copied().collect(),
-                bridge: bridge.as_ref().map(|(index, _)| *index),
-                pods: BTreeSet::new(),
-            });
-            let pods = self.scan_pod_interfaces(&mut count)?;
-            let inbound = self
-                .inbound
-                .as_ref()
-                .expect("inbound capture was just set up");
-            wanted.extend(
-                inbound
-                    .pods
-                    .iter()
-                    .map(|&index| tc_pin(links_dir, index, inbound.mode)),
-            );
-            info!(uplinks = ?uplinks.values().collect::<Vec<_>>(), bridge = ?cfg.inbound_bridge, pod_interfaces = pods, "inbound capture attached");
+            self.attach_inbound(cfg, links_dir, bridge, &mut count, &mut wanted)?;
         } else if had_inbound {
             // The previous agent captured inbound connections and this one does not.
             netlink::remove_inbound()?;
@@ -630,6 +569,83 @@ impl Datapath {
             detached,
             "eBPF programs attached"
         );
+        Ok(())
+    }
+
+    /// Inbound capture: the TC programs on the uplinks (and the bridge's own ingress), the
+    /// sk_lookup program in the node's network namespace, the policy routing, and the pods'
+    /// interfaces found so far.
+    fn attach_inbound(
+        &mut self,
+        cfg: &DatapathConfig,
+        links_dir: &Path,
+        bridge: Option<(u32, String)>,
+        count: &mut AttachCount,
+        wanted: &mut BTreeSet<PathBuf>,
+    ) -> anyhow::Result<()> {
+        let ebpf = &mut self.ebpf;
+        let uplinks = uplinks(&cfg.inbound_interfaces)?;
+        let prog: &mut SchedClassifier = program(ebpf, INBOUND)?;
+        prog.load().map_err(|e| explain("loading inbound", &e))?;
+        if bridge.is_some() {
+            let prog: &mut SchedClassifier = program(ebpf, INBOUND_BRIDGED)?;
+            prog.load()
+                .map_err(|e| explain("loading inbound_bridged", &e))?;
+        }
+        // The bridge's own ingress is where frames from its ports reach the host.
+        for (&index, interface) in uplinks.iter().chain(bridge.as_ref().map(|(i, n)| (i, n))) {
+            count.add(attach_tc(
+                ebpf,
+                INBOUND,
+                links_dir,
+                (index, interface),
+                cfg.tc_attach,
+            )?);
+            wanted.insert(tc_pin(links_dir, index, cfg.tc_attach));
+        }
+        let netns =
+            fs::File::open("/proc/self/ns/net").context("opening the agent's network namespace")?;
+        let prog: &mut SkLookup = program(ebpf, INBOUND_LOOKUP)?;
+        prog.load()
+            .map_err(|e| explain("loading inbound_lookup", &e))?;
+        let fd = prog.fd()?.try_clone()?;
+        let ours = Attach {
+            fd: fd.as_fd(),
+            id: prog.info()?.id(),
+        };
+        let pin = links_dir.join(INBOUND_LOOKUP);
+        // The agent's network namespace is the node's: where the previous agent's was.
+        count.add(attach_pinned(
+            &pin,
+            ours,
+            |_| true,
+            || {
+                let id = prog
+                    .attach(netns)
+                    .map_err(|e| explain("attaching inbound_lookup", &e))?;
+                Ok(prog.take_link(id)?.into())
+            },
+        )?);
+        wanted.insert(pin);
+        netlink::install_inbound()?;
+        self.inbound = Some(InboundCapture {
+            mode: cfg.tc_attach,
+            uplinks: uplinks.keys().copied().collect(),
+            bridge: bridge.as_ref().map(|(index, _)| *index),
+            pods: BTreeSet::new(),
+        });
+        let pods = self.scan_pod_interfaces(count)?;
+        let inbound = self
+            .inbound
+            .as_ref()
+            .expect("inbound capture was just set up");
+        wanted.extend(
+            inbound
+                .pods
+                .iter()
+                .map(|&index| tc_pin(links_dir, index, inbound.mode)),
+        );
+        info!(uplinks = ?uplinks.values().collect::<Vec<_>>(), bridge = ?cfg.inbound_bridge, pod_interfaces = pods, "inbound capture attached");
         Ok(())
     }
 

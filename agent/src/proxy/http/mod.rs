@@ -12,35 +12,39 @@
 //! untouched. Hop-by-hop headers are removed in both directions, except `te: trailers`, which
 //! gRPC servers require.
 
+mod body;
+mod headers;
+mod mirror;
+mod upgrade;
+
 use std::{
-    cell::RefCell,
-    collections::HashMap,
     convert::Infallible,
     io,
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt as _, Full};
 use hyper::{
-    body::{Body as _, Incoming},
+    body::Incoming,
     server::conn::{http1, http2},
-    upgrade::OnUpgrade,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite},
     net::TcpStream,
 };
 use tracing::debug;
 
+use self::{
+    body::{BodyBudget, Held},
+    headers::{add_forwarding_headers, strip_hop_by_hop, upstream_request},
+    upgrade::Upgrade,
+};
 pub use super::pool::ProxyBody;
 use super::{
     balance::{self, Failure, InFlight, OutlierConfig},
@@ -52,15 +56,14 @@ use super::{
         self, DenialReason, Direction, MethodClass, Metrics, MirrorOutcome, Principals, ProxyError,
         RequestLabels,
     },
-    pool::{Connection, Pool, PoolConfig, SendError, Tunnelled, Upstream},
+    pool::{Pool, PoolConfig, SendError, Tunnelled, Upstream},
     rewind::Rewind,
     series::{self, SeriesKey},
-    split::{pick_weighted, sampled, with_rng},
-    Relay,
+    split::{pick_weighted, with_rng},
 };
 use crate::table::{
-    admission::Denied, Backend, BackendRef, Endpoint, Mirror, RequestView, RouteTable, Rule,
-    ServiceRoutes, TableId, WeightedBackend, Workload,
+    admission::Denied, Backend, BackendRef, Endpoint, RequestView, RouteTable, Rule, ServiceRoutes,
+    TableId, WeightedBackend, Workload,
 };
 
 /// What answers the requests of one client connection.
@@ -267,10 +270,7 @@ impl HttpProxy {
             .keep_alive_interval(cfg.http2_keepalive_interval)
             .keep_alive_timeout(cfg.http2_keepalive_timeout)
             .max_header_list_size(cfg.max_header_bytes as u32);
-        let body_budget = Arc::new(BodyBudget {
-            held: AtomicUsize::new(0),
-            limit: cfg.body_buffer_budget,
-        });
+        let body_budget = Arc::new(BodyBudget::new(cfg.body_buffer_budget));
         Self {
             cfg,
             routes,
@@ -864,30 +864,6 @@ impl HttpProxy {
         response
     }
 
-    /// Holds a body whose length is known, within the limit and within what is left of the
-    /// budget; gives any other back.
-    async fn hold(&self, body: Incoming) -> Result<Held, hyper::Error> {
-        if body.is_end_stream() {
-            return Ok(Held::Whole(Bytes::new()));
-        }
-        let Some(length) = body
-            .size_hint()
-            .exact()
-            .and_then(|n| usize::try_from(n).ok())
-            .filter(|&n| n <= self.cfg.body_buffer_limit)
-        else {
-            return Ok(Held::TooLarge(body));
-        };
-        let Some(reservation) = self.body_budget.reserve(length) else {
-            return Ok(Held::OverBudget(body));
-        };
-        let bytes = body.collect().await?.to_bytes();
-        Ok(Held::Whole(Bytes::from_owner(HeldBody {
-            bytes,
-            _reservation: reservation,
-        })))
-    }
-
     /// Sends the request to an endpoint of `backend`. A request no endpoint received (the
     /// connect failed) goes once more, to another endpoint. `used` is the endpoint that
     /// answered, or was tried last.
@@ -979,163 +955,6 @@ impl HttpProxy {
         self.metrics
             .endpoint_failure(failure, &backend.namespace, &backend.name, ejected);
     }
-
-    /// Whether this request is copied to `mirror`: sampled, then allowed by method. A request
-    /// left out for its method is counted.
-    fn mirror_wanted<'m>(
-        &self,
-        mirror: &'m Mirror,
-        parts: &http::request::Parts,
-    ) -> Option<&'m Mirror> {
-        if !with_rng(|rng| sampled(mirror.numerator, mirror.denominator, rng)) {
-            return None;
-        }
-        if !mirror.safe_methods.allows(&parts.method, &parts.headers) {
-            self.metrics.mirror(
-                MirrorOutcome::SkippedNotIdempotent,
-                &mirror.backend.namespace,
-                &mirror.backend.name,
-            );
-            return None;
-        }
-        Some(mirror)
-    }
-
-    /// Sends a copy of the request to the mirror backend, in the background: the primary never
-    /// waits for it, and nothing about the mirror reaches the client.
-    fn mirror(
-        &self,
-        mirror: &Mirror,
-        parts: &http::request::Parts,
-        body: Bytes,
-        service: &Arc<ServiceRoutes>,
-        facts: &Resolved,
-    ) {
-        let target = &mirror.backend;
-        let record = |outcome| {
-            self.metrics
-                .mirror(outcome, &target.namespace, &target.name)
-        };
-        let Some(permit) = MirrorSlot::take(target, self.cfg.mirror_in_flight) else {
-            return record(MirrorOutcome::DroppedOverload);
-        };
-        let Some(endpoint) = with_rng(|rng| balance::pick(&target.endpoints, None, rng)) else {
-            return record(MirrorOutcome::Failed);
-        };
-        let from = facts.tunnel_from.as_ref();
-        if self.admitted_locally(&endpoint, from).is_err() {
-            return record(MirrorOutcome::Failed);
-        }
-        let Ok(upstream) = self.upstream(&endpoint, from) else {
-            return record(MirrorOutcome::Failed);
-        };
-        let mut request = Request::new(full(body));
-        *request.method_mut() = parts.method.clone();
-        *request.version_mut() = upstream_version(parts.version);
-        *request.headers_mut() = parts.headers.clone();
-        // HTTP/2 names the host in the URI's authority; HTTP/1.1 in Host.
-        *request.uri_mut() = match parts.version {
-            Version::HTTP_2 => {
-                let mut uri = parts.uri.clone().into_parts();
-                uri.scheme = Some(http::uri::Scheme::HTTP);
-                uri.authority = Some(mirror.authority.clone());
-                http::Uri::from_parts(uri).unwrap_or_else(|_| parts.uri.clone())
-            }
-            _ => parts.uri.clone(),
-        };
-        request
-            .headers_mut()
-            .insert(header::HOST, mirror.host.clone());
-        request
-            .headers_mut()
-            .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
-        let pool = self.pool.clone();
-        let timeout = self.cfg.mirror_timeout;
-        let metrics = self.metrics.clone();
-        let method = MethodClass::from(&parts.method);
-        let (table, source, service) = (facts.table, facts.source.clone(), service.clone());
-        let target = target.clone();
-        // A drain lets a mirror finish, within its timeout.
-        let tracked = self.drain.track();
-        tokio::spawn(async move {
-            let _permit = (permit, tracked);
-            let start = Instant::now();
-            let exchange = async {
-                let response = match pool.send(&upstream, request, false).await {
-                    Ok(response) => response,
-                    Err(SendError::NotSent { error, .. }) => return Err(error.into()),
-                    Err(SendError::Failed(e)) => return Err(e.into()),
-                    Err(SendError::Refused(reason)) => return Err(reason.into()),
-                };
-                let status = response.status();
-                let principals = response.extensions().get::<Arc<Principals>>().cloned();
-                // Read the whole response, then drop it: measured, never seen.
-                response.into_body().collect().await?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, principals))
-            };
-            let outcome = match tokio::time::timeout(timeout, exchange).await {
-                Ok(Ok((status, principals))) => {
-                    let answer = OutboundAnswer {
-                        principals: principals.as_ref(),
-                        source: &source,
-                        service: &service,
-                        backend: Some(&target),
-                        pod: endpoint.pod.as_ref(),
-                        // As for the request it copies: left to the pod's own agent when that
-                        // one measures it.
-                        flagger: !endpoint.measured_at_destination,
-                        mirror: true,
-                    };
-                    answer.record(&metrics, table, method, status.as_u16(), start.elapsed());
-                    MirrorOutcome::Sent
-                }
-                Ok(Err(_)) => MirrorOutcome::Failed,
-                Err(_) => MirrorOutcome::TimedOut,
-            };
-            metrics.mirror(outcome, &target.namespace, &target.name);
-        });
-    }
-}
-
-/// A mirror backend, by (namespace, name).
-type MirrorBackend = (Arc<str>, Arc<str>);
-
-thread_local! {
-    /// Mirrored requests in flight on this worker, by mirror backend.
-    static MIRRORS_IN_FLIGHT: RefCell<HashMap<MirrorBackend, usize>> = RefCell::default();
-}
-
-/// One mirrored request in flight to a backend; the place is given back when it drops (on the
-/// worker that took it: a mirror's task never leaves its worker).
-struct MirrorSlot {
-    backend: MirrorBackend,
-}
-
-impl MirrorSlot {
-    /// A place among `bound` for a copy to `backend`, or None when they are all taken.
-    fn take(backend: &Backend, bound: usize) -> Option<Self> {
-        let key = (backend.namespace.clone(), backend.name.clone());
-        MIRRORS_IN_FLIGHT.with_borrow_mut(|in_flight| {
-            let taken = in_flight.entry(key.clone()).or_default();
-            (*taken < bound).then(|| {
-                *taken += 1;
-                Self { backend: key }
-            })
-        })
-    }
-}
-
-impl Drop for MirrorSlot {
-    fn drop(&mut self) {
-        MIRRORS_IN_FLIGHT.with_borrow_mut(|in_flight| {
-            if let Some(taken) = in_flight.get_mut(&self.backend) {
-                *taken -= 1;
-                if *taken == 0 {
-                    in_flight.remove(&self.backend);
-                }
-            }
-        });
-    }
 }
 
 /// Who answered an outbound request (or a mirror copy), for its metrics.
@@ -1196,60 +1015,6 @@ impl OutboundAnswer<'_> {
     }
 }
 
-/// A request body the proxy holds whole (so it can send it again), or one too large to hold.
-enum Held {
-    Whole(Bytes),
-    TooLarge(Incoming),
-    OverBudget(Incoming),
-}
-
-/// The bytes of request bodies held at once, across every worker: bounds the memory mirrors
-/// can take however many requests arrive together.
-#[derive(Debug)]
-struct BodyBudget {
-    held: AtomicUsize,
-    limit: usize,
-}
-
-impl BodyBudget {
-    /// Takes `bytes` out of the budget until the reservation drops, or None when they don't fit.
-    fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
-        self.held
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                held.checked_add(bytes).filter(|&after| after <= self.limit)
-            })
-            .ok()?;
-        Some(Reservation {
-            budget: self.clone(),
-            bytes,
-        })
-    }
-}
-
-struct Reservation {
-    budget: Arc<BodyBudget>,
-    bytes: usize,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
-/// A held body that gives its bytes back to the budget when the last copy of it is dropped
-/// (the primary's body and the mirror's share it).
-struct HeldBody {
-    bytes: Bytes,
-    _reservation: Reservation,
-}
-
-impl AsRef<[u8]> for HeldBody {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
-    }
-}
-
 /// An exchange that broke after the request started out: the client's own body ended early
 /// (400; the endpoint saw an aborted request, never a whole one), or the endpoint failed (502).
 fn exchange_failed(addr: SocketAddr, e: &hyper::Error) -> Response<ProxyBody> {
@@ -1287,170 +1052,6 @@ fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// HTTP/2 upstream for HTTP/2 clients, HTTP/1.1 for the others (HTTP/1.0 included).
-fn upstream_version(version: Version) -> Version {
-    if version == Version::HTTP_2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    }
-}
-
-/// The request as it goes upstream: the client's own parts, moved.
-fn upstream_request(mut parts: http::request::Parts, body: ProxyBody) -> Request<ProxyBody> {
-    parts.version = upstream_version(parts.version);
-    parts.extensions.clear();
-    Request::from_parts(parts, body)
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::PROXY_AUTHENTICATE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
-}
-
-/// Removes the headers that belong to one hop: the standard ones and those `Connection`
-/// names. `te: trailers` stays, since it says something of the request (gRPC servers need it).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names finds that out.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::TE,
-        header::TRAILER,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
-    }
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// An HTTP/1.1 upgrade (WebSocket, say) a client asked for. It is passed on to the backend, and
-/// once the backend agrees (101), the two connections are joined byte for byte.
-struct Upgrade {
-    protocol: HeaderValue,
-    client: OnUpgrade,
-}
-
-impl Upgrade {
-    /// The upgrade `req` asks for (`Connection: upgrade` with `Upgrade`), if any.
-    fn take(req: &mut Request<Incoming>) -> Option<Self> {
-        let headers = req.headers();
-        let protocol = headers.get(header::UPGRADE)?;
-        let asked = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-        let protocol = asked.then(|| protocol.clone())?;
-        Some(Self {
-            protocol,
-            client: hyper::upgrade::on(req),
-        })
-    }
-
-    /// Asks the backend for the upgrade (hop-by-hop removal took the client's own headers).
-    fn ask(&self, headers: &mut HeaderMap) {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, self.protocol.clone());
-    }
-
-    /// Joins the connections when the backend agreed; returns whether it did. The 101 keeps its
-    /// Connection and Upgrade headers, which the client needs. Once joined, the connection is
-    /// an opaque relay, which a drain can hand over (unless it goes through a tunnel).
-    fn join(self, response: &mut Response<ProxyBody>, proxy: &HttpProxy, peer: SocketAddr) -> bool {
-        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return false;
-        }
-        let backend = hyper::upgrade::on(response);
-        let (metrics, drain, idle_timeout) = (
-            proxy.metrics.clone(),
-            proxy.drain.clone(),
-            proxy.cfg.idle_timeout,
-        );
-        let tracked = drain.track();
-        tokio::spawn(async move {
-            let _tracked = tracked;
-            let (Ok(client), Ok(backend)) = (self.client.await, backend.await) else {
-                return;
-            };
-            let relay = Relay {
-                peer,
-                idle_timeout,
-                metrics: &metrics,
-                route: None,
-                drain: &drain,
-            };
-            // A client that is not a TCP connection of this agent's (a tunnel's stream, or the
-            // fuzz targets' in-memory connection) cannot move: its bytes are copied here.
-            let client = match client.downcast::<Http1Io<TcpStream>>() {
-                Ok(client) => client,
-                Err(client) => {
-                    let (client, backend) = (TokioIo::new(client), TokioIo::new(backend));
-                    return relay.run_in_place(client, backend, None).await;
-                }
-            };
-            let Ok(backend) = backend.downcast::<TokioIo<Connection>>() else {
-                return;
-            };
-            let (rest, mut client_stream) = client
-                .io
-                .into_inner()
-                .into_inner()
-                .into_inner()
-                .into_parts();
-            let mut backend_stream = backend.io.into_inner();
-            // What either side sent past the upgrade, read already, goes first.
-            let early = async {
-                backend_stream.write_all(&client.read_buf).await?;
-                backend_stream.write_all(&rest).await?;
-                client_stream.write_all(&backend.read_buf).await
-            };
-            if early.await.is_err() {
-                return;
-            }
-            match backend_stream {
-                Connection::Direct(backend) => relay.run(client_stream, backend).await,
-                // A tunnel's TLS state cannot move either.
-                Connection::Tunnel(tunnel) => relay.run_in_place(client_stream, tunnel, None).await,
-            }
-        });
-        true
-    }
-}
-
 /// Reads a connection's first bytes until they differ from the HTTP/2 preface or are all of
 /// it: what was read, to be replayed.
 async fn read_preface<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Bytes> {
@@ -1464,29 +1065,11 @@ async fn read_preface<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Bytes>
     Ok(read.freeze())
 }
 
-/// Appends the client to `x-forwarded-for` and sets `x-forwarded-proto` when absent.
-fn add_forwarding_headers(headers: &mut HeaderMap, client: &HeaderValue) {
-    match headers.entry("x-forwarded-for") {
-        header::Entry::Vacant(entry) => {
-            entry.insert(client.clone());
-        }
-        header::Entry::Occupied(mut entry) => {
-            let mut joined = entry.get().as_bytes().to_vec();
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(client.as_bytes());
-            if let Ok(value) = HeaderValue::from_bytes(&joined) {
-                entry.insert(value);
-            }
-        }
-    }
-    headers
-        .entry("x-forwarded-proto")
-        .or_insert(HeaderValue::from_static("http"));
-}
-
 #[cfg(test)]
 mod tests {
     use aviary_identity::spiffe::Identity;
+
+    use http::HeaderMap;
 
     use super::*;
 
