@@ -113,6 +113,21 @@ impl Certificates {
         }
     }
 
+    /// A certificate for `identity` from `ca`, valid for an hour (for the proxy's tests).
+    #[cfg(test)]
+    pub fn issue(ca: &aviary_identity::ca::Authority, identity: &Identity) -> Credentials {
+        use aviary_identity::credentials::KeyRequest;
+        let request = KeyRequest::new(identity).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let hour = std::time::Duration::from_secs(3600);
+        let leaf = ca
+            .sign_workload(request.csr_pem(), identity, now, hour)
+            .unwrap();
+        request
+            .complete(&format!("{leaf}{}", ca.certificate_pem()))
+            .unwrap()
+    }
+
     /// Holding `credentials` and trusting `bundle`, as if fetched (for the proxy's tests).
     #[cfg(test)]
     pub fn holding(credentials: Vec<Credentials>, bundle: TrustBundle) -> Self {

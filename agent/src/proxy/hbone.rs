@@ -276,11 +276,8 @@ fn forwarded_for(headers: &http::HeaderMap) -> Option<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use aviary_identity::{
         ca::Authority,
-        credentials::{Credentials, KeyRequest},
         tls::{client_config, server_config, TrustBundle},
     };
     use time::OffsetDateTime;
@@ -291,21 +288,7 @@ mod tests {
     };
 
     use super::*;
-
-    fn issue(ca: &Authority, identity: &Identity) -> Credentials {
-        let request = KeyRequest::new(identity).unwrap();
-        let leaf = ca
-            .sign_workload(
-                request.csr_pem(),
-                identity,
-                OffsetDateTime::now_utc(),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        request
-            .complete(&format!("{leaf}{}", ca.certificate_pem()))
-            .unwrap()
-    }
+    use crate::identity::Certificates;
 
     /// Admits only `shop/checkout`.
     struct OnlyCheckout;
@@ -331,7 +314,8 @@ mod tests {
         let payments: Identity = "spiffe://cluster.local/ns/shop/sa/payments"
             .parse()
             .unwrap();
-        let server_tls = Arc::new(server_config(&issue(&ca, &payments), &bundle).unwrap());
+        let server_tls =
+            Arc::new(server_config(&Certificates::issue(&ca, &payments), &bundle).unwrap());
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let agent = listener.local_addr().unwrap();
@@ -363,8 +347,14 @@ mod tests {
         let target: SocketAddr = "10.244.2.7:8080".parse().unwrap();
         let source: SocketAddr = "10.244.1.3:40000".parse().unwrap();
 
-        let tls =
-            Arc::new(client_config(&issue(&ca, &checkout), &bundle, payments.clone()).unwrap());
+        let tls = Arc::new(
+            client_config(
+                &Certificates::issue(&ca, &checkout),
+                &bundle,
+                payments.clone(),
+            )
+            .unwrap(),
+        );
         let connection = Connection::open(TcpStream::connect(agent).await.unwrap(), tls)
             .await
             .unwrap();
@@ -396,7 +386,8 @@ mod tests {
         assert_eq!(carries, Some(Detected::Opaque));
 
         // Another caller is refused, with the destination's reason.
-        let tls = Arc::new(client_config(&issue(&ca, &audit), &bundle, payments).unwrap());
+        let tls =
+            Arc::new(client_config(&Certificates::issue(&ca, &audit), &bundle, payments).unwrap());
         let connection = Connection::open(TcpStream::connect(agent).await.unwrap(), tls)
             .await
             .unwrap();

@@ -191,27 +191,17 @@ mod tests {
         let metrics = Metrics::new(false, None);
         let peer = SocketAddr::from(([10, 0, 0, 1], 40000));
         let failed = error(ProxyError::no_endpoints, "payments has no endpoints");
+        let service = "shop/payments";
+        for _ in 0..2 {
+            report(&metrics, Direction::outbound, &failed, peer, &service);
+        }
+        // An endpoint's own answer carries no reply of the proxy's.
         report(
             &metrics,
             Direction::outbound,
-            &failed,
+            &Response::new(()),
             peer,
-            &"shop/payments",
-        );
-        report(
-            &metrics,
-            Direction::outbound,
-            &failed,
-            peer,
-            &"shop/payments",
-        );
-        let answered = Response::new(());
-        report(
-            &metrics,
-            Direction::outbound,
-            &answered,
-            peer,
-            &"shop/payments",
+            &service,
         );
         let text = metrics.render();
         let labels = [

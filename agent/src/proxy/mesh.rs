@@ -316,7 +316,7 @@ impl Mesh {
 
 #[cfg(test)]
 mod tests {
-    use aviary_identity::{ca::Authority, credentials::KeyRequest, tls::TrustBundle};
+    use aviary_identity::{ca::Authority, tls::TrustBundle};
     use time::OffsetDateTime;
     use tokio::net::TcpListener;
 
@@ -324,21 +324,6 @@ mod tests {
 
     fn id(text: &str) -> Arc<Identity> {
         Arc::new(text.parse().unwrap())
-    }
-
-    fn issue(ca: &Authority, identity: &Identity) -> Credentials {
-        let request = KeyRequest::new(identity).unwrap();
-        let leaf = ca
-            .sign_workload(
-                request.csr_pem(),
-                identity,
-                OffsetDateTime::now_utc(),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        request
-            .complete(&format!("{leaf}{}", ca.certificate_pem()))
-            .unwrap()
     }
 
     /// A tunnel's connect and its handshakes fail each in its own time, and say which: a slow
@@ -349,7 +334,7 @@ mod tests {
         let bundle = TrustBundle::from_pem(ca.certificate_pem(), "cluster.local").unwrap();
         let web = id("spiffe://cluster.local/ns/shop/sa/web");
         let payments = id("spiffe://cluster.local/ns/shop/sa/payments");
-        let certificates = Certificates::holding(vec![issue(&ca, &web)], bundle);
+        let certificates = Certificates::holding(vec![Certificates::issue(&ca, &web)], bundle);
         let timeouts = MeshTimeouts {
             connect: Duration::from_millis(100),
             handshake: Duration::from_millis(400),

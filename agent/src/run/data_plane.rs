@@ -107,10 +107,15 @@ impl DataPlane {
     ) -> anyhow::Result<Vec<Vec<WorkerTask>>> {
         let mut tasks: Vec<Vec<WorkerTask>> = (0..cfg.workers).map(|_| Vec::new()).collect();
         for (worker, tasks) in tasks.iter_mut().enumerate() {
-            let first = worker == 0;
-            self.outbound_tasks(cfg, sockets, listeners, first, tasks)?;
+            let mut binding = Binding {
+                cfg,
+                sockets: &mut *sockets,
+                listeners: &mut *listeners,
+                first: worker == 0,
+            };
+            self.outbound_tasks(&mut binding, tasks)?;
             if captures_inbound {
-                self.inbound_tasks(cfg, sockets, listeners, first, tasks)?;
+                self.inbound_tasks(&mut binding, tasks)?;
             }
             tasks.push(self.reaper());
         }
@@ -137,50 +142,41 @@ impl DataPlane {
         Ok(())
     }
 
-    fn outbound_tasks(
-        &self,
-        cfg: &Config,
-        sockets: &mut Sockets,
-        listeners: &mut Listeners,
-        first: bool,
-        tasks: &mut Vec<WorkerTask>,
-    ) -> anyhow::Result<()> {
-        let port = cfg.outbound_port;
-        let v4 = sockets
-            .get(ListenerKind::Outbound, false, || outbound::bind_v4(port))
-            .with_context(|| format!("binding the outbound listener on port {port}"))?;
-        if first {
-            listeners.register(LISTENER_V4, &v4)?;
-        }
-        tasks.push(serving(&self.outbound, v4, Outbound::serve));
-        if cfg.proxy_v6.is_some() {
-            let v6 = sockets
-                .get(ListenerKind::Outbound, true, || outbound::bind_v6(port))
-                .with_context(|| format!("binding the IPv6 outbound listener on port {port}"))?;
-            if first {
-                listeners.register(LISTENER_V6, &v6)?;
+    fn outbound_tasks(&self, at: &mut Binding, tasks: &mut Vec<WorkerTask>) -> anyhow::Result<()> {
+        let port = at.cfg.outbound_port;
+        let families = [(LISTENER_V4, false), (LISTENER_V6, true)];
+        for (slot, v6) in families
+            .into_iter()
+            .filter(|&(_, v6)| !v6 || at.cfg.proxy_v6.is_some())
+        {
+            let bind = || match v6 {
+                false => outbound::bind_v4(port),
+                true => outbound::bind_v6(port),
+            };
+            let family = if v6 { "IPv6 " } else { "" };
+            let listener = at
+                .sockets
+                .get(ListenerKind::Outbound, v6, bind)
+                .with_context(|| format!("binding the {family}outbound listener on port {port}"))?;
+            if at.first {
+                at.listeners.register(slot, &listener)?;
             }
-            tasks.push(serving(&self.outbound, v6, Outbound::serve));
+            tasks.push(serving(&self.outbound, listener, Outbound::serve));
         }
         Ok(())
     }
 
-    fn inbound_tasks(
-        &self,
-        cfg: &Config,
-        sockets: &mut Sockets,
-        listeners: &mut Listeners,
-        first: bool,
-        tasks: &mut Vec<WorkerTask>,
-    ) -> anyhow::Result<()> {
-        let port = cfg.inbound_port;
+    fn inbound_tasks(&self, at: &mut Binding, tasks: &mut Vec<WorkerTask>) -> anyhow::Result<()> {
+        let port = at.cfg.inbound_port;
         for (slot, v6) in [(LISTENER_INBOUND_V4, false), (LISTENER_INBOUND_V6, true)] {
-            let listener = match sockets.get(ListenerKind::Inbound, v6, || inbound::bind(port, v6))
+            let listener = match at
+                .sockets
+                .get(ListenerKind::Inbound, v6, || inbound::bind(port, v6))
             {
                 Ok(listener) => listener,
                 // A node without IPv6: its pods have no IPv6 addresses to capture either.
                 Err(e) if v6 && e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
-                    if first {
+                    if at.first {
                         info!("no IPv6 on this node: inbound capture is IPv4 only");
                     }
                     continue;
@@ -190,8 +186,8 @@ impl DataPlane {
                         .with_context(|| format!("binding the inbound listener on port {port}"))
                 }
             };
-            if first {
-                listeners.register(slot, &listener)?;
+            if at.first {
+                at.listeners.register(slot, &listener)?;
             }
             tasks.push(serving(&self.inbound, listener, Inbound::serve));
         }
@@ -215,6 +211,15 @@ impl DataPlane {
             })
         })
     }
+}
+
+/// Where one worker's listeners come from: taken over or bound, and, for the first worker,
+/// registered in the LISTENERS map.
+struct Binding<'a> {
+    cfg: &'a Config,
+    sockets: &'a mut Sockets,
+    listeners: &'a mut Listeners,
+    first: bool,
 }
 
 /// A worker task serving `listener` with `serve` on `proxy`.
