@@ -299,7 +299,7 @@ fn test_in_vm(series: &str, args: &[String]) -> anyhow::Result<()> {
     let mut guest = guest(&vng, &kernel, limit);
     guest.arg("bash").arg(&script_path);
     timed(&format!("the suites on Linux {series}"), || {
-        status(&mut guest)
+        relayed(&mut guest)
     })
     .with_context(|| {
         format!("the privileged suites on Linux {series}; the guest's output is above")
@@ -770,6 +770,44 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 fn status(cmd: &mut Command) -> anyhow::Result<()> {
     cmd.current_dir(workspace_root());
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with its output passed on through pipes, line by line as it comes: the guest's
+/// console reopens its standard output, and when that is a file (`cargo xtask test --kernel 6.1
+/// > log`) it would truncate it, losing what came before.
+fn relayed(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    cmd.current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
+    let pass_on = |from: Box<dyn std::io::Read + Send>, to: fn() -> Box<dyn std::io::Write>| {
+        std::thread::spawn(move || {
+            let mut from = std::io::BufReader::new(from);
+            let mut line = Vec::new();
+            while std::io::BufRead::read_until(&mut from, b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let mut to = to();
+                let _ = to.write_all(&line).and_then(|()| to.flush());
+                line.clear();
+            }
+        })
+    };
+    let out = child.stdout.take().context("the child's stdout")?;
+    let err = child.stderr.take().context("the child's stderr")?;
+    let threads = [
+        pass_on(Box::new(out), || Box::new(std::io::stdout())),
+        pass_on(Box::new(err), || Box::new(std::io::stderr())),
+    ];
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {cmd:?}"))?;
+    for thread in threads {
+        let _ = thread.join();
+    }
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
