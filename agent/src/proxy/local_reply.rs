@@ -111,7 +111,7 @@ struct LogLimit {
     left_out: [AtomicU64; REASONS],
 }
 
-const REASONS: usize = ProxyError::client_body as usize + 1;
+const REASONS: usize = ProxyError::ALL.len();
 
 static LOG_LIMIT: LogLimit = LogLimit {
     epoch: OnceLock::new(),
@@ -127,18 +127,22 @@ impl LogLimit {
             .unwrap_or(u64::MAX)
             .saturating_add(1);
         let i = reason as usize;
-        let last = self.last[i].load(Ordering::Relaxed);
+        // A reason missing from `ProxyError::ALL` is never held back.
+        let (Some(last_line), Some(left_out)) = (self.last.get(i), self.left_out.get(i)) else {
+            return Some(0);
+        };
+        let last = last_line.load(Ordering::Relaxed);
         let interval = LOG_INTERVAL.as_millis() as u64;
         let due = last == 0 || ms >= last.saturating_add(interval);
         // One of the callers that find it due wins the line.
         if due
-            && self.last[i]
+            && last_line
                 .compare_exchange(last, ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            return Some(self.left_out[i].swap(0, Ordering::Relaxed));
+            return Some(left_out.swap(0, Ordering::Relaxed));
         }
-        self.left_out[i].fetch_add(1, Ordering::Relaxed);
+        left_out.fetch_add(1, Ordering::Relaxed);
         None
     }
 }
@@ -166,6 +170,13 @@ mod tests {
         assert_eq!(limit.admit(ProxyError::tunnel_timeout, at(20)), Some(0));
         assert_eq!(limit.admit(ProxyError::no_endpoints, at(1000)), Some(2));
         assert_eq!(limit.admit(ProxyError::no_endpoints, at(1500)), None);
+    }
+
+    #[test]
+    fn every_reason_has_a_place_of_its_own_in_the_log_limit() {
+        for (i, reason) in ProxyError::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "{reason:?}");
+        }
     }
 
     #[test]

@@ -354,6 +354,23 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Every reason, in declaration order (each at its own index).
+    pub const ALL: [Self; 13] = [
+        Self::no_route,
+        Self::invalid_backend,
+        Self::no_endpoints,
+        Self::connect_failed,
+        Self::connect_timeout,
+        Self::tunnel_failed,
+        Self::tunnel_timeout,
+        Self::no_identity,
+        Self::forbidden,
+        Self::request_timeout,
+        Self::backend_timeout,
+        Self::upstream_failed,
+        Self::client_body,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::no_route => "no_route",
