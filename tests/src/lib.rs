@@ -769,13 +769,10 @@ impl Node {
         stdout
     }
 
-    /// Like [`Node::spawn`], with the child's standard input, which the child may take as its
-    /// signal to stop (`echo-stream --until-stdin-closes` does) once the test drops it.
-    pub fn spawn_with_stdin(
-        &self,
-        pod: &Pod,
-        args: &[&str],
-    ) -> (BufReader<ChildStdout>, ChildStdin) {
+    /// Starts a load or a stream in `pod` that runs until [`Running::stop`] (`args` should hold
+    /// `--until-stdin-closes`, and a `--secs` bound): it outlasts whatever the test does
+    /// meanwhile, however slow the machine.
+    pub fn start_until_stopped(&self, pod: &Pod, args: &[&str]) -> Running {
         let mut child = self
             .testpod(pod, args)
             .stdin(Stdio::piped())
@@ -783,9 +780,9 @@ impl Node {
             .spawn()
             .unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        let stdin = child.stdin.take().unwrap();
+        let stdin = child.stdin.take();
         self.children.lock().unwrap().push(child);
-        (stdout, stdin)
+        Running { stdout, stdin }
     }
 
     /// Watches the segments crossing the node's `interface` for `secs` (`aviary-testpod sniff`,
@@ -1308,11 +1305,39 @@ pub fn tally(out: &Output, word: &str) -> std::collections::BTreeMap<String, u32
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    tally_lines(&String::from_utf8_lossy(&out.stdout), word)
+}
+
+/// "word key n" lines of `text`, as key -> n.
+pub fn tally_lines(text: &str, word: &str) -> std::collections::BTreeMap<String, u32> {
+    text.lines()
         .filter_map(|l| {
             let mut w = l.strip_prefix(word)?.trim().split(' ');
             Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
         })
         .collect()
+}
+
+/// A test pod's load or stream that runs until told to stop: [`Node::start_until_stopped`].
+pub struct Running {
+    stdout: BufReader<ChildStdout>,
+    stdin: Option<ChildStdin>,
+}
+
+impl Running {
+    /// Its next line of output.
+    pub fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line
+    }
+
+    /// Tells it to stop (its standard input closes), and returns what it printed once it
+    /// ended.
+    pub fn stop(mut self) -> String {
+        drop(self.stdin.take());
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut text).unwrap();
+        text
+    }
 }

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use aviary_tests::{
-    apiserver::ApiServer, patience, policy, tally, wait_until, Node, Pod, TEST_NODE,
+    apiserver::ApiServer, patience, policy, tally, tally_lines, wait_until, Node, Pod, TEST_NODE,
 };
 
 const PODINFO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -371,46 +371,49 @@ fn weight_change_is_followed_within_a_second(
     agent.wait_for_log("routed=3", Duration::from_secs(10));
 
     let service = format!("{PODINFO}:80");
-    std::thread::scope(|scope| {
-        // One keep-alive connection carrying requests for 3 s, across the promotion.
-        let long_lived = scope.spawn(|| {
-            node.run(
-                &client,
-                &["http-load", &service, "--secs", "3"],
-                Duration::from_secs(30),
-            )
-        });
-        std::thread::sleep(Duration::from_secs(1));
-        let promoted_at = std::time::Instant::now();
-        set_policy(&cluster(0, 100));
-        let followed = wait_until(Duration::from_secs(2), || {
-            let out = node.run(
-                &client,
-                &["http-load", &service, "--count", "1"],
-                Duration::from_secs(10),
-            );
-            (tally(&out, "backend").contains_key("canary")).then(|| promoted_at.elapsed())
-        });
-        let took = followed.expect("the new weights never took effect");
-        assert!(
-            took < patience(Duration::from_secs(1)),
-            "the split followed after {took:?}"
+    // One keep-alive connection carrying requests from before the promotion until after it.
+    let most = patience(Duration::from_secs(60)).as_secs().to_string();
+    let long_lived = node.start_until_stopped(
+        &client,
+        &[
+            "http-load",
+            &service,
+            "--secs",
+            &most,
+            "--until-stdin-closes",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let promoted_at = std::time::Instant::now();
+    set_policy(&cluster(0, 100));
+    let followed = wait_until(Duration::from_secs(2), || {
+        let out = node.run(
+            &client,
+            &["http-load", &service, "--count", "1"],
+            Duration::from_secs(10),
         );
-
-        let out = long_lived.join().unwrap();
-        let statuses = tally(&out, "status");
-        assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "{statuses:?}");
-        let backends = tally(&out, "backend");
-        assert!(
-            backends.contains_key("primary") && backends.contains_key("canary"),
-            "{backends:?}"
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            stdout.contains("last canary"),
-            "the open connection followed the promotion: {stdout}"
-        );
+        (tally(&out, "backend").contains_key("canary")).then(|| promoted_at.elapsed())
     });
+    let took = followed.expect("the new weights never took effect");
+    assert!(
+        took < patience(Duration::from_secs(1)),
+        "the split followed after {took:?}"
+    );
+    // The open connection's requests go on under the new weights for a while.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let out = long_lived.stop();
+    let statuses = tally_lines(&out, "status");
+    assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "{statuses:?}");
+    let backends = tally_lines(&out, "backend");
+    assert!(
+        backends.contains_key("primary") && backends.contains_key("canary"),
+        "{backends:?}"
+    );
+    assert!(
+        out.contains("last canary"),
+        "the open connection followed the promotion: {out}"
+    );
     (agent, client)
 }
 

@@ -3,13 +3,11 @@
 //! connection fails.
 
 use std::{
-    collections::BTreeMap,
-    io::BufRead,
     net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
-use aviary_tests::{patience, policy, slowdown, Agent, Node, Pod};
+use aviary_tests::{patience, policy, slowdown, tally_lines, Agent, Node, Pod};
 
 const PORT: u16 = 8080;
 const GRPC_PORT: u16 = 50051;
@@ -48,23 +46,6 @@ fn upgrade(node: &Node, mut running: Agent) -> (Agent, u32) {
 /// once the upgrades are over, however long they took.
 fn at_most() -> String {
     patience(Duration::from_secs(120)).as_secs().to_string()
-}
-
-/// What a load client printed, once it ended.
-fn finished(mut output: impl std::io::Read) -> String {
-    let mut text = String::new();
-    output.read_to_string(&mut text).unwrap();
-    text
-}
-
-/// "`word` key n" lines as a map.
-fn tally(text: &str, word: &str) -> BTreeMap<String, u32> {
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix(word)?.strip_prefix(' ')?.split(' ');
-            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
-        })
-        .collect()
 }
 
 fn http_pods(node: &Node) -> (Pod, [Pod; 2], [Pod; 2]) {
@@ -106,7 +87,7 @@ fn keep_alive_load_over_http1_and_http2_sees_no_failure_across_an_upgrade() {
     // Several keep-alive HTTP/1.1 connections, and gRPC over one HTTP/2 connection, from
     // before the upgrade until after it: 2 s of traffic, the upgrade, 2 s more.
     let secs = at_most();
-    let (http1, http1_stop) = node.spawn_with_stdin(
+    let http1 = node.start_until_stopped(
         &client,
         &[
             "http-load",
@@ -118,7 +99,7 @@ fn keep_alive_load_over_http1_and_http2_sees_no_failure_across_an_upgrade() {
             "--until-stdin-closes",
         ],
     );
-    let (grpc, grpc_stop) = node.spawn_with_stdin(
+    let grpc = node.start_until_stopped(
         &client,
         &[
             "grpc-unary",
@@ -133,18 +114,17 @@ fn keep_alive_load_over_http1_and_http2_sees_no_failure_across_an_upgrade() {
     std::thread::sleep(Duration::from_secs(2));
     let (successor, _) = upgrade(&node, agent);
     std::thread::sleep(Duration::from_secs(2));
-    drop((http1_stop, grpc_stop));
 
-    let http1 = finished(http1);
-    let statuses = tally(&http1, "status");
+    let http1 = http1.stop();
+    let statuses = tally_lines(&http1, "status");
     assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "{http1}");
-    assert_eq!(tally(&http1, "errors").len(), 0, "{http1}");
+    assert_eq!(tally_lines(&http1, "errors").len(), 0, "{http1}");
     assert!(http1.contains("\nerrors 0\n"), "{http1}");
     // Enough requests to show the load ran across the upgrade, on a machine this fast.
     let enough = 100 / slowdown();
     assert!(statuses["200"] > enough, "{http1}");
-    let grpc = finished(grpc);
-    let statuses = tally(&grpc, "status");
+    let grpc = grpc.stop();
+    let statuses = tally_lines(&grpc, "status");
     assert_eq!(statuses.keys().collect::<Vec<_>>(), ["Ok"], "{grpc}");
     assert!(statuses["Ok"] > enough, "{grpc}");
     // The listeners moved, so not one connect found none and went direct.
@@ -180,14 +160,12 @@ fn long_lived_streams_survive_three_upgrades_byte_for_byte() {
         if upgrade {
             args.push("--upgrade");
         }
-        node.spawn_with_stdin(&client, &args)
+        node.start_until_stopped(&client, &args)
     };
-    let (mut opaque, opaque_stop) = stream("10.96.0.20:80", false);
-    let (mut upgraded, upgraded_stop) = stream("10.96.0.21:80", true);
+    let mut opaque = stream("10.96.0.20:80", false);
+    let mut upgraded = stream("10.96.0.21:80", true);
     for stream in [&mut opaque, &mut upgraded] {
-        let mut line = String::new();
-        stream.read_line(&mut line).unwrap();
-        assert_eq!(line, "streaming\n");
+        assert_eq!(stream.read_line(), "streaming\n");
     }
     for _ in 0..3 {
         std::thread::sleep(Duration::from_secs(2));
@@ -195,9 +173,8 @@ fn long_lived_streams_survive_three_upgrades_byte_for_byte() {
         (agent, moved) = upgrade(&node, agent);
         assert_eq!(moved, 2, "both streams moved");
     }
-    drop((opaque_stop, upgraded_stop));
     for (name, stream) in [("opaque", opaque), ("upgraded", upgraded)] {
-        let out = finished(stream);
+        let out = stream.stop();
         assert!(
             out.starts_with("stream ") && out.trim_end().ends_with(" ok"),
             "the {name} stream broke: {out:?}; agent logs:\n{}",
