@@ -8,7 +8,7 @@ use tracing::info;
 use crate::{
     policy::{
         compiler::{Compiled, Compiler},
-        routes::{local_pods, RouteOptions},
+        service_routes::{local_pods, RouteOptions},
         status::RouteStatus,
         ObjectKey, Policy, Store,
     },

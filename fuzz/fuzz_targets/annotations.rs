@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, sync::LazyLock};
 
 use aviary_agent::policy::{
     self, compiler, local,
-    routes::{self, RouteOptions},
+    service_routes::{self, RouteOptions},
     Object, PodMeta, Store,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -127,7 +127,7 @@ fuzz_target!(|data: &[u8]| {
             trust_domain: Some("cluster.local".into()),
         };
         let table = compiler::routing_table(&store, &options);
-        let _ = routes::local_pods(&policy, &table.pods, options.trust_domain.as_deref());
+        let _ = service_routes::local_pods(&policy, &table.pods, options.trust_domain.as_deref());
     }
     let _ = compiler::routing_notes(&store);
 });

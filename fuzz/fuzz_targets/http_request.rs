@@ -19,7 +19,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use aviary_agent::{
-    policy::{compiler, local, routes::RouteOptions, Store},
+    policy::{compiler, local, service_routes::RouteOptions, Store},
     proxy::{
         detect,
         http::{HttpConfig, HttpProxy},

@@ -5,7 +5,7 @@
 #![no_main]
 
 use aviary_agent::{
-    policy::{self, compiler, local, routes::RouteOptions, Store},
+    policy::{self, compiler, local, service_routes::RouteOptions, Store},
     proxy::{
         balance,
         split::{pick_weighted, sampled, Rng},

@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use aviary_agent::{
     kubernetes::{self, lease::LeaseConfig, status::Report},
     metrics::sample,
-    policy::routes::RouteOptions,
+    policy::service_routes::RouteOptions,
     proxy::{
         http::{HttpConfig, HttpProxy},
         metrics::Metrics,

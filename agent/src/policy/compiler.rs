@@ -1,7 +1,7 @@
 //! The compiler: a store in, policy, the routing table and route statuses out, recompiling
 //! after each batch of changes only what read the objects that changed.
 //!
-//! Each Service compiles on its own (`routes::compile_service`), and so does each HTTPRoute's
+//! Each Service compiles on its own (`service_routes::compile_service`), and so does each HTTPRoute's
 //! status (`status::compile_route`), through a reader that notes every input it looks up: the
 //! Service, its EndpointSlices, the HTTPRoutes attached to it, the Services its routes send
 //! to, the pods its endpoints name and their namespaces. A change touches inputs; the units
@@ -21,7 +21,7 @@ use smallvec::SmallVec;
 
 use super::{
     enrolled, is_host_network, is_local, pod_ips,
-    routes::{
+    service_routes::{
         compile_service, full_pod_addresses, Interner, MatchCache, Reader, RouteOptions,
         ServiceAnnotations, ServiceOutput,
     },

@@ -8,9 +8,9 @@ pub mod compiler;
 pub mod gamma;
 pub mod local;
 pub mod mirroring;
-pub mod routes;
 pub mod security;
 pub mod service;
+pub mod service_routes;
 pub mod slice;
 pub mod status;
 pub mod workload;
@@ -176,7 +176,7 @@ impl Object {
             }
             Self::Service(svc) => {
                 service_addresses(svc)?;
-                routes::ServiceAnnotations::parse(svc).map(drop)
+                service_routes::ServiceAnnotations::parse(svc).map(drop)
             }
             Self::EndpointSlice(_) => Ok(()),
             Self::HttpRoute(route) => gamma::validate(route),
@@ -904,7 +904,7 @@ impl Policy {
 /// Compiles the store into the policy for the node `node` (every pod counts as local when None,
 /// as in local mode without a node name).
 pub fn compile(store: &Store, node: Option<&str>) -> Policy {
-    let options = routes::RouteOptions {
+    let options = service_routes::RouteOptions {
         node: node.map(str::to_owned),
         ..Default::default()
     };

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{
     gamma,
-    routes::{Reader, ServiceAnnotations},
+    service_routes::{Reader, ServiceAnnotations},
     Kind, ObjectKey,
 };
 

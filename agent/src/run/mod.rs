@@ -34,7 +34,7 @@ use crate::{
     },
     handoff::{HandoffListener, Predecessor, Sockets, Successor},
     identity::Certificates,
-    policy::routes::RouteOptions,
+    policy::service_routes::RouteOptions,
     proxy::{drain::DrainSignal, metrics::Metrics, workers::Workers},
     state::Publisher,
     supervise::Supervisor,

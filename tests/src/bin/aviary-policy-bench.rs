@@ -11,8 +11,8 @@ use std::{
 use aviary_agent::{
     kubernetes::{self, node_pods, status::Report},
     policy::{
-        compiler::Compiler, local::parse_documents, routes::RouteOptions, Meta, Object, PodMeta,
-        Store,
+        compiler::Compiler, local::parse_documents, service_routes::RouteOptions, Meta, Object,
+        PodMeta, Store,
     },
     state::{Publisher, Snapshot},
 };

@@ -1,4 +1,5 @@
-//! Services, their annotations and EndpointSlices, compiled into the proxy's routing table.
+//! Services, their annotations and EndpointSlices, compiled into each Service's `ServiceRoutes`
+//! in the routing table.
 //!
 //! Simple splits without the Gateway API, as annotations on a Service:
 //! - `aviary.dev/split: "reviews-v1=90,reviews-v2=10"`: weighted backends, Services in the same
