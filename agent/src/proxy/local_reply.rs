@@ -14,10 +14,9 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full};
 use tracing::{info, warn};
 
-use super::pool::ProxyBody;
+use super::pool::{full, ProxyBody};
 use crate::proxy::metrics::{Direction, Metrics, ProxyError};
 
 /// The header that says why the proxy answered a request itself (Linkerd's `l5d-proxy-error`).
@@ -37,8 +36,7 @@ struct ProxyReply {
 /// The proxy's own answer for `reason`: its status, `x-aviary-error: <reason>`, and the
 /// message as a plain-text body.
 pub fn error(reason: ProxyError, message: &str) -> Response<ProxyBody> {
-    let body = Full::new(Bytes::from(format!("aviary: {message}\n")));
-    let mut response = Response::new(body.map_err(|never| match never {}).boxed());
+    let mut response = Response::new(full(Bytes::from(format!("aviary: {message}\n"))));
     *response.status_mut() = status_of(reason);
     let headers = response.headers_mut();
     headers.insert(

@@ -214,19 +214,9 @@ impl Mesh {
         );
         // The connect has the budget of any connect; the handshakes and the CONNECT, several
         // round trips and the signatures of both ends, have their own.
-        let tcp = tokio::time::timeout(
-            self.connect_timeout,
-            super::connect_marked(agent, self.mark),
-        )
-        .await
-        .map_err(|_| TunnelError::Connect {
-            agent,
-            error: io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.connect_timeout),
-            ),
-        })?
-        .map_err(|error| TunnelError::Connect { agent, error })?;
+        let tcp = super::connect_within(agent, self.mark, self.connect_timeout)
+            .await
+            .map_err(|error| TunnelError::Connect { agent, error })?;
         let (connection, tunnel) = self
             .within(agent, async {
                 let connection = hbone::Connection::open(tcp, tls).await?;

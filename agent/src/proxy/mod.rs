@@ -163,6 +163,19 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
     Ok(stream)
 }
 
+/// [`connect_marked`] within `limit`: one that gets no answer in time fails as
+/// `ErrorKind::TimedOut`.
+pub async fn connect_within(dst: SocketAddr, mark: u32, limit: Duration) -> io::Result<TcpStream> {
+    tokio::time::timeout(limit, connect_marked(dst, mark))
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {limit:?}"),
+            ))
+        })
+}
+
 /// Connects to `dst` (with the proxy's `mark`) and relays bytes both ways ([`Relay`]); a
 /// connect that fails resets the client.
 pub async fn splice(client: TcpStream, dst: SocketAddr, mark: u32, relay: Relay<'_>) {

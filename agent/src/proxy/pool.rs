@@ -32,7 +32,7 @@ use std::{
 use aviary_identity::spiffe::Identity;
 use bytes::Bytes;
 use http::{Request, Response, Version};
-use http_body_util::combinators::BoxBody;
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::{http1, http2},
@@ -48,6 +48,11 @@ use super::{
 use crate::proxy::metrics::{Principals, ProxyError};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// A whole body of `bytes`, as the proxy sends its own answers and held requests.
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -385,21 +390,14 @@ impl Pool {
                 }),
             };
         }
-        let stream = tokio::time::timeout(
-            self.cfg.connect_timeout,
-            super::connect_marked(upstream.endpoint, self.cfg.mark),
-        )
-        .await
-        .map_err(|_| ConnectError::Failed {
-            error: io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.cfg.connect_timeout),
-            ),
-            reason: ProxyError::connect_timeout,
-        })?
-        .map_err(|error| ConnectError::Failed {
+        let connected =
+            super::connect_within(upstream.endpoint, self.cfg.mark, self.cfg.connect_timeout);
+        let stream = connected.await.map_err(|error| ConnectError::Failed {
+            reason: match error.kind() {
+                io::ErrorKind::TimedOut => ProxyError::connect_timeout,
+                _ => ProxyError::connect_failed,
+            },
             error,
-            reason: ProxyError::connect_failed,
         })?;
         Ok((TokioIo::new(Connection::Direct(stream)), None))
     }

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Version};
 use http_body_util::BodyExt as _;
 
-use super::{full, headers::upstream_version, HttpProxy, OutboundAnswer, Resolved, MIRROR_HEADER};
+use super::{headers::upstream_version, HttpProxy, OutboundAnswer, Resolved, MIRROR_HEADER};
+use crate::proxy::pool::full;
 use crate::{
     proxy::{
         balance,

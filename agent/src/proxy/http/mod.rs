@@ -28,7 +28,7 @@ use std::{
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 use hyper::{
     body::Incoming,
     server::conn::{http1, http2},
@@ -45,6 +45,7 @@ use self::{
     headers::{add_forwarding_headers, strip_hop_by_hop, upstream_request},
     upgrade::Upgrade,
 };
+use super::pool::full;
 pub use super::pool::ProxyBody;
 use super::{
     balance::{self, Failure, InFlight, OutlierConfig},
@@ -1046,10 +1047,6 @@ fn choose_backend(rule: &Rule) -> Result<(Arc<Backend>, &WeightedBackend), Strin
             Err(format!("backend {name} is unavailable: {reason}"))
         }
     }
-}
-
-fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 /// Reads a connection's first bytes until they differ from the HTTP/2 preface or are all of
