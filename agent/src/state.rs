@@ -8,7 +8,8 @@ use tracing::info;
 use crate::{
     policy::{
         compiler::{Compiled, Compiler},
-        service_routes::{local_pods, RouteOptions},
+        enrolment::local_pods,
+        service_routes::RouteOptions,
         status::RouteStatus,
         ObjectKey, Policy, Store,
     },
@@ -72,7 +73,11 @@ impl Publisher {
         }
         self.published_revision = Some(store.revision());
         let current = self.tx.borrow().clone();
-        routes.local = local_pods(&policy, &routes.pods, self.options.trust_domain.as_deref());
+        routes.local = local_pods(
+            policy.enrolled.values(),
+            &routes.pods,
+            self.options.trust_domain.as_deref(),
+        );
         let routes = Arc::new(routes);
         let generation = current.generation + 1;
         let routed = routes.services.len();

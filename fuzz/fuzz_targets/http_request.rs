@@ -41,87 +41,10 @@ use tokio::{
     runtime::Runtime,
 };
 
-/// The policy, with every endpoint at the loopback server (`ENDPOINT_PORT`). The ClusterIPs are
-/// never dialled: a request to a service goes to its endpoints.
-const POLICY: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec: {clusterIP: 127.0.0.2, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web-canary, namespace: shop}
-spec: {clusterIP: 127.0.0.3, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web-mirror, namespace: shop}
-spec: {clusterIP: 127.0.0.4, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web-empty, namespace: shop}
-spec: {clusterIP: 127.0.0.5, ports: [{name: http, port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-x, namespace: shop, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: ENDPOINT_PORT}]
-endpoints: [{addresses: [127.0.0.1]}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-canary-x, namespace: shop, labels: {kubernetes.io/service-name: web-canary}}
-addressType: IPv4
-ports: [{name: http, port: ENDPOINT_PORT}]
-endpoints: [{addresses: [127.0.0.1]}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-mirror-x, namespace: shop, labels: {kubernetes.io/service-name: web-mirror}}
-addressType: IPv4
-ports: [{name: http, port: ENDPOINT_PORT}]
-endpoints: [{addresses: [127.0.0.1]}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: web
-  namespace: shop
-  annotations: {aviary.dev/mirror-methods: "PUT,POST", aviary.dev/mirror-idempotency-key: "true"}
-spec:
-  parentRefs: [{group: core, kind: Service, name: web, port: 80}]
-  rules:
-  - matches:
-    - headers: [{name: cookie, type: RegularExpression, value: "^(.*?;)?(canary=always)(;.*)?$"}]
-    - headers: [{name: x-canary, value: always}]
-    backendRefs: [{name: web-canary, port: 80}]
-    filters:
-    - type: ResponseHeaderModifier
-      responseHeaderModifier: {set: [{name: x-route, value: canary}], remove: [server]}
-  - matches: [{path: {type: PathPrefix, value: /mirror}}]
-    backendRefs: [{name: web, port: 80}]
-    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: web-mirror, port: 80}}}]
-  - matches: [{path: {type: Exact, value: /empty}}]
-    backendRefs: [{name: web-empty, port: 80}]
-  - matches: [{path: {type: RegularExpression, value: "/missing/.*"}}]
-    backendRefs: [{name: missing, port: 80}]
-  - matches: [{method: POST, queryParams: [{name: v, value: "2"}]}]
-    backendRefs:
-    - {name: web, port: 80, weight: 90}
-    - name: web-canary
-      port: 80
-      weight: 10
-      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-backend, value: canary}]}}]
-    filters:
-    - type: RequestHeaderModifier
-      requestHeaderModifier: {add: [{name: x-split, value: "1"}], remove: [x-debug]}
-    timeouts: {request: 10s, backendRequest: 5s}
-  - matches: [{path: {type: PathPrefix, value: /api}}]
-    backendRefs: [{name: web, port: 80}]
-"#;
+/// The cluster, with every endpoint at the loopback server (the fixture's endpoints are all at
+/// 127.0.0.1:8080). The ClusterIPs are never dialled: a request to a service goes to its
+/// endpoints.
+const POLICY: &str = include_str!("../../tests/fixtures/shop.yaml");
 
 /// The service clients dial (web's ClusterIP).
 const SERVICE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 80);
@@ -159,7 +82,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
         tokio::spawn(serve_endpoint(listener));
         endpoint
     });
-    let policy = POLICY.replace("ENDPOINT_PORT", &endpoint.port().to_string());
+    let policy = POLICY.replace("port: 8080", &format!("port: {}", endpoint.port()));
     let mut store = Store::default();
     let rejected = store.replace_all(local::parse_documents(&policy).expect("the policy parses"));
     assert!(rejected.is_empty(), "{rejected:?}");

@@ -37,8 +37,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = compiler::route_statuses(&store);
 
-    let local_policy = policy::compile(&store, None);
-    let node_policy = policy::compile(&store, Some("node-a"));
+    let local_policy = policy::compiler::policy(&store, None);
+    let node_policy = policy::compiler::policy(&store, Some("node-a"));
     let _ = node_policy.describe_change(&local_policy);
     let _ = compiler::routing_notes(&store);
 

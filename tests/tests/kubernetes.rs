@@ -42,58 +42,7 @@ const AGENT_NAMESPACE: &str = "aviary-system";
 const NODE_PODS_API: &str = "aviary.dev/v1alpha1";
 const ROUTE_API: &str = "gateway.networking.k8s.io/v1";
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Node
-metadata: {name: node-a}
----
-apiVersion: v1
-kind: Node
-metadata: {name: node-b}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: test, annotations: {aviary.dev/capture: enabled}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: test, uid: 00000000-0000-4000-8000-00000000000a}
-spec: {nodeName: node-a, containers: [{name: c, image: test}]}
-status: {phase: Running, podIP: 10.0.0.10}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: podinfo-primary-5b6c8d-x2x9z
-  namespace: test
-  uid: 00000000-0000-4000-8000-00000000000b
-  labels: {pod-template-hash: 5b6c8d, app: podinfo}
-  annotations: {big: "not kept"}
-  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: podinfo-primary-5b6c8d, uid: rs, controller: true}]
-spec: {nodeName: node-b, containers: [{name: c, image: test}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: podinfo, namespace: test}
-spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: podinfo-primary, namespace: test}
-spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: podinfo-canary, namespace: test}
-spec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: podinfo-primary-1, namespace: test, labels: {kubernetes.io/service-name: podinfo-primary}}
-addressType: IPv4
-ports: [{name: http, port: 9898, protocol: TCP}]
-endpoints: [{addresses: ["10.0.0.21"], conditions: {ready: true}, targetRef: {kind: Pod, name: podinfo-primary-5b6c8d-x2x9z, namespace: test}}]
-"#;
+const CLUSTER: &str = include_str!("../fixtures/podinfo.yaml");
 
 fn http_route(primary: i32, canary: i32) -> String {
     format!(

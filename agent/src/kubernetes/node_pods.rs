@@ -30,7 +30,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{Translate, Update};
-use crate::policy::{enrolment_annotations, Kind, Meta, Object, ObjectKey, PodMeta, Store};
+use crate::policy::annotations::enrolment_annotations;
+use crate::policy::{Kind, Meta, Object, ObjectKey, PodMeta, Store};
 
 /// One node's pods, as its agent publishes them: `aviary.dev/v1alpha1` `NodePods`, cluster
 /// scoped, named after the node.

@@ -239,7 +239,7 @@ fn condition_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{status::ParentStatus, PodMeta, INBOUND_PORTS_EXCLUDE};
+    use crate::policy::{annotations::INBOUND_PORTS_EXCLUDE, status::ParentStatus, PodMeta};
     use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
     fn status(accepted: bool) -> RouteStatus {

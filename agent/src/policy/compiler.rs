@@ -17,18 +17,61 @@ use std::{
     sync::Arc,
 };
 
+use serde::Serialize;
 use smallvec::SmallVec;
 
-use super::{
-    enrolled, is_host_network, is_local, pod_ips,
-    service_routes::{
-        compile_service, full_pod_addresses, Interner, MatchCache, Reader, RouteOptions,
-        ServiceAnnotations, ServiceOutput,
-    },
-    status::{compile_route, RouteOutput, RouteStatus},
-    EnrolledPod, Input, ObjectKey, Policy, Store,
+use super::annotations::ServiceAnnotations;
+use super::enrolment::{enrolled, EnrolledPod};
+use super::object::{Input, ObjectKey};
+use super::pod::{is_host_network, is_local, pod_ips};
+use super::service_routes::{
+    compile_service, full_pod_addresses, Interner, MatchCache, Reader, RouteOptions, ServiceOutput,
 };
+use super::status::{compile_route, RouteOutput, RouteStatus};
+use super::store::Store;
 use crate::table::{shared_map::SharedMap, AppProtocol, RouteTable, ServiceRoutes, Workload};
+
+/// What the datapath enforces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Enrolled pods on this node, by UID.
+    pub enrolled: BTreeMap<String, EnrolledPod>,
+    /// Service addresses (ClusterIP:port, TCP) whose connects are captured. Persistent: each
+    /// snapshot shares what did not change with the one before.
+    pub captured: imbl::OrdSet<SocketAddr>,
+}
+
+impl Policy {
+    /// One line describing what changed from `before`, or None if nothing did.
+    pub fn describe_change(&self, before: &Policy) -> Option<String> {
+        let mut parts = Vec::new();
+        for (uid, pod) in &self.enrolled {
+            if !before.enrolled.contains_key(uid) {
+                parts.push(format!("enrolled Pod/{}/{}", pod.namespace, pod.name));
+            }
+        }
+        for (uid, pod) in &before.enrolled {
+            if !self.enrolled.contains_key(uid) {
+                parts.push(format!("unenrolled Pod/{}/{}", pod.namespace, pod.name));
+            }
+        }
+        // The sets share what did not change, which the diff skips.
+        let (mut added, mut removed) = (0, 0);
+        for item in before.captured.diff(&self.captured) {
+            match item {
+                imbl::ordset::DiffItem::Add(_) => added += 1,
+                imbl::ordset::DiffItem::Remove(_) => removed += 1,
+            }
+        }
+        if added > 0 {
+            parts.push(format!("+{added} captured service addresses"));
+        }
+        if removed > 0 {
+            parts.push(format!("-{removed} captured service addresses"));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
 
 /// A compile's result.
 pub struct Compiled {
@@ -134,6 +177,16 @@ struct Snapshots {
     consumers: SharedMap<(String, SocketAddr), Arc<ServiceRoutes>>,
     pods: SharedMap<IpAddr, Arc<Workload>>,
     endpoint_protocols: SharedMap<SocketAddr, AppProtocol>,
+}
+
+/// What the data path enforces for the node `node` (every pod counts as local when None, as in
+/// local mode without a node name).
+pub fn policy(store: &Store, node: Option<&str>) -> Policy {
+    let options = RouteOptions {
+        node: node.map(str::to_owned),
+        ..Default::default()
+    };
+    Compiler::full(store, &options).policy
 }
 
 /// The routing table of a whole store: plain policy data. What the proxy learns of endpoints
@@ -597,6 +650,7 @@ fn least_pod(votes: &[(UnitId, Arc<Workload>)]) -> Arc<Workload> {
 
 #[cfg(test)]
 mod tests {
+    use crate::policy::fixtures::*;
     use std::fmt::Write as _;
 
     use proptest::prelude::*;
@@ -862,5 +916,20 @@ mod tests {
                 prop_assert_eq!(render(&incremental), render(&full));
             }
         }
+    }
+
+    #[test]
+    fn changes_are_described_in_one_line() {
+        let before = policy(&store(ENROLMENT), Some("node-a"));
+        let mut after = before.clone();
+        after
+            .enrolled
+            .remove("00000000-0000-4000-8000-000000000003");
+        after.captured.insert("10.96.0.1:443".parse().unwrap());
+        assert_eq!(
+            after.describe_change(&before).unwrap(),
+            "unenrolled Pod/plain/opted-in, +1 captured service addresses"
+        );
+        assert_eq!(before.describe_change(&before), None);
     }
 }

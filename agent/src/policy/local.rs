@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::Object;
+use super::object::Object;
 
 /// How long a burst of file events must be quiet before the files are read: an editor's save
 /// (a temporary file written, then renamed over the old one) is one change, read once.

@@ -16,7 +16,7 @@
 //! A service port with neither annotations nor EndpointSlices gets no entry: its connections
 //! pass through to the address the pod dialled.
 
-use super::mirroring::{declared_safe, MIRROR_IDEMPOTENCY_KEY, MIRROR_METHODS};
+use super::mirroring::declared_safe;
 use std::{
     cell::RefCell,
     collections::{BTreeMap, HashMap, HashSet},
@@ -27,116 +27,18 @@ use std::{
 use aviary_identity::spiffe::Identity;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
-use super::{
-    gamma, inbound_ports_excluded, is_enrolled, is_host_network, is_local, pod_ips,
-    service::Service,
-    service_addresses,
-    slice::{self, Slice},
-    Input, Policy, Store,
-};
-use crate::table::shared_map::SharedMap;
+use super::annotations::{inbound_ports_excluded, ServiceAnnotations};
+use super::enrolment::is_enrolled;
+use super::gamma;
+use super::object::Input;
+use super::pod::{is_host_network, is_local, pod_ips};
+use super::service::{service_addresses, Service};
+use super::slice::{self, Slice};
+use super::store::Store;
 use crate::table::{
-    unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, LocalPod, Mirror, Rule,
-    SafeMethods, ServiceRoutes, WeightedBackend, Workload,
+    unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, Rule,
+    ServiceRoutes, WeightedBackend, Workload,
 };
-
-pub const SPLIT: &str = "aviary.dev/split";
-pub const MIRROR: &str = "aviary.dev/mirror";
-pub const MIRROR_PERCENT: &str = "aviary.dev/mirror-percent";
-
-/// A Service's routing annotations, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceAnnotations {
-    pub split: Vec<(String, u32)>,
-    pub mirror: Option<String>,
-    pub mirror_percent: u32,
-    pub mirror_safe: SafeMethods,
-}
-
-impl ServiceAnnotations {
-    /// None when the Service has no routing annotation; an error names the bad one.
-    pub fn parse(svc: &Service) -> Result<Option<Self>, String> {
-        let annotations = svc.metadata.annotations.clone().unwrap_or_default();
-        let get = |key: &str| annotations.get(key).map(|v| v.trim());
-        if [
-            SPLIT,
-            MIRROR,
-            MIRROR_PERCENT,
-            MIRROR_METHODS,
-            MIRROR_IDEMPOTENCY_KEY,
-        ]
-        .iter()
-        .all(|k| get(k).is_none())
-        {
-            return Ok(None);
-        }
-        let split = get(SPLIT).map(parse_split).transpose()?.unwrap_or_default();
-        let mirror = get(MIRROR).map(str::to_owned);
-        if let Some(name) = &mirror {
-            check_name(name).map_err(|e| format!("annotation {MIRROR}: {e}"))?;
-        }
-        let mirror_percent = match get(MIRROR_PERCENT) {
-            None => 100,
-            Some(value) => match value.parse::<u32>() {
-                Ok(p) if p <= 100 => p,
-                _ => return Err(format!("annotation {MIRROR_PERCENT} must be a whole number from 0 to 100, not {value:?}")),
-            },
-        };
-        let mirror_safe = declared_safe(Some(&annotations))?;
-        let mirror_options = [MIRROR_PERCENT, MIRROR_METHODS, MIRROR_IDEMPOTENCY_KEY];
-        if mirror.is_none() && mirror_options.iter().any(|k| get(k).is_some()) {
-            return Err(format!(
-                "annotations {MIRROR_PERCENT}, {MIRROR_METHODS} and {MIRROR_IDEMPOTENCY_KEY} need {MIRROR}"
-            ));
-        }
-        Ok(Some(Self {
-            split,
-            mirror,
-            mirror_percent,
-            mirror_safe,
-        }))
-    }
-}
-
-fn check_name(name: &str) -> Result<(), String> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    valid
-        .then_some(())
-        .ok_or_else(|| format!("{name:?} is not a Service name"))
-}
-
-fn parse_split(value: &str) -> Result<Vec<(String, u32)>, String> {
-    let mut split: Vec<(String, u32)> = Vec::new();
-    for entry in value.split(',') {
-        let (name, weight) = entry
-            .split_once('=')
-            .ok_or_else(|| format!("annotation {SPLIT}: {entry:?} is not service=weight"))?;
-        let name = name.trim();
-        check_name(name).map_err(|e| format!("annotation {SPLIT}: {e}"))?;
-        let weight: u32 = weight
-            .trim()
-            .parse()
-            .ok()
-            .filter(|w| *w <= 1_000_000)
-            .ok_or_else(|| format!("annotation {SPLIT}: weight {weight:?} of {name} is not a whole number up to 1000000"))?;
-        if split.iter().any(|(n, _)| n == name) {
-            return Err(format!("annotation {SPLIT}: {name} appears twice"));
-        }
-        split.push((name.to_owned(), weight));
-    }
-    if split.iter().all(|(_, w)| *w == 0) {
-        return Err(format!(
-            "annotation {SPLIT}: every weight is 0, so no request could be served"
-        ));
-    }
-    Ok(split)
-}
 
 /// What the routing table depends on besides the store.
 #[derive(Debug, Clone, Default)]
@@ -147,37 +49,6 @@ pub struct RouteOptions {
     pub inbound_capture: bool,
     /// The mesh's trust domain, when the agent has identities.
     pub trust_domain: Option<String>,
-}
-
-/// This node's enrolled pods at each of their addresses, with the workloads `pods` names them
-/// by: the inbound proxy's admission and each pod's identity in `trust_domain`.
-pub fn local_pods(
-    policy: &Policy,
-    pods: &SharedMap<IpAddr, Arc<Workload>>,
-    trust_domain: Option<&str>,
-) -> HashMap<IpAddr, Arc<LocalPod>> {
-    let mut local = HashMap::new();
-    for pod in policy.enrolled.values() {
-        for ip in &pod.ips {
-            let workload = pods.get(ip).cloned().unwrap_or_else(|| {
-                Arc::new(Workload {
-                    namespace: pod.namespace.as_str().into(),
-                    workload: unknown(),
-                    pod: pod.name.as_str().into(),
-                })
-            });
-            let identity = trust_domain.and_then(|trust_domain| {
-                Identity::new(trust_domain, &pod.namespace, &pod.service_account).ok()
-            });
-            let local_pod = LocalPod {
-                workload,
-                identity: identity.map(Arc::new),
-                inbound: pod.inbound.clone(),
-            };
-            local.insert(ip.to_canonical(), Arc::new(local_pod));
-        }
-    }
-    local
 }
 
 /// The routes that attach to `port` (those naming no port attach to all).
@@ -720,7 +591,7 @@ mod tests {
     };
     use crate::{
         policy::{local::parse_documents, Object, PodMeta},
-        table::PathMatch,
+        table::{PathMatch, SafeMethods},
     };
 
     /// The options of local mode.

@@ -8,7 +8,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 use smallvec::SmallVec;
 
-use super::Meta;
+use super::meta::Meta;
 
 /// The label an EndpointSlice names its Service by.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

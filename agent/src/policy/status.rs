@@ -5,11 +5,10 @@
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use serde::Serialize;
 
-use super::{
-    gamma,
-    service_routes::{Reader, ServiceAnnotations},
-    Kind, ObjectKey,
-};
+use super::annotations::ServiceAnnotations;
+use super::gamma;
+use super::object::{Kind, ObjectKey};
+use super::service_routes::Reader;
 
 /// The controllerName Aviary writes its route status under.
 pub const CONTROLLER_NAME: &str = "aviary.dev/agent";
@@ -207,23 +206,17 @@ mod tests {
     use crate::policy::local::parse_documents;
     use crate::policy::{compiler::route_statuses, Store};
 
-    const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: podinfo, namespace: test, annotations: {aviary.dev/split: "podinfo-primary=100"}}
-spec: {clusterIP: 10.96.0.10, ports: [{port: 9898}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: podinfo-primary, namespace: test}
-spec: {clusterIP: 10.96.0.11, ports: [{port: 9898}]}
-"#;
+    const CLUSTER: &str = include_str!("../../../tests/fixtures/podinfo.yaml");
+    /// podinfo with a split annotation, which an HTTPRoute on it wins over.
+    const ANNOTATED: &str = "apiVersion: v1\nkind: Service\n\
+        metadata: {name: podinfo, namespace: test, annotations: {aviary.dev/split: podinfo-primary=100}}\n\
+        spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n";
 
     fn route(name: &str, backends: &str) -> String {
         format!(
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
              metadata: {{name: {name}, namespace: test, generation: 3}}\n\
-             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: podinfo, port: 9898}}, \
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: podinfo, port: 80}}, \
              {{group: \"\", kind: Service, name: gone}}]\n  rules: [{{backendRefs: [{backends}]}}]\n"
         )
     }
@@ -248,9 +241,10 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 9898}]}
     fn accepted_per_parent_and_resolved_refs_per_route() {
         let yaml = [
             CLUSTER,
+            ANNOTATED,
             &route(
                 "good",
-                "{name: podinfo-primary, port: 9898, weight: 90}, {name: podinfo-canary, port: 9898, weight: 10}",
+                "{name: podinfo-primary, port: 80, weight: 90}, {name: podinfo-gone, port: 80, weight: 10}",
             ),
         ]
         .join("---\n");
@@ -282,7 +276,7 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 9898}]}
         );
         assert!(status.parents[0].conditions[1]
             .message
-            .contains("test/podinfo-canary"));
+            .contains("test/podinfo-gone"));
         assert!(status.parents[0].conditions[0]
             .message
             .contains("wins over the aviary.dev annotations on Service test/podinfo"));
@@ -290,7 +284,7 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 9898}]}
 
     #[test]
     fn a_refused_route_reports_why_and_a_fixed_one_recovers() {
-        let bad = route("r", "{name: podinfo-primary, port: 9898, weight: 0}");
+        let bad = route("r", "{name: podinfo-primary, port: 80, weight: 0}");
         let yaml = [CLUSTER, &bad].join("---\n");
         let status = &statuses(&yaml)["r"];
         let accepted = &status.parents[0].conditions[0];
@@ -301,7 +295,7 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 9898}]}
             accepted.message
         );
 
-        let good = route("r", "{name: podinfo-primary, port: 9898}");
+        let good = route("r", "{name: podinfo-primary, port: 80}");
         let mut store = Store::default();
         store.replace_all(parse_documents(&[CLUSTER, &good].join("---\n")).unwrap());
         store
