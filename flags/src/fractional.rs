@@ -46,29 +46,18 @@ pub fn fractional(args: &[Value], flag_key: &str, targeting_key: Option<&Value>)
     None
 }
 
-/// One bucket: `[variant]` (weight 1) or `[variant, weight]`, the weight a whole number
-/// (negative counts as 0).
+/// One bucket: `[variant]` (weight 1) or `[variant, weight]`, the weight a JSON integer
+/// (negative counts as 0). A weight written with a fraction, even `25.0`, is refused, as the
+/// reference core refuses it.
 fn bucket(entry: &Value) -> Option<(&Value, u64)> {
     match entry.as_array()?.as_slice() {
         [variant] => Some((variant, 1)),
         [variant, Value::Number(weight)] => {
-            let weight = whole(weight)?;
-            Some((variant, u64::try_from(weight.max(0)).ok()?))
+            let weight = weight.as_u64().or_else(|| weight.as_i64().map(|_| 0))?;
+            Some((variant, weight))
         }
         _ => None,
     }
-}
-
-/// A JSON number with no fractional part, as an integer.
-fn whole(number: &serde_json::Number) -> Option<i128> {
-    if let Some(i) = number.as_i64() {
-        return Some(i.into());
-    }
-    if let Some(u) = number.as_u64() {
-        return Some(u.into());
-    }
-    let f = number.as_f64()?;
-    (f.fract() == 0.0 && f.abs() < 1e30).then_some(f as i128)
 }
 
 /// The value with every whole float in the range of 64-bit integers made an integer, so that

@@ -2,6 +2,8 @@
 //! fresh machine, in one place. Each command does its own set-up first.
 #![forbid(unsafe_code)]
 
+mod house;
+
 use std::{
     ffi::OsString,
     path::{Path, PathBuf},
@@ -23,6 +25,14 @@ const FUZZ_TARGETS: &[&str] = &["duration", "annotations", "policy_yaml", "http_
 const KERNELS: &[&str] = &["6.1"];
 /// virtme-ng boots a kernel in qemu over the host's own root filesystem.
 const VIRTME_NG_VERSION: &str = "1.42";
+/// OpenFeature's Python pieces the flag tests compare with: flagd's reference evaluator (the
+/// core that implements the current `fractional`), and the SDK with its OFREP provider, a real
+/// OFREP client.
+const OPENFEATURE_PACKAGES: &[&str] = &[
+    "openfeature-flagd-core==2.0.0",
+    "openfeature-sdk==0.10.0",
+    "openfeature-provider-ofrep==0.3.0",
+];
 /// How many times slower than the host the guest runs CPU-bound work under qemu's TCG (about
 /// 6 to 7 here): the tests stretch every bound on waiting by it (`aviary_tests::patience`).
 const GUEST_SLOWDOWN: u32 = 6;
@@ -118,6 +128,8 @@ fn run(task: Task) -> anyhow::Result<()> {
             ])
         }
         Task::Lint => {
+            // Before the slower checks: it reads the code and builds nothing.
+            house::check(Path::new("."))?;
             setup()?;
             cargo(&["fmt", "--all", "--", "--check"])?;
             // The fuzz targets are a workspace of their own.
@@ -149,9 +161,17 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup()?;
             // The end-to-end tests run the workspace's binaries (agent, test pods).
             timed("the build", || cargo(&["build", "--bins"]))?;
+            // The flag tests' reference evaluator and OFREP client.
+            let openfeature = ensure_openfeature()?;
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
-            timed("the tests", || cargo(&test))?;
+            timed("the tests", || {
+                status(
+                    tool(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                        .args(&test)
+                        .env("AVIARY_OPENFEATURE_PYTHON", &openfeature),
+                )
+            })?;
             if args.is_empty() {
                 timed("fuzzing", || fuzz(FUZZ_TARGETS, FUZZ_SMOKE_SECONDS))?;
             }
@@ -506,6 +526,35 @@ fn ensure_virtme_ng(kernel: &Path) -> anyhow::Result<PathBuf> {
 const GUEST_HELLO: &str = "aviary: the guest runs commands";
 
 fn install_virtme_ng(venv: &Path) -> anyhow::Result<()> {
+    eprintln!(
+        "xtask: installing virtme-ng {VIRTME_NG_VERSION} in {} (it boots test kernels)",
+        venv.display()
+    );
+    python_env(venv, &[&format!("virtme-ng=={VIRTME_NG_VERSION}")])
+}
+
+/// The Python interpreter of [`OPENFEATURE_PACKAGES`]' environment, installed if it is not, or
+/// not with these versions (its marker lists what it holds).
+fn ensure_openfeature() -> anyhow::Result<PathBuf> {
+    let venv = cache_dir()?.join("openfeature");
+    let marker = venv.join("aviary-packages");
+    let wanted = OPENFEATURE_PACKAGES.join("\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|held| held == wanted) {
+        return Ok(venv.join("bin/python"));
+    }
+    eprintln!(
+        "xtask: installing {} in {} (the flag tests compare with them)",
+        OPENFEATURE_PACKAGES.join(", "),
+        venv.display()
+    );
+    python_env(&venv, OPENFEATURE_PACKAGES)?;
+    std::fs::write(&marker, wanted)?;
+    Ok(venv.join("bin/python"))
+}
+
+/// A virtual environment at `venv` made with Debian's python3 (pip may not install into the
+/// system's python, PEP 668), holding `packages`.
+fn python_env(venv: &Path, packages: &[&str]) -> anyhow::Result<()> {
     let python = "/usr/bin/python3";
     let has_venv = tool(python)
         .args(["-c", "import ensurepip, venv"])
@@ -518,17 +567,13 @@ fn install_virtme_ng(venv: &Path) -> anyhow::Result<()> {
         status(tool("apt-get").arg("update"))?;
         apt_get_install(&["python3-venv"])?;
     }
-    eprintln!(
-        "xtask: installing virtme-ng {VIRTME_NG_VERSION} in {} (it boots test kernels)",
-        venv.display()
-    );
     // A half-made environment from an interrupted install is made again.
     let _ = std::fs::remove_dir_all(venv);
     status(tool(python).args(["-m", "venv"]).arg(venv))?;
     status(
         tool(venv.join("bin/pip"))
             .args(["install", "--quiet"])
-            .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")),
+            .args(packages),
     )
 }
 
