@@ -230,6 +230,8 @@ pub fn describe_routes(table: &RouteTable) -> Vec<Value> {
                             "share": format!("{}/{}", m.numerator, m.denominator),
                         })),
                         "timeout_ms": rule.timeout.map(|t| t.as_millis() as u64),
+                        // A split that keeps each user on one backend: where the user is read.
+                        "split_key": rule.split_key.as_ref().map(|k| k.source.to_string()),
                     })
                 })
                 .collect();

@@ -16,9 +16,9 @@ use aviary_agent::{
         http::{HttpConfig, HttpProxy},
     },
     table::{
-        AppProtocol, Backend, BackendRef, Endpoint, HeaderMatch, HeaderModifier, Mirror, PathMatch,
-        RequestMatch, RouteTable, Rule, SafeMethods, ServiceRoutes, StringMatch, WeightedBackend,
-        Workload,
+        AppProtocol, Backend, BackendRef, Endpoint, HeaderMatch, HeaderModifier, KeySource, Mirror,
+        PathMatch, RequestMatch, RouteTable, Rule, SafeMethods, ServiceRoutes, SplitKey,
+        StringMatch, WeightedBackend, Workload,
     },
 };
 use bytes::Bytes;
@@ -324,6 +324,54 @@ async fn a_weight_change_applies_to_the_next_request_on_the_same_connection() {
             (StatusCode::OK, "canary")
         );
     }
+}
+
+#[tokio::test]
+async fn a_split_key_keeps_each_user_on_one_backend_as_the_canary_grows() {
+    let (_primary, _canary, mut routes) = split_setup().await;
+    routes.rules[0].split_key = Some(Arc::new(SplitKey {
+        source: KeySource::Header(http::HeaderName::from_static("x-user-id")),
+        salt: "shop/podinfo".into(),
+    }));
+    let proxy = start_proxy(routes.clone()).await;
+    let mut conn = h1(proxy.addr).await;
+    let as_user = |user: u32| {
+        let mut req = get("/");
+        req.headers_mut().insert("x-user-id", user.into());
+        req
+    };
+    let mut landed = Vec::new();
+    for user in 0..400 {
+        let (_, first, _) = send(&mut conn, as_user(user)).await;
+        let (_, again, _) = send(&mut conn, as_user(user)).await;
+        assert_eq!(backend_of(&first), backend_of(&again), "user {user} moved");
+        landed.push(backend_of(&first));
+    }
+    let on_canary = landed.iter().filter(|b| *b == "canary").count();
+    // 10% of 400 by hash: 40 expected; the hash is fixed, so this is exact for these users.
+    assert!(
+        (20..=60).contains(&on_canary),
+        "{on_canary} of 400 on the canary"
+    );
+
+    // The next step of the rollout: every user already on the canary stays there.
+    routes.rules[0].backends[0].weight = 50;
+    routes.rules[0].backends[1].weight = 50;
+    proxy.routes.store(Arc::new(table(routes)));
+    let mut now_on_canary = 0;
+    for (user, before) in landed.iter().enumerate() {
+        let (_, headers, _) = send(&mut conn, as_user(user as u32)).await;
+        let now = backend_of(&headers);
+        assert!(
+            before != "canary" || now == "canary",
+            "user {user} left the canary"
+        );
+        now_on_canary += usize::from(now == "canary");
+    }
+    assert!(
+        now_on_canary > on_canary + 100,
+        "{now_on_canary} of 400 at 50%"
+    );
 }
 
 #[tokio::test]

@@ -29,21 +29,38 @@ pub fn fractional(args: &[Value], flag_key: &str, targeting_key: Option<&Value>)
         .iter()
         .map(bucket)
         .collect::<Option<Vec<(&Value, u64)>>>()?;
-    let total: u64 = buckets.iter().map(|(_, weight)| weight).sum();
+    let mut encoded = Vec::new();
+    cbor(&normalized(&bucketing), &mut encoded);
+    let chosen = bucket_of(murmur3_32(&encoded, 0), buckets.iter().map(|(_, weight)| *weight))?;
+    Some(buckets[chosen].0.clone())
+}
+
+/// The hash `fractional` gives the pair `[first, second]`, its default bucketing value
+/// (`[flagKey, targetingKey]`), encoded without building the pair: the mesh's sticky splits
+/// bucket a request's key, salted with its route, the same way.
+pub fn pair_hash(first: &str, second: &str) -> u32 {
+    let mut encoded = Vec::with_capacity(first.len() + second.len() + 19);
+    encoded.push(0x82);
+    for text in [first, second] {
+        head(3, text.len() as u64, &mut encoded);
+        encoded.extend_from_slice(text.as_bytes());
+    }
+    murmur3_32(&encoded, 0)
+}
+
+/// Which of the weighted buckets, in order, `hash` falls in: `(hash × total) >> 32` through
+/// their cumulative weights. None when the weights are all 0 or sum past flagd's bound.
+pub fn bucket_of(hash: u32, weights: impl Iterator<Item = u64> + Clone) -> Option<usize> {
+    let total: u64 = weights.clone().sum();
     if total == 0 || total > MAX_TOTAL_WEIGHT {
         return None;
     }
-    let mut encoded = Vec::new();
-    cbor(&normalized(&bucketing), &mut encoded);
-    let point = (u64::from(murmur3_32(&encoded, 0)) * total) >> 32;
+    let point = (u64::from(hash) * total) >> 32;
     let mut end = 0;
-    for (variant, weight) in buckets {
+    weights.enumerate().find_map(|(i, weight)| {
         end += weight;
-        if point < end {
-            return Some(variant.clone());
-        }
-    }
-    None
+        (point < end).then_some(i)
+    })
 }
 
 /// One bucket: `[variant]` (weight 1) or `[variant, weight]`, the weight a JSON integer
@@ -281,6 +298,15 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 100, "{checked} vectors");
+    }
+
+    #[test]
+    fn a_pair_hashes_as_fractional_hashes_it() {
+        for (a, b) in [("f", "u"), ("", "🦜"), ("default/reviews", &"k".repeat(300) as &str)] {
+            let mut out = Vec::new();
+            cbor(&json!([a, b]), &mut out);
+            assert_eq!(pair_hash(a, b), murmur3_32(&out, 0));
+        }
     }
 
     #[test]

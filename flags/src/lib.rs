@@ -13,6 +13,8 @@ mod fractional;
 pub mod logic;
 mod semver;
 
+pub use fractional::{bucket_of, pair_hash};
+
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};

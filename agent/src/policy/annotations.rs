@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::mirroring::{declared_safe, MIRROR_IDEMPOTENCY_KEY, MIRROR_METHODS};
 use super::service::Service;
-use crate::table::SafeMethods;
+use crate::table::{KeySource, SafeMethods};
 
 /// On a Namespace, enrols its pods; on a Pod, overrides its namespace.
 pub const CAPTURE_ANNOTATION: &str = "aviary.dev/capture";
@@ -74,6 +74,9 @@ pub(super) fn inbound_ports_excluded(
 }
 
 pub const SPLIT: &str = "aviary.dev/split";
+/// On a Service or an HTTPRoute: where a request carries its user, `header:<name>` or
+/// `cookie:<name>`. Its splits then keep each user on one backend (the route's wins).
+pub const SPLIT_KEY: &str = "aviary.dev/split-key";
 pub const MIRROR: &str = "aviary.dev/mirror";
 pub const MIRROR_PERCENT: &str = "aviary.dev/mirror-percent";
 
@@ -169,4 +172,32 @@ fn parse_split(value: &str) -> Result<Vec<(String, u32)>, String> {
         ));
     }
     Ok(split)
+}
+
+/// The `aviary.dev/split-key` of an object's annotations, or why it is not one.
+pub fn split_key(
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Result<Option<KeySource>, String> {
+    let Some(value) = annotations.and_then(|a| a.get(SPLIT_KEY)) else {
+        return Ok(None);
+    };
+    let bad =
+        || format!("annotation {SPLIT_KEY} must be header:<name> or cookie:<name>, not {value:?}");
+    let (kind, name) = value.trim().split_once(':').ok_or_else(bad)?;
+    let name = name.trim();
+    match kind.trim() {
+        "header" => http::HeaderName::from_bytes(name.as_bytes())
+            .map(|name| Some(KeySource::Header(name)))
+            .map_err(|_| bad()),
+        "cookie" if is_cookie_name(name) => Ok(Some(KeySource::Cookie(name.to_owned()))),
+        _ => Err(bad()),
+    }
+}
+
+/// A cookie's name is an HTTP token (RFC 6265).
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
 }

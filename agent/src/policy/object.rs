@@ -6,7 +6,9 @@ use std::fmt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde::Serialize;
 
-use super::annotations::{inbound_ports_excluded, Capture, ServiceAnnotations, CAPTURE_ANNOTATION};
+use super::annotations::{
+    inbound_ports_excluded, split_key, Capture, ServiceAnnotations, CAPTURE_ANNOTATION,
+};
 use super::meta::MetaRef;
 use super::pod::PodMeta;
 use super::service::{service_addresses, Service};
@@ -149,10 +151,14 @@ impl Object {
             }
             Self::Service(svc) => {
                 service_addresses(svc)?;
+                split_key(svc.metadata.annotations.as_ref())?;
                 ServiceAnnotations::parse(svc).map(drop)
             }
             Self::EndpointSlice(_) => Ok(()),
-            Self::HttpRoute(route) => gamma::validate(route),
+            Self::HttpRoute(route) => {
+                gamma::validate(route)?;
+                split_key(route.metadata.annotations.as_ref()).map(drop)
+            }
             // Refused as its own agent refuses the Pod, so that every agent takes the pod for
             // enrolled or not alike.
             Self::PodMetadata(pod) => {

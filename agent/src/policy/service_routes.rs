@@ -27,7 +27,7 @@ use std::{
 use aviary_identity::spiffe::Identity;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
-use super::annotations::{inbound_ports_excluded, ServiceAnnotations};
+use super::annotations::{inbound_ports_excluded, split_key, ServiceAnnotations};
 use super::enrolment::is_enrolled;
 use super::gamma;
 use super::object::Input;
@@ -36,8 +36,8 @@ use super::service::{service_addresses, Service};
 use super::slice::{self, Slice};
 use super::store::Store;
 use crate::table::{
-    unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, Mirror, Rule,
-    ServiceRoutes, WeightedBackend, Workload,
+    unknown, AppProtocol, Backend, BackendRef, Endpoint, HeaderModifier, KeySource, Mirror, Rule,
+    ServiceRoutes, SplitKey, WeightedBackend, Workload,
 };
 
 /// What the routing table depends on besides the store.
@@ -123,6 +123,9 @@ pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option
     if annotations.is_none() && producers.is_empty() && consumers.is_empty() && slices.is_empty() {
         return Some(out);
     }
+    // The Service's split key, for its own split and the HTTPRoutes on it that name none (as
+    // Flagger sets it, on the apex Service); the store refuses a bad one.
+    let service_key = split_key(svc.metadata.annotations.as_ref()).ok().flatten();
     let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
     for port in ports
         .into_iter()
@@ -135,11 +138,11 @@ pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option
         // An HTTPRoute attached to this port wins over the Service's annotations.
         let http_routes = on_port(&producers, port.port);
         let rules = if !http_routes.is_empty() {
-            r.gamma_rules(port.port, &http_routes)
+            r.gamma_rules(port.port, &http_routes, service_key.as_ref())
         } else {
             annotations
                 .as_ref()
-                .map(|a| vec![r.rule(namespace, port.port, &default, a)])
+                .map(|a| vec![r.rule(namespace, port.port, &default, a, service_key.as_ref())])
                 .unwrap_or_default()
         };
         let protocol = AppProtocol::from_app_protocol(port.app_protocol.as_deref());
@@ -162,7 +165,7 @@ pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option
                 continue;
             }
             let consumer = Arc::new(ServiceRoutes {
-                rules: r.gamma_rules(port.port, &consumer_routes),
+                rules: r.gamma_rules(port.port, &consumer_routes, service_key.as_ref()),
                 ..(*routes).clone()
             });
             for addr in &addresses {
@@ -373,11 +376,28 @@ impl<'a> Reader<'a> {
 
     /// The rules of the HTTPRoutes attached to one service port, one per match, in Gateway API
     /// precedence order (ties: the oldest route, then by name, then rule and match order).
-    fn gamma_rules(&self, port: i32, routes: &[&HttpRoute]) -> Vec<Rule> {
+    fn gamma_rules(
+        &self,
+        port: i32,
+        routes: &[&HttpRoute],
+        service_key: Option<&KeySource>,
+    ) -> Vec<Rule> {
         let mut ranked = Vec::new();
         for route in routes {
             let order = gamma::route_order(route);
             let namespace = route.metadata.namespace.as_deref().unwrap_or("default");
+            // Salted with the route, so that a user lands on each route's split on its own.
+            let route_name = route.metadata.name.as_deref().unwrap_or_default();
+            let split_key = split_key(route.metadata.annotations.as_ref())
+                .ok()
+                .flatten()
+                .or_else(|| service_key.cloned())
+                .map(|source| {
+                    Arc::new(SplitKey {
+                        source,
+                        salt: format!("{namespace}/{route_name}").into(),
+                    })
+                });
             let matches = self.route_matches(route);
             for (rule_index, (rule, matches)) in route
                 .spec
@@ -449,6 +469,7 @@ impl<'a> Reader<'a> {
                         backend_timeout: timeouts.and_then(|t| timeout(&t.backend_request)),
                         request_headers: filters.request_headers.clone(),
                         response_headers: filters.response_headers.clone(),
+                        split_key: split_key.clone(),
                     };
                     ranked.push((
                         m.rank.clone(),
@@ -537,6 +558,7 @@ impl<'a> Reader<'a> {
         port: i32,
         default: &Arc<Backend>,
         a: &ServiceAnnotations,
+        split_key: Option<&KeySource>,
     ) -> Rule {
         let weighted = |backend: BackendRef, weight: u32| WeightedBackend {
             backend,
@@ -573,6 +595,12 @@ impl<'a> Reader<'a> {
         Rule {
             backends,
             mirror,
+            split_key: split_key.map(|source| {
+                Arc::new(SplitKey {
+                    source: source.clone(),
+                    salt: format!("{namespace}/{}", default.name).into(),
+                })
+            }),
             ..Default::default()
         }
     }
@@ -821,6 +849,81 @@ mod tests {
             (set_cookie.0.as_str(), set_cookie.1.to_str().unwrap()),
             ("set-cookie", "canary=always; Max-Age=3600")
         );
+    }
+
+    #[test]
+    fn a_split_key_on_the_service_or_the_route_keeps_users_where_they_landed() {
+        let key = |rule: &Rule| {
+            rule.split_key
+                .as_ref()
+                .map(|k| (k.source.to_string(), k.salt.to_string()))
+        };
+        // On the Service: its own split, salted with it.
+        let annotated = "aviary.dev/split: \"reviews-v1=90,reviews-v2=10\", \
+                         aviary.dev/split-key: \"header:X-User-Id\"";
+        let table = routing_table(&store(&cluster(annotated)), &local());
+        assert_eq!(
+            key(&rules(&table)[0]),
+            Some(("header:x-user-id".into(), "shop/reviews".into()))
+        );
+        // Flagger sets it on the apex Service; its HTTPRoute's rules follow it, salted with the
+        // route. A key on the route wins.
+        let canary = "  - backendRefs: [{name: reviews-v1, port: 80, weight: 95}, {name: reviews-v2, port: 80, weight: 5}]\n";
+        let apex = [
+            cluster("aviary.dev/split-key: \"cookie:uid\""),
+            route("reviews-route", canary),
+        ]
+        .join(CLUSTER);
+        let table = routing_table(&store(&apex), &local());
+        assert_eq!(
+            key(&rules(&table)[0]),
+            Some(("cookie:uid".into(), "shop/reviews-route".into()))
+        );
+        let own = route("reviews-route", canary).replace(
+            "namespace: shop}",
+            "namespace: shop, annotations: {aviary.dev/split-key: \"header:x-user\"}}",
+        );
+        let table = routing_table(
+            &store(&[cluster("aviary.dev/split-key: \"cookie:uid\""), own].join(CLUSTER)),
+            &local(),
+        );
+        assert_eq!(key(&rules(&table)[0]).unwrap().0, "header:x-user");
+        // Without one, splits are random.
+        assert_eq!(key(&rules(&with_route(&route("r", canary)))[0]), None);
+    }
+
+    #[test]
+    fn a_bad_split_key_is_refused_with_why() {
+        for (value, kind) in [
+            ("user-id", "Service"),
+            ("header:bad header", "Service"),
+            ("cookie:", "Service"),
+            ("query:user", "HTTPRoute"),
+        ] {
+            let mut store = Store::default();
+            let yaml = match kind {
+                "Service" => svc(
+                    "reviews",
+                    "10.96.0.10",
+                    &format!("aviary.dev/split-key: \"{value}\""),
+                ),
+                _ => route("r", "  - backendRefs: [{name: reviews-v1, port: 80}]\n").replace(
+                    "namespace: shop}",
+                    &format!(
+                        "namespace: shop, annotations: {{aviary.dev/split-key: \"{value}\"}}}}"
+                    ),
+                ),
+            };
+            let rejected = store.replace_all(parse_documents(&yaml).unwrap());
+            assert_eq!(rejected.len(), 1, "{value}");
+            assert!(
+                rejected[0]
+                    .reason
+                    .contains("must be header:<name> or cookie:<name>"),
+                "{}",
+                rejected[0].reason
+            );
+        }
     }
 
     #[test]

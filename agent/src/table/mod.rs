@@ -201,6 +201,9 @@ pub struct Rule {
     pub backend_timeout: Option<Duration>,
     pub request_headers: HeaderModifier,
     pub response_headers: HeaderModifier,
+    /// Where a request's user comes from, for a split that keeps each user on one backend
+    /// (`aviary.dev/split-key`); requests without it are split at random.
+    pub split_key: Option<Arc<SplitKey>>,
 }
 
 impl Rule {
@@ -208,9 +211,63 @@ impl Rule {
         self.matches.is_empty() || self.matches.iter().any(|m| m.matches(req))
     }
 
+    /// The backend a request's key chooses, or None to choose at random: the key is bucketed
+    /// by the weights as flagd's `fractional` buckets (the pair of the route and the key,
+    /// hashed), so a user stays where they landed, on every node, and for two backends the
+    /// users on the second are a subset of those at any greater weight of the second.
+    pub fn sticky_choice(&self, headers: &HeaderMap) -> Option<usize> {
+        let split = self.split_key.as_ref()?;
+        let key = split.source.find(headers)?;
+        let hash = aviary_flags::pair_hash(&split.salt, key);
+        aviary_flags::bucket_of(hash, self.weights().map(u64::from))
+    }
+
     /// The weights, in backend order, for a weighted pick.
     pub fn weights(&self) -> impl Iterator<Item = u32> + Clone + '_ {
         self.backends.iter().map(|b| b.weight)
+    }
+}
+
+/// A sticky split's key: where it is read, and the route that salts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitKey {
+    pub source: KeySource,
+    /// The route's `namespace/name`: the same user lands independently on each route's split.
+    pub salt: Arc<str>,
+}
+
+/// Where a request carries a value: a header, or a cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Header(HeaderName),
+    Cookie(String),
+}
+
+impl KeySource {
+    /// The value in `headers`, if it is there and not empty.
+    pub fn find<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
+        let found = match self {
+            KeySource::Header(name) => headers.get(name)?.to_str().ok(),
+            KeySource::Cookie(name) => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(';'))
+                .find_map(|pair| {
+                    let (key, value) = pair.trim().split_once('=')?;
+                    (key == name).then_some(value)
+                }),
+        };
+        found.filter(|value| !value.is_empty())
+    }
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Header(name) => write!(f, "header:{name}"),
+            KeySource::Cookie(name) => write!(f, "cookie:{name}"),
+        }
     }
 }
 
@@ -666,5 +723,101 @@ mod tests {
             AppProtocol::Detect
         );
         assert_eq!(AppProtocol::from_app_protocol(None), AppProtocol::Detect);
+    }
+
+    /// A rule of two backends at `weights`, split by the header x-user-id, salted `salt`.
+    fn two_way(weights: [u32; 2], salt: &str) -> Rule {
+        let backend = |name: &str, weight| WeightedBackend {
+            backend: BackendRef::Invalid {
+                name: name.into(),
+                reason: String::new(),
+            },
+            weight,
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
+        };
+        Rule {
+            backends: vec![
+                backend("primary", weights[0]),
+                backend("canary", weights[1]),
+            ],
+            split_key: Some(Arc::new(SplitKey {
+                source: KeySource::Header(HeaderName::from_static("x-user-id")),
+                salt: salt.into(),
+            })),
+            ..Rule::default()
+        }
+    }
+
+    fn user(id: u32) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-user-id", HeaderValue::from(id));
+        headers
+    }
+
+    #[test]
+    fn a_user_on_the_canary_stays_there_as_its_weight_grows() {
+        let users: Vec<HeaderMap> = (0..2_000).map(user).collect();
+        let mut before: Vec<usize> = vec![0; users.len()];
+        for canary in 0..=100 {
+            let rule = two_way([100 - canary, canary], "shop/web");
+            for (user, landed) in users.iter().zip(before.iter_mut()) {
+                let now = rule.sticky_choice(user).unwrap();
+                assert!(now >= *landed, "a user left the canary at weight {canary}");
+                *landed = now;
+            }
+        }
+        assert!(
+            before.iter().all(|&b| b == 1),
+            "at 100% every user is on the canary"
+        );
+    }
+
+    #[test]
+    fn keys_split_within_a_point_of_the_weights_and_alike_on_every_agent() {
+        for canary in [1, 5, 10, 20, 50, 80] {
+            let rule = two_way([100 - canary, canary], "shop/web");
+            // Another agent compiles its own table from the same objects.
+            let elsewhere = two_way([100 - canary, canary], "shop/web");
+            let on_canary = (0..100_000)
+                .filter(|&id| {
+                    let headers = user(id);
+                    let chosen = rule.sticky_choice(&headers).unwrap();
+                    assert_eq!(Some(chosen), elsewhere.sticky_choice(&headers));
+                    chosen == 1
+                })
+                .count();
+            let share = on_canary as f64 / 1_000.0;
+            assert!(
+                (share - f64::from(canary)).abs() <= 1.0,
+                "{share}% at {canary}%"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_without_the_key_is_split_at_random() {
+        let rule = two_way([50, 50], "shop/web");
+        assert_eq!(rule.sticky_choice(&HeaderMap::new()), None);
+        let mut empty = HeaderMap::new();
+        empty.insert("x-user-id", HeaderValue::from_static(""));
+        assert_eq!(rule.sticky_choice(&empty), None);
+        assert_eq!(Rule::default().sticky_choice(&user(1)), None);
+    }
+
+    #[test]
+    fn a_cookie_key_is_read_from_any_cookie_header() {
+        let source = KeySource::Cookie("uid".into());
+        let mut headers = HeaderMap::new();
+        headers.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("a=1; uidx=2"),
+        );
+        headers.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("b=2;uid=u-7 ; c=3"),
+        );
+        assert_eq!(source.find(&headers), Some("u-7"));
+        assert_eq!(KeySource::Cookie("zz".into()).find(&headers), None);
     }
 }

@@ -788,7 +788,7 @@ impl HttpProxy {
                 None => return error(ProxyError::no_route, "no route matches the request"),
             }
         };
-        let (backend, weighted) = match rule.map(choose_backend) {
+        let (backend, weighted) = match rule.map(|rule| choose_backend(rule, &parts.headers)) {
             None => (service.default.clone(), None),
             Some(Ok((backend, weighted))) => (backend, Some(weighted)),
             Some(Err(why)) => return error(ProxyError::invalid_backend, &why),
@@ -1034,10 +1034,17 @@ fn connect_failed(
     error(reason, &format!("connecting to {addr} failed: {e}{note}"))
 }
 
-/// Picks a rule's backend by weight. A share with no backend is an error (the client gets 500,
-/// as the Gateway API requires), described here.
-fn choose_backend(rule: &Rule) -> Result<(Arc<Backend>, &WeightedBackend), String> {
-    let Some(index) = with_rng(|rng| pick_weighted(rule.weights(), rng)) else {
+/// Picks a rule's backend by weight: by the request's split key when the rule has one and the
+/// request carries it, else at random. A share with no backend is an error (the client gets
+/// 500, as the Gateway API requires), described here.
+fn choose_backend<'r>(
+    rule: &'r Rule,
+    headers: &http::HeaderMap,
+) -> Result<(Arc<Backend>, &'r WeightedBackend), String> {
+    let chosen = rule
+        .sticky_choice(headers)
+        .or_else(|| with_rng(|rng| pick_weighted(rule.weights(), rng)));
+    let Some(index) = chosen else {
         return Err("every backend of the matching route has weight 0".into());
     };
     let weighted = &rule.backends[index];
