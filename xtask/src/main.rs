@@ -98,9 +98,11 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
-    /// The benchmark: the data path against direct connections, in one run (as root).
+    /// The benchmark (as root): policy at scale, then the data path against direct
+    /// connections; a full run (no --only) writes docs/benchmarks.md from what it measured.
     Bench {
-        /// Arguments for the benchmark (e.g. --secs 10).
+        /// Arguments for the benchmark (e.g. --secs 10; --only http; --markdown PATH, which
+        /// writes the page there instead, or for one section).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -201,27 +203,70 @@ fn run(task: Task) -> anyhow::Result<()> {
             status(&mut demo)
         }
         Task::FreshCheck { keep } => fresh_check(keep),
-        Task::Bench { args } => {
-            setup()?;
-            // The HTTP load generator, the peer proxies measured beside Aviary, and perf for
-            // `--perf`.
-            ensure_debian_packages(&[
-                ("wrk", &["-v"], "wrk"),
-                ("/usr/sbin/nginx", &["-v"], "nginx-light"),
-                ("/usr/sbin/haproxy", &["-v"], "haproxy"),
-                ("/usr/bin/perf", &["--version"], "linux-perf"),
-            ])?;
-            cargo(&["build", "--release", "--bins"])?;
-            // `--only` is for iterating on one section: the policy benchmark is left out.
-            if !args
-                .iter()
-                .any(|a| a == "--only" || a.starts_with("--only="))
-            {
-                status(&mut tool(target_dir().join("release/aviary-policy-bench")))?;
-            }
-            status(tool(target_dir().join("release/aviary-bench")).args(args))
+        Task::Bench { args } => bench(&args),
+    }
+}
+
+/// The page a full `cargo xtask bench` writes, from the workspace's root.
+const BENCH_PAGE: &str = "docs/benchmarks.md";
+
+/// Installs what the benchmark needs, builds it, and runs it with `args`. A full run (no
+/// `--only`) runs the policy benchmark first and writes [`BENCH_PAGE`] (or the page
+/// `--markdown` names) from both; `--only` is for iterating on one section: the policy
+/// benchmark is left out, and a page is written only when `--markdown` asks for one.
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    // The HTTP load generator, the peer proxies measured beside Aviary, and perf for `--perf`.
+    ensure_debian_packages(&[
+        ("wrk", &["-v"], "wrk"),
+        ("/usr/sbin/nginx", &["-v"], "nginx-light"),
+        ("/usr/sbin/haproxy", &["-v"], "haproxy"),
+        ("/usr/bin/perf", &["--version"], "linux-perf"),
+    ])?;
+    cargo(&["build", "--release", "--bins"])?;
+    let mut bench = tool(target_dir().join("release/aviary-bench"));
+    bench.args(args);
+    if !has_flag(args, "--only") {
+        // The policy benchmark's section, which the page takes in after the goals.
+        let policy = target_dir().join("bench/policy.md");
+        std::fs::create_dir_all(target_dir().join("bench"))?;
+        status(
+            tool(target_dir().join("release/aviary-policy-bench"))
+                .arg("--markdown")
+                .arg(&policy),
+        )?;
+        bench.arg("--policy-markdown").arg(&policy);
+        if !has_flag(args, "--markdown") {
+            bench
+                .arg("--markdown")
+                .arg(workspace_root().join(BENCH_PAGE));
         }
     }
+    bench.arg("--invoked-as").arg(bench_command(args));
+    status(&mut bench)
+}
+
+/// Whether `args` give `flag`, as `--flag value` or `--flag=value`.
+fn has_flag(args: &[String], flag: &str) -> bool {
+    args.iter()
+        .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+}
+
+/// The command line the benchmark's page shows: `cargo xtask bench` and `args`, each quoted
+/// only where a shell needs it.
+fn bench_command(args: &[String]) -> String {
+    let plain = |a: &str| {
+        !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.,:=/+".contains(c))
+    };
+    std::iter::once("cargo xtask bench".to_owned())
+        .chain(
+            args.iter()
+                .map(|a| if plain(a) { a.clone() } else { shell_quote(a) }),
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Where xtask keeps the tools it installs for itself (virtme-ng's environment):
@@ -960,5 +1005,21 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "it's a test");
+    }
+
+    #[test]
+    fn a_full_bench_is_one_without_only_and_its_page_shows_how_it_ran() {
+        let args = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        assert!(has_flag(
+            &args(&["--secs", "5", "--only", "http"]),
+            "--only"
+        ));
+        assert!(has_flag(&args(&["--only=l4"]), "--only"));
+        assert!(!has_flag(&args(&["--secs", "5", "--perf", "3"]), "--only"));
+        assert!(!has_flag(&args(&["--onlyx"]), "--only"));
+        assert_eq!(
+            bench_command(&args(&["--secs", "5", "--agent-args", "--workers 1"])),
+            "cargo xtask bench --secs 5 --agent-args '--workers 1'"
+        );
     }
 }
