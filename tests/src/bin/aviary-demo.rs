@@ -11,7 +11,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Output,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aviary_agent::policy::{local::parse_documents, Object};
-use aviary_tests::{Node, Pod, NODE_IP};
+use aviary_tests::{Agent, Node, Pod, NODE_IP};
 use clap::Parser;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -149,61 +149,66 @@ fn with_weights(route: &str, primary: u32, canary: u32) -> anyhow::Result<String
     Ok(edited)
 }
 
-fn run(args: &Args) -> anyhow::Result<()> {
-    let read = |file: &str| {
-        let path = args.manifests.join(file);
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
-    };
-    let (cluster, route) = (read("cluster.yaml")?, read("httproute.yaml")?);
-    let pods: BTreeMap<String, (String, Ipv4Addr)> = parse_documents(&cluster)?
-        .into_iter()
-        .filter_map(|o| match o {
-            Object::Pod(p) => {
-                let ip = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
-                Some((p.metadata.name.clone()?, (p.metadata.uid.clone()?, ip)))
-            }
-            _ => None,
-        })
-        .collect();
-    let service: SocketAddr = "10.96.0.10:80".parse()?;
-    let count = if args.short { 200 } else { 2000 };
-    let policy = |route: &str| format!("{cluster}\n---\n{route}");
+/// The demo's manifests: the cluster, the HTTPRoute, and each Pod's UID and address.
+struct Manifests {
+    cluster: String,
+    route: String,
+    pods: BTreeMap<String, (String, Ipv4Addr)>,
+}
 
+impl Manifests {
+    fn read(dir: &Path) -> anyhow::Result<Self> {
+        let read = |file: &str| {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        let (cluster, route) = (read("cluster.yaml")?, read("httproute.yaml")?);
+        let pods = parse_documents(&cluster)?
+            .into_iter()
+            .filter_map(|o| match o {
+                Object::Pod(p) => {
+                    let ip = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+                    Some((p.metadata.name.clone()?, (p.metadata.uid.clone()?, ip)))
+                }
+                _ => None,
+            })
+            .collect();
+        Ok(Self {
+            cluster,
+            route,
+            pods,
+        })
+    }
+
+    /// The policy the agent reads: the cluster and `route`.
+    fn policy(&self, route: &str) -> String {
+        format!("{}\n---\n{route}", self.cluster)
+    }
+}
+
+/// The node and its pods, as the demo's steps use them.
+struct Demo {
+    node: Node,
+    frontend: Pod,
+    legacy: Pod,
+    primary: Pod,
+    canary: Pod,
+    mirror: Pod,
+    /// The podinfo Service's VIP.
+    service: SocketAddr,
+    /// Requests per batch.
+    count: u32,
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let manifests = Manifests::read(&args.manifests)?;
+    let count = if args.short { 200 } else { 2000 };
     println!("Aviary demo: a canary in local mode, on a node built from network namespaces.");
     step(
         1,
         "Building the node: a bridge, and one network namespace and kubepods cgroup per Pod",
     )?;
-    let Some(node) = Node::new() else {
-        bail!("the demo needs root (network namespaces, cgroups, eBPF)")
-    };
-    let pod = |name: &str| -> anyhow::Result<Pod> {
-        let (uid, ip) = pods
-            .get(name)
-            .with_context(|| format!("no Pod {name} in cluster.yaml"))?;
-        Ok(node.add_pod_as(name, uid, *ip))
-    };
-    let (frontend, legacy) = (pod("frontend")?, pod("legacy")?);
-    let (primary, canary, mirror) = (
-        pod("podinfo-primary")?,
-        pod("podinfo-canary")?,
-        pod("podinfo-mirror")?,
-    );
-    for backend in [&primary, &canary, &mirror] {
-        node.serve_http(backend, BACKEND_PORT);
-    }
-    // What kube-proxy does for traffic Aviary does not capture: the VIP reaches the primary.
-    node.serve_http(&primary, 80);
-    node.add_vip(service.ip().to_string().parse()?, &primary);
-    for p in [&frontend, &legacy, &primary, &canary, &mirror] {
-        println!(
-            "      pod {:<16} {:<14} cgroup {}",
-            p.name,
-            p.ip,
-            p.cgroup.parent().unwrap().display()
-        );
-    }
-
+    let demo = Demo::build(&manifests, count)?;
     step(
         2,
         &format!(
@@ -211,99 +216,189 @@ fn run(args: &Args) -> anyhow::Result<()> {
             args.manifests.display()
         ),
     )?;
-    node.write_policy(&policy(&route));
-    let mut agent = node.start_agent_quietly(&[]);
-    agent.wait_for_capture(&[&frontend, &primary, &canary, &mirror], 4);
-    agent.wait_for_log("routed=4", Duration::from_secs(10));
-    println!("      HTTPRoute demo/podinfo: podinfo-primary 90, podinfo-canary 10, GETs mirrored to podinfo-mirror");
-
+    let mut agent = demo.start_agent(&manifests);
     step(
         3,
         "frontend (enrolled) -> podinfo, one keep-alive connection per batch",
     )?;
-    report(&node, &frontend, service, "GET", count)?;
-    report(&node, &frontend, service, "POST", count / 4)?;
-
+    demo.report(&demo.frontend, "GET", count)?;
+    demo.report(&demo.frontend, "POST", count / 4)?;
     step(
         4,
         "What the mirror received (its responses are read and discarded)",
     )?;
-    let stats = format!("{}:{BACKEND_PORT}", mirror.ip);
-    let mirrored = aviary_tests::wait_until(Duration::from_secs(10), || {
-        let out = node.run(&legacy, &["http-get", &stats, "/stats"], CLIENT_TIMEOUT);
-        let body = String::from_utf8_lossy(&out.stdout).into_owned();
-        body.contains(&format!("mirrored GET {count}"))
-            .then_some(body)
-    })
-    .context("the mirror never received every GET")?;
-    println!("      podinfo-mirror got {count} GET copies, marked x-aviary-mirror: 1");
-    let posts = mirrored.lines().any(|l| l.starts_with("mirrored POST"));
-    println!(
-        "      POSTs mirrored: {}",
-        if posts {
-            "some (unexpected!)"
-        } else {
-            "none: only idempotent requests are"
-        }
-    );
-
-    let metrics_addr = format!("{}:15020", aviary_tests::NODE_IP);
-    let out = node.run(
-        &legacy,
-        &["http-get", &metrics_addr, "/metrics"],
-        CLIENT_TIMEOUT,
-    );
-    let metrics = String::from_utf8_lossy(&out.stdout);
-    let sample = |series: &str, labels: &[(&str, &str)]| {
-        aviary_agent::metrics::sample(&metrics, series, labels)
-    };
-    println!("      the agent's metrics (http://{metrics_addr}/metrics) say:");
-    for outcome in ["sent", "skipped_not_idempotent"] {
-        println!(
-            "        aviary_mirror_requests_total{{outcome=\"{outcome}\"}} {}",
-            sample("aviary_mirror_requests_total", &[("outcome", outcome)])
-        );
-    }
-    for version in ["podinfo-primary", "podinfo-canary"] {
-        println!(
-            "        aviary_requests_total{{destination_version=\"{version}\",method=\"GET\"}} {}",
-            sample(
-                "aviary_requests_total",
-                &[
-                    ("destination_version", version),
-                    ("method", "GET"),
-                    ("mirror", "false")
-                ]
-            )
-        );
-    }
-
+    demo.show_mirror()?;
+    demo.show_metrics();
     step(5, "Promoting the canary by editing the HTTPRoute's weights")?;
-    for (p, c) in [(50, 50), (0, 100)] {
-        node.write_policy(&policy(&with_weights(&route, p, c)?));
-        agent.wait_for_log(
-            &format!("generation={}", if p == 50 { 2 } else { 3 }),
-            Duration::from_secs(5),
-        );
-        println!("      weights {p}/{c}:");
-        report(&node, &frontend, service, "GET", count)?;
-    }
-
+    demo.promote(&manifests, &agent)?;
     step(6, "legacy (opted out) -> podinfo")?;
-    report(&node, &legacy, service, "GET", count / 10)?;
-
+    demo.report(&demo.legacy, "GET", count / 10)?;
     step(7, "Killing the agent with SIGKILL: capture fails open")?;
     agent.kill();
-    report(&node, &frontend, service, "GET", count / 10)?;
+    demo.report(&demo.frontend, "GET", count / 10)?;
+    show_counters(&agent)
+}
 
+impl Demo {
+    /// The node, with a network namespace and cgroup for each Pod of the manifests, the
+    /// backends serving, and the VIP reaching the primary.
+    fn build(manifests: &Manifests, count: u32) -> anyhow::Result<Demo> {
+        let Some(node) = Node::new() else {
+            bail!("the demo needs root (network namespaces, cgroups, eBPF)")
+        };
+        let pod = |name: &str| -> anyhow::Result<Pod> {
+            let (uid, ip) = manifests
+                .pods
+                .get(name)
+                .with_context(|| format!("no Pod {name} in cluster.yaml"))?;
+            Ok(node.add_pod_as(name, uid, *ip))
+        };
+        let (frontend, legacy) = (pod("frontend")?, pod("legacy")?);
+        let (primary, canary, mirror) = (
+            pod("podinfo-primary")?,
+            pod("podinfo-canary")?,
+            pod("podinfo-mirror")?,
+        );
+        for backend in [&primary, &canary, &mirror] {
+            node.serve_http(backend, BACKEND_PORT);
+        }
+        let service: SocketAddr = "10.96.0.10:80".parse()?;
+        // What kube-proxy does for traffic Aviary does not capture: the VIP reaches the primary.
+        node.serve_http(&primary, 80);
+        node.add_vip(service.ip().to_string().parse()?, &primary);
+        for p in [&frontend, &legacy, &primary, &canary, &mirror] {
+            println!(
+                "      pod {:<16} {:<14} cgroup {}",
+                p.name,
+                p.ip,
+                p.cgroup.parent().unwrap().display()
+            );
+        }
+        Ok(Demo {
+            node,
+            frontend,
+            legacy,
+            primary,
+            canary,
+            mirror,
+            service,
+            count,
+        })
+    }
+
+    /// The agent, over the manifests, once it captures the enrolled pods and routes.
+    fn start_agent(&self, manifests: &Manifests) -> Agent {
+        self.node.write_policy(&manifests.policy(&manifests.route));
+        let agent = self.node.start_agent_quietly(&[]);
+        agent.wait_for_capture(
+            &[&self.frontend, &self.primary, &self.canary, &self.mirror],
+            4,
+        );
+        agent.wait_for_log("routed=4", Duration::from_secs(10));
+        println!("      HTTPRoute demo/podinfo: podinfo-primary 90, podinfo-canary 10, GETs mirrored to podinfo-mirror");
+        agent
+    }
+
+    fn report(&self, client: &Pod, method: &str, count: u32) -> anyhow::Result<()> {
+        report(&self.node, client, self.service, method, count)
+    }
+
+    /// What the mirror's own counts say: every GET copied, no POST.
+    fn show_mirror(&self) -> anyhow::Result<()> {
+        let count = self.count;
+        let stats = format!("{}:{BACKEND_PORT}", self.mirror.ip);
+        let mirrored = aviary_tests::wait_until(Duration::from_secs(10), || {
+            let out = self.node.run(
+                &self.legacy,
+                &["http-get", &stats, "/stats"],
+                CLIENT_TIMEOUT,
+            );
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            body.contains(&format!("mirrored GET {count}"))
+                .then_some(body)
+        })
+        .context("the mirror never received every GET")?;
+        println!("      podinfo-mirror got {count} GET copies, marked x-aviary-mirror: 1");
+        let posts = mirrored.lines().any(|l| l.starts_with("mirrored POST"));
+        println!(
+            "      POSTs mirrored: {}",
+            if posts {
+                "some (unexpected!)"
+            } else {
+                "none: only idempotent requests are"
+            }
+        );
+        Ok(())
+    }
+
+    /// What the agent's metrics say of the mirror and of each version's requests.
+    fn show_metrics(&self) {
+        let out = self.node.run(
+            &self.legacy,
+            &["http-get", &metrics_addr(), "/metrics"],
+            CLIENT_TIMEOUT,
+        );
+        let metrics = String::from_utf8_lossy(&out.stdout);
+        let sample = |series: &str, labels: &[(&str, &str)]| {
+            aviary_agent::metrics::sample(&metrics, series, labels)
+        };
+        println!(
+            "      the agent's metrics (http://{}/metrics) say:",
+            metrics_addr()
+        );
+        for outcome in ["sent", "skipped_not_idempotent"] {
+            println!(
+                "        aviary_mirror_requests_total{{outcome=\"{outcome}\"}} {}",
+                sample("aviary_mirror_requests_total", &[("outcome", outcome)])
+            );
+        }
+        for version in ["podinfo-primary", "podinfo-canary"] {
+            println!(
+                "        aviary_requests_total{{destination_version=\"{version}\",method=\"GET\"}} {}",
+                sample(
+                    "aviary_requests_total",
+                    &[
+                        ("destination_version", version),
+                        ("method", "GET"),
+                        ("mirror", "false")
+                    ]
+                )
+            );
+        }
+    }
+
+    /// The route's weights edited to 50/50, then 0/100, each followed by a batch.
+    fn promote(&self, manifests: &Manifests, agent: &Agent) -> anyhow::Result<()> {
+        for (p, c) in [(50, 50), (0, 100)] {
+            let route = with_weights(&manifests.route, p, c)?;
+            self.node.write_policy(&manifests.policy(&route));
+            agent.wait_for_log(
+                &format!("generation={}", if p == 50 { 2 } else { 3 }),
+                Duration::from_secs(5),
+            );
+            println!("      weights {p}/{c}:");
+            self.report(&self.frontend, "GET", self.count)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the agent serves its metrics, in the node's network namespace.
+fn metrics_addr() -> String {
+    format!("{}:15020", aviary_tests::NODE_IP)
+}
+
+/// The eBPF counters the killed agent left pinned, and where its endpoints were.
+fn show_counters(agent: &Agent) -> anyhow::Result<()> {
     println!("\neBPF counters (from the maps the killed agent left pinned):");
     for (name, value) in agent.stats().counters()? {
         println!("      {name:<22} {value}");
     }
     println!(
         "\nWhile the agent ran, Prometheus metrics (with Flagger's http_request_duration_seconds) \
-         were at http://{metrics_addr}/metrics and the admin endpoint at 127.0.0.1:15000 \
-         (`aviary-agent status`), inside the node's network namespace. docs/metrics.md lists them."
+         were at http://{}/metrics and the admin endpoint at 127.0.0.1:15000 \
+         (`aviary-agent status`), inside the node's network namespace. docs/metrics.md lists them.",
+        metrics_addr()
     );
     println!("Cleaning up the node, its pods, cgroups and pins...");
     Ok(())
