@@ -31,7 +31,10 @@ pub fn fractional(args: &[Value], flag_key: &str, targeting_key: Option<&Value>)
         .collect::<Option<Vec<(&Value, u64)>>>()?;
     let mut encoded = Vec::new();
     cbor(&normalized(&bucketing), &mut encoded);
-    let chosen = bucket_of(murmur3_32(&encoded, 0), buckets.iter().map(|(_, weight)| *weight))?;
+    let chosen = bucket_of(
+        murmur3_32(&encoded, 0),
+        buckets.iter().map(|(_, weight)| *weight),
+    )?;
     Some(buckets[chosen].0.clone())
 }
 
@@ -302,7 +305,11 @@ mod tests {
 
     #[test]
     fn a_pair_hashes_as_fractional_hashes_it() {
-        for (a, b) in [("f", "u"), ("", "🦜"), ("default/reviews", &"k".repeat(300) as &str)] {
+        for (a, b) in [
+            ("f", "u"),
+            ("", "🦜"),
+            ("default/reviews", &"k".repeat(300) as &str),
+        ] {
             let mut out = Vec::new();
             cbor(&json!([a, b]), &mut out);
             assert_eq!(pair_hash(a, b), murmur3_32(&out, 0));
