@@ -523,7 +523,7 @@ mod tests {
         });
         let running = listener.successor().await;
         let outbound_fd = outbound.as_fd().try_clone_to_owned().unwrap();
-        let state = RelayState { peer, route: None };
+        let state = RelayState { peer, edge: None };
         let http1 = Http1State {
             listener: Direction::outbound,
             peer,

@@ -17,8 +17,7 @@ use aviary_agent::{
     kubernetes::{api_access, node_pods},
     policy::{Meta, PodMeta},
     proxy::metrics::{
-        DenialReason, Direction, MethodClass, Metrics, MirrorOutcome, RequestLabels, Route,
-        Security,
+        DenialReason, Direction, Edge, MethodClass, Metrics, MirrorOutcome, RequestLabels, Security,
     },
     table::Workload,
 };
@@ -679,7 +678,7 @@ fn exported() -> BTreeSet<String> {
     // A family shows once it has a series: record one of each.
     let metrics = Metrics::new(true, None);
     let name = |s: &str| -> Arc<str> { s.into() };
-    let route = Route {
+    let edge = Edge {
         direction: Direction::outbound,
         source_namespace: name("a"),
         source_workload: name("a"),
@@ -692,7 +691,7 @@ fn exported() -> BTreeSet<String> {
         connection_security_policy: Security::mutual_tls,
     };
     let labels = RequestLabels {
-        route: route.clone(),
+        edge: edge.clone(),
         method: MethodClass::GET,
         status_code: 200,
         mirror: false,
@@ -707,7 +706,7 @@ fn exported() -> BTreeSet<String> {
         .record(std::time::Duration::from_millis(1));
     metrics.mirror(MirrorOutcome::Sent, &name("b"), &name("b"));
     metrics.denied(DenialReason::not_allowed, None, &pod);
-    let tcp = metrics.tcp_series(&route);
+    let tcp = metrics.tcp_series(&edge);
     tcp.opened();
     tcp.closed(1, 1);
     let text = metrics.render();

@@ -30,7 +30,7 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
-use crate::proxy::metrics::{Direction, Route};
+use crate::proxy::metrics::{Direction, Edge};
 
 /// A connection on its way to the successor agent, with what carrying it on needs.
 #[derive(Debug)]
@@ -65,8 +65,10 @@ pub struct Http1State {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RelayState {
     pub peer: SocketAddr,
-    /// The route it is measured along, with the backend and pod the split chose.
-    pub route: Option<Route>,
+    /// The edge it is measured along, with the backend and pod the split chose. Named
+    /// "route" in the hand-off, as agents before this name sent it.
+    #[serde(rename = "route")]
+    pub edge: Option<Edge>,
 }
 
 /// What connections are asked to do.

@@ -36,7 +36,7 @@ use super::{
     ConnectionLimit,
 };
 use crate::{
-    proxy::metrics::{DenialReason, Metrics, Principals, Route},
+    proxy::metrics::{DenialReason, Edge, Metrics, Principals},
     state::SnapshotRx,
 };
 
@@ -90,10 +90,10 @@ impl Inbound {
                 return Box::pin(self.serve_tunnels(client, pod, peer, &mesh)).await;
             }
         }
-        let (route, protocol, identity, admitted) = {
+        let (edge, protocol, identity, admitted) = {
             let table = self.routes.load();
             let destination = table.pod(pod.ip());
-            let route = Route::inbound(&table.pod(peer.ip()), &destination);
+            let edge = Edge::inbound(&table.pod(peer.ip()), &destination);
             // A client that is an enrolled pod of this node (over the bridge, in plain text)
             // is known by its identity, as it is when it calls through a Service.
             let identity = table.local(peer.ip()).and_then(|p| p.identity.clone());
@@ -108,7 +108,7 @@ impl Inbound {
                     }),
                 None => Ok(()),
             };
-            (route, table.endpoint_protocol(&pod), identity, admitted)
+            (edge, table.endpoint_protocol(&pod), identity, admitted)
         };
         let detected = read_as(protocol, &client, self.detect_timeout).await;
         if let Err(denied) = admitted {
@@ -127,7 +127,7 @@ impl Inbound {
                     Box::pin(self.http.clone().serve_inbound(client, pod, peer)).await
                 }
                 Detected::Opaque => {
-                    super::splice(client, pod, self.mark, self.relay(peer, &route)).await
+                    super::splice(client, pod, self.mark, self.relay(peer, &edge)).await
                 }
             }
         };
@@ -215,11 +215,11 @@ impl Inbound {
             source: peer,
             destination: destination.clone(),
         });
-        let (route, protocol) = {
+        let (edge, protocol) = {
             let table = self.routes.load();
-            let route = Route::inbound(&table.pod(source.ip()), &table.pod(target.ip()));
+            let edge = Edge::inbound(&table.pod(source.ip()), &table.pod(target.ip()));
             (
-                route.over_mtls(&principals),
+                edge.over_mtls(&principals),
                 table.endpoint_protocol(&target),
             )
         };
@@ -238,7 +238,7 @@ impl Inbound {
                 }
                 Detected::Opaque => match connect_marked(target, self.mark).await {
                     Ok(upstream) => {
-                        let relay = self.relay(source, &route);
+                        let relay = self.relay(source, &edge);
                         relay.run_in_place(tunnel, upstream, Some(target)).await
                     }
                     Err(error) => debug!(%source, %target, %error, "delivering a tunnel failed"),
@@ -253,12 +253,12 @@ impl Inbound {
         }
     }
 
-    fn relay<'a>(&'a self, peer: SocketAddr, route: &'a Route) -> super::Relay<'a> {
+    fn relay<'a>(&'a self, peer: SocketAddr, edge: &'a Edge) -> super::Relay<'a> {
         super::Relay {
             peer,
             idle_timeout: self.http.config().idle_timeout,
             metrics: &self.metrics,
-            route: Some(route),
+            edge: Some(edge),
             drain: self.http.drain(),
         }
     }

@@ -128,11 +128,12 @@ impl From<&Method> for MethodClass {
     }
 }
 
-/// Who sent a request or opened a connection, and where it went.
+/// Who sent a request or opened a connection, and where it went: one edge of the graph of
+/// workloads, as the metrics label it.
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet, serde::Serialize, serde::Deserialize,
 )]
-pub struct Route {
+pub struct Edge {
     pub direction: Direction,
     pub source_namespace: Name,
     pub source_workload: Name,
@@ -171,7 +172,7 @@ pub enum Security {
     mutual_tls,
 }
 
-impl Route {
+impl Edge {
     /// Traffic from `source` to `service`, answered by the backend Service `version` at `pod`.
     pub fn outbound(
         source: &Workload,
@@ -193,7 +194,7 @@ impl Route {
         }
     }
 
-    /// The same route, carried over mutual TLS between the identities `principals` names.
+    /// The same edge, carried over mutual TLS between the identities `principals` names.
     pub fn over_mtls(self, principals: &Principals) -> Self {
         Self {
             source_principal: principals.source.to_string().into(),
@@ -229,7 +230,7 @@ struct ListenerLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
     #[prometheus(flatten)]
-    pub route: Route,
+    pub edge: Edge,
     pub method: MethodClass,
     pub status_code: u16,
     /// "true" for mirror copies, whose responses no user sees.
@@ -444,7 +445,7 @@ impl Values for TcpValues {
 /// then [`record`](Self::record)ed through as often as wanted, with atomic increments only. A
 /// clone shares the same series.
 ///
-/// A handle is meant to be kept while its labels hold (e.g. per connection, route, method and
+/// A handle is meant to be kept while its labels hold (e.g. per connection, edge, method and
 /// status); a holder that keeps it longer compares [`Metrics::removals`] before each use, as
 /// the series may have expired, and resolves it again when that moved.
 #[derive(Debug, Clone)]
@@ -466,7 +467,7 @@ impl RequestSeries {
     }
 }
 
-/// The series of opaque TCP connections along one [`Route`]: resolved once per connection by
+/// The series of opaque TCP connections along one [`Edge`]: resolved once per connection by
 /// [`Metrics::tcp_series`], then updated with atomic increments only. A clone shares the same
 /// series, which is never removed while a handle to it lives: a connection holds one from its
 /// open to its close.
@@ -476,12 +477,12 @@ pub struct TcpSeries {
 }
 
 impl TcpSeries {
-    /// A connection along the route was opened (its upstream connect succeeded).
+    /// A connection along the edge was opened (its upstream connect succeeded).
     pub fn opened(&self) {
         self.values.opened.inc();
     }
 
-    /// A connection along the route ended, having copied `sent` bytes from the client to the
+    /// A connection along the edge ended, having copied `sent` bytes from the client to the
     /// destination and `received` bytes back.
     pub fn closed(&self, sent: u64, received: u64) {
         self.values.closed.inc();
@@ -503,7 +504,7 @@ pub struct Metrics {
     ejections: Arc<Store<EndpointFailureLabels, Counter>>,
     proxy_errors: Arc<Store<ProxyErrorLabels, Counter>>,
     /// The four `aviary_tcp_` families.
-    tcp: Arc<Store<Route, TcpValues>>,
+    tcp: Arc<Store<Edge, TcpValues>>,
     /// By listener kind: two series at most, whose handles the listeners hold for good, so
     /// never swept.
     connections_refused: Family<ListenerLabels, Counter>,
@@ -721,11 +722,11 @@ impl Metrics {
         }
     }
 
-    /// The series opaque TCP connections along `route` are counted in, created if new (one
+    /// The series opaque TCP connections along `edge` are counted in, created if new (one
     /// lookup for the four families).
-    pub fn tcp_series(&self, route: &Route) -> TcpSeries {
+    pub fn tcp_series(&self, edge: &Edge) -> TcpSeries {
         TcpSeries {
-            values: self.tcp.series(route),
+            values: self.tcp.series(edge),
         }
     }
 
@@ -1088,7 +1089,7 @@ mod tests {
     fn a_tcp_series_with_a_connection_open_outlives_the_expiry() {
         let metrics = Metrics::new(false, None);
         let start = Instant::now();
-        let connection = metrics.tcp_series(&route("db"));
+        let connection = metrics.tcp_series(&edge("db"));
         connection.opened();
         for expiries in 0..3 {
             metrics.sweep(EXPIRY, start + expiries * EXPIRY);
@@ -1118,8 +1119,8 @@ mod tests {
         s.into()
     }
 
-    fn route(service: &str) -> Route {
-        Route {
+    fn edge(service: &str) -> Edge {
+        Edge {
             direction: Direction::outbound,
             source_namespace: name("web"),
             source_workload: name("frontend"),
@@ -1135,7 +1136,7 @@ mod tests {
 
     fn labels(service: &str, status_code: u16, mirror: bool) -> RequestLabels {
         RequestLabels {
-            route: route(service),
+            edge: edge(service),
             method: MethodClass::GET,
             status_code,
             mirror,
@@ -1191,7 +1192,7 @@ mod tests {
 
         // The same for opaque TCP, from several threads sharing one handle.
         let (looked_up, handled) = (Metrics::new(false, None), Metrics::new(false, None));
-        let db = route("db");
+        let db = edge("db");
         let tcp = handled.tcp_series(&db);
         std::thread::scope(|scope| {
             for _ in 0..4 {

@@ -30,7 +30,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::proxy::metrics::{Direction, Metrics, Route};
+use crate::proxy::metrics::{Direction, Edge, Metrics};
 
 const BACKLOG: u32 = 4096;
 
@@ -222,7 +222,7 @@ pub fn carry_on(
                         peer: state.peer,
                         idle_timeout: http.config().idle_timeout,
                         metrics: &metrics,
-                        route: state.route.as_ref(),
+                        edge: state.edge.as_ref(),
                         drain: http.drain(),
                     };
                     relay.run(client, upstream).await
@@ -238,8 +238,8 @@ pub struct Relay<'a> {
     /// Both sockets close once neither moved a byte for this long.
     pub idle_timeout: Option<Duration>,
     pub metrics: &'a Metrics,
-    /// A routed connection is counted in the metrics along its route.
-    pub route: Option<&'a Route>,
+    /// A routed connection is counted in the metrics along its edge.
+    pub edge: Option<&'a Edge>,
     /// A drain that hands connections over moves this one, once every byte read is written.
     pub drain: &'a drain::Drain,
 }
@@ -281,7 +281,7 @@ impl Relay<'_> {
             };
             let state = drain::RelayState {
                 peer,
-                route: self.route.cloned(),
+                edge: self.edge.cloned(),
             };
             if handover.send(drain::Moved::Relay {
                 client,
@@ -314,7 +314,7 @@ impl Relay<'_> {
     }
 
     fn opened(&self) -> Option<metrics::TcpSeries> {
-        let series = self.route.map(|route| self.metrics.tcp_series(route));
+        let series = self.edge.map(|edge| self.metrics.tcp_series(edge));
         if let Some(series) = &series {
             series.opened();
         }
@@ -421,7 +421,7 @@ mod tests {
                 peer,
                 idle_timeout: Some(Duration::from_millis(300)),
                 metrics: &metrics,
-                route: None,
+                edge: None,
                 drain: &drain,
             };
             splice(client, upstream_addr, 0, relay).await;

@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     ebpf::maps::OrigDstTable,
-    proxy::metrics::{Metrics, Route},
+    proxy::metrics::{Edge, Metrics},
 };
 
 /// Binds an IPv4 listener on every address: pods reach it at the node address the programs
@@ -138,7 +138,7 @@ impl Outbound {
             }
             // Held while the connection lasts: the balancer sees open connections as load.
             let in_flight = InFlight::start(endpoint.addr);
-            let route = Route::outbound(
+            let edge = Edge::outbound(
                 source,
                 service,
                 Some(&backend.name),
@@ -147,7 +147,7 @@ impl Outbound {
             let error = if self.http.tunnels_to(&endpoint) {
                 // Boxed: the tunnel's handshakes would otherwise size every opaque connection's
                 // task, tunnelled or not.
-                match Box::pin(self.relay_tunnelled(client, peer, &endpoint, route)).await {
+                match Box::pin(self.relay_tunnelled(client, peer, &endpoint, edge)).await {
                     Some((returned, error)) => {
                         client = returned;
                         error
@@ -160,7 +160,7 @@ impl Outbound {
             } else {
                 match connect_marked(endpoint.addr, self.mark).await {
                     Ok(upstream) => {
-                        self.relay(peer, Some(&route)).run(client, upstream).await;
+                        self.relay(peer, Some(&edge)).run(client, upstream).await;
                         drop(in_flight);
                         return;
                     }
@@ -188,7 +188,7 @@ impl Outbound {
         client: TcpStream,
         peer: SocketAddr,
         endpoint: &Endpoint,
-        route: Route,
+        edge: Edge,
     ) -> Option<(TcpStream, String)> {
         let from = TunnelFrom::of(&self.routes.load(), peer);
         let tunnelled = match self.http.upstream(endpoint, from.as_ref()) {
@@ -205,8 +205,8 @@ impl Outbound {
             .tunnel(from, endpoint.addr, server, Detected::Opaque);
         match opened.await {
             Ok((tunnel, principals)) => {
-                let route = route.over_mtls(&principals);
-                let relay = self.relay(peer, Some(&route));
+                let edge = edge.over_mtls(&principals);
+                let relay = self.relay(peer, Some(&edge));
                 relay
                     .run_in_place(client, tunnel, Some(endpoint.addr))
                     .await;
@@ -221,12 +221,12 @@ impl Outbound {
         }
     }
 
-    fn relay<'a>(&'a self, peer: SocketAddr, route: Option<&'a Route>) -> Relay<'a> {
+    fn relay<'a>(&'a self, peer: SocketAddr, edge: Option<&'a Edge>) -> Relay<'a> {
         Relay {
             peer,
             idle_timeout: self.http.config().idle_timeout,
             metrics: &self.metrics,
-            route,
+            edge,
             drain: self.http.drain(),
         }
     }

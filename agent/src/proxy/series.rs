@@ -126,14 +126,14 @@ pub fn record(
 mod tests {
     use std::time::Instant;
 
-    use crate::{metrics::sample, proxy::metrics::Route};
+    use crate::{metrics::sample, proxy::metrics::Edge};
 
     use super::*;
 
     fn labels(service: &str) -> RequestLabels {
         let name = |s: &str| -> Arc<str> { s.into() };
         RequestLabels {
-            route: Route {
+            edge: Edge {
                 direction: Direction::outbound,
                 source_namespace: name("web"),
                 source_workload: name("frontend"),

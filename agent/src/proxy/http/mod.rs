@@ -716,12 +716,12 @@ impl HttpProxy {
                 )
                 .over_mtls(conn.principals.as_ref());
                 let labels = || {
-                    let mut route = metrics::Route::inbound(source, destination);
+                    let mut edge = metrics::Edge::inbound(source, destination);
                     if let Some(principals) = &conn.principals {
-                        route = route.over_mtls(principals);
+                        edge = edge.over_mtls(principals);
                     }
                     let labels = RequestLabels {
-                        route,
+                        edge,
                         method,
                         status_code: status,
                         mirror,
@@ -995,17 +995,17 @@ impl OutboundAnswer<'_> {
         )
         .over_mtls(self.principals);
         let labels = || {
-            let mut route = metrics::Route::outbound(
+            let mut edge = metrics::Edge::outbound(
                 self.source,
                 self.service,
                 self.backend.map(|b| &b.name),
                 self.pod.map(|p| &**p),
             );
             if let Some(principals) = self.principals {
-                route = route.over_mtls(principals);
+                edge = edge.over_mtls(principals);
             }
             let labels = RequestLabels {
-                route,
+                edge,
                 method,
                 status_code: status,
                 mirror: self.mirror,

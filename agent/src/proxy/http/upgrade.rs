@@ -74,7 +74,7 @@ impl Upgrade {
                 peer,
                 idle_timeout,
                 metrics: &metrics,
-                route: None,
+                edge: None,
                 drain: &drain,
             };
             // A client that is not a TCP connection of this agent's (a tunnel's stream, or the
