@@ -186,7 +186,24 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
         "enrolled": snapshot.policy.enrolled.values().collect::<Vec<_>>(),
         "captured": snapshot.policy.captured.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "routes": describe_routes(&snapshot.routes),
+        "flags": describe_flags(&snapshot.routes),
     })
+}
+
+/// Each namespace's feature flags: every key, with the FeatureFlag object that answers it.
+fn describe_flags(table: &RouteTable) -> Value {
+    let namespaces = table.flags.iter().map(|(namespace, flags)| {
+        let keys: serde_json::Map<String, Value> = flags
+            .keys()
+            .into_iter()
+            .filter_map(|key| {
+                let (object, _) = flags.sets.iter().find(|(_, set)| set.contains(key))?;
+                Some((key.to_owned(), Value::from(object.as_str())))
+            })
+            .collect();
+        (namespace.clone(), Value::Object(keys))
+    });
+    Value::Object(namespaces.collect())
 }
 
 /// Every routed service address, sorted, with its rules.
@@ -485,6 +502,31 @@ mod tests {
         assert_eq!(
             described[0]["rules"][0]["backends"][0]["endpoints"][0],
             "10.244.1.3:8080"
+        );
+    }
+
+    #[test]
+    fn flags_are_described_by_namespace_with_the_object_that_answers_each() {
+        let set = |flags: Value| {
+            Arc::new(aviary_flags::FlagSet::parse(&json!({ "flags": flags })).unwrap())
+        };
+        let flag = json!({"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a"});
+        let flags = crate::table::flags::NamespaceFlags {
+            sets: vec![
+                ("checkout".into(), set(json!({"new-checkout": flag}))),
+                (
+                    "ui".into(),
+                    set(json!({"new-checkout": flag, "dark-mode": flag})),
+                ),
+            ],
+        };
+        let table = RouteTable {
+            flags: [("shop".to_owned(), Arc::new(flags))].into_iter().collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            describe_flags(&table),
+            json!({"shop": {"dark-mode": "ui", "new-checkout": "checkout"}})
         );
     }
 }

@@ -175,6 +175,10 @@ impl FlagSet {
         self.flags.keys().map(String::as_str)
     }
 
+    pub fn contains(&self, key: &str) -> bool {
+        self.flags.contains_key(key)
+    }
+
     /// The flags that cannot be used, with why.
     pub fn refused(&self) -> impl Iterator<Item = (&str, &str)> {
         self.flags.iter().filter_map(|(key, entry)| match entry {

@@ -348,6 +348,7 @@ fn api_version_kind(collection: &str) -> (String, String) {
         "events" => "Event",
         "nodes" => "Node",
         "nodepods" => "NodePods",
+        "featureflags" => "FeatureFlag",
         other => other,
     };
     (api_version, kind.to_owned())

@@ -341,7 +341,7 @@ async fn bookmarks_outages_and_410_gone_keep_the_last_good_state_then_relist() {
     })
     .await;
     eventually("every watch is open", || async {
-        (server.open_watches() == 6).then_some(())
+        (server.open_watches() == 7).then_some(())
     })
     .await;
     server.bookmark();
@@ -385,7 +385,7 @@ async fn bookmarks_outages_and_410_gone_keep_the_last_good_state_then_relist() {
 
     // A dropped stream resumes from where it was, without a relist.
     eventually("every watch is open again", || async {
-        (server.open_watches() == 6).then_some(())
+        (server.open_watches() == 7).then_some(())
     })
     .await;
     server.drop_watches();
@@ -419,6 +419,102 @@ async fn without_the_httproute_crd_policy_applies_and_routes_arrive_once_it_is_i
                 ("podinfo-primary".into(), 80),
                 ("podinfo-canary".into(), 20),
             ]
+    })
+    .await;
+}
+
+const FLAG_API: &str = "core.openfeature.dev/v1beta1";
+
+/// A FeatureFlag in the enrolled namespace: `new-checkout` on for `share`% of users.
+fn feature_flag(share: i32, default_variant: &str) -> String {
+    format!(
+        "apiVersion: {FLAG_API}\nkind: FeatureFlag\nmetadata: {{name: checkout, namespace: test}}\n\
+         spec:\n  flagSpec:\n    flags:\n      new-checkout:\n        state: ENABLED\n        \
+         variants: {{\"on\": true, \"off\": false}}\n        defaultVariant: \"{default_variant}\"\n        \
+         targeting: {{fractional: [[\"on\", {share}], [\"off\", {}]]}}\n",
+        100 - share
+    )
+}
+
+/// Of 1,000 users, how many the snapshot's `new-checkout` turns on.
+fn users_on(snapshot: &Snapshot) -> Option<usize> {
+    let flags = snapshot.routes.flags.get("test")?;
+    let on = (0..1000)
+        .filter(|user| {
+            let context = serde_json::Map::from_iter([(
+                "targetingKey".to_owned(),
+                Value::from(format!("user-{user}")),
+            )]);
+            flags.evaluate("new-checkout", &context, 0).variant == Some("on")
+        })
+        .count();
+    Some(on)
+}
+
+#[tokio::test]
+async fn feature_flags_come_from_featureflag_objects_and_a_bad_one_keeps_the_last_good_version() {
+    let server = ApiServer::start().await.unwrap();
+    server.apply_yaml(CLUSTER);
+    // Without OpenFeature's CRD, policy applies; its flags arrive once it is installed.
+    server.set_served(FLAG_API, "FeatureFlag", false);
+    let mut source = start(&server, Some(NODE));
+    let first = snapshot_where(&mut source.snapshots, "policy without flags", |s| {
+        s.generation > 0
+    })
+    .await;
+    assert!(first.routes.flags.is_empty());
+    server.set_served(FLAG_API, "FeatureFlag", true);
+    server.apply_yaml(&feature_flag(20, "off"));
+    let at_20 = snapshot_where(&mut source.snapshots, "the flag applies", |s| {
+        users_on(s).is_some()
+    })
+    .await;
+    let on_at_20 = users_on(&at_20).unwrap();
+    assert!(
+        (150..=250).contains(&on_at_20),
+        "{on_at_20} of 1000 users on at 20%"
+    );
+
+    // A default variant that is not one: refused, with an Event, and 20% stays in force.
+    server.apply_yaml(&feature_flag(50, "maybe"));
+    let event = eventually("a Warning event about the FeatureFlag", || async {
+        server
+            .requests()
+            .iter()
+            .find(|r| r.starts_with("POST /apis/events.k8s.io/v1/namespaces/test/events"))
+            .cloned()
+    })
+    .await;
+    assert!(!event.is_empty());
+    assert_eq!(
+        users_on(&source.snapshots.borrow_and_update()),
+        Some(on_at_20)
+    );
+
+    // Fixed, at 50%: every user the flag turned on at 20% is still on.
+    server.apply_yaml(&feature_flag(50, "off"));
+    let at_50 = snapshot_where(&mut source.snapshots, "the flag at 50% applies", |s| {
+        users_on(s).is_some_and(|on| on > on_at_20)
+    })
+    .await;
+    let flags_20 = &at_20.routes.flags["test"];
+    let flags_50 = &at_50.routes.flags["test"];
+    for user in 0..1000 {
+        let context = serde_json::Map::from_iter([(
+            "targetingKey".to_owned(),
+            Value::from(format!("user-{user}")),
+        )]);
+        if flags_20.evaluate("new-checkout", &context, 0).variant == Some("on") {
+            assert_eq!(
+                flags_50.evaluate("new-checkout", &context, 0).variant,
+                Some("on")
+            );
+        }
+    }
+
+    server.delete(FLAG_API, "FeatureFlag", "test", "checkout");
+    snapshot_where(&mut source.snapshots, "the deleted flags are gone", |s| {
+        s.routes.flags.is_empty()
     })
     .await;
 }

@@ -5,6 +5,7 @@
 //! and outages, and resume from bookmarks. Meanwhile the store and the snapshot stay as they
 //! were, so traffic carries on under the last good policy.
 
+pub mod feature_flags;
 pub mod lease;
 pub mod node_pods;
 pub mod status;
@@ -40,7 +41,8 @@ pub enum Update {
     Deleted(ObjectKey),
     /// A complete listing of one kind, after a (re)list.
     Listed(Kind, Vec<Object>),
-    /// The kind's API is not served (the HTTPRoute CRD is not installed): none exist for now.
+    /// The kind's API is not served (the HTTPRoute or FeatureFlag CRD is not installed): none
+    /// exist for now.
     NotServed(Kind),
 }
 
@@ -153,6 +155,7 @@ pub fn api_access() -> Vec<Access> {
         access::<Service>("", WATCH, false),
         access::<EndpointSlice>("", WATCH, false),
         access::<HttpRoute>("", WATCH, false),
+        access::<feature_flags::FeatureFlagObject>("", WATCH, false),
         // status::write_route_status reads the status, then patches it.
         access::<HttpRoute>("/status", &["get", "patch"], false),
         // kube's event Recorder creates an Event, and patches it when it repeats.
@@ -202,7 +205,15 @@ pub fn spawn_watchers(client: &Client, node: &str, updates: mpsc::Sender<Update>
         updates.clone(),
     ));
     tokio::spawn(forward(
-        watcher(Api::<HttpRoute>::all(client.clone()), all),
+        watcher(Api::<HttpRoute>::all(client.clone()), all.clone()),
+        OneToOne,
+        updates.clone(),
+    ));
+    tokio::spawn(forward(
+        watcher(
+            Api::<feature_flags::FeatureFlagObject>::all(client.clone()),
+            all,
+        ),
         OneToOne,
         updates,
     ));

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::lease::{LeaseConfig, LeaseHolder};
 use crate::policy::{
+    feature_flag,
     status::{Condition, RouteStatus, CONTROLLER_NAME},
     Kind, Object, ObjectKey, Store,
 };
@@ -73,6 +74,7 @@ fn reference(object: &Object) -> ObjectReference {
         Kind::Service => ("v1", "Service"),
         Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSlice"),
         Kind::HttpRoute => ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+        Kind::FeatureFlag => (feature_flag::API_VERSION, feature_flag::KIND),
     };
     let key = object.key();
     ObjectReference {

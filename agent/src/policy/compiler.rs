@@ -29,7 +29,9 @@ use super::service_routes::{
 };
 use super::status::{compile_route, RouteOutput, RouteStatus};
 use super::store::Store;
-use crate::table::{shared_map::SharedMap, AppProtocol, RouteTable, ServiceRoutes, Workload};
+use crate::table::{
+    flags::NamespaceFlags, shared_map::SharedMap, AppProtocol, RouteTable, ServiceRoutes, Workload,
+};
 
 /// What the datapath enforces.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -172,6 +174,7 @@ pub struct Compiler {
 #[derive(Default)]
 struct Snapshots {
     statuses: imbl::OrdMap<ObjectKey, RouteStatus>,
+    flags: imbl::OrdMap<String, Arc<NamespaceFlags>>,
     captured: imbl::OrdSet<SocketAddr>,
     services: SharedMap<SocketAddr, Arc<ServiceRoutes>>,
     consumers: SharedMap<(String, SocketAddr), Arc<ServiceRoutes>>,
@@ -248,6 +251,7 @@ impl Compiler {
         }
         let mut dirty = BTreeSet::new();
         let mut pods_touched = false;
+        let mut flags_touched = BTreeSet::new();
         for input in &touched {
             match input {
                 // A Service's own inputs make it compile again without a reader.
@@ -261,6 +265,9 @@ impl Compiler {
                     dirty.insert(UnitKey::Route(namespace.clone(), name.clone()));
                 }
                 Input::Pod(..) | Input::Namespace(_) => pods_touched = true,
+                Input::FeatureFlags(namespace) => {
+                    flags_touched.insert(namespace.clone());
+                }
             }
             for id in self.readers.get(&input_hash(input)).into_iter().flatten() {
                 if let Some(unit) = &self.units[*id as usize] {
@@ -268,6 +275,7 @@ impl Compiler {
                 }
             }
         }
+        self.compile_flags(store, flags_touched);
         self.compile(store, dirty, pods_touched)
     }
 
@@ -283,7 +291,31 @@ impl Compiler {
                 .route_names()
                 .map(|(namespace, name)| UnitKey::Route(namespace.into(), name.into())),
         );
+        let mut namespaces = store.feature_flag_namespaces();
+        namespaces.extend(self.out.flags.keys().cloned());
+        self.compile_flags(store, namespaces);
         self.compile(store, dirty, true)
+    }
+
+    /// The flags of each namespace in `namespaces` again: few objects, each compiled when the
+    /// store took it, so a namespace's are gathered whole.
+    fn compile_flags(&mut self, store: &Store, namespaces: BTreeSet<String>) {
+        for namespace in namespaces {
+            let sets: Vec<(String, Arc<aviary_flags::FlagSet>)> = store
+                .feature_flags(&namespace)
+                .filter_map(|flag| {
+                    let set = flag.flags.as_ref().ok()?;
+                    Some((flag.metadata.name.clone().unwrap_or_default(), set.clone()))
+                })
+                .collect();
+            if sets.is_empty() {
+                self.out.flags.remove(&namespace);
+            } else {
+                self.out
+                    .flags
+                    .insert(namespace, Arc::new(NamespaceFlags { sets }));
+            }
+        }
     }
 
     fn compile(&mut self, store: &Store, dirty: BTreeSet<UnitKey>, pods_touched: bool) -> Compiled {
@@ -356,6 +388,7 @@ impl Compiler {
                 consumers: self.out.consumers.clone(),
                 pods: self.out.pods.clone(),
                 endpoint_protocols: self.out.endpoint_protocols.clone(),
+                flags: self.out.flags.clone(),
                 ..RouteTable::default()
             },
         }
@@ -801,13 +834,38 @@ mod tests {
         )
     }
 
+    /// A FeatureFlag of two flags from a few keys, sometimes with one flagd refuses.
+    fn feature_flag() -> impl Strategy<Value = Event> {
+        (0..2usize, 0..3usize, 0..4usize, 0..4usize, any::<bool>()).prop_map(
+            |(ns, name, a, b, bad)| {
+                let default = if bad { "missing" } else { "on" };
+                Event::Apply(format!(
+                    "apiVersion: core.openfeature.dev/v1beta1\nkind: FeatureFlag\n\
+                     metadata: {{name: f{name}, namespace: {}}}\nspec:\n  flagSpec:\n    flags:\n\
+                     {}\n{}\n",
+                    NAMESPACES[ns],
+                    format_args!("      k{a}: {{state: ENABLED, variants: {{on: true, off: false}}, defaultVariant: on}}"),
+                    format_args!("      k{b}x: {{state: ENABLED, variants: {{on: 1}}, defaultVariant: {default}}}"),
+                ))
+            },
+        )
+    }
+
     fn delete() -> impl Strategy<Value = Event> {
-        (0..6usize, 0..2usize, 0..4usize)
+        (0..Kind::ALL.len(), 0..2usize, 0..4usize)
             .prop_map(|(kind, ns, name)| Event::Delete(Kind::ALL[kind], ns, name))
     }
 
     fn event() -> impl Strategy<Value = Event> {
-        prop_oneof![namespace(), service(), slice(), route(), pod(), delete()]
+        prop_oneof![
+            namespace(),
+            service(),
+            slice(),
+            route(),
+            pod(),
+            feature_flag(),
+            delete()
+        ]
     }
 
     fn apply(store: &mut Store, event: &Event) {
@@ -832,6 +890,7 @@ mod tests {
                     Kind::EndpointSlice => (NAMESPACES[*ns].into(), format!("x{}", name % 2)),
                     Kind::HttpRoute => (NAMESPACES[*ns].into(), format!("r{name}")),
                     Kind::Pod | Kind::PodMetadata => (NAMESPACES[*ns].into(), format!("p{name}")),
+                    Kind::FeatureFlag => (NAMESPACES[*ns].into(), format!("f{}", name % 3)),
                 };
                 store.remove(&ObjectKey {
                     kind: *kind,
@@ -880,6 +939,14 @@ mod tests {
                 "protocols",
                 routes
                     .endpoint_protocols
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:?}"))
+                    .collect(),
+            ),
+            (
+                "flags",
+                routes
+                    .flags
                     .iter()
                     .map(|(k, v)| format!("{k} {v:?}"))
                     .collect(),

@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::feature_flag::{self, FeatureFlag};
 use super::object::Object;
 
 /// How long a burst of file events must be quiet before the files are read: an editor's save
@@ -74,6 +75,9 @@ fn collect(value: Value, out: &mut Vec<Object>) -> anyhow::Result<()> {
                 serde_json::from_value(value)?;
             Object::EndpointSlice(Box::new(slice.into()))
         }
+        (feature_flag::API_VERSION, feature_flag::KIND) => Object::FeatureFlag(Box::new(
+            FeatureFlag::from_json(value).map_err(|e| anyhow!("FeatureFlag: {e}"))?,
+        )),
         ("", _) | (_, "") => {
             return Err(anyhow!(
                 "not a Kubernetes object: apiVersion and kind are required"

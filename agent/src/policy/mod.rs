@@ -9,6 +9,7 @@
 pub mod annotations;
 pub mod compiler;
 pub mod enrolment;
+pub mod feature_flag;
 pub mod gamma;
 pub mod local;
 pub mod meta;

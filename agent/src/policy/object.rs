@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::annotations::{
     inbound_ports_excluded, split_key, Capture, ServiceAnnotations, CAPTURE_ANNOTATION,
 };
+use super::feature_flag::FeatureFlag;
 use super::meta::MetaRef;
 use super::pod::PodMeta;
 use super::service::{service_addresses, Service};
@@ -25,16 +26,19 @@ pub enum Kind {
     /// annotations, `kubernetes::node_pods`), for the workload names of endpoints and whether
     /// their own agent measures them.
     PodMetadata,
+    /// OpenFeature's FeatureFlag: the flags of its namespace.
+    FeatureFlag,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::HttpRoute,
         Kind::PodMetadata,
+        Kind::FeatureFlag,
     ];
 }
 
@@ -65,6 +69,7 @@ pub enum Object {
     EndpointSlice(Box<slice::Slice>),
     HttpRoute(Box<gateway_api::apis::standard::httproutes::HttpRoute>),
     PodMetadata(Box<PodMeta>),
+    FeatureFlag(Box<FeatureFlag>),
 }
 
 impl Object {
@@ -76,6 +81,7 @@ impl Object {
             Self::EndpointSlice(o) => o.metadata.as_ref(),
             Self::HttpRoute(o) => MetaRef::of(&o.metadata),
             Self::PodMetadata(pod) => pod.metadata.as_ref(),
+            Self::FeatureFlag(flag) => flag.metadata.as_ref(),
         }
     }
 
@@ -91,6 +97,7 @@ impl Object {
             Self::EndpointSlice(_) => Kind::EndpointSlice,
             Self::HttpRoute(_) => Kind::HttpRoute,
             Self::PodMetadata(_) => Kind::PodMetadata,
+            Self::FeatureFlag(_) => Kind::FeatureFlag,
         }
     }
 
@@ -127,6 +134,7 @@ impl Object {
                 .map(|parent| Input::Routes(parent.namespace, parent.name))
                 .chain([Input::Route(namespace, name)])
                 .collect(),
+            Self::FeatureFlag(_) => vec![Input::FeatureFlags(namespace)],
         }
     }
 
@@ -164,6 +172,7 @@ impl Object {
             Self::PodMetadata(pod) => {
                 inbound_ports_excluded(pod.metadata.annotations.as_ref()).map(drop)
             }
+            Self::FeatureFlag(flag) => flag.flags.as_ref().map(drop).map_err(Clone::clone),
         }
     }
 }
@@ -182,4 +191,6 @@ pub enum Input {
     /// A pod, as its Pod or its metadata.
     Pod(String, String),
     Namespace(String),
+    /// The FeatureFlag objects of a namespace.
+    FeatureFlags(String),
 }

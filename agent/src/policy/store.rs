@@ -9,6 +9,7 @@ use std::{
 use json_patch::PatchOperation;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
+use super::feature_flag::FeatureFlag;
 use super::object::{Input, Kind, Object, ObjectKey};
 use super::pod::{is_host_network, is_local, service_account, PodFacts, PodMeta};
 use super::service::Service;
@@ -412,6 +413,32 @@ impl Store {
                 }),
                 _ => None,
             })
+    }
+
+    /// The FeatureFlag objects of `namespace`, in name order.
+    pub(super) fn feature_flags<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a FeatureFlag> + 'a {
+        let first = ObjectKey {
+            kind: Kind::FeatureFlag,
+            namespace: namespace.to_owned(),
+            name: String::new(),
+        };
+        self.objects
+            .range(first..)
+            .take_while(move |(key, _)| key.kind == Kind::FeatureFlag && key.namespace == namespace)
+            .filter_map(|(_, object)| match object {
+                Object::FeatureFlag(flag) => Some(flag.as_ref()),
+                _ => None,
+            })
+    }
+
+    /// The namespaces that have FeatureFlag objects.
+    pub(super) fn feature_flag_namespaces(&self) -> BTreeSet<String> {
+        self.of_kind(Kind::FeatureFlag)
+            .map(|object| object.key().namespace)
+            .collect()
     }
 
     pub(super) fn http_route(

@@ -9,6 +9,7 @@
 //! path prefixes match whole segments; header names are case-insensitive.
 
 pub mod admission;
+pub mod flags;
 pub mod shared_map;
 
 use std::{
@@ -46,6 +47,8 @@ pub struct RouteTable {
     /// This node's enrolled pods, by address: whom the inbound proxy lets in, and the identity
     /// each presents over mutual TLS.
     pub local: HashMap<IpAddr, Arc<LocalPod>>,
+    /// The feature flags of each namespace that has any.
+    pub flags: imbl::OrdMap<String, Arc<flags::NamespaceFlags>>,
 }
 
 /// An enrolled pod of this node, as the inbound proxy and mutual TLS see it.
