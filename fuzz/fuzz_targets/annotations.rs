@@ -67,7 +67,8 @@ fuzz_target!(|data: &[u8]| {
                 let _ = store.upsert(object);
                 continue;
             }
-            Object::EndpointSlice(_) => {
+            // The store keeps no annotations of these.
+            Object::EndpointSlice(_) | Object::FeatureFlag(_) => {
                 let _ = store.upsert(object);
                 continue;
             }
