@@ -19,7 +19,13 @@ const NIGHTLY: &str = "nightly";
 /// The newest cargo-fuzz; it builds on the installed stable toolchain.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The fuzz targets in fuzz/fuzz_targets, each with its seed corpus in fuzz/corpus/<target>.
-const FUZZ_TARGETS: &[&str] = &["duration", "annotations", "policy_yaml", "http_request"];
+const FUZZ_TARGETS: &[&str] = &[
+    "duration",
+    "annotations",
+    "policy_yaml",
+    "http_request",
+    "flag_set",
+];
 /// The kernels `cargo xtask test --kernel` boots: Debian's generic images (the -cloud ones lack
 /// 9p, over which virtme-ng shares the host's root filesystem with the guest), by series.
 const KERNELS: &[&str] = &["6.1"];
