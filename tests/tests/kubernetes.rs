@@ -477,15 +477,7 @@ async fn feature_flags_come_from_featureflag_objects_and_a_bad_one_keeps_the_las
 
     // A default variant that is not one: refused, with an Event, and 20% stays in force.
     server.apply_yaml(&feature_flag(50, "maybe"));
-    let event = eventually("a Warning event about the FeatureFlag", || async {
-        server
-            .requests()
-            .iter()
-            .find(|r| r.starts_with("POST /apis/events.k8s.io/v1/namespaces/test/events"))
-            .cloned()
-    })
-    .await;
-    assert!(!event.is_empty());
+    an_event_is_posted(&server, "about the FeatureFlag").await;
     assert_eq!(
         users_on(&source.snapshots.borrow_and_update()),
         Some(on_at_20)
@@ -515,6 +507,18 @@ async fn feature_flags_come_from_featureflag_objects_and_a_bad_one_keeps_the_las
     server.delete(FLAG_API, "FeatureFlag", "test", "checkout");
     snapshot_where(&mut source.snapshots, "the deleted flags are gone", |s| {
         s.routes.flags.is_empty()
+    })
+    .await;
+}
+
+/// Waits (bounded) until an Event is created in the namespace `test`.
+async fn an_event_is_posted(server: &ApiServer, about: &str) {
+    eventually(&format!("a Warning event {about}"), || async {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("POST /apis/events.k8s.io/v1/namespaces/test/events"))
+            .then_some(())
     })
     .await;
 }
@@ -602,15 +606,7 @@ async fn a_bad_route_keeps_its_last_good_version_and_says_why_in_status_and_an_e
         ],
         "the last good version stays in force"
     );
-    let event = eventually("a Warning event about the route", || async {
-        server
-            .requests()
-            .iter()
-            .find(|r| r.starts_with("POST /apis/events.k8s.io/v1/namespaces/test/events"))
-            .cloned()
-    })
-    .await;
-    assert!(!event.is_empty());
+    an_event_is_posted(&server, "about the route").await;
 
     // Fixed: accepted again, and the new weights apply.
     server.apply_yaml(&http_route(0, 100));
