@@ -175,7 +175,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             test.extend(args.iter().map(String::as_str));
             timed("the tests", || {
                 status(
-                    tool(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    cargo_command()
                         .args(&test)
                         .env("AVIARY_OPENFEATURE_PYTHON", &openfeature),
                 )
@@ -860,7 +860,12 @@ fn target_dir() -> PathBuf {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    status(tool(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+    status(cargo_command().args(args))
+}
+
+/// The cargo that runs xtask, as a tool.
+fn cargo_command() -> Command {
+    tool(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
 fn status(cmd: &mut Command) -> anyhow::Result<()> {

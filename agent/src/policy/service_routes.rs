@@ -627,12 +627,7 @@ mod tests {
         RouteOptions::default()
     }
 
-    fn store(yaml: &str) -> Store {
-        let mut store = Store::default();
-        let rejected = store.replace_all(parse_documents(yaml).unwrap());
-        assert!(rejected.is_empty(), "{rejected:?}");
-        store
-    }
+    use crate::policy::fixtures::store;
 
     fn slice(service: &str, ips: &[&str], ready: bool) -> String {
         let endpoints: Vec<String> = ips
