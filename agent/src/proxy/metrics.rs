@@ -60,6 +60,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
+use aviary_flags::Resolution;
 use tracing::debug;
 
 use super::balance::Failure;
@@ -310,6 +311,30 @@ impl DenialReason {
     }
 }
 
+/// Who evaluated a feature flag: the proxy, for a request's headers, or the OFREP endpoint, for
+/// an application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FlagEvaluator {
+    proxy,
+    ofrep,
+}
+
+/// One evaluation of a feature flag, labelled with OpenFeature's `feature_flag` attribute
+/// names (dots made underscores, as Prometheus needs) and OpenTelemetry's `error.type`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FlagEvaluationLabels {
+    evaluator: FlagEvaluator,
+    /// The namespace whose FeatureFlag objects answered.
+    namespace: Name,
+    feature_flag_key: Name,
+    /// Empty when the answer named no variant (the caller's default).
+    feature_flag_result_variant: Name,
+    feature_flag_result_reason: &'static str,
+    /// The OpenFeature error code, empty without an error.
+    error_type: &'static str,
+}
+
 /// A request the proxy answered itself, by why and with what.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ProxyErrorLabels {
@@ -503,6 +528,7 @@ pub struct Metrics {
     denials: Arc<Store<DenialLabels, Counter>>,
     ejections: Arc<Store<EndpointFailureLabels, Counter>>,
     proxy_errors: Arc<Store<ProxyErrorLabels, Counter>>,
+    flag_evaluations: Arc<Store<FlagEvaluationLabels, Counter>>,
     /// The four `aviary_tcp_` families.
     tcp: Arc<Store<Edge, TcpValues>>,
     /// By listener kind: two series at most, whose handles the listeners hold for good, so
@@ -590,6 +616,15 @@ impl Metrics {
             &proxy_errors,
             |counter: &Counter| counter,
         );
+        let flag_evaluations = Arc::new(Store::default());
+        register(
+            &mut registry,
+            "aviary_flag_evaluations",
+            "Feature flag evaluations, by flag, variant and reason: the proxy's for request \
+             headers, the OFREP endpoint's for applications",
+            &flag_evaluations,
+            |counter: &Counter| counter,
+        );
         let tcp = Arc::new(Store::default());
         register(
             &mut registry,
@@ -633,6 +668,7 @@ impl Metrics {
         stores.push(("ejections", ejections.counts.clone()));
         stores.push(("denials", denials.counts.clone()));
         stores.push(("proxy_errors", proxy_errors.counts.clone()));
+        stores.push(("flag_evaluations", flag_evaluations.counts.clone()));
         stores.push(("tcp", tcp.counts.clone()));
         registry.register_collector(Box::new(Internal {
             stores,
@@ -647,6 +683,7 @@ impl Metrics {
             denials,
             ejections,
             proxy_errors,
+            flag_evaluations,
             tcp,
             connections_refused,
             ebpf,
@@ -778,6 +815,26 @@ impl Metrics {
             status_code,
         };
         self.proxy_errors.series(&labels).inc();
+    }
+
+    /// One evaluation of the flag `key` of `namespace`'s flags. A lookup each time: the
+    /// variant is known only once the flag is evaluated.
+    pub fn flag_evaluation(
+        &self,
+        evaluator: FlagEvaluator,
+        namespace: &Name,
+        key: &Name,
+        resolution: &Resolution<'_>,
+    ) {
+        let labels = FlagEvaluationLabels {
+            evaluator,
+            namespace: namespace.clone(),
+            feature_flag_key: key.clone(),
+            feature_flag_result_variant: resolution.variant.map_or_else(|| "".into(), Name::from),
+            feature_flag_result_reason: resolution.reason.as_str(),
+            error_type: resolution.error.as_ref().map_or("", |(code, _)| code.as_str()),
+        };
+        self.flag_evaluations.series(&labels).inc();
     }
 
     /// The inbound proxy refused a connection from `source` (None: plain text) to the pod
