@@ -258,6 +258,12 @@ pub fn describe_routes(table: &RouteTable) -> Vec<Value> {
                 "consumer_namespace": consumer,
                 "protocol": format!("{:?}", routes.protocol),
                 "endpoints": routes.default.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+                "flags": routes.flags.as_deref().map(|f| json!({
+                    "namespace": f.namespace,
+                    "keys": f.flags.iter().map(|flag| &*flag.key).collect::<Vec<_>>(),
+                    "targeting_key": f.targeting_key.as_ref().map(ToString::to_string),
+                    "context_headers": f.context_headers.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
+                })),
                 "rules": rules,
             })
         })
@@ -476,6 +482,7 @@ mod tests {
             backend("podinfo-canary", 8081),
         );
         let routes = Arc::new(ServiceRoutes {
+            flags: None,
             namespace: "demo".into(),
             name: "podinfo".into(),
             port: 80,

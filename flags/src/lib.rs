@@ -196,6 +196,14 @@ impl FlagSet {
         merged
     }
 
+    /// The default variant of the flag `key`, if it is a usable flag that names one.
+    pub fn default_variant(&self, key: &str) -> Option<&str> {
+        match self.flags.get(key)? {
+            Entry::Flag(flag) => flag.default_variant.as_deref(),
+            Entry::Refused(_) => None,
+        }
+    }
+
     /// Evaluates the flag `key` for `context` (its `targetingKey` and attributes), at
     /// `timestamp` (Unix seconds, which rules read as `$flagd.timestamp`).
     pub fn evaluate(

@@ -92,6 +92,7 @@ async fn grpc_calls_are_split_and_their_statuses_reach_the_client() {
         ..Default::default()
     };
     let routes = ServiceRoutes {
+        flags: None,
         namespace: "shop".into(),
         name: "echo".into(),
         port: 80,

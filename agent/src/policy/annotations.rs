@@ -178,19 +178,87 @@ fn parse_split(value: &str) -> Result<Vec<(String, u32)>, String> {
 pub fn split_key(
     annotations: Option<&BTreeMap<String, String>>,
 ) -> Result<Option<KeySource>, String> {
-    let Some(value) = annotations.and_then(|a| a.get(SPLIT_KEY)) else {
-        return Ok(None);
-    };
+    annotations
+        .and_then(|a| a.get(SPLIT_KEY))
+        .map(|value| key_source(SPLIT_KEY, value))
+        .transpose()
+}
+
+/// `header:<name>` or `cookie:<name>`, the value of the annotation `annotation`.
+fn key_source(annotation: &str, value: &str) -> Result<KeySource, String> {
     let bad =
-        || format!("annotation {SPLIT_KEY} must be header:<name> or cookie:<name>, not {value:?}");
+        || format!("annotation {annotation} must be header:<name> or cookie:<name>, not {value:?}");
     let (kind, name) = value.trim().split_once(':').ok_or_else(bad)?;
     let name = name.trim();
     match kind.trim() {
         "header" => http::HeaderName::from_bytes(name.as_bytes())
-            .map(|name| Some(KeySource::Header(name)))
+            .map(KeySource::Header)
             .map_err(|_| bad()),
-        "cookie" if is_cookie_name(name) => Ok(Some(KeySource::Cookie(name.to_owned()))),
+        "cookie" if is_cookie_name(name) => Ok(KeySource::Cookie(name.to_owned())),
         _ => Err(bad()),
+    }
+}
+
+/// On a Service or an HTTPRoute: the feature flags evaluated for each request to the service,
+/// before its routes match, by key, comma-separated.
+pub const FLAGS: &str = "aviary.dev/flags";
+/// Where a request carries the flags' targeting key: `header:<name>` or `cookie:<name>`.
+pub const FLAG_KEY: &str = "aviary.dev/flag-key";
+/// Request headers the flags' evaluation context carries, comma-separated.
+pub const FLAG_HEADERS: &str = "aviary.dev/flag-headers";
+/// The request header that carries a flag's variant: this, then the flag's key.
+pub const FLAG_HEADER_PREFIX: &str = "x-aviary-flag-";
+
+/// An object's flag annotations, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FlagAnnotations {
+    /// Each flag's key and the header that carries its variant.
+    pub flags: Vec<(String, http::HeaderName)>,
+    pub targeting_key: Option<KeySource>,
+    pub context_headers: Vec<http::HeaderName>,
+}
+
+impl FlagAnnotations {
+    /// None when the object names no flag; an error names the bad annotation.
+    pub fn parse(annotations: Option<&BTreeMap<String, String>>) -> Result<Option<Self>, String> {
+        let get = |key: &str| annotations.and_then(|a| a.get(key)).map(|v| v.trim());
+        let Some(keys) = get(FLAGS) else {
+            return match [FLAG_KEY, FLAG_HEADERS]
+                .into_iter()
+                .find(|k| get(k).is_some())
+            {
+                Some(orphan) => Err(format!("annotation {orphan} needs {FLAGS}")),
+                None => Ok(None),
+            };
+        };
+        let mut flags: Vec<(String, http::HeaderName)> = Vec::new();
+        for key in keys.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+            let header = http::HeaderName::from_bytes(format!("{FLAG_HEADER_PREFIX}{key}").as_bytes())
+                .map_err(|_| format!("annotation {FLAGS}: flag {key:?} cannot name a header (letters, digits, '-', '_' and '.' can)"))?;
+            if let Some((other, _)) = flags.iter().find(|(_, h)| *h == header) {
+                return Err(format!("annotation {FLAGS}: flags {other:?} and {key:?} would share the header {header}"));
+            }
+            flags.push((key.to_owned(), header));
+        }
+        if flags.is_empty() {
+            return Err(format!("annotation {FLAGS} names no flag"));
+        }
+        let targeting_key = get(FLAG_KEY).map(|v| key_source(FLAG_KEY, v)).transpose()?;
+        let context_headers = get(FLAG_HEADERS)
+            .into_iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| {
+                http::HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| format!("annotation {FLAG_HEADERS}: {h:?} is not a header name"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(Self {
+            flags,
+            targeting_key,
+            context_headers,
+        }))
     }
 }
 

@@ -16,6 +16,7 @@ pub mod meta;
 pub mod mirroring;
 pub mod object;
 pub mod pod;
+pub mod request_flags;
 pub mod security;
 pub mod service;
 pub mod service_routes;

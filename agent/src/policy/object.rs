@@ -7,7 +7,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde::Serialize;
 
 use super::annotations::{
-    inbound_ports_excluded, split_key, Capture, ServiceAnnotations, CAPTURE_ANNOTATION,
+    inbound_ports_excluded, split_key, Capture, FlagAnnotations, ServiceAnnotations,
+    CAPTURE_ANNOTATION,
 };
 use super::feature_flag::FeatureFlag;
 use super::meta::MetaRef;
@@ -160,12 +161,14 @@ impl Object {
             Self::Service(svc) => {
                 service_addresses(svc)?;
                 split_key(svc.metadata.annotations.as_ref())?;
+                FlagAnnotations::parse(svc.metadata.annotations.as_ref())?;
                 ServiceAnnotations::parse(svc).map(drop)
             }
             Self::EndpointSlice(_) => Ok(()),
             Self::HttpRoute(route) => {
                 gamma::validate(route)?;
-                split_key(route.metadata.annotations.as_ref()).map(drop)
+                split_key(route.metadata.annotations.as_ref())?;
+                FlagAnnotations::parse(route.metadata.annotations.as_ref()).map(drop)
             }
             // Refused as its own agent refuses the Pod, so that every agent takes the pod for
             // enrolled or not alike.

@@ -32,6 +32,7 @@ use super::enrolment::is_enrolled;
 use super::gamma;
 use super::object::Input;
 use super::pod::{is_host_network, is_local, pod_ips};
+use super::request_flags::request_flags;
 use super::service::{service_addresses, Service};
 use super::slice::{self, Slice};
 use super::store::Store;
@@ -146,7 +147,15 @@ pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option
                 .unwrap_or_default()
         };
         let protocol = AppProtocol::from_app_protocol(port.app_protocol.as_deref());
+        let annotated = http_routes
+            .iter()
+            .map(|route| route.metadata.annotations.as_ref());
+        let flags = request_flags(
+            namespace,
+            annotated.chain([svc.metadata.annotations.as_ref()]),
+        );
         let routes = Arc::new(ServiceRoutes {
+            flags,
             namespace: default.namespace.clone(),
             name: default.name.clone(),
             port: port.port as u16,
@@ -164,7 +173,12 @@ pub(super) fn compile_service(r: &Reader, namespace: &str, name: &str) -> Option
             if consumer_routes.is_empty() {
                 continue;
             }
+            // A client namespace's routes that name flags name them in its own namespace.
+            let annotated = consumer_routes
+                .iter()
+                .map(|r| r.metadata.annotations.as_ref());
             let consumer = Arc::new(ServiceRoutes {
+                flags: request_flags(client_namespace, annotated).or_else(|| routes.flags.clone()),
                 rules: r.gamma_rules(port.port, &consumer_routes, service_key.as_ref()),
                 ..(*routes).clone()
             });
@@ -885,6 +899,39 @@ mod tests {
         assert_eq!(key(&rules(&table)[0]).unwrap().0, "header:x-user");
         // Without one, splits are random.
         assert_eq!(key(&rules(&with_route(&route("r", canary)))[0]), None);
+    }
+
+    #[test]
+    fn flags_named_on_the_service_and_its_route_apply_to_every_request_to_it() {
+        let service = "reviews";
+        let flags = |table: &RouteTable| {
+            let routes = &table.services[&"10.96.0.10:80".parse::<SocketAddr>().unwrap()];
+            assert_eq!(&*routes.name, service);
+            routes.flags.clone().map(|f| {
+                let keys: Vec<String> = f.flags.iter().map(|f| f.key.to_string()).collect();
+                (keys, f.targeting_key.as_ref().map(ToString::to_string))
+            })
+        };
+        let annotated = "aviary.dev/flags: \"new-checkout\", aviary.dev/flag-key: \"cookie:uid\"";
+        let table = routing_table(&store(&cluster(annotated)), &local());
+        assert_eq!(
+            flags(&table),
+            Some((vec!["new-checkout".into()], Some("cookie:uid".into())))
+        );
+        let canary = "  - backendRefs: [{name: reviews-v1, port: 80}]\n";
+        let own = route("reviews-route", canary).replace(
+            "namespace: shop}",
+            "namespace: shop, annotations: {aviary.dev/flags: dark-mode, aviary.dev/flag-key: \"header:x-user-id\"}}",
+        );
+        let table = routing_table(&store(&[cluster(annotated), own].join(CLUSTER)), &local());
+        assert_eq!(
+            flags(&table),
+            Some((
+                vec!["dark-mode".into(), "new-checkout".into()],
+                Some("header:x-user-id".into())
+            ))
+        );
+        assert_eq!(flags(&with_route(&route("r", canary))), None);
     }
 
     #[test]

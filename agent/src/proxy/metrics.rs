@@ -44,6 +44,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use aviary_flags::Resolution;
 use aviary_identity::spiffe::Identity;
 use http::Method;
 use prometheus_client::{
@@ -60,7 +61,6 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use aviary_flags::Resolution;
 use tracing::debug;
 
 use super::balance::Failure;
@@ -832,7 +832,10 @@ impl Metrics {
             feature_flag_key: key.clone(),
             feature_flag_result_variant: resolution.variant.map_or_else(|| "".into(), Name::from),
             feature_flag_result_reason: resolution.reason.as_str(),
-            error_type: resolution.error.as_ref().map_or("", |(code, _)| code.as_str()),
+            error_type: resolution
+                .error
+                .as_ref()
+                .map_or("", |(code, _)| code.as_str()),
         };
         self.flag_evaluations.series(&labels).inc();
     }

@@ -1,11 +1,34 @@
 //! The feature flags in force in each namespace: its OpenFeature `FeatureFlag` objects, in
 //! name order. A flag key that two of them define is answered by the first, as a flagd
-//! serving several sources answers it.
+//! serving several sources answers it. And the flags a service's requests carry.
 
 use std::sync::Arc;
 
 use aviary_flags::{FlagSet, Resolution};
+use http::HeaderName;
 use serde_json::{Map, Value};
+
+use super::KeySource;
+
+/// The feature flags evaluated for each request to a service, before its routes match
+/// (`aviary.dev/flags`): each sets a request header to its variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFlags {
+    /// The namespace whose FeatureFlag objects define them.
+    pub namespace: Arc<str>,
+    pub flags: Vec<RequestFlag>,
+    /// Where a request carries its targeting key (`aviary.dev/flag-key`).
+    pub targeting_key: Option<KeySource>,
+    /// The request headers the evaluation context carries (`aviary.dev/flag-headers`).
+    pub context_headers: Vec<HeaderName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFlag {
+    pub key: Arc<str>,
+    /// `x-aviary-flag-<key>`: the variant the flag chose, and nothing a client sent.
+    pub header: HeaderName,
+}
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NamespaceFlags {
@@ -33,6 +56,11 @@ impl NamespaceFlags {
         self.answering(key)
             .unwrap_or(&NONE)
             .evaluate(key, context, timestamp)
+    }
+
+    /// The default variant of the flag `key`: what a request carries when its rule fails.
+    pub fn default_variant(&self, key: &str) -> Option<&str> {
+        self.answering(key)?.default_variant(key)
     }
 
     /// The metadata an evaluation of `key` answers with.

@@ -170,6 +170,8 @@ pub struct ServiceRoutes {
     pub name: Arc<str>,
     pub port: u16,
     pub protocol: AppProtocol,
+    /// The feature flags each request carries in its headers, set before the rules match.
+    pub flags: Option<Arc<flags::RequestFlags>>,
     /// Ordered; the first rule with a matching request wins. A request no rule matches gets
     /// 404, as in the Gateway API; a service without rules passes through to `default`.
     pub rules: Vec<Rule>,

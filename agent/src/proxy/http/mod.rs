@@ -13,6 +13,7 @@
 //! gRPC servers require.
 
 mod body;
+mod flags;
 mod headers;
 mod mirror;
 mod upgrade;
@@ -63,8 +64,8 @@ use super::{
     split::{pick_weighted, with_rng},
 };
 use crate::table::{
-    admission::Denied, Backend, BackendRef, Endpoint, RequestView, RouteTable, Rule, ServiceRoutes,
-    TableId, WeightedBackend, Workload,
+    admission::Denied, flags::NamespaceFlags, Backend, BackendRef, Endpoint, RequestView,
+    RouteTable, Rule, ServiceRoutes, TableId, WeightedBackend, Workload,
 };
 
 /// What answers the requests of one client connection.
@@ -184,6 +185,8 @@ struct Resolved {
     table: TableId,
     /// The routes of the service the client called (outbound).
     service: Option<Arc<ServiceRoutes>>,
+    /// The flags of the namespace that defines the service's request flags, if it names any.
+    flag_set: Option<Arc<NamespaceFlags>>,
     source: Arc<Workload>,
     /// The pod the connection is for (inbound).
     destination: Arc<Workload>,
@@ -223,9 +226,21 @@ impl ClientConn {
 
     fn resolve(peer: SocketAddr, dst: SocketAddr, table: &RouteTable) -> Resolved {
         let tunnel_from = TunnelFrom::of(table, peer);
+        let service = table.service_for(&dst, peer.ip()).cloned();
+        let flag_set = service
+            .as_ref()
+            .and_then(|s| s.flags.as_ref())
+            .map(|flags| {
+                table
+                    .flags
+                    .get(&*flags.namespace)
+                    .cloned()
+                    .unwrap_or_default()
+            });
         Resolved {
             table: table.id,
-            service: table.service_for(&dst, peer.ip()).cloned(),
+            service,
+            flag_set,
             source: table.pod(peer.ip()),
             destination: table.pod(dst.ip()),
             tunnel_from,
@@ -774,6 +789,9 @@ impl HttpProxy {
     ) -> Response<ProxyBody> {
         let upgrade = Upgrade::take(&mut req);
         let (mut parts, body) = req.into_parts();
+        if let (Some(flags), Some(set)) = (&service.flags, &facts.flag_set) {
+            flags::set_flag_headers(flags, set, &mut parts, &facts.source, &self.metrics);
+        }
         let view = RequestView {
             method: &parts.method,
             path: parts.uri.path(),
