@@ -292,12 +292,7 @@ impl Flag {
         let Some(rule) = &self.targeting else {
             return Resolution::default(self, Reason::Static);
         };
-        let mut data = context.clone();
-        data.insert(
-            "$flagd".into(),
-            serde_json::json!({"flagKey": key, "timestamp": timestamp}),
-        );
-        let chosen = rule.evaluate(&Value::Object(data), key);
+        let chosen = rule.evaluate(context, key, timestamp);
         let name = match &chosen {
             Value::Null => return Resolution::default(self, Reason::Default),
             Value::String(name) => name.clone(),

@@ -3,6 +3,8 @@
 //! `fractional`, `sem_ver`, `starts_with` and `ends_with`. A rule is compiled once, when its
 //! flag is loaded, and evaluated against a request's context as often as needed.
 
+use std::{borrow::Cow, cell::OnceCell};
+
 use serde_json::{Map, Number, Value};
 
 use crate::fractional::fractional;
@@ -77,13 +79,19 @@ impl Rule {
         compile(rule).map(Rule)
     }
 
-    /// Evaluates the rule for the flag `flag_key` on `data` (the evaluation context, with
-    /// `$flagd` in it).
-    pub fn evaluate(&self, data: &Value, flag_key: &str) -> Value {
-        let scope = Scope {
-            data,
-            root: data,
+    /// Evaluates the rule for the flag `flag_key` on `context`, at `timestamp`: flagd's
+    /// `$flagd.flagKey` and `$flagd.timestamp` read as if they were in the context, which is
+    /// never copied.
+    pub fn evaluate(&self, context: &Map<String, Value>, flag_key: &str, timestamp: i64) -> Value {
+        let root = Root {
+            context,
             flag_key,
+            timestamp,
+            flagd: OnceCell::new(),
+        };
+        let scope = Scope {
+            data: None,
+            root: &root,
         };
         scope.eval(&self.0)
     }
@@ -176,12 +184,48 @@ fn operation(name: &str, args: &Value) -> Result<Expr, RuleError> {
     Ok(Expr::Call(op, list))
 }
 
-/// Where an evaluation is: the data `var` reads (an item inside map, filter and the like), and
-/// the whole context, which flagd's operators read.
-struct Scope<'a> {
-    data: &'a Value,
-    root: &'a Value,
+/// The evaluation context of one evaluation, with flagd's `$flagd` properties made only when a
+/// rule reads them.
+struct Root<'a> {
+    context: &'a Map<String, Value>,
     flag_key: &'a str,
+    timestamp: i64,
+    flagd: OnceCell<Value>,
+}
+
+impl Root<'_> {
+    fn flagd(&self) -> &Value {
+        self.flagd.get_or_init(
+            || serde_json::json!({"flagKey": self.flag_key, "timestamp": self.timestamp}),
+        )
+    }
+
+    /// `var`'s path in the context, `$flagd` included.
+    fn lookup(&self, path: &Value) -> Option<Cow<'_, Value>> {
+        let path = match var_path(path) {
+            VarPath::Keys(path) => path,
+            VarPath::Nothing => return None,
+            VarPath::Whole => {
+                let mut whole = self.context.clone();
+                whole.insert("$flagd".into(), self.flagd().clone());
+                return Some(Cow::Owned(Value::Object(whole)));
+            }
+        };
+        let mut keys = path.split('.');
+        let first = keys.next().unwrap_or_default();
+        let top = match first {
+            "$flagd" => self.flagd(),
+            _ => self.context.get(first)?,
+        };
+        descend(top, keys).map(Cow::Borrowed)
+    }
+}
+
+/// Where an evaluation is: the data `var` reads (None: the context; else an item inside map,
+/// filter and the like), and the context, which flagd's operators read.
+struct Scope<'a> {
+    data: Option<&'a Value>,
+    root: &'a Root<'a>,
 }
 
 impl Scope<'_> {
@@ -204,9 +248,8 @@ impl Scope<'_> {
 
     fn var(&self, args: &[Expr]) -> Value {
         let path = args.first().map_or(Value::Null, |e| self.eval(e));
-        let found = lookup(self.data, &path);
-        match found {
-            Some(value) if !value.is_null() => value.clone(),
+        match self.lookup(&path) {
+            Some(value) if !value.is_null() => value.into_owned(),
             _ => args.get(1).map_or(Value::Null, |e| self.eval(e)),
         }
     }
@@ -237,11 +280,17 @@ impl Scope<'_> {
         last
     }
 
+    fn lookup(&self, path: &Value) -> Option<Cow<'_, Value>> {
+        match self.data {
+            None => self.root.lookup(path),
+            Some(data) => lookup(data, path).map(Cow::Borrowed),
+        }
+    }
+
     fn within<'b>(&'b self, data: &'b Value) -> Scope<'b> {
         Scope {
-            data,
+            data: Some(data),
             root: self.root,
-            flag_key: self.flag_key,
         }
     }
 
@@ -311,7 +360,8 @@ impl Scope<'_> {
                     .collect(),
             ),
             Op::Fractional => {
-                fractional(args, self.flag_key, self.root.get("targetingKey")).unwrap_or_default()
+                let targeting_key = self.root.context.get("targetingKey");
+                fractional(args, self.root.flag_key, targeting_key).unwrap_or_default()
             }
             Op::SemVer => crate::semver::sem_ver(args).map_or(Value::Null, Value::Bool),
             Op::StartsWith => affix(args, |s, p| s.starts_with(p)),
@@ -327,7 +377,8 @@ impl Scope<'_> {
         Value::Array(
             keys.iter()
                 .filter(|key| {
-                    lookup(self.data, key).is_none_or(|v| v.is_null() || v == &Value::from(""))
+                    self.lookup(key)
+                        .is_none_or(|v| v.is_null() || *v == Value::from(""))
                 })
                 .cloned()
                 .collect(),
@@ -348,14 +399,36 @@ impl Scope<'_> {
 
 /// `var`'s path in `data`: dotted keys and array indexes; `""` or null is the whole.
 fn lookup<'a>(data: &'a Value, path: &Value) -> Option<&'a Value> {
-    let path = match path {
-        Value::Null => return Some(data),
-        Value::String(s) if s.is_empty() => return Some(data),
-        Value::String(s) => s.clone(),
-        Value::Number(n) => to_text(&Value::Number(n.clone())),
-        _ => return None,
-    };
-    path.split('.').try_fold(data, |value, key| match value {
+    match var_path(path) {
+        VarPath::Whole => Some(data),
+        VarPath::Keys(path) => descend(data, path.split('.')),
+        VarPath::Nothing => None,
+    }
+}
+
+/// What a `var` path names.
+enum VarPath<'p> {
+    /// `""` or null: the whole data.
+    Whole,
+    /// Dotted keys and array indexes.
+    Keys(Cow<'p, str>),
+    /// Not text nor a number: nothing.
+    Nothing,
+}
+
+fn var_path(path: &Value) -> VarPath<'_> {
+    match path {
+        Value::Null => VarPath::Whole,
+        Value::String(s) if s.is_empty() => VarPath::Whole,
+        Value::String(s) => VarPath::Keys(Cow::Borrowed(s)),
+        Value::Number(n) => VarPath::Keys(Cow::Owned(to_text(&Value::Number(n.clone())))),
+        _ => VarPath::Nothing,
+    }
+}
+
+/// The value at `keys` under `value`: object fields, and array items by index.
+fn descend<'a, 'k>(value: &'a Value, keys: impl Iterator<Item = &'k str>) -> Option<&'a Value> {
+    keys.into_iter().try_fold(value, |value, key| match value {
         Value::Object(fields) => fields.get(key),
         Value::Array(items) => items.get(key.parse::<usize>().ok()?),
         _ => None,
@@ -543,7 +616,8 @@ mod tests {
     use super::*;
 
     fn eval(rule: Value, data: Value) -> Value {
-        Rule::compile(&rule).unwrap().evaluate(&data, "flag")
+        let data = data.as_object().cloned().unwrap_or_default();
+        Rule::compile(&rule).unwrap().evaluate(&data, "flag", 0)
     }
 
     #[test]
