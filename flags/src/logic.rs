@@ -378,7 +378,7 @@ impl Scope<'_> {
             keys.iter()
                 .filter(|key| {
                     self.lookup(key)
-                        .is_none_or(|v| v.is_null() || *v == Value::from(""))
+                        .is_none_or(|v| v.is_null() || v.as_str() == Some(""))
                 })
                 .cloned()
                 .collect(),
