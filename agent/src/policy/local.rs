@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use notify::{
     event::{AccessKind, EventKind},
     RecommendedWatcher, RecursiveMode, Watcher as _,
@@ -32,6 +33,14 @@ pub const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// document is read (serde-saphyr, within its limits on size and nesting) into a JSON value,
 /// which the object types are then read from, as the API server's JSON would be.
 pub fn parse_documents(text: &str) -> anyhow::Result<Vec<Object>> {
+    parse_file(text, "flagd")
+}
+
+/// [`parse_documents`] for a file named `name` (its stem): a flagd flag file in it (`{"flags":
+/// ..., "$evaluators": ...}`, with no apiVersion nor kind) stands for a FeatureFlag named after
+/// it, in the namespace its flag set's metadata names (`"metadata": {"namespace": "shop"}`),
+/// else `default`.
+pub fn parse_file(text: &str, name: &str) -> anyhow::Result<Vec<Object>> {
     let mut objects = Vec::new();
     let mut reader = text.as_bytes();
     // Empty documents yield nothing, and are not counted.
@@ -39,9 +48,16 @@ pub fn parse_documents(text: &str) -> anyhow::Result<Vec<Object>> {
         let value = document
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("document {}", index + 1))?;
-        if !value.is_null() {
-            collect(value, &mut objects).with_context(|| format!("document {}", index + 1))?;
+        if value.is_null() {
+            continue;
         }
+        let result = if is_flagd_file(&value) {
+            let name = flagd_object_name(name, objects.len());
+            flagd_feature_flag(value, name).map(|flag| objects.push(flag))
+        } else {
+            collect(value, &mut objects)
+        };
+        result.with_context(|| format!("document {}", index + 1))?;
     }
     Ok(objects)
 }
@@ -90,6 +106,47 @@ fn collect(value: Value, out: &mut Vec<Object>) -> anyhow::Result<()> {
     };
     out.push(object);
     Ok(())
+}
+
+/// A flagd flag file's document: flags, and no apiVersion nor kind.
+fn is_flagd_file(value: &Value) -> bool {
+    value.get("flags").is_some_and(Value::is_object)
+        && value.get("apiVersion").is_none()
+        && value.get("kind").is_none()
+}
+
+/// The name of the FeatureFlag a flagd document of the file `stem` stands for: the stem as a
+/// Kubernetes name, and the document's place after the first.
+fn flagd_object_name(stem: &str, place: usize) -> String {
+    let mut name: String = stem
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => c,
+            _ => '-',
+        })
+        .collect();
+    if place > 0 {
+        name.push_str(&format!("-{place}"));
+    }
+    name
+}
+
+fn flagd_feature_flag(value: Value, name: String) -> anyhow::Result<Object> {
+    let namespace = match value.pointer("/metadata/namespace") {
+        None => "default".to_owned(),
+        Some(Value::String(namespace)) if !namespace.is_empty() => namespace.clone(),
+        Some(other) => {
+            return Err(anyhow!(
+                "flagd file: metadata.namespace must name a namespace, not {other}"
+            ))
+        }
+    };
+    let meta = ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace),
+        ..ObjectMeta::default()
+    };
+    Ok(Object::FeatureFlag(Box::new(FeatureFlag::new(meta, value))))
 }
 
 /// A file or directory of manifests, reread when a file changes. A file that fails to parse
@@ -143,7 +200,7 @@ impl LocalSource {
             }
             match fs::read_to_string(&path)
                 .map_err(anyhow::Error::from)
-                .and_then(|t| parse_documents(&t))
+                .and_then(|t| parse_file(&t, &file_stem(&path)))
             {
                 Ok(objects) => {
                     self.files.insert(path, LoadedFile { stamp, objects });
@@ -241,6 +298,13 @@ fn watch(root: &Path, events: mpsc::UnboundedSender<()>) -> notify::Result<Recom
 
 /// The manifest files at `root`: the file itself, or the .yaml/.yml/.json files below a
 /// directory (hidden files, such as editors' swap files, are skipped), in a stable order.
+/// A file's name without its extension: `flags.json` is `flags`.
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn manifest_files(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let meta = fs::metadata(root).with_context(|| format!("reading {}", root.display()))?;
     if meta.is_file() {
@@ -298,6 +362,37 @@ mod tests {
         assert_eq!(
             names(&parse_documents(&text).unwrap()),
             ["Namespace/shop", "Service/shop/s"]
+        );
+    }
+
+    #[test]
+    fn a_flagd_flag_file_stands_for_a_featureflag_named_after_it() {
+        let flagd = r#"{
+            "$schema": "https://flagd.dev/schema/v0/flags.json",
+            "metadata": {"namespace": "shop"},
+            "flags": {"new-checkout": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off"}},
+            "$evaluators": {}
+        }"#;
+        let objects = parse_file(flagd, "Checkout.flags").unwrap();
+        assert_eq!(names(&objects), ["FeatureFlag/shop/checkout-flags"]);
+        let Object::FeatureFlag(flag) = &objects[0] else {
+            panic!("{objects:?}")
+        };
+        let set = flag.flags.as_ref().unwrap();
+        assert_eq!(set.keys().collect::<Vec<_>>(), ["new-checkout"]);
+        // Without a namespace: default. A second document in the file is named apart.
+        let two = "flags: {a: {state: DISABLED, variants: {x: 1}}}
+---
+flags: {}
+";
+        assert_eq!(
+            names(&parse_file(two, "flags").unwrap()),
+            ["FeatureFlag/default/flags", "FeatureFlag/default/flags-1"]
+        );
+        let err = parse_file(r#"{"metadata": {"namespace": 7}, "flags": {}}"#, "f").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("must name a namespace"),
+            "{err:#}"
         );
     }
 
