@@ -26,6 +26,8 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
+/// flagd's OFREP port, so that an application moved off a flagd sidecar keeps its port.
+pub const DEFAULT_OFREP_ADDR: &str = "0.0.0.0:8016";
 
 /// How long a metric series may go without a recording before it is removed; linkerd2-proxy
 /// keeps idle series for the same 10 minutes.
@@ -154,6 +156,14 @@ pub struct Args {
     /// The metrics endpoint (Prometheus scrapes `/metrics` here); apart from traffic and admin.
     #[arg(long, env = "AVIARY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
+
+    /// The OFREP endpoint, where applications evaluate their namespace's feature flags (the
+    /// OpenFeature Remote Evaluation Protocol); `off` (or empty) serves none. On every address
+    /// by default: pods reach it at their node's address.
+    // Spelled out as std::option::Option so that clap hands the whole value, `off` included, to
+    // the parser instead of reading the type as an optional flag.
+    #[arg(long, env = "AVIARY_OFREP_ADDR", default_value = DEFAULT_OFREP_ADDR, value_parser = parse_optional_addr)]
+    pub ofrep_addr: std::option::Option<SocketAddr>,
 
     /// Also export Flagger's `http_request_duration_seconds` family (by destination pod), so its
     /// built-in checks work without a MetricTemplate.
@@ -407,6 +417,17 @@ fn parse_path(s: &str) -> Result<PathBuf, String> {
 }
 
 /// A pod name, as the header value `/ready` answers with.
+/// An endpoint's address, or `off` (or empty, as a manifest writes it) for no endpoint.
+fn parse_optional_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+    match s {
+        "" | "off" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("{e}: an address such as 0.0.0.0:8016, or off")),
+    }
+}
+
 fn parse_pod_name(s: &str) -> Result<HeaderValue, String> {
     HeaderValue::from_str(s).map_err(|_| format!("not a pod name: {s:?}"))
 }
@@ -463,6 +484,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub health_addr: SocketAddr,
+    /// None: no OFREP endpoint.
+    pub ofrep_addr: Option<SocketAddr>,
     pub flagger_metrics: bool,
     pub metrics_idle_expiry: Duration,
     pub outbound_port: u16,
@@ -539,6 +562,7 @@ impl TryFrom<Args> for Config {
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
             health_addr: args.health_addr,
+            ofrep_addr: args.ofrep_addr,
             flagger_metrics: args.flagger_metrics,
             metrics_idle_expiry: args.metrics_idle_expiry,
             outbound_port: args.outbound_port,
@@ -694,6 +718,27 @@ mod tests {
         assert_eq!(parse_mark("1337"), Ok(1337));
         assert!(parse_mark("0").is_err());
         assert!(parse_mark("mark").is_err());
+    }
+
+    #[test]
+    fn the_ofrep_endpoint_is_on_flagds_port_unless_turned_off() {
+        let base = ["--local", "p", "--proxy-ip", "10.0.0.1"];
+        let ofrep = |extra: &[&str]| parse(&[&base[..], extra].concat()).map(|c| c.ofrep_addr);
+        assert_eq!(
+            ofrep(&[]).unwrap(),
+            Some(DEFAULT_OFREP_ADDR.parse().unwrap())
+        );
+        assert_eq!(
+            ofrep(&["--ofrep-addr", "127.0.0.1:9016"]).unwrap(),
+            Some("127.0.0.1:9016".parse().unwrap())
+        );
+        assert_eq!(ofrep(&["--ofrep-addr", "off"]).unwrap(), None);
+        assert_eq!(ofrep(&["--ofrep-addr", ""]).unwrap(), None, "empty is off");
+        let err = ofrep(&["--ofrep-addr", "8016"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--ofrep-addr") && err.contains("or off"),
+            "{err}"
+        );
     }
 
     #[test]
