@@ -1,9 +1,11 @@
 //! The hand-off between a running agent and its successor (an upgrade), over a Unix socket in a
 //! directory both agents' pods mount.
 //!
-//! The running agent listens on the socket. A successor connects, and:
-//! 1. receives the listening sockets (SCM_RIGHTS): the same sockets, so the LISTENERS map keeps
-//!    holding live listeners and not one connection waiting in an accept queue is lost;
+//! The running agent listens on the socket. A successor connects, says hello with the kinds of
+//! listener it takes, and:
+//! 1. receives the listening sockets of those kinds (SCM_RIGHTS): the same sockets, so the
+//!    LISTENERS map keeps holding live listeners and not one connection waiting in an accept
+//!    queue is lost;
 //! 2. says it accepts on them; the running agent stops accepting and stops writing the eBPF
 //!    maps, and drains ([`crate::proxy::drain`]);
 //! 3. receives, one message each, the connections that move with their sockets and state, then
@@ -57,12 +59,32 @@ pub enum ListenerKind {
     Admin,
     Health,
     Metrics,
+    Ofrep,
+    /// A kind that a newer successor takes and this agent does not know: it holds none.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ListenerKind {
+    /// What a successor whose hello names no kinds takes: an agent built before hellos named
+    /// them, which fails on a kind it does not know. It takes these, and binds nothing else.
+    const UNNAMED: [ListenerKind; 5] = [
+        ListenerKind::Outbound,
+        ListenerKind::Inbound,
+        ListenerKind::Admin,
+        ListenerKind::Health,
+        ListenerKind::Metrics,
+    ];
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Message {
     Hello {
         version: u32,
+        /// The kinds of listener the successor takes; absent from agents built before hellos
+        /// named them ([`ListenerKind::UNNAMED`]).
+        #[serde(default)]
+        takes: Option<Vec<ListenerKind>>,
     },
     /// One kind per descriptor, in order.
     Listeners {
@@ -287,8 +309,11 @@ fn accept_successors(
             }
         };
         match hello(&channel) {
-            Ok(()) => {
-                if successors.blocking_send(Successor(channel)).is_err() {
+            Ok(takes) => {
+                if successors
+                    .blocking_send(Successor { channel, takes })
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -297,13 +322,15 @@ fn accept_successors(
     }
 }
 
-fn hello(channel: &Channel) -> io::Result<()> {
+/// The kinds of listener a successor takes, from its hello.
+fn hello(channel: &Channel) -> io::Result<Vec<ListenerKind>> {
     channel.set_timeout(Some(EXCHANGE_TIMEOUT))?;
     match channel.receive()?.0 {
         Message::Hello {
             version: PROTOCOL_VERSION,
-        } => Ok(()),
-        Message::Hello { version } => Err(io::Error::other(format!(
+            takes,
+        } => Ok(takes.unwrap_or_else(|| ListenerKind::UNNAMED.to_vec())),
+        Message::Hello { version, .. } => Err(io::Error::other(format!(
             "it speaks hand-off version {version}, this agent {PROTOCOL_VERSION}"
         ))),
         other => Err(io::Error::other(format!("it began with {other:?}"))),
@@ -311,15 +338,25 @@ fn hello(channel: &Channel) -> io::Result<()> {
 }
 
 /// A successor, seen from the agent it takes over from. Blocking: use it off the runtime.
-pub struct Successor(Channel);
+pub struct Successor {
+    channel: Channel,
+    /// The kinds of listener it takes.
+    takes: Vec<ListenerKind>,
+}
 
 impl Successor {
-    /// Sends the listening sockets, and waits until the successor accepts on them.
+    /// Sends the listening sockets of the kinds it takes, and waits until it accepts on them.
+    /// The others close with this agent: the successor binds them itself, or serves none.
     pub fn give_listeners(&self, listeners: &[(ListenerKind, OwnedFd)]) -> io::Result<()> {
-        let kinds = listeners.iter().map(|(kind, _)| *kind).collect();
-        let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
-        self.0.send(&Message::Listeners { kinds }, &fds, &[])?;
-        match self.0.receive()?.0 {
+        let taken: Vec<&(ListenerKind, OwnedFd)> = listeners
+            .iter()
+            .filter(|(kind, _)| self.takes.contains(kind))
+            .collect();
+        let kinds = taken.iter().map(|(kind, _)| *kind).collect();
+        let fds: Vec<BorrowedFd<'_>> = taken.iter().map(|(_, fd)| fd.as_fd()).collect();
+        self.channel
+            .send(&Message::Listeners { kinds }, &fds, &[])?;
+        match self.channel.receive()?.0 {
             Message::Accepting => Ok(()),
             other => Err(io::Error::other(format!(
                 "the successor answered {other:?} to the listeners"
@@ -339,13 +376,13 @@ impl Successor {
                     state,
                     buffered: buffered.len(),
                 };
-                self.0.send(&message, &[client.as_fd()], &buffered)
+                self.channel.send(&message, &[client.as_fd()], &buffered)
             }
             Moved::Relay {
                 client,
                 upstream,
                 state,
-            } => self.0.send(
+            } => self.channel.send(
                 &Message::Relay { state },
                 &[client.as_fd(), upstream.as_fd()],
                 &[],
@@ -355,7 +392,7 @@ impl Successor {
 
     /// Says every connection that moves has moved.
     pub fn done(self) -> io::Result<()> {
-        self.0.send(&Message::Done, &[], &[])
+        self.channel.send(&Message::Done, &[], &[])
     }
 }
 
@@ -364,8 +401,8 @@ pub struct Predecessor(Channel);
 
 impl Predecessor {
     /// The agent running at `path`, if one is (a socket file nobody listens on is a dead
-    /// agent's).
-    pub fn find(path: &Path) -> anyhow::Result<Option<Self>> {
+    /// agent's); told that this one takes its listeners of the kinds `takes`.
+    pub fn find(path: &Path, takes: &[ListenerKind]) -> anyhow::Result<Option<Self>> {
         let socket = unix_socket()?;
         let addr = SocketAddrUnix::new(path)?;
         match net::connect(&socket, &addr) {
@@ -383,6 +420,7 @@ impl Predecessor {
         channel.send(
             &Message::Hello {
                 version: PROTOCOL_VERSION,
+                takes: Some(takes.to_vec()),
             },
             &[],
             &[],
@@ -488,12 +526,15 @@ mod tests {
     #[test]
     fn nobody_listening_means_no_predecessor() {
         let path = socket_path("none");
-        assert!(Predecessor::find(&path).unwrap().is_none(), "no file");
+        assert!(Predecessor::find(&path, &[]).unwrap().is_none(), "no file");
         // A dead agent's socket file: nobody accepts.
         let socket = unix_socket().unwrap();
         net::bind(&socket, &SocketAddrUnix::new(&path).unwrap()).unwrap();
         drop(socket);
-        assert!(Predecessor::find(&path).unwrap().is_none(), "a stale file");
+        assert!(
+            Predecessor::find(&path, &[]).unwrap().is_none(),
+            "a stale file"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 
@@ -513,7 +554,9 @@ mod tests {
         let successor = tokio::task::spawn_blocking({
             let path = path.clone();
             move || {
-                let predecessor = Predecessor::find(&path).unwrap().expect("an agent runs");
+                let predecessor = Predecessor::find(&path, &[ListenerKind::Outbound])
+                    .unwrap()
+                    .expect("an agent runs");
                 let listeners = predecessor.take_listeners().unwrap();
                 predecessor.accepting().unwrap();
                 let mut moved = Vec::new();
@@ -582,5 +625,100 @@ mod tests {
         upstream.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ping");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// The kinds of the listeners a successor that says `hello` receives from an agent that
+    /// holds one listener of each of `held`.
+    async fn kinds_received(
+        name: &str,
+        hello: Vec<u8>,
+        held: &[ListenerKind],
+    ) -> Vec<ListenerKind> {
+        let path = socket_path(name);
+        let mut listener = HandoffListener::bind(&path).unwrap();
+        let successor = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                let socket = unix_socket().unwrap();
+                net::connect(&socket, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+                let length = (hello.len() as u32).to_le_bytes();
+                net::send(
+                    &socket,
+                    &[&length[..], &hello].concat(),
+                    SendFlags::NOSIGNAL,
+                )
+                .unwrap();
+                let channel = Channel(socket);
+                channel.set_timeout(Some(Duration::from_secs(10))).unwrap();
+                let predecessor = Predecessor(channel);
+                let listeners = predecessor.take_listeners().unwrap();
+                predecessor.accepting().unwrap();
+                listeners.into_iter().map(|(kind, _)| kind).collect()
+            }
+        });
+        let running = listener.successor().await;
+        let held: Vec<(ListenerKind, OwnedFd)> = held
+            .iter()
+            .map(|kind| {
+                let socket = TcpListener::bind("127.0.0.1:0").unwrap();
+                (*kind, OwnedFd::from(socket))
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || running.give_listeners(&held).unwrap())
+            .await
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        successor.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_successor_receives_the_kinds_it_takes_and_an_older_one_those_it_knows() {
+        use ListenerKind::*;
+        let held = [Outbound, Admin, Health, Metrics, Ofrep];
+        let hello = |takes: &[ListenerKind]| {
+            serde_json::to_vec(&Message::Hello {
+                version: PROTOCOL_VERSION,
+                takes: Some(takes.to_vec()),
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            kinds_received("takes", hello(&[Outbound, Metrics, Ofrep]), &held).await,
+            [Outbound, Metrics, Ofrep]
+        );
+        // An agent built before hellos named kinds fails on one it does not know: it gets
+        // the kinds it knows, and the OFREP listener closes with the running agent.
+        let older = br#"{"Hello":{"version":1}}"#.to_vec();
+        assert_eq!(
+            kinds_received("older", older, &held).await,
+            [Outbound, Admin, Health, Metrics]
+        );
+    }
+
+    #[test]
+    fn hellos_read_across_versions() {
+        // A newer successor's hello, naming a kind this agent does not know.
+        let newer: Message =
+            serde_json::from_str(r#"{"Hello":{"version":1,"takes":["Outbound","Telepathy"]}}"#)
+                .unwrap();
+        let Message::Hello { takes, .. } = newer else {
+            panic!("{newer:?}")
+        };
+        assert_eq!(
+            takes,
+            Some(vec![ListenerKind::Outbound, ListenerKind::Unknown])
+        );
+        // An older agent reads this one's hello: it ignores the field it does not know.
+        #[derive(Deserialize)]
+        enum OlderMessage {
+            Hello { version: u32 },
+        }
+        let hello = serde_json::to_string(&Message::Hello {
+            version: PROTOCOL_VERSION,
+            takes: Some(vec![ListenerKind::Ofrep]),
+        })
+        .unwrap();
+        let OlderMessage::Hello { version } = serde_json::from_str(&hello).unwrap();
+        assert_eq!(version, PROTOCOL_VERSION);
     }
 }

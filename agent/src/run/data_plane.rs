@@ -133,8 +133,13 @@ impl DataPlane {
             let task = match kind {
                 ListenerKind::Outbound => serving(&self.outbound, listener, Outbound::serve),
                 ListenerKind::Inbound => serving(&self.inbound, listener, Inbound::serve),
-                // One of each: the control plane's, taken already.
-                ListenerKind::Admin | ListenerKind::Health | ListenerKind::Metrics => continue,
+                // One of each: the control plane's, taken already. (None of a kind this agent
+                // does not know comes: a predecessor sends only the kinds its hello named.)
+                ListenerKind::Admin
+                | ListenerKind::Health
+                | ListenerKind::Metrics
+                | ListenerKind::Ofrep
+                | ListenerKind::Unknown => continue,
             };
             let worker = index % tasks.len();
             tasks[worker].push(task);

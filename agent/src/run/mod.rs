@@ -32,7 +32,7 @@ use crate::{
         maps::{Listeners, Stats},
         Datapath,
     },
-    handoff::{HandoffListener, Predecessor, Sockets, Successor},
+    handoff::{HandoffListener, ListenerKind, Predecessor, Sockets, Successor},
     identity::Certificates,
     policy::service_routes::RouteOptions,
     proxy::{drain::DrainSignal, metrics::Metrics, workers::Workers},
@@ -62,7 +62,7 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
     let pins = datapath.pin_dir();
     let mut signals = Signals::new()?;
     // An agent serving on this node already (an upgrade): this one takes over from it.
-    let predecessor = Predecessor::find(&cfg.handoff_socket)?;
+    let predecessor = Predecessor::find(&cfg.handoff_socket, &listener_kinds(cfg))?;
     if predecessor.is_some() {
         info!(socket = %cfg.handoff_socket.display(), "an agent runs on this node: taking over from it once policy is loaded");
     }
@@ -163,6 +163,20 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
     // The control plane's tasks end last, the endpoints among them.
     drop(supervisor);
     result
+}
+
+/// The kinds of listener this agent serves, which it takes over from a predecessor: one it
+/// does not serve closes with the predecessor.
+fn listener_kinds(cfg: &Config) -> Vec<ListenerKind> {
+    let mut kinds = vec![
+        ListenerKind::Outbound,
+        ListenerKind::Inbound,
+        ListenerKind::Admin,
+        ListenerKind::Health,
+        ListenerKind::Metrics,
+    ];
+    kinds.extend(cfg.ofrep_addr.map(|_| ListenerKind::Ofrep));
+    kinds
 }
 
 /// SIGTERM and SIGINT.
