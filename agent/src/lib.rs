@@ -16,6 +16,7 @@ pub mod handoff;
 pub mod identity;
 pub mod kubernetes;
 pub mod metrics;
+pub mod ofrep;
 pub mod policy;
 pub mod proxy;
 pub mod run;

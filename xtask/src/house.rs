@@ -21,7 +21,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["state"],
     &["identity", "capture", "kubernetes"],
     &["proxy"],
-    &["handoff", "config", "admin"],
+    &["handoff", "config", "admin", "ofrep"],
     &["run"],
 ];
 

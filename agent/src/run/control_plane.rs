@@ -1,5 +1,6 @@
 //! The control plane's long-lived tasks: the policy source and the routing table it feeds,
-//! workload certificates, capture, the admin, health and metrics endpoints, and housekeeping.
+//! workload certificates, capture, the admin, health, metrics and OFREP endpoints, and
+//! housekeeping.
 //! Each runs under the [`Supervisor`]: one that ends is a failure of the agent.
 
 use std::{
@@ -29,6 +30,7 @@ use crate::{
         lease::{release, LeaseConfig},
     },
     metrics::SWEEP_INTERVAL,
+    ofrep::{self, Ofrep},
     policy::{self, Store},
     proxy::metrics::Metrics,
     state::{Publisher, SnapshotRx},
@@ -169,12 +171,14 @@ async fn watch_local(path: PathBuf, mut publisher: Publisher) {
     }
 }
 
-/// The listeners of the admin, health and metrics endpoints: taken over from a predecessor,
-/// or bound here.
+/// The listeners of the admin, health, metrics and OFREP endpoints: taken over from a
+/// predecessor, or bound here (a predecessor that serves no OFREP hands none over).
 pub struct Endpoints {
     admin: TcpListener,
     health: TcpListener,
     metrics: TcpListener,
+    /// None: no OFREP endpoint (`--ofrep-addr off`).
+    ofrep: Option<TcpListener>,
 }
 
 impl Endpoints {
@@ -189,10 +193,20 @@ impl Endpoints {
             admin: bind(ListenerKind::Admin, cfg.admin_addr, "admin")?,
             health: bind(ListenerKind::Health, cfg.health_addr, "health")?,
             metrics: bind(ListenerKind::Metrics, cfg.metrics_addr, "metrics")?,
+            ofrep: cfg
+                .ofrep_addr
+                .map(|addr| bind(ListenerKind::Ofrep, addr, "OFREP"))
+                .transpose()?,
         })
     }
 
-    pub fn spawn(self, supervisor: &mut Supervisor, admin: Arc<Admin>, metrics: &Arc<Metrics>) {
+    pub fn spawn(
+        self,
+        supervisor: &mut Supervisor,
+        admin: Arc<Admin>,
+        metrics: &Arc<Metrics>,
+        routes: &Arc<ArcSwap<RouteTable>>,
+    ) {
         supervisor.spawn("health endpoint", admin.clone().serve_health(self.health));
         supervisor.spawn("admin endpoint", admin.serve(self.admin));
         let scraped = metrics.clone();
@@ -200,6 +214,10 @@ impl Endpoints {
             "metrics endpoint",
             serve_paths(self.metrics, move |path| metrics_response(&scraped, path)),
         );
+        if let Some(listener) = self.ofrep {
+            let ofrep = Ofrep::new(routes.clone(), metrics.clone(), ofrep::Limits::default());
+            supervisor.spawn("OFREP endpoint", Arc::new(ofrep).serve(listener));
+        }
     }
 }
 

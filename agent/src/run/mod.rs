@@ -128,10 +128,10 @@ async fn serve(cfg: &Config, datapath: &mut Datapath, pod_root: PathBuf) -> anyh
         pod_name: cfg.pod_name.clone(),
         certificates,
     });
-    endpoints.spawn(&mut supervisor, admin, &metrics);
+    endpoints.spawn(&mut supervisor, admin, &metrics, &routes);
     control_plane::spawn_capture(&mut supervisor, snapshots, pins, pod_root, ready.clone())?;
     control_plane::spawn_housekeeping(&mut supervisor, pins, &metrics, cfg.metrics_idle_expiry)?;
-    info!(port = cfg.outbound_port, proxy_ip = %cfg.proxy_v4, admin = %cfg.admin_addr, metrics = %cfg.metrics_addr, "agent ready");
+    info!(port = cfg.outbound_port, proxy_ip = %cfg.proxy_v4, admin = %cfg.admin_addr, metrics = %cfg.metrics_addr, ofrep = ?cfg.ofrep_addr, "agent ready");
 
     let mut serving = Serving {
         signals: &mut signals,
