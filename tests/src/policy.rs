@@ -190,3 +190,44 @@ fn annotation_list(annotations: &[(&str, &str)]) -> String {
         .collect();
     pairs.join(", ")
 }
+
+/// An HTTPRoute on `service` (port 80) that sends the requests whose flag `flag` chose
+/// `variant` (the `x-aviary-flag-<flag>` header the agent sets) to `chosen`, and the others to
+/// `others`.
+pub fn flag_route(
+    service: &str,
+    namespace: &str,
+    flag: &str,
+    variant: &str,
+    chosen: &str,
+    others: &str,
+) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: {service}, namespace: {namespace}}}\n\
+         spec:\n  parentRefs: [{{group: core, kind: Service, name: {service}, port: 80}}]\n  rules:\n\
+         \x20 - matches: [{{headers: [{{name: x-aviary-flag-{flag}, value: \"{variant}\"}}]}}]\n\
+         \x20   backendRefs: [{{name: {chosen}, port: 80}}]\n\
+         \x20 - backendRefs: [{{name: {others}, port: 80}}]\n"
+    )
+}
+
+/// flagd's flags (a flag file, or a FeatureFlag's `spec.flagSpec`): `flag` is "on" for
+/// `percent`% of users by targeting key (`fractional`, "on" listed first, so a user it turned
+/// on stays on as `percent` grows), "off" for the others.
+pub fn rollout_flags(flag: &str, percent: u32) -> serde_json::Value {
+    serde_json::json!({"flags": {flag: {
+        "state": "ENABLED",
+        "variants": {"on": true, "off": false},
+        "defaultVariant": "off",
+        "targeting": {"fractional": [["on", percent], ["off", 100 - percent]]},
+    }}})
+}
+
+/// An OpenFeature Operator FeatureFlag holding `flag_spec`.
+pub fn feature_flag(name: &str, namespace: &str, flag_spec: &serde_json::Value) -> String {
+    format!(
+        "apiVersion: core.openfeature.dev/v1beta1\nkind: FeatureFlag\n\
+         metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  flagSpec: {flag_spec}\n"
+    )
+}

@@ -148,6 +148,17 @@ enum Command {
         #[arg(long, default_value = "/")]
         path: String,
     },
+    /// One GET for each user `0..users` on one keep-alive connection, each carrying
+    /// `x-user-id: user-<n>` and every `--header` ("name: value"); prints "user <n> <backend>
+    /// <flags>" for each, `flags` being the `x-aviary-flag-` headers the backend saw (which
+    /// `http-serve` echoes in `x-seen-flags`), or "-".
+    HttpUsers {
+        addr: SocketAddr,
+        #[arg(long)]
+        users: u32,
+        #[arg(long)]
+        header: Vec<String>,
+    },
     /// One HTTP/1.1 GET; prints the response body.
     HttpGet { addr: SocketAddr, path: String },
     /// `count` GETs with `Connection: close`, each on a new connection from the same source
@@ -314,6 +325,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             let deadline = Instant::now() + Duration::from_secs_f64(secs.unwrap_or(600.0));
             http_load(addr, count, connections, deadline, &method, &path)
         }
+        Command::HttpUsers {
+            addr,
+            users,
+            header,
+        } => http_users(addr, users, &header),
         Command::EchoStream {
             addr,
             secs,
@@ -852,8 +868,17 @@ fn http_serve(name: String, port: u16) -> anyhow::Result<()> {
                 };
                 // One write per message, as real servers do: several small writes would meet
                 // Nagle and delayed ACKs and stall each exchange by tens of milliseconds.
+                let flags: Vec<String> = headers
+                    .iter()
+                    .filter_map(|(k, v)| Some(format!("{}={v}", k.strip_prefix("x-aviary-flag-")?)))
+                    .collect();
+                let seen_flags = if flags.is_empty() {
+                    String::new()
+                } else {
+                    format!("x-seen-flags: {}\r\n", flags.join(","))
+                };
                 let response = format!(
-                    "HTTP/1.1 200 OK\r\nx-backend: {name}\r\nx-peer: {peer}\r\ncontent-length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\nx-backend: {name}\r\nx-peer: {peer}\r\n{seen_flags}content-length: {}\r\n\r\n{body}",
                     body.len()
                 );
                 let close = headers
@@ -924,6 +949,28 @@ fn http_load(
         let at = |p: f64| all.latencies[(last as f64 * p).round() as usize].as_micros();
         println!("latency p50_us {}", at(0.5));
         println!("latency p99_us {}", at(0.99));
+    }
+    Ok(())
+}
+
+fn http_users(addr: SocketAddr, users: u32, extra: &[String]) -> anyhow::Result<()> {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let extra: String = extra.iter().map(|h| format!("{h}\r\n")).collect();
+    for user in 0..users {
+        let request = format!(
+            "GET / HTTP/1.1\r\nhost: podinfo\r\nx-user-id: user-{user}\r\n{extra}content-length: 0\r\n\r\n"
+        );
+        (&stream).write_all(request.as_bytes())?;
+        let Message { headers, .. } =
+            read_message(&mut reader)?.context("the connection closed before the response")?;
+        let field = |name: &str| headers.get(name).cloned().unwrap_or_else(|| "-".into());
+        println!(
+            "user {user} {} {}",
+            field("x-backend"),
+            field("x-seen-flags")
+        );
     }
     Ok(())
 }
