@@ -13,6 +13,7 @@ use std::{
 use aviary_agent::{
     config::{
         Args, Command, Config, PolicySource, Probe, DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR,
+        DEFAULT_OFREP_ADDR,
     },
     kubernetes::{api_access, node_pods},
     policy::{Meta, PodMeta},
@@ -421,6 +422,8 @@ fn the_daemonset_configures_mounts_and_exposes_what_the_agent_uses() {
     };
     assert_eq!(field("NODE_NAME").as_deref(), Some("spec.nodeName"));
     assert_eq!(field("AVIARY_PROXY_IP").as_deref(), Some("status.hostIP"));
+    // Applications find OFREP where they would find a flagd, at their node's address.
+    assert_eq!(cfg.ofrep_addr, DEFAULT_OFREP_ADDR.parse().ok());
 
     // Every path the agent opens is inside a host mount; the hand-off socket's, which both
     // pods of an upgrade mount, is made if missing, and writable.
@@ -919,7 +922,7 @@ fn the_signer_runs_from_the_image_with_valid_flags_and_no_privileges() {
 // rewrites them), and rendered here by a renderer of exactly the template syntax they use.
 
 /// Base text -> template text.
-const SUBSTITUTIONS: [(&str, &str); 14] = [
+const SUBSTITUTIONS: [(&str, &str); 15] = [
     (
         "ghcr.io/aviary-mesh/aviary-agent:0.1.0",
         "{{ .Values.image.repository }}:{{ .Values.image.tag }}",
@@ -956,6 +959,10 @@ const SUBSTITUTIONS: [(&str, &str); 14] = [
     (
         "AVIARY_INBOUND_BRIDGE\n              value: \"\"",
         "AVIARY_INBOUND_BRIDGE\n              value: {{ .Values.inbound.bridge | quote }}",
+    ),
+    (
+        "AVIARY_OFREP_ADDR\n              value: \"0.0.0.0:8016\"",
+        "AVIARY_OFREP_ADDR\n              value: {{ .Values.ofrep.addr | quote }}",
     ),
     ("cpu: 100m", "cpu: {{ .Values.resources.requests.cpu }}"),
     (
@@ -1109,12 +1116,14 @@ fn the_helm_chart_renders_the_plain_manifests() {
     values["image"]["tag"] = Value::String("9.9.9".into());
     values["drainTimeout"] = Value::String("50s".into());
     values["terminationGracePeriodSeconds"] = Value::from(60);
+    values["ofrep"]["addr"] = Value::String("off".into());
     let objects = rendered(&values);
     let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
     assert_eq!(
         ds["spec"]["template"]["spec"]["containers"][0]["image"],
         "ghcr.io/aviary-mesh/aviary-agent:9.9.9"
     );
+
     // In another namespace, the agents find the signer there.
     let elsewhere: String = templates
         .values()
@@ -1127,6 +1136,8 @@ fn the_helm_chart_renders_the_plain_manifests() {
         check_hitless_upgrades(&ds),
         (Duration::from_secs(50), Duration::from_secs(60))
     );
+    let cfg = Config::try_from(Args::try_parse_from(agent_args(&ds)).unwrap()).unwrap();
+    assert_eq!(cfg.ofrep_addr, None, "OFREP turned off");
 }
 
 #[test]
