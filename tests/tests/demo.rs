@@ -3,7 +3,7 @@
 use std::process::Command;
 
 #[test]
-fn the_demo_shows_a_canary_split_mirroring_promotion_opt_out_and_fail_open() {
+fn the_demo_shows_a_canary_split_mirroring_promotion_a_flag_opt_out_and_fail_open() {
     if !aviary_tests::privileged() {
         return;
     }
@@ -18,7 +18,7 @@ fn the_demo_shows_a_canary_split_mirroring_promotion_opt_out_and_fail_open() {
         String::from_utf8_lossy(&out.stderr)
     );
     let steps: Vec<&str> = stdout.split("\n[").collect();
-    assert_eq!(steps.len(), 8, "{stdout}");
+    assert_eq!(steps.len(), 9, "{stdout}");
     let expect = |step: usize, text: &str| {
         assert!(
             steps[step].contains(text),
@@ -49,8 +49,25 @@ fn the_demo_shows_a_canary_split_mirroring_promotion_opt_out_and_fail_open() {
         "aviary_mirror_requests_total{outcome=\"skipped_not_idempotent\"} 50",
     );
     expect(5, "0 podinfo-primary (0.0%),  200 podinfo-canary (100.0%)");
-    expect(6, "direct, not proxied");
+    // The flag: 20 of 100 users expected on the canary (a fixed hash, so a fixed count), then
+    // 50, keeping every one of the first.
+    let on_canary = |percent: u32| -> usize {
+        let prefix = format!("at {percent}%: ");
+        steps[6]
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .and_then(|l| l.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no count at {percent}%: {stdout}"))
+    };
+    let (first, then) = (on_canary(20), on_canary(50));
+    assert!((8..=35).contains(&first), "{first} at 20%: {stdout}");
+    assert!((35..=65).contains(&then), "{then} at 50%: {stdout}");
+    expect(
+        6,
+        &format!("{first} of the {first} users on it at 20% are still"),
+    );
     expect(7, "direct, not proxied");
+    expect(8, "direct, not proxied");
     assert!(stdout.contains("connect_failed_open    1"), "{stdout}");
     assert!(stdout.contains("Done: the node, its pods and every eBPF object are gone."));
 }

@@ -4,8 +4,8 @@
 //! (network namespaces on a bridge, at the Pods' addresses, with kubepods-style cgroups named by
 //! the Pods' UIDs), starts the real agent over those files, and shows a canary at work: a 90/10
 //! split per request, GETs mirrored and POSTs not, a promotion by editing the route's weights,
-//! an opted-out pod going direct, and capture failing open when the agent dies. Ctrl-C cleans
-//! up.
+//! a feature released to 20%, then 50% of users by a flag, an opted-out pod going direct, and
+//! capture failing open when the agent dies. Ctrl-C cleans up.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -26,6 +26,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where the demo's backends listen (the Services' targetPort).
 const BACKEND_PORT: u16 = 8080;
+const STEPS: u32 = 8;
 
 #[derive(Parser)]
 #[command(about = "Aviary's demo, in local mode (run as root)")]
@@ -63,7 +64,7 @@ fn step(n: u32, text: &str) -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted");
     }
-    println!("\n[{n}/7] {text}");
+    println!("\n[{n}/{STEPS}] {text}");
     Ok(())
 }
 
@@ -149,10 +150,13 @@ fn with_weights(route: &str, primary: u32, canary: u32) -> anyhow::Result<String
     Ok(edited)
 }
 
-/// The demo's manifests: the cluster, the HTTPRoute, and each Pod's UID and address.
+/// The demo's manifests: the cluster, the HTTPRoute, the flag and the route that follows it,
+/// and each Pod's UID and address.
 struct Manifests {
     cluster: String,
     route: String,
+    flag_route: String,
+    feature_flag: String,
     pods: BTreeMap<String, (String, Ipv4Addr)>,
 }
 
@@ -163,6 +167,7 @@ impl Manifests {
             std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
         };
         let (cluster, route) = (read("cluster.yaml")?, read("httproute.yaml")?);
+        let (flag_route, feature_flag) = (read("flag-route.yaml")?, read("featureflag.yaml")?);
         let pods = parse_documents(&cluster)?
             .into_iter()
             .filter_map(|o| match o {
@@ -176,6 +181,8 @@ impl Manifests {
         Ok(Self {
             cluster,
             route,
+            flag_route,
+            feature_flag,
             pods,
         })
     }
@@ -231,9 +238,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
     demo.show_metrics();
     step(5, "Promoting the canary by editing the HTTPRoute's weights")?;
     demo.promote(&manifests, &agent)?;
-    step(6, "legacy (opted out) -> podinfo")?;
+    step(
+        6,
+        "Releasing new-checkout with a feature flag: on for 20%, then 50% of users",
+    )?;
+    demo.release_flag(&manifests, &agent)?;
+    step(7, "legacy (opted out) -> podinfo")?;
     demo.report(&demo.legacy, "GET", count / 10)?;
-    step(7, "Killing the agent with SIGKILL: capture fails open")?;
+    step(8, "Killing the agent with SIGKILL: capture fails open")?;
     agent.kill();
     demo.report(&demo.frontend, "GET", count / 10)?;
     show_counters(&agent)
@@ -367,6 +379,45 @@ impl Demo {
         }
     }
 
+    /// The flag's route and the flag at 20%, then 50%: each user's version, by the flag.
+    fn release_flag(&self, manifests: &Manifests, agent: &Agent) -> anyhow::Result<()> {
+        let users = self.count / 2;
+        let mut first: Option<Vec<bool>> = None;
+        for (generation, percent) in [(4, 20), (5, 50)] {
+            let flag = with_share(&manifests.feature_flag, percent)?;
+            let policy = [&manifests.cluster, &manifests.flag_route, &flag];
+            self.node
+                .write_policy(&policy.map(String::as_str).join("\n---\n"));
+            agent.wait_for_log(&format!("generation={generation}"), Duration::from_secs(5));
+            let args = [
+                "http-users",
+                &self.service.to_string(),
+                "--users",
+                &users.to_string(),
+            ];
+            let out = self.node.run(&self.frontend, &args, CLIENT_TIMEOUT);
+            let landed = users_landed(&out)?;
+            let on = landed.iter().filter(|&&c| c).count();
+            println!(
+                "      at {percent}%: {on} of {users} users (x-user-id user-0..) on podinfo-canary, \
+                 each request told x-aviary-flag-new-checkout: on; the others off, on podinfo-primary"
+            );
+            if let Some(before) = &first {
+                let kept = before
+                    .iter()
+                    .zip(&landed)
+                    .filter(|(b, l)| **b && **l)
+                    .count();
+                let had = before.iter().filter(|&&b| b).count();
+                println!(
+                    "      {kept} of the {had} users on it at 20% are still on podinfo-canary"
+                );
+            }
+            first.get_or_insert(landed);
+        }
+        Ok(())
+    }
+
     /// The route's weights edited to 50/50, then 0/100, each followed by a batch.
     fn promote(&self, manifests: &Manifests, agent: &Agent) -> anyhow::Result<()> {
         for (p, c) in [(50, 50), (0, 100)] {
@@ -381,6 +432,50 @@ impl Demo {
         }
         Ok(())
     }
+}
+
+/// The demo's FeatureFlag with new-checkout on for `percent`% of users.
+fn with_share(feature_flag: &str, percent: u32) -> anyhow::Result<String> {
+    let edited = feature_flag
+        .replace("- [\"on\", 20]", &format!("- [\"on\", {percent}]"))
+        .replace(
+            "- [\"off\", 80]",
+            &format!("- [\"off\", {}]", 100 - percent),
+        );
+    if edited == feature_flag && percent != 20 {
+        bail!("the demo's FeatureFlag no longer has the 20/80 shares it edits");
+    }
+    Ok(edited)
+}
+
+/// The backend each user `0..users` of `http-users` landed on, checking that each was told the
+/// variant that sent it there.
+fn users_landed(out: &Output) -> anyhow::Result<Vec<bool>> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut on_canary = Vec::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("user ")) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (canary, told) = match fields[..] {
+            [_, backend, told] => (backend == "podinfo-canary", told),
+            _ => bail!("a user's line is {line:?}"),
+        };
+        let want = if canary { "on" } else { "off" };
+        if told != format!("new-checkout={want}") {
+            bail!(
+                "user {} landed on {} but was told {told}",
+                fields[0],
+                fields[1]
+            );
+        }
+        on_canary.push(canary);
+    }
+    if on_canary.is_empty() {
+        bail!(
+            "no user got an answer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(on_canary)
 }
 
 /// Where the agent serves its metrics, in the node's network namespace.
