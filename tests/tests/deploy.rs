@@ -18,7 +18,8 @@ use aviary_agent::{
     kubernetes::{api_access, node_pods},
     policy::{Meta, PodMeta},
     proxy::metrics::{
-        DenialReason, Direction, Edge, MethodClass, Metrics, MirrorOutcome, RequestLabels, Security,
+        DenialReason, Direction, Edge, FlagEvaluator, MethodClass, Metrics, MirrorOutcome,
+        RequestLabels, Security,
     },
     table::Workload,
 };
@@ -609,6 +610,14 @@ struct CanaryService {
     port: u16,
     target_port: u16,
     gateway_refs: Vec<GatewayRef>,
+    /// What Flagger sets on the apex Service.
+    apex: Option<CustomMetadata>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomMetadata {
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -709,6 +718,11 @@ fn exported() -> BTreeSet<String> {
         .record(std::time::Duration::from_millis(1));
     metrics.mirror(MirrorOutcome::Sent, &name("b"), &name("b"));
     metrics.denied(DenialReason::not_allowed, None, &pod);
+    let flags = aviary_flags::FlagSet::parse(&serde_json::json!({"flags": {"f": {
+        "state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on"}}}))
+    .unwrap();
+    let resolution = flags.evaluate("f", &serde_json::Map::new(), 0);
+    metrics.flag_evaluation(FlagEvaluator::proxy, &name("b"), &name("f"), &resolution);
     let tcp = metrics.tcp_series(&edge);
     tcp.opened();
     tcp.closed(1, 1);
@@ -775,6 +789,7 @@ fn the_monitoring_and_flagger_objects_are_well_formed_and_query_real_metrics() {
     let mut canaries = 0;
     let mut templates = BTreeSet::new();
     let mut referenced = BTreeSet::new();
+    let (mut flagged, mut defined) = (BTreeSet::new(), BTreeSet::new());
     for entry in fs::read_dir(deploy().join("flagger")).unwrap() {
         for object in documents(&entry.unwrap().path()) {
             match object["kind"].as_str().unwrap() {
@@ -800,13 +815,29 @@ fn the_monitoring_and_flagger_objects_are_well_formed_and_query_real_metrics() {
                             "the built-in checks count the canary's answers to the copies"
                         );
                     }
-                    let _ = (
-                        &a.interval,
-                        a.threshold,
-                        a.max_weight,
-                        a.mirror_weight,
-                        &a.matches,
-                    );
+                    let _ = (&a.interval, a.threshold, a.max_weight, a.mirror_weight);
+                    // An analysis of a flag's users matches the header the apex Service's flag
+                    // sets, of a flag the file defines.
+                    let apex = canary.spec.service.apex.as_ref();
+                    if let Some(flags) =
+                        apex.and_then(|apex| apex.annotations.get("aviary.dev/flags"))
+                    {
+                        let matched: Vec<&String> = a
+                            .matches
+                            .iter()
+                            .flatten()
+                            .flat_map(|m| m.values())
+                            .flat_map(|h| h.keys())
+                            .collect();
+                        let header = |key: &str| format!("x-aviary-flag-{key}");
+                        assert!(
+                            flags
+                                .split(',')
+                                .any(|key| matched.contains(&&header(key.trim()))),
+                            "{matched:?} match no header of {flags}"
+                        );
+                        flagged.extend(flags.split(',').map(|key| key.trim().to_owned()));
+                    }
                     let _ = canary.spec.progress_deadline_seconds;
                     for metric in &a.metrics {
                         let _ = (&metric.threshold_range, &metric.interval);
@@ -831,11 +862,24 @@ fn the_monitoring_and_flagger_objects_are_well_formed_and_query_real_metrics() {
                     }
                     templates.insert(template.metadata.name.unwrap());
                 }
+                "FeatureFlag" => {
+                    let flag =
+                        aviary_agent::policy::feature_flag::FeatureFlag::from_json(object).unwrap();
+                    let flags = flag.flags.expect("the example's flags are good");
+                    defined.extend(flags.keys().map(str::to_owned));
+                }
                 other => panic!("unexpected kind {other}"),
             }
         }
     }
-    assert_eq!(canaries, 3, "canary, A/B and blue/green examples");
+    assert_eq!(
+        canaries, 4,
+        "canary, A/B, blue/green and feature flag examples"
+    );
+    assert!(
+        !flagged.is_empty() && flagged.is_subset(&defined),
+        "{flagged:?} vs {defined:?}"
+    );
     assert!(
         referenced.is_subset(&templates),
         "{referenced:?} vs {templates:?}"
