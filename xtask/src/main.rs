@@ -46,9 +46,11 @@ const GUEST_SLOWDOWN: u32 = 6;
 /// the guest with an emulation failure here) the guest runs several times slower than the
 /// host; the lifecycle suite's 100k connections alone take more than 10 minutes there.
 const GUEST_SUITE_SECONDS: u64 = 30 * 60;
-/// The aviary-tests suites that touch no kernel feature (manifests, and the agent's Kubernetes
-/// client against the API server fixture): the kernel matrix leaves them to the host's run.
-const HOST_ONLY_SUITES: &[&str] = &["deploy", "kubernetes"];
+/// The aviary-tests suites that touch no kernel feature (manifests, the agent's Kubernetes
+/// client against the API server fixture, and OFREP: plain TCP to the node's address, from the
+/// OpenFeature clients the host's run installs): the kernel matrix leaves them to the host's
+/// run.
+const HOST_ONLY_SUITES: &[&str] = &["deploy", "kubernetes", "ofrep"];
 /// How long the guest may take to boot and shut down, beyond its suites.
 const GUEST_BOOT_SECONDS: u64 = 5 * 60;
 /// How long `cargo xtask test` fuzzes each target, from its seeds: a smoke test that keeps the
