@@ -66,6 +66,7 @@ fn the_demo_shows_a_canary_split_mirroring_promotion_a_flag_opt_out_and_fail_ope
         6,
         &format!("{first} of the {first} users on it at 20% are still"),
     );
+    expect(6, "the mesh sent the user to for 100 of 100 users");
     expect(7, "direct, not proxied");
     expect(8, "direct, not proxied");
     assert!(stdout.contains("connect_failed_open    1"), "{stdout}");

@@ -412,9 +412,48 @@ impl Demo {
                 println!(
                     "      {kept} of the {had} users on it at 20% are still on podinfo-canary"
                 );
+                self.ask_ofrep(&landed)?;
             }
             first.get_or_insert(landed);
         }
+        Ok(())
+    }
+
+    /// What an application of the frontend pod hears from its node's OFREP endpoint for each
+    /// user, beside where the mesh sent that user.
+    fn ask_ofrep(&self, on_canary: &[bool]) -> anyhow::Result<()> {
+        let ofrep = format!("{}:8016", aviary_tests::NODE_IP);
+        let args = [
+            "ofrep-users",
+            &ofrep,
+            "--flag",
+            "new-checkout",
+            "--users",
+            &on_canary.len().to_string(),
+        ];
+        let out = self.node.run(&self.frontend, &args, CLIENT_TIMEOUT);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let variants: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("user ")?.split(' ').nth(1))
+            .collect();
+        if variants.len() != on_canary.len() {
+            bail!(
+                "OFREP answered {} users: {}",
+                variants.len(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let agree = variants
+            .iter()
+            .zip(on_canary)
+            .filter(|(variant, canary)| (**variant == "on") == **canary)
+            .count();
+        println!(
+            "      OFREP at {ofrep} (what the frontend's OpenFeature SDK would ask): new-checkout \
+             agrees with the version the mesh sent the user to for {agree} of {} users",
+            on_canary.len()
+        );
         Ok(())
     }
 

@@ -159,6 +159,16 @@ enum Command {
         #[arg(long)]
         header: Vec<String>,
     },
+    /// Asks the OFREP endpoint at `addr` for the flag `flag` once for each user `0..users`
+    /// (targeting key `user-<n>`, as `http-users` sends it), on one keep-alive connection;
+    /// prints "user <n> <variant>" for each ("-" without one).
+    OfrepUsers {
+        addr: SocketAddr,
+        #[arg(long)]
+        flag: String,
+        #[arg(long)]
+        users: u32,
+    },
     /// One HTTP/1.1 GET; prints the response body.
     HttpGet { addr: SocketAddr, path: String },
     /// `count` GETs with `Connection: close`, each on a new connection from the same source
@@ -330,6 +340,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             users,
             header,
         } => http_users(addr, users, &header),
+        Command::OfrepUsers { addr, flag, users } => ofrep_users(addr, &flag, users),
         Command::EchoStream {
             addr,
             secs,
@@ -971,6 +982,29 @@ fn http_users(addr: SocketAddr, users: u32, extra: &[String]) -> anyhow::Result<
             field("x-backend"),
             field("x-seen-flags")
         );
+    }
+    Ok(())
+}
+
+fn ofrep_users(addr: SocketAddr, flag: &str, users: u32) -> anyhow::Result<()> {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    for user in 0..users {
+        let body = serde_json::json!({"context": {"targetingKey": format!("user-{user}")}});
+        let body = body.to_string();
+        let request = format!(
+            "POST /ofrep/v1/evaluate/flags/{flag} HTTP/1.1\r\nhost: ofrep\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        (&stream).write_all(request.as_bytes())?;
+        let Message { start, body, .. } =
+            read_message(&mut reader)?.context("the connection closed before the answer")?;
+        let answer: serde_json::Value = serde_json::from_slice(&body)
+            .with_context(|| format!("{start}: {}", String::from_utf8_lossy(&body)))?;
+        let variant = answer["variant"].as_str().unwrap_or("-");
+        println!("user {user} {variant}");
     }
     Ok(())
 }
