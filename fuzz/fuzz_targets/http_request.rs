@@ -4,7 +4,8 @@
 //!
 //! Each input is one client connection, in memory, served once as outbound (to a service
 //! whose HTTPRoute has header, path, method and query matches, a split, a mirror, header
-//! filters, timeouts, a backend without endpoints and one that does not exist) and once as
+//! filters, timeouts, a backend without endpoints and one that does not exist, and feature
+//! flags evaluated on each request before its routes match) and once as
 //! inbound (passed through to a pod). The endpoints are one HTTP server on loopback that
 //! answers at once; the client waits for answers on the runtime's paused clock, so each
 //! input's work is bounded and takes no sleep.

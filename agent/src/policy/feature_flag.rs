@@ -94,6 +94,22 @@ mod tests {
         targeting: {fractional: [[\"on\", 20], [\"off\", 80]]}\n";
 
     #[test]
+    fn the_shops_flags_are_good_and_its_route_names_them() {
+        let store = crate::policy::fixtures::store(crate::policy::fixtures::SHOP);
+        let table = routing_table(&store, &RouteOptions::default());
+        let web = &table.services[&"127.0.0.2:80".parse().unwrap()];
+        let named = web.flags.as_ref().expect("the route names flags");
+        let keys: Vec<&str> = named.flags.iter().map(|f| &*f.key).collect();
+        assert_eq!(keys, ["new-checkout", "dark-mode", "undefined-flag"]);
+        let flags = &table.flags["shop"];
+        let context: Map<String, serde_json::Value> = serde_json::from_value(serde_json::json!({
+            "path": "/api/v1", "headers": {"user-agent": "2.1.0"}
+        }))
+        .unwrap();
+        assert_eq!(flags.evaluate("dark-mode", &context, 0).variant, Some("dark"));
+    }
+
+    #[test]
     fn a_namespaces_flags_are_in_the_table_and_a_bad_flag_keeps_the_last_good_version() {
         let mut store = Store::default();
         let rejected = store.replace_all(objects(&feature_flag("checkout", CHECKOUT)));

@@ -7,6 +7,9 @@ use super::{local, Object, Policy, Store};
 /// it, run on another node, share their node's network or have finished.
 pub const ENROLMENT: &str = include_str!("../../../tests/fixtures/enrolment.yaml");
 
+/// The shop of the fuzz targets: a Flagger-shaped HTTPRoute, a canary, a mirror and flags.
+pub const SHOP: &str = include_str!("../../../tests/fixtures/shop.yaml");
+
 pub fn objects(yaml: &str) -> Vec<Object> {
     local::parse_documents(yaml).expect("test YAML parses")
 }
