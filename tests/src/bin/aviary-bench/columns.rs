@@ -79,7 +79,7 @@ impl Load<'_> {
         profile: Option<&Profile>,
     ) -> Column {
         let url = format!("http://{to}/");
-        let (keep_alive, cost, profiled) = self.keep_alive(&url, cpu, profile);
+        let (keep_alive, cost, profiled) = self.keep_alive(&url, &[], cpu, profile);
         let sequential = self.wrk(&url, &["-t", "1", "-c", "1"]);
         let new_connection = self.wrk(&url, &["-t", "2", "-c", "4", "-H", "Connection: close"]);
         let fixed_rate = self.wrk(&url, &["-t", "1", "-c", "8", "-s", self.script]);
@@ -105,11 +105,12 @@ impl Load<'_> {
         }
     }
 
-    /// The keep-alive shape, with what `cpu` paid per request counted around it and `perf`
-    /// recording beside it when asked.
-    fn keep_alive(
+    /// The keep-alive shape (with wrk's `extra` arguments, e.g. a script), with what `cpu`
+    /// paid per request counted around it and `perf` recording beside it when asked.
+    pub fn keep_alive(
         &self,
         url: &str,
+        extra: &[&str],
         cpu: Cpu,
         profile: Option<&Profile>,
     ) -> (anyhow::Result<Wrk>, Cost, Option<anyhow::Result<()>>) {
@@ -117,7 +118,7 @@ impl Load<'_> {
         let before = cpu.sample();
         let switched_before = cpu.switches();
         let recording = profile.map(Profile::start);
-        let keep_alive = self.wrk(url, &["-t", "2", "-c", &conns]);
+        let keep_alive = self.wrk(url, &[&["-t", "2", "-c", &conns], extra].concat());
         let after = cpu.sample();
         let switched_after = cpu.switches();
         let profiled = recording.map(|r| r.and_then(Recording::finish));

@@ -27,6 +27,17 @@ pub struct Measured {
     pub agent_rss_kib: Option<u64>,
     /// Keep-alive load across an upgrade, or why there was no upgrade to measure.
     pub upgrade: Option<Result<Upgrade, String>>,
+    /// The 90/10 split with three flags evaluated per request against the same split without,
+    /// medians over the flags section's rounds: of the per-round throughput ratio and CPU per
+    /// request added, and of each one's throughput (req/s) and CPU per request (µs).
+    pub flags_rate_ratio: Option<f64>,
+    pub flags_cpu_added_us: Option<f64>,
+    pub flags_rate: Option<f64>,
+    pub flags_split_rate: Option<f64>,
+    pub flags_cpu_us: Option<f64>,
+    pub flags_split_cpu_us: Option<f64>,
+    /// The three flags evaluated in process, ns per request (the median run).
+    pub flags_eval_ns: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +112,8 @@ pub fn evaluate(m: &Measured) -> Vec<Goal> {
         opaque(m),
         memory(m),
         upgrade(m),
+        flags(m),
+        flag_evaluations(m),
     ]
 }
 
@@ -263,6 +276,40 @@ fn upgrade(m: &Measured) -> Goal {
     }
 }
 
+fn flags(m: &Measured) -> Goal {
+    let cpu = m.flags_cpu_added_us.map(|added| added <= 1.0);
+    Goal {
+        name: "three flags per request on the 90/10 split: throughput >= 0.95x the split \
+               without, CPU/request at most 1 µs more",
+        pass: all(&[at_least(m.flags_rate_ratio, 0.95), cpu]),
+        detail: unless_missing(
+            &[m.flags_rate_ratio, m.flags_cpu_added_us],
+            format!(
+                "{} of the split without ({} against {}); CPU {} per request ({} against {}); \
+                 medians over the rounds",
+                show_ratio(m.flags_rate_ratio),
+                show(m.flags_rate, " req/s"),
+                show(m.flags_split_rate, " req/s"),
+                show_delta_us(m.flags_cpu_added_us),
+                show_us(m.flags_cpu_us),
+                show_us(m.flags_split_cpu_us)
+            ),
+        ),
+    }
+}
+
+fn flag_evaluations(m: &Measured) -> Goal {
+    Goal {
+        name: "the three flags evaluated in process (fractional, rule, static) <= 1 µs per request",
+        pass: m.flags_eval_ns.map(|ns| ns <= 1000.0),
+        detail: m
+            .flags_eval_ns
+            .map_or("not measured in this run".into(), |ns| {
+                format!("{ns:.0} ns (the median run)")
+            }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +336,13 @@ mod tests {
                 p99_us: 900.0,
                 steady_p99_us: 700.0,
             })),
+            flags_rate_ratio: Some(0.97),
+            flags_cpu_added_us: Some(0.6),
+            flags_rate: Some(48500.0),
+            flags_split_rate: Some(50000.0),
+            flags_cpu_us: Some(30.6),
+            flags_split_cpu_us: Some(30.0),
+            flags_eval_ns: Some(450.0),
         }
     }
 
@@ -309,6 +363,8 @@ mod tests {
                 Some(false),
                 Some(true),
                 Some(false),
+                Some(true),
+                Some(true),
                 Some(true),
                 Some(true)
             ]
@@ -355,8 +411,9 @@ mod tests {
         assert_eq!(m.agent_rss_kib, Some(30 * 1024));
         assert_eq!(
             verdicts(&m),
-            [None, None, None, None, None, Some(true), None]
+            [None, None, None, None, None, Some(true), None, None, None]
         );
+        assert_eq!(evaluate(&m)[7].detail, "not measured in this run");
         assert_eq!(evaluate(&m)[4].detail, "not measured in this run");
     }
 
@@ -377,16 +434,44 @@ mod tests {
     }
 
     #[test]
+    fn flags_fail_on_throughput_or_cpu() {
+        let m = full();
+        assert_eq!(
+            evaluate(&m)[7].detail,
+            "0.97x of the split without (48500 req/s against 50000 req/s); CPU +0.6 µs per \
+             request (30.6 µs against 30.0 µs); medians over the rounds"
+        );
+        let mut slower = full();
+        slower.flags_rate_ratio = Some(0.94);
+        assert_eq!(verdicts(&slower)[7], Some(false));
+        let mut costlier = full();
+        costlier.flags_cpu_added_us = Some(1.1);
+        assert_eq!(verdicts(&costlier)[7], Some(false));
+        costlier.flags_eval_ns = Some(1200.0);
+        assert_eq!(verdicts(&costlier)[8], Some(false));
+    }
+
+    #[test]
     fn boundaries_pass() {
         let mut m = full();
         m.split_rate = Some(48000.0);
         m.split_fixed_p99_us = Some(700.0);
         m.split_seq_p50_us = Some(90.0);
         m.agent_rss_kib = Some(40 * 1024);
+        m.flags_rate_ratio = Some(0.95);
+        m.flags_cpu_added_us = Some(1.0);
+        m.flags_eval_ns = Some(1000.0);
         let v = verdicts(&m);
         assert_eq!(
-            (v[0], v[2], v[3], v[5]),
-            (Some(true), Some(true), Some(true), Some(false))
+            (v[0], v[2], v[3], v[5], v[7], v[8]),
+            (
+                Some(true),
+                Some(true),
+                Some(true),
+                Some(false),
+                Some(true),
+                Some(true)
+            )
         );
     }
 }

@@ -210,6 +210,7 @@ fn aviary_columns(
     let agent = start(&[]);
     let cpu = Cpu::Process(agent.pid());
     let profile = a.perf.map(|secs| Profile {
+        run: "the Aviary 90/10 keep-alive run",
         pid: agent.pid(),
         secs,
         data: dir.join("perf.data"),

@@ -10,6 +10,9 @@
 mod columns;
 mod cpu;
 mod cross_node;
+mod flag_eval;
+mod flag_rounds;
+mod flags;
 mod goals;
 mod http;
 mod inbound;
@@ -19,6 +22,7 @@ mod page;
 mod peers;
 mod profile;
 mod report;
+mod spread;
 mod topology;
 mod upgrade;
 mod wrk;
@@ -47,10 +51,13 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     rate: u32,
     /// Which sections to run: the L4 shapes, the HTTP shapes (peers and inbound included), an
-    /// upgrade under load, the L4 shapes between two nodes, or all. The goals that a section
-    /// measures show as "n/a" when it is left out.
+    /// upgrade under load, feature flags and sticky splits, the L4 shapes between two nodes, or
+    /// all. The goals that a section measures show as "n/a" when it is left out.
     #[arg(long, value_enum, default_value_t = Only::All)]
     only: Only,
+    /// Rounds of the flags section: each measures direct and every configuration once.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Extra flags for every agent this run starts, split on whitespace (e.g. "--sk-msg true").
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     agent_args: String,
@@ -79,6 +86,7 @@ enum Only {
     Http,
     L4,
     Upgrade,
+    Flags,
     CrossNode,
     All,
 }
@@ -122,16 +130,17 @@ fn run(a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The sections on one node: L4, HTTP and inbound, the upgrade.
+/// The sections on one node: L4, HTTP and inbound, the upgrade, flags.
 fn one_node(a: &Args, report: &mut Report, measured: &mut Measured) -> anyhow::Result<()> {
-    let sections = [Only::L4, Only::Http, Only::Upgrade];
+    let sections = [Only::L4, Only::Http, Only::Upgrade, Only::Flags];
     if !sections.into_iter().any(|section| a.only.runs(section)) {
         return Ok(());
     }
     let Some(node) = Node::new() else {
         bail!("the benchmark needs root")
     };
-    let scratch = Scratch::new(a.perf.is_some() && a.only.runs(Only::Http))?;
+    let profiled = a.only.runs(Only::Http) || a.only.runs(Only::Flags);
+    let scratch = Scratch::new(a.perf.is_some() && profiled)?;
     topology::reserve_ports(&node)?;
     if a.only.runs(Only::L4) {
         l4::run(&node, a, report, measured)?;
@@ -142,6 +151,9 @@ fn one_node(a: &Args, report: &mut Report, measured: &mut Measured) -> anyhow::R
     }
     if a.only.runs(Only::Upgrade) {
         upgrade::run(&node, a, report, measured)?;
+    }
+    if a.only.runs(Only::Flags) {
+        flags::run(&node, a, &scratch.path, report, measured)?;
     }
     Ok(())
 }

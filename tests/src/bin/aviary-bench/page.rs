@@ -22,16 +22,18 @@ const METHOD: &str = "\
 linux-perf from Debian (with their services held back from starting on the host):
 
 ```
-cargo xtask bench [--secs N] [--conns N] [--only http|l4|upgrade|cross-node|all]
-                  [--agent-args \"FLAGS\"] [--perf SECONDS] [--markdown PATH]
+cargo xtask bench [--secs N] [--conns N] [--only http|l4|upgrade|flags|cross-node|all]
+                  [--rounds N] [--agent-args \"FLAGS\"] [--perf SECONDS] [--markdown PATH]
 ```
 
 Without `--only` it runs the policy benchmark and every section, and writes this page (or the
 page `--markdown` names). `--only` runs one section, leaves out the policy benchmark, and writes
 a page only when `--markdown` asks for one. `--agent-args` adds flags to every agent the run
 starts (e.g. `--workers 1`), and `--perf N` records the agent with `perf record -F 2000 -g`
-during the 90/10 keep-alive run and shows the top of `perf report` after the HTTP tables. The
-run ends with the goals, each PASS or FAIL with its figures.
+during the 90/10 keep-alive run and shows the top of `perf report` after the HTTP tables (and
+after the flags section's, of one more run with flags). `--rounds` is how many times the flags
+section measures each of its configurations. The run ends with the goals, each PASS or FAIL
+with its figures.
 
 All traffic stays inside the test node's network namespaces, every load loop is bounded by
 time, and every figure is set beside direct, measured in the same run over the same veths. wrk,

@@ -13,6 +13,8 @@ use crate::report::Report;
 
 /// `perf record` of the agent beside one keep-alive run.
 pub struct Profile {
+    /// The run, as the report names it: "the Aviary 90/10 keep-alive run".
+    pub run: &'static str,
     pub pid: u32,
     pub secs: u32,
     pub data: PathBuf,
@@ -72,8 +74,9 @@ impl Profile {
     /// (None: it never ran).
     pub fn report(&self, recorded: Option<&anyhow::Result<()>>, report: &mut Report) {
         report.text(&format!(
-            "The agent under the Aviary 90/10 keep-alive run: perf record -F 2000 -g, {} s \
-             (data: {}); perf report --no-children --sort sym, top 25:",
+            "The agent under {}: perf record -F 2000 -g, {} s (data: {}); perf report \
+             --no-children --sort sym, top 25:",
+            self.run,
             self.secs,
             self.data.display()
         ));

@@ -75,6 +75,28 @@ pub fn pacing_script(dir: &Path, rate: u32, conns: u32) -> anyhow::Result<String
     Ok(path.to_string_lossy().into_owned())
 }
 
+/// A wrk script that sends each request as another user: `x-user-id` differs on every request
+/// (each thread numbers its own, after its own id), and `x-country` takes each of `countries`
+/// in turn. wrk then writes each request in Lua, which costs it some throughput, so every
+/// target compared is measured with the same script.
+pub fn users_script(dir: &Path, countries: &[&str]) -> anyhow::Result<String> {
+    let path = dir.join("users.lua");
+    let countries: Vec<String> = countries.iter().map(|c| format!("{c:?}")).collect();
+    let script = format!(
+        "local threads = 0\n\
+         function setup(thread)\n  thread:set(\"thread_id\", threads)\n  threads = threads + 1\nend\n\
+         local countries = {{{}}}\n\
+         local n = 0\n\
+         function request()\n  n = n + 1\n\
+         \x20 wrk.headers[\"x-user-id\"] = \"user-\" .. thread_id .. \"-\" .. n\n\
+         \x20 wrk.headers[\"x-country\"] = countries[n % #countries + 1]\n\
+         \x20 return wrk.format()\nend\n",
+        countries.join(", ")
+    );
+    std::fs::write(&path, script)?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
 fn duration_us(text: &str) -> anyhow::Result<f64> {
     let (number, scale) = if let Some(n) = text.strip_suffix("us") {
         (n, 1.0)
