@@ -16,39 +16,54 @@ const MAX_TOTAL_WEIGHT: u64 = i32::MAX as u64;
 /// default bucketing value. None (JSON null) on any bad input, as flagd's custom operators do.
 pub fn fractional(args: &[Value], flag_key: &str, targeting_key: Option<&Value>) -> Option<Value> {
     let (first, rest) = args.split_first()?;
-    let (bucketing, buckets) = match first {
+    let (hash, buckets) = match first {
         // The shorthand: every argument is a bucket, and the user is the bucketing value.
         Value::Array(_) => {
             let key = targeting_key?.as_str().filter(|k| !k.is_empty())?;
-            (Value::Array(vec![flag_key.into(), key.into()]), args)
+            (pair_hash(flag_key, key), args)
         }
         Value::Null => return None,
-        value => (value.clone(), rest),
+        value => {
+            let mut encoded = Vec::new();
+            cbor(&normalized(value), &mut encoded);
+            (murmur3_32(&encoded, 0), rest)
+        }
     };
-    let buckets = buckets
-        .iter()
-        .map(bucket)
-        .collect::<Option<Vec<(&Value, u64)>>>()?;
-    let mut encoded = Vec::new();
-    cbor(&normalized(&bucketing), &mut encoded);
-    let chosen = bucket_of(
-        murmur3_32(&encoded, 0),
-        buckets.iter().map(|(_, weight)| *weight),
-    )?;
-    Some(buckets[chosen].0.clone())
+    // Checked whole before any is chosen: one bad bucket makes the operation null.
+    if buckets.iter().any(|b| bucket(b).is_none()) {
+        return None;
+    }
+    let weights = buckets.iter().filter_map(bucket).map(|(_, weight)| weight);
+    let chosen = bucket_of(hash, weights)?;
+    bucket(&buckets[chosen]).map(|(variant, _)| variant.clone())
 }
 
 /// The hash `fractional` gives the pair `[first, second]`, its default bucketing value
 /// (`[flagKey, targetingKey]`), encoded without building the pair: the mesh's sticky splits
 /// bucket a request's key, salted with its route, the same way.
 pub fn pair_hash(first: &str, second: &str) -> u32 {
-    let mut encoded = Vec::with_capacity(first.len() + second.len() + 19);
-    encoded.push(0x82);
+    // Encoded on the stack when it fits, as a request's key and a flag's do.
+    const ON_STACK: usize = 256;
+    let len = 1 + 9 + first.len() + 9 + second.len();
+    let mut stack = [0u8; ON_STACK];
+    let mut heap = Vec::new();
+    let mut at = 0;
+    let out: &mut [u8] = if len <= ON_STACK {
+        &mut stack
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    out[0] = 0x82;
+    at += 1;
     for text in [first, second] {
-        head(3, text.len() as u64, &mut encoded);
-        encoded.extend_from_slice(text.as_bytes());
+        let (text_head, head_len) = head_bytes(3, text.len() as u64);
+        out[at..at + head_len].copy_from_slice(&text_head[..head_len]);
+        at += head_len;
+        out[at..at + text.len()].copy_from_slice(text.as_bytes());
+        at += text.len();
     }
-    murmur3_32(&encoded, 0)
+    murmur3_32(&out[..at], 0)
 }
 
 /// Which of the weighted buckets, in order, `hash` falls in: `(hash × total) >> 32` through
@@ -156,23 +171,40 @@ fn cbor(value: &Value, out: &mut Vec<u8>) {
 }
 
 fn head(major: u8, n: u64, out: &mut Vec<u8>) {
+    let (bytes, len) = head_bytes(major, n);
+    out.extend_from_slice(&bytes[..len]);
+}
+
+/// A CBOR head, shortest form: the bytes, and how many of them it takes.
+fn head_bytes(major: u8, n: u64) -> ([u8; 9], usize) {
     let major = major << 5;
-    match n {
-        0..=23 => out.push(major | n as u8),
-        24..=0xff => out.extend_from_slice(&[major | 24, n as u8]),
+    let mut bytes = [0u8; 9];
+    let len = match n {
+        0..=23 => {
+            bytes[0] = major | n as u8;
+            1
+        }
+        24..=0xff => {
+            bytes[..2].copy_from_slice(&[major | 24, n as u8]);
+            2
+        }
         0x100..=0xffff => {
-            out.push(major | 25);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
+            bytes[0] = major | 25;
+            bytes[1..3].copy_from_slice(&(n as u16).to_be_bytes());
+            3
         }
         0x1_0000..=0xffff_ffff => {
-            out.push(major | 26);
-            out.extend_from_slice(&(n as u32).to_be_bytes());
+            bytes[0] = major | 26;
+            bytes[1..5].copy_from_slice(&(n as u32).to_be_bytes());
+            5
         }
         _ => {
-            out.push(major | 27);
-            out.extend_from_slice(&n.to_be_bytes());
+            bytes[0] = major | 27;
+            bytes[1..9].copy_from_slice(&n.to_be_bytes());
+            9
         }
-    }
+    };
+    (bytes, len)
 }
 
 fn float(f: f64, out: &mut Vec<u8>) {

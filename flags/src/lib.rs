@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+pub use crate::logic::Context;
 use crate::logic::Rule;
 
 /// Why a document is no flag set at all.
@@ -206,12 +207,7 @@ impl FlagSet {
 
     /// Evaluates the flag `key` for `context` (its `targetingKey` and attributes), at
     /// `timestamp` (Unix seconds, which rules read as `$flagd.timestamp`).
-    pub fn evaluate(
-        &self,
-        key: &str,
-        context: &Map<String, Value>,
-        timestamp: i64,
-    ) -> Resolution<'_> {
+    pub fn evaluate(&self, key: &str, context: &dyn Context, timestamp: i64) -> Resolution<'_> {
         match self.flags.get(key) {
             None => Resolution::error(
                 ErrorCode::FlagNotFound,
@@ -280,7 +276,7 @@ impl Flag {
         })
     }
 
-    fn evaluate(&self, key: &str, context: &Map<String, Value>, timestamp: i64) -> Resolution<'_> {
+    fn evaluate(&self, key: &str, context: &dyn Context, timestamp: i64) -> Resolution<'_> {
         if !self.enabled {
             return Resolution {
                 value: None,

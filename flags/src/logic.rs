@@ -82,7 +82,7 @@ impl Rule {
     /// Evaluates the rule for the flag `flag_key` on `context`, at `timestamp`: flagd's
     /// `$flagd.flagKey` and `$flagd.timestamp` read as if they were in the context, which is
     /// never copied.
-    pub fn evaluate(&self, context: &Map<String, Value>, flag_key: &str, timestamp: i64) -> Value {
+    pub fn evaluate(&self, context: &dyn Context, flag_key: &str, timestamp: i64) -> Value {
         let root = Root {
             context,
             flag_key,
@@ -187,7 +187,7 @@ fn operation(name: &str, args: &Value) -> Result<Expr, RuleError> {
 /// The evaluation context of one evaluation, with flagd's `$flagd` properties made only when a
 /// rule reads them.
 struct Root<'a> {
-    context: &'a Map<String, Value>,
+    context: &'a dyn Context,
     flag_key: &'a str,
     timestamp: i64,
     flagd: OnceCell<Value>,
@@ -206,18 +206,41 @@ impl Root<'_> {
             VarPath::Keys(path) => path,
             VarPath::Nothing => return None,
             VarPath::Whole => {
-                let mut whole = self.context.clone();
+                let mut whole = self.context.fields();
                 whole.insert("$flagd".into(), self.flagd().clone());
                 return Some(Cow::Owned(Value::Object(whole)));
             }
         };
-        let mut keys = path.split('.');
-        let first = keys.next().unwrap_or_default();
-        let top = match first {
-            "$flagd" => self.flagd(),
-            _ => self.context.get(first)?,
+        match path.split_once('.') {
+            Some(("$flagd", rest)) => descend(self.flagd(), rest.split('.')).map(Cow::Borrowed),
+            None if path == "$flagd" => Some(Cow::Borrowed(self.flagd())),
+            _ => self.context.lookup(&path),
+        }
+    }
+}
+
+/// What a rule reads of an evaluation context: its fields, by `var` path. A JSON object is one;
+/// a caller that has the fields elsewhere (a request) can answer the paths rules read without
+/// building an object of every field for each evaluation.
+pub trait Context {
+    /// The value at a dotted path (`"user.email"`, `"items.0"`), if there is one.
+    fn lookup(&self, path: &str) -> Option<Cow<'_, Value>>;
+    /// Every field, for a rule that reads the whole context (`{"var": ""}`).
+    fn fields(&self) -> Map<String, Value>;
+}
+
+impl Context for Map<String, Value> {
+    fn lookup(&self, path: &str) -> Option<Cow<'_, Value>> {
+        let (first, rest) = match path.split_once('.') {
+            Some((first, rest)) => (first, Some(rest)),
+            None => (path, None),
         };
-        descend(top, keys).map(Cow::Borrowed)
+        let top = self.get(first)?;
+        descend(top, rest.into_iter().flat_map(|r| r.split('.'))).map(Cow::Borrowed)
+    }
+
+    fn fields(&self) -> Map<String, Value> {
+        self.clone()
     }
 }
 
@@ -360,8 +383,8 @@ impl Scope<'_> {
                     .collect(),
             ),
             Op::Fractional => {
-                let targeting_key = self.root.context.get("targetingKey");
-                fractional(args, self.root.flag_key, targeting_key).unwrap_or_default()
+                let targeting_key = self.root.context.lookup("targetingKey");
+                fractional(args, self.root.flag_key, targeting_key.as_deref()).unwrap_or_default()
             }
             Op::SemVer => crate::semver::sem_ver(args).map_or(Value::Null, Value::Bool),
             Op::StartsWith => affix(args, |s, p| s.starts_with(p)),
@@ -427,7 +450,7 @@ fn var_path(path: &Value) -> VarPath<'_> {
 }
 
 /// The value at `keys` under `value`: object fields, and array items by index.
-fn descend<'a, 'k>(value: &'a Value, keys: impl Iterator<Item = &'k str>) -> Option<&'a Value> {
+pub fn descend<'a, 'k>(value: &'a Value, keys: impl Iterator<Item = &'k str>) -> Option<&'a Value> {
     keys.into_iter().try_fold(value, |value, key| match value {
         Value::Object(fields) => fields.get(key),
         Value::Array(items) => items.get(key.parse::<usize>().ok()?),

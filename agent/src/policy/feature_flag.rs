@@ -106,7 +106,10 @@ mod tests {
             "path": "/api/v1", "headers": {"user-agent": "2.1.0"}
         }))
         .unwrap();
-        assert_eq!(flags.evaluate("dark-mode", &context, 0).variant, Some("dark"));
+        assert_eq!(
+            flags.evaluate("dark-mode", &context, 0).variant,
+            Some("dark")
+        );
     }
 
     #[test]

@@ -826,6 +826,19 @@ impl Metrics {
         key: &Name,
         resolution: &Resolution<'_>,
     ) {
+        self.flag_evaluations(evaluator, namespace, key, resolution)
+            .inc();
+    }
+
+    /// The counter of the evaluations of the flag `key` of `namespace`'s flags that answered
+    /// as `resolution` did, for a caller that keeps it (see [`Metrics::removals`]).
+    pub fn flag_evaluations(
+        &self,
+        evaluator: FlagEvaluator,
+        namespace: &Name,
+        key: &Name,
+        resolution: &Resolution<'_>,
+    ) -> Arc<Counter> {
         let labels = FlagEvaluationLabels {
             evaluator,
             namespace: namespace.clone(),
@@ -837,7 +850,7 @@ impl Metrics {
                 .as_ref()
                 .map_or("", |(code, _)| code.as_str()),
         };
-        self.flag_evaluations.series(&labels).inc();
+        self.flag_evaluations.series(&labels)
     }
 
     /// The inbound proxy refused a connection from `source` (None: plain text) to the pod

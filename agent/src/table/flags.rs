@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use aviary_flags::{FlagSet, Resolution};
+use aviary_flags::{Context, FlagSet, Resolution};
 use http::HeaderName;
 use serde_json::{Map, Value};
 
@@ -46,12 +46,7 @@ impl NamespaceFlags {
     }
 
     /// Evaluates the flag `key`; FLAG_NOT_FOUND when no object of the namespace defines it.
-    pub fn evaluate(
-        &self,
-        key: &str,
-        context: &Map<String, Value>,
-        timestamp: i64,
-    ) -> Resolution<'_> {
+    pub fn evaluate(&self, key: &str, context: &dyn Context, timestamp: i64) -> Resolution<'_> {
         static NONE: std::sync::LazyLock<FlagSet> = std::sync::LazyLock::new(FlagSet::default);
         self.answering(key)
             .unwrap_or(&NONE)

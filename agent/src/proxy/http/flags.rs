@@ -16,104 +16,263 @@
 //!   known pod).
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    borrow::Cow,
+    cell::RefCell,
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use aviary_flags::{Reason, Resolution};
-use http::{header, request::Parts, HeaderValue};
+use aviary_flags::{logic::descend, Context, ErrorCode, Reason, Resolution};
+use http::{header, request::Parts, HeaderMap, HeaderValue};
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 use tracing::warn;
 
 use crate::proxy::metrics::{FlagEvaluator, Metrics};
 use crate::table::{
-    flags::{NamespaceFlags, RequestFlags},
-    Workload,
+    flags::{NamespaceFlags, RequestFlag, RequestFlags},
+    TableId, Workload,
 };
 
-/// Evaluates `flags` (defined by `set`) for the request `parts` from `source`, and sets their
-/// headers on it.
+/// Evaluates `flags` (defined by `set`, in the table `table`) for the request `parts` from
+/// `source`, and sets their headers on it.
 pub(super) fn set_flag_headers(
     flags: &RequestFlags,
     set: &NamespaceFlags,
     parts: &mut Parts,
     source: &Workload,
+    table: TableId,
     metrics: &Metrics,
 ) {
-    let context = context(flags, parts, source);
+    for flag in &flags.flags {
+        parts.headers.remove(&flag.header);
+    }
     let timestamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    for flag in &flags.flags {
-        parts.headers.remove(&flag.header);
-        let mut resolution = set.evaluate(&flag.key, &context, timestamp);
-        if let Some((code, message)) = &resolution.error {
-            log_error(&flags.namespace, &flag.key, code.as_str(), message);
-            resolution.variant = set.default_variant(&flag.key);
-        }
-        if let Some(variant) = resolution.variant {
-            match HeaderValue::from_str(variant) {
-                Ok(value) => {
-                    parts.headers.insert(flag.header.clone(), value);
-                }
-                Err(_) => {
-                    let message = format!("the variant {variant:?} cannot be a header value");
-                    log_error(&flags.namespace, &flag.key, "GENERAL", &message);
-                    resolution = Resolution {
-                        value: None,
-                        variant: None,
-                        reason: Reason::Error,
-                        error: Some((aviary_flags::ErrorCode::General, message)),
-                    };
-                }
+    let context = RequestContext {
+        flags,
+        parts,
+        source,
+    };
+    let values: SmallVec<[Option<HeaderValue>; 4]> = flags
+        .flags
+        .iter()
+        .map(|flag| {
+            let mut resolution = set.evaluate(&flag.key, &context, timestamp);
+            if let Some((code, message)) = &resolution.error {
+                log_error(&flags.namespace, &flag.key, code.as_str(), message);
+                resolution.variant = set.default_variant(&flag.key);
             }
+            counted(flags, flag, resolution, table, metrics)
+        })
+        .collect();
+    for (flag, value) in flags.flags.iter().zip(values) {
+        if let Some(value) = value {
+            parts.headers.insert(flag.header.clone(), value);
         }
-        metrics.flag_evaluation(
-            FlagEvaluator::proxy,
-            &flags.namespace,
-            &flag.key,
-            &resolution,
-        );
     }
 }
 
-/// The evaluation context of a request (see the module's documentation).
-fn context(flags: &RequestFlags, parts: &Parts, source: &Workload) -> Map<String, Value> {
-    let mut context = Map::new();
-    let targeting_key = flags
-        .targeting_key
-        .as_ref()
-        .and_then(|key| key.find(&parts.headers));
-    if let Some(key) = targeting_key {
-        context.insert("targetingKey".into(), key.into());
+/// What an evaluation answered, as the request's header: counted, and made, once per worker
+/// for each answer of each flag of the table in force.
+fn counted(
+    flags: &RequestFlags,
+    flag: &RequestFlag,
+    resolution: Resolution<'_>,
+    table: TableId,
+    metrics: &Metrics,
+) -> Option<HeaderValue> {
+    let key = AnswerKey {
+        flag: flag as *const RequestFlag as usize,
+        variant: resolution.variant.map_or(0, |v| v.as_ptr() as usize),
+        reason: resolution.reason,
+        error: resolution.error.as_ref().map(|(code, _)| *code),
+    };
+    let removals = metrics.removals();
+    ANSWERS.with_borrow_mut(|cache| {
+        if cache.table != Some(table)
+            || cache.removals != removals
+            || cache.answers.len() >= MAX_ANSWERS
+        {
+            cache.answers.clear();
+            cache.table = Some(table);
+            cache.removals = removals;
+        }
+        let answer = cache
+            .answers
+            .entry(key)
+            .or_insert_with(|| answer(flags, flag, resolution, metrics));
+        answer.counter.inc();
+        answer.header.clone()
+    })
+}
+
+/// An answer's header and counter, the first time a worker sees it.
+fn answer(
+    flags: &RequestFlags,
+    flag: &RequestFlag,
+    mut resolution: Resolution<'_>,
+    metrics: &Metrics,
+) -> Answer {
+    let mut header = None;
+    if let Some(variant) = resolution.variant {
+        match HeaderValue::from_str(variant) {
+            Ok(value) => header = Some(value),
+            Err(_) => {
+                let message = format!("the variant {variant:?} cannot be a header value");
+                log_error(&flags.namespace, &flag.key, "GENERAL", &message);
+                resolution = Resolution {
+                    value: None,
+                    variant: None,
+                    reason: Reason::Error,
+                    error: Some((ErrorCode::General, message)),
+                };
+            }
+        }
     }
-    context.insert("method".into(), parts.method.as_str().into());
-    context.insert("path".into(), parts.uri.path().into());
-    let host = parts
-        .uri
-        .host()
-        .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
-        .map(without_port);
-    if let Some(host) = host {
-        context.insert("host".into(), host.into());
+    let counter = metrics.flag_evaluations(
+        FlagEvaluator::proxy,
+        &flags.namespace,
+        &flag.key,
+        &resolution,
+    );
+    Answer { header, counter }
+}
+
+/// Answers a worker keeps before it starts again: far more than a table's flags have.
+const MAX_ANSWERS: usize = 4_096;
+
+/// An evaluation's answer, by identity: the flag of the table and the variant of its flag set
+/// (both owned by the table in force, as in `series.rs`), and the reason and error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct AnswerKey {
+    flag: usize,
+    variant: usize,
+    reason: Reason,
+    error: Option<ErrorCode>,
+}
+
+struct Answer {
+    header: Option<HeaderValue>,
+    counter: Arc<Counter>,
+}
+
+#[derive(Default)]
+struct Answers {
+    table: Option<TableId>,
+    /// [`Metrics::removals`] when the answers were made.
+    removals: u64,
+    answers: HashMap<AnswerKey, Answer>,
+}
+
+thread_local! {
+    static ANSWERS: RefCell<Answers> = RefCell::default();
+}
+
+/// A request's evaluation context (see the module's documentation), read where the request
+/// keeps it: a rule's `var` costs a lookup of what it reads, and nothing else is built.
+struct RequestContext<'a> {
+    flags: &'a RequestFlags,
+    parts: &'a Parts,
+    source: &'a Workload,
+}
+
+impl RequestContext<'_> {
+    fn headers(&self) -> &HeaderMap {
+        &self.parts.headers
     }
-    if !flags.context_headers.is_empty() {
-        let headers: Map<String, Value> = flags
+
+    fn targeting_key(&self) -> Option<&str> {
+        self.flags.targeting_key.as_ref()?.find(self.headers())
+    }
+
+    fn host(&self) -> Option<&str> {
+        let uri = &self.parts.uri;
+        let host = uri
+            .host()
+            .or_else(|| self.headers().get(header::HOST)?.to_str().ok())?;
+        Some(without_port(host))
+    }
+
+    /// A named context header's value, if the request has it.
+    fn header(&self, name: &str) -> Option<&str> {
+        let named = self
+            .flags
             .context_headers
             .iter()
-            .filter_map(|name| {
-                let value = parts.headers.get(name)?.to_str().ok()?;
-                Some((name.as_str().to_owned(), value.into()))
-            })
-            .collect();
-        context.insert("headers".into(), headers.into());
+            .find(|h| h.as_str() == name)?;
+        self.headers().get(named)?.to_str().ok()
     }
-    let source = Map::from_iter([
-        ("namespace".to_owned(), (*source.namespace).into()),
-        ("workload".to_owned(), (*source.workload).into()),
-    ]);
-    context.insert("source".into(), source.into());
-    context
+
+    fn context_headers(&self) -> Map<String, Value> {
+        self.flags
+            .context_headers
+            .iter()
+            .filter_map(|name| Some((name.as_str().to_owned(), self.header(name.as_str())?.into())))
+            .collect()
+    }
+
+    fn source(&self) -> Map<String, Value> {
+        Map::from_iter([
+            ("namespace".to_owned(), (*self.source.namespace).into()),
+            ("workload".to_owned(), (*self.source.workload).into()),
+        ])
+    }
+
+    /// The field `name` and the path below it.
+    fn field(&self, name: &str, below: Option<&str>) -> Option<Value> {
+        let text = |s: &str| Some(Value::from(s));
+        match (name, below) {
+            ("targetingKey", _) => text(self.targeting_key()?),
+            ("method", _) => text(self.parts.method.as_str()),
+            ("path", _) => text(self.parts.uri.path()),
+            ("host", _) => text(self.host()?),
+            ("headers", None) => Some(self.context_headers().into()),
+            ("headers", Some(below)) => {
+                let name = below.split('.').next().unwrap_or_default();
+                Some(Map::from_iter([(name.to_owned(), self.header(name)?.into())]).into())
+            }
+            ("source", _) => Some(self.source().into()),
+            _ => None,
+        }
+    }
+}
+
+impl Context for RequestContext<'_> {
+    fn lookup(&self, path: &str) -> Option<Cow<'_, Value>> {
+        let (name, below) = match path.split_once('.') {
+            Some((name, below)) => (name, Some(below)),
+            None => (path, None),
+        };
+        let top = self.field(name, below)?;
+        match below {
+            None => Some(Cow::Owned(top)),
+            Some(below) => descend(&top, below.split('.')).cloned().map(Cow::Owned),
+        }
+    }
+
+    fn fields(&self) -> Map<String, Value> {
+        let mut fields = Map::new();
+        for name in [
+            "targetingKey",
+            "method",
+            "path",
+            "host",
+            "headers",
+            "source",
+        ] {
+            if let Some(value) = self.field(name, None) {
+                fields.insert(name.to_owned(), value);
+            }
+        }
+        fields
+    }
 }
 
 /// A Host header's host: `[::1]:80` is `::1`, `web:8080` is `web`.
@@ -190,8 +349,14 @@ mod tests {
     #[test]
     fn the_context_carries_the_user_the_request_and_the_source() {
         let parts = request(&[("x-user-id", "u-7"), ("x-country", "NL"), ("x-other", "1")]);
+        let (flags, source) = (flags(&[]), source());
+        let context = RequestContext {
+            flags: &flags,
+            parts: &parts,
+            source: &source,
+        };
         assert_eq!(
-            Value::Object(context(&flags(&[]), &parts, &source())),
+            Value::Object(context.fields()),
             json!({
                 "targetingKey": "u-7",
                 "method": "GET",
@@ -201,11 +366,27 @@ mod tests {
                 "source": {"namespace": "shop", "workload": "frontend"},
             })
         );
+        // A rule's var reads one field, and only what the request names.
+        let read = |path: &str| context.lookup(path).map(Cow::into_owned);
+        assert_eq!(read("headers.x-country"), Some(json!("NL")));
+        assert_eq!(read("headers.x-other"), None, "not a context header");
+        assert_eq!(read("source.workload"), Some(json!("frontend")));
+        assert_eq!(read("targetingKey"), Some(json!("u-7")));
+        assert_eq!(read("path.0"), None);
+        assert_eq!(read("nothing"), None);
+
         let bare = Request::post("/")
             .header("host", "[::1]:80")
             .body(())
-            .unwrap();
-        let context = context(&flags(&[]), &bare.into_parts().0, &source());
+            .unwrap()
+            .into_parts()
+            .0;
+        let context = RequestContext {
+            flags: &flags,
+            parts: &bare,
+            source: &source,
+        }
+        .fields();
         assert_eq!(context["host"], "::1");
         assert!(!context.contains_key("targetingKey"));
         assert_eq!(context["headers"], json!({}));
@@ -225,14 +406,28 @@ mod tests {
         let metrics = Metrics::new(false, None);
         let mut dutch = request(&[("x-country", "NL"), ("x-aviary-flag-dark-mode", "on")]);
         let flags = flags(&["new-checkout", "dark-mode"]);
-        set_flag_headers(&flags, &set, &mut dutch, &source(), &metrics);
+        set_flag_headers(
+            &flags,
+            &set,
+            &mut dutch,
+            &source(),
+            TableId::default(),
+            &metrics,
+        );
         assert_eq!(dutch.headers["x-aviary-flag-new-checkout"], "on");
         assert!(
             !dutch.headers.contains_key("x-aviary-flag-dark-mode"),
             "a disabled flag's header is removed, whoever sent it"
         );
         let mut other = request(&[("x-aviary-flag-new-checkout", "on")]);
-        set_flag_headers(&flags, &set, &mut other, &source(), &metrics);
+        set_flag_headers(
+            &flags,
+            &set,
+            &mut other,
+            &source(),
+            TableId::default(),
+            &metrics,
+        );
         assert_eq!(other.headers["x-aviary-flag-new-checkout"], "off");
 
         let text = metrics.render();
@@ -279,7 +474,14 @@ mod tests {
         let metrics = Metrics::new(false, None);
         let mut parts = request(&[("x-aviary-flag-missing", "on")]);
         let flags = flags(&["broken-rule", "missing", "bad-variant"]);
-        set_flag_headers(&flags, &set, &mut parts, &source(), &metrics);
+        set_flag_headers(
+            &flags,
+            &set,
+            &mut parts,
+            &source(),
+            TableId::default(),
+            &metrics,
+        );
         assert_eq!(parts.headers["x-aviary-flag-broken-rule"], "off");
         assert!(!parts.headers.contains_key("x-aviary-flag-missing"));
         assert!(!parts.headers.contains_key("x-aviary-flag-bad-variant"));

@@ -790,7 +790,8 @@ impl HttpProxy {
         let upgrade = Upgrade::take(&mut req);
         let (mut parts, body) = req.into_parts();
         if let (Some(flags), Some(set)) = (&service.flags, &facts.flag_set) {
-            flags::set_flag_headers(flags, set, &mut parts, &facts.source, &self.metrics);
+            let (source, table) = (&facts.source, facts.table);
+            flags::set_flag_headers(flags, set, &mut parts, source, table, &self.metrics);
         }
         let view = RequestView {
             method: &parts.method,

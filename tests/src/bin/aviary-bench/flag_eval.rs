@@ -100,7 +100,7 @@ pub fn measure() -> anyhow::Result<Vec<Row>> {
     let on = |key: &str| {
         let on = contexts
             .iter()
-            .filter(|c| set.evaluate(key, c, now).variant == Some("on"))
+            .filter(|c| set.evaluate(key, *c, now).variant == Some("on"))
             .count();
         on as f64 / contexts.len() as f64
     };
