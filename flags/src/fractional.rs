@@ -14,12 +14,12 @@ const MAX_TOTAL_WEIGHT: u64 = i32::MAX as u64;
 
 /// Evaluates `fractional` on its evaluated arguments; `flag_key` and `targeting_key` make the
 /// default bucketing value. None (JSON null) on any bad input, as flagd's custom operators do.
-pub fn fractional(args: &[Value], flag_key: &str, targeting_key: Option<&Value>) -> Option<Value> {
+pub fn fractional(args: &[Value], flag_key: &str, targeting_key: Option<&str>) -> Option<Value> {
     let (first, rest) = args.split_first()?;
     let (hash, buckets) = match first {
         // The shorthand: every argument is a bucket, and the user is the bucketing value.
         Value::Array(_) => {
-            let key = targeting_key?.as_str().filter(|k| !k.is_empty())?;
+            let key = targeting_key.filter(|k| !k.is_empty())?;
             (pair_hash(flag_key, key), args)
         }
         Value::Null => return None,
@@ -362,7 +362,7 @@ mod tests {
         // The shorthand needs a targeting key.
         assert_eq!(fractional(&[json!(["a"])], "f", None), None);
         assert_eq!(
-            fractional(&[json!(["a"])], "f", Some(&json!("u"))),
+            fractional(&[json!(["a"])], "f", Some("u")),
             Some(json!("a"))
         );
     }

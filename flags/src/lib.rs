@@ -291,8 +291,8 @@ impl Flag {
         let chosen = rule.evaluate(context, key, timestamp);
         let name = match &chosen {
             Value::Null => return Resolution::default(self, Reason::Default),
-            Value::String(name) => name.clone(),
-            Value::Bool(_) | Value::Number(_) => logic::to_text(&chosen),
+            Value::String(name) => std::borrow::Cow::Borrowed(name.as_str()),
+            Value::Bool(_) | Value::Number(_) => std::borrow::Cow::Owned(logic::to_text(&chosen)),
             other => {
                 return Resolution::error(
                     ErrorCode::General,
@@ -300,7 +300,7 @@ impl Flag {
                 )
             }
         };
-        match self.variants.get_key_value(&name) {
+        match self.variants.get_key_value(&*name) {
             Some((name, _)) => Resolution::variant(self, name, Reason::TargetingMatch),
             None => Resolution::error(
                 ErrorCode::General,

@@ -227,6 +227,15 @@ pub trait Context {
     fn lookup(&self, path: &str) -> Option<Cow<'_, Value>>;
     /// Every field, for a rule that reads the whole context (`{"var": ""}`).
     fn fields(&self) -> Map<String, Value>;
+
+    /// The `targetingKey`, if it is text: what `fractional` buckets by default.
+    fn targeting_key(&self) -> Option<Cow<'_, str>> {
+        match self.lookup("targetingKey")? {
+            Cow::Borrowed(Value::String(key)) => Some(Cow::Borrowed(key)),
+            Cow::Owned(Value::String(key)) => Some(Cow::Owned(key)),
+            _ => None,
+        }
+    }
 }
 
 impl Context for Map<String, Value> {
@@ -383,7 +392,7 @@ impl Scope<'_> {
                     .collect(),
             ),
             Op::Fractional => {
-                let targeting_key = self.root.context.lookup("targetingKey");
+                let targeting_key = self.root.context.targeting_key();
                 fractional(args, self.root.flag_key, targeting_key.as_deref()).unwrap_or_default()
             }
             Op::SemVer => crate::semver::sem_ver(args).map_or(Value::Null, Value::Bool),

@@ -245,11 +245,21 @@ impl RequestContext<'_> {
 }
 
 impl Context for RequestContext<'_> {
+    fn targeting_key(&self) -> Option<Cow<'_, str>> {
+        RequestContext::targeting_key(self).map(Cow::Borrowed)
+    }
+
     fn lookup(&self, path: &str) -> Option<Cow<'_, Value>> {
         let (name, below) = match path.split_once('.') {
             Some((name, below)) => (name, Some(below)),
             None => (path, None),
         };
+        // A named header's text, the common read, made alone.
+        if let ("headers", Some(header)) = (name, below) {
+            if !header.contains('.') {
+                return Some(Cow::Owned(self.header(header)?.into()));
+            }
+        }
         let top = self.field(name, below)?;
         match below {
             None => Some(Cow::Owned(top)),
