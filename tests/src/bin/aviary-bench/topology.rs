@@ -37,9 +37,9 @@ pub fn uninstall(node: &Node) {
 }
 
 /// The node's namespace gives its ephemeral ports (1024-65000 in the harness) to the peer
-/// proxies' and the agent's upstream connections. A TIME_WAIT left on the agent's ports
-/// (15000-15099) or the peers' (18081-18083) stops the next agent or peer from binding them,
-/// so those are reserved, as a node reserves its agents' ports.
+/// proxies' and the agent's upstream connections. A connection left on the agent's ports
+/// (15000-15099, and OFREP's 8016) or the peers' (18081-18083) stops the next agent or peer
+/// from binding them, so those are reserved, as a node reserves its agents' ports.
 pub fn reserve_ports(node: &Node) -> anyhow::Result<()> {
     aviary_tests::sh(&[
         "ip",
@@ -48,7 +48,7 @@ pub fn reserve_ports(node: &Node) -> anyhow::Result<()> {
         &node.netns,
         "sysctl",
         "-qw",
-        "net.ipv4.ip_local_reserved_ports=15000-15099,18081-18083",
+        "net.ipv4.ip_local_reserved_ports=8016,15000-15099,18081-18083",
     ])?;
     Ok(())
 }
