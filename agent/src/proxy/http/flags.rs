@@ -234,10 +234,8 @@ impl RequestContext<'_> {
             ("path", _) => text(self.parts.uri.path()),
             ("host", _) => text(self.host()?),
             ("headers", None) => Some(self.context_headers().into()),
-            ("headers", Some(below)) => {
-                let name = below.split('.').next().unwrap_or_default();
-                Some(Map::from_iter([(name.to_owned(), self.header(name)?.into())]).into())
-            }
+            // A header's value is text: nothing lies below it (lookup reads the header alone).
+            ("headers", Some(_)) => None,
             ("source", _) => Some(self.source().into()),
             _ => None,
         }
